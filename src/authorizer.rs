@@ -1,0 +1,100 @@
+//! The read path, and the one decision function every adapter calls:
+//! key → index → constant-time verify → route mask → AND → [`Decision`].
+
+use std::sync::Arc;
+
+use crate::domain::decision::{Decision, DenyReason};
+use crate::domain::key::PresentedKey;
+use crate::domain::path::canonical_path;
+use crate::domain::route::{Method, RouteTable};
+use crate::store::index::{Index, Verified};
+
+/// Decides requests. Synchronous, allocation-free, never touches disk.
+#[derive(Debug, Clone)]
+pub struct Authorizer {
+    index: Arc<Index>,
+    routes: Arc<RouteTable>,
+}
+
+impl Authorizer {
+    /// An authorizer over the live index and a compiled route table.
+    #[must_use]
+    pub fn new(index: Arc<Index>, routes: Arc<RouteTable>) -> Self {
+        Self { index, routes }
+    }
+
+    /// Verifies a credential as an API key: `Bearer <key>` or a bare key.
+    pub fn authenticate(&self, credential: &str) -> Result<Verified, DenyReason> {
+        let key = bearer_credential(credential);
+        if key.is_empty() {
+            return Err(DenyReason::MissingKey);
+        }
+        let presented = PresentedKey::parse(key).map_err(|_| DenyReason::MalformedKey)?;
+        self.index.verify(&presented).ok_or(DenyReason::UnknownKey)
+    }
+
+    /// Decides one request. `method` is `None` for a valid HTTP method no
+    /// route can name. The key is checked first, so an unauthenticated
+    /// caller learns nothing about which routes exist.
+    #[must_use]
+    pub fn decide(&self, credential: &str, method: Option<Method>, path: &str) -> Decision {
+        let verified = match self.authenticate(credential) {
+            Ok(verified) => verified,
+            Err(reason) => {
+                let mut decision = Decision::denied(reason);
+                if reason == DenyReason::UnknownKey {
+                    decision.key_id = PresentedKey::parse(bearer_credential(credential))
+                        .ok()
+                        .map(|k| k.id);
+                }
+                return decision;
+            }
+        };
+        let mut decision = Decision {
+            deny: None,
+            key_id: Some(verified.id),
+            account: Some(verified.account),
+            required: crate::domain::scope_set::ScopeSet::EMPTY,
+            missing: crate::domain::scope_set::ScopeSet::EMPTY,
+        };
+        let Ok(path) = canonical_path(path) else {
+            decision.deny = Some(DenyReason::AmbiguousPath);
+            return decision;
+        };
+        let Some(required) = method.and_then(|m| self.routes.required(m, path)) else {
+            decision.deny = Some(DenyReason::UnknownRoute);
+            return decision;
+        };
+        decision.required = *required;
+        if !verified.scopes.covers(required) {
+            decision.missing = verified.scopes.missing(required);
+            decision.deny = Some(DenyReason::InsufficientScope);
+        }
+        decision
+    }
+}
+
+/// The credential in an `Authorization` value: what follows a `Bearer `
+/// scheme (any case), or the whole trimmed value when there is no scheme.
+#[must_use]
+pub fn bearer_credential(value: &str) -> &str {
+    let value = value.trim();
+    match value.split_at_checked(7) {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer ") => rest.trim_start(),
+        _ => value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_optional_and_case_insensitive() {
+        assert_eq!(bearer_credential("Bearer SG.x"), "SG.x");
+        assert_eq!(bearer_credential("bearer   SG.x "), "SG.x");
+        assert_eq!(bearer_credential("SG.x"), "SG.x");
+        assert_eq!(bearer_credential("  "), "");
+        assert_eq!(bearer_credential("Basic abc"), "Basic abc");
+    }
+}

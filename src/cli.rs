@@ -1,0 +1,337 @@
+//! `keyward keys …`: the operator's client for the KeyManager RPCs, so daily
+//! work needs no grpcurl. Uses the local admin token unless given a key.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use anyhow::{Context, bail};
+use tonic::Request;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
+
+use crate::config::DataArgs;
+use crate::pb::v1 as pb;
+use crate::pb::v1::key_manager_client::KeyManagerClient;
+
+/// `keyward keys` arguments.
+#[derive(Debug, clap::Args)]
+pub struct KeysArgs {
+    /// The keyward server.
+    #[arg(
+        long,
+        env = "KEYWARD_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub server: String,
+
+    /// Credential to act with (an API key or the admin token). Default: the
+    /// admin token file.
+    #[arg(long, env = "KEYWARD_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+
+    /// Where the admin token lives.
+    #[command(flatten)]
+    pub data: DataArgs,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+/// A key management operation.
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print its secret (shown this once only).
+    Create {
+        /// The key's name.
+        #[arg(long)]
+        name: String,
+        /// A scope to grant (repeatable). With neither --scope nor --access:
+        /// Full Access.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// A category access level, `category=none|read|write|full` (repeatable).
+        #[arg(long = "access")]
+        access: Vec<String>,
+        /// Account to create in (admin token only).
+        #[arg(long, default_value = "")]
+        account: String,
+    },
+    /// List an account's keys.
+    List {
+        /// Account to list (required with the admin token).
+        #[arg(long, default_value = "")]
+        account: String,
+        /// Keys per page.
+        #[arg(long, default_value_t = 100)]
+        page_size: i32,
+    },
+    /// Show one key.
+    Get {
+        /// The key id (22 characters).
+        key_id: String,
+    },
+    /// Replace a key's name and scopes (PUT).
+    Update {
+        /// The key id.
+        key_id: String,
+        /// The new name.
+        #[arg(long)]
+        name: String,
+        /// The complete new scope list (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Or the complete new access levels, `category=level` (repeatable).
+        #[arg(long = "access")]
+        access: Vec<String>,
+    },
+    /// Change a key's name only (PATCH).
+    Rename {
+        /// The key id.
+        key_id: String,
+        /// The new name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Revoke a key.
+    Delete {
+        /// The key id.
+        key_id: String,
+    },
+    /// Show the calling credential's scopes.
+    Scopes,
+    /// Show the scope catalog.
+    Catalog,
+}
+
+/// Runs one `keyward keys` command, printing its result to stdout.
+#[allow(
+    clippy::too_many_lines,
+    reason = "one arm per subcommand reads best in one place"
+)]
+pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
+    let token = if let Some(token) = args.token {
+        token
+    } else {
+        let path = args.data.admin_token_path();
+        std::fs::read_to_string(&path)
+            .with_context(|| {
+                format!(
+                    "reading the admin token {} (pass --token or KEYWARD_TOKEN to use a key)",
+                    path.display()
+                )
+            })?
+            .trim()
+            .to_owned()
+    };
+    let bearer: MetadataValue<Ascii> = format!("Bearer {token}")
+        .parse()
+        .context("the token contains characters not allowed in a header")?;
+    let channel = Channel::from_shared(args.server.clone())
+        .context("--server must be a URL like http://127.0.0.1:50051")?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.server))?;
+    let mut client = KeyManagerClient::new(channel);
+    let out = match args.command {
+        KeysCommand::Create {
+            name,
+            scopes,
+            access,
+            account,
+        } => {
+            let response = client
+                .create_key(authed(
+                    &bearer,
+                    pb::CreateKeyRequest {
+                        name,
+                        scopes,
+                        access: parse_access(&access)?,
+                        account_id: account,
+                    },
+                ))
+                .await?
+                .into_inner();
+            let mut out = response.key.as_ref().map(show_key).unwrap_or_default();
+            let _ = writeln!(out, "secret:     {}", response.secret);
+            out.push_str(
+                "Store the secret now: keyward keeps only its hash and cannot show it again.\n",
+            );
+            out
+        }
+        KeysCommand::List { account, page_size } => {
+            let mut out = String::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_keys(authed(
+                        &bearer,
+                        pb::ListKeysRequest {
+                            account_id: account.clone(),
+                            page_size,
+                            page_token,
+                        },
+                    ))
+                    .await?
+                    .into_inner();
+                for key in &page.keys {
+                    let _ = writeln!(
+                        out,
+                        "{}  {:<18}  {}",
+                        key.key_id,
+                        kind_name(key.kind),
+                        key.name
+                    );
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            out
+        }
+        KeysCommand::Get { key_id } => show_key(
+            &client
+                .get_key(authed(&bearer, pb::GetKeyRequest { key_id }))
+                .await?
+                .into_inner(),
+        ),
+        KeysCommand::Update {
+            key_id,
+            name,
+            scopes,
+            access,
+        } => show_key(
+            &client
+                .update_key(authed(
+                    &bearer,
+                    pb::UpdateKeyRequest {
+                        key_id,
+                        name,
+                        scopes,
+                        access: parse_access(&access)?,
+                    },
+                ))
+                .await?
+                .into_inner(),
+        ),
+        KeysCommand::Rename { key_id, name } => show_key(
+            &client
+                .rename_key(authed(&bearer, pb::RenameKeyRequest { key_id, name }))
+                .await?
+                .into_inner(),
+        ),
+        KeysCommand::Delete { key_id } => {
+            client
+                .delete_key(authed(
+                    &bearer,
+                    pb::DeleteKeyRequest {
+                        key_id: key_id.clone(),
+                    },
+                ))
+                .await?;
+            format!("revoked {key_id}\n")
+        }
+        KeysCommand::Scopes => {
+            let scopes = client
+                .get_scopes(authed(&bearer, pb::GetScopesRequest {}))
+                .await?
+                .into_inner()
+                .scopes;
+            scopes.iter().fold(String::new(), |mut out, s| {
+                let _ = writeln!(out, "{s}");
+                out
+            })
+        }
+        KeysCommand::Catalog => {
+            let catalog = client
+                .list_catalog(authed(&bearer, pb::ListCatalogRequest {}))
+                .await?
+                .into_inner();
+            let mut out = String::new();
+            for category in catalog.categories {
+                let levels: Vec<&str> = category.levels.iter().map(|l| level_name(*l)).collect();
+                let _ = writeln!(
+                    out,
+                    "[{}] {} (levels: {}{})",
+                    category.id,
+                    category.title,
+                    levels.join(", "),
+                    if category.exclusive {
+                        "; exclusive"
+                    } else {
+                        ""
+                    }
+                );
+                for scope in category.scopes {
+                    let _ = writeln!(out, "  {scope}");
+                }
+            }
+            out
+        }
+    };
+    print!("{out}");
+    Ok(())
+}
+
+fn authed<T>(bearer: &MetadataValue<Ascii>, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.clone());
+    request
+}
+
+fn parse_access(pairs: &[String]) -> anyhow::Result<HashMap<String, i32>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let Some((category, level)) = pair.split_once('=') else {
+                bail!("--access {pair:?}: expected category=level");
+            };
+            let level = match level.to_ascii_lowercase().as_str() {
+                "none" => pb::AccessLevel::None,
+                "read" => pb::AccessLevel::Read,
+                "write" => pb::AccessLevel::Write,
+                "full" => pb::AccessLevel::Full,
+                other => {
+                    bail!("--access {pair:?}: unknown level {other:?} (none, read, write, full)")
+                }
+            };
+            Ok((category.to_owned(), level as i32))
+        })
+        .collect()
+}
+
+fn show_key(key: &pb::ApiKey) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "key_id:     {}", key.key_id);
+    let _ = writeln!(out, "name:       {}", key.name);
+    let _ = writeln!(out, "kind:       {}", kind_name(key.kind));
+    let _ = writeln!(out, "account_id: {}", key.account_id);
+    if let Some(created) = &key.created_at {
+        let _ = writeln!(out, "created_at: {created}");
+    }
+    let _ = writeln!(out, "scopes:     {}", key.scopes.join(" "));
+    out
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match pb::KeyKind::try_from(kind) {
+        Ok(pb::KeyKind::FullAccess) => "full_access",
+        Ok(pb::KeyKind::RestrictedAccess) => "restricted_access",
+        Ok(pb::KeyKind::Billing) => "billing",
+        _ => "unspecified",
+    }
+}
+
+fn level_name(level: i32) -> &'static str {
+    match pb::AccessLevel::try_from(level) {
+        Ok(pb::AccessLevel::None) => "none",
+        Ok(pb::AccessLevel::Read) => "read",
+        Ok(pb::AccessLevel::Write) => "write",
+        Ok(pb::AccessLevel::Full) => "full",
+        _ => "unspecified",
+    }
+}

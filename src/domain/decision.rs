@@ -1,0 +1,100 @@
+//! The outcome of one authorization: a value, never an error.
+
+use std::sync::Arc;
+
+use super::key::KeyId;
+use super::scope_set::ScopeSet;
+
+/// Why a request was denied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    /// No key presented.
+    MissingKey,
+    /// The key is not `SG.<id>.<secret>`.
+    MalformedKey,
+    /// No live key with that id and secret.
+    UnknownKey,
+    /// The key lacks scopes the route requires.
+    InsufficientScope,
+    /// No route matches.
+    UnknownRoute,
+    /// The path could be read more than one way.
+    AmbiguousPath,
+}
+
+impl DenyReason {
+    /// The HTTP status a gateway should answer with.
+    #[must_use]
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::MissingKey | Self::MalformedKey | Self::UnknownKey => 401,
+            Self::InsufficientScope | Self::UnknownRoute | Self::AmbiguousPath => 403,
+        }
+    }
+
+    /// A message safe to show the client.
+    #[must_use]
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::MissingKey => "authorization required: no API key was presented",
+            Self::MalformedKey => "the provided authorization grant is invalid: malformed API key",
+            Self::UnknownKey => "the provided authorization grant is invalid, expired, or revoked",
+            Self::InsufficientScope => "access forbidden: the API key lacks required scopes",
+            Self::UnknownRoute => "access forbidden: no such route",
+            Self::AmbiguousPath => "access forbidden: ambiguous request path",
+        }
+    }
+
+    /// A stable lower-case label, for logs and metrics.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing_key",
+            Self::MalformedKey => "malformed_key",
+            Self::UnknownKey => "unknown_key",
+            Self::InsufficientScope => "insufficient_scope",
+            Self::UnknownRoute => "unknown_route",
+            Self::AmbiguousPath => "ambiguous_path",
+        }
+    }
+}
+
+/// What the authorizer decided, with everything a caller needs to explain it.
+/// Holds no heap data of its own (the account is a shared `Arc`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// `None` when allowed.
+    pub deny: Option<DenyReason>,
+    /// The key's id, once the key parsed.
+    pub key_id: Option<KeyId>,
+    /// The key's account, once the key was verified.
+    pub account: Option<Arc<str>>,
+    /// What the matched route requires.
+    pub required: ScopeSet,
+    /// What the key lacks of `required`.
+    pub missing: ScopeSet,
+}
+
+impl Decision {
+    /// Whether the request may pass.
+    #[must_use]
+    pub fn allowed(&self) -> bool {
+        self.deny.is_none()
+    }
+
+    /// The HTTP status to answer with.
+    #[must_use]
+    pub fn http_status(&self) -> u16 {
+        self.deny.map_or(200, DenyReason::http_status)
+    }
+
+    pub(crate) fn denied(reason: DenyReason) -> Self {
+        Self {
+            deny: Some(reason),
+            key_id: None,
+            account: None,
+            required: ScopeSet::EMPTY,
+            missing: ScopeSet::EMPTY,
+        }
+    }
+}

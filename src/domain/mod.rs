@@ -1,0 +1,11 @@
+//! The policy domain: scopes, catalog, routes, keys, rules and decisions.
+//! Pure: no tokio, tonic or sled.
+
+pub mod catalog;
+pub mod decision;
+pub mod key;
+pub mod load_error;
+pub mod path;
+pub mod route;
+pub mod rules;
+pub mod scope_set;

@@ -1,0 +1,206 @@
+//! SendGrid's key rules: how a grant is chosen, billing exclusivity, and no
+//! privilege escalation.
+
+use super::catalog::{AccessLevel, Catalog, ScopeError};
+use super::scope_set::ScopeSet;
+
+/// Most entries accepted in one scope list: the catalog holds at most 256
+/// scopes, so anything longer is abuse, refused before any lookup.
+pub const MAX_SCOPE_ENTRIES: usize = 1024;
+
+/// How a caller asked for a key's scopes.
+#[derive(Debug, Clone, Copy)]
+pub enum GrantRequest<'a> {
+    /// Neither scopes nor access levels: a Full Access key.
+    FullAccess,
+    /// An explicit scope list.
+    Scopes(&'a [String]),
+    /// Category → access level, as SendGrid's UI offers.
+    Access(&'a [(String, AccessLevel)]),
+}
+
+/// Why a grant request is invalid. The field it concerns is named by
+/// [`GrantError::field`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    /// A scope list longer than [`MAX_SCOPE_ENTRIES`].
+    #[error("at most {MAX_SCOPE_ENTRIES} entries")]
+    TooManyScopes,
+    /// Unknown or repeated scope.
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    /// An access map naming a category the catalog lacks.
+    #[error("unknown category {0:?}")]
+    UnknownCategory(String),
+    /// A level the category does not offer.
+    #[error("category {category:?} offers {offered}, not {level}")]
+    LevelNotOffered {
+        /// The category id.
+        category: String,
+        /// The level asked for.
+        level: &'static str,
+        /// The levels it offers.
+        offered: String,
+    },
+    /// The request grants nothing.
+    #[error("grants no scope")]
+    Empty,
+    /// Billing mixed with anything else.
+    #[error("{0} scopes can never be combined with any other scope")]
+    Exclusive(String),
+}
+
+impl GrantError {
+    /// The request field the problem is in.
+    #[must_use]
+    pub fn field(&self, request: GrantRequest<'_>) -> &'static str {
+        match (self, request) {
+            (Self::UnknownCategory(_) | Self::LevelNotOffered { .. }, _)
+            | (Self::Empty | Self::Exclusive(_), GrantRequest::Access(_)) => "access",
+            _ => "scopes",
+        }
+    }
+}
+
+/// Resolves a grant request to the scope set it asks for, enforcing that
+/// exclusive (billing) scopes stand alone.
+pub fn resolve_grant(catalog: &Catalog, request: GrantRequest<'_>) -> Result<ScopeSet, GrantError> {
+    let set = match request {
+        GrantRequest::FullAccess => catalog.full_access(),
+        GrantRequest::Scopes(names) => {
+            if names.len() > MAX_SCOPE_ENTRIES {
+                return Err(GrantError::TooManyScopes);
+            }
+            catalog.resolve(names)?
+        }
+        GrantRequest::Access(levels) => {
+            let mut set = ScopeSet::EMPTY;
+            for (category_id, level) in levels {
+                let category = catalog
+                    .category(category_id)
+                    .ok_or_else(|| GrantError::UnknownCategory(category_id.clone()))?;
+                if !category.levels.contains(level) {
+                    return Err(GrantError::LevelNotOffered {
+                        category: category.id.clone(),
+                        level: level.as_str(),
+                        offered: category
+                            .levels
+                            .iter()
+                            .map(|l| l.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
+                set = set.union(&category.grant(*level));
+            }
+            set
+        }
+    };
+    if set.is_empty() {
+        return Err(GrantError::Empty);
+    }
+    if let Some(category) = catalog.exclusivity_violation(&set) {
+        return Err(GrantError::Exclusive(category.title.clone()));
+    }
+    Ok(set)
+}
+
+/// "You may not assign an API Key greater permissions than you currently
+/// have": the scopes of `grant` that `holder` lacks, if any.
+#[must_use]
+pub fn escalation(holder: &ScopeSet, grant: &ScopeSet) -> Option<ScopeSet> {
+    (!holder.covers(grant)).then(|| holder.missing(grant))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn full_access_excludes_billing() {
+        let catalog = Catalog::sendgrid();
+        let set = resolve_grant(&catalog, GrantRequest::FullAccess).expect("full");
+        assert_eq!(set, catalog.full_access());
+        assert_eq!(set.len(), catalog.len() - 4);
+    }
+
+    #[test]
+    fn billing_never_combines() {
+        let catalog = Catalog::sendgrid();
+        let mixed = strings(&["billing.read", "mail.send"]);
+        let err = resolve_grant(&catalog, GrantRequest::Scopes(&mixed)).expect_err("mixed");
+        assert_eq!(err, GrantError::Exclusive("Billing".into()));
+        assert!(err.to_string().contains("never be combined"));
+        let access = vec![
+            ("billing".to_owned(), AccessLevel::Full),
+            ("alerts".to_owned(), AccessLevel::Read),
+        ];
+        let err = resolve_grant(&catalog, GrantRequest::Access(&access)).expect_err("mixed");
+        assert_eq!(err.field(GrantRequest::Access(&access)), "access");
+        let billing = strings(&["billing.read", "billing.update"]);
+        assert!(resolve_grant(&catalog, GrantRequest::Scopes(&billing)).is_ok());
+    }
+
+    #[test]
+    fn access_levels_map_to_scopes() {
+        let catalog = Catalog::sendgrid();
+        let access = vec![
+            ("alerts".to_owned(), AccessLevel::Read),
+            ("mail".to_owned(), AccessLevel::Full),
+        ];
+        let set = resolve_grant(&catalog, GrantRequest::Access(&access)).expect("ok");
+        assert_eq!(
+            catalog.names(&set),
+            strings(&[
+                "alerts.read",
+                "mail.batch.create",
+                "mail.batch.delete",
+                "mail.batch.read",
+                "mail.batch.update",
+                "mail.send"
+            ])
+        );
+    }
+
+    #[test]
+    fn bad_grants_are_refused() {
+        let catalog = Catalog::sendgrid();
+        let offered = vec![("marketing_campaigns".to_owned(), AccessLevel::Read)];
+        assert!(matches!(
+            resolve_grant(&catalog, GrantRequest::Access(&offered)),
+            Err(GrantError::LevelNotOffered { .. })
+        ));
+        let unknown = vec![("nope".to_owned(), AccessLevel::Read)];
+        assert_eq!(
+            resolve_grant(&catalog, GrantRequest::Access(&unknown)),
+            Err(GrantError::UnknownCategory("nope".into()))
+        );
+        let none = vec![("alerts".to_owned(), AccessLevel::None)];
+        assert_eq!(
+            resolve_grant(&catalog, GrantRequest::Access(&none)),
+            Err(GrantError::Empty)
+        );
+        let many = vec!["mail.send".to_owned(); MAX_SCOPE_ENTRIES + 1];
+        assert_eq!(
+            resolve_grant(&catalog, GrantRequest::Scopes(&many)),
+            Err(GrantError::TooManyScopes)
+        );
+    }
+
+    #[test]
+    fn escalation_names_what_the_holder_lacks() {
+        let catalog = Catalog::sendgrid();
+        let holder = catalog.resolve(&["mail.send", "alerts.read"]).expect("ok");
+        let fine = catalog.resolve(&["mail.send"]).expect("ok");
+        let greedy = catalog
+            .resolve(&["mail.send", "alerts.create"])
+            .expect("ok");
+        assert_eq!(escalation(&holder, &fine), None);
+        let missing = escalation(&holder, &greedy).expect("escalates");
+        assert_eq!(catalog.names(&missing), strings(&["alerts.create"]));
+    }
+}

@@ -1,0 +1,89 @@
+//! `keyward.v1.Authorizer`: the decision as a gRPC call.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::status::invalid;
+use crate::authorizer::Authorizer;
+use crate::domain::catalog::Catalog;
+use crate::domain::decision::{Decision, DenyReason};
+use crate::domain::route::Method;
+use crate::pb::v1 as pb;
+
+/// Longest path accepted; longer is a broken request, not a deny.
+pub const MAX_PATH_BYTES: usize = 8192;
+
+/// Serves `Authorize` through the shared [`Authorizer`].
+#[derive(Debug, Clone)]
+pub struct AuthorizeService {
+    authorizer: Authorizer,
+    catalog: Arc<Catalog>,
+}
+
+impl AuthorizeService {
+    /// The service over the shared authorizer.
+    #[must_use]
+    pub fn new(authorizer: Authorizer, catalog: Arc<Catalog>) -> Self {
+        Self {
+            authorizer,
+            catalog,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::authorizer_server::Authorizer for AuthorizeService {
+    async fn authorize(
+        &self,
+        request: Request<pb::AuthorizeRequest>,
+    ) -> Result<Response<pb::AuthorizeResponse>, Status> {
+        let request = request.get_ref();
+        let method = Method::parse(&request.method).map_err(|e| invalid("method", e))?;
+        if request.path.is_empty() {
+            return Err(invalid("path", "required"));
+        }
+        if request.path.len() > MAX_PATH_BYTES {
+            return Err(invalid("path", format!("at most {MAX_PATH_BYTES} bytes")));
+        }
+        let decision = self.authorizer.decide(&request.key, method, &request.path);
+        Ok(Response::new(response(&decision, &self.catalog)))
+    }
+}
+
+/// The protobuf form of a decision.
+#[must_use]
+pub fn response(decision: &Decision, catalog: &Catalog) -> pb::AuthorizeResponse {
+    let missing = catalog.names(&decision.missing);
+    let message = match decision.deny {
+        None => String::new(),
+        Some(DenyReason::InsufficientScope) => format!(
+            "{}: {}",
+            DenyReason::InsufficientScope.message(),
+            missing.join(", ")
+        ),
+        Some(reason) => reason.message().to_owned(),
+    };
+    pb::AuthorizeResponse {
+        allowed: decision.allowed(),
+        reason: deny_reason_pb(decision.deny) as i32,
+        key_id: decision.key_id.map(|id| id.to_string()).unwrap_or_default(),
+        account_id: decision.account.as_deref().unwrap_or_default().to_owned(),
+        required_scopes: catalog.names(&decision.required),
+        missing_scopes: missing,
+        http_status: u32::from(decision.http_status()),
+        message,
+    }
+}
+
+fn deny_reason_pb(reason: Option<DenyReason>) -> pb::DenyReason {
+    match reason {
+        None => pb::DenyReason::Unspecified,
+        Some(DenyReason::MissingKey) => pb::DenyReason::MissingKey,
+        Some(DenyReason::MalformedKey) => pb::DenyReason::MalformedKey,
+        Some(DenyReason::UnknownKey) => pb::DenyReason::UnknownKey,
+        Some(DenyReason::InsufficientScope) => pb::DenyReason::InsufficientScope,
+        Some(DenyReason::UnknownRoute) => pb::DenyReason::UnknownRoute,
+        Some(DenyReason::AmbiguousPath) => pb::DenyReason::AmbiguousPath,
+    }
+}

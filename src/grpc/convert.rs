@@ -1,0 +1,144 @@
+//! Protobuf ↔ domain conversions, each naming the field it rejects.
+
+use std::collections::HashMap;
+
+use crate::domain::catalog::{AccessLevel, Catalog};
+use crate::domain::key::KeyId;
+use crate::domain::rules::{GrantRequest, resolve_grant};
+use crate::domain::scope_set::ScopeSet;
+use crate::keys::KeyError;
+use crate::pb::v1 as pb;
+use crate::store::record::KeyRecord;
+
+/// Longest key name accepted, in characters.
+pub const MAX_NAME_CHARS: usize = 100;
+
+/// Checks a key name: 1 to 100 characters, not blank, no control characters.
+pub fn name(name: &str) -> Result<String, KeyError> {
+    let invalid = |problem: &str| KeyError::Invalid {
+        field: "name",
+        problem: problem.into(),
+    };
+    if name.trim().is_empty() {
+        return Err(invalid("required"));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(invalid("at most 100 characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid("must not contain control characters"));
+    }
+    Ok(name.to_owned())
+}
+
+/// Parses a key id field.
+pub fn key_id(text: &str) -> Result<KeyId, KeyError> {
+    text.parse().map_err(|e| KeyError::Invalid {
+        field: "key_id",
+        problem: if text.is_empty() {
+            "required".into()
+        } else {
+            format!("{e}")
+        },
+    })
+}
+
+/// Resolves `scopes` / `access` to a grant. Neither set: `Ok(None)`.
+pub fn grant<S: std::hash::BuildHasher>(
+    catalog: &Catalog,
+    scopes: &[String],
+    access: &HashMap<String, i32, S>,
+) -> Result<Option<ScopeSet>, KeyError> {
+    let levels: Vec<(String, AccessLevel)>;
+    let request = match (scopes.is_empty(), access.is_empty()) {
+        (true, true) => return Ok(None),
+        (false, false) => {
+            return Err(KeyError::Invalid {
+                field: "scopes",
+                problem: "set either scopes or access, not both".into(),
+            });
+        }
+        (false, true) => GrantRequest::Scopes(scopes),
+        (true, false) => {
+            let mut sorted: Vec<_> = access.iter().collect();
+            sorted.sort();
+            levels = sorted
+                .into_iter()
+                .map(|(category, level)| Ok((category.clone(), access_level(category, *level)?)))
+                .collect::<Result<_, KeyError>>()?;
+            GrantRequest::Access(&levels)
+        }
+    };
+    resolve_grant(catalog, request)
+        .map(Some)
+        .map_err(|e| KeyError::Invalid {
+            field: e.field(request),
+            problem: e.to_string(),
+        })
+}
+
+fn access_level(category: &str, level: i32) -> Result<AccessLevel, KeyError> {
+    match pb::AccessLevel::try_from(level) {
+        Ok(pb::AccessLevel::None) => Ok(AccessLevel::None),
+        Ok(pb::AccessLevel::Read) => Ok(AccessLevel::Read),
+        Ok(pb::AccessLevel::Write) => Ok(AccessLevel::Write),
+        Ok(pb::AccessLevel::Full) => Ok(AccessLevel::Full),
+        Ok(pb::AccessLevel::Unspecified) | Err(_) => Err(KeyError::Invalid {
+            field: "access",
+            problem: format!("category {category:?}: level must be NONE, READ, WRITE or FULL"),
+        }),
+    }
+}
+
+/// The protobuf level of a domain level.
+#[must_use]
+pub fn access_level_pb(level: AccessLevel) -> pb::AccessLevel {
+    match level {
+        AccessLevel::None => pb::AccessLevel::None,
+        AccessLevel::Read => pb::AccessLevel::Read,
+        AccessLevel::Write => pb::AccessLevel::Write,
+        AccessLevel::Full => pb::AccessLevel::Full,
+    }
+}
+
+/// A stored record as the API shows it (never with its hash).
+#[must_use]
+pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
+    let id = <[u8; 16]>::try_from(record.key_id.as_slice()).map_or_else(
+        |_| String::new(),
+        |bytes| KeyId::from_bytes(bytes).to_string(),
+    );
+    pb::ApiKey {
+        key_id: id,
+        name: record.name.clone(),
+        kind: record.kind,
+        scopes: record.scopes.clone(),
+        account_id: record.account_id.clone(),
+        created_at: Some(timestamp(record.created_at_unix_nanos)),
+        updated_at: Some(timestamp(record.updated_at_unix_nanos)),
+    }
+}
+
+fn timestamp(nanos: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: nanos.div_euclid(1_000_000_000),
+        nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or_default(),
+    }
+}
+
+/// Default and maximum page sizes for ListKeys.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Larger requests are capped, as AIP-158 suggests.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Checks a page size: negative is invalid, 0 is the default.
+pub fn page_size(size: i32) -> Result<usize, KeyError> {
+    match usize::try_from(size) {
+        Err(_) => Err(KeyError::Invalid {
+            field: "page_size",
+            problem: "must not be negative".into(),
+        }),
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(n) => Ok(n.min(MAX_PAGE_SIZE)),
+    }
+}

@@ -1,0 +1,281 @@
+//! `keyward.v1.KeyManager`: SendGrid's /v3/api_keys and /v3/scopes as gRPC.
+//! Every change is written to the audit log (target `keyward::audit`).
+
+use std::sync::Arc;
+
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::status::{invalid, unauthenticated};
+use crate::authorizer::{Authorizer, bearer_credential};
+use crate::domain::key::SecretHash;
+use crate::keys::{KeyError, Keys, Operation, Principal};
+use crate::pb::v1 as pb;
+use crate::store::db::Cursor;
+use crate::store::record::KeyRecord;
+
+/// Serves the management RPCs.
+#[derive(Debug, Clone)]
+pub struct ManageService {
+    keys: Arc<Keys>,
+    authorizer: Authorizer,
+    admin: SecretHash,
+}
+
+impl ManageService {
+    /// The service over the shared key store and authorizer; `admin` is the
+    /// hash of the operator's admin token.
+    #[must_use]
+    pub fn new(keys: Arc<Keys>, authorizer: Authorizer, admin: SecretHash) -> Self {
+        Self {
+            keys,
+            authorizer,
+            admin,
+        }
+    }
+
+    /// Authenticates `authorization: Bearer <admin token | API key>`.
+    fn principal(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| unauthenticated("missing bearer credential"))?
+            .to_str()
+            .map_err(|_| unauthenticated("credential is not ASCII"))?;
+        let credential = bearer_credential(header);
+        if credential.is_empty() {
+            return Err(unauthenticated("missing bearer credential"));
+        }
+        // Both sides hashed to 32 bytes, so the comparison is constant-time
+        // whatever the credential's length.
+        if SecretHash::of(credential.as_bytes()).matches(&self.admin) {
+            return Ok(Principal::Admin);
+        }
+        let verified = self
+            .authorizer
+            .authenticate(credential)
+            .map_err(|_| unauthenticated("invalid, expired or revoked credential"))?;
+        Ok(Principal::Key {
+            id: verified.id,
+            account: verified.account,
+            scopes: verified.scopes,
+        })
+    }
+}
+
+fn audit(principal: &Principal, operation: &str, record: &KeyRecord, detail: &str) {
+    tracing::info!(
+        target: "keyward::audit",
+        actor = %principal.label(),
+        operation,
+        key_id = %convert::api_key(record).key_id,
+        account = %record.account_id,
+        scopes = ?record.scopes,
+        detail,
+        result = "ok",
+    );
+}
+
+fn audit_failure(principal: &Principal, operation: &str, error: &KeyError) {
+    tracing::info!(
+        target: "keyward::audit",
+        actor = %principal.label(),
+        operation,
+        error = %error,
+        result = "refused",
+    );
+}
+
+/// Logs a refused change to the audit log, then converts it.
+fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> Status {
+    move |error| {
+        audit_failure(principal, operation, &error);
+        error.into()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::key_manager_server::KeyManager for ManageService {
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let request = request.into_inner();
+        let fail = |e| refused(&principal, "create")(e);
+        let account = self
+            .keys
+            .authorize(&principal, Operation::Create, &request.account_id)
+            .map_err(fail)?;
+        let name = convert::name(&request.name).map_err(fail)?;
+        let grant = convert::grant(self.keys.catalog(), &request.scopes, &request.access)
+            .map_err(fail)?
+            .unwrap_or_else(|| self.keys.catalog().full_access());
+        let (record, secret) = self
+            .keys
+            .create(&principal, account, name, grant)
+            .await
+            .map_err(fail)?;
+        audit(&principal, "create", &record, "");
+        Ok(Response::new(pb::CreateKeyResponse {
+            key: Some(convert::api_key(&record)),
+            secret,
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = self.principal(request.metadata())?;
+        self.authorize_any_account(&principal, Operation::Read)?;
+        let id = convert::key_id(&request.get_ref().key_id)?;
+        let record = self.keys.get(&principal, &id)?;
+        Ok(Response::new(convert::api_key(&record)))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let request = request.get_ref();
+        let account = self
+            .keys
+            .authorize(&principal, Operation::Read, &request.account_id)?;
+        let limit = convert::page_size(request.page_size)?;
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(Cursor::parse(&request.page_token).ok_or_else(|| {
+                invalid(
+                    "page_token",
+                    "not a token from a previous ListKeys response",
+                )
+            })?)
+        };
+        let (records, next) = self.keys.list(&account, after, limit)?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: records.iter().map(convert::api_key).collect(),
+            next_page_token: next.map(|c| c.token()).unwrap_or_default(),
+        }))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let request = request.into_inner();
+        let fail = |e| refused(&principal, "update")(e);
+        self.authorize_any_account(&principal, Operation::Update)
+            .map_err(fail)?;
+        let id = convert::key_id(&request.key_id).map_err(fail)?;
+        let name = convert::name(&request.name).map_err(fail)?;
+        let grant = convert::grant(self.keys.catalog(), &request.scopes, &request.access)
+            .map_err(fail)?
+            .ok_or_else(|| KeyError::Invalid {
+                field: "scopes",
+                problem: "required: UpdateKey replaces the scopes (set scopes or access); use RenameKey to change only the name".into(),
+            })
+            .map_err(fail)?;
+        let record = self
+            .keys
+            .update(&principal, &id, name, Some(grant))
+            .await
+            .map_err(fail)?;
+        audit(&principal, "update", &record, "");
+        Ok(Response::new(convert::api_key(&record)))
+    }
+
+    async fn rename_key(
+        &self,
+        request: Request<pb::RenameKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let request = request.into_inner();
+        let fail = |e| refused(&principal, "rename")(e);
+        self.authorize_any_account(&principal, Operation::Update)
+            .map_err(fail)?;
+        let id = convert::key_id(&request.key_id).map_err(fail)?;
+        let name = convert::name(&request.name).map_err(fail)?;
+        let record = self
+            .keys
+            .update(&principal, &id, name, None)
+            .await
+            .map_err(fail)?;
+        audit(&principal, "rename", &record, "");
+        Ok(Response::new(convert::api_key(&record)))
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<pb::DeleteKeyRequest>,
+    ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let fail = |e| refused(&principal, "delete")(e);
+        self.authorize_any_account(&principal, Operation::Delete)
+            .map_err(fail)?;
+        let id = convert::key_id(&request.get_ref().key_id).map_err(fail)?;
+        let record = self.keys.delete(&principal, &id).await.map_err(fail)?;
+        audit(&principal, "delete", &record, "revoked");
+        Ok(Response::new(pb::DeleteKeyResponse {}))
+    }
+
+    async fn get_scopes(
+        &self,
+        request: Request<pb::GetScopesRequest>,
+    ) -> Result<Response<pb::GetScopesResponse>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let scopes = self.keys.held_scopes(&principal);
+        Ok(Response::new(pb::GetScopesResponse {
+            scopes: self.keys.catalog().names(&scopes),
+        }))
+    }
+
+    async fn list_catalog(
+        &self,
+        request: Request<pb::ListCatalogRequest>,
+    ) -> Result<Response<pb::ListCatalogResponse>, Status> {
+        self.principal(request.metadata())?;
+        let catalog = self.keys.catalog();
+        let categories = catalog
+            .categories()
+            .iter()
+            .map(|c| pb::Category {
+                id: c.id.clone(),
+                title: c.title.clone(),
+                levels: c
+                    .levels
+                    .iter()
+                    .map(|l| convert::access_level_pb(*l) as i32)
+                    .collect(),
+                scopes: c
+                    .scopes
+                    .iter()
+                    .map(|id| catalog.name(*id).to_owned())
+                    .collect(),
+                exclusive: c.exclusive,
+            })
+            .collect();
+        Ok(Response::new(pb::ListCatalogResponse {
+            categories,
+            aliases: catalog.aliases().clone().into_iter().collect(),
+        }))
+    }
+}
+
+impl ManageService {
+    /// Operations addressed by key id: the record's account decides
+    /// visibility, so no account is named up front.
+    fn authorize_any_account(
+        &self,
+        principal: &Principal,
+        operation: Operation,
+    ) -> Result<(), KeyError> {
+        match principal {
+            Principal::Admin => Ok(()),
+            Principal::Key { .. } => self.keys.authorize(principal, operation, "").map(drop),
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! gRPC adapters: protobuf in, domain calls, protobuf out. Thin by design.
+
+pub mod authorize;
+pub mod convert;
+pub mod manage;
+pub mod status;

@@ -1,0 +1,33 @@
+//! keyward: an authorization sidecar for SendGrid-model scoped API keys.
+//!
+//! Services (and Envoy, through ext_authz) ask keyward whether a request may
+//! pass: `Authorize(key, method, path)`. A decision is one hash lookup, one
+//! constant-time hash compare and one AND of precomputed scope bitsets.
+//!
+//! # Layout
+//! Each layer imports only the ones below it.
+//! - [`cli`]: `keyward keys …`, the operator's client for KeyManager.
+//! - [`server`]: wiring: config, store, services, health, reflection, serve.
+//! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`), errors →
+//!   status codes in one place.
+//! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
+//! - [`keys`]: the write path: rules, then a durable store write, then the
+//!   index update.
+//! - [`store`]: sled (durable truth), versioned records, the in-memory index.
+//! - [`domain`]: scopes, bitsets, catalog, routes, key format, rules,
+//!   decisions. Pure: no I/O.
+//! - [`config`]: settings, each a flag and an environment variable.
+//! - [`pb`]: generated protobuf code, fenced off.
+//!
+//! The read path and the write path meet only at the index: decisions never
+//! wait on disk, and a write is visible the moment it is acknowledged.
+
+pub mod authorizer;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod grpc;
+pub mod keys;
+pub mod pb;
+pub mod server;
+pub mod store;

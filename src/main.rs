@@ -1,0 +1,69 @@
+//! The `keyward` binary: `keyward serve` (the sidecar) and `keyward keys …`
+//! (the operator's client).
+
+use clap::{Parser, Subcommand};
+use keyward::cli::{self, KeysArgs};
+use keyward::config::{LogFormat, ServeConfig};
+use keyward::server::{self, App};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyward",
+    version,
+    about = "Authorization sidecar for scoped API keys"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Serve(ServeConfig),
+    /// Manage keys on a running sidecar.
+    Keys(KeysArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve(config) => {
+            init_logging(config.log_format);
+            let app = App::open(&config)?;
+            let listener = tokio::net::TcpListener::bind(config.listen).await?;
+            server::run(listener, app, shutdown_signal()).await?;
+        }
+        Command::Keys(args) => cli::run(args).await?,
+    }
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}

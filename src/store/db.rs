@@ -1,0 +1,241 @@
+//! sled, the durable truth: every write is flushed before it is acknowledged.
+//!
+//! Trees:
+//! - `keys`: 16-byte key id → versioned record ([`super::record`]).
+//! - `by_account`: account id, `0x00`, created-at (u64 big-endian nanos),
+//!   key id → empty; gives each account's keys in creation order for paging.
+//!
+//! A create writes both trees in one transaction, so neither is ever visible
+//! without the other, even after a crash.
+
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sled::Transactional;
+use sled::transaction::TransactionError;
+
+use super::record::{self, KeyRecord, RecordError};
+use crate::domain::key::KeyId;
+
+/// A storage failure. Messages never contain secrets (records hold none).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (I/O, corruption, ...).
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record keyward cannot read.
+    #[error("unreadable record for key {key}: {source}")]
+    Record {
+        /// The affected key id (or raw bytes when not even that is valid).
+        key: String,
+        /// What is wrong.
+        source: RecordError,
+    },
+}
+
+impl From<TransactionError<()>> for StoreError {
+    fn from(e: TransactionError<()>) -> Self {
+        match e {
+            TransactionError::Storage(e) => Self::Sled(e),
+            TransactionError::Abort(()) => {
+                Self::Sled(sled::Error::Unsupported("transaction aborted".into()))
+            }
+        }
+    }
+}
+
+/// A position in an account's key listing, opaque to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    created_nanos: u64,
+    id: KeyId,
+}
+
+impl Cursor {
+    const LEN: usize = 24;
+
+    /// Encodes as a page token.
+    #[must_use]
+    pub fn token(&self) -> String {
+        let mut raw = [0u8; Self::LEN];
+        raw[..8].copy_from_slice(&self.created_nanos.to_be_bytes());
+        raw[8..].copy_from_slice(self.id.as_bytes());
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// Decodes a page token; `None` if it is not one keyward issued.
+    #[must_use]
+    pub fn parse(token: &str) -> Option<Self> {
+        if token.len() != 32 {
+            return None;
+        }
+        let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
+        let created_nanos = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+        let id = KeyId::from_bytes(raw.get(8..Self::LEN)?.try_into().ok()?);
+        Some(Self { created_nanos, id })
+    }
+}
+
+/// The sled database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: sled::Db,
+    keys: sled::Tree,
+    by_account: sled::Tree,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(Self {
+            keys: db.open_tree("keys")?,
+            by_account: db.open_tree("by_account")?,
+            db,
+        })
+    }
+
+    /// Every stored record, for loading the index at start-up.
+    pub fn records(&self) -> impl Iterator<Item = Result<KeyRecord, StoreError>> + '_ {
+        self.keys.iter().map(|item| {
+            let (key, value) = item?;
+            decode(&key, &value)
+        })
+    }
+
+    /// One record.
+    pub fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        self.keys
+            .get(id.as_bytes())?
+            .map(|value| decode(id.as_bytes(), &value))
+            .transpose()
+    }
+
+    /// Stores a new record in both trees atomically, then flushes.
+    pub async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let value = record::encode(record);
+        let listing = listing_key(record);
+        (&self.keys, &self.by_account).transaction(|(keys, by_account)| {
+            keys.insert(record.key_id.as_slice(), value.as_slice())?;
+            by_account.insert(listing.as_slice(), &[] as &[u8])?;
+            Ok(())
+        })?;
+        self.flush().await
+    }
+
+    /// Replaces an existing record (account and creation time never change,
+    /// so the listing entry stays), then flushes.
+    pub async fn replace(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        self.keys
+            .insert(record.key_id.as_slice(), record::encode(record))?;
+        self.flush().await
+    }
+
+    /// Removes a record from both trees atomically, then flushes.
+    pub async fn remove(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let listing = listing_key(record);
+        (&self.keys, &self.by_account).transaction(|(keys, by_account)| {
+            keys.remove(record.key_id.as_slice())?;
+            by_account.remove(listing.as_slice())?;
+            Ok(())
+        })?;
+        self.flush().await
+    }
+
+    /// Up to `limit` records of `account` after `after`, in creation order,
+    /// and the cursor for the next page if there may be one.
+    pub fn page(
+        &self,
+        account: &str,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, Option<Cursor>), StoreError> {
+        let prefix = account_prefix(account);
+        let start = match after {
+            Some(cursor) => {
+                let mut start = prefix.clone();
+                start.extend_from_slice(&cursor.created_nanos.to_be_bytes());
+                start.extend_from_slice(cursor.id.as_bytes());
+                start.push(0); // strictly after the cursor
+                start
+            }
+            None => prefix.clone(),
+        };
+        let mut records = Vec::with_capacity(limit.min(1024));
+        let mut last = None;
+        for item in self.by_account.range(start..) {
+            let (key, _) = item?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            if records.len() == limit {
+                return Ok((records, last));
+            }
+            let suffix = &key[prefix.len()..];
+            let (Ok(created), Ok(id)) = (
+                <[u8; 8]>::try_from(&suffix[..8.min(suffix.len())]),
+                <[u8; 16]>::try_from(&suffix[8.min(suffix.len())..]),
+            ) else {
+                continue;
+            };
+            let id = KeyId::from_bytes(id);
+            if let Some(record) = self.get(&id)? {
+                last = Some(Cursor {
+                    created_nanos: u64::from_be_bytes(created),
+                    id,
+                });
+                records.push(record);
+            }
+        }
+        Ok((records, None))
+    }
+
+    /// Flushes everything written so far to disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+fn account_prefix(account: &str) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(account.len() + 1 + 24);
+    prefix.extend_from_slice(account.as_bytes());
+    prefix.push(0);
+    prefix
+}
+
+fn listing_key(record: &KeyRecord) -> Vec<u8> {
+    let mut key = account_prefix(&record.account_id);
+    let created = u64::try_from(record.created_at_unix_nanos).unwrap_or_default();
+    key.extend_from_slice(&created.to_be_bytes());
+    key.extend_from_slice(&record.key_id);
+    key
+}
+
+fn decode(key: &[u8], value: &[u8]) -> Result<KeyRecord, StoreError> {
+    record::decode(value).map_err(|source| StoreError::Record {
+        key: <[u8; 16]>::try_from(key).map_or_else(
+            |_| format!("{key:02x?}"),
+            |id| KeyId::from_bytes(id).to_string(),
+        ),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_tokens_round_trip_and_reject_garbage() {
+        let cursor = Cursor {
+            created_nanos: 1_700_000_000_000_000_000,
+            id: KeyId::from_bytes([3; 16]),
+        };
+        assert_eq!(Cursor::parse(&cursor.token()), Some(cursor));
+        for bad in ["", "x", "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!", &"A".repeat(33)] {
+            assert_eq!(Cursor::parse(bad), None, "{bad:?}");
+        }
+    }
+}

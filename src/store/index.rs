@@ -1,0 +1,86 @@
+//! The in-memory index every decision reads: key id → secret hash, scopes,
+//! account. sled is never on the hot path.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use rustc_hash::FxBuildHasher;
+
+use crate::domain::key::{KeyId, PresentedKey, SecretHash};
+use crate::domain::scope_set::ScopeSet;
+
+/// What a decision needs of a key: 32 + 32 + 16 bytes plus the id.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// SHA-256 of the key's secret.
+    pub hash: SecretHash,
+    /// The key's scopes, resolved against the running catalog.
+    pub scopes: ScopeSet,
+    /// The key's account, shared by all keys of the account.
+    pub account: Arc<str>,
+}
+
+/// A key that verified: its scopes and account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// The key's id.
+    pub id: KeyId,
+    /// The key's scopes.
+    pub scopes: ScopeSet,
+    /// The key's account.
+    pub account: Arc<str>,
+}
+
+/// Live keys by id. Sharded locks: readers never wait on each other, and a
+/// write blocks only the readers of one shard for the length of an insert.
+/// Ids are random bytes chosen by keyward, so a fast non-keyed hash is safe.
+#[derive(Debug, Default)]
+pub struct Index {
+    keys: DashMap<KeyId, Entry, FxBuildHasher>,
+}
+
+impl Index {
+    /// An empty index sized for `capacity` keys.
+    #[must_use]
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            keys: DashMap::with_capacity_and_hasher(capacity, FxBuildHasher),
+        }
+    }
+
+    /// Looks the key up and compares its secret hash in constant time.
+    /// The hash is computed before the lookup, so unknown ids cost the same.
+    #[inline]
+    #[must_use]
+    pub fn verify(&self, key: &PresentedKey<'_>) -> Option<Verified> {
+        let presented = key.secret_hash();
+        let entry = self.keys.get(&key.id)?;
+        entry.hash.matches(&presented).then(|| Verified {
+            id: key.id,
+            scopes: entry.scopes,
+            account: Arc::clone(&entry.account),
+        })
+    }
+
+    /// Adds or replaces a key.
+    pub fn insert(&self, id: KeyId, entry: Entry) {
+        self.keys.insert(id, entry);
+    }
+
+    /// Removes a key; the next verify of it fails.
+    pub fn remove(&self, id: &KeyId) {
+        self.keys.remove(id);
+    }
+
+    /// How many live keys there are.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}

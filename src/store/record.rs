@@ -1,0 +1,91 @@
+//! The versioned on-disk encoding of a key record.
+//!
+//! One format byte, then a protobuf `keyward.store.v1.KeyRecord`. Protobuf
+//! handles additive change (new fields); the format byte is for the rare change
+//! it cannot express, so old data is always recognised and never misread.
+
+use prost::Message;
+
+pub use crate::pb::store::KeyRecord;
+
+const FORMAT_V1: u8 = 1;
+
+/// A stored value keyward cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Empty value or an unknown format byte (written by a newer keyward?).
+    #[error("unknown record format {0:?}")]
+    Format(Option<u8>),
+    /// Bytes that do not decode.
+    #[error("undecodable record: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// Decoded, but a fixed-size field has the wrong size.
+    #[error("record field {0} has the wrong length")]
+    FieldLength(&'static str),
+}
+
+/// Encodes a record for sled.
+#[must_use]
+pub fn encode(record: &KeyRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + record.encoded_len());
+    out.push(FORMAT_V1);
+    record.encode(&mut out).expect("a Vec grows as needed");
+    out
+}
+
+/// Decodes a record read from sled, checking fixed-size fields.
+pub fn decode(bytes: &[u8]) -> Result<KeyRecord, RecordError> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, body)) => {
+            let record = KeyRecord::decode(body)?;
+            if record.key_id.len() != 16 {
+                return Err(RecordError::FieldLength("key_id"));
+            }
+            if record.secret_sha256.len() != 32 {
+                return Err(RecordError::FieldLength("secret_sha256"));
+            }
+            Ok(record)
+        }
+        other => Err(RecordError::Format(other.map(|(b, _)| *b))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> KeyRecord {
+        KeyRecord {
+            key_id: vec![7; 16],
+            secret_sha256: vec![9; 32],
+            account_id: "acme".into(),
+            name: "ci".into(),
+            kind: 2,
+            scopes: vec!["mail.send".into()],
+            created_at_unix_nanos: 1,
+            updated_at_unix_nanos: 2,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let record = sample();
+        assert_eq!(decode(&encode(&record)).expect("decodes"), record);
+    }
+
+    #[test]
+    fn unknown_formats_and_bad_fields_are_refused() {
+        assert!(matches!(decode(&[]), Err(RecordError::Format(None))));
+        let mut bytes = encode(&sample());
+        bytes[0] = 2;
+        assert!(matches!(decode(&bytes), Err(RecordError::Format(Some(2)))));
+        let short = KeyRecord {
+            key_id: vec![1; 3],
+            ..sample()
+        };
+        assert!(matches!(
+            decode(&encode(&short)),
+            Err(RecordError::FieldLength("key_id"))
+        ));
+    }
+}
