@@ -1,15 +1,21 @@
 //! Compiles the public API and the on-disk record schema.
+//!
+//! protox (a pure-Rust protobuf compiler) parses the protos, so building
+//! keyward needs no system `protoc`: `cargo build` works on a bare machine.
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("keyward_descriptor.bin"))
-        .compile_protos(
-            &[
-                "proto/keyward/v1/keyward.proto",
-                "proto/keyward/store/v1/record.proto",
-            ],
-            &["proto"],
-        )?;
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(
+        ["keyward/v1/keyward.proto", "keyward/store/v1/record.proto"],
+        ["proto"],
+    )?;
+    std::fs::write(
+        out_dir.join("keyward_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
     Ok(())
 }

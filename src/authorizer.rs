@@ -79,8 +79,13 @@ impl Authorizer {
 #[must_use]
 pub fn bearer_credential(value: &str) -> &str {
     let value = value.trim();
-    match value.split_at_checked(7) {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer ") => rest.trim_start(),
+    match value.split_at_checked(6) {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("bearer")
+                && (rest.is_empty() || rest.starts_with([' ', '\t'])) =>
+        {
+            rest.trim_start()
+        }
         _ => value,
     }
 }
@@ -95,6 +100,8 @@ mod tests {
         assert_eq!(bearer_credential("bearer   SG.x "), "SG.x");
         assert_eq!(bearer_credential("SG.x"), "SG.x");
         assert_eq!(bearer_credential("  "), "");
+        assert_eq!(bearer_credential("Bearer "), "");
+        assert_eq!(bearer_credential("BearerSG.x"), "BearerSG.x");
         assert_eq!(bearer_credential("Basic abc"), "Basic abc");
     }
 }

@@ -1,0 +1,180 @@
+//! The real `keyward` binary: `serve` with defaults, and `keyward keys …`.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+struct Serve {
+    child: Child,
+    port: u16,
+}
+
+impl Serve {
+    fn start(cwd: &Path) -> Self {
+        let port = free_port();
+        let log = std::fs::File::create(cwd.join("serve.log")).expect("log file");
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .current_dir(cwd)
+            .env_remove("KEYWARD_DATA_DIR")
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("keyward serve starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "keyward serve did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+
+    fn keys(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("keys")
+            .args(["--server", &format!("http://127.0.0.1:{}", self.port)])
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("KEYWARD_TOKEN")
+            .env_remove("KEYWARD_DATA_DIR")
+            .output()
+            .expect("keyward keys runs")
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        self.child.wait().expect("wait")
+    }
+}
+
+fn ok(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn field<'a>(text: &'a str, name: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map_or_else(|| panic!("no {name} in {text}"), str::trim)
+}
+
+#[test]
+fn serve_with_defaults_and_manage_keys_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cwd = dir.path();
+    let server = Serve::start(cwd);
+    let token_path = cwd.join("keyward-data/admin.token");
+    assert!(
+        token_path.exists(),
+        "serve created its data dir and admin token"
+    );
+    let admin = std::fs::read_to_string(&token_path)
+        .expect("token")
+        .trim()
+        .to_owned();
+
+    let created = ok(&server.keys(
+        cwd,
+        &[
+            "create",
+            "--name",
+            "ci",
+            "--scope",
+            "mail.send",
+            "--scope",
+            "api_keys.read",
+            "--account",
+            "acme",
+        ],
+    ));
+    let key_id = field(&created, "key_id:").to_owned();
+    let secret = field(&created, "secret:").to_owned();
+    assert_eq!(secret.len(), 69);
+    assert!(created.contains("restricted_access"));
+
+    let listed = ok(&server.keys(cwd, &["list", "--account", "acme"]));
+    assert!(
+        listed.contains(&key_id) && listed.contains("ci"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&secret[26..]),
+        "the secret is shown once only"
+    );
+
+    let renamed = ok(&server.keys(cwd, &["rename", &key_id, "--name", "ci-2"]));
+    assert_eq!(field(&renamed, "name:"), "ci-2");
+    let updated = ok(&server.keys(
+        cwd,
+        &[
+            "update",
+            &key_id,
+            "--name",
+            "ci-3",
+            "--access",
+            "alerts=read",
+            "--access",
+            "api_keys=read",
+        ],
+    ));
+    assert_eq!(field(&updated, "scopes:"), "alerts.read api_keys.read");
+
+    // Acting as the key itself.
+    let own = ok(&server.keys(cwd, &["--token", &secret, "scopes"]));
+    assert_eq!(
+        own.split_whitespace().collect::<Vec<_>>(),
+        vec!["alerts.read", "api_keys.read"]
+    );
+    let refused = server.keys(
+        cwd,
+        &[
+            "--token",
+            &secret,
+            "create",
+            "--name",
+            "x",
+            "--scope",
+            "alerts.read",
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("api_keys.create"));
+
+    let got = ok(&server.keys(cwd, &["get", &key_id]));
+    assert_eq!(field(&got, "name:"), "ci-3");
+    assert!(ok(&server.keys(cwd, &["catalog"])).contains("[billing] Billing"));
+    ok(&server.keys(cwd, &["delete", &key_id]));
+    let gone = server.keys(cwd, &["get", &key_id]);
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not found"));
+
+    assert!(server.terminate().success(), "SIGTERM stops cleanly");
+    let log = std::fs::read_to_string(cwd.join("serve.log")).expect("log");
+    assert!(
+        log.contains("admin.token"),
+        "the log says where the token is"
+    );
+    assert!(!log.contains(&admin), "the admin token is never logged");
+    assert!(!log.contains(&secret[26..]), "secrets are never logged");
+    assert!(log.contains("keyward::audit"), "changes are audited");
+}

@@ -1,0 +1,183 @@
+//! A real keyward on a loopback port over a temporary sled directory.
+#![allow(dead_code, clippy::missing_panics_doc)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keyward::config::ServeConfig;
+use keyward::pb::v1 as pb;
+use keyward::pb::v1::authorizer_client::AuthorizerClient;
+use keyward::pb::v1::key_manager_client::KeyManagerClient;
+use keyward::server::{self, App};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+/// A running server. Dropping the data dir guard deletes the directory.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub config: ServeConfig,
+    pub admin: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), server::ServerError>>>,
+}
+
+impl TestServer {
+    /// Starts on a fresh temporary directory.
+    pub async fn start(dir: &tempfile::TempDir) -> Self {
+        Self::start_with(ServeConfig::with_data_dir(dir.path().join("data"))).await
+    }
+
+    /// Starts with explicit settings (the `listen` address is ignored).
+    pub async fn start_with(config: ServeConfig) -> Self {
+        let app = App::open(&config).expect("keyward opens");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, app, async {
+            let _ = stopped.await;
+        }));
+        let admin = std::fs::read_to_string(config.data.admin_token_path())
+            .expect("admin token written")
+            .trim()
+            .to_owned();
+        Self {
+            addr,
+            config,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops gracefully and waits for the store flush.
+    pub async fn stop(mut self) -> ServeConfig {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+        self.config.clone()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        for _ in 0..50 {
+            if let Ok(channel) = Channel::from_shared(self.url())
+                .expect("url")
+                .connect()
+                .await
+            {
+                return channel;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("server did not accept connections");
+    }
+
+    pub async fn authorizer(&self) -> AuthorizerClient<Channel> {
+        AuthorizerClient::new(self.channel().await)
+    }
+
+    pub async fn manager(&self) -> KeyManagerClient<Channel> {
+        KeyManagerClient::new(self.channel().await)
+    }
+
+    /// Creates a key as admin in `account`; returns (key_id, secret).
+    pub async fn create_key(&self, account: &str, scopes: &[&str]) -> (String, String) {
+        let response = self
+            .manager()
+            .await
+            .create_key(bearer(
+                &self.admin,
+                pb::CreateKeyRequest {
+                    name: format!("test key in {account}"),
+                    scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                    account_id: account.to_owned(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("admin creates a key")
+            .into_inner();
+        (response.key.expect("key").key_id, response.secret)
+    }
+
+    /// Authorizes one request.
+    pub async fn authorize(&self, key: &str, method: &str, path: &str) -> pb::AuthorizeResponse {
+        self.authorizer()
+            .await
+            .authorize(pb::AuthorizeRequest {
+                key: key.to_owned(),
+                method: method.to_owned(),
+                path: path.to_owned(),
+            })
+            .await
+            .expect("authorize replies")
+            .into_inner()
+    }
+
+    /// How many keys `account` has, as ListKeys reports.
+    pub async fn count(&self, account: &str) -> usize {
+        self.manager()
+            .await
+            .list_keys(bearer(
+                &self.admin,
+                pb::ListKeysRequest {
+                    account_id: account.to_owned(),
+                    page_size: 1000,
+                    page_token: String::new(),
+                },
+            ))
+            .await
+            .expect("list")
+            .into_inner()
+            .keys
+            .len()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn bearer<T>(token: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    request
+}
+
+/// Asserts a gRPC error's code and that its message mentions `needle`.
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: Code,
+    needle: &str,
+) {
+    let status = result.expect_err("expected an error status");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "message {:?} should mention {needle:?}",
+        status.message()
+    );
+}
+
+pub fn path_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
