@@ -10,6 +10,7 @@
 //! - [`server`]: wiring: config, store, services, health, reflection, serve.
 //! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`), errors →
 //!   status codes in one place.
+//! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
 //! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
 //! - [`keys`]: the write path: rules, then a durable store write, then the
 //!   index update.
@@ -26,6 +27,7 @@ pub mod authorizer;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod envoy;
 pub mod grpc;
 pub mod keys;
 pub mod pb;

@@ -17,6 +17,7 @@ use crate::domain::catalog::{Catalog, SENDGRID_CATALOG};
 use crate::domain::key::SecretHash;
 use crate::domain::load_error::LoadError;
 use crate::domain::route::{RouteTable, SENDGRID_ROUTES};
+use crate::envoy::CheckService;
 use crate::grpc::authorize::AuthorizeService;
 use crate::grpc::manage::ManageService;
 use crate::keys::Keys;
@@ -114,6 +115,7 @@ pub async fn run(
     app: App,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    use envoy_types::ext_authz::v3::pb::AuthorizationServer;
     use pb::v1::authorizer_server::AuthorizerServer;
     use pb::v1::key_manager_server::KeyManagerServer;
 
@@ -123,6 +125,9 @@ pub async fn run(
         .await;
     health_reporter
         .set_serving::<KeyManagerServer<ManageService>>()
+        .await;
+    health_reporter
+        .set_serving::<AuthorizationServer<CheckService>>()
         .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -135,6 +140,7 @@ pub async fn run(
 
     let authorize = AuthorizeService::new(app.authorizer.clone(), Arc::clone(&app.catalog));
     let manage = ManageService::new(Arc::clone(&app.keys), app.authorizer.clone(), app.admin);
+    let check = CheckService::new(app.authorizer.clone(), Arc::clone(&app.catalog));
     let local = listener
         .local_addr()
         .map_err(io_error(Path::new("listener")))?;
@@ -145,6 +151,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(AuthorizerServer::new(authorize))
         .add_service(KeyManagerServer::new(manage))
+        .add_service(AuthorizationServer::new(check))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     app.keys.flush().await?;

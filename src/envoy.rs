@@ -1,0 +1,189 @@
+//! Envoy's `envoy.service.auth.v3.Authorization/Check` (ext_authz), through
+//! the same [`Authorizer`] as `keyward.v1.Authorizer`: one decision path.
+//!
+//! - The key comes from `Authorization: Bearer <key>` (in `headers`, or in
+//!   `header_map` when Envoy sends raw headers).
+//! - Envoy does not decode or normalise the path, so the same ambiguity rules
+//!   apply; the query string is ignored.
+//! - Allow: an OK status and an `OkHttpResponse` that sets the identity headers
+//!   (overwriting any the client sent) and removes `authorization`, so the
+//!   secret never reaches the upstream.
+//! - Deny: an OK gRPC reply whose status denies, carrying a 401/403
+//!   `DeniedHttpResponse` with a SendGrid-style JSON body and headers naming
+//!   the missing scopes. A gRPC *error* means keyward itself failed; with
+//!   `failure_mode_allow: false` Envoy then fails closed.
+
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
+};
+use envoy_types::ext_authz::v3::{
+    CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
+};
+use tonic::{Request, Response, Status};
+
+use crate::authorizer::Authorizer;
+use crate::domain::catalog::Catalog;
+use crate::domain::decision::{Decision, DenyReason};
+use crate::domain::route::Method;
+
+/// Header carrying the verified key id to the upstream.
+pub const KEY_ID_HEADER: &str = "x-keyward-key-id";
+/// Header carrying the verified account id to the upstream.
+pub const ACCOUNT_ID_HEADER: &str = "x-keyward-account-id";
+/// On a scope deny: the scopes the key lacks, comma-separated (as GitHub's
+/// `x-accepted-github-permissions` tells clients what to fix).
+pub const MISSING_SCOPES_HEADER: &str = "x-keyward-missing-scopes";
+/// On a deny: the machine-readable reason.
+pub const DENY_REASON_HEADER: &str = "x-keyward-deny-reason";
+
+/// The ext_authz service.
+#[derive(Debug, Clone)]
+pub struct CheckService {
+    authorizer: Authorizer,
+    catalog: Arc<Catalog>,
+}
+
+impl CheckService {
+    /// The service over the shared authorizer.
+    #[must_use]
+    pub fn new(authorizer: Authorizer, catalog: Arc<Catalog>) -> Self {
+        Self {
+            authorizer,
+            catalog,
+        }
+    }
+
+    /// Decides a `CheckRequest`; `Err` only for a request that is not an
+    /// HTTP request at all.
+    fn decide(&self, request: &CheckRequest) -> Result<Decision, &'static str> {
+        let http = request
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .ok_or("the check request carries no HTTP request")?;
+        let method = Method::parse(&http.method).map_err(|_| "malformed HTTP method")?;
+        let credential = http
+            .headers
+            .get("authorization")
+            .map(String::as_str)
+            .or_else(|| {
+                http.header_map.as_ref().and_then(|map| {
+                    map.headers
+                        .iter()
+                        .find(|h| h.key.eq_ignore_ascii_case("authorization"))
+                        .and_then(|h| {
+                            if h.raw_value.is_empty() {
+                                Some(h.value.as_str())
+                            } else {
+                                std::str::from_utf8(&h.raw_value).ok()
+                            }
+                        })
+                })
+            })
+            .unwrap_or_default();
+        Ok(self.authorizer.decide(credential, method, &http.path))
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for CheckService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let response = match self.decide(request.get_ref()) {
+            Ok(decision) if decision.allowed() => allow(&decision),
+            Ok(decision) => deny(&decision, &self.catalog),
+            Err(problem) => denied_response(
+                Status::invalid_argument(problem),
+                HttpStatusCode::BadRequest,
+                problem,
+                Vec::new(),
+            ),
+        };
+        Ok(Response::new(response))
+    }
+}
+
+fn allow(decision: &Decision) -> CheckResponse {
+    let mut ok = OkHttpResponseBuilder::new();
+    // Overwrite, never append: a client must not smuggle its own identity.
+    let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+    ok.add_header(
+        KEY_ID_HEADER,
+        decision.key_id.map(|id| id.to_string()).unwrap_or_default(),
+        overwrite,
+        false,
+    )
+    .add_header(
+        ACCOUNT_ID_HEADER,
+        decision.account.as_deref().unwrap_or_default(),
+        overwrite,
+        false,
+    )
+    .remove_header("authorization");
+    let mut response = CheckResponse::with_status(Status::ok(""));
+    response.set_http_response(ok);
+    response
+}
+
+fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
+    let reason = decision.deny.unwrap_or(DenyReason::UnknownRoute);
+    let missing = catalog.names(&decision.missing);
+    let mut headers = vec![(DENY_REASON_HEADER, reason.label().to_owned())];
+    let (grpc, http, message) = match reason {
+        DenyReason::MissingKey | DenyReason::MalformedKey | DenyReason::UnknownKey => {
+            headers.push(("www-authenticate", "Bearer realm=\"keyward\"".to_owned()));
+            (
+                Status::unauthenticated(reason.label()),
+                HttpStatusCode::Unauthorized,
+                reason.message().to_owned(),
+            )
+        }
+        DenyReason::InsufficientScope => {
+            let list = missing.join(", ");
+            headers.push((MISSING_SCOPES_HEADER, list.clone()));
+            headers.push((
+                "www-authenticate",
+                format!(
+                    "Bearer realm=\"keyward\", error=\"insufficient_scope\", scope=\"{}\"",
+                    missing.join(" ")
+                ),
+            ));
+            (
+                Status::permission_denied(reason.label()),
+                HttpStatusCode::Forbidden,
+                format!("{}: {list}", reason.message()),
+            )
+        }
+        DenyReason::UnknownRoute | DenyReason::AmbiguousPath => (
+            Status::permission_denied(reason.label()),
+            HttpStatusCode::Forbidden,
+            reason.message().to_owned(),
+        ),
+    };
+    denied_response(grpc, http, &message, headers)
+}
+
+fn denied_response(
+    grpc: Status,
+    http: HttpStatusCode,
+    message: &str,
+    headers: Vec<(&str, String)>,
+) -> CheckResponse {
+    let body = serde_json::json!({ "errors": [{ "field": null, "message": message }] });
+    let mut denied = DeniedHttpResponseBuilder::new();
+    denied
+        .set_http_status(http)
+        .add_header("content-type", "application/json", None, false)
+        .set_body(body.to_string());
+    for (name, value) in headers {
+        denied.add_header(name, value, None, false);
+    }
+    let mut response = CheckResponse::with_status(grpc);
+    response.set_http_response(denied);
+    response
+}

