@@ -1,4 +1,4 @@
-//! A real Envoy (k8s/envoy.yaml, ports rewritten) in front of a tiny upstream,
+//! A real Envoy (k8s/base/envoy.yaml, ports rewritten) in front of a tiny upstream,
 //! asking a real keyward through ext_authz. Requires `envoy` on PATH (or
 //! `KEYWARD_ENVOY`); without it the test is skipped locally and fails in CI.
 
@@ -109,7 +109,7 @@ fn envoy_binary() -> Option<String> {
 }
 
 async fn start_envoy(binary: &str, keyward_port: u16, upstream_port: u16) -> Envoy {
-    let shipped = include_str!("../k8s/envoy.yaml");
+    let shipped = include_str!("../k8s/base/envoy.yaml");
     let port = free_port();
     let admin = free_port();
     let mut config = shipped.to_owned();
@@ -125,7 +125,7 @@ async fn start_envoy(binary: &str, keyward_port: u16, upstream_port: u16) -> Env
         assert_eq!(
             config.matches(from).count(),
             1,
-            "{from} appears once in k8s/envoy.yaml"
+            "{from} appears once in k8s/base/envoy.yaml"
         );
         config = config.replace(from, &to);
     }
