@@ -54,13 +54,53 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_keys_per_account: u32,
 
+    /// Serve KeyManager on this separate address instead of `--listen`
+    /// (e.g. loopback only, while Authorize and Check face the pod network).
+    #[arg(long, env = "KEYWARD_MANAGE_LISTEN", conflicts_with = "disable_manage")]
+    pub manage_listen: Option<SocketAddr>,
+
+    /// Do not serve KeyManager at all (keys are then managed by another
+    /// keyward sharing the data, or offline).
+    #[arg(long, env = "KEYWARD_DISABLE_MANAGE")]
+    pub disable_manage: bool,
+
+    /// Address for Prometheus metrics (`GET /metrics`).
+    #[arg(long, env = "KEYWARD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+
+    /// Do not serve metrics.
+    #[arg(long, env = "KEYWARD_DISABLE_METRICS")]
+    pub disable_metrics: bool,
+
+    /// Requests in flight across all connections before new ones are shed
+    /// with RESOURCE_EXHAUSTED (instead of queueing without bound).
+    #[arg(long, env = "KEYWARD_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// Per-request deadline in milliseconds (a client's shorter grpc-timeout wins).
+    #[arg(long, env = "KEYWARD_REQUEST_TIMEOUT_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_ms: u64,
+
+    /// Largest request message accepted, in bytes.
+    #[arg(long, env = "KEYWARD_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..))]
+    pub max_message_bytes: u32,
+
+    /// On SIGTERM, how long health reports NOT_SERVING (while still serving)
+    /// before the listeners close, in milliseconds.
+    #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_MS", default_value_t = 1000)]
+    pub shutdown_grace_ms: u64,
+
     /// Log format.
     #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
 }
 
 impl ServeConfig {
-    /// Defaults for a data directory, as tests and embedders want them.
+    /// Defaults for a data directory, as tests and embedders want them:
+    /// every listener on an ephemeral loopback port, no shutdown grace.
     #[must_use]
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
         Self {
@@ -68,10 +108,18 @@ impl ServeConfig {
                 data_dir,
                 admin_token_file: None,
             },
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             catalog: None,
             routes: None,
             max_keys_per_account: 100,
+            manage_listen: None,
+            disable_manage: false,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            disable_metrics: false,
+            max_concurrent_requests: 1024,
+            request_timeout_ms: 2000,
+            max_message_bytes: 1024 * 1024,
+            shutdown_grace_ms: 0,
             log_format: LogFormat::Human,
         }
     }

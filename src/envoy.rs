@@ -14,6 +14,7 @@
 //!   `failure_mode_allow: false` Envoy then fails closed.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use envoy_types::ext_authz::v3::pb::{
     Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
@@ -27,6 +28,7 @@ use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::route::Method;
+use crate::metrics::{Metrics, Source};
 
 /// Header carrying the verified key id to the upstream.
 pub const KEY_ID_HEADER: &str = "x-keyward-key-id";
@@ -43,15 +45,17 @@ pub const DENY_REASON_HEADER: &str = "x-keyward-deny-reason";
 pub struct CheckService {
     authorizer: Authorizer,
     catalog: Arc<Catalog>,
+    metrics: Arc<Metrics>,
 }
 
 impl CheckService {
     /// The service over the shared authorizer.
     #[must_use]
-    pub fn new(authorizer: Authorizer, catalog: Arc<Catalog>) -> Self {
+    pub fn new(authorizer: Authorizer, catalog: Arc<Catalog>, metrics: Arc<Metrics>) -> Self {
         Self {
             authorizer,
             catalog,
+            metrics,
         }
     }
 
@@ -84,7 +88,11 @@ impl CheckService {
                 })
             })
             .unwrap_or_default();
-        Ok(self.authorizer.decide(credential, method, &http.path))
+        let started = Instant::now();
+        let decision = self.authorizer.decide(credential, method, &http.path);
+        self.metrics
+            .decision(Source::Check, &decision, started.elapsed());
+        Ok(decision)
     }
 }
 
@@ -104,6 +112,7 @@ impl Authorization for CheckService {
                 Vec::new(),
             ),
         };
+        self.metrics.rpc("Check", tonic::Code::Ok);
         Ok(Response::new(response))
     }
 }

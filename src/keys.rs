@@ -13,6 +13,7 @@ use crate::domain::catalog::{Catalog, KeyKind};
 use crate::domain::key::{self, KeyId, SecretHash};
 use crate::domain::rules;
 use crate::domain::scope_set::ScopeSet;
+use crate::metrics::Metrics;
 use crate::store::db::{Cursor, Store, StoreError};
 use crate::store::index::{Entry, Index};
 use crate::store::record::KeyRecord;
@@ -86,6 +87,7 @@ pub struct Keys {
     index: Arc<Index>,
     catalog: Arc<Catalog>,
     max_per_account: usize,
+    metrics: Arc<Metrics>,
     /// Serialises writes: the per-account count check and the write it
     /// guards happen as one step. Holds interned account ids and key counts.
     accounts: Mutex<HashMap<Arc<str>, usize>>,
@@ -123,6 +125,7 @@ impl Keys {
         store: Store,
         catalog: Arc<Catalog>,
         max_per_account: usize,
+        metrics: Arc<Metrics>,
     ) -> Result<(Self, Arc<Index>), StoreError> {
         let index = Index::default();
         let mut accounts: HashMap<Arc<str>, usize> = HashMap::new();
@@ -145,11 +148,13 @@ impl Keys {
             );
         }
         let index = Arc::new(index);
+        metrics.set_keys(index.len());
         let keys = Self {
             store,
             index: Arc::clone(&index),
             catalog,
             max_per_account,
+            metrics,
             accounts: Mutex::new(accounts),
         };
         Ok((keys, index))
@@ -234,7 +239,7 @@ impl Keys {
             created_at_unix_nanos: now,
             updated_at_unix_nanos: now,
         };
-        self.store.create(&record).await?;
+        self.timed("create", self.store.create(&record)).await?;
         let account = intern(&mut accounts, &account);
         *accounts.entry(Arc::clone(&account)).or_default() += 1;
         self.index.insert(
@@ -245,6 +250,7 @@ impl Keys {
                 account,
             },
         );
+        self.metrics.set_keys(self.index.len());
         Ok((record, new_key.text))
     }
 
@@ -282,7 +288,7 @@ impl Keys {
             record.kind = kind_number(self.catalog.kind_of(grant));
         }
         record.updated_at_unix_nanos = now_nanos().max(record.updated_at_unix_nanos);
-        self.store.replace(&record).await?;
+        self.timed("update", self.store.replace(&record)).await?;
         if let Some(grant) = grant {
             let account = accounts
                 .get_key_value(record.account_id.as_str())
@@ -306,8 +312,9 @@ impl Keys {
     pub async fn delete(&self, principal: &Principal, id: &KeyId) -> Result<KeyRecord, KeyError> {
         let mut accounts = self.accounts.lock().await;
         let record = self.visible(principal, id)?;
-        self.store.remove(&record).await?;
+        self.timed("delete", self.store.remove(&record)).await?;
         self.index.remove(id);
+        self.metrics.set_keys(self.index.len());
         if let Some(count) = accounts.get_mut(record.account_id.as_str()) {
             *count = count.saturating_sub(1);
             if *count == 0 {
@@ -332,6 +339,19 @@ impl Keys {
     /// Flushes the store (at shutdown).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.store.flush().await
+    }
+
+    /// Runs one durable write, recording its latency and outcome.
+    async fn timed(
+        &self,
+        operation: &'static str,
+        write: impl std::future::Future<Output = Result<(), StoreError>>,
+    ) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let result = write.await;
+        self.metrics
+            .store_write(operation, started.elapsed(), result.is_ok());
+        result
     }
 
     fn check_grant(&self, principal: &Principal, grant: &ScopeSet) -> Result<(), KeyError> {

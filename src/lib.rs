@@ -30,6 +30,7 @@ pub mod domain;
 pub mod envoy;
 pub mod grpc;
 pub mod keys;
+pub mod metrics;
 pub mod pb;
 pub mod server;
 pub mod store;

@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use keyward::cli::{self, KeysArgs};
 use keyward::config::{LogFormat, ServeConfig};
-use keyward::server::{self, App};
+use keyward::server::{self, App, Listeners};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -32,8 +32,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(config) => {
             init_logging(config.log_format);
             let app = App::open(&config)?;
-            let listener = tokio::net::TcpListener::bind(config.listen).await?;
-            server::run(listener, app, shutdown_signal()).await?;
+            let listeners = Listeners::bind(&config).await?;
+            Box::pin(server::run(listeners, app, shutdown_signal())).await?;
         }
         Command::Keys(args) => cli::run(args).await?,
     }

@@ -4,12 +4,14 @@ use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
 
 use crate::authorizer::Authorizer;
 use crate::config::ServeConfig;
@@ -21,6 +23,7 @@ use crate::envoy::CheckService;
 use crate::grpc::authorize::AuthorizeService;
 use crate::grpc::manage::ManageService;
 use crate::keys::Keys;
+use crate::metrics::Metrics;
 use crate::pb;
 use crate::store::db::{Store, StoreError};
 
@@ -68,7 +71,19 @@ pub struct App {
     pub authorizer: Authorizer,
     /// The catalog in force.
     pub catalog: Arc<Catalog>,
+    /// Every exported metric.
+    pub metrics: Arc<Metrics>,
     admin: SecretHash,
+    limits: Limits,
+}
+
+/// Transport limits, from the configuration.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_concurrent_requests: usize,
+    request_timeout: Duration,
+    max_message_bytes: usize,
+    shutdown_grace: Duration,
 }
 
 impl App {
@@ -85,11 +100,13 @@ impl App {
         });
         let data_dir = &config.data.data_dir;
         create_private_dir(data_dir)?;
+        let metrics = Arc::new(Metrics::new());
         let store = Store::open(&data_dir.join("db"))?;
         let (keys, index) = Keys::open(
             store,
             Arc::clone(&catalog),
             config.max_keys_per_account as usize,
+            Arc::clone(&metrics),
         )?;
         let admin = load_or_create_admin_token(&config.data.admin_token_path())?;
         tracing::info!(
@@ -103,15 +120,64 @@ impl App {
             keys: Arc::new(keys),
             authorizer: Authorizer::new(index, routes),
             catalog,
+            metrics,
             admin,
+            limits: Limits {
+                max_concurrent_requests: config.max_concurrent_requests as usize,
+                request_timeout: Duration::from_millis(config.request_timeout_ms),
+                max_message_bytes: config.max_message_bytes as usize,
+                shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+            },
         })
     }
 }
 
-/// Serves every keyward service on `listener` until `shutdown` resolves,
-/// then flushes the store. Tests call this on `127.0.0.1:0`.
+/// The sockets keyward serves on, bound before serving so that tests (and
+/// the log) learn the real ports.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Authorize, Check, health, reflection (and KeyManager unless separate or disabled).
+    pub grpc: TcpListener,
+    /// KeyManager alone, when `--manage-listen` is set.
+    pub manage: Option<TcpListener>,
+    /// Prometheus metrics, unless disabled.
+    pub metrics: Option<TcpListener>,
+    manage_enabled: bool,
+}
+
+impl Listeners {
+    /// Binds every listener the configuration asks for.
+    pub async fn bind(config: &ServeConfig) -> Result<Self, ServerError> {
+        let bind = |addr: std::net::SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(io_error(Path::new(&addr.to_string())))
+        };
+        Ok(Self {
+            grpc: bind(config.listen).await?,
+            manage: match config.manage_listen {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+            metrics: if config.disable_metrics {
+                None
+            } else {
+                Some(bind(config.metrics_listen).await?)
+            },
+            manage_enabled: !config.disable_manage,
+        })
+    }
+}
+
+#[allow(
+    clippy::too_many_lines,
+    reason = "wiring reads best top to bottom in one place"
+)]
+/// Serves every keyward service until `shutdown` resolves; then reports
+/// NOT_SERVING for the grace period, stops accepting, lets in-flight requests
+/// finish, and flushes the store.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     app: App,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
@@ -119,16 +185,86 @@ pub async fn run(
     use pb::v1::authorizer_server::AuthorizerServer;
     use pb::v1::key_manager_server::KeyManagerServer;
 
+    let limits = app.limits;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<AuthorizerServer<AuthorizeService>>()
         .await;
     health_reporter
-        .set_serving::<KeyManagerServer<ManageService>>()
-        .await;
-    health_reporter
         .set_serving::<AuthorizationServer<CheckService>>()
         .await;
+    if listeners.manage_enabled {
+        health_reporter
+            .set_serving::<KeyManagerServer<ManageService>>()
+            .await;
+    }
+
+    let authorize = AuthorizerServer::new(AuthorizeService::new(
+        app.authorizer.clone(),
+        Arc::clone(&app.catalog),
+        Arc::clone(&app.metrics),
+    ))
+    .max_decoding_message_size(limits.max_message_bytes);
+    let check = AuthorizationServer::new(CheckService::new(
+        app.authorizer.clone(),
+        Arc::clone(&app.catalog),
+        Arc::clone(&app.metrics),
+    ))
+    .max_decoding_message_size(limits.max_message_bytes);
+    let manage = listeners.manage_enabled.then(|| {
+        KeyManagerServer::new(ManageService::new(
+            Arc::clone(&app.keys),
+            app.authorizer.clone(),
+            app.admin,
+            Arc::clone(&app.metrics),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
+    });
+
+    // One signal fans out to every listener once the grace period is over.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let reporter = health_reporter.clone();
+    let grace = limits.shutdown_grace;
+    let coordinator = async move {
+        shutdown.await;
+        tracing::info!(
+            grace_ms = grace.as_millis(),
+            "shutdown: reporting NOT_SERVING, then draining"
+        );
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        for service in [
+            "keyward.v1.Authorizer",
+            "keyward.v1.KeyManager",
+            "envoy.service.auth.v3.Authorization",
+        ] {
+            reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        tokio::time::sleep(grace).await;
+        let _ = stop_tx.send(true);
+    };
+
+    // A deadline per request, and a global in-flight limit that sheds excess
+    // load with RESOURCE_EXHAUSTED at once rather than queueing it.
+    let concurrency =
+        tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests);
+    let base_server = || {
+        Server::builder().timeout(limits.request_timeout).layer(
+            tower::ServiceBuilder::new()
+                .load_shed()
+                .layer(concurrency.clone())
+                .into_inner(),
+        )
+    };
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -137,26 +273,60 @@ pub async fn run(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-
-    let authorize = AuthorizeService::new(app.authorizer.clone(), Arc::clone(&app.catalog));
-    let manage = ManageService::new(Arc::clone(&app.keys), app.authorizer.clone(), app.admin);
-    let check = CheckService::new(app.authorizer.clone(), Arc::clone(&app.catalog));
-    let local = listener
-        .local_addr()
-        .map_err(io_error(Path::new("listener")))?;
-    tracing::info!(%local, "serving");
-    Server::builder()
-        .add_service(health)
+    let mut grpc = base_server()
+        .add_service(health.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AuthorizerServer::new(authorize))
-        .add_service(KeyManagerServer::new(manage))
-        .add_service(AuthorizationServer::new(check))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .add_service(authorize)
+        .add_service(check);
+    let mut separate_manage = None;
+    match (manage, listeners.manage) {
+        (Some(manage), None) => grpc = grpc.add_service(manage),
+        (Some(manage), Some(listener)) => {
+            tracing::info!(local = %local_addr(&listener)?, "serving KeyManager on its own listener");
+            let server = base_server()
+                .add_service(health.clone())
+                .add_service(manage)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped());
+            separate_manage = Some(server);
+        }
+        (None, _) => tracing::info!("KeyManager disabled"),
+    }
+    tracing::info!(local = %local_addr(&listeners.grpc)?, "serving gRPC");
+    let grpc = grpc.serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), stopped());
+    let metrics = listeners.metrics.map(|listener| {
+        if let Ok(local) = listener.local_addr() {
+            tracing::info!(%local, "serving metrics at /metrics");
+        }
+        crate::metrics::serve(listener, Arc::clone(&app.metrics), stopped())
+    });
+
+    let servers = async {
+        let manage = async {
+            match separate_manage {
+                Some(server) => server.await,
+                None => Ok(()),
+            }
+        };
+        let metrics = async {
+            if let Some(metrics) = metrics {
+                metrics.await;
+            }
+        };
+        let (grpc, manage, ()) = tokio::join!(grpc, manage, metrics);
+        grpc.and(manage)
+    };
+    let (served, ()) = tokio::join!(servers, coordinator);
+    served?;
     app.keys.flush().await?;
     tracing::info!("stopped; store flushed");
     Ok(())
+}
+
+fn local_addr(listener: &TcpListener) -> Result<std::net::SocketAddr, ServerError> {
+    listener
+        .local_addr()
+        .map_err(io_error(Path::new("listener")))
 }
 
 fn read(path: &Path) -> Result<String, ServerError> {

@@ -1,18 +1,11 @@
 //! The real `keyward` binary: `serve` with defaults, and `keyward keys …`.
 
-use std::net::TcpListener;
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
 
 struct Serve {
     child: Child,
@@ -21,22 +14,7 @@ struct Serve {
 
 impl Serve {
     fn start(cwd: &Path) -> Self {
-        let port = free_port();
-        let log = std::fs::File::create(cwd.join("serve.log")).expect("log file");
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .current_dir(cwd)
-            .env_remove("KEYWARD_DATA_DIR")
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("keyward serve starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "keyward serve did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (child, port) = common::spawn_serve(BIN, cwd, &[]);
         Self { child, port }
     }
 

@@ -3,7 +3,8 @@
 //! skipped locally without it, required in CI.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 
@@ -34,22 +35,8 @@ fn grpcurl_lists_services_creates_a_key_and_authorizes() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let (mut child, port) = common::spawn_serve(BIN, dir.path(), &["--data-dir", "data"]);
     let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", &addr, "--data-dir"])
-        .arg(dir.path().join("data"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("serve");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "keyward did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     let services = grpcurl(&["-plaintext", &addr, "list"]);
     for service in [

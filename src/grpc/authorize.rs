@@ -1,6 +1,7 @@
 //! `keyward.v1.Authorizer`: the decision as a gRPC call.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
@@ -9,6 +10,7 @@ use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::route::Method;
+use crate::metrics::{Metrics, Source};
 use crate::pb::v1 as pb;
 
 /// Longest path accepted; longer is a broken request, not a deny.
@@ -19,16 +21,33 @@ pub const MAX_PATH_BYTES: usize = 8192;
 pub struct AuthorizeService {
     authorizer: Authorizer,
     catalog: Arc<Catalog>,
+    metrics: Arc<Metrics>,
 }
 
 impl AuthorizeService {
     /// The service over the shared authorizer.
     #[must_use]
-    pub fn new(authorizer: Authorizer, catalog: Arc<Catalog>) -> Self {
+    pub fn new(authorizer: Authorizer, catalog: Arc<Catalog>, metrics: Arc<Metrics>) -> Self {
         Self {
             authorizer,
             catalog,
+            metrics,
         }
+    }
+
+    fn authorize(&self, request: &pb::AuthorizeRequest) -> Result<pb::AuthorizeResponse, Status> {
+        let method = Method::parse(&request.method).map_err(|e| invalid("method", e))?;
+        if request.path.is_empty() {
+            return Err(invalid("path", "required"));
+        }
+        if request.path.len() > MAX_PATH_BYTES {
+            return Err(invalid("path", format!("at most {MAX_PATH_BYTES} bytes")));
+        }
+        let started = Instant::now();
+        let decision = self.authorizer.decide(&request.key, method, &request.path);
+        self.metrics
+            .decision(Source::Authorize, &decision, started.elapsed());
+        Ok(response(&decision, &self.catalog))
     }
 }
 
@@ -38,16 +57,14 @@ impl pb::authorizer_server::Authorizer for AuthorizeService {
         &self,
         request: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
-        let request = request.get_ref();
-        let method = Method::parse(&request.method).map_err(|e| invalid("method", e))?;
-        if request.path.is_empty() {
-            return Err(invalid("path", "required"));
-        }
-        if request.path.len() > MAX_PATH_BYTES {
-            return Err(invalid("path", format!("at most {MAX_PATH_BYTES} bytes")));
-        }
-        let decision = self.authorizer.decide(&request.key, method, &request.path);
-        Ok(Response::new(response(&decision, &self.catalog)))
+        let result = self.authorize(request.get_ref());
+        self.metrics.rpc(
+            "Authorize",
+            result
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+        );
+        result.map(Response::new)
     }
 }
 

@@ -11,6 +11,7 @@ use super::status::{invalid, unauthenticated};
 use crate::authorizer::{Authorizer, bearer_credential};
 use crate::domain::key::SecretHash;
 use crate::keys::{KeyError, Keys, Operation, Principal};
+use crate::metrics::Metrics;
 use crate::pb::v1 as pb;
 use crate::store::db::Cursor;
 use crate::store::record::KeyRecord;
@@ -21,17 +22,24 @@ pub struct ManageService {
     keys: Arc<Keys>,
     authorizer: Authorizer,
     admin: SecretHash,
+    metrics: Arc<Metrics>,
 }
 
 impl ManageService {
     /// The service over the shared key store and authorizer; `admin` is the
     /// hash of the operator's admin token.
     #[must_use]
-    pub fn new(keys: Arc<Keys>, authorizer: Authorizer, admin: SecretHash) -> Self {
+    pub fn new(
+        keys: Arc<Keys>,
+        authorizer: Authorizer,
+        admin: SecretHash,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             keys,
             authorizer,
             admin,
+            metrics,
         }
     }
 
@@ -94,9 +102,8 @@ fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> S
     }
 }
 
-#[tonic::async_trait]
-impl pb::key_manager_server::KeyManager for ManageService {
-    async fn create_key(
+impl ManageService {
+    async fn create_key_inner(
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
@@ -123,9 +130,9 @@ impl pb::key_manager_server::KeyManager for ManageService {
         }))
     }
 
-    async fn get_key(
+    fn get_key_inner(
         &self,
-        request: Request<pb::GetKeyRequest>,
+        request: &Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
         let principal = self.principal(request.metadata())?;
         self.authorize_any_account(&principal, Operation::Read)?;
@@ -134,9 +141,9 @@ impl pb::key_manager_server::KeyManager for ManageService {
         Ok(Response::new(convert::api_key(&record)))
     }
 
-    async fn list_keys(
+    fn list_keys_inner(
         &self,
-        request: Request<pb::ListKeysRequest>,
+        request: &Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let principal = self.principal(request.metadata())?;
         let request = request.get_ref();
@@ -161,7 +168,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         }))
     }
 
-    async fn update_key(
+    async fn update_key_inner(
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
@@ -188,7 +195,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         Ok(Response::new(convert::api_key(&record)))
     }
 
-    async fn rename_key(
+    async fn rename_key_inner(
         &self,
         request: Request<pb::RenameKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
@@ -208,7 +215,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         Ok(Response::new(convert::api_key(&record)))
     }
 
-    async fn delete_key(
+    async fn delete_key_inner(
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
@@ -222,9 +229,9 @@ impl pb::key_manager_server::KeyManager for ManageService {
         Ok(Response::new(pb::DeleteKeyResponse {}))
     }
 
-    async fn get_scopes(
+    fn get_scopes_inner(
         &self,
-        request: Request<pb::GetScopesRequest>,
+        request: &Request<pb::GetScopesRequest>,
     ) -> Result<Response<pb::GetScopesResponse>, Status> {
         let principal = self.principal(request.metadata())?;
         let scopes = self.keys.held_scopes(&principal);
@@ -233,9 +240,9 @@ impl pb::key_manager_server::KeyManager for ManageService {
         }))
     }
 
-    async fn list_catalog(
+    fn list_catalog_inner(
         &self,
-        request: Request<pb::ListCatalogRequest>,
+        request: &Request<pb::ListCatalogRequest>,
     ) -> Result<Response<pb::ListCatalogResponse>, Status> {
         self.principal(request.metadata())?;
         let catalog = self.keys.catalog();
@@ -265,7 +272,91 @@ impl pb::key_manager_server::KeyManager for ManageService {
     }
 }
 
+#[tonic::async_trait]
+impl pb::key_manager_server::KeyManager for ManageService {
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let result = self.create_key_inner(request).await;
+        self.count("CreateKey", &result);
+        result
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let result = self.get_key_inner(&request);
+        self.count("GetKey", &result);
+        result
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let result = self.list_keys_inner(&request);
+        self.count("ListKeys", &result);
+        result
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let result = self.update_key_inner(request).await;
+        self.count("UpdateKey", &result);
+        result
+    }
+
+    async fn rename_key(
+        &self,
+        request: Request<pb::RenameKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let result = self.rename_key_inner(request).await;
+        self.count("RenameKey", &result);
+        result
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<pb::DeleteKeyRequest>,
+    ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
+        let result = self.delete_key_inner(request).await;
+        self.count("DeleteKey", &result);
+        result
+    }
+
+    async fn get_scopes(
+        &self,
+        request: Request<pb::GetScopesRequest>,
+    ) -> Result<Response<pb::GetScopesResponse>, Status> {
+        let result = self.get_scopes_inner(&request);
+        self.count("GetScopes", &result);
+        result
+    }
+
+    async fn list_catalog(
+        &self,
+        request: Request<pb::ListCatalogRequest>,
+    ) -> Result<Response<pb::ListCatalogResponse>, Status> {
+        let result = self.list_catalog_inner(&request);
+        self.count("ListCatalog", &result);
+        result
+    }
+}
+
 impl ManageService {
+    fn count<T>(&self, method: &'static str, result: &Result<T, Status>) {
+        self.metrics.rpc(
+            method,
+            result
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+        );
+    }
+
     /// Operations addressed by key id: the record's account decides
     /// visibility, so no account is named up front.
     fn authorize_any_account(

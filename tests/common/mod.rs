@@ -2,14 +2,14 @@
 #![allow(dead_code, clippy::missing_panics_doc)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use keyward::config::ServeConfig;
 use keyward::pb::v1 as pb;
 use keyward::pb::v1::authorizer_client::AuthorizerClient;
 use keyward::pb::v1::key_manager_client::KeyManagerClient;
-use keyward::server::{self, App};
-use tokio::net::TcpListener;
+use keyward::server::{self, App, Listeners};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -18,6 +18,9 @@ use tonic::{Code, Request};
 /// A running server. Dropping the data dir guard deletes the directory.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub manage_addr: Option<std::net::SocketAddr>,
+    pub metrics: Arc<keyward::metrics::Metrics>,
     pub config: ServeConfig,
     pub admin: String,
     stop: Option<oneshot::Sender<()>>,
@@ -33,10 +36,13 @@ impl TestServer {
     /// Starts with explicit settings (the `listen` address is ignored).
     pub async fn start_with(config: ServeConfig) -> Self {
         let app = App::open(&config).expect("keyward opens");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::clone(&app.metrics);
+        let listeners = Listeners::bind(&config).await.expect("bind");
+        let addr = listeners.grpc.local_addr().expect("addr");
+        let metrics_addr = listeners.metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let manage_addr = listeners.manage.as_ref().and_then(|l| l.local_addr().ok());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(listener, app, async {
+        let task = tokio::spawn(server::run(listeners, app, async {
             let _ = stopped.await;
         }));
         let admin = std::fs::read_to_string(config.data.admin_token_path())
@@ -45,6 +51,9 @@ impl TestServer {
             .to_owned();
         Self {
             addr,
+            metrics_addr,
+            manage_addr,
+            metrics,
             config,
             admin,
             stop: Some(stop),
@@ -70,25 +79,34 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        for _ in 0..50 {
-            if let Ok(channel) = Channel::from_shared(self.url())
-                .expect("url")
-                .connect()
-                .await
-            {
-                return channel;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("server did not accept connections");
+        connect(&self.url()).await
+    }
+
+    /// GET /metrics, as Prometheus scrapes it.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr.expect("metrics enabled");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.expect("read");
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        body
     }
 
     pub async fn authorizer(&self) -> AuthorizerClient<Channel> {
         AuthorizerClient::new(self.channel().await)
     }
 
+    /// KeyManager: on its own listener when configured so.
     pub async fn manager(&self) -> KeyManagerClient<Channel> {
-        KeyManagerClient::new(self.channel().await)
+        match self.manage_addr {
+            Some(addr) => KeyManagerClient::new(connect(&format!("http://{addr}")).await),
+            None => KeyManagerClient::new(self.channel().await),
+        }
     }
 
     /// Creates a key as admin in `account`; returns (key_id, secret).
@@ -153,6 +171,20 @@ impl Drop for TestServer {
     }
 }
 
+pub async fn connect(url: &str) -> Channel {
+    for _ in 0..50 {
+        if let Ok(channel) = Channel::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+        {
+            return channel;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("server did not accept connections");
+}
+
 /// A request carrying `authorization: Bearer <token>`.
 pub fn bearer<T>(token: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
@@ -180,4 +212,55 @@ pub fn assert_status<T: std::fmt::Debug>(
 
 pub fn path_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
+}
+
+/// The real `keyward serve` binary on ephemeral loopback ports, logging JSON
+/// to `<cwd>/serve.log`; returns the child and its gRPC port (read from the
+/// log, so no port is ever guessed).
+pub fn spawn_serve(bin: &str, cwd: &std::path::Path, extra: &[&str]) -> (std::process::Child, u16) {
+    use std::process::{Command, Stdio};
+    let log_path = cwd.join("serve.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let child = Command::new(bin)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "json"])
+        .args(extra)
+        .current_dir(cwd)
+        .env_remove("KEYWARD_DATA_DIR")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("keyward serve starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let port = log.lines().find_map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).ok()?;
+            (event["fields"]["message"] == "serving gRPC")
+                .then(|| {
+                    event["fields"]["local"]
+                        .as_str()?
+                        .rsplit(':')
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .flatten()
+        });
+        if let Some(port) = port {
+            return (child, port);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keyward serve did not start:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -1,0 +1,269 @@
+//! Prometheus metrics, and the loopback HTTP endpoint that serves them.
+//!
+//! Hot-path handles (one counter per decision source × outcome) are resolved
+//! once at start-up, so recording a decision is an atomic add and one
+//! histogram observation: no label hashing, no allocation.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::domain::decision::{Decision, DenyReason};
+
+/// Which front door a decision came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `keyward.v1.Authorizer/Authorize`.
+    Authorize = 0,
+    /// Envoy's `Authorization/Check`.
+    Check = 1,
+}
+
+const REASONS: [Option<DenyReason>; 7] = [
+    None,
+    Some(DenyReason::MissingKey),
+    Some(DenyReason::MalformedKey),
+    Some(DenyReason::UnknownKey),
+    Some(DenyReason::InsufficientScope),
+    Some(DenyReason::UnknownRoute),
+    Some(DenyReason::AmbiguousPath),
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    source: &'static str,
+    result: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+}
+
+/// Every metric keyward exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    decisions: [[Counter; REASONS.len()]; 2],
+    decision_seconds: Histogram,
+    rpcs: Family<RpcLabels, Counter>,
+    keys: Gauge,
+    store_write_seconds: Family<OperationLabels, Histogram>,
+    store_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keyward");
+        let decision_family = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Authorization decisions by source, result and deny reason",
+            decision_family.clone(),
+        );
+        let decisions = [Source::Authorize, Source::Check].map(|source| {
+            REASONS.map(|reason| {
+                decision_family
+                    .get_or_create(&DecisionLabels {
+                        source: match source {
+                            Source::Authorize => "authorize",
+                            Source::Check => "check",
+                        },
+                        result: if reason.is_some() { "deny" } else { "allow" },
+                        reason: reason.map_or("none", DenyReason::label),
+                    })
+                    .clone()
+            })
+        });
+        let decision_seconds = Histogram::new(exponential_buckets(250e-9, 2.0, 16));
+        registry.register(
+            "decision_duration_seconds",
+            "Time to decide one request in process (key, index, verify, route, AND)",
+            decision_seconds.clone(),
+        );
+        let rpcs = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "rpcs",
+            "gRPC requests handled, by method and status code",
+            rpcs.clone(),
+        );
+        let keys = Gauge::default();
+        registry.register("keys", "Live keys in the index", keys.clone());
+        let store_write_seconds =
+            Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(50e-6, 2.0, 16))
+            });
+        registry.register(
+            "store_write_duration_seconds",
+            "Durable store writes (commit and flush), by operation",
+            store_write_seconds.clone(),
+        );
+        let store_errors = Counter::default();
+        registry.register(
+            "store_errors",
+            "Store operations that failed",
+            store_errors.clone(),
+        );
+        Self {
+            registry,
+            decisions,
+            decision_seconds,
+            rpcs,
+            keys,
+            store_write_seconds,
+            store_errors,
+        }
+    }
+
+    /// Records one decision and how long it took.
+    #[inline]
+    pub fn decision(&self, source: Source, decision: &Decision, took: Duration) {
+        let slot = REASONS
+            .iter()
+            .position(|r| *r == decision.deny)
+            .unwrap_or_default();
+        self.decisions[source as usize][slot].inc();
+        self.decision_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Counts one RPC by method and final status code.
+    pub fn rpc(&self, method: &'static str, code: tonic::Code) {
+        self.rpcs
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_label(code),
+            })
+            .inc();
+    }
+
+    /// Sets the live key count.
+    pub fn set_keys(&self, count: usize) {
+        self.keys.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Records one durable write.
+    pub fn store_write(&self, operation: &'static str, took: Duration, ok: bool) {
+        self.store_write_seconds
+            .get_or_create(&OperationLabels { operation })
+            .observe(took.as_secs_f64());
+        if !ok {
+            self.store_errors.inc();
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics listener accept failed");
+                    continue;
+                }
+            },
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let metrics = Arc::clone(&metrics);
+                async move { Ok::<_, Infallible>(respond(&request, &metrics)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) =
+        if request.method() == Method::GET && request.uri().path() == "/metrics" {
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.render(),
+            )
+        } else {
+            (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".to_owned(),
+            )
+        };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
