@@ -221,7 +221,7 @@ pub fn spawn_serve(bin: &str, cwd: &std::path::Path, extra: &[&str]) -> (std::pr
     use std::process::{Command, Stdio};
     let log_path = cwd.join("serve.log");
     let log = std::fs::File::create(&log_path).expect("log file");
-    let child = Command::new(bin)
+    let mut child = Command::new(bin)
         .args([
             "serve",
             "--listen",
@@ -257,10 +257,12 @@ pub fn spawn_serve(bin: &str, cwd: &std::path::Path, extra: &[&str]) -> (std::pr
         if let Some(port) = port {
             return (child, port);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "keyward serve did not start:\n{log}"
-        );
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keyward serve did not start:
+{log}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
