@@ -217,6 +217,10 @@ pub fn path_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
 /// The real `keyward serve` binary on ephemeral loopback ports, logging JSON
 /// to `<cwd>/serve.log`; returns the child and its gRPC port (read from the
 /// log, so no port is ever guessed).
+#[allow(
+    clippy::zombie_processes,
+    reason = "the caller owns and reaps the child"
+)]
 pub fn spawn_serve(bin: &str, cwd: &std::path::Path, extra: &[&str]) -> (std::process::Child, u16) {
     use std::process::{Command, Stdio};
     let log_path = cwd.join("serve.log");
@@ -260,8 +264,7 @@ pub fn spawn_serve(bin: &str, cwd: &std::path::Path, extra: &[&str]) -> (std::pr
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("keyward serve did not start:
-{log}");
+            panic!("keyward serve did not start:\n{log}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
