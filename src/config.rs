@@ -93,6 +93,11 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_MS", default_value_t = 1000)]
     pub shutdown_grace_ms: u64,
 
+    /// After the listeners close, how long in-flight requests may take
+    /// before remaining connections are dropped, in milliseconds.
+    #[arg(long, env = "KEYWARD_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
+    pub drain_timeout_ms: u64,
+
     /// Log format.
     #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -120,6 +125,7 @@ impl ServeConfig {
             request_timeout_ms: 2000,
             max_message_bytes: 1024 * 1024,
             shutdown_grace_ms: 0,
+            drain_timeout_ms: 5000,
             log_format: LogFormat::Human,
         }
     }

@@ -84,6 +84,7 @@ struct Limits {
     request_timeout: Duration,
     max_message_bytes: usize,
     shutdown_grace: Duration,
+    drain_timeout: Duration,
 }
 
 impl App {
@@ -127,6 +128,7 @@ impl App {
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 max_message_bytes: config.max_message_bytes as usize,
                 shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+                drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             },
         })
     }
@@ -316,7 +318,23 @@ pub async fn run(
         let (grpc, manage, ()) = tokio::join!(grpc, manage, metrics);
         grpc.and(manage)
     };
-    let (served, ()) = tokio::join!(servers, coordinator);
+    // In-flight requests get `drain_timeout` after the listeners close; a
+    // client that never lets its connection go must not hold shutdown hostage
+    // (every acknowledged write is already on disk).
+    let drain_deadline = async {
+        stopped().await;
+        tokio::time::sleep(limits.drain_timeout).await;
+    };
+    let served = async {
+        tokio::select! {
+            served = servers => served,
+            () = drain_deadline => {
+                tracing::warn!(timeout_ms = limits.drain_timeout.as_millis(), "drain timed out; closing remaining connections");
+                Ok(())
+            }
+        }
+    };
+    let (served, ()) = tokio::join!(served, coordinator);
     served?;
     app.keys.flush().await?;
     tracing::info!("stopped; store flushed");

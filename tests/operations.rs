@@ -293,3 +293,27 @@ async fn overload_is_shed_quickly_not_queued() {
         "still serving"
     );
 }
+
+#[tokio::test]
+async fn a_stuck_stream_cannot_hold_shutdown_hostage() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
+    config.drain_timeout_ms = 300;
+    let server = TestServer::start_with(config).await;
+    // A bidirectional stream whose client side never ends.
+    let (_keep_open, requests) = tokio::sync::mpsc::channel(1);
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let _stream = reflection
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .expect("stream open");
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), server.stop())
+        .await
+        .expect("shutdown finished despite the open stream");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "in-flight work got its drain time"
+    );
+}

@@ -1,6 +1,7 @@
 //! gRPC adapters: protobuf in, domain calls, protobuf out. Thin by design.
 
 pub mod authorize;
+pub mod codec;
 pub mod convert;
 pub mod manage;
 pub mod status;

@@ -1,0 +1,205 @@
+//! Secrets never leak: after a full session with JSON logs at debug level, no
+//! key secret and no admin token appears in the logs, the metrics, any error
+//! message, or anywhere in the sled directory.
+#![allow(clippy::too_many_lines, reason = "one session end to end")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::{bearer, connect, spawn_serve};
+use keyward::pb::v1 as pb;
+use keyward::pb::v1::authorizer_client::AuthorizerClient;
+use keyward::pb::v1::key_manager_client::KeyManagerClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn logged_address(log: &str, message: &str) -> String {
+    log.lines()
+        .find_map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).ok()?;
+            (event["fields"]["message"] == message)
+                .then(|| event["fields"]["local"].as_str().map(str::to_owned))?
+        })
+        .unwrap_or_else(|| panic!("no {message:?} in the log"))
+}
+
+#[tokio::test]
+async fn no_secret_or_admin_token_escapes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, port) = spawn_serve(
+        BIN,
+        dir.path(),
+        &["--data-dir", "data", "--shutdown-grace-ms", "0"],
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let admin = std::fs::read_to_string(dir.path().join("data/admin.token"))
+        .expect("token")
+        .trim()
+        .to_owned();
+    let mut manager = KeyManagerClient::new(connect(&url).await);
+    let mut authorizer = AuthorizerClient::new(connect(&url).await);
+    let mut errors = Vec::new();
+    let mut secrets = Vec::new();
+
+    for scopes in [vec!["mail.send"], vec!["billing.read"], vec![]] {
+        let reply = manager
+            .create_key(bearer(
+                &admin,
+                pb::CreateKeyRequest {
+                    name: "session".into(),
+                    scopes: scopes.into_iter().map(String::from).collect(),
+                    account_id: "acme".into(),
+                    access: HashMap::new(),
+                },
+            ))
+            .await
+            .expect("create")
+            .into_inner();
+        secrets.push((reply.key.expect("key").key_id, reply.secret));
+    }
+    let (first_id, first) = secrets[0].clone();
+    let wrong = format!("{}{}", &first[..26], &secrets[1].1[26..]);
+    for (key, path) in [
+        (first.clone(), "/v3/mail/send"),
+        (first.clone(), "/v3/alerts"),
+        (wrong.clone(), "/v3/mail/send"),
+        (format!("Bearer {first}"), "/v3/scopes/../billing"),
+        (first[..60].to_owned(), "/v3/mail/send"),
+    ] {
+        let reply = authorizer
+            .authorize(pb::AuthorizeRequest {
+                key,
+                method: "POST".into(),
+                path: path.into(),
+            })
+            .await
+            .expect("authorize")
+            .into_inner();
+        errors.push(reply.message);
+    }
+    // Management errors, some with secrets in the wrong places.
+    for result in [
+        manager
+            .get_scopes(bearer(&wrong, pb::GetScopesRequest {}))
+            .await
+            .map(drop),
+        manager
+            .get_scopes(bearer(&format!("{admin}x"), pb::GetScopesRequest {}))
+            .await
+            .map(drop),
+        manager
+            .get_key(bearer(
+                &admin,
+                pb::GetKeyRequest {
+                    key_id: first.clone(),
+                },
+            ))
+            .await
+            .map(drop),
+        manager
+            .create_key(bearer(
+                &first,
+                pb::CreateKeyRequest {
+                    name: "x".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+    ] {
+        errors.push(result.expect_err("refused").message().to_owned());
+    }
+    manager
+        .delete_key(bearer(&admin, pb::DeleteKeyRequest { key_id: first_id }))
+        .await
+        .expect("revoke");
+    let reply = authorizer
+        .authorize(pb::AuthorizeRequest {
+            key: first.clone(),
+            method: "POST".into(),
+            path: "/v3/mail/send".into(),
+        })
+        .await
+        .expect("authorize")
+        .into_inner();
+    assert!(!reply.allowed);
+    errors.push(reply.message);
+
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    let metrics_addr = logged_address(&log, "serving metrics at /metrics");
+    let mut stream = tokio::net::TcpStream::connect(&metrics_addr)
+        .await
+        .expect("metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut metrics = String::new();
+    stream.read_to_string(&mut metrics).await.expect("read");
+    assert!(metrics.contains("keyward_decisions_total"));
+
+    drop((manager, authorizer, stream));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "SIGTERM exits cleanly");
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    assert!(log.contains("keyward::audit"), "the session was audited");
+    assert!(
+        log.lines().any(|l| l.contains("\"level\":\"DEBUG\"")),
+        "debug logging was on"
+    );
+
+    let mut needles: Vec<String> = vec![admin.clone(), admin["kwadmin_".len()..].to_owned()];
+    for (_, secret) in &secrets {
+        needles.push(secret.clone());
+        needles.push(secret[26..].to_owned()); // the secret part alone
+    }
+    let sled_files = files_under(&dir.path().join("data/db"));
+    assert!(!sled_files.is_empty());
+    for needle in &needles {
+        assert!(!log.contains(needle.as_str()), "a secret is in the log");
+        assert!(
+            !metrics.contains(needle.as_str()),
+            "a secret is in the metrics"
+        );
+        for error in &errors {
+            assert!(
+                !error.contains(needle.as_str()),
+                "a secret is in an error: {error}"
+            );
+        }
+        for file in &sled_files {
+            let bytes = std::fs::read(file).expect("read sled file");
+            assert!(
+                !contains(&bytes, needle.as_bytes()),
+                "a secret is in {}",
+                file.display()
+            );
+        }
+    }
+}
