@@ -108,7 +108,9 @@ impl PresentedKey<'_> {
         let id = decode_exact::<16, 18>(&bytes[id_start..id_start + ID_LEN], ID_LEN)
             .ok_or(MalformedKey::Alphabet)?;
         let secret = &bytes[secret_start..];
-        decode_exact::<32, 33>(secret, SECRET_LEN).ok_or(MalformedKey::Alphabet)?;
+        if !is_canonical_secret(secret) {
+            return Err(MalformedKey::Alphabet);
+        }
         Ok(PresentedKey {
             id: KeyId(id),
             secret,
@@ -192,6 +194,32 @@ pub fn generate() -> Result<NewKey, getrandom::Error> {
     })
 }
 
+/// Values of the URL-safe base64 alphabet; 0xFF marks bytes outside it.
+const SEXTET: [u8; 256] = {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut table = [0xFF; 256];
+    let mut i = 0;
+    while i < alphabet.len() {
+        table[alphabet[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// Whether 43 characters are the canonical URL-safe base64 of 32 bytes.
+/// The secret is only ever hashed, never decoded, so checking its spelling
+/// is all that is needed: one table lookup per byte.
+fn is_canonical_secret(secret: &[u8]) -> bool {
+    let mut invalid = 0u8;
+    for &byte in secret {
+        invalid |= SEXTET[usize::from(byte)] & 0xC0;
+    }
+    // 43 characters carry 258 bits for 256: the last one's low 2 bits are 0.
+    invalid == 0
+        && secret.len() == SECRET_LEN
+        && SEXTET[usize::from(secret[SECRET_LEN - 1])] & 0b11 == 0
+}
+
 /// Decodes exactly `len` base64 characters into exactly `N` bytes, refusing
 /// non-canonical trailing bits so that each value has one spelling.
 /// `B` is a scratch size the decoder's length estimate accepts.
@@ -269,6 +297,15 @@ mod tests {
         let id = "AAAAAAAAAAAAAAAAAAAAAB";
         assert_eq!(id.parse::<KeyId>(), Err(BadKeyId));
         assert!("AAAAAAAAAAAAAAAAAAAAAA".parse::<KeyId>().is_ok());
+        // 43 chars encode 258 bits for 256: the last char's low 2 bits must be 0.
+        let id = "A".repeat(ID_LEN);
+        let canonical = format!("SG.{id}.{}E", "A".repeat(42));
+        let sloppy = format!("SG.{id}.{}F", "A".repeat(42));
+        assert!(PresentedKey::parse(&canonical).is_ok());
+        assert_eq!(
+            PresentedKey::parse(&sloppy).map(|k| k.id),
+            Err(MalformedKey::Alphabet)
+        );
     }
 
     #[test]

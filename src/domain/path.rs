@@ -28,15 +28,69 @@ pub enum PathError {
     BadCharacter,
 }
 
+/// Bytes that can never make a path ambiguous: unreserved and sub-delim
+/// characters except `.` (dot segments) and `%` (escapes), which need a
+/// closer look.
+const PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'@'
+            );
+        b += 1;
+    }
+    table
+};
+
 /// Strips the query string and checks that the rest has one reading.
 /// Returns the path to match, borrowed from the input (no allocation).
 pub fn canonical_path(raw: &str) -> Result<&str, PathError> {
     let path = raw.split_once('?').map_or(raw, |(path, _query)| path);
-    let rest = path.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
-    if rest.is_empty() {
-        return Ok(path);
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
     }
-    for segment in rest.split('/') {
+    // Fast path: plain bytes and single slashes only, one table lookup per
+    // byte. Anything else (dots, escapes, junk) takes the careful path.
+    let mut after_slash = true;
+    for &byte in &bytes[1..] {
+        if byte == b'/' {
+            if after_slash {
+                return Err(PathError::EmptySegment);
+            }
+            after_slash = true;
+        } else if PLAIN[usize::from(byte)] {
+            after_slash = false;
+        } else {
+            return check_segments(path);
+        }
+    }
+    if after_slash && bytes.len() > 1 {
+        return Err(PathError::EmptySegment);
+    }
+    Ok(path)
+}
+
+fn check_segments(path: &str) -> Result<&str, PathError> {
+    for segment in path[1..].split('/') {
         check_segment(segment.as_bytes())?;
     }
     Ok(path)

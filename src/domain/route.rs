@@ -1,7 +1,9 @@
 //! The route table: (HTTP method, path template) → required scopes, as masks
 //! precomputed at load so a decision is one trie walk and one AND.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxBuildHasher;
 
 use super::catalog::Catalog;
 use super::load_error::{LoadError, directives};
@@ -62,6 +64,9 @@ impl Method {
 /// Every route, compiled. Lookups allocate nothing.
 #[derive(Debug)]
 pub struct RouteTable {
+    /// Templates without parameters, matched by one hash lookup; matchit
+    /// would prefer them over any parameterised template anyway.
+    exact: HashMap<Box<str>, usize, FxBuildHasher>,
     router: matchit::Router<usize>,
     masks: Vec<[Option<ScopeSet>; METHODS]>,
     len: usize,
@@ -128,14 +133,23 @@ impl RouteTable {
         }
 
         let mut router = matchit::Router::new();
+        let mut exact = HashMap::with_hasher(FxBuildHasher);
         let mut masks = Vec::with_capacity(templates.len());
         for (template, (line, methods)) in templates {
             router
                 .insert(template, masks.len())
                 .map_err(|e| err(line, format!("bad template {template:?}: {e}")))?;
+            if !template.contains('{') {
+                exact.insert(Box::from(template), masks.len());
+            }
             masks.push(methods);
         }
-        Ok(Self { router, masks, len })
+        Ok(Self {
+            exact,
+            router,
+            masks,
+            len,
+        })
     }
 
     /// The scopes a request needs, or `None` when no route matches. `path`
@@ -143,8 +157,11 @@ impl RouteTable {
     #[inline]
     #[must_use]
     pub fn required(&self, method: Method, path: &str) -> Option<&ScopeSet> {
-        let matched = self.router.at(path).ok()?;
-        self.masks[*matched.value][method.slot()].as_ref()
+        let slot = match self.exact.get(path) {
+            Some(slot) => *slot,
+            None => *self.router.at(path).ok()?.value,
+        };
+        self.masks[slot][method.slot()].as_ref()
     }
 
     /// How many (method, template) routes the table holds.

@@ -1,0 +1,214 @@
+//! Micro-benchmarks of the decision path with the bundled SendGrid catalog
+//! and routes, against the unavoidable work alone: one hash-map lookup plus
+//! one SHA-256 of a 43-byte secret. Prints allocations per decision (counted
+//! by an instrumented global allocator) and each ratio to its baseline.
+//!
+//! `cargo bench --bench decision` (add `-- --quick` for a fast pass).
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use keyward::authorizer::Authorizer;
+use keyward::domain::catalog::Catalog;
+use keyward::domain::key::{self, PresentedKey, SecretHash};
+use keyward::domain::path::canonical_path;
+use keyward::domain::route::{Method, RouteTable};
+use keyward::store::index::{Entry, Index};
+use rustc_hash::FxBuildHasher;
+use sha2::{Digest, Sha256};
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
+
+const SIZES: [(usize, &str); 3] = [(1_000, "1k"), (100_000, "100k"), (1_000_000, "1M")];
+/// Keys looked up in rotation, so large indexes pay their cache misses.
+const SAMPLE: usize = 4096;
+
+struct Fixture {
+    authorizer: Authorizer,
+    keys: Vec<String>,
+    baseline: HashMap<[u8; 16], [u8; 32], FxBuildHasher>,
+}
+
+fn fixture(catalog: &Catalog, routes: &Arc<RouteTable>, size: usize) -> Fixture {
+    let index = Index::with_capacity(size);
+    let mut baseline = HashMap::with_capacity_and_hasher(size, FxBuildHasher);
+    let scopes = catalog
+        .resolve(&["mail.send", "alerts.read"])
+        .expect("scopes");
+    let account: Arc<str> = Arc::from("acme");
+    let mut keys = Vec::with_capacity(SAMPLE);
+    for i in 0..size {
+        let new_key = key::generate().expect("rng");
+        index.insert(
+            new_key.id,
+            Entry {
+                hash: new_key.hash,
+                scopes,
+                account: Arc::clone(&account),
+            },
+        );
+        baseline.insert(*new_key.id.as_bytes(), *new_key.hash.as_bytes());
+        if i % (size / SAMPLE).max(1) == 0 && keys.len() < SAMPLE {
+            keys.push(new_key.text);
+        }
+    }
+    Fixture {
+        authorizer: Authorizer::new(Arc::new(index), Arc::clone(routes)),
+        keys,
+        baseline,
+    }
+}
+
+/// The unavoidable work: find the key by id, hash the secret, compare.
+fn baseline(
+    map: &HashMap<[u8; 16], [u8; 32], FxBuildHasher>,
+    id: &[u8; 16],
+    secret: &[u8],
+) -> bool {
+    let digest: [u8; 32] = Sha256::digest(secret).into();
+    map.get(id).is_some_and(|stored| *stored == digest)
+}
+
+fn bench(c: &mut Criterion) {
+    let catalog = Catalog::sendgrid();
+    let routes = Arc::new(RouteTable::sendgrid(&catalog));
+    let path = "/v3/mail/send";
+    let method = Some(Method::Post);
+
+    let mut group = c.benchmark_group("decision");
+    group.throughput(Throughput::Elements(1));
+    for (size, label) in SIZES {
+        let fixture = fixture(&catalog, &routes, size);
+        // Parsed ids for the baseline, outside the timed loop (the full
+        // decision parses the key itself).
+        let parsed: Vec<([u8; 16], Vec<u8>)> = fixture
+            .keys
+            .iter()
+            .map(|k| {
+                (
+                    *PresentedKey::parse(k).expect("valid").id.as_bytes(),
+                    k.as_bytes()[26..].to_vec(),
+                )
+            })
+            .collect();
+        report_allocations(label, &fixture, method, path);
+        let mut i = 0;
+        group.bench_function(BenchmarkId::new("full", label), |b| {
+            b.iter(|| {
+                i = (i + 1) % fixture.keys.len();
+                let decision =
+                    fixture
+                        .authorizer
+                        .decide(black_box(&fixture.keys[i]), method, black_box(path));
+                assert!(decision.allowed());
+                decision
+            });
+        });
+        let mut j = 0;
+        group.bench_function(BenchmarkId::new("baseline", label), |b| {
+            b.iter(|| {
+                j = (j + 1) % parsed.len();
+                let (id, secret) = &parsed[j];
+                black_box(baseline(
+                    &fixture.baseline,
+                    black_box(id),
+                    black_box(secret),
+                ))
+            });
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("components");
+    group.throughput(Throughput::Elements(1));
+    let templated = "/v3/templates/t-123/versions/v-456/activate";
+    group.bench_function("route_lookup", |b| {
+        b.iter(|| routes.required(Method::Post, black_box(templated)));
+    });
+    group.bench_function("path_check", |b| {
+        b.iter(|| canonical_path(black_box(templated)))
+    });
+    let have = catalog.full_access();
+    let need = *routes.required(Method::Post, templated).expect("route");
+    group.bench_function("scope_covers", |b| {
+        b.iter(|| black_box(&have).covers(black_box(&need)))
+    });
+    let sample = key::generate().expect("rng").text;
+    let index = Index::with_capacity(1);
+    let one = key::generate().expect("rng");
+    index.insert(
+        one.id,
+        Entry {
+            hash: one.hash,
+            scopes: have,
+            account: Arc::from("acme"),
+        },
+    );
+    let one_presented = PresentedKey::parse(&one.text).expect("valid");
+    group.bench_function("index_verify_incl_sha256", |b| {
+        b.iter(|| index.verify(black_box(&one_presented)))
+    });
+
+    group.bench_function("key_parse", |b| {
+        b.iter(|| PresentedKey::parse(black_box(&sample)))
+    });
+    group.bench_function("sha256_43_bytes", |b| {
+        b.iter(|| SecretHash::of(black_box(&sample.as_bytes()[26..])));
+    });
+    group.finish();
+}
+
+fn report_allocations(label: &str, fixture: &Fixture, method: Option<Method>, path: &str) {
+    const ROUNDS: usize = 10_000;
+    let region = Region::new(GLOBAL);
+    for i in 0..ROUNDS {
+        black_box(
+            fixture
+                .authorizer
+                .decide(&fixture.keys[i % fixture.keys.len()], method, path),
+        );
+    }
+    let stats = region.change();
+    println!(
+        "allocations per decision ({label} keys): {} ({} allocations, {} bytes over {ROUNDS} decisions)",
+        stats.allocations as f64 / ROUNDS as f64,
+        stats.allocations,
+        stats.bytes_allocated
+    );
+}
+
+/// Reads criterion's estimates and prints each decision's ratio to its baseline.
+fn print_ratios() {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(
+            || std::path::PathBuf::from("target"),
+            std::path::PathBuf::from,
+        )
+        .join("criterion/decision");
+    let mean = |name: &str, label: &str| -> Option<f64> {
+        let text =
+            std::fs::read_to_string(dir.join(name).join(label).join("new/estimates.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["mean"]["point_estimate"].as_f64()
+    };
+    println!("\nkeys   full decision   baseline (lookup+SHA-256)   ratio");
+    for (_, label) in SIZES {
+        if let (Some(full), Some(base)) = (mean("full", label), mean("baseline", label)) {
+            println!(
+                "{label:<6} {full:>10.1} ns   {base:>14.1} ns           {:.2}x",
+                full / base
+            );
+        }
+    }
+}
+
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    bench(&mut criterion);
+    criterion.final_summary();
+    print_ratios();
+}
