@@ -198,10 +198,10 @@ pub fn generate() -> Result<NewKey, getrandom::Error> {
 const SEXTET: [u8; 256] = {
     let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut table = [0xFF; 256];
-    let mut i = 0;
-    while i < alphabet.len() {
-        table[alphabet[i] as usize] = i as u8;
-        i += 1;
+    let mut value = 0u8;
+    while (value as usize) < alphabet.len() {
+        table[alphabet[value as usize] as usize] = value;
+        value += 1;
     }
     table
 };
@@ -217,7 +217,7 @@ fn is_canonical_secret(secret: &[u8]) -> bool {
     // 43 characters carry 258 bits for 256: the last one's low 2 bits are 0.
     invalid == 0
         && secret.len() == SECRET_LEN
-        && SEXTET[usize::from(secret[SECRET_LEN - 1])] & 0b11 == 0
+        && SEXTET[usize::from(secret[SECRET_LEN - 1])].trailing_zeros() >= 2
 }
 
 /// Decodes exactly `len` base64 characters into exactly `N` bytes, refusing

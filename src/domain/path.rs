@@ -33,10 +33,9 @@ pub enum PathError {
 /// closer look.
 const PLAIN: [bool; 256] = {
     let mut table = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        table[b] = c.is_ascii_alphanumeric()
+    let mut c = 0u8;
+    loop {
+        table[c as usize] = c.is_ascii_alphanumeric()
             || matches!(
                 c,
                 b'-' | b'_'
@@ -55,7 +54,10 @@ const PLAIN: [bool; 256] = {
                     | b':'
                     | b'@'
             );
-        b += 1;
+        if c == u8::MAX {
+            break;
+        }
+        c += 1;
     }
     table
 };
