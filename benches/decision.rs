@@ -4,6 +4,13 @@
 //! by an instrumented global allocator) and each ratio to its baseline.
 //!
 //! `cargo bench --bench decision` (add `-- --quick` for a fast pass).
+#![allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::too_many_lines,
+    reason = "measurement arithmetic and long report functions"
+)]
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -130,12 +137,12 @@ fn bench(c: &mut Criterion) {
         b.iter(|| routes.required(Method::Post, black_box(templated)));
     });
     group.bench_function("path_check", |b| {
-        b.iter(|| canonical_path(black_box(templated)))
+        b.iter(|| canonical_path(black_box(templated)));
     });
     let have = catalog.full_access();
     let need = *routes.required(Method::Post, templated).expect("route");
     group.bench_function("scope_covers", |b| {
-        b.iter(|| black_box(&have).covers(black_box(&need)))
+        b.iter(|| black_box(&have).covers(black_box(&need)));
     });
     let sample = key::generate().expect("rng").text;
     let index = Index::with_capacity(1);
@@ -150,11 +157,11 @@ fn bench(c: &mut Criterion) {
     );
     let one_presented = PresentedKey::parse(&one.text).expect("valid");
     group.bench_function("index_verify_incl_sha256", |b| {
-        b.iter(|| index.verify(black_box(&one_presented)))
+        b.iter(|| index.verify(black_box(&one_presented)));
     });
 
     group.bench_function("key_parse", |b| {
-        b.iter(|| PresentedKey::parse(black_box(&sample)))
+        b.iter(|| PresentedKey::parse(black_box(&sample)));
     });
     group.bench_function("sha256_43_bytes", |b| {
         b.iter(|| SecretHash::of(black_box(&sample.as_bytes()[26..])));

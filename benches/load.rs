@@ -1,1 +1,760 @@
-fn main() {}
+//! A ghz-style load tool for keyward, and the side-by-side report.
+//!
+//! ```text
+//! cargo bench --bench load -- run --call authorize --rps 5000 --duration 10
+//! cargo bench --bench load -- report            # echo vs Authorize vs Check
+//! cargo bench --bench load -- scale             # startup, memory, latency at 1k/100k/1M keys
+//! ```
+//!
+//! Without `--target`, `run` starts the real `keyward` binary (release build)
+//! on a temporary directory with the Echo RPC enabled, and creates the key it
+//! uses. With `--rps`, requests are paced from their intended send times by a
+//! dedicated thread and latency is measured from the intended time, so a
+//! stalled server shows up in the tail instead of slowing the sender
+//! (coordinated omission is not hidden).
+#![allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::too_many_lines,
+    clippy::single_match_else,
+    reason = "measurement arithmetic and long report functions"
+)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use hdrhistogram::Histogram;
+use keyward::pb::v1 as pb;
+use keyward::pb::v1::authorizer_client::AuthorizerClient;
+use keyward::pb::v1::diagnostics_client::DiagnosticsClient;
+use keyward::pb::v1::key_manager_client::KeyManagerClient;
+use prost::Message;
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+
+#[derive(Debug, Parser)]
+#[command(name = "load", about = "ghz-style load tool for keyward")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Mode>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true, global = true)]
+    bench: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// One load run, printed like ghz.
+    Run(RunArgs),
+    /// Echo vs Authorize vs Check, closed loop and at fixed rates, with ratios.
+    Report(ReportArgs),
+    /// Start-up time, resident memory and latency with 1k, 100k and 1M keys.
+    Scale(ScaleArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Call {
+    /// keyward.v1.Authorizer/Authorize
+    Authorize,
+    /// envoy.service.auth.v3.Authorization/Check with ~10 headers
+    Check,
+    /// keyward.v1.Diagnostics/Echo with a payload the size of an AuthorizeRequest
+    Echo,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct RunArgs {
+    /// Which RPC to drive.
+    #[arg(long, value_enum, default_value_t = Call::Authorize)]
+    call: Call,
+    /// An already running keyward (host:port). Default: start one.
+    #[arg(long)]
+    target: Option<String>,
+    /// The API key to send (required with --target for authorize/check).
+    #[arg(long, env = "KEYWARD_LOAD_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Requests in flight at once (workers).
+    #[arg(short = 'c', long, default_value_t = 50)]
+    concurrency: usize,
+    /// gRPC connections the workers share.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Requests per second across all workers; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    rps: f64,
+    /// Total requests (ignored with --duration).
+    #[arg(short = 'n', long, default_value_t = 20_000)]
+    total: u64,
+    /// Run for this many seconds instead of a request count.
+    #[arg(short = 'z', long)]
+    duration: Option<f64>,
+    /// Requests sent (unrecorded) before measuring.
+    #[arg(long, default_value_t = 2_000)]
+    warmup: u64,
+    /// Also write the summary as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Exit non-zero unless every response was OK (and, for authorize and
+    /// check, allowed): for smoke tests.
+    #[arg(long)]
+    expect_ok: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ReportArgs {
+    /// Requests per closed-loop run.
+    #[arg(short = 'n', long, default_value_t = 20_000)]
+    total: u64,
+    /// Seconds per fixed-rate run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Fixed rates to run at.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000.0, 5000.0])]
+    rates: Vec<f64>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ScaleArgs {
+    /// Key counts to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000usize, 100_000, 1_000_000])]
+    sizes: Vec<usize>,
+}
+
+// --- the server under test ---------------------------------------------------
+
+/// A `keyward serve` child on ephemeral loopback ports.
+struct Server {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+    started_in: Duration,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(dir: &Path, temp: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
+        let log_path = dir.join("serve.log");
+        let log = std::fs::File::create(&log_path)?;
+        let started = Instant::now();
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--enable-echo",
+                "--log-format",
+                "json",
+                "--max-concurrent-requests",
+                "100000",
+            ])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .env("RUST_LOG", "warn,keyward::server=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting keyward")?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let addr = text.lines().find_map(|line| {
+                let event: serde_json::Value = serde_json::from_str(line).ok()?;
+                (event["fields"]["message"] == "serving gRPC")
+                    .then(|| event["fields"]["local"].as_str().map(str::to_owned))?
+            });
+            if let Some(addr) = addr {
+                return Ok(Self {
+                    child,
+                    addr,
+                    dir: dir.to_owned(),
+                    started_in: started.elapsed(),
+                    _temp: temp,
+                });
+            }
+            if Instant::now() > deadline || child.try_wait()?.is_some() {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("keyward did not start:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn fresh() -> anyhow::Result<Self> {
+        let temp = tempfile::tempdir()?;
+        let dir = temp.path().to_owned();
+        Self::start(&dir, Some(temp))
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Creates a key allowed to `POST /v3/mail/send`.
+    async fn create_key(&self) -> anyhow::Result<String> {
+        let admin = std::fs::read_to_string(self.dir.join("data/admin.token"))?
+            .trim()
+            .to_owned();
+        let mut client = KeyManagerClient::new(channel(&self.addr).await?);
+        let mut request = tonic::Request::new(pb::CreateKeyRequest {
+            name: "load".into(),
+            scopes: vec!["mail.send".into()],
+            account_id: "load".into(),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {admin}").parse()?);
+        Ok(client.create_key(request).await?.into_inner().secret)
+    }
+}
+
+async fn channel(addr: &str) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?)
+}
+
+// --- requests --------------------------------------------------------------------
+
+fn authorize_request(key: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        key: key.to_owned(),
+        method: "POST".into(),
+        path: "/v3/mail/send".into(),
+    }
+}
+
+/// A CheckRequest as Envoy sends it for a typical API call: ~10 headers.
+fn check_request(key: &str) -> CheckRequest {
+    let peer = |ip: &str, port: u32| Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    let headers = [
+        (":authority", "api.example.com"),
+        (":method", "POST"),
+        (":path", "/v3/mail/send?dry_run=false"),
+        (":scheme", "https"),
+        ("authorization", &format!("Bearer {key}")),
+        ("content-type", "application/json"),
+        ("content-length", "512"),
+        ("user-agent", "sendgrid/6.11.0;python"),
+        ("accept", "application/json"),
+        ("x-request-id", "5f2b3c1e-8a1d-4f59-9c1e-2b7d2f0a9e11"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(peer("203.0.113.7", 53211)),
+            destination: Some(peer("10.1.2.3", 10000)),
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    id: "1234567890".into(),
+                    method: "POST".into(),
+                    headers,
+                    path: "/v3/mail/send?dry_run=false".into(),
+                    host: "api.example.com".into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/1.1".into(),
+                    size: 512,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// One client per worker; all three kinds share the channel.
+#[derive(Clone)]
+enum Client {
+    Authorize(AuthorizerClient<Channel>, pb::AuthorizeRequest),
+    Check(AuthorizationClient<Channel>, Box<CheckRequest>),
+    Echo(DiagnosticsClient<Channel>, pb::EchoRequest),
+}
+
+impl Client {
+    fn new(call: Call, channel: Channel, key: &str) -> Self {
+        match call {
+            Call::Authorize => {
+                Self::Authorize(AuthorizerClient::new(channel), authorize_request(key))
+            }
+            Call::Check => Self::Check(
+                AuthorizationClient::new(channel),
+                Box::new(check_request(key)),
+            ),
+            Call::Echo => {
+                let size = authorize_request(key).encoded_len();
+                Self::Echo(
+                    DiagnosticsClient::new(channel),
+                    pb::EchoRequest {
+                        payload: vec![b'x'; size],
+                    },
+                )
+            }
+        }
+    }
+
+    /// One call; the status label ghz would print, and whether the request
+    /// was let through (always true for echo).
+    async fn call(&mut self) -> (String, bool) {
+        let outcome = match self {
+            Self::Authorize(client, request) => client
+                .authorize(request.clone())
+                .await
+                .map(|r| r.into_inner().allowed),
+            Self::Check(client, request) => client
+                .check((**request).clone())
+                .await
+                .map(|r| r.into_inner().status.is_some_and(|s| s.code == 0)),
+            Self::Echo(client, request) => client.echo(request.clone()).await.map(|_| true),
+        };
+        match outcome {
+            Ok(allowed) => ("OK".to_owned(), allowed),
+            Err(status) => (format!("{:?}", status.code()), false),
+        }
+    }
+}
+
+fn ms(nanos: u64) -> f64 {
+    nanos as f64 / 1e6
+}
+
+// --- the run ---------------------------------------------------------------------
+
+struct Summary {
+    call: Call,
+    count: u64,
+    total: Duration,
+    histogram: Histogram<u64>,
+    codes: BTreeMap<String, u64>,
+    denied: u64,
+    rps_target: f64,
+}
+
+impl Summary {
+    fn rps(&self) -> f64 {
+        self.count as f64 / self.total.as_secs_f64()
+    }
+
+    fn quantile_ms(&self, q: f64) -> f64 {
+        ms(self.histogram.value_at_quantile(q))
+    }
+
+    fn print(&self) {
+        println!("\nSummary:");
+        println!(
+            "  Call:         {:?}{}",
+            self.call,
+            if self.rps_target > 0.0 {
+                format!(" at {} rps", self.rps_target)
+            } else {
+                " (closed loop)".into()
+            }
+        );
+        println!("  Count:        {}", self.count);
+        println!("  Total:        {:.2} s", self.total.as_secs_f64());
+        println!("  Slowest:      {:.3} ms", ms(self.histogram.max()));
+        println!("  Fastest:      {:.3} ms", ms(self.histogram.min()));
+        println!("  Average:      {:.3} ms", self.histogram.mean() / 1e6);
+        println!("  Requests/sec: {:.2}", self.rps());
+        println!("\nLatency distribution:");
+        for q in [10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9] {
+            println!("  {q} % in {:.3} ms", self.quantile_ms(q / 100.0));
+        }
+        println!("\nStatus code distribution:");
+        for (code, count) in &self.codes {
+            println!("  [{code}]   {count} responses");
+        }
+        if self.denied > 0 {
+            println!("  ({} OK replies denied the request)", self.denied);
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let latency: Vec<_> = [10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9]
+            .into_iter()
+            .map(|q| serde_json::json!({ "percentage": q, "latency_ns": self.histogram.value_at_quantile(q / 100.0) }))
+            .collect();
+        serde_json::json!({
+            "call": format!("{:?}", self.call).to_lowercase(),
+            "rps_target": self.rps_target,
+            "count": self.count,
+            "total_ns": self.total.as_nanos() as u64,
+            "average_ns": self.histogram.mean(),
+            "fastest_ns": self.histogram.min(),
+            "slowest_ns": self.histogram.max(),
+            "rps": self.rps(),
+            "latencyDistribution": latency,
+            "statusCodeDistribution": self.codes,
+            "denied": self.denied,
+        })
+    }
+}
+
+async fn run(args: &RunArgs, addr: &str, key: &str) -> anyhow::Result<Summary> {
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        channels.push(channel(addr).await?);
+    }
+    let clients: Vec<Client> = (0..args.concurrency.max(1))
+        .map(|w| Client::new(args.call, channels[w % channels.len()].clone(), key))
+        .collect();
+
+    // Warm-up: connections, caches, the server's allocator.
+    let warmup = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client in clients.clone() {
+        let warmup = Arc::clone(&warmup);
+        let limit = args.warmup;
+        tasks.push(tokio::spawn(async move {
+            let mut client = client;
+            while warmup.fetch_add(1, Ordering::Relaxed) < limit {
+                client.call().await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+
+    let total = if args.duration.is_some() {
+        u64::MAX
+    } else {
+        args.total
+    };
+    let deadline = args.duration.map(Duration::from_secs_f64);
+    let done = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    // Paced mode: a thread stamps each request with its intended send time.
+    let tickets = (args.rps > 0.0).then(|| {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Instant>(65_536);
+        let rps = args.rps;
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut i: u64 = 0;
+            while i < total && !done.load(Ordering::Relaxed) {
+                let intended = start + Duration::from_secs_f64(i as f64 / rps);
+                if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if deadline.is_some_and(|d| intended.duration_since(start) >= d)
+                    || tx.blocking_send(intended).is_err()
+                {
+                    break;
+                }
+                i += 1;
+            }
+        });
+        Arc::new(Mutex::new(rx))
+    });
+    let issued = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for client in clients {
+        let tickets = tickets.clone();
+        let issued = Arc::clone(&issued);
+        let done = Arc::clone(&done);
+        tasks.push(tokio::spawn(async move {
+            let mut client = client;
+            let mut histogram =
+                Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).expect("histogram");
+            let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+            let mut denied = 0;
+            loop {
+                let intended = match &tickets {
+                    Some(tickets) => match tickets.lock().await.recv().await {
+                        Some(intended) => intended,
+                        None => break,
+                    },
+                    None => {
+                        if issued.fetch_add(1, Ordering::Relaxed) >= total
+                            || deadline.is_some_and(|d| start.elapsed() >= d)
+                        {
+                            break;
+                        }
+                        Instant::now()
+                    }
+                };
+                let (code, allowed) = client.call().await;
+                let latency = u64::try_from(intended.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                histogram.saturating_record(latency.max(1_000));
+                if code == "OK" && !allowed {
+                    denied += 1;
+                }
+                *codes.entry(code).or_default() += 1;
+            }
+            done.store(true, Ordering::Relaxed);
+            (histogram, codes, denied)
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut denied = 0;
+    for task in tasks {
+        let (h, c, d) = task.await?;
+        histogram.add(&h)?;
+        for (code, n) in c {
+            *codes.entry(code).or_default() += n;
+        }
+        denied += d;
+    }
+    Ok(Summary {
+        call: args.call,
+        count: histogram.len(),
+        total: start.elapsed(),
+        histogram,
+        codes,
+        denied,
+        rps_target: args.rps,
+    })
+}
+
+async fn run_once(args: RunArgs) -> anyhow::Result<()> {
+    let (server, addr, key) = match &args.target {
+        Some(target) => {
+            let key = match (args.call, &args.key) {
+                (Call::Echo, key) => key.clone().unwrap_or_default(),
+                (_, Some(key)) => key.clone(),
+                (_, None) => bail!("--key (or KEYWARD_LOAD_KEY) is required with --target"),
+            };
+            (None, target.clone(), key)
+        }
+        None => {
+            let server = Server::fresh()?;
+            let key = server.create_key().await?;
+            let addr = server.addr.clone();
+            (Some(server), addr, key)
+        }
+    };
+    let summary = run(&args, &addr, &key).await?;
+    summary.print();
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary.json())?)?;
+    }
+    drop(server);
+    let all_ok =
+        summary.codes.keys().all(|c| c == "OK") && summary.denied == 0 && summary.count > 0;
+    if args.expect_ok && !all_ok {
+        bail!("not every response was an OK allow");
+    }
+    Ok(())
+}
+
+// --- the report --------------------------------------------------------------------
+
+async fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let server = Server::fresh()?;
+    let key = server.create_key().await?;
+    let base = RunArgs {
+        call: Call::Echo,
+        target: None,
+        key: None,
+        concurrency: 50,
+        connections: 1,
+        rps: 0.0,
+        total: args.total,
+        duration: None,
+        warmup: 2_000,
+        json: None,
+        expect_ok: false,
+    };
+    let mut rows = Vec::new();
+    for rps in std::iter::once(0.0).chain(args.rates.iter().copied()) {
+        let mut echo_rps = None;
+        for call in [Call::Echo, Call::Authorize, Call::Check] {
+            let run_args = RunArgs {
+                call,
+                rps,
+                duration: (rps > 0.0).then_some(args.seconds),
+                ..base.clone()
+            };
+            let summary = run(&run_args, &server.addr, &key).await?;
+            summary.print();
+            let throughput = summary.rps();
+            let echo = *echo_rps.get_or_insert(throughput);
+            rows.push((
+                if rps > 0.0 {
+                    format!("{rps:.0} rps")
+                } else {
+                    "closed, 1 conn, 50 in flight".to_owned()
+                },
+                call,
+                throughput,
+                throughput / echo,
+                summary.quantile_ms(0.5),
+                summary.quantile_ms(0.99),
+                summary.quantile_ms(0.999),
+                summary.codes.keys().all(|c| c == "OK") && summary.denied == 0,
+            ));
+        }
+    }
+    println!(
+        "\n{:<30} {:<10} {:>10} {:>9} {:>9} {:>9} {:>9}  all OK",
+        "mode", "call", "req/s", "vs echo", "p50 ms", "p99 ms", "p99.9 ms"
+    );
+    for (mode, call, rps, ratio, p50, p99, p999, ok) in rows {
+        println!(
+            "{mode:<30} {:<10} {rps:>10.0} {ratio:>8.2}x {p50:>9.3} {p99:>9.3} {p999:>9.3}  {ok}",
+            format!("{call:?}")
+        );
+    }
+    Ok(())
+}
+
+// --- scale --------------------------------------------------------------------------
+
+async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
+    use keyward::domain::catalog::Catalog;
+    use keyward::domain::key;
+    use keyward::store::db::Store;
+    use keyward::store::record::KeyRecord;
+
+    let catalog = Catalog::sendgrid();
+    let scopes = catalog.names(
+        &catalog
+            .resolve(&["mail.send", "alerts.read"])
+            .expect("scopes"),
+    );
+    let mut rows = Vec::new();
+    for size in args.sizes {
+        let temp = tempfile::tempdir()?;
+        let dir = temp.path().to_owned();
+        {
+            let store = Store::open(&dir.join("data/db"))?;
+            let mut batch = Vec::with_capacity(10_000);
+            for i in 0..size {
+                let new_key = key::generate().map_err(|e| anyhow::anyhow!("rng: {e}"))?;
+                batch.push(KeyRecord {
+                    key_id: new_key.id.as_bytes().to_vec(),
+                    secret_sha256: new_key.hash.as_bytes().to_vec(),
+                    account_id: format!("acct{}", i % 10_000),
+                    name: format!("key {i}"),
+                    kind: 2,
+                    scopes: scopes.clone(),
+                    created_at_unix_nanos: i64::try_from(i).unwrap_or_default(),
+                    updated_at_unix_nanos: 0,
+                });
+                if batch.len() == batch.capacity() {
+                    store.import(&batch).await?;
+                    batch.clear();
+                }
+            }
+            store.import(&batch).await?;
+        }
+        let server = Server::start(&dir, Some(temp))?;
+        let startup = server.started_in;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss = server.rss_bytes();
+        let key = server.create_key().await?;
+        let run_args = RunArgs {
+            call: Call::Authorize,
+            target: None,
+            key: None,
+            concurrency: 1,
+            connections: 1,
+            rps: 0.0,
+            total: 5_000,
+            duration: None,
+            warmup: 500,
+            json: None,
+            expect_ok: false,
+        };
+        let summary = run(&run_args, &server.addr, &key).await?;
+        rows.push((
+            size,
+            startup,
+            rss,
+            summary.quantile_ms(0.5),
+            summary.quantile_ms(0.99),
+        ));
+        println!(
+            "{size} keys: started in {:.2} s, RSS {:.1} MiB",
+            startup.as_secs_f64(),
+            rss as f64 / 1_048_576.0
+        );
+    }
+    println!(
+        "\n{:>10} {:>12} {:>10} {:>14} {:>14} {:>12}",
+        "keys", "startup s", "RSS MiB", "bytes/key*", "p50 ms (c=1)", "p99 ms"
+    );
+    let (base_size, _, base_rss, _, _) = rows.first().copied().unwrap_or_default();
+    for (size, startup, rss, p50, p99) in &rows {
+        let per_key = if *size > base_size {
+            (*rss as f64 - base_rss as f64) / (*size - base_size) as f64
+        } else {
+            f64::NAN
+        };
+        println!(
+            "{size:>10} {:>12.2} {:>10.1} {per_key:>14.0} {p50:>14.3} {p99:>12.3}",
+            startup.as_secs_f64(),
+            *rss as f64 / 1_048_576.0
+        );
+    }
+    println!("* bytes/key = (RSS - RSS at {base_size} keys) / (keys - {base_size})");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Some(Mode::Run(args)) => run_once(args).await,
+            Some(Mode::Report(args)) => report(args).await,
+            Some(Mode::Scale(args)) => scale(args).await,
+            // `cargo bench` with no arguments: a short report.
+            None => {
+                report(ReportArgs {
+                    total: 20_000,
+                    seconds: 3.0,
+                    rates: vec![1000.0, 5000.0],
+                })
+                .await
+            }
+        }
+    })
+}

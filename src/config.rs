@@ -98,6 +98,10 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
     pub drain_timeout_ms: u64,
 
+    /// Serve `keyward.v1.Diagnostics/Echo` (a no-op RPC for load tests).
+    #[arg(long, env = "KEYWARD_ENABLE_ECHO")]
+    pub enable_echo: bool,
+
     /// Log format.
     #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -126,6 +130,7 @@ impl ServeConfig {
             max_message_bytes: 1024 * 1024,
             shutdown_grace_ms: 0,
             drain_timeout_ms: 5000,
+            enable_echo: false,
             log_format: LogFormat::Human,
         }
     }

@@ -145,6 +145,7 @@ pub struct Listeners {
     /// Prometheus metrics, unless disabled.
     pub metrics: Option<TcpListener>,
     manage_enabled: bool,
+    echo_enabled: bool,
 }
 
 impl Listeners {
@@ -167,6 +168,7 @@ impl Listeners {
                 Some(bind(config.metrics_listen).await?)
             },
             manage_enabled: !config.disable_manage,
+            echo_enabled: config.enable_echo,
         })
     }
 }
@@ -281,6 +283,11 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(authorize)
         .add_service(check);
+    if listeners.echo_enabled {
+        grpc = grpc.add_service(pb::v1::diagnostics_server::DiagnosticsServer::new(
+            crate::grpc::echo::EchoService,
+        ));
+    }
     let mut separate_manage = None;
     match (manage, listeners.manage) {
         (Some(manage), None) => grpc = grpc.add_service(manage),

@@ -3,5 +3,6 @@
 pub mod authorize;
 pub mod codec;
 pub mod convert;
+pub mod echo;
 pub mod manage;
 pub mod status;
