@@ -132,6 +132,10 @@ struct ReportArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 struct ScaleArgs {
+    /// Keep each size's data directory under this folder and reuse it on
+    /// later runs (the bulk load of 1M keys takes a while).
+    #[arg(long)]
+    data_root: Option<PathBuf>,
     /// Key counts to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000usize, 100_000, 1_000_000])]
     sizes: Vec<usize>,
@@ -680,10 +684,16 @@ async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
             .expect("scopes"),
     );
     let mut rows = Vec::new();
-    for size in args.sizes {
-        let temp = tempfile::tempdir()?;
-        let dir = temp.path().to_owned();
-        {
+    for size in args.sizes.iter().copied() {
+        let (temp, dir) = match &args.data_root {
+            Some(root) => (None, root.join(size.to_string())),
+            None => {
+                let temp = tempfile::tempdir()?;
+                let dir = temp.path().to_owned();
+                (Some(temp), dir)
+            }
+        };
+        if !dir.join("data/db").exists() {
             let store = Store::open(&dir.join("data/db"))?;
             let mut batch = Vec::with_capacity(10_000);
             for i in 0..size {
@@ -705,7 +715,7 @@ async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
             }
             store.import(&batch).await?;
         }
-        let server = Server::start(&dir, Some(temp))?;
+        let server = Server::start(&dir, temp)?;
         let startup = server.started_in;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let rss = server.rss_bytes();

@@ -14,7 +14,7 @@ use crate::domain::key::{self, KeyId, SecretHash};
 use crate::domain::rules;
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
-use crate::store::db::{Cursor, Store, StoreError};
+use crate::store::db::{Cursor, RawRecord, Store, StoreError};
 use crate::store::index::{Entry, Index};
 use crate::store::record::KeyRecord;
 
@@ -128,24 +128,29 @@ impl Keys {
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Arc<Index>), StoreError> {
         let index = Index::default();
+        // Read, decode and index in parallel: at a million keys, start-up
+        // time is the time to walk the store.
+        let parts = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let loaded: Vec<Result<HashMap<String, usize>, StoreError>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..parts)
+                .map(|part| {
+                    let (store, catalog, index) = (&store, &catalog, &index);
+                    scope.spawn(move || load_part(store.partition(part, parts), catalog, index))
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
         let mut accounts: HashMap<Arc<str>, usize> = HashMap::new();
-        for record in store.records() {
-            let record = record?;
-            let (scopes, unknown) = catalog.resolve_stored(&record.scopes);
-            let id = record_id(&record);
-            if !unknown.is_empty() {
-                tracing::warn!(key_id = %id, ?unknown, "stored scopes not in the catalog grant nothing");
+        for part in loaded {
+            for (account, count) in part? {
+                *accounts.entry(Arc::from(account)).or_default() += count;
             }
-            let account = intern(&mut accounts, &record.account_id);
-            *accounts.entry(Arc::clone(&account)).or_default() += 1;
-            index.insert(
-                id,
-                Entry {
-                    hash: record_hash(&record),
-                    scopes,
-                    account,
-                },
-            );
         }
         let index = Arc::new(index);
         metrics.set_keys(index.len());
@@ -377,6 +382,42 @@ impl Keys {
     }
 }
 
+/// Loads part of the stored records into the index; returns key counts per
+/// account. Each part interns its own account ids.
+fn load_part(
+    part: impl Iterator<Item = Result<RawRecord, StoreError>>,
+    catalog: &Catalog,
+    index: &Index,
+) -> Result<HashMap<String, usize>, StoreError> {
+    let mut interned: HashMap<String, (Arc<str>, usize)> = HashMap::new();
+    for raw in part {
+        let view = raw?.index_view()?;
+        let (scopes, unknown) = catalog.resolve_stored(&view.scopes);
+        let id = KeyId::from_bytes(view.key_id.as_slice().try_into().unwrap_or_default());
+        if !unknown.is_empty() {
+            tracing::warn!(key_id = %id, ?unknown, "stored scopes not in the catalog grant nothing");
+        }
+        let (account, count) = interned
+            .entry(view.account_id)
+            .or_insert_with_key(|name| (Arc::from(name.as_str()), 0));
+        *count += 1;
+        index.insert(
+            id,
+            Entry {
+                hash: SecretHash::from_bytes(
+                    view.secret_sha256.as_slice().try_into().unwrap_or([0; 32]),
+                ),
+                scopes,
+                account: Arc::clone(account),
+            },
+        );
+    }
+    Ok(interned
+        .into_iter()
+        .map(|(name, (_, count))| (name, count))
+        .collect())
+}
+
 /// Account ids: 1 to 64 of `A-Z a-z 0-9 . _ - @`.
 pub fn validate_account(account: &str) -> Result<(), KeyError> {
     let ok = !account.is_empty()
@@ -418,10 +459,6 @@ fn intern(accounts: &mut HashMap<Arc<str>, usize>, account: &str) -> Arc<str> {
     accounts
         .get_key_value(account)
         .map_or_else(|| Arc::from(account), |(a, _)| Arc::clone(a))
-}
-
-fn record_id(record: &KeyRecord) -> KeyId {
-    KeyId::from_bytes(record.key_id.as_slice().try_into().unwrap_or_default())
 }
 
 fn record_hash(record: &KeyRecord) -> SecretHash {

@@ -102,7 +102,9 @@ impl App {
         let data_dir = &config.data.data_dir;
         create_private_dir(data_dir)?;
         let metrics = Arc::new(Metrics::new());
+        let opening = std::time::Instant::now();
         let store = Store::open(&data_dir.join("db"))?;
+        let opened_in = opening.elapsed();
         let (keys, index) = Keys::open(
             store,
             Arc::clone(&catalog),
@@ -115,6 +117,8 @@ impl App {
             scopes = catalog.len(),
             routes = routes.len(),
             data_dir = %data_dir.display(),
+            store_open_ms = opened_in.as_millis(),
+            index_load_ms = opening.elapsed().saturating_sub(opened_in).as_millis(),
             "loaded"
         );
         Ok(Self {

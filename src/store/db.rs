@@ -15,8 +15,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sled::Transactional;
 use sled::transaction::TransactionError;
 
-use super::record::{self, KeyRecord, RecordError};
+use super::record::{self, KeyRecord, KeyRecordIndexView, RecordError};
 use crate::domain::key::KeyId;
+
+/// sled's page cache: management reads and writes only.
+const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// A storage failure. Messages never contain secrets (records hold none).
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,23 @@ impl From<TransactionError<()>> for StoreError {
                 Self::Sled(sled::Error::Unsupported("transaction aborted".into()))
             }
         }
+    }
+}
+
+/// One stored record, not yet decoded.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    key: sled::IVec,
+    value: sled::IVec,
+}
+
+impl RawRecord {
+    /// Decodes the fields the index needs.
+    pub fn index_view(&self) -> Result<KeyRecordIndexView, StoreError> {
+        record::decode_index_view(&self.value).map_err(|source| StoreError::Record {
+            key: key_label(&self.key),
+            source,
+        })
     }
 }
 
@@ -88,7 +108,12 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        // The index, not sled's page cache, serves reads; a small cache keeps
+        // resident memory proportional to the keys, not to the data on disk.
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()?;
         Ok(Self {
             keys: db.open_tree("keys")?,
             by_account: db.open_tree("by_account")?,
@@ -96,11 +121,24 @@ impl Store {
         })
     }
 
-    /// Every stored record, for loading the index at start-up.
-    pub fn records(&self) -> impl Iterator<Item = Result<KeyRecord, StoreError>> + '_ {
-        self.keys.iter().map(|item| {
+    /// Part `part` of `parts` of the stored records, still encoded, for
+    /// loading the index at start-up: key ids are uniformly random, so
+    /// splitting on the first byte gives parts of equal size that threads
+    /// can read and decode in parallel.
+    pub fn partition(
+        &self,
+        part: usize,
+        parts: usize,
+    ) -> impl Iterator<Item = Result<RawRecord, StoreError>> + '_ {
+        let bound = |p: usize| u8::try_from(p * 256 / parts.max(1)).ok();
+        let range = match (bound(part), bound(part + 1)) {
+            (Some(lo), Some(hi)) => self.keys.range([lo]..[hi]),
+            (Some(lo), None) => self.keys.range([lo]..),
+            (None, _) => self.keys.range([0xff, 0xff]..[0xff, 0xff]),
+        };
+        range.map(|item| {
             let (key, value) = item?;
-            decode(&key, &value)
+            Ok(RawRecord { key, value })
         })
     }
 
@@ -231,12 +269,16 @@ fn listing_key(record: &KeyRecord) -> Vec<u8> {
 
 fn decode(key: &[u8], value: &[u8]) -> Result<KeyRecord, StoreError> {
     record::decode(value).map_err(|source| StoreError::Record {
-        key: <[u8; 16]>::try_from(key).map_or_else(
-            |_| format!("{key:02x?}"),
-            |id| KeyId::from_bytes(id).to_string(),
-        ),
+        key: key_label(key),
         source,
     })
+}
+
+fn key_label(key: &[u8]) -> String {
+    <[u8; 16]>::try_from(key).map_or_else(
+        |_| format!("{key:02x?}"),
+        |id| KeyId::from_bytes(id).to_string(),
+    )
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 use prost::Message;
 
-pub use crate::pb::store::KeyRecord;
+pub use crate::pb::store::{KeyRecord, KeyRecordIndexView};
 
 const FORMAT_V1: u8 = 1;
 
@@ -50,6 +50,23 @@ pub fn decode(bytes: &[u8]) -> Result<KeyRecord, RecordError> {
     }
 }
 
+/// Decodes only what the index needs (start-up loads every record).
+pub fn decode_index_view(bytes: &[u8]) -> Result<KeyRecordIndexView, RecordError> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, body)) => {
+            let view = KeyRecordIndexView::decode(body)?;
+            if view.key_id.len() != 16 {
+                return Err(RecordError::FieldLength("key_id"));
+            }
+            if view.secret_sha256.len() != 32 {
+                return Err(RecordError::FieldLength("secret_sha256"));
+            }
+            Ok(view)
+        }
+        other => Err(RecordError::Format(other.map(|(b, _)| *b))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +88,16 @@ mod tests {
     fn round_trips() {
         let record = sample();
         assert_eq!(decode(&encode(&record)).expect("decodes"), record);
+    }
+
+    #[test]
+    fn the_index_view_reads_the_same_bytes() {
+        let record = sample();
+        let view = decode_index_view(&encode(&record)).expect("decodes");
+        assert_eq!(view.key_id, record.key_id);
+        assert_eq!(view.secret_sha256, record.secret_sha256);
+        assert_eq!(view.account_id, record.account_id);
+        assert_eq!(view.scopes, record.scopes);
     }
 
     #[test]
