@@ -35,33 +35,49 @@ pub fn encode(record: &KeyRecord) -> Vec<u8> {
 
 /// Decodes a record read from sled, checking fixed-size fields.
 pub fn decode(bytes: &[u8]) -> Result<KeyRecord, RecordError> {
-    match bytes.split_first() {
-        Some((&FORMAT_V1, body)) => {
-            let record = KeyRecord::decode(body)?;
-            if record.key_id.len() != 16 {
-                return Err(RecordError::FieldLength("key_id"));
-            }
-            if record.secret_sha256.len() != 32 {
-                return Err(RecordError::FieldLength("secret_sha256"));
-            }
-            Ok(record)
-        }
-        other => Err(RecordError::Format(other.map(|(b, _)| *b))),
-    }
+    decode_checked(bytes)
 }
 
 /// Decodes only what the index needs (start-up loads every record).
 pub fn decode_index_view(bytes: &[u8]) -> Result<KeyRecordIndexView, RecordError> {
+    decode_checked(bytes)
+}
+
+/// The fixed-size fields every decoded form carries.
+trait FixedFields: Message + Default {
+    fn key_id(&self) -> &[u8];
+    fn secret_sha256(&self) -> &[u8];
+}
+
+impl FixedFields for KeyRecord {
+    fn key_id(&self) -> &[u8] {
+        &self.key_id
+    }
+    fn secret_sha256(&self) -> &[u8] {
+        &self.secret_sha256
+    }
+}
+
+impl FixedFields for KeyRecordIndexView {
+    fn key_id(&self) -> &[u8] {
+        &self.key_id
+    }
+    fn secret_sha256(&self) -> &[u8] {
+        &self.secret_sha256
+    }
+}
+
+fn decode_checked<M: FixedFields>(bytes: &[u8]) -> Result<M, RecordError> {
     match bytes.split_first() {
         Some((&FORMAT_V1, body)) => {
-            let view = KeyRecordIndexView::decode(body)?;
-            if view.key_id.len() != 16 {
+            let message = M::decode(body)?;
+            if message.key_id().len() != 16 {
                 return Err(RecordError::FieldLength("key_id"));
             }
-            if view.secret_sha256.len() != 32 {
+            if message.secret_sha256().len() != 32 {
                 return Err(RecordError::FieldLength("secret_sha256"));
             }
-            Ok(view)
+            Ok(message)
         }
         other => Err(RecordError::Format(other.map(|(b, _)| *b))),
     }
