@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use crate::domain::decision::{Decision, DenyReason};
-use crate::domain::key::PresentedKey;
+use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::path::canonical_path;
 use crate::domain::route::{Method, RouteTable};
-use crate::store::index::{Index, Verified};
+use crate::store::index::{Index, Rejected, Verified};
 
 /// Decides requests. Synchronous, allocation-free, never touches disk.
 #[derive(Debug, Clone)]
@@ -24,13 +24,20 @@ impl Authorizer {
     }
 
     /// Verifies a credential as an API key: `Bearer <key>` or a bare key.
-    pub fn authenticate(&self, credential: &str) -> Result<Verified, DenyReason> {
+    pub fn authenticate(&self, credential: &str) -> Result<Verified, AuthFailure> {
         let key = bearer_credential(credential);
         if key.is_empty() {
-            return Err(DenyReason::MissingKey);
+            return Err(AuthFailure::new(DenyReason::MissingKey, None));
         }
-        let presented = PresentedKey::parse(key).map_err(|_| DenyReason::MalformedKey)?;
-        self.index.verify(&presented).ok_or(DenyReason::UnknownKey)
+        let presented = PresentedKey::parse(key)
+            .map_err(|_| AuthFailure::new(DenyReason::MalformedKey, None))?;
+        self.index
+            .verify(&presented)
+            .map_err(|rejected| AuthFailure {
+                reason: DenyReason::UnknownKey,
+                key_id: Some(presented.id),
+                wrong_secret: rejected == Rejected::WrongSecret,
+            })
     }
 
     /// Decides one request. `method` is `None` for a valid HTTP method no
@@ -40,23 +47,17 @@ impl Authorizer {
     pub fn decide(&self, credential: &str, method: Option<Method>, path: &str) -> Decision {
         let verified = match self.authenticate(credential) {
             Ok(verified) => verified,
-            Err(reason) => {
-                let mut decision = Decision::denied(reason);
-                if reason == DenyReason::UnknownKey {
-                    decision.key_id = PresentedKey::parse(bearer_credential(credential))
-                        .ok()
-                        .map(|k| k.id);
-                }
+            Err(failure) => {
+                let mut decision = Decision::denied(failure.reason);
+                decision.key_id = failure.key_id;
+                decision.wrong_secret = failure.wrong_secret;
                 return decision;
             }
         };
-        let mut decision = Decision {
-            deny: None,
-            key_id: Some(verified.id),
-            account: Some(verified.account),
-            required: crate::domain::scope_set::ScopeSet::EMPTY,
-            missing: crate::domain::scope_set::ScopeSet::EMPTY,
-        };
+        let mut decision = Decision::denied(DenyReason::UnknownRoute);
+        decision.deny = None;
+        decision.key_id = Some(verified.id);
+        decision.account = Some(verified.account);
         let Ok(path) = canonical_path(path) else {
             decision.deny = Some(DenyReason::AmbiguousPath);
             return decision;
@@ -71,6 +72,27 @@ impl Authorizer {
             decision.deny = Some(DenyReason::InsufficientScope);
         }
         decision
+    }
+}
+
+/// Why a credential did not authenticate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuthFailure {
+    /// The deny reason to report.
+    pub reason: DenyReason,
+    /// The presented key id, when the key parsed.
+    pub key_id: Option<KeyId>,
+    /// A live key id with a wrong secret.
+    pub wrong_secret: bool,
+}
+
+impl AuthFailure {
+    fn new(reason: DenyReason, key_id: Option<KeyId>) -> Self {
+        Self {
+            reason,
+            key_id,
+            wrong_secret: false,
+        }
     }
 }
 

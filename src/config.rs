@@ -98,6 +98,16 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
     pub drain_timeout_ms: u64,
 
+    /// Wrong secrets per key id per minute before each further failure for
+    /// that id is answered only after `--failed-auth-delay-ms` (0: off).
+    /// Requests with the right secret are never delayed.
+    #[arg(long, env = "KEYWARD_FAILED_AUTH_LIMIT", default_value_t = 20)]
+    pub failed_auth_limit: u32,
+
+    /// The delay for failures over the limit, in milliseconds.
+    #[arg(long, env = "KEYWARD_FAILED_AUTH_DELAY_MS", default_value_t = 1000)]
+    pub failed_auth_delay_ms: u64,
+
     /// Serve `keyward.v1.Diagnostics/Echo` (a no-op RPC for load tests).
     #[arg(long, env = "KEYWARD_ENABLE_ECHO")]
     pub enable_echo: bool,
@@ -131,6 +141,8 @@ impl ServeConfig {
             shutdown_grace_ms: 0,
             drain_timeout_ms: 5000,
             enable_echo: false,
+            failed_auth_limit: 20,
+            failed_auth_delay_ms: 1000,
             log_format: LogFormat::Human,
         }
     }

@@ -28,6 +28,7 @@ use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::route::Method;
+use crate::guard::FailureGuard;
 use crate::metrics::{Metrics, Source};
 
 /// Header carrying the verified key id to the upstream.
@@ -46,16 +47,23 @@ pub struct CheckService {
     authorizer: Authorizer,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
+    guard: Arc<FailureGuard>,
 }
 
 impl CheckService {
     /// The service over the shared authorizer.
     #[must_use]
-    pub fn new(authorizer: Authorizer, catalog: Arc<Catalog>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        authorizer: Authorizer,
+        catalog: Arc<Catalog>,
+        metrics: Arc<Metrics>,
+        guard: Arc<FailureGuard>,
+    ) -> Self {
         Self {
             authorizer,
             catalog,
             metrics,
+            guard,
         }
     }
 
@@ -104,7 +112,12 @@ impl Authorization for CheckService {
     ) -> Result<Response<CheckResponse>, Status> {
         let response = match self.decide(request.get_ref()) {
             Ok(decision) if decision.allowed() => allow(&decision),
-            Ok(decision) => deny(&decision, &self.catalog),
+            Ok(decision) => {
+                self.guard
+                    .throttle(decision.wrong_secret, decision.key_id)
+                    .await;
+                deny(&decision, &self.catalog)
+            }
             Err(problem) => denied_response(
                 Status::invalid_argument(problem),
                 HttpStatusCode::BadRequest,

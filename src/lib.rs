@@ -11,6 +11,8 @@
 //! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`), errors →
 //!   status codes in one place.
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
+//! - [`guard`]: the brute-force guard, throttling wrong secrets per key id.
+//! - [`metrics`]: Prometheus metrics and their loopback endpoint.
 //! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
 //! - [`keys`]: the write path: rules, then a durable store write, then the
 //!   index update.
@@ -29,6 +31,7 @@ pub mod config;
 pub mod domain;
 pub mod envoy;
 pub mod grpc;
+pub mod guard;
 pub mod keys;
 pub mod metrics;
 pub mod pb;

@@ -22,10 +22,15 @@ use crate::domain::route::{RouteTable, SENDGRID_ROUTES};
 use crate::envoy::CheckService;
 use crate::grpc::authorize::AuthorizeService;
 use crate::grpc::manage::ManageService;
+use crate::guard::FailureGuard;
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::store::db::{Store, StoreError};
+
+/// Most replies the brute-force guard holds back at once, so it can never
+/// tie up the server's capacity.
+const MAX_DELAYED_REPLIES: usize = 64;
 
 /// Why keyward could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +78,8 @@ pub struct App {
     pub catalog: Arc<Catalog>,
     /// Every exported metric.
     pub metrics: Arc<Metrics>,
+    /// The brute-force guard shared by every front door.
+    pub guard: Arc<FailureGuard>,
     admin: SecretHash,
     limits: Limits,
 }
@@ -126,6 +133,12 @@ impl App {
             authorizer: Authorizer::new(index, routes),
             catalog,
             metrics,
+            guard: Arc::new(FailureGuard::new(
+                config.failed_auth_limit,
+                Duration::from_secs(60),
+                Duration::from_millis(config.failed_auth_delay_ms),
+                MAX_DELAYED_REPLIES,
+            )),
             admin,
             limits: Limits {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
@@ -211,12 +224,14 @@ pub async fn run(
         app.authorizer.clone(),
         Arc::clone(&app.catalog),
         Arc::clone(&app.metrics),
+        Arc::clone(&app.guard),
     ))
     .max_decoding_message_size(limits.max_message_bytes);
     let check = AuthorizationServer::new(CheckService::new(
         app.authorizer.clone(),
         Arc::clone(&app.catalog),
         Arc::clone(&app.metrics),
+        Arc::clone(&app.guard),
     ))
     .max_decoding_message_size(limits.max_message_bytes);
     let manage = listeners.manage_enabled.then(|| {
@@ -225,6 +240,7 @@ pub async fn run(
             app.authorizer.clone(),
             app.admin,
             Arc::clone(&app.metrics),
+            Arc::clone(&app.guard),
         ))
         .max_decoding_message_size(limits.max_message_bytes)
     });

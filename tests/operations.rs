@@ -317,3 +317,71 @@ async fn a_stuck_stream_cannot_hold_shutdown_hostage() {
         "in-flight work got its drain time"
     );
 }
+
+#[tokio::test]
+async fn repeated_wrong_secrets_are_throttled_without_touching_the_right_one() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
+    config.failed_auth_limit = 3;
+    config.failed_auth_delay_ms = 400;
+    let server = TestServer::start_with(config).await;
+    let (_, secret) = server.create_key("acme", &["mail.send"]).await;
+    let (_, other) = server.create_key("acme", &["mail.send"]).await;
+    let wrong = format!("{}{}", &secret[..26], &other[26..]);
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert!(
+            !server
+                .authorize(&wrong, "POST", "/v3/mail/send")
+                .await
+                .allowed
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "under the limit: no delay"
+        );
+    }
+    let started = Instant::now();
+    let reply = server.authorize(&wrong, "POST", "/v3/mail/send").await;
+    assert_eq!(
+        reply.reason,
+        pb::DenyReason::UnknownKey as i32,
+        "the same answer, later"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "over the limit: delayed"
+    );
+
+    // The right secret for the same id is never slowed, even now.
+    let started = Instant::now();
+    assert!(
+        server
+            .authorize(&secret, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+    assert!(started.elapsed() < Duration::from_millis(300));
+    // Management calls with the wrong secret are throttled too.
+    let started = Instant::now();
+    let refused = server
+        .manager()
+        .await
+        .get_scopes(bearer(&wrong, pb::GetScopesRequest {}))
+        .await;
+    assert_eq!(refused.expect_err("wrong").code(), Code::Unauthenticated);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // Ids of no live key are not tracked (nothing to guess).
+    let unknown = format!("SG.AAAAAAAAAAAAAAAAAAAAAA{}", &secret[25..]);
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert!(
+            !server
+                .authorize(&unknown, "POST", "/v3/mail/send")
+                .await
+                .allowed
+        );
+        assert!(started.elapsed() < Duration::from_millis(300));
+    }
+}

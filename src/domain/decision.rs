@@ -73,6 +73,9 @@ pub struct Decision {
     pub required: ScopeSet,
     /// What the key lacks of `required`.
     pub missing: ScopeSet,
+    /// The key id belongs to a live key but the secret was wrong (for the
+    /// brute-force guard; the reply is the same as for an unknown key).
+    pub wrong_secret: bool,
 }
 
 impl Decision {
@@ -95,6 +98,7 @@ impl Decision {
             account: None,
             required: ScopeSet::EMPTY,
             missing: ScopeSet::EMPTY,
+            wrong_secret: false,
         }
     }
 }

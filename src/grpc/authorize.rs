@@ -10,6 +10,7 @@ use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::route::Method;
+use crate::guard::FailureGuard;
 use crate::metrics::{Metrics, Source};
 use crate::pb::v1 as pb;
 
@@ -22,20 +23,27 @@ pub struct AuthorizeService {
     authorizer: Authorizer,
     catalog: Arc<Catalog>,
     metrics: Arc<Metrics>,
+    guard: Arc<FailureGuard>,
 }
 
 impl AuthorizeService {
     /// The service over the shared authorizer.
     #[must_use]
-    pub fn new(authorizer: Authorizer, catalog: Arc<Catalog>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        authorizer: Authorizer,
+        catalog: Arc<Catalog>,
+        metrics: Arc<Metrics>,
+        guard: Arc<FailureGuard>,
+    ) -> Self {
         Self {
             authorizer,
             catalog,
             metrics,
+            guard,
         }
     }
 
-    fn authorize(&self, request: &pb::AuthorizeRequest) -> Result<pb::AuthorizeResponse, Status> {
+    fn decide(&self, request: &pb::AuthorizeRequest) -> Result<Decision, Status> {
         let method = Method::parse(&request.method).map_err(|e| invalid("method", e))?;
         if request.path.is_empty() {
             return Err(invalid("path", "required"));
@@ -47,7 +55,7 @@ impl AuthorizeService {
         let decision = self.authorizer.decide(&request.key, method, &request.path);
         self.metrics
             .decision(Source::Authorize, &decision, started.elapsed());
-        Ok(response(&decision, &self.catalog))
+        Ok(decision)
     }
 }
 
@@ -57,7 +65,15 @@ impl pb::authorizer_server::Authorizer for AuthorizeService {
         &self,
         request: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
-        let result = self.authorize(request.get_ref());
+        let result = match self.decide(request.get_ref()) {
+            Ok(decision) => {
+                self.guard
+                    .throttle(decision.wrong_secret, decision.key_id)
+                    .await;
+                Ok(response(&decision, &self.catalog))
+            }
+            Err(status) => Err(status),
+        };
         self.metrics.rpc(
             "Authorize",
             result

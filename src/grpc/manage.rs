@@ -10,6 +10,7 @@ use super::convert;
 use super::status::{invalid, unauthenticated};
 use crate::authorizer::{Authorizer, bearer_credential};
 use crate::domain::key::SecretHash;
+use crate::guard::FailureGuard;
 use crate::keys::{KeyError, Keys, Operation, Principal};
 use crate::metrics::Metrics;
 use crate::pb::v1 as pb;
@@ -23,6 +24,7 @@ pub struct ManageService {
     authorizer: Authorizer,
     admin: SecretHash,
     metrics: Arc<Metrics>,
+    guard: Arc<FailureGuard>,
 }
 
 impl ManageService {
@@ -34,17 +36,19 @@ impl ManageService {
         authorizer: Authorizer,
         admin: SecretHash,
         metrics: Arc<Metrics>,
+        guard: Arc<FailureGuard>,
     ) -> Self {
         Self {
             keys,
             authorizer,
             admin,
             metrics,
+            guard,
         }
     }
 
     /// Authenticates `authorization: Bearer <admin token | API key>`.
-    fn principal(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
+    async fn principal(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
         let header = metadata
             .get("authorization")
             .ok_or_else(|| unauthenticated("missing bearer credential"))?
@@ -59,10 +63,15 @@ impl ManageService {
         if SecretHash::of(credential.as_bytes()).matches(&self.admin) {
             return Ok(Principal::Admin);
         }
-        let verified = self
-            .authorizer
-            .authenticate(credential)
-            .map_err(|_| unauthenticated("invalid, expired or revoked credential"))?;
+        let verified = match self.authorizer.authenticate(credential) {
+            Ok(verified) => verified,
+            Err(failure) => {
+                self.guard
+                    .throttle(failure.wrong_secret, failure.key_id)
+                    .await;
+                return Err(unauthenticated("invalid, expired or revoked credential"));
+            }
+        };
         Ok(Principal::Key {
             id: verified.id,
             account: verified.account,
@@ -107,7 +116,7 @@ impl ManageService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(request.metadata()).await?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "create")(e);
         let account = self
@@ -130,22 +139,22 @@ impl ManageService {
         }))
     }
 
-    fn get_key_inner(
+    async fn get_key_inner(
         &self,
         request: &Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(request.metadata()).await?;
         self.authorize_any_account(&principal, Operation::Read)?;
         let id = convert::key_id(&request.get_ref().key_id)?;
         let record = self.keys.get(&principal, &id)?;
         Ok(Response::new(convert::api_key(&record)))
     }
 
-    fn list_keys_inner(
+    async fn list_keys_inner(
         &self,
         request: &Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(request.metadata()).await?;
         let request = request.get_ref();
         let account = self
             .keys
@@ -172,7 +181,7 @@ impl ManageService {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(request.metadata()).await?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "update")(e);
         self.authorize_any_account(&principal, Operation::Update)
@@ -199,7 +208,7 @@ impl ManageService {
         &self,
         request: Request<pb::RenameKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(request.metadata()).await?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "rename")(e);
         self.authorize_any_account(&principal, Operation::Update)
@@ -219,7 +228,7 @@ impl ManageService {
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(request.metadata()).await?;
         let fail = |e| refused(&principal, "delete")(e);
         self.authorize_any_account(&principal, Operation::Delete)
             .map_err(fail)?;
@@ -229,22 +238,22 @@ impl ManageService {
         Ok(Response::new(pb::DeleteKeyResponse {}))
     }
 
-    fn get_scopes_inner(
+    async fn get_scopes_inner(
         &self,
         request: &Request<pb::GetScopesRequest>,
     ) -> Result<Response<pb::GetScopesResponse>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(request.metadata()).await?;
         let scopes = self.keys.held_scopes(&principal);
         Ok(Response::new(pb::GetScopesResponse {
             scopes: self.keys.catalog().names(&scopes),
         }))
     }
 
-    fn list_catalog_inner(
+    async fn list_catalog_inner(
         &self,
         request: &Request<pb::ListCatalogRequest>,
     ) -> Result<Response<pb::ListCatalogResponse>, Status> {
-        self.principal(request.metadata())?;
+        self.principal(request.metadata()).await?;
         let catalog = self.keys.catalog();
         let categories = catalog
             .categories()
@@ -287,7 +296,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let result = self.get_key_inner(&request);
+        let result = self.get_key_inner(&request).await;
         self.count("GetKey", &result);
         result
     }
@@ -296,7 +305,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let result = self.list_keys_inner(&request);
+        let result = self.list_keys_inner(&request).await;
         self.count("ListKeys", &result);
         result
     }
@@ -332,7 +341,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetScopesRequest>,
     ) -> Result<Response<pb::GetScopesResponse>, Status> {
-        let result = self.get_scopes_inner(&request);
+        let result = self.get_scopes_inner(&request).await;
         self.count("GetScopes", &result);
         result
     }
@@ -341,7 +350,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListCatalogRequest>,
     ) -> Result<Response<pb::ListCatalogResponse>, Status> {
-        let result = self.list_catalog_inner(&request);
+        let result = self.list_catalog_inner(&request).await;
         self.count("ListCatalog", &result);
         result
     }

@@ -30,6 +30,16 @@ pub struct Verified {
     pub account: Arc<str>,
 }
 
+/// Why a presented key did not verify. Callers answer both the same way;
+/// the distinction feeds the brute-force guard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// No live key has this id.
+    UnknownId,
+    /// A live key has this id, but not this secret.
+    WrongSecret,
+}
+
 /// Live keys by id, in a lock-free map: a read takes no lock and writes no
 /// shared cache line, so decisions on all cores never contend, and a write
 /// never blocks a reader. Ids are random bytes chosen by keyward, so a fast
@@ -57,16 +67,19 @@ impl Index {
     /// Looks the key up and compares its secret hash in constant time.
     /// The hash is computed before the lookup, so unknown ids cost the same.
     #[inline]
-    #[must_use]
-    pub fn verify(&self, key: &PresentedKey<'_>) -> Option<Verified> {
+    pub fn verify(&self, key: &PresentedKey<'_>) -> Result<Verified, Rejected> {
         let presented = key.secret_hash();
         let keys = self.keys.pin();
-        let entry = keys.get(&key.id)?;
-        entry.hash.matches(&presented).then(|| Verified {
-            id: key.id,
-            scopes: entry.scopes,
-            account: Arc::clone(&entry.account),
-        })
+        let entry = keys.get(&key.id).ok_or(Rejected::UnknownId)?;
+        if entry.hash.matches(&presented) {
+            Ok(Verified {
+                id: key.id,
+                scopes: entry.scopes,
+                account: Arc::clone(&entry.account),
+            })
+        } else {
+            Err(Rejected::WrongSecret)
+        }
     }
 
     /// Adds or replaces a key.
