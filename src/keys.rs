@@ -274,19 +274,21 @@ impl Keys {
         Ok(self.store.page(account, after, limit)?)
     }
 
-    /// Replaces a key's name, and its scopes when `grant` is given.
+    /// Replaces a key's name, and its scopes when `grant` is given; returns
+    /// the record before and after.
     pub async fn update(
         &self,
         principal: &Principal,
         id: &KeyId,
         name: String,
         grant: Option<ScopeSet>,
-    ) -> Result<KeyRecord, KeyError> {
+    ) -> Result<(KeyRecord, KeyRecord), KeyError> {
         if let Some(grant) = &grant {
             self.check_grant(principal, grant)?;
         }
         let accounts = self.accounts.lock().await;
-        let mut record = self.visible(principal, id)?;
+        let before = self.visible(principal, id)?;
+        let mut record = before.clone();
         record.name = name;
         if let Some(grant) = &grant {
             record.scopes = self.catalog.names(grant);
@@ -310,7 +312,7 @@ impl Keys {
                 },
             );
         }
-        Ok(record)
+        Ok((before, record))
     }
 
     /// Revokes a key: removed from disk, then from the index.

@@ -130,7 +130,24 @@ async fn no_secret_or_admin_token_escapes() {
         errors.push(result.expect_err("refused").message().to_owned());
     }
     manager
-        .delete_key(bearer(&admin, pb::DeleteKeyRequest { key_id: first_id }))
+        .update_key(bearer(
+            &admin,
+            pb::UpdateKeyRequest {
+                key_id: first_id.clone(),
+                name: "renamed".into(),
+                scopes: vec!["mail.send".into(), "alerts.read".into()],
+                access: HashMap::new(),
+            },
+        ))
+        .await
+        .expect("update");
+    manager
+        .delete_key(bearer(
+            &admin,
+            pb::DeleteKeyRequest {
+                key_id: first_id.clone(),
+            },
+        ))
         .await
         .expect("revoke");
     let reply = authorizer
@@ -168,7 +185,43 @@ async fn no_secret_or_admin_token_escapes() {
         .expect("wait");
     assert!(status.success(), "SIGTERM exits cleanly");
     let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
-    assert!(log.contains("keyward::audit"), "the session was audited");
+    let audit: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["target"] == "keyward::audit")
+        .collect();
+    let event = |operation: &str, result: &str| {
+        audit
+            .iter()
+            .find(|e| e["fields"]["operation"] == operation && e["fields"]["result"] == result)
+            .unwrap_or_else(|| panic!("no {operation}/{result} audit event in {audit:?}"))
+            .clone()
+    };
+    let created = event("create", "ok");
+    assert_eq!(created["fields"]["actor"], "admin");
+    assert_eq!(created["fields"]["account"], "acme");
+    assert!(created["timestamp"].is_string(), "when");
+    let updated = audit
+        .iter()
+        .find(|e| {
+            e["fields"]["operation"] == "update" && e["fields"]["key_id"] == first_id.as_str()
+        })
+        .expect("update audited");
+    assert_eq!(updated["fields"]["scopes_added"], "[\"alerts.read\"]");
+    assert_eq!(updated["fields"]["scopes_removed"], "[]");
+    assert_eq!(updated["fields"]["name_before"], "session");
+    let deleted = event("delete", "ok");
+    assert_eq!(deleted["fields"]["key_id"], first_id.as_str());
+    assert_eq!(
+        deleted["fields"]["scopes_removed"],
+        "[\"alerts.read\", \"mail.send\"]"
+    );
+    let refused = event("create", "refused");
+    assert_eq!(
+        refused["fields"]["actor"],
+        secrets[0].0.as_str(),
+        "a key is named by its id"
+    );
     assert!(
         log.lines().any(|l| l.contains("\"level\":\"DEBUG\"")),
         "debug logging was on"

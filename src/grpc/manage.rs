@@ -80,15 +80,33 @@ impl ManageService {
     }
 }
 
-fn audit(principal: &Principal, operation: &str, record: &KeyRecord, detail: &str) {
+/// One audit event for an acknowledged change: who, what (operation, key,
+/// scope diff, name), when (the event's timestamp), result. Never a secret.
+fn audit(principal: &Principal, operation: &str, before: Option<&KeyRecord>, after: &KeyRecord) {
+    let had = |scope: &String| before.is_some_and(|b| b.scopes.contains(scope));
+    let (added, removed): (Vec<&String>, Vec<&String>) = if operation == "delete" {
+        (Vec::new(), after.scopes.iter().collect())
+    } else {
+        (
+            after.scopes.iter().filter(|s| !had(s)).collect(),
+            before.map_or_else(Vec::new, |b| {
+                b.scopes
+                    .iter()
+                    .filter(|s| !after.scopes.contains(s))
+                    .collect()
+            }),
+        )
+    };
     tracing::info!(
         target: "keyward::audit",
         actor = %principal.label(),
         operation,
-        key_id = %convert::api_key(record).key_id,
-        account = %record.account_id,
-        scopes = ?record.scopes,
-        detail,
+        key_id = %convert::api_key(after).key_id,
+        account = %after.account_id,
+        name = %after.name,
+        name_before = before.map(|b| b.name.as_str()).filter(|n| *n != after.name),
+        scopes_added = ?added,
+        scopes_removed = ?removed,
         result = "ok",
     );
 }
@@ -132,7 +150,7 @@ impl ManageService {
             .create(&principal, account, name, grant)
             .await
             .map_err(fail)?;
-        audit(&principal, "create", &record, "");
+        audit(&principal, "create", None, &record);
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(convert::api_key(&record)),
             secret,
@@ -195,12 +213,12 @@ impl ManageService {
                 problem: "required: UpdateKey replaces the scopes (set scopes or access); use RenameKey to change only the name".into(),
             })
             .map_err(fail)?;
-        let record = self
+        let (before, record) = self
             .keys
             .update(&principal, &id, name, Some(grant))
             .await
             .map_err(fail)?;
-        audit(&principal, "update", &record, "");
+        audit(&principal, "update", Some(&before), &record);
         Ok(Response::new(convert::api_key(&record)))
     }
 
@@ -215,12 +233,12 @@ impl ManageService {
             .map_err(fail)?;
         let id = convert::key_id(&request.key_id).map_err(fail)?;
         let name = convert::name(&request.name).map_err(fail)?;
-        let record = self
+        let (before, record) = self
             .keys
             .update(&principal, &id, name, None)
             .await
             .map_err(fail)?;
-        audit(&principal, "rename", &record, "");
+        audit(&principal, "rename", Some(&before), &record);
         Ok(Response::new(convert::api_key(&record)))
     }
 
@@ -234,7 +252,7 @@ impl ManageService {
             .map_err(fail)?;
         let id = convert::key_id(&request.get_ref().key_id).map_err(fail)?;
         let record = self.keys.delete(&principal, &id).await.map_err(fail)?;
-        audit(&principal, "delete", &record, "revoked");
+        audit(&principal, "delete", Some(&record), &record);
         Ok(Response::new(pb::DeleteKeyResponse {}))
     }
 
