@@ -3,11 +3,12 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use tonic::Request;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::config::DataArgs;
 use crate::pb::v1 as pb;
@@ -29,6 +30,28 @@ pub struct KeysArgs {
     /// admin token file.
     #[arg(long, env = "KEYWARD_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+
+    /// PEM CA to verify the server's TLS certificate (use an https:// server).
+    #[arg(long, env = "KEYWARD_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate for mutual TLS (with --tls-client-key).
+    #[arg(
+        long,
+        env = "KEYWARD_TLS_CLIENT_CERT",
+        global = true,
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-client-cert.
+    #[arg(
+        long,
+        env = "KEYWARD_TLS_CLIENT_KEY",
+        global = true,
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
 
     /// Where the admin token lives.
     #[command(flatten)]
@@ -128,8 +151,24 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
     let bearer: MetadataValue<Ascii> = format!("Bearer {token}")
         .parse()
         .context("the token contains characters not allowed in a header")?;
-    let channel = Channel::from_shared(args.server.clone())
-        .context("--server must be a URL like http://127.0.0.1:50051")?
+    let mut endpoint = Channel::from_shared(args.server.clone())
+        .context("--server must be a URL like http://127.0.0.1:50051")?;
+    if args.tls_ca.is_some() || args.tls_client_cert.is_some() {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &args.tls_ca {
+            tls = tls.ca_certificate(Certificate::from_pem(
+                std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            ));
+        }
+        if let (Some(cert), Some(key)) = (&args.tls_client_cert, &args.tls_client_key) {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+                std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+            ));
+        }
+        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to {}", args.server))?;

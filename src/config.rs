@@ -98,6 +98,18 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_DRAIN_TIMEOUT_MS", default_value_t = 5000)]
     pub drain_timeout_ms: u64,
 
+    /// PEM certificate chain: serve gRPC over TLS (needs `--tls-key`).
+    #[arg(long, env = "KEYWARD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "KEYWARD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "KEYWARD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Wrong secrets per key id per minute before each further failure for
     /// that id is answered only after `--failed-auth-delay-ms` (0: off).
     /// Requests with the right secret are never delayed.
@@ -141,6 +153,9 @@ impl ServeConfig {
             shutdown_grace_ms: 0,
             drain_timeout_ms: 5000,
             enable_echo: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             failed_auth_limit: 20,
             failed_auth_delay_ms: 1000,
             log_format: LogFormat::Human,

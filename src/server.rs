@@ -10,7 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::authorizer::Authorizer;
@@ -82,6 +82,7 @@ pub struct App {
     pub guard: Arc<FailureGuard>,
     admin: SecretHash,
     limits: Limits,
+    tls: Option<ServerTlsConfig>,
 }
 
 /// Transport limits, from the configuration.
@@ -119,6 +120,7 @@ impl App {
             Arc::clone(&metrics),
         )?;
         let admin = load_or_create_admin_token(&config.data.admin_token_path())?;
+        let tls = load_tls(config)?;
         tracing::info!(
             keys = index.len(),
             scopes = catalog.len(),
@@ -140,6 +142,7 @@ impl App {
                 MAX_DELAYED_REPLIES,
             )),
             admin,
+            tls,
             limits: Limits {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
@@ -281,13 +284,17 @@ pub async fn run(
     // load with RESOURCE_EXHAUSTED at once rather than queueing it.
     let concurrency =
         tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests);
-    let base_server = || {
-        Server::builder().timeout(limits.request_timeout).layer(
+    let base_server = || -> Result<_, ServerError> {
+        let mut builder = Server::builder();
+        if let Some(tls) = &app.tls {
+            builder = builder.tls_config(tls.clone())?;
+        }
+        Ok(builder.timeout(limits.request_timeout).layer(
             tower::ServiceBuilder::new()
                 .load_shed()
                 .layer(concurrency.clone())
                 .into_inner(),
-        )
+        ))
     };
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -297,7 +304,7 @@ pub async fn run(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let mut grpc = base_server()
+    let mut grpc = base_server()?
         .add_service(health.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -313,7 +320,7 @@ pub async fn run(
         (Some(manage), None) => grpc = grpc.add_service(manage),
         (Some(manage), Some(listener)) => {
             tracing::info!(local = %local_addr(&listener)?, "serving KeyManager on its own listener");
-            let server = base_server()
+            let server = base_server()?
                 .add_service(health.clone())
                 .add_service(manage)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped());
@@ -372,6 +379,22 @@ fn local_addr(listener: &TcpListener) -> Result<std::net::SocketAddr, ServerErro
     listener
         .local_addr()
         .map_err(io_error(Path::new("listener")))
+}
+
+/// The TLS settings, if TLS is configured: server identity, and for mutual
+/// TLS the CA that client certificates must chain to.
+fn load_tls(config: &ServeConfig) -> Result<Option<ServerTlsConfig>, ServerError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read_bytes = |path: &Path| std::fs::read(path).map_err(io_error(path));
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read_bytes(cert)?, read_bytes(key)?));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read_bytes(ca)?));
+    }
+    tracing::info!(mutual = config.tls_client_ca.is_some(), "TLS enabled");
+    Ok(Some(tls))
 }
 
 fn read(path: &Path) -> Result<String, ServerError> {
