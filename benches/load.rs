@@ -50,7 +50,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 struct Cli {
     #[command(subcommand)]
     command: Option<Mode>,
-    /// Passed by `cargo bench`; ignored.
+    /// Passed by `cargo bench` (absent under `cargo test`, which gets a smoke run).
     #[arg(long, hide = true, global = true)]
     bench: bool,
 }
@@ -779,7 +779,7 @@ fn main() -> anyhow::Result<()> {
             Some(Mode::Report(args)) => report(args).await,
             Some(Mode::Scale(args)) => scale(args).await,
             // `cargo bench` with no arguments: a short report.
-            None => {
+            None if cli.bench => {
                 report(ReportArgs {
                     total: 20_000,
                     seconds: 3.0,
@@ -787,6 +787,26 @@ fn main() -> anyhow::Result<()> {
                     rounds: 3,
                 })
                 .await
+            }
+            // `cargo test --all-targets`: a smoke test of every call, no timing.
+            None => {
+                for call in [Call::Echo, Call::Authorize, Call::Check] {
+                    run_once(RunArgs {
+                        call,
+                        target: None,
+                        key: None,
+                        concurrency: 4,
+                        connections: 2,
+                        rps: 0.0,
+                        total: 200,
+                        duration: None,
+                        warmup: 20,
+                        json: None,
+                        expect_ok: true,
+                    })
+                    .await?;
+                }
+                Ok(())
             }
         }
     })
