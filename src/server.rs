@@ -258,8 +258,14 @@ pub async fn run(
     };
     let reporter = health_reporter.clone();
     let grace = limits.shutdown_grace;
+    // Ends when the servers do, so a server that fails on its own is
+    // reported at once instead of waiting for a shutdown signal.
+    let (ended_tx, mut ended_rx) = tokio::sync::watch::channel(false);
     let coordinator = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {},
+            _ = ended_rx.wait_for(|ended| *ended) => return,
+        }
         tracing::info!(
             grace_ms = grace.as_millis(),
             "shutdown: reporting NOT_SERVING, then draining"
@@ -360,13 +366,15 @@ pub async fn run(
         tokio::time::sleep(limits.drain_timeout).await;
     };
     let served = async {
-        tokio::select! {
+        let served = tokio::select! {
             served = servers => served,
             () = drain_deadline => {
                 tracing::warn!(timeout_ms = limits.drain_timeout.as_millis(), "drain timed out; closing remaining connections");
                 Ok(())
             }
-        }
+        };
+        let _ = ended_tx.send(true);
+        served
     };
     let (served, ()) = tokio::join!(served, coordinator);
     served?;
