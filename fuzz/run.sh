@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-20}"
+# Instrumented builds get their own target directory, whatever the caller set.
+export CARGO_TARGET_DIR="$PWD/target"
 export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
  -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
