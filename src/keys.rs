@@ -79,8 +79,8 @@ pub enum KeyError {
     Rng,
 }
 
-/// What management operations need from the catalog: scope names to bits,
-/// and the scope each operation requires of a key.
+/// Key management: the rules, the durable store and the live index, kept in
+/// step. Writes are serialised; reads of the index never wait on them.
 #[derive(Debug)]
 pub struct Keys {
     store: Store,
