@@ -13,9 +13,6 @@
 //!   the missing scopes. A gRPC *error* means keyward itself failed; with
 //!   `failure_mode_allow: false` Envoy then fails closed.
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use envoy_types::ext_authz::v3::pb::{
     Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
 };
@@ -24,12 +21,10 @@ use envoy_types::ext_authz::v3::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::route::Method;
-use crate::guard::FailureGuard;
-use crate::metrics::{Metrics, Source};
+use crate::front::FrontDoor;
 
 /// Header carrying the verified key id to the upstream.
 pub const KEY_ID_HEADER: &str = "x-keyward-key-id";
@@ -44,32 +39,19 @@ pub const DENY_REASON_HEADER: &str = "x-keyward-deny-reason";
 /// The ext_authz service.
 #[derive(Debug, Clone)]
 pub struct CheckService {
-    authorizer: Authorizer,
-    catalog: Arc<Catalog>,
-    metrics: Arc<Metrics>,
-    guard: Arc<FailureGuard>,
+    front: FrontDoor,
 }
 
 impl CheckService {
-    /// The service over the shared authorizer.
+    /// The service over the shared decision path.
     #[must_use]
-    pub fn new(
-        authorizer: Authorizer,
-        catalog: Arc<Catalog>,
-        metrics: Arc<Metrics>,
-        guard: Arc<FailureGuard>,
-    ) -> Self {
-        Self {
-            authorizer,
-            catalog,
-            metrics,
-            guard,
-        }
+    pub fn new(front: FrontDoor) -> Self {
+        Self { front }
     }
 
     /// Decides a `CheckRequest`; `Err` only for a request that is not an
     /// HTTP request at all.
-    fn decide(&self, request: &CheckRequest) -> Result<Decision, &'static str> {
+    async fn decide(&self, request: &CheckRequest) -> Result<Decision, &'static str> {
         let http = request
             .attributes
             .as_ref()
@@ -96,11 +78,7 @@ impl CheckService {
                 })
             })
             .unwrap_or_default();
-        let started = Instant::now();
-        let decision = self.authorizer.decide(credential, method, &http.path);
-        self.metrics
-            .decision(Source::Check, &decision, started.elapsed());
-        Ok(decision)
+        Ok(self.front.decide(credential, method, &http.path).await)
     }
 }
 
@@ -110,14 +88,9 @@ impl Authorization for CheckService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let response = match self.decide(request.get_ref()) {
+        let response = match self.decide(request.get_ref()).await {
             Ok(decision) if decision.allowed() => allow(&decision),
-            Ok(decision) => {
-                self.guard
-                    .throttle(decision.wrong_secret, decision.key_id)
-                    .await;
-                deny(&decision, &self.catalog)
-            }
+            Ok(decision) => deny(&decision, self.front.catalog()),
             Err(problem) => denied_response(
                 Status::invalid_argument(problem),
                 HttpStatusCode::BadRequest,
@@ -125,7 +98,7 @@ impl Authorization for CheckService {
                 Vec::new(),
             ),
         };
-        self.metrics.rpc("Check", tonic::Code::Ok);
+        self.front.count_rpc("Check", tonic::Code::Ok);
         Ok(Response::new(response))
     }
 }

@@ -11,6 +11,7 @@
 //! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`), errors →
 //!   status codes in one place.
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
+//! - [`front`]: what `Authorize` and `Check` share: decide, count, throttle.
 //! - [`guard`]: the brute-force guard, throttling wrong secrets per key id.
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
 //! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod envoy;
+pub mod front;
 pub mod grpc;
 pub mod guard;
 pub mod keys;

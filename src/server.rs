@@ -20,11 +20,12 @@ use crate::domain::key::SecretHash;
 use crate::domain::load_error::LoadError;
 use crate::domain::route::{RouteTable, SENDGRID_ROUTES};
 use crate::envoy::CheckService;
+use crate::front::FrontDoor;
 use crate::grpc::authorize::AuthorizeService;
 use crate::grpc::manage::ManageService;
 use crate::guard::FailureGuard;
 use crate::keys::Keys;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Source};
 use crate::pb;
 use crate::store::db::{Store, StoreError};
 
@@ -223,20 +224,19 @@ pub async fn run(
             .await;
     }
 
-    let authorize = AuthorizerServer::new(AuthorizeService::new(
-        app.authorizer.clone(),
-        Arc::clone(&app.catalog),
-        Arc::clone(&app.metrics),
-        Arc::clone(&app.guard),
-    ))
-    .max_decoding_message_size(limits.max_message_bytes);
-    let check = AuthorizationServer::new(CheckService::new(
-        app.authorizer.clone(),
-        Arc::clone(&app.catalog),
-        Arc::clone(&app.metrics),
-        Arc::clone(&app.guard),
-    ))
-    .max_decoding_message_size(limits.max_message_bytes);
+    let front = |source| {
+        FrontDoor::new(
+            app.authorizer.clone(),
+            Arc::clone(&app.catalog),
+            Arc::clone(&app.metrics),
+            Arc::clone(&app.guard),
+            source,
+        )
+    };
+    let authorize = AuthorizerServer::new(AuthorizeService::new(front(Source::Authorize)))
+        .max_decoding_message_size(limits.max_message_bytes);
+    let check = AuthorizationServer::new(CheckService::new(front(Source::Check)))
+        .max_decoding_message_size(limits.max_message_bytes);
     let manage = listeners.manage_enabled.then(|| {
         KeyManagerServer::new(ManageService::new(
             Arc::clone(&app.keys),

@@ -1,49 +1,34 @@
 //! `keyward.v1.Authorizer`: the decision as a gRPC call.
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use tonic::{Request, Response, Status};
 
 use super::status::invalid;
-use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::route::Method;
-use crate::guard::FailureGuard;
-use crate::metrics::{Metrics, Source};
+use crate::front::FrontDoor;
 use crate::pb::v1 as pb;
 
 /// Longest path accepted; longer is a broken request, not a deny.
 pub const MAX_PATH_BYTES: usize = 8192;
 
-/// Serves `Authorize` through the shared [`Authorizer`].
+/// Serves `Authorize` through the shared front door.
 #[derive(Debug, Clone)]
 pub struct AuthorizeService {
-    authorizer: Authorizer,
-    catalog: Arc<Catalog>,
-    metrics: Arc<Metrics>,
-    guard: Arc<FailureGuard>,
+    front: FrontDoor,
 }
 
 impl AuthorizeService {
-    /// The service over the shared authorizer.
+    /// The service over the shared decision path.
     #[must_use]
-    pub fn new(
-        authorizer: Authorizer,
-        catalog: Arc<Catalog>,
-        metrics: Arc<Metrics>,
-        guard: Arc<FailureGuard>,
-    ) -> Self {
-        Self {
-            authorizer,
-            catalog,
-            metrics,
-            guard,
-        }
+    pub fn new(front: FrontDoor) -> Self {
+        Self { front }
     }
 
-    fn decide(&self, request: &pb::AuthorizeRequest) -> Result<Decision, Status> {
+    async fn authorize(
+        &self,
+        request: &pb::AuthorizeRequest,
+    ) -> Result<pb::AuthorizeResponse, Status> {
         let method = Method::parse(&request.method).map_err(|e| invalid("method", e))?;
         if request.path.is_empty() {
             return Err(invalid("path", "required"));
@@ -51,11 +36,8 @@ impl AuthorizeService {
         if request.path.len() > MAX_PATH_BYTES {
             return Err(invalid("path", format!("at most {MAX_PATH_BYTES} bytes")));
         }
-        let started = Instant::now();
-        let decision = self.authorizer.decide(&request.key, method, &request.path);
-        self.metrics
-            .decision(Source::Authorize, &decision, started.elapsed());
-        Ok(decision)
+        let decision = self.front.decide(&request.key, method, &request.path).await;
+        Ok(response(&decision, self.front.catalog()))
     }
 }
 
@@ -65,16 +47,8 @@ impl pb::authorizer_server::Authorizer for AuthorizeService {
         &self,
         request: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
-        let result = match self.decide(request.get_ref()) {
-            Ok(decision) => {
-                self.guard
-                    .throttle(decision.wrong_secret, decision.key_id)
-                    .await;
-                Ok(response(&decision, &self.catalog))
-            }
-            Err(status) => Err(status),
-        };
-        self.metrics.rpc(
+        let result = self.authorize(request.get_ref()).await;
+        self.front.count_rpc(
             "Authorize",
             result
                 .as_ref()
