@@ -90,7 +90,7 @@ pub struct Keys {
     metrics: Arc<Metrics>,
     /// Serialises writes: the per-account count check and the write it
     /// guards happen as one step. Holds interned account ids and key counts.
-    accounts: Mutex<HashMap<Arc<str>, usize>>,
+    accounts: Mutex<AccountCounts>,
 }
 
 /// The management operation being attempted, for its scope requirement.
@@ -131,7 +131,7 @@ impl Keys {
         // Read, decode and index in parallel: at a million keys, start-up
         // time is the time to walk the store.
         let parts = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let loaded: Vec<Result<HashMap<String, usize>, StoreError>> = std::thread::scope(|scope| {
+        let loaded: Vec<Result<AccountCounts, StoreError>> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..parts)
                 .map(|part| {
                     let (store, catalog, index) = (&store, &catalog, &index);
@@ -146,10 +146,12 @@ impl Keys {
                 })
                 .collect()
         });
-        let mut accounts: HashMap<Arc<str>, usize> = HashMap::new();
+        // The first part's Arc for an account is kept, so later keys of the
+        // account share it.
+        let mut accounts = AccountCounts::new();
         for part in loaded {
             for (account, count) in part? {
-                *accounts.entry(Arc::from(account)).or_default() += count;
+                *accounts.entry(account).or_default() += count;
             }
         }
         let index = Arc::new(index);
@@ -171,30 +173,40 @@ impl Keys {
         &self.catalog
     }
 
-    /// Checks that `principal` may perform `operation` in `account` (for a
-    /// key: its own account and the matching `api_keys.*` scope), returning
-    /// the account to act in.
+    /// Checks that `principal` may perform `operation`: the admin may do
+    /// anything; a key needs the matching `api_keys.*` scope. Operations
+    /// addressed by key id need only this, since the record's account then
+    /// decides visibility.
+    pub fn permit(&self, principal: &Principal, operation: Operation) -> Result<(), KeyError> {
+        let Principal::Key { scopes, .. } = principal else {
+            return Ok(());
+        };
+        let needed = self.catalog.lookup(operation.scope());
+        if needed.is_some_and(|id| scopes.contains(id)) {
+            Ok(())
+        } else {
+            Err(KeyError::PermissionDenied(format!(
+                "this API key lacks the scope {}",
+                operation.scope()
+            )))
+        }
+    }
+
+    /// [`Self::permit`], then the account to act in: the one the admin
+    /// names, or the key's own (a key naming another is refused).
     pub fn authorize(
         &self,
         principal: &Principal,
         operation: Operation,
         requested_account: &str,
     ) -> Result<Arc<str>, KeyError> {
+        self.permit(principal, operation)?;
         match principal {
             Principal::Admin => {
                 validate_account(requested_account)?;
                 Ok(Arc::from(requested_account))
             }
-            Principal::Key {
-                account, scopes, ..
-            } => {
-                let needed = self.catalog.lookup(operation.scope());
-                if !needed.is_some_and(|id| scopes.contains(id)) {
-                    return Err(KeyError::PermissionDenied(format!(
-                        "this API key lacks the scope {}",
-                        operation.scope()
-                    )));
-                }
+            Principal::Key { account, .. } => {
                 if !requested_account.is_empty() && requested_account != &**account {
                     return Err(KeyError::PermissionDenied(
                         "account_id: an API key acts only in its own account".into(),
@@ -245,7 +257,7 @@ impl Keys {
             updated_at_unix_nanos: now,
         };
         self.timed("create", self.store.create(&record)).await?;
-        let account = intern(&mut accounts, &account);
+        let account = intern(&accounts, &account);
         *accounts.entry(Arc::clone(&account)).or_default() += 1;
         self.index.insert(
             new_key.id,
@@ -297,12 +309,7 @@ impl Keys {
         record.updated_at_unix_nanos = now_nanos().max(record.updated_at_unix_nanos);
         self.timed("update", self.store.replace(&record)).await?;
         if let Some(grant) = grant {
-            let account = accounts
-                .get_key_value(record.account_id.as_str())
-                .map_or_else(
-                    || Arc::from(record.account_id.as_str()),
-                    |(a, _)| Arc::clone(a),
-                );
+            let account = intern(&accounts, &record.account_id);
             self.index.insert(
                 *id,
                 Entry {
@@ -390,8 +397,8 @@ fn load_part(
     part: impl Iterator<Item = Result<RawRecord, StoreError>>,
     catalog: &Catalog,
     index: &Index,
-) -> Result<HashMap<String, usize>, StoreError> {
-    let mut interned: HashMap<String, (Arc<str>, usize)> = HashMap::new();
+) -> Result<AccountCounts, StoreError> {
+    let mut accounts = AccountCounts::new();
     for raw in part {
         let view = raw?.index_view()?;
         let (scopes, unknown) = catalog.resolve_stored(&view.scopes);
@@ -399,10 +406,8 @@ fn load_part(
         if !unknown.is_empty() {
             tracing::warn!(key_id = %id, ?unknown, "stored scopes not in the catalog grant nothing");
         }
-        let (account, count) = interned
-            .entry(view.account_id)
-            .or_insert_with_key(|name| (Arc::from(name.as_str()), 0));
-        *count += 1;
+        let account = intern(&accounts, &view.account_id);
+        *accounts.entry(Arc::clone(&account)).or_default() += 1;
         index.insert(
             id,
             Entry {
@@ -410,14 +415,11 @@ fn load_part(
                     view.secret_sha256.as_slice().try_into().unwrap_or([0; 32]),
                 ),
                 scopes,
-                account: Arc::clone(account),
+                account,
             },
         );
     }
-    Ok(interned
-        .into_iter()
-        .map(|(name, (_, count))| (name, count))
-        .collect())
+    Ok(accounts)
 }
 
 /// Account ids: 1 to 64 of `A-Z a-z 0-9 . _ - @`.
@@ -457,7 +459,11 @@ fn summarize(names: &[String]) -> String {
     text
 }
 
-fn intern(accounts: &mut HashMap<Arc<str>, usize>, account: &str) -> Arc<str> {
+/// Live keys per account, keyed by the one shared copy of each account id.
+type AccountCounts = HashMap<Arc<str>, usize>;
+
+/// The shared copy of `account`'s id, or a new one for a new account.
+fn intern(accounts: &AccountCounts, account: &str) -> Arc<str> {
     accounts
         .get_key_value(account)
         .map_or_else(|| Arc::from(account), |(a, _)| Arc::clone(a))
