@@ -162,7 +162,7 @@ impl ManageService {
         request: &Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
         let principal = self.principal(request.metadata()).await?;
-        self.authorize_any_account(&principal, Operation::Read)?;
+        self.keys.permit(&principal, Operation::Read)?;
         let id = convert::key_id(&request.get_ref().key_id)?;
         let record = self.keys.get(&principal, &id)?;
         Ok(Response::new(convert::api_key(&record)))
@@ -202,7 +202,8 @@ impl ManageService {
         let principal = self.principal(request.metadata()).await?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "update")(e);
-        self.authorize_any_account(&principal, Operation::Update)
+        self.keys
+            .permit(&principal, Operation::Update)
             .map_err(fail)?;
         let id = convert::key_id(&request.key_id).map_err(fail)?;
         let name = convert::name(&request.name).map_err(fail)?;
@@ -229,7 +230,8 @@ impl ManageService {
         let principal = self.principal(request.metadata()).await?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "rename")(e);
-        self.authorize_any_account(&principal, Operation::Update)
+        self.keys
+            .permit(&principal, Operation::Update)
             .map_err(fail)?;
         let id = convert::key_id(&request.key_id).map_err(fail)?;
         let name = convert::name(&request.name).map_err(fail)?;
@@ -248,7 +250,8 @@ impl ManageService {
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
         let principal = self.principal(request.metadata()).await?;
         let fail = |e| refused(&principal, "delete")(e);
-        self.authorize_any_account(&principal, Operation::Delete)
+        self.keys
+            .permit(&principal, Operation::Delete)
             .map_err(fail)?;
         let id = convert::key_id(&request.get_ref().key_id).map_err(fail)?;
         let record = self.keys.delete(&principal, &id).await.map_err(fail)?;
@@ -382,18 +385,5 @@ impl ManageService {
                 .as_ref()
                 .map_or_else(Status::code, |_| tonic::Code::Ok),
         );
-    }
-
-    /// Operations addressed by key id: the record's account decides
-    /// visibility, so no account is named up front.
-    fn authorize_any_account(
-        &self,
-        principal: &Principal,
-        operation: Operation,
-    ) -> Result<(), KeyError> {
-        match principal {
-            Principal::Admin => Ok(()),
-            Principal::Key { .. } => self.keys.authorize(principal, operation, "").map(drop),
-        }
     }
 }
