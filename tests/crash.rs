@@ -355,10 +355,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             &["--data-dir", "data", "--shutdown-grace-ms", "0"],
         );
         let url = format!("http://127.0.0.1:{port}");
-        let admin = std::fs::read_to_string(dir.path().join("data/admin.token"))
-            .expect("token")
-            .trim()
-            .to_owned();
+        let admin = common::admin_token(&dir.path().join("data"));
         if cycle > 0 {
             verified += verify(&url, &admin, &ledger).await;
         }
@@ -392,10 +389,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         }
     }
     let (mut child, port) = spawn_serve(BIN, dir.path(), &["--data-dir", "data"]);
-    let admin = std::fs::read_to_string(dir.path().join("data/admin.token"))
-        .expect("token")
-        .trim()
-        .to_owned();
+    let admin = common::admin_token(&dir.path().join("data"));
     verified += verify(&format!("http://127.0.0.1:{port}"), &admin, &ledger).await;
     let _ = child.kill();
     let _ = child.wait();

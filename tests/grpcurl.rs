@@ -46,7 +46,7 @@ fn grpcurl_lists_services_creates_a_key_and_authorizes() {
     ] {
         assert!(services.contains(service), "{services}");
     }
-    let admin = std::fs::read_to_string(dir.path().join("data/admin.token")).expect("token");
+    let admin = common::admin_token(&dir.path().join("data"));
     let created = grpcurl(&[
         "-plaintext",
         "-H",

@@ -52,10 +52,7 @@ async fn no_secret_or_admin_token_escapes() {
         &["--data-dir", "data", "--shutdown-grace-ms", "0"],
     );
     let url = format!("http://127.0.0.1:{port}");
-    let admin = std::fs::read_to_string(dir.path().join("data/admin.token"))
-        .expect("token")
-        .trim()
-        .to_owned();
+    let admin = common::admin_token(&dir.path().join("data"));
     let mut manager = KeyManagerClient::new(connect(&url).await);
     let mut authorizer = AuthorizerClient::new(connect(&url).await);
     let mut errors = Vec::new();

@@ -185,6 +185,14 @@ pub async fn connect(url: &str) -> Channel {
     panic!("server did not accept connections");
 }
 
+/// The admin token `keyward serve` wrote into `data_dir` on first start.
+pub fn admin_token(data_dir: &std::path::Path) -> String {
+    std::fs::read_to_string(data_dir.join("admin.token"))
+        .expect("admin token written")
+        .trim()
+        .to_owned()
+}
+
 /// A request carrying `authorization: Bearer <token>`.
 pub fn bearer<T>(token: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
