@@ -10,6 +10,8 @@ use crate::domain::catalog::Catalog;
 use crate::domain::decision::Decision;
 use crate::domain::route::Method;
 use crate::guard::FailureGuard;
+use prometheus_client::metrics::counter::Counter;
+
 use crate::metrics::{Metrics, Source};
 
 /// Decides, counts and throttles, on behalf of one front door.
@@ -20,10 +22,14 @@ pub struct FrontDoor {
     metrics: Arc<Metrics>,
     guard: Arc<FailureGuard>,
     source: Source,
+    method: &'static str,
+    /// Resolved once: almost every reply is OK (a deny is a normal reply).
+    ok_rpcs: Counter,
 }
 
 impl FrontDoor {
-    /// A front door labelled `source` in the metrics.
+    /// A front door labelled `source` in the decision metrics and
+    /// `method` in the RPC metrics.
     #[must_use]
     pub fn new(
         authorizer: Authorizer,
@@ -31,13 +37,17 @@ impl FrontDoor {
         metrics: Arc<Metrics>,
         guard: Arc<FailureGuard>,
         source: Source,
+        method: &'static str,
     ) -> Self {
+        let ok_rpcs = metrics.rpc_counter(method, tonic::Code::Ok);
         Self {
             authorizer,
             catalog,
             metrics,
             guard,
             source,
+            method,
+            ok_rpcs,
         }
     }
 
@@ -61,7 +71,11 @@ impl FrontDoor {
     }
 
     /// Counts one RPC by its final code.
-    pub fn count_rpc(&self, method: &'static str, code: tonic::Code) {
-        self.metrics.rpc(method, code);
+    pub fn count_rpc(&self, code: tonic::Code) {
+        if code == tonic::Code::Ok {
+            self.ok_rpcs.inc();
+        } else {
+            self.metrics.rpc(self.method, code);
+        }
     }
 }

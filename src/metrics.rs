@@ -156,12 +156,18 @@ impl Metrics {
 
     /// Counts one RPC by method and final status code.
     pub fn rpc(&self, method: &'static str, code: tonic::Code) {
+        self.rpc_counter(method, code).inc();
+    }
+
+    /// The counter for one method and code, to resolve once for a hot path.
+    #[must_use]
+    pub fn rpc_counter(&self, method: &'static str, code: tonic::Code) -> Counter {
         self.rpcs
             .get_or_create(&RpcLabels {
                 method,
                 code: code_label(code),
             })
-            .inc();
+            .clone()
     }
 
     /// Sets the live key count.

@@ -224,18 +224,20 @@ pub async fn run(
             .await;
     }
 
-    let front = |source| {
+    let front = |source, method| {
         FrontDoor::new(
             app.authorizer.clone(),
             Arc::clone(&app.catalog),
             Arc::clone(&app.metrics),
             Arc::clone(&app.guard),
             source,
+            method,
         )
     };
-    let authorize = AuthorizerServer::new(AuthorizeService::new(front(Source::Authorize)))
-        .max_decoding_message_size(limits.max_message_bytes);
-    let check = AuthorizationServer::new(CheckService::new(front(Source::Check)))
+    let authorize =
+        AuthorizerServer::new(AuthorizeService::new(front(Source::Authorize, "Authorize")))
+            .max_decoding_message_size(limits.max_message_bytes);
+    let check = AuthorizationServer::new(CheckService::new(front(Source::Check, "Check")))
         .max_decoding_message_size(limits.max_message_bytes);
     let manage = listeners.manage_enabled.then(|| {
         KeyManagerServer::new(ManageService::new(

@@ -49,7 +49,6 @@ impl pb::authorizer_server::Authorizer for AuthorizeService {
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let result = self.authorize(request.get_ref()).await;
         self.front.count_rpc(
-            "Authorize",
             result
                 .as_ref()
                 .map_or_else(Status::code, |_| tonic::Code::Ok),
