@@ -19,7 +19,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tonic::transport::server::TcpIncoming;
 
 use crate::domain::decision::{Decision, DenyReason};
 
@@ -220,7 +221,7 @@ fn code_label(code: tonic::Code) -> &'static str {
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: TcpIncoming,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -228,12 +229,13 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
+            accepted = listener.next() => match accepted {
+                Some(Ok(stream)) => stream,
+                Some(Err(error)) => {
                     tracing::warn!(%error, "metrics listener accept failed");
                     continue;
                 }
+                None => return,
             },
         };
         let metrics = Arc::clone(&metrics);
