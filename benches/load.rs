@@ -709,11 +709,11 @@ async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
                     updated_at_unix_nanos: 0,
                 });
                 if batch.len() == batch.capacity() {
-                    store.import(&batch).await?;
+                    store.import(&batch)?;
                     batch.clear();
                 }
             }
-            store.import(&batch).await?;
+            store.import(&batch)?;
         }
         let server = Server::start(&dir, temp)?;
         let startup = server.started_in;

@@ -59,8 +59,9 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_MANAGE_LISTEN", conflicts_with = "disable_manage")]
     pub manage_listen: Option<SocketAddr>,
 
-    /// Do not serve KeyManager at all (keys are then managed by another
-    /// keyward sharing the data, or offline).
+    /// Do not serve KeyManager at all: this sidecar only decides, on the
+    /// keys its data directory holds (sled locks the directory, so no other
+    /// process can manage them while it runs).
     #[arg(long, env = "KEYWARD_DISABLE_MANAGE")]
     pub disable_manage: bool,
 
@@ -87,6 +88,13 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_message_bytes: u32,
+
+    /// Longest a KeyManager change (or read) waits for the store, in
+    /// milliseconds; past it the caller gets UNAVAILABLE and nothing is
+    /// acknowledged. Keep it below `--request-timeout-ms`.
+    #[arg(long, env = "KEYWARD_STORE_TIMEOUT_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub store_timeout_ms: u64,
 
     /// On SIGTERM, how long health reports NOT_SERVING (while still serving)
     /// before the listeners close, in milliseconds.
@@ -149,6 +157,7 @@ impl ServeConfig {
             disable_metrics: false,
             max_concurrent_requests: 1024,
             request_timeout_ms: 2000,
+            store_timeout_ms: 1000,
             max_message_bytes: 1024 * 1024,
             shutdown_grace_ms: 0,
             drain_timeout_ms: 5000,

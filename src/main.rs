@@ -33,7 +33,17 @@ async fn main() -> anyhow::Result<()> {
             init_logging(config.log_format);
             let app = App::open(&config)?;
             let listeners = Listeners::bind(&config).await?;
-            Box::pin(server::run(listeners, app, shutdown_signal())).await?;
+            let served = Box::pin(server::run(listeners, app, shutdown_signal())).await;
+            // Exit here rather than return: dropping the runtime would wait
+            // for blocking storage calls, and on a stuck disk they never end.
+            // Every acknowledged change is already durable.
+            std::process::exit(match served {
+                Ok(()) => 0,
+                Err(error) => {
+                    tracing::error!(%error, "keyward stopped with an error");
+                    1
+                }
+            });
         }
         Command::Keys(args) => cli::run(args).await?,
     }

@@ -71,6 +71,7 @@ pub struct Metrics {
     keys: Gauge,
     store_write_seconds: Family<OperationLabels, Histogram>,
     store_errors: Counter,
+    store_healthy: Gauge,
 }
 
 impl Default for Metrics {
@@ -133,6 +134,12 @@ impl Metrics {
             "Store operations that failed",
             store_errors.clone(),
         );
+        let store_healthy = Gauge::default();
+        registry.register(
+            "store_healthy",
+            "1 while the store takes writes, 0 while it is failing (full, read-only, I/O errors or not responding); decisions are unaffected",
+            store_healthy.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -141,6 +148,7 @@ impl Metrics {
             keys,
             store_write_seconds,
             store_errors,
+            store_healthy,
         }
     }
 
@@ -184,6 +192,12 @@ impl Metrics {
         if !ok {
             self.store_errors.inc();
         }
+    }
+
+    /// Records whether the store takes writes.
+    pub fn set_store_health(&self, health: crate::keys::writer::StoreHealth) {
+        let healthy = health == crate::keys::writer::StoreHealth::Healthy;
+        self.store_healthy.set(i64::from(healthy));
     }
 
     /// The Prometheus text exposition of every metric.

@@ -25,9 +25,10 @@ use crate::grpc::authorize::AuthorizeService;
 use crate::grpc::manage::ManageService;
 use crate::guard::FailureGuard;
 use crate::keys::Keys;
+use crate::keys::writer::StoreHealth;
 use crate::metrics::{Metrics, Source};
 use crate::pb;
-use crate::store::db::{Store, StoreError};
+use crate::store::db::StoreError;
 
 /// Most replies the brute-force guard holds back at once, so it can never
 /// tie up the server's capacity.
@@ -56,6 +57,12 @@ pub enum ServerError {
     /// The gRPC transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The final flush at shutdown failed or timed out. Every acknowledged
+    /// change was already durable; this only reports the disk's state.
+    #[error(
+        "the final store flush could not complete (storage failing or not responding); every acknowledged change was already durable"
+    )]
+    FinalFlush,
     /// Reflection descriptors are invalid (a build problem).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -112,13 +119,12 @@ impl App {
         create_private_dir(data_dir)?;
         let metrics = Arc::new(Metrics::new());
         let opening = std::time::Instant::now();
-        let store = Store::open(&data_dir.join("db"))?;
-        let opened_in = opening.elapsed();
         let (keys, index) = Keys::open(
-            store,
+            data_dir.join("db"),
             Arc::clone(&catalog),
             config.max_keys_per_account as usize,
             Arc::clone(&metrics),
+            Duration::from_millis(config.store_timeout_ms),
         )?;
         let admin = load_or_create_admin_token(&config.data.admin_token_path())?;
         let tls = load_tls(config)?;
@@ -127,8 +133,7 @@ impl App {
             scopes = catalog.len(),
             routes = routes.len(),
             data_dir = %data_dir.display(),
-            store_open_ms = opened_in.as_millis(),
-            index_load_ms = opening.elapsed().saturating_sub(opened_in).as_millis(),
+            load_ms = opening.elapsed().as_millis(),
             "loaded"
         );
         Ok(Self {
@@ -230,6 +235,14 @@ pub async fn run(
             .set_serving::<KeyManagerServer<ManageService>>()
             .await;
     }
+    // KeyManager (and the overall status, which readiness probes read)
+    // follows the store; Authorizer and Check never do: decisions are
+    // served from memory whatever the disk does.
+    let store_health = follow_store_health(
+        app.keys.health(),
+        health_reporter.clone(),
+        listeners.manage_enabled,
+    );
 
     let front = |source, method| {
         FrontDoor::new(
@@ -385,11 +398,40 @@ pub async fn run(
         let _ = ended_tx.send(true);
         served
     };
-    let (served, ()) = tokio::join!(served, coordinator);
+    let (served, ()) = tokio::select! {
+        joined = async { tokio::join!(served, coordinator) } => joined,
+        () = store_health => unreachable!("the health follower runs until the server ends"),
+    };
     served?;
-    app.keys.flush().await?;
+    app.keys
+        .close()
+        .await
+        .map_err(|_| ServerError::FinalFlush)?;
     tracing::info!("stopped; store flushed");
     Ok(())
+}
+
+/// Reports KeyManager NOT_SERVING while the store is failing, SERVING
+/// again once it recovers. Runs until the server ends.
+async fn follow_store_health(
+    mut health: tokio::sync::watch::Receiver<StoreHealth>,
+    reporter: tonic_health::server::HealthReporter,
+    manage_enabled: bool,
+) {
+    loop {
+        let status = match *health.borrow_and_update() {
+            StoreHealth::Healthy => ServingStatus::Serving,
+            StoreHealth::Failing(_) => ServingStatus::NotServing,
+        };
+        if manage_enabled {
+            reporter
+                .set_service_status("keyward.v1.KeyManager", status)
+                .await;
+        }
+        if health.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Accepted connections with TCP_NODELAY and keepalive. tonic applies its

@@ -164,7 +164,7 @@ impl ManageService {
         let principal = self.principal(request.metadata()).await?;
         self.keys.permit(&principal, Operation::Read)?;
         let id = convert::key_id(&request.get_ref().key_id)?;
-        let record = self.keys.get(&principal, &id)?;
+        let record = self.keys.get(&principal, &id).await?;
         Ok(Response::new(convert::api_key(&record)))
     }
 
@@ -188,7 +188,7 @@ impl ManageService {
                 )
             })?)
         };
-        let (records, next) = self.keys.list(&account, after, limit)?;
+        let (records, next) = self.keys.list(account, after, limit).await?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: records.iter().map(convert::api_key).collect(),
             next_page_token: next.map(|c| c.token()).unwrap_or_default(),

@@ -4,6 +4,11 @@ use tonic::{Code, Status};
 
 use crate::keys::KeyError;
 
+/// What a caller learns when storage fails: nothing was acknowledged, and
+/// trying again later is right. Never a path or an OS message.
+const STORAGE_FAILING: &str =
+    "storage is failing or not responding; nothing was changed or acknowledged, try again later";
+
 impl From<KeyError> for Status {
     fn from(error: KeyError) -> Self {
         let code = match &error {
@@ -12,11 +17,11 @@ impl From<KeyError> for Status {
             KeyError::NotFound(_) => Code::NotFound,
             KeyError::LimitReached { .. } => Code::ResourceExhausted,
             KeyError::Store(error) => {
-                // Details stay in the server log; the caller learns only that
-                // nothing was acknowledged.
+                // Details (paths, OS messages) stay in the server log.
                 tracing::error!(%error, "store failure");
-                return Status::unavailable("storage unavailable; the change was not acknowledged");
+                return Status::unavailable(STORAGE_FAILING);
             }
+            KeyError::Unavailable => return Status::unavailable(STORAGE_FAILING),
             KeyError::Rng => Code::Internal,
         };
         Status::new(code, error.to_string())

@@ -7,6 +7,15 @@
 //!
 //! A create writes both trees in one transaction, so neither is ever visible
 //! without the other, even after a crash.
+//!
+//! Every call here blocks on the disk. The server calls them only from the
+//! key writer's thread or the blocking pool (`keys::writer`), never from an
+//! async worker: a stuck disk must cost writes, never decisions.
+//!
+//! sled 0.34 poisons a database on its first I/O error (ENOSPC, EIO, EROFS):
+//! every later write fails with that error, even once the disk recovers,
+//! while reads keep working. Only dropping every handle and opening the
+//! directory again clears it; the writer does exactly that.
 
 use std::path::Path;
 
@@ -20,6 +29,9 @@ use crate::domain::key::KeyId;
 
 /// sled's page cache: management reads and writes only.
 const SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The key [`Store::probe`] writes in sled's default tree.
+const PROBE_KEY: &[u8] = b"keyward.probe";
 
 /// A storage failure. Messages never contain secrets (records hold none).
 #[derive(Debug, thiserror::Error)]
@@ -150,8 +162,9 @@ impl Store {
             .transpose()
     }
 
-    /// Stores a new record in both trees atomically, then flushes.
-    pub async fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
+    /// Stages a new record in both trees atomically. Not durable until
+    /// [`Self::flush`] returns: never acknowledge before that.
+    pub fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let value = record::encode(record);
         let listing = listing_key(record);
         (&self.keys, &self.by_account).transaction(|(keys, by_account)| {
@@ -159,33 +172,35 @@ impl Store {
             by_account.insert(listing.as_slice(), &[] as &[u8])?;
             Ok(())
         })?;
-        self.flush().await
+        Ok(())
     }
 
-    /// Replaces an existing record (account and creation time never change,
-    /// so the listing entry stays), then flushes.
-    pub async fn replace(&self, record: &KeyRecord) -> Result<(), StoreError> {
+    /// Stages a replacement of an existing record (account and creation
+    /// time never change, so the listing entry stays). Durable after
+    /// [`Self::flush`].
+    pub fn replace(&self, record: &KeyRecord) -> Result<(), StoreError> {
         self.keys
             .insert(record.key_id.as_slice(), record::encode(record))?;
-        self.flush().await
+        Ok(())
     }
 
-    /// Removes a record from both trees atomically, then flushes.
-    pub async fn remove(&self, record: &KeyRecord) -> Result<(), StoreError> {
+    /// Stages the removal of a record from both trees atomically. Durable
+    /// after [`Self::flush`].
+    pub fn remove(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let listing = listing_key(record);
         (&self.keys, &self.by_account).transaction(|(keys, by_account)| {
             keys.remove(record.key_id.as_slice())?;
             by_account.remove(listing.as_slice())?;
             Ok(())
         })?;
-        self.flush().await
+        Ok(())
     }
 
     /// Loads many new records at once, with one batch per tree and a single
     /// flush instead of a flush per key: for offline bulk loads (the scale
     /// benchmark). It bypasses the per-account limit, and the two trees are
     /// written one after the other, so run it only while keyward is stopped.
-    pub async fn import(&self, records: &[KeyRecord]) -> Result<(), StoreError> {
+    pub fn import(&self, records: &[KeyRecord]) -> Result<(), StoreError> {
         let mut keys = sled::Batch::default();
         let mut listing = sled::Batch::default();
         for record in records {
@@ -194,7 +209,14 @@ impl Store {
         }
         self.keys.apply_batch(keys)?;
         self.by_account.apply_batch(listing)?;
-        self.flush().await
+        self.flush()
+    }
+
+    /// A durable write that changes nothing keyward reads: proves the disk
+    /// takes writes again after a failure.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        self.db.insert(PROBE_KEY, &[] as &[u8])?;
+        self.flush()
     }
 
     /// Up to `limit` records of `account` after `after`, in creation order,
@@ -245,9 +267,10 @@ impl Store {
         Ok((records, None))
     }
 
-    /// Flushes everything written so far to disk.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+    /// Makes everything staged so far durable. Blocks on the disk: call it
+    /// only from the store's writer thread (or offline tools).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
         Ok(())
     }
 }

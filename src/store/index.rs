@@ -40,9 +40,10 @@ pub enum Rejected {
     WrongSecret,
 }
 
-/// Live keys by id, in a lock-free map: a read takes no lock and writes no
-/// shared cache line, so decisions on all cores never contend, and a write
-/// never blocks a reader. Ids are random bytes chosen by keyward, so a fast
+/// Live keys by id, in a lock-free map: a read takes no lock, so decisions
+/// on all cores never wait for each other, and a write never blocks a
+/// reader. (A verify does clone the account's `Arc`, one atomic increment
+/// on a line shared by the account's keys.) Ids are random bytes chosen by keyward, so a fast
 /// non-keyed hash is safe.
 #[derive(Debug)]
 pub struct Index {
@@ -90,6 +91,25 @@ impl Index {
     /// Removes a key; the next verify of it fails.
     pub fn remove(&self, id: &KeyId) {
         self.keys.pin().remove(id);
+    }
+
+    /// Makes this index hold exactly the keys of `fresh` (after the store
+    /// was reopened): changed keys are replaced, missing ones removed.
+    /// Decisions keep reading throughout; each key switches atomically.
+    pub fn reconcile(&self, fresh: &Self) {
+        let live = self.keys.pin();
+        for (id, entry) in &fresh.keys.pin() {
+            live.insert(*id, entry.clone());
+        }
+        let fresh = fresh.keys.pin();
+        let gone: Vec<KeyId> = live
+            .keys()
+            .filter(|id| !fresh.contains_key(*id))
+            .copied()
+            .collect();
+        for id in gone {
+            live.remove(&id);
+        }
     }
 
     /// How many live keys there are.

@@ -1,0 +1,463 @@
+//! The write path and key management: rules, then a durable store write,
+//! then the index update. Every acknowledged change is on disk and visible
+//! to the very next decision.
+
+pub mod writer;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::domain::catalog::{Catalog, KeyKind};
+use crate::domain::key::{self, KeyId};
+use crate::domain::scope_set::ScopeSet;
+use crate::metrics::Metrics;
+use crate::store::db::{Cursor, Store, StoreError};
+use crate::store::index::Index;
+use crate::store::record::KeyRecord;
+use writer::{Change, Command, Committed, FailureKind, Job, Shared, StoreHealth, Writer};
+
+/// Changes that may wait for the writer at once; past that, writes are
+/// refused at once instead of queueing behind a stuck disk.
+const QUEUE_CAPACITY: usize = 1024;
+
+/// Who is calling a management operation.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// The operator's admin token: every scope, any account.
+    Admin,
+    /// An API key, acting inside its own account with its own scopes.
+    Key {
+        /// The calling key.
+        id: KeyId,
+        /// Its account.
+        account: Arc<str>,
+        /// Its scopes.
+        scopes: ScopeSet,
+    },
+}
+
+impl Principal {
+    /// A label for audit logs: `admin` or the key id.
+    #[must_use]
+    pub fn label(&self) -> String {
+        match self {
+            Self::Admin => "admin".to_owned(),
+            Self::Key { id, .. } => id.to_string(),
+        }
+    }
+}
+
+/// Why a management operation failed. Mapped to gRPC codes in one place
+/// (`grpc::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A request field is invalid; nothing changed.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The caller may not do this; nothing changed.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// No such key visible to the caller.
+    #[error("key {0} not found")]
+    NotFound(String),
+    /// The account is full; nothing changed.
+    #[error("account {account:?} already has {limit} keys, the maximum")]
+    LimitReached {
+        /// The account.
+        account: String,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Storage failed; the change was not acknowledged. Details stay in the
+    /// server log.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Storage is failing, stuck or busy: nothing was acknowledged.
+    #[error("storage is unavailable; nothing was changed")]
+    Unavailable,
+    /// The system RNG failed.
+    #[error("random number generator failed")]
+    Rng,
+}
+
+/// Key management: the async face of the key writer. Changes go to the
+/// writer thread ([`writer`]) and are awaited for at most the write timeout;
+/// reads run on the blocking pool. No storage call ever runs on an async
+/// worker, so a failing disk costs writes, never decisions.
+#[derive(Debug)]
+pub struct Keys {
+    commands: SyncSender<Command>,
+    shared: Arc<Shared>,
+    index: Arc<Index>,
+    catalog: Arc<Catalog>,
+    write_timeout: Duration,
+}
+
+/// The management operation being attempted, for its scope requirement.
+#[derive(Debug, Clone, Copy)]
+pub enum Operation {
+    /// CreateKey.
+    Create,
+    /// GetKey, ListKeys.
+    Read,
+    /// UpdateKey, RenameKey.
+    Update,
+    /// DeleteKey.
+    Delete,
+}
+
+impl Operation {
+    /// The operation's name in metrics.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Read => "read",
+            Self::Update => "update",
+            Self::Delete => "delete",
+        }
+    }
+
+    fn scope(self) -> &'static str {
+        match self {
+            Self::Create => "api_keys.create",
+            Self::Read => "api_keys.read",
+            Self::Update => "api_keys.update",
+            Self::Delete => "api_keys.delete",
+        }
+    }
+}
+
+impl Keys {
+    /// Opens the store in `dir`, loads every key into a fresh index and
+    /// starts the writer thread. A change waits at most `write_timeout`.
+    pub fn open(
+        dir: PathBuf,
+        catalog: Arc<Catalog>,
+        max_per_account: usize,
+        metrics: Arc<Metrics>,
+        write_timeout: Duration,
+    ) -> Result<(Self, Arc<Index>), StoreError> {
+        let (writer, shared, index) =
+            Writer::open(dir, Arc::clone(&catalog), max_per_account, metrics)?;
+        let (commands, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
+        std::thread::Builder::new()
+            .name("keyward-writer".into())
+            .spawn(move || writer.run(&queue))
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        let keys = Self {
+            commands,
+            shared,
+            index: Arc::clone(&index),
+            catalog,
+            write_timeout,
+        };
+        Ok((keys, index))
+    }
+
+    /// The catalog in force.
+    #[must_use]
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Follows whether the store takes writes (for health and readiness).
+    #[must_use]
+    pub fn health(&self) -> watch::Receiver<StoreHealth> {
+        self.shared.subscribe()
+    }
+
+    /// Checks that `principal` may perform `operation`: the admin may do
+    /// anything; a key needs the matching `api_keys.*` scope. Checked again
+    /// against the caller's current scopes when a change commits.
+    pub fn permit(&self, principal: &Principal, operation: Operation) -> Result<(), KeyError> {
+        match principal {
+            Principal::Admin => Ok(()),
+            Principal::Key { scopes, .. } => require(&self.catalog, scopes, operation),
+        }
+    }
+
+    /// [`Self::permit`], then the account to act in: the one the admin
+    /// names, or the key's own (a key naming another is refused).
+    pub fn authorize(
+        &self,
+        principal: &Principal,
+        operation: Operation,
+        requested_account: &str,
+    ) -> Result<Arc<str>, KeyError> {
+        self.permit(principal, operation)?;
+        match principal {
+            Principal::Admin => {
+                validate_account(requested_account)?;
+                Ok(Arc::from(requested_account))
+            }
+            Principal::Key { account, .. } => {
+                if !requested_account.is_empty() && requested_account != &**account {
+                    return Err(KeyError::PermissionDenied(
+                        "account_id: an API key acts only in its own account".into(),
+                    ));
+                }
+                Ok(Arc::clone(account))
+            }
+        }
+    }
+
+    /// The scopes `principal` holds.
+    #[must_use]
+    pub fn held_scopes(&self, principal: &Principal) -> ScopeSet {
+        match principal {
+            Principal::Admin => self.catalog.all(),
+            Principal::Key { scopes, .. } => *scopes,
+        }
+    }
+
+    /// Creates a key in `account` with `grant`; returns the record and the
+    /// full key text, which is never available again.
+    pub async fn create(
+        &self,
+        principal: &Principal,
+        account: Arc<str>,
+        name: String,
+        grant: ScopeSet,
+    ) -> Result<(KeyRecord, String), KeyError> {
+        let key = key::generate().map_err(|_| KeyError::Rng)?;
+        let committed = self
+            .submit(
+                principal,
+                Change::Create {
+                    account,
+                    name,
+                    grant,
+                    key,
+                },
+            )
+            .await?;
+        Ok((committed.after, committed.secret.unwrap_or_default()))
+    }
+
+    /// Reads a key visible to `principal`.
+    pub async fn get(&self, principal: &Principal, id: &KeyId) -> Result<KeyRecord, KeyError> {
+        let (principal, id) = (principal.clone(), *id);
+        self.read(move |store| visible(store, &principal, &id))
+            .await
+    }
+
+    /// Lists `account`'s keys in creation order.
+    pub async fn list(
+        &self,
+        account: Arc<str>,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, Option<Cursor>), KeyError> {
+        self.read(move |store| Ok(store.page(&account, after, limit)?))
+            .await
+    }
+
+    /// Replaces a key's name, and its scopes when `grant` is given; returns
+    /// the record before and after.
+    pub async fn update(
+        &self,
+        principal: &Principal,
+        id: &KeyId,
+        name: String,
+        grant: Option<ScopeSet>,
+    ) -> Result<(KeyRecord, KeyRecord), KeyError> {
+        let committed = self
+            .submit(
+                principal,
+                Change::Update {
+                    id: *id,
+                    name,
+                    grant,
+                },
+            )
+            .await?;
+        Ok((committed.before.unwrap_or_default(), committed.after))
+    }
+
+    /// Revokes a key: removed from disk, then from the index.
+    pub async fn delete(&self, principal: &Principal, id: &KeyId) -> Result<KeyRecord, KeyError> {
+        Ok(self
+            .submit(principal, Change::Delete { id: *id })
+            .await?
+            .after)
+    }
+
+    /// How many live keys there are.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// At shutdown: commits what is queued, flushes, and releases the
+    /// store, waiting at most the write timeout. Every acknowledged change
+    /// is already durable; an error here only reports the disk's state.
+    /// Later changes are refused with [`KeyError::Unavailable`].
+    pub async fn close(&self) -> Result<(), KeyError> {
+        let (reply, closed) = oneshot::channel();
+        self.commands
+            .try_send(Command::Close(reply))
+            .map_err(|_| KeyError::Unavailable)?;
+        match tokio::time::timeout(self.write_timeout, closed).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(error))) => Err(KeyError::Store(error)),
+            Ok(Err(_)) | Err(_) => Err(KeyError::Unavailable),
+        }
+    }
+
+    /// Hands a change to the writer and waits for its outcome, at most the
+    /// write timeout. A caller that gives up is told nothing was
+    /// acknowledged; the writer then drops the change if it has not started.
+    async fn submit(&self, actor: &Principal, change: Change) -> Result<Committed, KeyError> {
+        let (reply, outcome) = oneshot::channel();
+        let job = Job {
+            actor: actor.clone(),
+            change,
+            deadline: Instant::now() + self.write_timeout,
+            reply,
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.commands.try_send(Command::Commit(Box::new(job)))
+        {
+            return Err(KeyError::Unavailable);
+        }
+        match tokio::time::timeout(self.write_timeout, outcome).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(KeyError::Unavailable),
+            Err(_) => {
+                self.stalled();
+                Err(KeyError::Unavailable)
+            }
+        }
+    }
+
+    /// Runs a store read on the blocking pool, bounded by the write timeout.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T, KeyError> + Send + 'static,
+    ) -> Result<T, KeyError> {
+        let store = self.shared.store().ok_or(KeyError::Unavailable)?;
+        let task = tokio::task::spawn_blocking(move || read(&store));
+        match tokio::time::timeout(self.write_timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(KeyError::Unavailable),
+            Err(_) => {
+                self.stalled();
+                Err(KeyError::Unavailable)
+            }
+        }
+    }
+
+    /// The store did not answer in time: report it until it does again.
+    fn stalled(&self) {
+        self.shared
+            .publish(StoreHealth::Failing(FailureKind::NotResponding));
+    }
+}
+
+/// A key needs the `api_keys.*` scope of the operation.
+fn require(catalog: &Catalog, held: &ScopeSet, operation: Operation) -> Result<(), KeyError> {
+    if catalog
+        .lookup(operation.scope())
+        .is_some_and(|id| held.contains(id))
+    {
+        Ok(())
+    } else {
+        Err(KeyError::PermissionDenied(format!(
+            "this API key lacks the scope {}",
+            operation.scope()
+        )))
+    }
+}
+
+/// A key the principal may see: any for the admin, same-account for a
+/// key. Other accounts' keys are reported as not found, not forbidden, so a
+/// key cannot probe for ids elsewhere.
+fn visible(store: &Store, principal: &Principal, id: &KeyId) -> Result<KeyRecord, KeyError> {
+    let not_found = || KeyError::NotFound(id.to_string());
+    let record = store.get(id)?.ok_or_else(not_found)?;
+    match principal {
+        Principal::Key { account, .. } if record.account_id != **account => Err(not_found()),
+        _ => Ok(record),
+    }
+}
+
+/// Account ids: 1 to 64 of `A-Z a-z 0-9 . _ - @`.
+pub fn validate_account(account: &str) -> Result<(), KeyError> {
+    let ok = !account.is_empty()
+        && account.len() <= 64
+        && account
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if ok {
+        Ok(())
+    } else if account.is_empty() {
+        Err(KeyError::Invalid {
+            field: "account_id",
+            problem: "required with the admin token".into(),
+        })
+    } else {
+        Err(KeyError::Invalid {
+            field: "account_id",
+            problem: "must be 1 to 64 characters of A-Z a-z 0-9 . _ - @".into(),
+        })
+    }
+}
+
+/// At most ten names, then a count: errors stay readable.
+pub(crate) fn summarize(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        let _ = write!(text, " and {} more", names.len() - SHOWN);
+    }
+    text
+}
+
+/// Live keys per account, keyed by the one shared copy of each account id.
+type AccountCounts = HashMap<Arc<str>, usize>;
+
+/// The shared copy of `account`'s id, or a new one for a new account.
+fn intern(accounts: &AccountCounts, account: &str) -> Arc<str> {
+    accounts
+        .get_key_value(account)
+        .map_or_else(|| Arc::from(account), |(a, _)| Arc::clone(a))
+}
+
+/// The `keyward.v1.KeyKind` number of a kind (also stored in records).
+#[must_use]
+pub fn kind_number(kind: KeyKind) -> i32 {
+    match kind {
+        KeyKind::FullAccess => 1,
+        KeyKind::RestrictedAccess => 2,
+        KeyKind::Billing => 3,
+    }
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
