@@ -15,8 +15,10 @@
 //! - [`guard`]: the brute-force guard, throttling wrong secrets per key id.
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
 //! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
-//! - [`keys`]: the write path: rules, then a durable store write, then the
-//!   index update.
+//! - [`keys`]: the write path: a dedicated writer thread checks the rules
+//!   at the commit point, makes the change durable, then updates the index.
+//!   No storage call runs on an async worker: a failing disk costs writes,
+//!   never decisions.
 //! - [`store`]: sled (durable truth), versioned records, the in-memory index.
 //! - [`domain`]: scopes, bitsets, catalog, routes, key format, rules,
 //!   decisions. Pure: no I/O.
