@@ -118,15 +118,11 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// Wrong secrets per key id per minute before each further failure for
-    /// that id is answered only after `--failed-auth-delay-ms` (0: off).
-    /// Requests with the right secret are never delayed.
+    /// Wrong secrets per live key id (and invalid credentials at
+    /// KeyManager) per minute before keyward warns and counts a detection
+    /// (0: off). Replies are never delayed: see `guard`.
     #[arg(long, env = "KEYWARD_FAILED_AUTH_LIMIT", default_value_t = 20)]
     pub failed_auth_limit: u32,
-
-    /// The delay for failures over the limit, in milliseconds.
-    #[arg(long, env = "KEYWARD_FAILED_AUTH_DELAY_MS", default_value_t = 1000)]
-    pub failed_auth_delay_ms: u64,
 
     /// Serve `keyward.v1.Diagnostics/Echo` (a no-op RPC for load tests).
     #[arg(long, env = "KEYWARD_ENABLE_ECHO")]
@@ -166,7 +162,6 @@ impl ServeConfig {
             tls_key: None,
             tls_client_ca: None,
             failed_auth_limit: 20,
-            failed_auth_delay_ms: 1000,
             log_format: LogFormat::Human,
         }
     }

@@ -23,8 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
-use crate::domain::route::Method;
-use crate::front::FrontDoor;
+use crate::front::{FrontDoor, InvalidRequest};
 
 /// Header carrying the verified key id to the upstream.
 pub const KEY_ID_HEADER: &str = "x-keyward-key-id";
@@ -49,16 +48,19 @@ impl CheckService {
         Self { front }
     }
 
-    /// Decides a `CheckRequest`; `Err` only for a request that is not an
-    /// HTTP request at all.
-    async fn decide(&self, request: &CheckRequest) -> Result<Decision, &'static str> {
+    /// Decides a `CheckRequest`; `Err` for a request that is not an HTTP
+    /// request keyward can decide (validated as `Authorize` validates).
+    fn decide(&self, request: &CheckRequest) -> Result<Decision, InvalidRequest> {
         let http = request
             .attributes
             .as_ref()
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
-            .ok_or("the check request carries no HTTP request")?;
-        let method = Method::parse(&http.method).map_err(|_| "malformed HTTP method")?;
+            .ok_or_else(|| InvalidRequest {
+                field: "attributes.request.http",
+                problem: "required: the check request carries no HTTP request".into(),
+            })?;
+        let (method, path) = FrontDoor::validate(&http.method, &http.path)?;
         let credential = http
             .headers
             .get("authorization")
@@ -78,7 +80,7 @@ impl CheckService {
                 })
             })
             .unwrap_or_default();
-        Ok(self.front.decide(credential, method, &http.path).await)
+        Ok(self.front.decide(credential, method, path))
     }
 }
 
@@ -88,17 +90,19 @@ impl Authorization for CheckService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let response = match self.decide(request.get_ref()).await {
+        let response = match self.decide(request.get_ref()) {
             Ok(decision) if decision.allowed() => allow(&decision),
             Ok(decision) => deny(&decision, self.front.catalog()),
-            Err(problem) => denied_response(
-                Status::invalid_argument(problem),
-                HttpStatusCode::BadRequest,
-                problem,
-                Vec::new(),
-            ),
+            Err(invalid) => {
+                let problem = invalid.to_string();
+                denied_response(
+                    Status::invalid_argument(&problem),
+                    HttpStatusCode::BadRequest,
+                    &problem,
+                    Vec::new(),
+                )
+            }
         };
-        self.front.count_rpc(tonic::Code::Ok);
         Ok(Response::new(response))
     }
 }
@@ -139,8 +143,7 @@ fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
             )
         }
         DenyReason::InsufficientScope => {
-            let list = missing.join(", ");
-            headers.push((MISSING_SCOPES_HEADER, list.clone()));
+            headers.push((MISSING_SCOPES_HEADER, missing.join(", ")));
             headers.push((
                 "www-authenticate",
                 format!(
@@ -151,7 +154,7 @@ fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
             (
                 Status::permission_denied(reason.label()),
                 HttpStatusCode::Forbidden,
-                format!("{}: {list}", reason.message()),
+                FrontDoor::message(decision, &missing),
             )
         }
         DenyReason::UnknownRoute | DenyReason::AmbiguousPath => (

@@ -1,20 +1,32 @@
 //! The front door both decision services share (keyward's `Authorize` and
-//! Envoy's `Check`): one decision path, its metrics and the brute-force
-//! guard, so the two cannot drift apart.
+//! Envoy's `Check`): one decision path, its metrics and guessing detection,
+//! so the two cannot drift apart.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
-use crate::domain::decision::Decision;
+use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::route::Method;
-use crate::guard::FailureGuard;
-use prometheus_client::metrics::counter::Counter;
+use crate::guard::{Failure, FailureGuard};
 
 use crate::metrics::{Metrics, Source};
 
-/// Decides, counts and throttles, on behalf of one front door.
+/// Longest path accepted; longer is a broken request, not a deny.
+pub const MAX_PATH_BYTES: usize = 8192;
+
+/// A request a front door cannot decide: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct InvalidRequest {
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Decides and records, on behalf of one front door.
 #[derive(Debug, Clone)]
 pub struct FrontDoor {
     authorizer: Authorizer,
@@ -22,14 +34,10 @@ pub struct FrontDoor {
     metrics: Arc<Metrics>,
     guard: Arc<FailureGuard>,
     source: Source,
-    method: &'static str,
-    /// Resolved once: almost every reply is OK (a deny is a normal reply).
-    ok_rpcs: Counter,
 }
 
 impl FrontDoor {
-    /// A front door labelled `source` in the decision metrics and
-    /// `method` in the RPC metrics.
+    /// A front door labelled `source` in the decision metrics.
     #[must_use]
     pub fn new(
         authorizer: Authorizer,
@@ -37,30 +45,66 @@ impl FrontDoor {
         metrics: Arc<Metrics>,
         guard: Arc<FailureGuard>,
         source: Source,
-        method: &'static str,
     ) -> Self {
-        let ok_rpcs = metrics.rpc_counter(method, tonic::Code::Ok);
         Self {
             authorizer,
             catalog,
             metrics,
             guard,
             source,
-            method,
-            ok_rpcs,
         }
     }
 
-    /// Decides one request, records it, and serves the brute-force penalty
-    /// (a wrong secret for an over-limit key id) before returning.
-    pub async fn decide(&self, credential: &str, method: Option<Method>, path: &str) -> Decision {
+    /// Checks what both front doors take from a request, the same way for
+    /// both: the method, and a path that is present and not over
+    /// [`MAX_PATH_BYTES`]. `Ok(None)` for a valid method no route can name.
+    pub fn validate<'a>(
+        method: &str,
+        path: &'a str,
+    ) -> Result<(Option<Method>, &'a str), InvalidRequest> {
+        let method = Method::parse(method).map_err(|e| InvalidRequest {
+            field: "method",
+            problem: e.to_string(),
+        })?;
+        if path.is_empty() {
+            return Err(InvalidRequest {
+                field: "path",
+                problem: "required".into(),
+            });
+        }
+        if path.len() > MAX_PATH_BYTES {
+            return Err(InvalidRequest {
+                field: "path",
+                problem: format!("at most {MAX_PATH_BYTES} bytes"),
+            });
+        }
+        Ok((method, path))
+    }
+
+    /// The human message for a decision, the same through both front
+    /// doors: the reason, and for a scope deny the scopes missing.
+    #[must_use]
+    pub fn message(decision: &Decision, missing: &[String]) -> String {
+        match decision.deny {
+            None => String::new(),
+            Some(reason @ DenyReason::InsufficientScope) => {
+                format!("{}: {}", reason.message(), missing.join(", "))
+            }
+            Some(reason) => reason.message().to_owned(),
+        }
+    }
+
+    /// Decides one request and records it (a wrong secret for a live key
+    /// id also feeds guessing detection; the reply is never delayed).
+    #[must_use]
+    pub fn decide(&self, credential: &str, method: Option<Method>, path: &str) -> Decision {
         let started = Instant::now();
         let decision = self.authorizer.decide(credential, method, path);
         self.metrics
             .decision(self.source, &decision, started.elapsed());
-        self.guard
-            .throttle(decision.wrong_secret, decision.key_id)
-            .await;
+        if let (true, Some(id)) = (decision.wrong_secret, decision.key_id) {
+            self.guard.record(Failure::WrongSecret(id));
+        }
         decision
     }
 
@@ -68,14 +112,5 @@ impl FrontDoor {
     #[must_use]
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
-    }
-
-    /// Counts one RPC by its final code.
-    pub fn count_rpc(&self, code: tonic::Code) {
-        if code == tonic::Code::Ok {
-            self.ok_rpcs.inc();
-        } else {
-            self.metrics.rpc(self.method, code);
-        }
     }
 }

@@ -12,7 +12,7 @@
 //!   status codes in one place.
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
 //! - [`front`]: what `Authorize` and `Check` share: decide, count, throttle.
-//! - [`guard`]: the brute-force guard, throttling wrong secrets per key id.
+//! - [`guard`]: guessing detection: repeated wrong secrets per key id.
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
 //! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
 //! - [`keys`]: the write path: a dedicated writer thread checks the rules

@@ -72,6 +72,7 @@ pub struct Metrics {
     store_write_seconds: Family<OperationLabels, Histogram>,
     store_errors: Counter,
     store_healthy: Gauge,
+    guessing_detected: Counter,
 }
 
 impl Default for Metrics {
@@ -140,6 +141,12 @@ impl Metrics {
             "1 while the store takes writes, 0 while it is failing (full, read-only, I/O errors or not responding); decisions are unaffected",
             store_healthy.clone(),
         );
+        let guessing_detected = Counter::default();
+        registry.register(
+            "guessing_detected",
+            "Key ids (or the admin token) that crossed --failed-auth-limit wrong credentials in a minute",
+            guessing_detected.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -149,6 +156,7 @@ impl Metrics {
             store_write_seconds,
             store_errors,
             store_healthy,
+            guessing_detected,
         }
     }
 
@@ -192,6 +200,12 @@ impl Metrics {
         if !ok {
             self.store_errors.inc();
         }
+    }
+
+    /// The counter guessing detection increments.
+    #[must_use]
+    pub fn guessing_detected(&self) -> Counter {
+        self.guessing_detected.clone()
     }
 
     /// Records whether the store takes writes.

@@ -30,10 +30,6 @@ use crate::metrics::{Metrics, Source};
 use crate::pb;
 use crate::store::db::StoreError;
 
-/// Most replies the brute-force guard holds back at once, so it can never
-/// tie up the server's capacity.
-const MAX_DELAYED_REPLIES: usize = 64;
-
 /// Why keyward could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -49,8 +45,15 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// The admin token file holds no usable token.
-    #[error("{0}: the admin token must be at least 32 characters")]
+    #[error(
+        "{0}: the admin token is too weak: it needs at least 32 characters and about 128 bits of randomness (e.g. `openssl rand -base64 32`)"
+    )]
     WeakAdminToken(PathBuf),
+    /// The admin token file can be read by any local user.
+    #[error(
+        "{0}: the admin token file is readable by every user (mode {1:o}); make it 0600 or 0440 (chmod o-rwx)"
+    )]
+    ExposedAdminToken(PathBuf, u32),
     /// The store could not be opened or loaded.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -86,7 +89,7 @@ pub struct App {
     pub catalog: Arc<Catalog>,
     /// Every exported metric.
     pub metrics: Arc<Metrics>,
-    /// The brute-force guard shared by every front door.
+    /// Guessing detection shared by every front door.
     pub guard: Arc<FailureGuard>,
     admin: SecretHash,
     limits: Limits,
@@ -117,6 +120,10 @@ impl App {
         });
         let data_dir = &config.data.data_dir;
         create_private_dir(data_dir)?;
+        // Settings that can be refused go first: a refusal then leaves no
+        // store open.
+        let admin = load_or_create_admin_token(&config.data.admin_token_path())?;
+        let tls = load_tls(config)?;
         let metrics = Arc::new(Metrics::new());
         let opening = std::time::Instant::now();
         let (keys, index) = Keys::open(
@@ -126,8 +133,6 @@ impl App {
             Arc::clone(&metrics),
             Duration::from_millis(config.store_timeout_ms),
         )?;
-        let admin = load_or_create_admin_token(&config.data.admin_token_path())?;
-        let tls = load_tls(config)?;
         tracing::info!(
             keys = index.len(),
             scopes = catalog.len(),
@@ -136,17 +141,18 @@ impl App {
             load_ms = opening.elapsed().as_millis(),
             "loaded"
         );
+        let guard = FailureGuard::new(
+            config.failed_auth_limit,
+            Duration::from_secs(60),
+            crate::guard::DEFAULT_CAPACITY,
+            metrics.guessing_detected(),
+        );
         Ok(Self {
             keys: Arc::new(keys),
             authorizer: Authorizer::new(index, routes),
             catalog,
             metrics,
-            guard: Arc::new(FailureGuard::new(
-                config.failed_auth_limit,
-                Duration::from_secs(60),
-                Duration::from_millis(config.failed_auth_delay_ms),
-                MAX_DELAYED_REPLIES,
-            )),
+            guard: Arc::new(guard),
             admin,
             tls,
             limits: Limits {
@@ -244,27 +250,24 @@ pub async fn run(
         listeners.manage_enabled,
     );
 
-    let front = |source, method| {
+    let front = |source| {
         FrontDoor::new(
             app.authorizer.clone(),
             Arc::clone(&app.catalog),
             Arc::clone(&app.metrics),
             Arc::clone(&app.guard),
             source,
-            method,
         )
     };
-    let authorize =
-        AuthorizerServer::new(AuthorizeService::new(front(Source::Authorize, "Authorize")))
-            .max_decoding_message_size(limits.max_message_bytes);
-    let check = AuthorizationServer::new(CheckService::new(front(Source::Check, "Check")))
+    let authorize = AuthorizerServer::new(AuthorizeService::new(front(Source::Authorize)))
+        .max_decoding_message_size(limits.max_message_bytes);
+    let check = AuthorizationServer::new(CheckService::new(front(Source::Check)))
         .max_decoding_message_size(limits.max_message_bytes);
     let manage = listeners.manage_enabled.then(|| {
         KeyManagerServer::new(ManageService::new(
             Arc::clone(&app.keys),
             app.authorizer.clone(),
             app.admin,
-            Arc::clone(&app.metrics),
             Arc::clone(&app.guard),
         ))
         .max_decoding_message_size(limits.max_message_bytes)
@@ -312,6 +315,8 @@ pub async fn run(
     // load with RESOURCE_EXHAUSTED at once rather than queueing it.
     let concurrency =
         tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests);
+    // Outermost, so shed requests are counted as sent.
+    let count_rpcs = crate::grpc::edge::CountRpcsLayer::new(&app.metrics);
     let base_server = || -> Result<_, ServerError> {
         let mut builder = Server::builder();
         if let Some(tls) = &app.tls {
@@ -319,6 +324,7 @@ pub async fn run(
         }
         Ok(builder.timeout(limits.request_timeout).layer(
             tower::ServiceBuilder::new()
+                .layer(count_rpcs.clone())
                 .load_shed()
                 .layer(concurrency.clone())
                 .into_inner(),
@@ -480,13 +486,53 @@ fn create_private_dir(dir: &Path) -> Result<(), ServerError> {
     builder.create(dir).map_err(io_error(dir))
 }
 
+/// Least estimated randomness of an admin token, in bits.
+const MIN_TOKEN_BITS: f64 = 128.0;
+
+/// Whether a token is long and varied enough to stand against guessing:
+/// at least 32 characters, and at least [`MIN_TOKEN_BITS`] by the Shannon
+/// entropy of its own character frequencies (32 `a`s score 0 bits; a
+/// 32-byte random base64 token scores ~250). A screen for obvious mistakes,
+/// not a proof of randomness.
+fn strong_enough(token: &str) -> bool {
+    let mut counts = [0u32; 256];
+    for byte in token.bytes() {
+        counts[usize::from(byte)] += 1;
+    }
+    let len = f64::from(u32::try_from(token.len()).unwrap_or(u32::MAX));
+    let bits_per_char: f64 = counts
+        .iter()
+        .filter(|&&n| n > 0)
+        .map(|&n| {
+            let p = f64::from(n) / len;
+            -p * p.log2()
+        })
+        .sum();
+    token.len() >= 32 && bits_per_char * len >= MIN_TOKEN_BITS
+}
+
 /// Reads the admin token, or creates one (mode 0600) on first start. Only
 /// its hash is kept in memory; the token itself is never logged.
 fn load_or_create_admin_token(path: &Path) -> Result<SecretHash, ServerError> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                // Follows symlinks: a Kubernetes Secret's file is a link.
+                let mode = std::fs::metadata(path)
+                    .map_err(io_error(path))?
+                    .permissions()
+                    .mode();
+                if mode & 0o004 != 0 {
+                    return Err(ServerError::ExposedAdminToken(
+                        path.to_owned(),
+                        mode & 0o777,
+                    ));
+                }
+            }
             let token = text.trim();
-            if token.len() < 32 {
+            if !strong_enough(token) {
                 return Err(ServerError::WeakAdminToken(path.to_owned()));
             }
             tracing::info!(path = %path.display(), "using the admin token file");
@@ -515,5 +561,29 @@ fn load_or_create_admin_token(path: &Path) -> Result<SecretHash, ServerError> {
             Ok(SecretHash::of(token.as_bytes()))
         }
         Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strong_enough;
+
+    #[test]
+    fn obviously_weak_tokens_are_refused() {
+        for weak in [
+            "short",
+            &"a".repeat(32),
+            &"ab".repeat(40),
+            "passwordpasswordpasswordpassword",
+            "0123456789012345678901234567890123",
+        ] {
+            assert!(!strong_enough(weak), "{weak:?}");
+        }
+        for strong in [
+            "kwadmin_3q2-7wAbYz9XkLmN0pQrStUvWxYz1a2B3c4D5e6F7g8",
+            "Zq8vN1xW4mK7pR2tY5uB9cE3hJ6lO0sA",
+        ] {
+            assert!(strong_enough(strong), "{strong:?}");
+        }
     }
 }

@@ -232,3 +232,19 @@ async fn broken_requests_are_invalid_argument() {
         "path: at most",
     );
 }
+
+/// Read is GET, with one deliberate exception the route file documents: the
+/// suppression search is a POST that changes nothing, so `.read` suffices.
+#[tokio::test]
+async fn the_suppression_search_is_a_read_although_it_is_a_post() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (_, reader) = server.create_key("acme", &["asm.groups.read"]).await;
+    let search = "/v3/asm/groups/42/suppressions/search";
+    assert!(server.authorize(&reader, "POST", search).await.allowed);
+    let add = server
+        .authorize(&reader, "POST", "/v3/asm/groups/42/suppressions")
+        .await;
+    assert!(!add.allowed, "adding suppressions is a write");
+    assert_eq!(add.missing_scopes, vec!["asm.groups.update"]);
+}

@@ -148,3 +148,51 @@ async fn denies_carry_status_body_and_missing_scopes() {
         assert_eq!(header("x-keyward-missing-scopes").as_deref(), missing);
     }
 }
+
+/// Check validates a request exactly as Authorize does: the same limits,
+/// the same message naming the field.
+#[tokio::test]
+async fn check_refuses_what_authorize_refuses_with_the_same_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (_, secret) = server.create_key("acme", &["mail.send"]).await;
+    let auth = format!("Bearer {secret}");
+    let long = format!("/v3/mail/send/{}", "a".repeat(8192));
+    for (method, path) in [
+        ("POST", long.as_str()),
+        ("PO ST", "/v3/mail/send"),
+        ("POST", ""),
+    ] {
+        let refused = server
+            .authorizer()
+            .await
+            .authorize(keyward::pb::v1::AuthorizeRequest {
+                key: secret.clone(),
+                method: method.into(),
+                path: path.into(),
+            })
+            .await
+            .expect_err("Authorize refuses it");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        let response = check(
+            &server,
+            check_request(method, path, &[("authorization", &auth)]),
+        )
+        .await;
+        assert_eq!(
+            code(&response),
+            tonic::Code::InvalidArgument as i32,
+            "{path:.20}"
+        );
+        let Some(HttpResponse::DeniedResponse(denied)) = response.http_response else {
+            panic!("expected a deny: {response:?}");
+        };
+        assert_eq!(denied.status.map(|s| s.code), Some(400));
+        assert!(
+            denied.body.contains(refused.message()),
+            "{:?} should carry {:?}",
+            denied.body,
+            refused.message()
+        );
+    }
+}

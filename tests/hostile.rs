@@ -329,3 +329,32 @@ async fn check_survives_huge_paths_and_many_headers() {
         assert_eq!(allowed, path == "/v3/mail/send", "{}", path.len());
     }
 }
+
+/// Requests that never reach a handler are counted all the same.
+#[tokio::test]
+async fn requests_refused_before_any_handler_are_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let not_utf8 = RawStrings {
+        one: vec![0xff, 0xfe],
+        two: b"GET".to_vec(),
+        three: b"/v3/scopes".to_vec(),
+    };
+    let status = raw_call(
+        &server,
+        "/keyward.v1.Authorizer/Authorize",
+        not_utf8.clone(),
+        "",
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = raw_call(&server, "/keyward.v1.Nothing/Here", not_utf8, "").await;
+    assert_eq!(status.code(), Code::Unimplemented);
+    let scrape = server.scrape().await;
+    for line in [
+        r#"keyward_rpcs_total{method="Authorize",code="INVALID_ARGUMENT"} 1"#,
+        r#"keyward_rpcs_total{method="unknown",code="UNIMPLEMENTED"} 1"#,
+    ] {
+        assert!(scrape.contains(line), "{line} in:\n{scrape}");
+    }
+}

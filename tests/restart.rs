@@ -210,11 +210,23 @@ async fn the_admin_token_file_is_private() {
     let meta = std::fs::metadata(server.config.data.admin_token_path()).expect("token file");
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert!(server.admin.len() >= 32);
-    // A too-short token an operator supplies is refused at start-up.
-    let weak = dir.path().join("weak.token");
-    std::fs::write(&weak, "short\n").expect("write");
-    let mut config = ServeConfig::with_data_dir(dir.path().join("other"));
-    config.data.admin_token_file = Some(weak);
-    let err = App::open(&config).expect_err("weak token");
-    assert!(err.to_string().contains("at least 32"), "{err}");
+    // A short or obviously weak token an operator supplies is refused.
+    let open_with = |name: &str, token: &str, mode: u32| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, token).expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let mut config = ServeConfig::with_data_dir(dir.path().join(format!("{name}.data")));
+        config.data.admin_token_file = Some(file);
+        App::open(&config)
+    };
+    for weak in ["short\n", &"a".repeat(32)] {
+        let err = open_with("weak.token", weak, 0o600).expect_err("weak token");
+        assert!(err.to_string().contains("too weak"), "{err}");
+    }
+    // A world-readable token file is refused; a Kubernetes Secret mounted
+    // with defaultMode 0440 (group-readable through fsGroup) is fine.
+    let strong = "Zq8vN1xW4mK7pR2tY5uB9cE3hJ6lO0sA\n";
+    let err = open_with("exposed.token", strong, 0o644).expect_err("world-readable");
+    assert!(err.to_string().contains("readable by every user"), "{err}");
+    open_with("secret.token", strong, 0o440).expect("0440 is fine");
 }

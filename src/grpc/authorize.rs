@@ -5,12 +5,8 @@ use tonic::{Request, Response, Status};
 use super::status::invalid;
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
-use crate::domain::route::Method;
 use crate::front::FrontDoor;
 use crate::pb::v1 as pb;
-
-/// Longest path accepted; longer is a broken request, not a deny.
-pub const MAX_PATH_BYTES: usize = 8192;
 
 /// Serves `Authorize` through the shared front door.
 #[derive(Debug, Clone)]
@@ -25,18 +21,10 @@ impl AuthorizeService {
         Self { front }
     }
 
-    async fn authorize(
-        &self,
-        request: &pb::AuthorizeRequest,
-    ) -> Result<pb::AuthorizeResponse, Status> {
-        let method = Method::parse(&request.method).map_err(|e| invalid("method", e))?;
-        if request.path.is_empty() {
-            return Err(invalid("path", "required"));
-        }
-        if request.path.len() > MAX_PATH_BYTES {
-            return Err(invalid("path", format!("at most {MAX_PATH_BYTES} bytes")));
-        }
-        let decision = self.front.decide(&request.key, method, &request.path).await;
+    fn authorize(&self, request: &pb::AuthorizeRequest) -> Result<pb::AuthorizeResponse, Status> {
+        let (method, path) = FrontDoor::validate(&request.method, &request.path)
+            .map_err(|e| invalid(e.field, e.problem))?;
+        let decision = self.front.decide(&request.key, method, path);
         Ok(response(&decision, self.front.catalog()))
     }
 }
@@ -47,13 +35,7 @@ impl pb::authorizer_server::Authorizer for AuthorizeService {
         &self,
         request: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
-        let result = self.authorize(request.get_ref()).await;
-        self.front.count_rpc(
-            result
-                .as_ref()
-                .map_or_else(Status::code, |_| tonic::Code::Ok),
-        );
-        result.map(Response::new)
+        self.authorize(request.get_ref()).map(Response::new)
     }
 }
 
@@ -61,15 +43,7 @@ impl pb::authorizer_server::Authorizer for AuthorizeService {
 #[must_use]
 pub fn response(decision: &Decision, catalog: &Catalog) -> pb::AuthorizeResponse {
     let missing = catalog.names(&decision.missing);
-    let message = match decision.deny {
-        None => String::new(),
-        Some(DenyReason::InsufficientScope) => format!(
-            "{}: {}",
-            DenyReason::InsufficientScope.message(),
-            missing.join(", ")
-        ),
-        Some(reason) => reason.message().to_owned(),
-    };
+    let message = FrontDoor::message(decision, &missing);
     pb::AuthorizeResponse {
         allowed: decision.allowed(),
         reason: deny_reason_pb(decision.deny) as i32,

@@ -9,10 +9,10 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::status::{invalid, unauthenticated};
 use crate::authorizer::{Authorizer, bearer_credential};
+use crate::domain::decision::DenyReason;
 use crate::domain::key::SecretHash;
-use crate::guard::FailureGuard;
+use crate::guard::{Failure, FailureGuard};
 use crate::keys::{KeyError, Keys, Operation, Principal};
-use crate::metrics::Metrics;
 use crate::pb::v1 as pb;
 use crate::store::db::Cursor;
 use crate::store::record::KeyRecord;
@@ -23,7 +23,6 @@ pub struct ManageService {
     keys: Arc<Keys>,
     authorizer: Authorizer,
     admin: SecretHash,
-    metrics: Arc<Metrics>,
     guard: Arc<FailureGuard>,
 }
 
@@ -35,20 +34,18 @@ impl ManageService {
         keys: Arc<Keys>,
         authorizer: Authorizer,
         admin: SecretHash,
-        metrics: Arc<Metrics>,
         guard: Arc<FailureGuard>,
     ) -> Self {
         Self {
             keys,
             authorizer,
             admin,
-            metrics,
             guard,
         }
     }
 
     /// Authenticates `authorization: Bearer <admin token | API key>`.
-    async fn principal(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
+    fn principal(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
         let header = metadata
             .get("authorization")
             .ok_or_else(|| unauthenticated("missing bearer credential"))?
@@ -66,9 +63,12 @@ impl ManageService {
         let verified = match self.authorizer.authenticate(credential) {
             Ok(verified) => verified,
             Err(failure) => {
-                self.guard
-                    .throttle(failure.wrong_secret, failure.key_id)
-                    .await;
+                match (failure.wrong_secret, failure.key_id, failure.reason) {
+                    (true, Some(id), _) => self.guard.record(Failure::WrongSecret(id)),
+                    // Not an API key at all: an admin token attempt.
+                    (_, _, DenyReason::MalformedKey) => self.guard.record(Failure::AdminToken),
+                    _ => {}
+                }
                 return Err(unauthenticated("invalid, expired or revoked credential"));
             }
         };
@@ -129,12 +129,13 @@ fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> S
     }
 }
 
-impl ManageService {
-    async fn create_key_inner(
+#[tonic::async_trait]
+impl pb::key_manager_server::KeyManager for ManageService {
+    async fn create_key(
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let principal = self.principal(request.metadata()).await?;
+        let principal = self.principal(request.metadata())?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "create")(e);
         let account = self
@@ -157,22 +158,22 @@ impl ManageService {
         }))
     }
 
-    async fn get_key_inner(
+    async fn get_key(
         &self,
-        request: &Request<pb::GetKeyRequest>,
+        request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata()).await?;
+        let principal = self.principal(request.metadata())?;
         self.keys.permit(&principal, Operation::Read)?;
         let id = convert::key_id(&request.get_ref().key_id)?;
         let record = self.keys.get(&principal, &id).await?;
         Ok(Response::new(convert::api_key(&record)))
     }
 
-    async fn list_keys_inner(
+    async fn list_keys(
         &self,
-        request: &Request<pb::ListKeysRequest>,
+        request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let principal = self.principal(request.metadata()).await?;
+        let principal = self.principal(request.metadata())?;
         let request = request.get_ref();
         let account = self
             .keys
@@ -195,11 +196,11 @@ impl ManageService {
         }))
     }
 
-    async fn update_key_inner(
+    async fn update_key(
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata()).await?;
+        let principal = self.principal(request.metadata())?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "update")(e);
         self.keys
@@ -223,11 +224,11 @@ impl ManageService {
         Ok(Response::new(convert::api_key(&record)))
     }
 
-    async fn rename_key_inner(
+    async fn rename_key(
         &self,
         request: Request<pb::RenameKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata()).await?;
+        let principal = self.principal(request.metadata())?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "rename")(e);
         self.keys
@@ -241,14 +242,25 @@ impl ManageService {
             .await
             .map_err(fail)?;
         audit(&principal, "rename", Some(&before), &record);
-        Ok(Response::new(convert::api_key(&record)))
+        // SendGrid's PATCH returns id and name; the rest (scopes above all)
+        // only to a caller that could read the key anyway.
+        let key = convert::api_key(&record);
+        if self.keys.permit(&principal, Operation::Read).is_ok() {
+            Ok(Response::new(key))
+        } else {
+            Ok(Response::new(pb::ApiKey {
+                key_id: key.key_id,
+                name: key.name,
+                ..pb::ApiKey::default()
+            }))
+        }
     }
 
-    async fn delete_key_inner(
+    async fn delete_key(
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        let principal = self.principal(request.metadata()).await?;
+        let principal = self.principal(request.metadata())?;
         let fail = |e| refused(&principal, "delete")(e);
         self.keys
             .permit(&principal, Operation::Delete)
@@ -259,22 +271,22 @@ impl ManageService {
         Ok(Response::new(pb::DeleteKeyResponse {}))
     }
 
-    async fn get_scopes_inner(
+    async fn get_scopes(
         &self,
-        request: &Request<pb::GetScopesRequest>,
+        request: Request<pb::GetScopesRequest>,
     ) -> Result<Response<pb::GetScopesResponse>, Status> {
-        let principal = self.principal(request.metadata()).await?;
+        let principal = self.principal(request.metadata())?;
         let scopes = self.keys.held_scopes(&principal);
         Ok(Response::new(pb::GetScopesResponse {
             scopes: self.keys.catalog().names(&scopes),
         }))
     }
 
-    async fn list_catalog_inner(
+    async fn list_catalog(
         &self,
-        request: &Request<pb::ListCatalogRequest>,
+        request: Request<pb::ListCatalogRequest>,
     ) -> Result<Response<pb::ListCatalogResponse>, Status> {
-        self.principal(request.metadata()).await?;
+        self.principal(request.metadata())?;
         let catalog = self.keys.catalog();
         let categories = catalog
             .categories()
@@ -299,91 +311,5 @@ impl ManageService {
             categories,
             aliases: catalog.aliases().clone().into_iter().collect(),
         }))
-    }
-}
-
-#[tonic::async_trait]
-impl pb::key_manager_server::KeyManager for ManageService {
-    async fn create_key(
-        &self,
-        request: Request<pb::CreateKeyRequest>,
-    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let result = self.create_key_inner(request).await;
-        self.count("CreateKey", &result);
-        result
-    }
-
-    async fn get_key(
-        &self,
-        request: Request<pb::GetKeyRequest>,
-    ) -> Result<Response<pb::ApiKey>, Status> {
-        let result = self.get_key_inner(&request).await;
-        self.count("GetKey", &result);
-        result
-    }
-
-    async fn list_keys(
-        &self,
-        request: Request<pb::ListKeysRequest>,
-    ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let result = self.list_keys_inner(&request).await;
-        self.count("ListKeys", &result);
-        result
-    }
-
-    async fn update_key(
-        &self,
-        request: Request<pb::UpdateKeyRequest>,
-    ) -> Result<Response<pb::ApiKey>, Status> {
-        let result = self.update_key_inner(request).await;
-        self.count("UpdateKey", &result);
-        result
-    }
-
-    async fn rename_key(
-        &self,
-        request: Request<pb::RenameKeyRequest>,
-    ) -> Result<Response<pb::ApiKey>, Status> {
-        let result = self.rename_key_inner(request).await;
-        self.count("RenameKey", &result);
-        result
-    }
-
-    async fn delete_key(
-        &self,
-        request: Request<pb::DeleteKeyRequest>,
-    ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        let result = self.delete_key_inner(request).await;
-        self.count("DeleteKey", &result);
-        result
-    }
-
-    async fn get_scopes(
-        &self,
-        request: Request<pb::GetScopesRequest>,
-    ) -> Result<Response<pb::GetScopesResponse>, Status> {
-        let result = self.get_scopes_inner(&request).await;
-        self.count("GetScopes", &result);
-        result
-    }
-
-    async fn list_catalog(
-        &self,
-        request: Request<pb::ListCatalogRequest>,
-    ) -> Result<Response<pb::ListCatalogResponse>, Status> {
-        let result = self.list_catalog_inner(&request).await;
-        self.count("ListCatalog", &result);
-        result
-    }
-}
-
-impl ManageService {
-    fn count<T>(&self, method: &'static str, result: &Result<T, Status>) {
-        self.metrics.rpc(
-            method,
-            result
-                .as_ref()
-                .map_or_else(Status::code, |_| tonic::Code::Ok),
-        );
     }
 }

@@ -4,5 +4,6 @@ pub mod authorize;
 pub mod codec;
 pub mod convert;
 pub mod echo;
+pub mod edge;
 pub mod manage;
 pub mod status;

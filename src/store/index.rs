@@ -31,7 +31,7 @@ pub struct Verified {
 }
 
 /// Why a presented key did not verify. Callers answer both the same way;
-/// the distinction feeds the brute-force guard.
+/// the distinction feeds guessing detection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejected {
     /// No live key has this id.

@@ -143,8 +143,8 @@ impl TestServer {
             .into_inner()
     }
 
-    /// How many keys `account` has, as ListKeys reports.
-    pub async fn count(&self, account: &str) -> usize {
+    /// `account`'s keys (first 1000), as ListKeys reports them to the admin.
+    pub async fn list(&self, account: &str) -> Vec<pb::ApiKey> {
         self.manager()
             .await
             .list_keys(bearer(
@@ -159,7 +159,11 @@ impl TestServer {
             .expect("list")
             .into_inner()
             .keys
-            .len()
+    }
+
+    /// How many keys `account` has, as ListKeys reports.
+    pub async fn count(&self, account: &str) -> usize {
+        self.list(account).await.len()
     }
 }
 

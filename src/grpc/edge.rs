@@ -1,0 +1,238 @@
+//! Every RPC counted at the edge, as a tower layer around every service, by
+//! the status code the client receives: requests that fail to decode, are
+//! shed, time out or name no method are counted too, which handlers never
+//! see.
+//!
+//! - A response carrying `grpc-status` in its headers (every error keyward
+//!   returns is trailers-only) counts under that code; one without it counts
+//!   as OK: every keyward RPC is unary, so its trailers can only say OK.
+//!   (A server stream that fails later, which only Health/Watch and
+//!   reflection could, still counts as OK when it starts.)
+//! - An error from an inner layer (load shedding) becomes the status tonic
+//!   would send, here, so it is counted as sent.
+//! - A request dropped before it answers counts as CANCELLED: tonic's request
+//!   timeout sits outside every user layer and cancels the request, and a
+//!   client that resets the stream cancels it too; CANCELLED is what either
+//!   client sees.
+//!
+//! Counters are resolved once per known path at start-up, so counting costs
+//! one hash of the path and one atomic add.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use prometheus_client::metrics::counter::Counter;
+use rustc_hash::FxBuildHasher;
+use tonic::Code;
+use tonic::codegen::http;
+
+use crate::metrics::Metrics;
+
+/// Every RPC keyward serves, by path, with its `method` label.
+const METHODS: &[(&str, &str)] = &[
+    ("/keyward.v1.Authorizer/Authorize", "Authorize"),
+    ("/envoy.service.auth.v3.Authorization/Check", "Check"),
+    ("/keyward.v1.KeyManager/CreateKey", "CreateKey"),
+    ("/keyward.v1.KeyManager/GetKey", "GetKey"),
+    ("/keyward.v1.KeyManager/ListKeys", "ListKeys"),
+    ("/keyward.v1.KeyManager/UpdateKey", "UpdateKey"),
+    ("/keyward.v1.KeyManager/RenameKey", "RenameKey"),
+    ("/keyward.v1.KeyManager/DeleteKey", "DeleteKey"),
+    ("/keyward.v1.KeyManager/GetScopes", "GetScopes"),
+    ("/keyward.v1.KeyManager/ListCatalog", "ListCatalog"),
+    ("/keyward.v1.Diagnostics/Echo", "Echo"),
+    ("/grpc.health.v1.Health/Check", "HealthCheck"),
+    ("/grpc.health.v1.Health/Watch", "HealthWatch"),
+    (
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "ServerReflectionInfo",
+    ),
+    (
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "ServerReflectionInfo",
+    ),
+];
+
+/// The `method` label of a path keyward does not serve.
+const UNKNOWN_METHOD: &str = "unknown";
+
+/// Every gRPC code, in number order.
+const CODES: [Code; 17] = [
+    Code::Ok,
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
+/// The counters of every (method, code), resolved once.
+#[derive(Debug)]
+struct Counters {
+    slots: Vec<[Counter; CODES.len()]>,
+    by_path: HashMap<&'static str, usize, FxBuildHasher>,
+}
+
+impl Counters {
+    fn new(metrics: &Metrics) -> Self {
+        let mut slots = Vec::new();
+        let mut by_label: HashMap<&str, usize> = HashMap::new();
+        let mut by_path = HashMap::with_hasher(FxBuildHasher);
+        for (path, label) in METHODS.iter().copied().chain([("", UNKNOWN_METHOD)]) {
+            let slot = *by_label.entry(label).or_insert_with(|| {
+                slots.push(CODES.map(|code| metrics.rpc_counter(label, code)));
+                slots.len() - 1
+            });
+            by_path.insert(path, slot);
+        }
+        Self { slots, by_path }
+    }
+
+    fn slot(&self, path: &str) -> usize {
+        self.by_path
+            .get(path)
+            .or_else(|| self.by_path.get(""))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn count(&self, slot: usize, code: Code) {
+        if let Some(counters) = self.slots.get(slot) {
+            counters[code as usize].inc();
+        }
+    }
+}
+
+/// Counts every RPC of the services it wraps (see the module docs).
+#[derive(Debug, Clone)]
+pub struct CountRpcsLayer {
+    counters: Arc<Counters>,
+}
+
+impl CountRpcsLayer {
+    /// A layer counting into `metrics`' `keyward_rpcs_total`.
+    #[must_use]
+    pub fn new(metrics: &Metrics) -> Self {
+        Self {
+            counters: Arc::new(Counters::new(metrics)),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for CountRpcsLayer {
+    type Service = CountRpcs<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CountRpcs {
+            inner,
+            counters: Arc::clone(&self.counters),
+        }
+    }
+}
+
+/// The service [`CountRpcsLayer`] makes.
+#[derive(Debug, Clone)]
+pub struct CountRpcs<S> {
+    inner: S,
+    counters: Arc<Counters>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for CountRpcs<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Error: Into<BoxError>,
+    R: Default,
+{
+    type Response = http::Response<R>;
+    type Error = BoxError;
+    type Future = Counted<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let slot = self.counters.slot(request.uri().path());
+        Counted {
+            inner: self.inner.call(request),
+            pending: Pending {
+                counters: Arc::clone(&self.counters),
+                slot,
+                answered: false,
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response on its way; counted when it resolves or is dropped.
+    pub struct Counted<F> {
+        #[pin]
+        inner: F,
+        pending: Pending,
+    }
+}
+
+/// Counts CANCELLED if dropped unanswered.
+struct Pending {
+    counters: Arc<Counters>,
+    slot: usize,
+    answered: bool,
+}
+
+impl Pending {
+    fn answer(&mut self, code: Code) {
+        self.answered = true;
+        self.counters.count(self.slot, code);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.counters.count(self.slot, Code::Cancelled);
+        }
+    }
+}
+
+impl<F, R, E> Future for Counted<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+    E: Into<BoxError>,
+    R: Default,
+{
+    type Output = Result<http::Response<R>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = match std::task::ready!(this.inner.poll(cx)) {
+            Ok(response) => response,
+            // What tonic would send for it (RESOURCE_EXHAUSTED when shed).
+            Err(error) => tonic::Status::from_error(error.into()).into_http(),
+        };
+        let code = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<i32>().ok())
+            .map_or(Code::Ok, Code::from_i32);
+        this.pending.answer(code);
+        Poll::Ready(Ok(response))
+    }
+}
