@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::path::canonical_path;
-use crate::domain::route::{Method, RouteTable};
+use crate::domain::route::{Method, RouteMiss, RouteTable};
 use crate::store::index::{Index, Rejected, Verified};
 
 /// Decides requests. Synchronous, allocation-free, never touches disk.
@@ -54,17 +54,21 @@ impl Authorizer {
                 return decision;
             }
         };
-        let mut decision = Decision::denied(DenyReason::UnknownRoute);
-        decision.deny = None;
-        decision.key_id = Some(verified.id);
-        decision.account = Some(verified.account);
+        let mut decision = Decision::for_key(verified.id, verified.account);
         let Ok(path) = canonical_path(path) else {
             decision.deny = Some(DenyReason::AmbiguousPath);
             return decision;
         };
-        let Some(required) = method.and_then(|m| self.routes.required(m, path)) else {
-            decision.deny = Some(DenyReason::UnknownRoute);
-            return decision;
+        let required = match method.map(|m| self.routes.required(m, path)) {
+            Some(Ok(required)) => required,
+            Some(Err(RouteMiss::Ambiguous)) => {
+                decision.deny = Some(DenyReason::AmbiguousPath);
+                return decision;
+            }
+            None | Some(Err(RouteMiss::Unknown)) => {
+                decision.deny = Some(DenyReason::UnknownRoute);
+                return decision;
+            }
         };
         decision.required = *required;
         if !verified.scopes.covers(required) {

@@ -248,3 +248,44 @@ async fn the_suppression_search_is_a_read_although_it_is_a_post() {
     assert!(!add.allowed, "adding suppressions is a write");
     assert_eq!(add.missing_scopes, vec!["asm.groups.update"]);
 }
+
+/// The outside review's path confusion: spellings a decoding or
+/// case-insensitive upstream reads as another route are denied; legitimate
+/// parameter values keep working.
+#[tokio::test]
+async fn spellings_an_upstream_reads_as_another_route_are_denied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (_, key) = server.create_key("acme", &["ips.read"]).await;
+    for path in [
+        "/v3/ips/%70ools",
+        "/v3/ips/%70%6F%6F%6C%73",
+        "/v3/ips/pools;x=1",
+        "/v3/ips/POOLS",
+        "/v3/ips/Pools",
+        "/v3/ips/AsSiGnEd",
+    ] {
+        let reply = server.authorize(&key, "GET", path).await;
+        assert!(!reply.allowed, "{path}");
+        assert_eq!(reply.reason, pb::DenyReason::AmbiguousPath as i32, "{path}");
+    }
+    for path in [
+        "/v3/ips/2001:db8::1",
+        "/v3/ips/2001%3Adb8%3A%3A1",
+        "/v3/ips/192.0.2.7",
+    ] {
+        assert!(server.authorize(&key, "GET", path).await.allowed, "{path}");
+    }
+    let (_, bounces) = server
+        .create_key("acme", &["suppression.bounces.read"])
+        .await;
+    for path in [
+        "/v3/suppression/bounces/alice%40example.com",
+        "/v3/suppression/bounces/alice@example.com",
+    ] {
+        assert!(
+            server.authorize(&bounces, "GET", path).await.allowed,
+            "{path}"
+        );
+    }
+}

@@ -196,3 +196,36 @@ async fn check_refuses_what_authorize_refuses_with_the_same_message() {
         );
     }
 }
+
+/// Check shares Authorize's path rules: the review's confusions are denied.
+#[tokio::test]
+async fn check_denies_spellings_an_upstream_reads_as_another_route() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (_, secret) = server.create_key("acme", &["ips.read"]).await;
+    let auth = format!("Bearer {secret}");
+    for path in ["/v3/ips/%70ools", "/v3/ips/pools;x=1", "/v3/ips/POOLS"] {
+        let response = check(
+            &server,
+            check_request("GET", path, &[("authorization", &auth)]),
+        )
+        .await;
+        let Some(HttpResponse::DeniedResponse(denied)) = response.http_response else {
+            panic!("{path} must be denied: {response:?}");
+        };
+        assert_eq!(denied.status.map(|s| s.code), Some(403), "{path}");
+        assert!(
+            denied.headers.iter().any(|h| h
+                .header
+                .as_ref()
+                .is_some_and(|h| h.value == "ambiguous_path")),
+            "{path}: {denied:?}"
+        );
+    }
+    let response = check(
+        &server,
+        check_request("GET", "/v3/ips/2001:db8::1", &[("authorization", &auth)]),
+    )
+    .await;
+    assert_eq!(code(&response), 0, "an IPv6 address still passes");
+}

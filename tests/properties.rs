@@ -6,6 +6,8 @@ use keyward::domain::key::{self, KeyId, PresentedKey};
 use keyward::domain::path::canonical_path;
 use keyward::domain::route::{Method, RouteTable};
 use keyward::domain::scope_set::{MAX_SCOPES, ScopeId, ScopeSet};
+use std::fmt::Write as _;
+
 use proptest::prelude::*;
 
 fn scope_set() -> impl Strategy<Value = ScopeSet> {
@@ -72,7 +74,7 @@ proptest! {
         let need = routes.required(Method::Post, &path).expect("matches");
         prop_assert_eq!(catalog.names(need), vec!["templates.versions.activate.create".to_owned()]);
         let deeper = format!("{path}/more");
-        prop_assert!(routes.required(Method::Post, &deeper).is_none());
+        prop_assert!(routes.required(Method::Post, &deeper).is_err());
     }
 
     #[test]
@@ -94,5 +96,187 @@ proptest! {
         prop_assert!(a.union(&b).covers(&a));
         prop_assert_eq!(a.union(&b).len() + a.intersection(&b).len(), a.len() + b.len());
         prop_assert!(a.covers(&ScopeSet::EMPTY));
+    }
+}
+
+/// The bundled routes as (method, template).
+fn bundled_routes() -> Vec<(Method, String)> {
+    keyward::domain::route::SENDGRID_ROUTES
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default())
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let method = Method::parse(words.next()?).ok()??;
+            Some((method, words.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// For each `{param}` of `template`: the literal segments other bundled
+/// routes have at that position under the same prefix (an independent
+/// reading of the table, not keyward's).
+fn sibling_literals(template: &str) -> Vec<Vec<String>> {
+    let segments: Vec<&str> = template.split('/').collect();
+    let routes = bundled_routes();
+    (0..segments.len())
+        .filter(|&at| segments[at].starts_with('{'))
+        .map(|at| {
+            let mut literals: Vec<String> = routes
+                .iter()
+                .map(|(_, other)| other.split('/').collect::<Vec<_>>())
+                .filter(|other| {
+                    other.len() > at
+                        && !other[at].starts_with('{')
+                        && (0..at).all(|i| {
+                            other[i] == segments[i]
+                                || (other[i].starts_with('{') && segments[i].starts_with('{'))
+                        })
+                })
+                .map(|other| other[at].to_owned())
+                .collect();
+            literals.sort();
+            literals.dedup();
+            literals
+        })
+        .collect()
+}
+
+/// A parameter value: plain, a sibling's literal in any case, an email, an
+/// IPv6 address.
+fn param_value(siblings: Vec<String>) -> BoxedStrategy<String> {
+    let mut options = vec![
+        "[a-zA-Z0-9_-]{1,12}".boxed(),
+        Just("alice@example.com".to_owned()).boxed(),
+        Just("2001:db8::1".to_owned()).boxed(),
+    ];
+    if !siblings.is_empty() {
+        let spelled = (0..siblings.len(), any::<u32>()).prop_map(move |(i, case)| {
+            siblings[i]
+                .chars()
+                .enumerate()
+                .map(|(n, c)| {
+                    if case >> (n % 32) & 1 == 1 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect::<String>()
+        });
+        options.push(spelled.clone().boxed());
+        options.push(spelled.boxed());
+    }
+    proptest::strategy::Union::new(options).boxed()
+}
+
+/// A bundled route and values for its parameters.
+fn route_and_values() -> impl Strategy<Value = (usize, Vec<String>)> {
+    (0..bundled_routes().len()).prop_flat_map(|route| {
+        let values: Vec<BoxedStrategy<String>> = sibling_literals(&bundled_routes()[route].1)
+            .into_iter()
+            .map(param_value)
+            .collect();
+        (Just(route), values)
+    })
+}
+
+static SENDGRID: std::sync::LazyLock<(Catalog, RouteTable)> = std::sync::LazyLock::new(|| {
+    let catalog = Catalog::sendgrid();
+    let routes = RouteTable::sendgrid(&catalog);
+    (catalog, routes)
+});
+
+/// keyward's decision on a path as received: the mask of the route it
+/// matched, or `None` for any deny (ambiguous, unknown).
+fn keyward_decides(routes: &RouteTable, method: Method, raw: &str) -> Option<ScopeSet> {
+    let path = canonical_path(raw).ok()?;
+    routes.required(method, path).ok().copied()
+}
+
+/// What a decoding upstream acts on (WSGI, servlet containers): `;`
+/// parameters stripped, percent-escapes decoded, segment by segment.
+fn decoded(raw: &str) -> Option<String> {
+    let mut out = String::new();
+    for segment in raw.split('/').skip(1) {
+        let segment = segment.split(';').next().unwrap_or_default();
+        let mut bytes = Vec::new();
+        let mut rest = segment.as_bytes();
+        while let Some((&first, tail)) = rest.split_first() {
+            if first == b'%' && tail.len() >= 2 {
+                bytes.push(u8::from_str_radix(std::str::from_utf8(&tail[..2]).ok()?, 16).ok()?);
+                rest = &tail[2..];
+            } else {
+                bytes.push(first);
+                rest = tail;
+            }
+        }
+        out.push('/');
+        out.push_str(&String::from_utf8(bytes).ok()?);
+    }
+    Some(out)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    /// The outside review's path confusion, as a property over the whole
+    /// bundled table: however a route's path is spelled (escapes of any
+    /// character, `;` parameters, parameter values that spell a sibling's
+    /// literal in any case), keyward either denies it or decides it exactly
+    /// as a decoding, case-insensitive upstream would route it.
+    #[test]
+    fn every_spelling_is_denied_or_decided_as_the_upstream_reads_it(
+        (route, values) in route_and_values(),
+        spelling in proptest::collection::vec(0u8..16, 120),
+        parameters in proptest::collection::vec(0u8..8, 12),
+    ) {
+        let (catalog, routes) = &*SENDGRID;
+        let (method, template) = &bundled_routes()[route];
+        let mut params = values.iter();
+        let segments: Vec<(bool, String)> = template
+            .split('/')
+            .skip(1)
+            .map(|s| if s.starts_with('{') {
+                (true, params.next().cloned().unwrap_or_else(|| "x".into()))
+            } else {
+                (false, s.to_owned())
+            })
+            .collect();
+
+        // Spell it: escape some characters (upper or lower hex), add some
+        // `;` parameters.
+        let mut choices = spelling.iter().cycle();
+        let mut spelled = String::new();
+        for (n, (_, segment)) in segments.iter().enumerate() {
+            spelled.push('/');
+            for c in segment.chars() {
+                match choices.next().copied().unwrap_or_default() {
+                    0 => { let _ = write!(spelled, "%{:02X}", c as u32); }
+                    1 => { let _ = write!(spelled, "%{:02x}", c as u32); }
+                    _ => spelled.push(c),
+                }
+            }
+            if parameters.get(n).copied() == Some(0) {
+                spelled.push_str(";x=1");
+            }
+        }
+
+        if let Some(mask) = keyward_decides(routes, *method, &spelled) {
+            let upstream = decoded(&spelled).expect("decodes");
+            prop_assert_eq!(
+                routes.required(*method, &upstream).ok().copied(), Some(mask),
+                "{} allowed as {:?} but a decoding upstream serves {}", spelled, catalog.names(&mask), upstream
+            );
+            // A case-insensitive upstream folds the case of parameter values.
+            let folded: String = segments
+                .iter()
+                .zip(upstream.split('/').skip(1))
+                .map(|((param, _), s)| if *param { format!("/{}", s.to_ascii_lowercase()) } else { format!("/{s}") })
+                .collect();
+            prop_assert_eq!(
+                routes.required(*method, &folded).ok().copied(), Some(mask),
+                "{} allowed as {:?} but a case-insensitive upstream serves {}", spelled, catalog.names(&mask), folded
+            );
+        }
     }
 }

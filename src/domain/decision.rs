@@ -73,8 +73,8 @@ pub struct Decision {
     pub required: ScopeSet,
     /// What the key lacks of `required`.
     pub missing: ScopeSet,
-    /// The key id belongs to a live key but the secret was wrong (for the
-    /// brute-force guard; the reply is the same as for an unknown key).
+    /// The key id belongs to a live key but the secret was wrong (for
+    /// guessing detection; the reply is the same as for an unknown key).
     pub wrong_secret: bool,
 }
 
@@ -89,6 +89,19 @@ impl Decision {
     #[must_use]
     pub fn http_status(&self) -> u16 {
         self.deny.map_or(200, DenyReason::http_status)
+    }
+
+    /// A verified key's decision, before the route is looked at: allowed
+    /// unless a later check sets `deny`.
+    pub(crate) fn for_key(key_id: KeyId, account: Arc<str>) -> Self {
+        Self {
+            deny: None,
+            key_id: Some(key_id),
+            account: Some(account),
+            required: ScopeSet::EMPTY,
+            missing: ScopeSet::EMPTY,
+            wrong_secret: false,
+        }
     }
 
     pub(crate) fn denied(reason: DenyReason) -> Self {

@@ -3,7 +3,14 @@
 //! Proxies and upstreams disagree on how to normalise `..`, `//`, `%2F` and
 //! friends; an authorizer that picks one reading can be bypassed through
 //! another. So keyward does not normalise: a path that any common server could
-//! read two ways is refused outright.
+//! read two ways is refused outright. That includes spellings a decoding
+//! upstream turns into another path: an escaped unreserved character
+//! (`%70ools` is `pools` to WSGI) and `;` path parameters (`pools;x=1` is
+//! `pools` to servlet containers). Escapes of reserved characters stay legal
+//! (`alice%40example.com`): no route has them in a literal segment, so their
+//! decoding cannot change the route. (The route table adds the last rule: a
+//! parameter value spelling a sibling route's literal, see
+//! [`super::route::RouteTable::required`].)
 
 /// Why a path was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +27,13 @@ pub enum PathError {
     /// `%2F`, `%5C`, a backslash, `%25` (double encoding) or `%00`.
     #[error("path has an encoded separator, backslash, NUL or double encoding")]
     EncodedSeparator,
+    /// A percent-escape of an unreserved character (letters, digits,
+    /// `-._~`), which decoding upstreams undo: never needed, often an attack.
+    #[error("path escapes a character that needs no escaping")]
+    EncodedUnreserved,
+    /// A `;` path parameter, which servlet-style upstreams strip.
+    #[error("path has a ';' parameter")]
+    PathParameter,
     /// A `%` not followed by two hex digits.
     #[error("path has a malformed percent escape")]
     BadEscape,
@@ -29,8 +43,8 @@ pub enum PathError {
 }
 
 /// Bytes that can never make a path ambiguous: unreserved and sub-delim
-/// characters except `.` (dot segments) and `%` (escapes), which need a
-/// closer look.
+/// characters except `.` (dot segments), `%` (escapes) and `;` (path
+/// parameters), which need a closer look.
 const PLAIN: [bool; 256] = {
     let mut table = [false; 256];
     let mut c = 0u8;
@@ -49,7 +63,6 @@ const PLAIN: [bool; 256] = {
                     | b'*'
                     | b'+'
                     | b','
-                    | b';'
                     | b'='
                     | b':'
                     | b'@'
@@ -104,6 +117,7 @@ fn check_segment(segment: &[u8]) -> Result<(), PathError> {
     }
     let mut dots_only = true;
     let mut dots = 0;
+    let mut escaped_unreserved = false;
     let mut i = 0;
     while i < segment.len() {
         let byte = match segment[i] {
@@ -119,10 +133,15 @@ fn check_segment(segment: &[u8]) -> Result<(), PathError> {
                     decoded if decoded < 0x20 || decoded == 0x7f => {
                         return Err(PathError::BadCharacter);
                     }
-                    decoded => decoded,
+                    decoded => {
+                        escaped_unreserved |=
+                            decoded.is_ascii_alphanumeric() || b"-._~".contains(&decoded);
+                        decoded
+                    }
                 }
             }
             b'\\' => return Err(PathError::EncodedSeparator),
+            b';' => return Err(PathError::PathParameter),
             b'#' => return Err(PathError::BadCharacter),
             plain @ 0x21..=0x7e => {
                 i += 1;
@@ -138,6 +157,9 @@ fn check_segment(segment: &[u8]) -> Result<(), PathError> {
     }
     if dots_only && dots <= 2 {
         return Err(PathError::DotSegment);
+    }
+    if escaped_unreserved {
+        return Err(PathError::EncodedUnreserved);
     }
     Ok(())
 }
@@ -172,6 +194,15 @@ mod tests {
             Ok("/v3/files/.well...")
         );
         assert_eq!(canonical_path("/v3/a/..."), Ok("/v3/a/..."));
+        // Escapes of reserved characters and IPv6 addresses stay legal.
+        for legal in [
+            "/v3/suppression/bounces/alice%40example.com",
+            "/v3/ips/2001:db8::1",
+            "/v3/ips/2001%3Adb8%3A%3A1",
+            "/v3/a%20b",
+        ] {
+            assert_eq!(canonical_path(legal), Ok(legal));
+        }
     }
 
     #[test]
@@ -197,6 +228,13 @@ mod tests {
             ("/v3/a%", PathError::BadEscape),
             ("/v3/a%zz", PathError::BadEscape),
             ("/v3/a%4", PathError::BadEscape),
+            ("/v3/ips/%70ools", PathError::EncodedUnreserved),
+            ("/v3/ips/POOL%53", PathError::EncodedUnreserved),
+            ("/v3/a%2eb", PathError::EncodedUnreserved),
+            ("/v3/a%7E", PathError::EncodedUnreserved),
+            ("/v3/a%2D", PathError::EncodedUnreserved),
+            ("/v3/ips/pools;x=1", PathError::PathParameter),
+            ("/v3/ips;/pools", PathError::PathParameter),
             ("/v3/a b", PathError::BadCharacter),
             ("/v3/a#frag", PathError::BadCharacter),
             ("/v3/caf\u{e9}", PathError::BadCharacter),

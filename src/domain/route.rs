@@ -61,6 +61,22 @@ impl Method {
     }
 }
 
+/// Why a request gets no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteMiss {
+    /// No route has this method and path: denied (fail closed).
+    Unknown,
+    /// A `{param}` value spells, ignoring ASCII case, a literal segment that
+    /// a sibling route has at that position (`/v3/ips/POOLS` against
+    /// `/v3/ips/{ip_address}` and `/v3/ips/pools`): an upstream matching
+    /// case-insensitively would serve the sibling, so it is denied.
+    Ambiguous,
+}
+
+/// Per `{param}` of one template, in path order: the literal segments its
+/// sibling templates have at that position.
+type Siblings = Box<[Box<[Box<str>]>]>;
+
 /// Every route, compiled. Lookups allocate nothing.
 #[derive(Debug)]
 pub struct RouteTable {
@@ -69,6 +85,9 @@ pub struct RouteTable {
     exact: HashMap<Box<str>, usize, FxBuildHasher>,
     router: matchit::Router<usize>,
     masks: Vec<[Option<ScopeSet>; METHODS]>,
+    /// Per template, per `{param}` in path order: the literal segments other
+    /// templates have at that position under the same prefix.
+    siblings: Vec<Siblings>,
     len: usize,
 }
 
@@ -135,6 +154,8 @@ impl RouteTable {
         let mut router = matchit::Router::new();
         let mut exact = HashMap::with_hasher(FxBuildHasher);
         let mut masks = Vec::with_capacity(templates.len());
+        let mut siblings = Vec::with_capacity(templates.len());
+        let all: Vec<&str> = templates.keys().copied().collect();
         for (template, (line, methods)) in templates {
             router
                 .insert(template, masks.len())
@@ -143,25 +164,37 @@ impl RouteTable {
                 exact.insert(Box::from(template), masks.len());
             }
             masks.push(methods);
+            siblings.push(sibling_literals(template, &all));
         }
         Ok(Self {
             exact,
             router,
             masks,
+            siblings,
             len,
         })
     }
 
-    /// The scopes a request needs, or `None` when no route matches. `path`
-    /// must already have passed [`super::path::canonical_path`].
+    /// The scopes a request needs. `path` must already have passed
+    /// [`super::path::canonical_path`].
     #[inline]
-    #[must_use]
-    pub fn required(&self, method: Method, path: &str) -> Option<&ScopeSet> {
-        let slot = match self.exact.get(path) {
-            Some(slot) => *slot,
-            None => *self.router.at(path).ok()?.value,
+    pub fn required(&self, method: Method, path: &str) -> Result<&ScopeSet, RouteMiss> {
+        let slot = if let Some(slot) = self.exact.get(path) {
+            *slot
+        } else {
+            let matched = self.router.at(path).map_err(|_| RouteMiss::Unknown)?;
+            let slot = *matched.value;
+            let literals = self.siblings[slot].iter();
+            for ((_, value), literals) in matched.params.iter().zip(literals) {
+                if literals.iter().any(|l| l.eq_ignore_ascii_case(value)) {
+                    return Err(RouteMiss::Ambiguous);
+                }
+            }
+            slot
         };
-        self.masks[slot][method.slot()].as_ref()
+        self.masks[slot][method.slot()]
+            .as_ref()
+            .ok_or(RouteMiss::Unknown)
     }
 
     /// How many (method, template) routes the table holds.
@@ -175,6 +208,38 @@ impl RouteTable {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// For each `{param}` of `template`, in path order, the literal segments
+/// that other templates have at its position under the same prefix (any
+/// parameter matches any parameter: matchit requires them to share names).
+fn sibling_literals(template: &str, all: &[&str]) -> Siblings {
+    let is_param = |segment: &str| segment.starts_with('{');
+    let segments: Vec<&str> = template.split('/').collect();
+    let same = |a: &str, b: &str| a == b || (is_param(a) && is_param(b));
+    segments
+        .iter()
+        .enumerate()
+        .filter(|(_, segment)| is_param(segment))
+        .map(|(at, _)| {
+            let mut literals: Vec<Box<str>> = all
+                .iter()
+                .map(|other| other.split('/').collect::<Vec<_>>())
+                .filter(|other| {
+                    other.len() > at
+                        && !is_param(other[at])
+                        && other[..at]
+                            .iter()
+                            .zip(&segments[..at])
+                            .all(|(a, b)| same(a, b))
+                })
+                .map(|other| Box::from(other[at]))
+                .collect();
+            literals.sort();
+            literals.dedup();
+            literals.into_boxed_slice()
+        })
+        .collect()
 }
 
 /// Templates obey the same rules as request paths, and every `{param}` is a
@@ -203,7 +268,7 @@ fn check_template(template: &str) -> Result<(), String> {
             }
         } else if !segment
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()+,;=:@".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()+,=:@".contains(&b))
         {
             return bad("literal segments use unreserved URL characters only");
         }
@@ -264,7 +329,7 @@ mod tests {
         for (method, path, want) in cases {
             let want = want.map(|v| v.into_iter().map(String::from).collect::<Vec<_>>());
             assert_eq!(
-                names(&catalog, routes.required(method, path)),
+                names(&catalog, routes.required(method, path).ok()),
                 want,
                 "{method:?} {path}"
             );
