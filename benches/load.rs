@@ -63,6 +63,9 @@ enum Mode {
     Report(ReportArgs),
     /// Start-up time, resident memory and latency with 1k, 100k and 1M keys.
     Scale(ScaleArgs),
+    /// Write fairness: one account's latency alone and beside another
+    /// account's burst of concurrent writes.
+    Fairness(FairnessArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -141,6 +144,20 @@ struct ScaleArgs {
     sizes: Vec<usize>,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+struct FairnessArgs {
+    /// Concurrent RenameKey streams of the noisy account.
+    #[arg(long, default_value_t = 48)]
+    noisy: usize,
+    /// Seconds per phase (quiet alone, then quiet beside the noisy account).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// keyward binaries to measure, one after the other (default: the one
+    /// built with this bench); e.g. an older build for a before/after ratio.
+    #[arg(long)]
+    keyward: Vec<PathBuf>,
+}
+
 // --- the server under test ---------------------------------------------------
 
 /// A `keyward serve` child on ephemeral loopback ports.
@@ -161,10 +178,18 @@ impl Drop for Server {
 
 impl Server {
     fn start(dir: &Path, temp: Option<tempfile::TempDir>) -> anyhow::Result<Self> {
+        Self::start_binary(Path::new(BIN), dir, temp)
+    }
+
+    fn start_binary(
+        bin: &Path,
+        dir: &Path,
+        temp: Option<tempfile::TempDir>,
+    ) -> anyhow::Result<Self> {
         let log_path = dir.join("serve.log");
         let log = std::fs::File::create(&log_path)?;
         let started = Instant::now();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin)
             .args([
                 "serve",
                 "--listen",
@@ -230,22 +255,46 @@ impl Server {
 
     /// Creates a key allowed to `POST /v3/mail/send`.
     async fn create_key(&self) -> anyhow::Result<String> {
-        let admin = std::fs::read_to_string(self.dir.join("data/admin.token"))?
-            .trim()
-            .to_owned();
+        Ok(self.create_key_in("load", &["mail.send"]).await?.1)
+    }
+
+    /// Creates a key in `account`: (key id, secret).
+    async fn create_key_in(
+        &self,
+        account: &str,
+        scopes: &[&str],
+    ) -> anyhow::Result<(String, String)> {
         let mut client = KeyManagerClient::new(channel(&self.addr).await?);
-        let mut request = tonic::Request::new(pb::CreateKeyRequest {
+        let request = self.as_admin(pb::CreateKeyRequest {
             name: "load".into(),
-            scopes: vec!["mail.send".into()],
-            account_id: "load".into(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            account_id: account.into(),
             ..Default::default()
-        });
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {admin}").parse()?);
-        Ok(client.create_key(request).await?.into_inner().secret)
+        })?;
+        let created = client.create_key(request).await?.into_inner();
+        Ok((
+            created.key.map(|k| k.key_id).unwrap_or_default(),
+            created.secret,
+        ))
+    }
+
+    /// `message` with the admin token as its credential.
+    fn as_admin<T>(&self, message: T) -> anyhow::Result<tonic::Request<T>> {
+        let admin = std::fs::read_to_string(self.dir.join("data/admin.token"))?;
+        bearer(admin.trim(), message)
     }
 }
+
+/// `message` with `token` as its credential.
+fn bearer<T>(token: &str, message: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
+}
+
+impl Server {}
 
 async fn channel(addr: &str) -> anyhow::Result<Channel> {
     Ok(Channel::from_shared(format!("http://{addr}"))?
@@ -669,6 +718,94 @@ async fn report(args: ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+// --- fairness -----------------------------------------------------------------------
+
+/// A tenant's key that renames itself: (key id, secret).
+type Tenant = (String, String);
+
+/// The tenant's key renames itself back to back until `until`; returns
+/// each latency (ns).
+async fn rename_loop(server: &Server, tenant: &Tenant, until: Instant) -> anyhow::Result<Vec<u64>> {
+    let mut client = KeyManagerClient::new(channel(&server.addr).await?);
+    let mut latencies = Vec::new();
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let request = bearer(
+            &tenant.1,
+            pb::RenameKeyRequest {
+                key_id: tenant.0.clone(),
+                name: format!("rename {n}"),
+            },
+        )?;
+        let started = Instant::now();
+        client.rename_key(request).await?;
+        latencies.push(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    Ok(latencies)
+}
+
+fn quantile_ms(latencies: &mut [u64], q: f64) -> f64 {
+    latencies.sort_unstable();
+    let at = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+    latencies.get(at).map_or(0.0, |&ns| ms(ns))
+}
+
+async fn fairness(args: FairnessArgs) -> anyhow::Result<()> {
+    let binaries = if args.keyward.is_empty() {
+        vec![PathBuf::from(BIN)]
+    } else {
+        args.keyward.clone()
+    };
+    let phase = Duration::from_secs_f64(args.seconds);
+    let mut rows = Vec::new();
+    for bin in &binaries {
+        let temp = tempfile::tempdir()?;
+        let dir = temp.path().to_owned();
+        let server = Arc::new(Server::start_binary(bin, &dir, Some(temp))?);
+        let scopes = ["api_keys.update", "mail.send"];
+        let quiet = server.create_key_in("quiet", &scopes).await?;
+        let noisy = server.create_key_in("noisy", &scopes).await?;
+        let mut alone = rename_loop(&server, &quiet, Instant::now() + phase).await?;
+        let until = Instant::now() + phase;
+        let mut noisy_tasks = tokio::task::JoinSet::new();
+        for _ in 0..args.noisy {
+            let (server, noisy) = (Arc::clone(&server), noisy.clone());
+            noisy_tasks.spawn(async move { rename_loop(&server, &noisy, until).await });
+        }
+        let beside = rename_loop(&server, &quiet, until).await;
+        let noisy_done = noisy_tasks.join_all().await;
+        let mut beside = beside?;
+        let noisy_writes: usize = noisy_done
+            .iter()
+            .map(|r| r.as_ref().map_or(0, Vec::len))
+            .sum();
+        rows.push((
+            bin.display().to_string(),
+            quantile_ms(&mut alone, 0.5),
+            quantile_ms(&mut alone, 0.99),
+            quantile_ms(&mut beside, 0.5),
+            quantile_ms(&mut beside, 0.99),
+            noisy_writes as f64 / args.seconds,
+        ));
+    }
+    println!(
+        "\nquiet account's RenameKey latency, alone and beside {} concurrent RenameKey streams of another account ({} s each)",
+        args.noisy, args.seconds
+    );
+    println!(
+        "{:<40} {:>12} {:>12} {:>14} {:>14} {:>9} {:>14}",
+        "keyward", "alone p50", "alone p99", "beside p50", "beside p99", "p50 x", "noisy writes/s"
+    );
+    for (bin, a50, a99, b50, b99, noisy) in rows {
+        println!(
+            "{bin:<40} {a50:>9.2} ms {a99:>9.2} ms {b50:>11.2} ms {b99:>11.2} ms {:>8.1}x {noisy:>14.0}",
+            b50 / a50
+        );
+    }
+    Ok(())
+}
+
 // --- scale --------------------------------------------------------------------------
 
 async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
@@ -778,6 +915,7 @@ fn main() -> anyhow::Result<()> {
             Some(Mode::Run(args)) => run_once(args).await,
             Some(Mode::Report(args)) => report(args).await,
             Some(Mode::Scale(args)) => scale(args).await,
+            Some(Mode::Fairness(args)) => fairness(args).await,
             // `cargo bench` with no arguments: a short report.
             None if cli.bench => {
                 report(ReportArgs {

@@ -26,6 +26,13 @@ use writer::{Change, Command, Committed, FailureKind, Job, Shared, StoreHealth, 
 /// refused at once instead of queueing behind a stuck disk.
 const QUEUE_CAPACITY: usize = 1024;
 
+/// Changes one account (or the admin token) may have waiting for the writer
+/// at once. The writer's queue is first come, first served: without a cap,
+/// one tenant's burst queues ahead of every other tenant's write. With it,
+/// another account's write waits behind at most this many of each busy
+/// account's changes; the rest of a burst waits its turn outside the queue.
+const MAX_QUEUED_PER_ACCOUNT: usize = 16;
+
 /// Who is calling a management operation.
 #[derive(Debug, Clone)]
 pub enum Principal {
@@ -98,6 +105,7 @@ pub enum KeyError {
 #[derive(Debug)]
 pub struct Keys {
     commands: SyncSender<Command>,
+    gates: Gates,
     shared: Arc<Shared>,
     index: Arc<Index>,
     catalog: Arc<Catalog>,
@@ -158,6 +166,7 @@ impl Keys {
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         let keys = Self {
             commands,
+            gates: Gates::default(),
             shared,
             index: Arc::clone(&index),
             catalog,
@@ -326,11 +335,19 @@ impl Keys {
     /// write timeout. A caller that gives up is told nothing was
     /// acknowledged; the writer then drops the change if it has not started.
     async fn submit(&self, actor: &Principal, change: Change) -> Result<Committed, KeyError> {
+        let deadline = Instant::now() + self.write_timeout;
+        let domain = match actor {
+            Principal::Admin => None,
+            Principal::Key { account, .. } => Some(account),
+        };
+        let _turn = tokio::time::timeout_at(deadline.into(), self.gates.enter(domain))
+            .await
+            .map_err(|_| KeyError::Unavailable)?;
         let (reply, outcome) = oneshot::channel();
         let job = Job {
             actor: actor.clone(),
             change,
-            deadline: Instant::now() + self.write_timeout,
+            deadline,
             reply,
         };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
@@ -338,7 +355,7 @@ impl Keys {
         {
             return Err(KeyError::Unavailable);
         }
-        match tokio::time::timeout(self.write_timeout, outcome).await {
+        match tokio::time::timeout_at(deadline.into(), outcome).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(KeyError::Unavailable),
             Err(_) => {
@@ -369,6 +386,61 @@ impl Keys {
     fn stalled(&self) {
         self.shared
             .publish(StoreHealth::Failing(FailureKind::NotResponding));
+    }
+}
+
+/// Per-account turns at the writer's queue (see [`MAX_QUEUED_PER_ACCOUNT`]);
+/// `None` is the admin token. An account's entry lives while it has changes
+/// in flight.
+#[derive(Debug, Default)]
+struct Gates {
+    by_account: std::sync::Mutex<HashMap<Option<Arc<str>>, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// A turn at the writer's queue; gives it back when dropped.
+struct Turn<'a> {
+    gates: &'a Gates,
+    domain: Option<Arc<str>>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Gates {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Option<Arc<str>>, Arc<tokio::sync::Semaphore>>> {
+        self.by_account
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn enter(&self, domain: Option<&Arc<str>>) -> Turn<'_> {
+        let domain = domain.cloned();
+        let semaphore = Arc::clone(
+            self.lock()
+                .entry(domain.clone())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_PER_ACCOUNT))),
+        );
+        // The semaphore is never closed, so acquiring cannot fail.
+        let permit = semaphore.acquire_owned().await.ok();
+        Turn {
+            gates: self,
+            domain,
+            permit,
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut gates = self.gates.lock();
+        // Forget an account with nothing in flight (only the map holds it).
+        if let Some(semaphore) = gates.get(&self.domain)
+            && Arc::strong_count(semaphore) == 1
+            && semaphore.available_permits() == MAX_QUEUED_PER_ACCOUNT
+        {
+            gates.remove(&self.domain);
+        }
     }
 }
 
@@ -460,4 +532,31 @@ fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_account_holds_at_most_its_share_of_turns() {
+        let gates = Gates::default();
+        let noisy: Arc<str> = Arc::from("noisy");
+        let quiet: Arc<str> = Arc::from("quiet");
+        let mut held = Vec::new();
+        for _ in 0..MAX_QUEUED_PER_ACCOUNT {
+            held.push(gates.enter(Some(&noisy)).await);
+        }
+        let waiting = tokio::time::timeout(Duration::from_millis(50), gates.enter(Some(&noisy)));
+        assert!(waiting.await.is_err(), "the next turn waits");
+        // Other accounts and the admin are not held up.
+        let other = tokio::time::timeout(Duration::from_millis(50), gates.enter(Some(&quiet)));
+        drop(other.await.expect("another account enters at once"));
+        drop(gates.enter(None).await);
+        held.pop();
+        let next = tokio::time::timeout(Duration::from_millis(50), gates.enter(Some(&noisy)));
+        drop(next.await.expect("a returned turn is reused"));
+        drop(held);
+        assert!(gates.lock().is_empty(), "idle accounts are forgotten");
+    }
 }
