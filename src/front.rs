@@ -13,6 +13,27 @@ use crate::guard::{Failure, FailureGuard};
 
 use crate::metrics::{Metrics, Source};
 
+/// One decision in this many, per thread, is timed for
+/// `keyward_decision_duration_seconds`.
+const DURATION_SAMPLE_EVERY: u32 = 64;
+
+/// Whether to time this decision: a per-thread countdown, so sampling
+/// touches no shared state.
+fn sample_this_decision() -> bool {
+    thread_local! {
+        static COUNTDOWN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    COUNTDOWN.with(|countdown| {
+        let left = countdown.get();
+        countdown.set(if left == 0 {
+            DURATION_SAMPLE_EVERY - 1
+        } else {
+            left - 1
+        });
+        left == 0
+    })
+}
+
 /// Longest path accepted; longer is a broken request, not a deny.
 pub const MAX_PATH_BYTES: usize = 8192;
 
@@ -98,10 +119,15 @@ impl FrontDoor {
     /// id also feeds guessing detection; the reply is never delayed).
     #[must_use]
     pub fn decide(&self, credential: &str, method: Option<Method>, path: &str) -> Decision {
-        let started = Instant::now();
-        let decision = self.authorizer.decide(credential, method, path);
-        self.metrics
-            .decision(self.source, &decision, started.elapsed());
+        let decision = if sample_this_decision() {
+            let started = Instant::now();
+            let decision = self.authorizer.decide(credential, method, path);
+            self.metrics.decision_duration(started.elapsed());
+            decision
+        } else {
+            self.authorizer.decide(credential, method, path)
+        };
+        self.metrics.decision(self.source, &decision);
         if let (true, Some(id)) = (decision.wrong_secret, decision.key_id) {
             self.guard.record(Failure::WrongSecret(id));
         }

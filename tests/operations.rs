@@ -68,10 +68,10 @@ async fn metrics_count_decisions_rpcs_keys_and_store_writes() {
         ),
         1
     );
-    assert_eq!(
-        metric(&scrape, "keyward_decision_duration_seconds_count"),
-        3
-    );
+    // Durations are sampled (each thread times its first decision, then
+    // one in 64), so some but at most all of the three are timed.
+    let timed = metric(&scrape, "keyward_decision_duration_seconds_count");
+    assert!((1..=3).contains(&timed), "{timed} decisions timed");
     assert_eq!(
         metric(
             &scrape,
