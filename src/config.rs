@@ -36,10 +36,11 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub data: DataArgs,
 
-    /// Address to serve gRPC on. Loopback by default: a sidecar is reached
-    /// from inside its pod.
+    /// Address to serve gRPC on: `host:port`, or `unix:///path/to/socket`
+    /// (a Unix domain socket, e.g. on a volume shared with Envoy in the pod).
+    /// Loopback by default: a sidecar is reached from inside its pod.
     #[arg(long, env = "KEYWARD_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
 
     /// A scope catalog file replacing the bundled SendGrid catalog.
     #[arg(long, env = "KEYWARD_CATALOG")]
@@ -143,7 +144,7 @@ impl ServeConfig {
                 data_dir,
                 admin_token_file: None,
             },
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen: ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
             catalog: None,
             routes: None,
             max_keys_per_account: 100,
@@ -163,6 +164,45 @@ impl ServeConfig {
             tls_client_ca: None,
             failed_auth_limit: 20,
             log_format: LogFormat::Human,
+        }
+    }
+}
+
+/// Where the gRPC listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix domain socket at this path.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = text
+            .strip_prefix("unix://")
+            .or_else(|| text.strip_prefix("unix:"))
+        {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{text:?}: a Unix socket path must be absolute (unix:///run/keyward.sock)"
+                ));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        text.parse()
+            .map(Self::Tcp)
+            .map_err(|_| format!("{text:?}: expected host:port or unix:///absolute/path"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix://{}", path.display()),
         }
     }
 }

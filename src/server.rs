@@ -14,7 +14,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::authorizer::Authorizer;
-use crate::config::ServeConfig;
+use crate::config::{ListenAddr, ServeConfig};
 use crate::domain::catalog::{Catalog, SENDGRID_CATALOG};
 use crate::domain::key::SecretHash;
 use crate::domain::load_error::LoadError;
@@ -177,7 +177,7 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Listeners {
     /// Authorize, Check, health, reflection (and KeyManager unless separate or disabled).
-    pub grpc: TcpIncoming,
+    pub grpc: GrpcIncoming,
     /// KeyManager alone, when `--manage-listen` is set.
     pub manage: Option<TcpIncoming>,
     /// Prometheus metrics, unless disabled.
@@ -196,7 +196,10 @@ impl Listeners {
                 .map_err(io_error(Path::new(&addr.to_string())))
         };
         Ok(Self {
-            grpc: bind(config.listen).await?,
+            grpc: match &config.listen {
+                ListenAddr::Tcp(addr) => GrpcIncoming::Tcp(bind(*addr).await?),
+                ListenAddr::Unix(path) => bind_unix(path)?,
+            },
             manage: match config.manage_listen {
                 Some(addr) => Some(bind(addr).await?),
                 None => None,
@@ -362,8 +365,18 @@ pub async fn run(
         }
         (None, _) => tracing::info!("KeyManager disabled"),
     }
-    tracing::info!(local = %local_addr(&listeners.grpc)?, "serving gRPC");
-    let grpc = grpc.serve_with_incoming_shutdown(listeners.grpc, stopped());
+    tracing::info!(local = %listeners.grpc.describe(), "serving gRPC");
+    let mut socket_file = None;
+    let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match listeners.grpc {
+            GrpcIncoming::Tcp(incoming) => {
+                Box::pin(grpc.serve_with_incoming_shutdown(incoming, stopped()))
+            }
+            GrpcIncoming::Unix(incoming, path) => {
+                socket_file = Some(path);
+                Box::pin(grpc.serve_with_incoming_shutdown(incoming, stopped()))
+            }
+        };
     let metrics = listeners.metrics.map(|listener| {
         if let Ok(local) = listener.local_addr() {
             tracing::info!(%local, "serving metrics at /metrics");
@@ -408,6 +421,9 @@ pub async fn run(
         joined = async { tokio::join!(served, coordinator) } => joined,
         () = store_health => unreachable!("the health follower runs until the server ends"),
     };
+    if let Some(path) = socket_file {
+        let _ = std::fs::remove_file(path);
+    }
     served?;
     app.keys
         .close()
@@ -415,6 +431,58 @@ pub async fn run(
         .map_err(|_| ServerError::FinalFlush)?;
     tracing::info!("stopped; store flushed");
     Ok(())
+}
+
+/// The main gRPC listener: TCP, or a Unix domain socket.
+#[derive(Debug)]
+pub enum GrpcIncoming {
+    /// TCP, with no-delay and keepalive.
+    Tcp(TcpIncoming),
+    /// A Unix domain socket (and its path, removed at shutdown).
+    Unix(tokio_stream::wrappers::UnixListenerStream, PathBuf),
+}
+
+impl GrpcIncoming {
+    /// The TCP address, for TCP listeners.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self {
+            Self::Tcp(incoming) => incoming.local_addr(),
+            Self::Unix(_, path) => Err(std::io::Error::other(format!(
+                "{} is a Unix socket",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Where it listens, for the log.
+    fn describe(&self) -> String {
+        match self {
+            Self::Tcp(incoming) => incoming
+                .local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string()),
+            Self::Unix(_, path) => format!("unix://{}", path.display()),
+        }
+    }
+}
+
+/// Binds a Unix domain socket at `path`, replacing a stale socket left by
+/// an earlier run (never any other kind of file). Mode 0660: Envoy in
+/// another container of the pod reaches it through the shared volume and
+/// the pod's fsGroup.
+fn bind_unix(path: &Path) -> Result<GrpcIncoming, ServerError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path).map_err(io_error(path))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(io_error(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io_error(path))?;
+    Ok(GrpcIncoming::Unix(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        path.to_owned(),
+    ))
 }
 
 /// Reports KeyManager NOT_SERVING while the store is failing, SERVING

@@ -177,7 +177,7 @@ impl Drop for TestServer {
 
 pub async fn connect(url: &str) -> Channel {
     for _ in 0..50 {
-        if let Ok(channel) = Channel::from_shared(url.to_owned())
+        if let Ok(channel) = tonic::transport::Endpoint::from_shared(url.to_owned())
             .expect("url")
             .connect()
             .await
