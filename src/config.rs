@@ -60,6 +60,11 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_MANAGE_LISTEN", conflicts_with = "disable_manage")]
     pub manage_listen: Option<SocketAddr>,
 
+    /// Serve SendGrid's key-management REST API (`/v3/api_keys`,
+    /// `/v3/scopes`) on this address, e.g. `127.0.0.1:8081`. Off unless set.
+    #[arg(long, env = "KEYWARD_HTTP_LISTEN", conflicts_with = "disable_manage")]
+    pub http_listen: Option<SocketAddr>,
+
     /// Do not serve KeyManager at all: this sidecar only decides, on the
     /// keys its data directory holds (sled locks the directory, so no other
     /// process can manage them while it runs).
@@ -149,6 +154,7 @@ impl ServeConfig {
             routes: None,
             max_keys_per_account: 100,
             manage_listen: None,
+            http_listen: None,
             disable_manage: false,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             disable_metrics: false,

@@ -11,7 +11,11 @@
 //! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`), errors →
 //!   status codes in one place.
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
-//! - [`front`]: what `Authorize` and `Check` share: decide, count, throttle.
+//! - [`rest`]: SendGrid's key-management REST API, through the same key
+//!   service as KeyManager.
+//! - [`front`]: what `Authorize` and `Check` share: validate, decide, count.
+//! - [`access`], [`audit`]: what the two key-management front doors (gRPC
+//!   KeyManager, SendGrid's REST) share: who is calling, and the audit log.
 //! - [`guard`]: guessing detection: repeated wrong secrets per key id.
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
 //! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
@@ -28,6 +32,8 @@
 //! The read path and the write path meet only at the index: decisions never
 //! wait on disk, and a write is visible the moment it is acknowledged.
 
+pub mod access;
+pub mod audit;
 pub mod authorizer;
 pub mod cli;
 pub mod config;
@@ -39,5 +45,6 @@ pub mod guard;
 pub mod keys;
 pub mod metrics;
 pub mod pb;
+pub mod rest;
 pub mod server;
 pub mod store;

@@ -13,6 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::access::Access;
 use crate::authorizer::Authorizer;
 use crate::config::{ListenAddr, ServeConfig};
 use crate::domain::catalog::{Catalog, SENDGRID_CATALOG};
@@ -94,6 +95,14 @@ pub struct App {
     admin: SecretHash,
     limits: Limits,
     tls: Option<ServerTlsConfig>,
+}
+
+impl App {
+    /// How management callers are authenticated (gRPC and REST alike).
+    #[must_use]
+    pub fn access(&self) -> Access {
+        Access::new(self.authorizer.clone(), self.admin, Arc::clone(&self.guard))
+    }
 }
 
 /// Transport limits, from the configuration.
@@ -182,6 +191,8 @@ pub struct Listeners {
     pub manage: Option<TcpIncoming>,
     /// Prometheus metrics, unless disabled.
     pub metrics: Option<TcpIncoming>,
+    /// SendGrid's REST key API, when `--http-listen` is set.
+    pub http: Option<TcpIncoming>,
     manage_enabled: bool,
     echo_enabled: bool,
 }
@@ -208,6 +219,10 @@ impl Listeners {
                 None
             } else {
                 Some(bind(config.metrics_listen).await?)
+            },
+            http: match config.http_listen {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
             },
             manage_enabled: !config.disable_manage,
             echo_enabled: config.enable_echo,
@@ -267,13 +282,8 @@ pub async fn run(
     let check = AuthorizationServer::new(CheckService::new(front(Source::Check)))
         .max_decoding_message_size(limits.max_message_bytes);
     let manage = listeners.manage_enabled.then(|| {
-        KeyManagerServer::new(ManageService::new(
-            Arc::clone(&app.keys),
-            app.authorizer.clone(),
-            app.admin,
-            Arc::clone(&app.guard),
-        ))
-        .max_decoding_message_size(limits.max_message_bytes)
+        KeyManagerServer::new(ManageService::new(Arc::clone(&app.keys), app.access()))
+            .max_decoding_message_size(limits.max_message_bytes)
     });
 
     // One signal fans out to every listener once the grace period is over.
@@ -384,7 +394,31 @@ pub async fn run(
         crate::metrics::serve(listener, Arc::clone(&app.metrics), stopped())
     });
 
+    let rest = listeners.http.map(|listener| {
+        if let Ok(local) = listener.local_addr() {
+            tracing::info!(%local, "serving SendGrid's REST key API");
+        }
+        let router = crate::rest::router(Arc::clone(&app.keys), app.access()).layer(
+            axum::extract::DefaultBodyLimit::max(limits.max_message_bytes),
+        );
+        let shutdown = stopped();
+        async move {
+            axum::serve(AxumIncoming(listener), router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    });
+
     let servers = async {
+        let rest = async {
+            match rest {
+                Some(rest) => rest.await.map_err(|e| ServerError::Io {
+                    path: PathBuf::from("--http-listen"),
+                    source: e,
+                }),
+                None => Ok(()),
+            }
+        };
         let manage = async {
             match separate_manage {
                 Some(server) => server.await,
@@ -396,8 +430,8 @@ pub async fn run(
                 metrics.await;
             }
         };
-        let (grpc, manage, ()) = tokio::join!(grpc, manage, metrics);
-        grpc.and(manage)
+        let (grpc, manage, (), rest) = tokio::join!(grpc, manage, metrics, rest);
+        grpc.and(manage).map_err(ServerError::from).and(rest)
     };
     // In-flight requests get `drain_timeout` after the listeners close; a
     // client that never lets its connection go must not hold shutdown hostage
@@ -505,6 +539,38 @@ async fn follow_store_health(
         if health.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// An [`incoming`] listener as axum accepts connections, so the REST
+/// listener gets the same socket options as every other.
+struct AxumIncoming(TcpIncoming);
+
+impl axum::serve::Listener for AxumIncoming {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.0.next().await {
+                Some(Ok(stream)) => {
+                    if let Ok(peer) = stream.peer_addr() {
+                        return (stream, peer);
+                    }
+                }
+                Some(Err(error)) => {
+                    // As axum's own listener does: back off, keep serving.
+                    tracing::warn!(%error, "REST listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
     }
 }
 

@@ -38,6 +38,7 @@ async fn every_listener_accepts_with_nodelay_and_keepalive() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
     config.manage_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     let mut listeners = Listeners::bind(&config).await.expect("bind");
     let keyward::server::GrpcIncoming::Tcp(grpc) = &mut listeners.grpc else {
         panic!("TCP by default");
@@ -45,6 +46,7 @@ async fn every_listener_accepts_with_nodelay_and_keepalive() {
     assert_accepts_with_nodelay("gRPC", grpc).await;
     assert_accepts_with_nodelay("KeyManager", listeners.manage.as_mut().expect("manage")).await;
     assert_accepts_with_nodelay("metrics", listeners.metrics.as_mut().expect("metrics")).await;
+    assert_accepts_with_nodelay("REST", listeners.http.as_mut().expect("REST")).await;
 }
 
 /// `--listen unix:///path`: the real server on a Unix domain socket (as

@@ -8,123 +8,42 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::status::{invalid, unauthenticated};
-use crate::authorizer::{Authorizer, bearer_credential};
-use crate::domain::decision::DenyReason;
-use crate::domain::key::SecretHash;
-use crate::guard::{Failure, FailureGuard};
+use crate::access::{Access, Unauthenticated};
+use crate::audit;
 use crate::keys::{KeyError, Keys, Operation, Principal};
 use crate::pb::v1 as pb;
 use crate::store::db::Cursor;
-use crate::store::record::KeyRecord;
 
 /// Serves the management RPCs.
 #[derive(Debug, Clone)]
 pub struct ManageService {
     keys: Arc<Keys>,
-    authorizer: Authorizer,
-    admin: SecretHash,
-    guard: Arc<FailureGuard>,
+    access: Access,
 }
 
 impl ManageService {
-    /// The service over the shared key store and authorizer; `admin` is the
-    /// hash of the operator's admin token.
+    /// The service over the shared key store, authenticating callers with
+    /// `access`.
     #[must_use]
-    pub fn new(
-        keys: Arc<Keys>,
-        authorizer: Authorizer,
-        admin: SecretHash,
-        guard: Arc<FailureGuard>,
-    ) -> Self {
-        Self {
-            keys,
-            authorizer,
-            admin,
-            guard,
-        }
+    pub fn new(keys: Arc<Keys>, access: Access) -> Self {
+        Self { keys, access }
     }
 
     /// Authenticates `authorization: Bearer <admin token | API key>`.
     fn principal(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
         let header = metadata
             .get("authorization")
-            .ok_or_else(|| unauthenticated("missing bearer credential"))?
-            .to_str()
-            .map_err(|_| unauthenticated("credential is not ASCII"))?;
-        let credential = bearer_credential(header);
-        if credential.is_empty() {
-            return Err(unauthenticated("missing bearer credential"));
-        }
-        // Both sides hashed to 32 bytes, so the comparison is constant-time
-        // whatever the credential's length.
-        if SecretHash::of(credential.as_bytes()).matches(&self.admin) {
-            return Ok(Principal::Admin);
-        }
-        let verified = match self.authorizer.authenticate(credential) {
-            Ok(verified) => verified,
-            Err(failure) => {
-                match (failure.wrong_secret, failure.key_id, failure.reason) {
-                    (true, Some(id), _) => self.guard.record(Failure::WrongSecret(id)),
-                    // Not an API key at all: an admin token attempt.
-                    (_, _, DenyReason::MalformedKey) => self.guard.record(Failure::AdminToken),
-                    _ => {}
-                }
-                return Err(unauthenticated("invalid, expired or revoked credential"));
-            }
-        };
-        Ok(Principal::Key {
-            id: verified.id,
-            account: verified.account,
-            scopes: verified.scopes,
-        })
+            .map(|value| value.to_str().map_err(|_| ()));
+        self.access
+            .principal(header)
+            .map_err(|Unauthenticated(problem)| unauthenticated(problem))
     }
-}
-
-/// One audit event for an acknowledged change: who, what (operation, key,
-/// scope diff, name), when (the event's timestamp), result. Never a secret.
-fn audit(principal: &Principal, operation: &str, before: Option<&KeyRecord>, after: &KeyRecord) {
-    let had = |scope: &String| before.is_some_and(|b| b.scopes.contains(scope));
-    let (added, removed): (Vec<&String>, Vec<&String>) = if operation == "delete" {
-        (Vec::new(), after.scopes.iter().collect())
-    } else {
-        (
-            after.scopes.iter().filter(|s| !had(s)).collect(),
-            before.map_or_else(Vec::new, |b| {
-                b.scopes
-                    .iter()
-                    .filter(|s| !after.scopes.contains(s))
-                    .collect()
-            }),
-        )
-    };
-    tracing::info!(
-        target: "keyward::audit",
-        actor = %principal.label(),
-        operation,
-        key_id = %convert::api_key(after).key_id,
-        account = %after.account_id,
-        name = %after.name,
-        name_before = before.map(|b| b.name.as_str()).filter(|n| *n != after.name),
-        scopes_added = ?added,
-        scopes_removed = ?removed,
-        result = "ok",
-    );
-}
-
-fn audit_failure(principal: &Principal, operation: &str, error: &KeyError) {
-    tracing::info!(
-        target: "keyward::audit",
-        actor = %principal.label(),
-        operation,
-        error = %error,
-        result = "refused",
-    );
 }
 
 /// Logs a refused change to the audit log, then converts it.
 fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> Status {
     move |error| {
-        audit_failure(principal, operation, &error);
+        audit::refused(principal, operation, &error);
         error.into()
     }
 }
@@ -151,7 +70,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .create(&principal, account, name, grant)
             .await
             .map_err(fail)?;
-        audit(&principal, "create", None, &record);
+        audit::changed(&principal, "create", None, &record);
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(convert::api_key(&record)),
             secret,
@@ -220,7 +139,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .update(&principal, &id, name, Some(grant))
             .await
             .map_err(fail)?;
-        audit(&principal, "update", Some(&before), &record);
+        audit::changed(&principal, "update", Some(&before), &record);
         Ok(Response::new(convert::api_key(&record)))
     }
 
@@ -241,7 +160,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .update(&principal, &id, name, None)
             .await
             .map_err(fail)?;
-        audit(&principal, "rename", Some(&before), &record);
+        audit::changed(&principal, "rename", Some(&before), &record);
         // SendGrid's PATCH returns id and name; the rest (scopes above all)
         // only to a caller that could read the key anyway.
         let key = convert::api_key(&record);
@@ -267,7 +186,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .map_err(fail)?;
         let id = convert::key_id(&request.get_ref().key_id).map_err(fail)?;
         let record = self.keys.delete(&principal, &id).await.map_err(fail)?;
-        audit(&principal, "delete", Some(&record), &record);
+        audit::changed(&principal, "delete", Some(&record), &record);
         Ok(Response::new(pb::DeleteKeyResponse {}))
     }
 

@@ -20,6 +20,8 @@ pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub manage_addr: Option<std::net::SocketAddr>,
+    /// SendGrid's REST key API, when `http_listen` is set.
+    pub http_addr: Option<std::net::SocketAddr>,
     pub metrics: Arc<keyward::metrics::Metrics>,
     pub config: ServeConfig,
     pub admin: String,
@@ -41,6 +43,7 @@ impl TestServer {
         let addr = listeners.grpc.local_addr().expect("addr");
         let metrics_addr = listeners.metrics.as_ref().and_then(|l| l.local_addr().ok());
         let manage_addr = listeners.manage.as_ref().and_then(|l| l.local_addr().ok());
+        let http_addr = listeners.http.as_ref().and_then(|l| l.local_addr().ok());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server::run(listeners, app, async {
             let _ = stopped.await;
@@ -53,6 +56,7 @@ impl TestServer {
             addr,
             metrics_addr,
             manage_addr,
+            http_addr,
             metrics,
             config,
             admin,

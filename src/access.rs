@@ -1,0 +1,74 @@
+//! Who is calling key management, through gRPC (KeyManager) or REST:
+//! `Authorization: Bearer <admin token | API key>`, checked the same way for
+//! both front doors.
+
+use std::sync::Arc;
+
+use crate::authorizer::{Authorizer, bearer_credential};
+use crate::domain::decision::DenyReason;
+use crate::domain::key::SecretHash;
+use crate::guard::{Failure, FailureGuard};
+use crate::keys::Principal;
+
+/// Why a management caller was not authenticated. The message never
+/// echoes the credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unauthenticated(pub &'static str);
+
+/// Authenticates management callers.
+#[derive(Debug, Clone)]
+pub struct Access {
+    authorizer: Authorizer,
+    admin: SecretHash,
+    guard: Arc<FailureGuard>,
+}
+
+impl Access {
+    /// Checks credentials against the live keys and the hash of the
+    /// operator's admin token; failures feed guessing detection.
+    #[must_use]
+    pub fn new(authorizer: Authorizer, admin: SecretHash, guard: Arc<FailureGuard>) -> Self {
+        Self {
+            authorizer,
+            admin,
+            guard,
+        }
+    }
+
+    /// The caller behind an `Authorization` header value (`None`: absent;
+    /// `Err` inside: not ASCII).
+    pub fn principal(
+        &self,
+        header: Option<Result<&str, ()>>,
+    ) -> Result<Principal, Unauthenticated> {
+        let header = header
+            .ok_or(Unauthenticated("missing bearer credential"))?
+            .map_err(|()| Unauthenticated("credential is not ASCII"))?;
+        let credential = bearer_credential(header);
+        if credential.is_empty() {
+            return Err(Unauthenticated("missing bearer credential"));
+        }
+        // Both sides hashed to 32 bytes, so the comparison is constant-time
+        // whatever the credential's length.
+        if SecretHash::of(credential.as_bytes()).matches(&self.admin) {
+            return Ok(Principal::Admin);
+        }
+        match self.authorizer.authenticate(credential) {
+            Ok(verified) => Ok(Principal::Key {
+                id: verified.id,
+                account: verified.account,
+                scopes: verified.scopes,
+            }),
+            Err(failure) => {
+                match (failure.wrong_secret, failure.key_id, failure.reason) {
+                    (true, Some(id), _) => self.guard.record(Failure::WrongSecret(id)),
+                    // Not an API key at all: an admin token attempt.
+                    (_, _, DenyReason::MalformedKey) => self.guard.record(Failure::AdminToken),
+                    _ => {}
+                }
+                Err(Unauthenticated("invalid, expired or revoked credential"))
+            }
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The audit log (target `keyward::audit`): one event for every key change
+//! and every refused change, whichever front door (gRPC or REST) it came
+//! through. Never a secret.
+
+use crate::domain::key::KeyId;
+use crate::keys::{KeyError, Principal};
+use crate::store::record::KeyRecord;
+
+/// An acknowledged change: who, what (operation, key, scope diff, name),
+/// when (the event's timestamp), result.
+pub fn changed(
+    principal: &Principal,
+    operation: &str,
+    before: Option<&KeyRecord>,
+    after: &KeyRecord,
+) {
+    let had = |scope: &String| before.is_some_and(|b| b.scopes.contains(scope));
+    let (added, removed): (Vec<&String>, Vec<&String>) = if operation == "delete" {
+        (Vec::new(), after.scopes.iter().collect())
+    } else {
+        (
+            after.scopes.iter().filter(|s| !had(s)).collect(),
+            before.map_or_else(Vec::new, |b| {
+                b.scopes
+                    .iter()
+                    .filter(|s| !after.scopes.contains(s))
+                    .collect()
+            }),
+        )
+    };
+    tracing::info!(
+        target: "keyward::audit",
+        actor = %principal.label(),
+        operation,
+        key_id = %key_id(after),
+        account = %after.account_id,
+        name = %after.name,
+        name_before = before.map(|b| b.name.as_str()).filter(|n| *n != after.name),
+        scopes_added = ?added,
+        scopes_removed = ?removed,
+        result = "ok",
+    );
+}
+
+/// A refused change, with why.
+pub fn refused(principal: &Principal, operation: &str, error: &KeyError) {
+    tracing::info!(
+        target: "keyward::audit",
+        actor = %principal.label(),
+        operation,
+        error = %error,
+        result = "refused",
+    );
+}
+
+/// A record's key id as text (empty for a record too broken to have one).
+#[must_use]
+pub fn key_id(record: &KeyRecord) -> String {
+    <[u8; 16]>::try_from(record.key_id.as_slice()).map_or_else(
+        |_| String::new(),
+        |bytes| KeyId::from_bytes(bytes).to_string(),
+    )
+}

@@ -1,0 +1,384 @@
+//! SendGrid's key-management REST surface (`/v3/api_keys`, `/v3/scopes`),
+//! so SendGrid's own client libraries work against keyward unchanged but
+//! for the host. A thin adapter, like the gRPC KeyManager: the same
+//! authentication ([`crate::access`]), field validation
+//! ([`crate::grpc::convert`]), rules and writes ([`crate::keys`]) and audit
+//! log ([`crate::audit`]); only the shapes are SendGrid's.
+//!
+//! - `Authorization: Bearer <api key>` acts in the key's own account with its
+//!   `api_keys.*` scopes; the operator's admin token acts as the parent
+//!   account and names the account with SendGrid's `on-behalf-of` header
+//!   (the subuser convention), required where gRPC requires `account_id`.
+//! - Errors are SendGrid's `{"errors": [{"field", "message"}]}` with its
+//!   statuses (400, 401, 403, 404; 503 while storage is failing), never an
+//!   internal detail.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::access::{Access, Unauthenticated};
+use crate::audit;
+use crate::grpc::convert;
+use crate::keys::{KeyError, Keys, Operation, Principal};
+use crate::store::record::KeyRecord;
+
+/// SendGrid's header naming the account (subuser) the parent acts for.
+pub const ON_BEHALF_OF: &str = "on-behalf-of";
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+struct Rest {
+    keys: Arc<Keys>,
+    access: Access,
+}
+
+/// The REST routes over the shared key service.
+pub fn router(keys: Arc<Keys>, access: Access) -> Router {
+    Router::new()
+        .route("/v3/api_keys", get(list).post(create))
+        .route(
+            "/v3/api_keys/{api_key_id}",
+            get(read).put(replace).patch(rename).delete(delete),
+        )
+        .route("/v3/scopes", get(scopes))
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, None, "no such endpoint") })
+        .with_state(Rest { keys, access })
+}
+
+// --- errors ---------------------------------------------------------------------
+
+/// A refusal in SendGrid's error format.
+#[derive(Debug)]
+struct Problem {
+    status: StatusCode,
+    field: Option<&'static str>,
+    message: String,
+}
+
+impl Problem {
+    fn new(status: StatusCode, field: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            field,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(field: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, Some(field), message)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({ "errors": [{ "field": self.field, "message": self.message }] });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<Unauthenticated> for Problem {
+    fn from(Unauthenticated(problem): Unauthenticated) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            None,
+            format!("authorization: {problem}"),
+        )
+    }
+}
+
+/// The same meaning as the gRPC status of the same error
+/// ([`crate::grpc::status`]), in SendGrid's statuses; fields carry their
+/// REST names.
+impl From<KeyError> for Problem {
+    fn from(error: KeyError) -> Self {
+        match error {
+            KeyError::Invalid { field, problem } => {
+                let field = match field {
+                    "key_id" => "api_key_id",
+                    "account_id" => ON_BEHALF_OF,
+                    "page_size" => "limit",
+                    other => other,
+                };
+                Self::bad_request(field, format!("{field}: {problem}"))
+            }
+            KeyError::PermissionDenied(message) => Self::new(StatusCode::FORBIDDEN, None, message),
+            KeyError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, None, "resource not found"),
+            // SendGrid answers a full account with 403.
+            error @ KeyError::LimitReached { .. } => {
+                Self::new(StatusCode::FORBIDDEN, None, error.to_string())
+            }
+            KeyError::Store(error) => {
+                tracing::error!(%error, "store failure");
+                Self::storage_failing()
+            }
+            KeyError::Unavailable => Self::storage_failing(),
+            KeyError::Rng => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+                "internal error; nothing was changed",
+            ),
+        }
+    }
+}
+
+impl Problem {
+    fn storage_failing() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "storage is failing or not responding; nothing was changed or acknowledged, try again later",
+        )
+    }
+}
+
+// --- requests ---------------------------------------------------------------------
+
+/// A JSON body, or SendGrid's 400 naming what is wrong with it.
+fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, Problem> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Problem::bad_request(
+            "body",
+            format!("the request body is not valid JSON for this endpoint: {e}"),
+        )
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateBody {
+    #[serde(default)]
+    name: String,
+    scopes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplaceBody {
+    #[serde(default)]
+    name: String,
+    scopes: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RenameBody {
+    #[serde(default)]
+    name: String,
+}
+
+impl Rest {
+    /// The caller, from `Authorization`.
+    fn principal(&self, headers: &HeaderMap) -> Result<Principal, Problem> {
+        let header = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .map(|v| v.to_str().map_err(|_| ()));
+        Ok(self.access.principal(header)?)
+    }
+
+    /// The account to act in: the admin names it with `on-behalf-of`; a
+    /// key acts in its own (and may not name another).
+    fn account(
+        &self,
+        principal: &Principal,
+        operation: Operation,
+        headers: &HeaderMap,
+    ) -> Result<Arc<str>, KeyError> {
+        let named = headers
+            .get(ON_BEHALF_OF)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+            .unwrap_or_default();
+        self.keys.authorize(principal, operation, named)
+    }
+
+    fn grant(
+        &self,
+        scopes: Option<&[String]>,
+    ) -> Result<Option<crate::domain::scope_set::ScopeSet>, KeyError> {
+        match scopes {
+            None => Ok(None),
+            Some(scopes) => {
+                convert::grant(self.keys.catalog(), scopes, &HashMap::<String, i32>::new())
+            }
+        }
+    }
+}
+
+/// Audits a refusal, then turns it into SendGrid's error.
+fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> Problem {
+    move |error| {
+        audit::refused(principal, operation, &error);
+        error.into()
+    }
+}
+
+fn summary(record: &KeyRecord) -> Value {
+    json!({ "name": record.name, "api_key_id": audit::key_id(record) })
+}
+
+fn detail(record: &KeyRecord) -> Value {
+    json!({ "name": record.name, "api_key_id": audit::key_id(record), "scopes": record.scopes })
+}
+
+// --- handlers ---------------------------------------------------------------------
+
+/// `POST /v3/api_keys {"name", "scopes"?}`: no scopes is Full Access.
+async fn create(
+    State(rest): State<Rest>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, Problem> {
+    let principal = rest.principal(&headers)?;
+    let fail = |e| refused(&principal, "create")(e);
+    let request: CreateBody = body(&bytes)?;
+    let account = rest
+        .account(&principal, Operation::Create, &headers)
+        .map_err(fail)?;
+    let name = convert::name(&request.name).map_err(fail)?;
+    let grant = rest
+        .grant(request.scopes.as_deref())
+        .map_err(fail)?
+        .unwrap_or_else(|| rest.keys.catalog().full_access());
+    let (record, secret) = rest
+        .keys
+        .create(&principal, account, name, grant)
+        .await
+        .map_err(fail)?;
+    audit::changed(&principal, "create", None, &record);
+    let reply = json!({
+        "api_key": secret,
+        "api_key_id": audit::key_id(&record),
+        "name": record.name,
+        "scopes": record.scopes,
+    });
+    Ok((StatusCode::CREATED, axum::Json(reply)).into_response())
+}
+
+/// `GET /v3/api_keys?limit=N`: the account's keys, names and ids.
+async fn list(
+    State(rest): State<Rest>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Problem> {
+    let principal = rest.principal(&headers)?;
+    let account = rest.account(&principal, Operation::Read, &headers)?;
+    let limit = match query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("limit="))
+    {
+        None => convert::DEFAULT_PAGE_SIZE,
+        Some(text) => {
+            let size = text.parse::<i32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                Problem::bad_request("limit", "limit: must be a positive integer")
+            })?;
+            convert::page_size(size)?
+        }
+    };
+    let (records, _) = rest.keys.list(account, None, limit).await?;
+    let result: Vec<Value> = records.iter().map(summary).collect();
+    Ok(axum::Json(json!({ "result": result })).into_response())
+}
+
+/// `GET /v3/api_keys/{api_key_id}`.
+async fn read(
+    State(rest): State<Rest>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let principal = rest.principal(&headers)?;
+    rest.keys.permit(&principal, Operation::Read)?;
+    let id = convert::key_id(&id)?;
+    let record = rest.keys.get(&principal, &id).await?;
+    Ok(axum::Json(json!({ "result": [detail(&record)] })).into_response())
+}
+
+/// `PUT /v3/api_keys/{api_key_id} {"name", "scopes"}`: replaces the name
+/// and every scope.
+async fn replace(
+    State(rest): State<Rest>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, Problem> {
+    let principal = rest.principal(&headers)?;
+    let fail = |e| refused(&principal, "update")(e);
+    let request: ReplaceBody = body(&bytes)?;
+    rest.keys
+        .permit(&principal, Operation::Update)
+        .map_err(fail)?;
+    let id = convert::key_id(&id).map_err(fail)?;
+    let name = convert::name(&request.name).map_err(fail)?;
+    let grant = rest
+        .grant(request.scopes.as_deref())
+        .map_err(fail)?
+        .ok_or_else(|| KeyError::Invalid {
+            field: "scopes",
+            problem: "required: PUT replaces every scope (PATCH changes only the name)".into(),
+        })
+        .map_err(fail)?;
+    let (before, record) = rest
+        .keys
+        .update(&principal, &id, name, Some(grant))
+        .await
+        .map_err(fail)?;
+    audit::changed(&principal, "update", Some(&before), &record);
+    Ok(axum::Json(detail(&record)).into_response())
+}
+
+/// `PATCH /v3/api_keys/{api_key_id} {"name"}`.
+async fn rename(
+    State(rest): State<Rest>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<Response, Problem> {
+    let principal = rest.principal(&headers)?;
+    let fail = |e| refused(&principal, "rename")(e);
+    let request: RenameBody = body(&bytes)?;
+    rest.keys
+        .permit(&principal, Operation::Update)
+        .map_err(fail)?;
+    let id = convert::key_id(&id).map_err(fail)?;
+    let name = convert::name(&request.name).map_err(fail)?;
+    let (before, record) = rest
+        .keys
+        .update(&principal, &id, name, None)
+        .await
+        .map_err(fail)?;
+    audit::changed(&principal, "rename", Some(&before), &record);
+    Ok(axum::Json(summary(&record)).into_response())
+}
+
+/// `DELETE /v3/api_keys/{api_key_id}`: 204 once revoked.
+async fn delete(
+    State(rest): State<Rest>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let principal = rest.principal(&headers)?;
+    let fail = |e| refused(&principal, "delete")(e);
+    rest.keys
+        .permit(&principal, Operation::Delete)
+        .map_err(fail)?;
+    let id = convert::key_id(&id).map_err(fail)?;
+    let record = rest.keys.delete(&principal, &id).await.map_err(fail)?;
+    audit::changed(&principal, "delete", Some(&record), &record);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET /v3/scopes`: the calling credential's own scopes.
+async fn scopes(State(rest): State<Rest>, headers: HeaderMap) -> Result<Response, Problem> {
+    let principal = rest.principal(&headers)?;
+    let scopes = rest
+        .keys
+        .catalog()
+        .names(&rest.keys.held_scopes(&principal));
+    Ok(axum::Json(json!({ "scopes": scopes })).into_response())
+}

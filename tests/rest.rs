@@ -1,0 +1,120 @@
+//! SendGrid's key-management REST API, driven by SendGrid's own client
+//! libraries (Python `sendgrid`, Node `@sendgrid/client`) against a real
+//! `--http-listen` server; the keys they create must then decide through
+//! `Authorize` exactly as they were left. Both clients must be installed in
+//! CI (`.ci/run` installs them); elsewhere a missing client skips with a
+//! message.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use common::TestServer;
+use keyward::config::ServeConfig;
+
+const LIMIT: u32 = 12;
+
+fn missing(tool: &str, install: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{tool} is required in CI ({install})"
+    );
+    eprintln!("SKIPPED: {tool} is not installed ({install})");
+}
+
+async fn start(dir: &tempfile::TempDir) -> TestServer {
+    let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
+    config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.max_keys_per_account = LIMIT;
+    TestServer::start_with(config).await
+}
+
+/// Runs one client's flow (off the runtime, which serves it meanwhile);
+/// returns its report, or `None` if the client is not installed here.
+async fn run_flow(
+    server: &TestServer,
+    program: &str,
+    args: &[&str],
+    cwd: &Path,
+) -> Option<serde_json::Value> {
+    let url = format!("http://{}", server.http_addr.expect("REST enabled"));
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(cwd)
+        .env("KEYWARD_URL", &url)
+        .env("KEYWARD_ADMIN", &server.admin)
+        .env("KEYWARD_LIMIT", LIMIT.to_string());
+    let Ok(output) = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("the client ran")
+    else {
+        missing(program, "see README");
+        return None;
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed:\n{stderr}\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    Some(serde_json::from_slice(&output.stdout).expect("the flow prints its report"))
+}
+
+/// Every key a flow left alive may send mail; every key it revoked may not.
+async fn assert_decisions(server: &TestServer, report: &serde_json::Value) {
+    let keys = |name: &str| -> Vec<String> {
+        report[name]
+            .as_array()
+            .expect(name)
+            .iter()
+            .map(|k| k.as_str().expect("a key").to_owned())
+            .collect()
+    };
+    for key in keys("allowed_mail_send") {
+        assert!(
+            server
+                .authorize(&key, "POST", "/v3/mail/send")
+                .await
+                .allowed
+        );
+    }
+    for key in keys("revoked") {
+        let reply = server.authorize(&key, "POST", "/v3/mail/send").await;
+        assert!(!reply.allowed);
+        assert_eq!(reply.http_status, 401);
+    }
+}
+
+#[tokio::test]
+async fn sendgrids_python_library_manages_keys() {
+    let has_client = Command::new("python3")
+        .args(["-c", "import sendgrid"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_client {
+        return missing("the Python sendgrid library", "pip install sendgrid");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(&dir).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/sendgrid_flow.py");
+    let script = script.to_str().expect("utf-8 path");
+    if let Some(report) = run_flow(&server, "python3", &[script], dir.path()).await {
+        assert_decisions(&server, &report).await;
+    }
+}
+
+#[tokio::test]
+async fn sendgrids_node_client_manages_keys() {
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
+    if !project.join("node_modules/@sendgrid/client").exists() {
+        return missing("@sendgrid/client", "npm ci --prefix tests/clients/node");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(&dir).await;
+    if let Some(report) = run_flow(&server, "node", &["flow.js"], &project).await {
+        assert_decisions(&server, &report).await;
+    }
+}
