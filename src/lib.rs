@@ -27,6 +27,7 @@
 //! - [`domain`]: scopes, bitsets, catalog, routes, key format, rules,
 //!   decisions. Pure: no I/O.
 //! - [`config`]: settings, each a flag and an environment variable.
+//! - [`tls`]: TLS for the REST listener (HTTP/1.1 and h2 by ALPN).
 //! - [`pb`]: generated protobuf code, fenced off.
 //!
 //! The read path and the write path meet only at the index: decisions never
@@ -48,3 +49,4 @@ pub mod pb;
 pub mod rest;
 pub mod server;
 pub mod store;
+pub mod tls;

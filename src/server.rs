@@ -61,6 +61,9 @@ pub enum ServerError {
     /// The gRPC transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The REST listener's TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The final flush at shutdown failed or timed out. Every acknowledged
     /// change was already durable; this only reports the disk's state.
     #[error(
@@ -95,6 +98,8 @@ pub struct App {
     admin: SecretHash,
     limits: Limits,
     tls: Option<ServerTlsConfig>,
+    /// TLS for the REST listener, when both are configured.
+    rest_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl App {
@@ -133,6 +138,14 @@ impl App {
         // store open.
         let admin = load_or_create_admin_token(&config.data.admin_token_path())?;
         let tls = load_tls(config)?;
+        let rest_tls = match (&config.tls_cert, &config.tls_key, config.http_listen) {
+            (Some(cert), Some(key), Some(_)) => Some(crate::tls::server_config(
+                cert,
+                key,
+                config.tls_client_ca.as_deref(),
+            )?),
+            _ => None,
+        };
         let metrics = Arc::new(Metrics::new());
         let opening = std::time::Instant::now();
         let (keys, index) = Keys::open(
@@ -164,6 +177,7 @@ impl App {
             guard: Arc::new(guard),
             admin,
             tls,
+            rest_tls,
             limits: Limits {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
@@ -377,16 +391,15 @@ pub async fn run(
     }
     tracing::info!(local = %listeners.grpc.describe(), "serving gRPC");
     let mut socket_file = None;
-    let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-        match listeners.grpc {
-            GrpcIncoming::Tcp(incoming) => {
-                Box::pin(grpc.serve_with_incoming_shutdown(incoming, stopped()))
-            }
-            GrpcIncoming::Unix(incoming, path) => {
-                socket_file = Some(path);
-                Box::pin(grpc.serve_with_incoming_shutdown(incoming, stopped()))
-            }
-        };
+    let grpc: Serving = match listeners.grpc {
+        GrpcIncoming::Tcp(incoming) => {
+            Box::pin(grpc.serve_with_incoming_shutdown(incoming, stopped()))
+        }
+        GrpcIncoming::Unix(incoming, path) => {
+            socket_file = Some(path);
+            Box::pin(grpc.serve_with_incoming_shutdown(incoming, stopped()))
+        }
+    };
     let metrics = listeners.metrics.map(|listener| {
         if let Ok(local) = listener.local_addr() {
             tracing::info!(%local, "serving metrics at /metrics");
@@ -394,28 +407,36 @@ pub async fn run(
         crate::metrics::serve(listener, Arc::clone(&app.metrics), stopped())
     });
 
-    let rest = listeners.http.map(|listener| {
-        if let Ok(local) = listener.local_addr() {
-            tracing::info!(%local, "serving SendGrid's REST key API");
+    // SendGrid's REST API on tonic's server too (HTTP/1.1 accepted). Not
+    // behind the gRPC deadline and load shedding: they answer in gRPC's
+    // form, which a REST client cannot read; its calls are bounded by
+    // --store-timeout-ms. TLS is terminated by `tls` (see there why).
+    let rest: Option<Serving> = match listeners.http {
+        Some(listener) => {
+            if let Ok(local) = listener.local_addr() {
+                tracing::info!(%local, tls = app.rest_tls.is_some(), "serving SendGrid's REST key API");
+            }
+            let router = crate::rest::router(Arc::clone(&app.keys), app.access()).layer(
+                axum::extract::DefaultBodyLimit::max(limits.max_message_bytes),
+            );
+            let server = Server::builder()
+                .accept_http1(true)
+                .add_routes(tonic::service::Routes::from(router));
+            Some(match &app.rest_tls {
+                Some(tls) => Box::pin(server.serve_with_incoming_shutdown(
+                    crate::tls::incoming(listener, Arc::clone(tls)),
+                    stopped(),
+                )),
+                None => Box::pin(server.serve_with_incoming_shutdown(listener, stopped())),
+            })
         }
-        let router = crate::rest::router(Arc::clone(&app.keys), app.access()).layer(
-            axum::extract::DefaultBodyLimit::max(limits.max_message_bytes),
-        );
-        let shutdown = stopped();
-        async move {
-            axum::serve(AxumIncoming(listener), router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-    });
+        None => None,
+    };
 
     let servers = async {
         let rest = async {
             match rest {
-                Some(rest) => rest.await.map_err(|e| ServerError::Io {
-                    path: PathBuf::from("--http-listen"),
-                    source: e,
-                }),
+                Some(rest) => rest.await,
                 None => Ok(()),
             }
         };
@@ -431,7 +452,7 @@ pub async fn run(
             }
         };
         let (grpc, manage, (), rest) = tokio::join!(grpc, manage, metrics, rest);
-        grpc.and(manage).map_err(ServerError::from).and(rest)
+        grpc.and(manage).and(rest)
     };
     // In-flight requests get `drain_timeout` after the listeners close; a
     // client that never lets its connection go must not hold shutdown hostage
@@ -466,6 +487,9 @@ pub async fn run(
     tracing::info!("stopped; store flushed");
     Ok(())
 }
+
+/// A server running until its shutdown signal.
+type Serving = std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
 /// The main gRPC listener: TCP, or a Unix domain socket.
 #[derive(Debug)]
@@ -539,38 +563,6 @@ async fn follow_store_health(
         if health.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
-    }
-}
-
-/// An [`incoming`] listener as axum accepts connections, so the REST
-/// listener gets the same socket options as every other.
-struct AxumIncoming(TcpIncoming);
-
-impl axum::serve::Listener for AxumIncoming {
-    type Io = tokio::net::TcpStream;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use tokio_stream::StreamExt;
-        loop {
-            match self.0.next().await {
-                Some(Ok(stream)) => {
-                    if let Ok(peer) = stream.peer_addr() {
-                        return (stream, peer);
-                    }
-                }
-                Some(Err(error)) => {
-                    // As axum's own listener does: back off, keep serving.
-                    tracing::warn!(%error, "REST listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.0.local_addr()
     }
 }
 

@@ -40,11 +40,24 @@ async fn run_flow(
     cwd: &Path,
 ) -> Option<serde_json::Value> {
     let url = format!("http://{}", server.http_addr.expect("REST enabled"));
+    run_flow_at(server, &url, &[], program, args, cwd).await
+}
+
+/// [`run_flow`] against `url`, with extra environment.
+async fn run_flow_at(
+    server: &TestServer,
+    url: &str,
+    env: &[(&str, &Path)],
+    program: &str,
+    args: &[&str],
+    cwd: &Path,
+) -> Option<serde_json::Value> {
     let mut command = Command::new(program);
     command
         .args(args)
         .current_dir(cwd)
-        .env("KEYWARD_URL", &url)
+        .envs(env.iter().copied())
+        .env("KEYWARD_URL", url)
         .env("KEYWARD_ADMIN", &server.admin)
         .env("KEYWARD_LIMIT", LIMIT.to_string());
     let Ok(output) = tokio::task::spawn_blocking(move || command.output())
@@ -116,5 +129,109 @@ async fn sendgrids_node_client_manages_keys() {
     let server = start(&dir).await;
     if let Some(report) = run_flow(&server, "node", &["flow.js"], &project).await {
         assert_decisions(&server, &report).await;
+    }
+}
+
+/// The REST API serves TLS like the gRPC listeners (same `--tls-cert` and
+/// `--tls-key`); SendGrid's clients verify it against a CA the way their
+/// users configure one (`SSL_CERT_FILE`, `NODE_EXTRA_CA_CERTS`).
+#[tokio::test]
+async fn sendgrids_clients_work_over_tls() {
+    let has_python_client = Command::new("python3")
+        .args(["-c", "import sendgrid"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let node = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
+    let has_node_client = node.join("node_modules/@sendgrid/client").exists();
+    if !has_python_client || !has_node_client {
+        return missing(
+            "SendGrid's clients",
+            "pip install sendgrid; npm ci --prefix tests/clients/node",
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = common::pki::pki();
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write pem");
+        path
+    };
+    let ca = write("ca.pem", &pki.ca);
+    let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
+    config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.max_keys_per_account = LIMIT;
+    config.tls_cert = Some(write("server.pem", &pki.server.0));
+    config.tls_key = Some(write("server.key", &pki.server.1));
+    let server = TestServer::start_with(config).await;
+    let https = format!(
+        "https://localhost:{}",
+        server.http_addr.expect("REST").port()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/sendgrid_flow.py");
+    let report = run_flow_at(
+        &server,
+        &https,
+        &[("SSL_CERT_FILE", &ca)],
+        "python3",
+        &[script.to_str().expect("utf-8")],
+        dir.path(),
+    )
+    .await
+    .expect("python ran");
+    assert_decisions_over_tls(&server, &report, &pki.ca).await;
+    let report = run_flow_at(
+        &server,
+        &https,
+        &[("NODE_EXTRA_CA_CERTS", &ca)],
+        "node",
+        &["flow.js"],
+        &node,
+    )
+    .await
+    .expect("node ran");
+    assert_decisions_over_tls(&server, &report, &pki.ca).await;
+    // Plain HTTP is refused on a TLS listener.
+    let plain = format!("http://{}", server.http_addr.expect("REST"));
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args(["-c", "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/v3/scopes', timeout=5)"])
+            .arg(plain)
+            .output()
+    })
+    .await
+    .expect("ran")
+    .expect("python");
+    assert!(!output.status.success(), "plaintext must not be served");
+}
+
+/// [`assert_decisions`] through a TLS channel to Authorize.
+async fn assert_decisions_over_tls(server: &TestServer, report: &serde_json::Value, ca: &str) {
+    use keyward::pb::v1 as pb;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let channel = Endpoint::from_shared(format!("https://{}", server.addr))
+        .expect("url")
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    let mut authorizer = pb::authorizer_client::AuthorizerClient::new(channel);
+    for (list, allowed) in [("allowed_mail_send", true), ("revoked", false)] {
+        for key in report[list].as_array().expect(list) {
+            let reply = authorizer
+                .authorize(pb::AuthorizeRequest {
+                    key: key.as_str().expect("key").to_owned(),
+                    method: "POST".into(),
+                    path: "/v3/mail/send".into(),
+                })
+                .await
+                .expect("authorize")
+                .into_inner();
+            assert_eq!(reply.allowed, allowed, "{list}");
+        }
     }
 }

@@ -3,47 +3,11 @@
 mod common;
 
 use common::TestServer;
+use common::pki::pki;
 use keyward::config::ServeConfig;
 use keyward::pb::v1 as pb;
 use keyward::pb::v1::authorizer_client::AuthorizerClient;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-struct Pki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
-    stranger: (String, String),
-}
-
-fn pki() -> Pki {
-    let authority = |name: &str| {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let cert = params.self_signed(&key).expect("ca");
-        (cert.pem(), Issuer::new(params, key))
-    };
-    let leaf = |names: Vec<String>, issuer: &Issuer<'_, KeyPair>| {
-        let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(names)
-            .expect("params")
-            .signed_by(&key, issuer)
-            .expect("leaf");
-        (cert.pem(), key.serialize_pem())
-    };
-    let (ca, issuer) = authority("keyward test CA");
-    let (_, other) = authority("someone else");
-    Pki {
-        ca,
-        server: leaf(vec!["localhost".into(), "127.0.0.1".into()], &issuer),
-        client: leaf(vec!["client.local".into()], &issuer),
-        stranger: leaf(vec!["stranger.local".into()], &other),
-    }
-}
 
 async fn tls_channel(
     server: &TestServer,

@@ -168,14 +168,19 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let slot = self.counters.slot(request.uri().path());
+        // Only gRPC is counted here (the REST API shares the server).
+        let grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+        let pending = grpc.then(|| Pending {
+            counters: Arc::clone(&self.counters),
+            slot: self.counters.slot(request.uri().path()),
+            answered: false,
+        });
         Counted {
             inner: self.inner.call(request),
-            pending: Pending {
-                counters: Arc::clone(&self.counters),
-                slot,
-                answered: false,
-            },
+            pending,
         }
     }
 }
@@ -185,7 +190,7 @@ pin_project_lite::pin_project! {
     pub struct Counted<F> {
         #[pin]
         inner: F,
-        pending: Pending,
+        pending: Option<Pending>,
     }
 }
 
@@ -232,7 +237,9 @@ where
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<i32>().ok())
             .map_or(Code::Ok, Code::from_i32);
-        this.pending.answer(code);
+        if let Some(pending) = this.pending {
+            pending.answer(code);
+        }
         Poll::Ready(Ok(response))
     }
 }

@@ -37,7 +37,7 @@ async function refused(promise, status, field) {
 }
 
 (async () => {
-  const admin = client(ADMIN, 'acme');
+  const admin = client(ADMIN, 'node-acme');
   const scopes = ['api_keys.create', 'api_keys.read', 'api_keys.update', 'api_keys.delete', 'mail.send'];
   const created = await call(admin, 'POST', '/v3/api_keys', { name: 'node manager', scopes });
   assert.equal(created.status, 201);
