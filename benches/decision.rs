@@ -142,6 +142,12 @@ fn bench(c: &mut Criterion) {
     group.bench_function("route_lookup", |b| {
         b.iter(|| routes.required(Method::Post, black_box(templated)));
     });
+    // A parameter slot with sibling literals (pools, warmup, assigned, ...):
+    // the value is compared with each, ignoring case, to refuse spellings a
+    // case-insensitive upstream would route elsewhere.
+    group.bench_function("route_lookup_sibling_checked", |b| {
+        b.iter(|| routes.required(Method::Get, black_box("/v3/ips/192.0.2.7")));
+    });
     group.bench_function("path_check", |b| {
         b.iter(|| canonical_path(black_box(templated)));
     });

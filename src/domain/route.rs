@@ -86,8 +86,9 @@ pub struct RouteTable {
     router: matchit::Router<usize>,
     masks: Vec<[Option<ScopeSet>; METHODS]>,
     /// Per template, per `{param}` in path order: the literal segments other
-    /// templates have at that position under the same prefix.
-    siblings: Vec<Siblings>,
+    /// templates have at that position under the same prefix; `None` when
+    /// there are none at any parameter.
+    siblings: Vec<Option<Siblings>>,
     len: usize,
 }
 
@@ -164,7 +165,8 @@ impl RouteTable {
                 exact.insert(Box::from(template), masks.len());
             }
             masks.push(methods);
-            siblings.push(sibling_literals(template, &all));
+            let literals = sibling_literals(template, &all);
+            siblings.push(literals.iter().any(|l| !l.is_empty()).then_some(literals));
         }
         Ok(Self {
             exact,
@@ -184,10 +186,12 @@ impl RouteTable {
         } else {
             let matched = self.router.at(path).map_err(|_| RouteMiss::Unknown)?;
             let slot = *matched.value;
-            let literals = self.siblings[slot].iter();
-            for ((_, value), literals) in matched.params.iter().zip(literals) {
-                if literals.iter().any(|l| l.eq_ignore_ascii_case(value)) {
-                    return Err(RouteMiss::Ambiguous);
+            // Most templates have no sibling literal at any parameter.
+            if let Some(siblings) = &self.siblings[slot] {
+                for ((_, value), literals) in matched.params.iter().zip(siblings.iter()) {
+                    if literals.iter().any(|l| l.eq_ignore_ascii_case(value)) {
+                        return Err(RouteMiss::Ambiguous);
+                    }
                 }
             }
             slot
