@@ -135,7 +135,7 @@ impl Problem {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             None,
-            "storage is failing or not responding; nothing was changed or acknowledged, try again later",
+            "storage is failing or not responding; the change was not acknowledged (read the key to see whether it was applied) and can be retried later",
         )
     }
 }

@@ -4,10 +4,11 @@ use tonic::{Code, Status};
 
 use crate::keys::KeyError;
 
-/// What a caller learns when storage fails: nothing was acknowledged, and
-/// trying again later is right. Never a path or an OS message.
-const STORAGE_FAILING: &str =
-    "storage is failing or not responding; nothing was changed or acknowledged, try again later";
+/// What a caller learns when storage fails: the change was not
+/// acknowledged. It is usually not applied either, but a change whose flush
+/// was under way when the caller's wait ran out may still complete, so the
+/// message does not promise it. Never a path or an OS message.
+const STORAGE_FAILING: &str = "storage is failing or not responding; the change was not acknowledged (read the key to see whether it was applied) and can be retried later";
 
 impl From<KeyError> for Status {
     fn from(error: KeyError) -> Self {

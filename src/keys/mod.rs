@@ -90,8 +90,8 @@ pub enum KeyError {
     /// server log.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Storage is failing, stuck or busy: nothing was acknowledged.
-    #[error("storage is unavailable; nothing was changed")]
+    /// Storage is failing, stuck or busy: the change was not acknowledged.
+    #[error("storage is unavailable; the change was not acknowledged")]
     Unavailable,
     /// The system RNG failed.
     #[error("random number generator failed")]

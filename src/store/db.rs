@@ -127,9 +127,13 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         // The index, not sled's page cache, serves reads; a small cache keeps
         // resident memory proportional to the keys, not to the data on disk.
+        // No periodic background flush: the key writer flushes every batch
+        // it acknowledges, so a change becomes durable only through that
+        // flush, never half-way through a batch that then fails.
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
+            .flush_every_ms(None)
             .open()?;
         let log = std::fs::File::open(dir.join(SLED_LOG_FILE)).map_err(sled::Error::Io)?;
         Ok(Self {
