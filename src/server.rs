@@ -244,102 +244,224 @@ impl Listeners {
     }
 }
 
-#[allow(
-    clippy::too_many_lines,
-    reason = "wiring reads best top to bottom in one place"
-)]
 /// Serves every keyward service until `shutdown` resolves; then reports
 /// NOT_SERVING for the grace period, stops accepting, lets in-flight requests
-/// finish, and flushes the store.
+/// finish, and closes the store.
 pub async fn run(
     listeners: Listeners,
     app: App,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let (reporter, health) = health_service(listeners.manage_enabled).await;
+    // KeyManager follows the store; Authorizer and Check never do: decisions
+    // are served from memory whatever the disk does.
+    let store_health = tokio::spawn(follow_store_health(
+        app.keys.health(),
+        reporter.clone(),
+        listeners.manage_enabled,
+    ));
+    let stop = Stop::new();
+    // Ends when the servers do, so a server that fails on its own is
+    // reported at once instead of waiting for a shutdown signal.
+    let (ended_tx, ended_rx) = tokio::sync::watch::channel(false);
+    let coordinator = coordinate(
+        shutdown,
+        ended_rx,
+        (reporter, store_health.abort_handle()),
+        app.limits.shutdown_grace,
+        &stop,
+    );
+
+    let Listeners {
+        grpc,
+        manage,
+        metrics,
+        http,
+        manage_enabled,
+        echo_enabled,
+    } = listeners;
+    let socket_file = match &grpc {
+        GrpcIncoming::Unix(_, path) => Some(path.clone()),
+        GrpcIncoming::Tcp(_) => None,
+    };
+    let (grpc, manage) = grpc_servers(
+        &app,
+        grpc,
+        manage,
+        manage_enabled,
+        echo_enabled,
+        health,
+        &stop,
+    )?;
+    let metrics = metrics.map(|listener| {
+        if let Ok(local) = listener.local_addr() {
+            tracing::info!(%local, "serving metrics at /metrics");
+        }
+        crate::metrics::serve(listener, Arc::clone(&app.metrics), stop.stopped())
+    });
+    let rest = http.map(|listener| rest_server(&app, listener, &stop));
+
+    let servers = async {
+        let (grpc, manage, rest, ()) =
+            tokio::join!(grpc, optional(manage), optional(rest), async {
+                if let Some(metrics) = metrics {
+                    metrics.await;
+                }
+            });
+        grpc.and(manage).and(rest)
+    };
+    let served = async {
+        let served = drain(servers, &stop, app.limits.drain_timeout).await;
+        let _ = ended_tx.send(true);
+        served
+    };
+    let (served, ()) = tokio::join!(served, coordinator);
+    store_health.abort();
+    if let Some(path) = socket_file {
+        let _ = std::fs::remove_file(path);
+    }
+    served?;
+    app.keys
+        .close()
+        .await
+        .map_err(|_| ServerError::FinalFlush)?;
+    tracing::info!("stopped; store flushed");
+    Ok(())
+}
+
+/// Health for every service, SERVING to start with.
+async fn health_service(
+    manage_enabled: bool,
+) -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+    use pb::v1::authorizer_server::AuthorizerServer;
+    use pb::v1::key_manager_server::KeyManagerServer;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<AuthorizerServer<AuthorizeService>>()
+        .await;
+    reporter
+        .set_serving::<AuthorizationServer<CheckService>>()
+        .await;
+    if manage_enabled {
+        reporter
+            .set_serving::<KeyManagerServer<ManageService>>()
+            .await;
+    }
+    (reporter, health)
+}
+
+/// One stop signal that fans out to every listener.
+struct Stop {
+    tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Stop {
+    fn new() -> Self {
+        Self {
+            tx: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Resolves once the listeners are to close.
+    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+}
+
+/// On `shutdown`: every service NOT_SERVING at once (and the store-health
+/// follower stopped, so it cannot undo that), requests still served for
+/// `grace` (Kubernetes and Envoy stop sending), then the stop signal.
+/// Returns early if the servers end on their own.
+async fn coordinate(
+    shutdown: impl Future<Output = ()> + Send,
+    mut ended: tokio::sync::watch::Receiver<bool>,
+    (reporter, store_health): (
+        tonic_health::server::HealthReporter,
+        tokio::task::AbortHandle,
+    ),
+    grace: Duration,
+    stop: &Stop,
+) {
+    tokio::select! {
+        () = shutdown => {},
+        _ = ended.wait_for(|ended| *ended) => return,
+    }
+    store_health.abort();
+    tracing::info!(
+        grace_ms = grace.as_millis(),
+        "shutdown: reporting NOT_SERVING, then draining"
+    );
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    for service in [
+        "keyward.v1.Authorizer",
+        "keyward.v1.KeyManager",
+        "envoy.service.auth.v3.Authorization",
+    ] {
+        reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
+    tokio::time::sleep(grace).await;
+    let _ = stop.tx.send(true);
+}
+
+/// In-flight requests get `timeout` after the listeners close; a client
+/// that never lets its connection go must not hold shutdown hostage (every
+/// acknowledged write is already on disk).
+async fn drain(
+    servers: impl Future<Output = Result<(), tonic::transport::Error>>,
+    stop: &Stop,
+    timeout: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let deadline = async {
+        stop.stopped().await;
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::select! {
+        served = servers => served,
+        () = deadline => {
+            tracing::warn!(timeout_ms = timeout.as_millis(), "drain timed out; closing remaining connections");
+            Ok(())
+        }
+    }
+}
+
+async fn optional(server: Option<Serving>) -> Result<(), tonic::transport::Error> {
+    match server {
+        Some(server) => server.await,
+        None => Ok(()),
+    }
+}
+
+/// The gRPC servers: decisions, health, reflection (and KeyManager, unless
+/// it has its own listener or is disabled), and KeyManager's own server.
+/// Each request has a deadline, and a global in-flight limit sheds excess
+/// load with RESOURCE_EXHAUSTED at once rather than queueing it.
+fn grpc_servers(
+    app: &App,
+    grpc: GrpcIncoming,
+    manage_listener: Option<TcpIncoming>,
+    manage_enabled: bool,
+    echo_enabled: bool,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    stop: &Stop,
+) -> Result<(Serving, Option<Serving>), ServerError> {
     use envoy_types::ext_authz::v3::pb::AuthorizationServer;
     use pb::v1::authorizer_server::AuthorizerServer;
     use pb::v1::key_manager_server::KeyManagerServer;
 
     let limits = app.limits;
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<AuthorizerServer<AuthorizeService>>()
-        .await;
-    health_reporter
-        .set_serving::<AuthorizationServer<CheckService>>()
-        .await;
-    if listeners.manage_enabled {
-        health_reporter
-            .set_serving::<KeyManagerServer<ManageService>>()
-            .await;
-    }
-    // KeyManager (and the overall status, which readiness probes read)
-    // follows the store; Authorizer and Check never do: decisions are
-    // served from memory whatever the disk does.
-    let store_health = follow_store_health(
-        app.keys.health(),
-        health_reporter.clone(),
-        listeners.manage_enabled,
-    );
-
-    let front = |source| {
-        FrontDoor::new(
-            app.authorizer.clone(),
-            Arc::clone(&app.catalog),
-            Arc::clone(&app.metrics),
-            Arc::clone(&app.guard),
-            source,
-        )
-    };
-    let authorize = AuthorizerServer::new(AuthorizeService::new(front(Source::Authorize)))
-        .max_decoding_message_size(limits.max_message_bytes);
-    let check = AuthorizationServer::new(CheckService::new(front(Source::Check)))
-        .max_decoding_message_size(limits.max_message_bytes);
-    let manage = listeners.manage_enabled.then(|| {
-        KeyManagerServer::new(ManageService::new(Arc::clone(&app.keys), app.access()))
-            .max_decoding_message_size(limits.max_message_bytes)
-    });
-
-    // One signal fans out to every listener once the grace period is over.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let reporter = health_reporter.clone();
-    let grace = limits.shutdown_grace;
-    // Ends when the servers do, so a server that fails on its own is
-    // reported at once instead of waiting for a shutdown signal.
-    let (ended_tx, mut ended_rx) = tokio::sync::watch::channel(false);
-    let coordinator = async move {
-        tokio::select! {
-            () = shutdown => {},
-            _ = ended_rx.wait_for(|ended| *ended) => return,
-        }
-        tracing::info!(
-            grace_ms = grace.as_millis(),
-            "shutdown: reporting NOT_SERVING, then draining"
-        );
-        reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        for service in [
-            "keyward.v1.Authorizer",
-            "keyward.v1.KeyManager",
-            "envoy.service.auth.v3.Authorization",
-        ] {
-            reporter
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
-        }
-        tokio::time::sleep(grace).await;
-        let _ = stop_tx.send(true);
-    };
-
-    // A deadline per request, and a global in-flight limit that sheds excess
-    // load with RESOURCE_EXHAUSTED at once rather than queueing it.
     let concurrency =
         tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests);
     // Outermost, so shed requests are counted as sent.
@@ -357,135 +479,86 @@ pub async fn run(
                 .into_inner(),
         ))
     };
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let mut grpc = base_server()?
+    let front = |source| {
+        FrontDoor::new(
+            app.authorizer.clone(),
+            Arc::clone(&app.catalog),
+            Arc::clone(&app.metrics),
+            Arc::clone(&app.guard),
+            source,
+        )
+    };
+    let authorize = AuthorizerServer::new(AuthorizeService::new(front(Source::Authorize)))
+        .max_decoding_message_size(limits.max_message_bytes);
+    let check = AuthorizationServer::new(CheckService::new(front(Source::Check)))
+        .max_decoding_message_size(limits.max_message_bytes);
+    let manage = manage_enabled.then(|| {
+        KeyManagerServer::new(ManageService::new(Arc::clone(&app.keys), app.access()))
+            .max_decoding_message_size(limits.max_message_bytes)
+    });
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let mut router = base_server()?
         .add_service(health.clone())
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
         .add_service(authorize)
         .add_service(check);
-    if listeners.echo_enabled {
-        grpc = grpc.add_service(pb::v1::diagnostics_server::DiagnosticsServer::new(
+    if echo_enabled {
+        router = router.add_service(pb::v1::diagnostics_server::DiagnosticsServer::new(
             crate::grpc::echo::EchoService,
         ));
     }
-    let mut separate_manage = None;
-    match (manage, listeners.manage) {
-        (Some(manage), None) => grpc = grpc.add_service(manage),
+    let mut separate_manage: Option<Serving> = None;
+    match (manage, manage_listener) {
+        (Some(manage), None) => router = router.add_service(manage),
         (Some(manage), Some(listener)) => {
             tracing::info!(local = %local_addr(&listener)?, "serving KeyManager on its own listener");
-            let server = base_server()?
-                .add_service(health.clone())
-                .add_service(manage)
-                .serve_with_incoming_shutdown(listener, stopped());
-            separate_manage = Some(server);
+            separate_manage = Some(Box::pin(
+                base_server()?
+                    .add_service(health)
+                    .add_service(manage)
+                    .serve_with_incoming_shutdown(listener, stop.stopped()),
+            ));
         }
         (None, _) => tracing::info!("KeyManager disabled"),
     }
-    tracing::info!(local = %listeners.grpc.describe(), "serving gRPC");
-    let mut socket_file = None;
-    let grpc: Serving = match listeners.grpc {
+    tracing::info!(local = %grpc.describe(), "serving gRPC");
+    let grpc: Serving = match grpc {
         GrpcIncoming::Tcp(incoming) => {
-            Box::pin(grpc.serve_with_incoming_shutdown(incoming, stopped()))
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stop.stopped()))
         }
-        GrpcIncoming::Unix(incoming, path) => {
-            socket_file = Some(path);
-            Box::pin(grpc.serve_with_incoming_shutdown(incoming, stopped()))
+        GrpcIncoming::Unix(incoming, _) => {
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stop.stopped()))
         }
     };
-    let metrics = listeners.metrics.map(|listener| {
-        if let Ok(local) = listener.local_addr() {
-            tracing::info!(%local, "serving metrics at /metrics");
-        }
-        crate::metrics::serve(listener, Arc::clone(&app.metrics), stopped())
-    });
+    Ok((grpc, separate_manage))
+}
 
-    // SendGrid's REST API on tonic's server too (HTTP/1.1 accepted). Not
-    // behind the gRPC deadline and load shedding: they answer in gRPC's
-    // form, which a REST client cannot read; its calls are bounded by
-    // --store-timeout-ms. TLS is terminated by `tls` (see there why).
-    let rest: Option<Serving> = match listeners.http {
-        Some(listener) => {
-            if let Ok(local) = listener.local_addr() {
-                tracing::info!(%local, tls = app.rest_tls.is_some(), "serving SendGrid's REST key API");
-            }
-            let router = crate::rest::router(Arc::clone(&app.keys), app.access()).layer(
-                axum::extract::DefaultBodyLimit::max(limits.max_message_bytes),
-            );
-            let server = Server::builder()
-                .accept_http1(true)
-                .add_routes(tonic::service::Routes::from(router));
-            Some(match &app.rest_tls {
-                Some(tls) => Box::pin(server.serve_with_incoming_shutdown(
-                    crate::tls::incoming(listener, Arc::clone(tls)),
-                    stopped(),
-                )),
-                None => Box::pin(server.serve_with_incoming_shutdown(listener, stopped())),
-            })
-        }
-        None => None,
-    };
-
-    let servers = async {
-        let rest = async {
-            match rest {
-                Some(rest) => rest.await,
-                None => Ok(()),
-            }
-        };
-        let manage = async {
-            match separate_manage {
-                Some(server) => server.await,
-                None => Ok(()),
-            }
-        };
-        let metrics = async {
-            if let Some(metrics) = metrics {
-                metrics.await;
-            }
-        };
-        let (grpc, manage, (), rest) = tokio::join!(grpc, manage, metrics, rest);
-        grpc.and(manage).and(rest)
-    };
-    // In-flight requests get `drain_timeout` after the listeners close; a
-    // client that never lets its connection go must not hold shutdown hostage
-    // (every acknowledged write is already on disk).
-    let drain_deadline = async {
-        stopped().await;
-        tokio::time::sleep(limits.drain_timeout).await;
-    };
-    let served = async {
-        let served = tokio::select! {
-            served = servers => served,
-            () = drain_deadline => {
-                tracing::warn!(timeout_ms = limits.drain_timeout.as_millis(), "drain timed out; closing remaining connections");
-                Ok(())
-            }
-        };
-        let _ = ended_tx.send(true);
-        served
-    };
-    let (served, ()) = tokio::select! {
-        joined = async { tokio::join!(served, coordinator) } => joined,
-        () = store_health => unreachable!("the health follower runs until the server ends"),
-    };
-    if let Some(path) = socket_file {
-        let _ = std::fs::remove_file(path);
+/// SendGrid's REST API, on tonic's server too (HTTP/1.1 accepted). Not
+/// behind the gRPC deadline and load shedding: they answer in gRPC's form,
+/// which a REST client cannot read; its calls are bounded by
+/// `--store-timeout-ms`. TLS is terminated by [`crate::tls`] (see there why).
+fn rest_server(app: &App, listener: TcpIncoming, stop: &Stop) -> Serving {
+    if let Ok(local) = listener.local_addr() {
+        tracing::info!(%local, tls = app.rest_tls.is_some(), "serving SendGrid's REST key API");
     }
-    served?;
-    app.keys
-        .close()
-        .await
-        .map_err(|_| ServerError::FinalFlush)?;
-    tracing::info!("stopped; store flushed");
-    Ok(())
+    let router = crate::rest::router(Arc::clone(&app.keys), app.access()).layer(
+        axum::extract::DefaultBodyLimit::max(app.limits.max_message_bytes),
+    );
+    let server = Server::builder()
+        .accept_http1(true)
+        .add_routes(tonic::service::Routes::from(router));
+    match &app.rest_tls {
+        Some(tls) => Box::pin(server.serve_with_incoming_shutdown(
+            crate::tls::incoming(listener, Arc::clone(tls)),
+            stop.stopped(),
+        )),
+        None => Box::pin(server.serve_with_incoming_shutdown(listener, stop.stopped())),
+    }
 }
 
 /// A server running until its shutdown signal.
@@ -544,7 +617,8 @@ fn bind_unix(path: &Path) -> Result<GrpcIncoming, ServerError> {
 }
 
 /// Reports KeyManager NOT_SERVING while the store is failing, SERVING
-/// again once it recovers. Runs until the server ends.
+/// again once it recovers. Runs until the store closes or the server ends
+/// (which aborts it, so it cannot undo the shutdown's NOT_SERVING).
 async fn follow_store_health(
     mut health: tokio::sync::watch::Receiver<StoreHealth>,
     reporter: tonic_health::server::HealthReporter,
@@ -561,7 +635,7 @@ async fn follow_store_health(
                 .await;
         }
         if health.changed().await.is_err() {
-            std::future::pending::<()>().await;
+            return;
         }
     }
 }
