@@ -56,6 +56,8 @@ fn fixture(catalog: &Catalog, routes: &Arc<RouteTable>, size: usize) -> Fixture 
                 hash: new_key.hash,
                 scopes,
                 account: Arc::clone(&account),
+                disabled: false,
+                expires_at: keyward::authorizer::NEVER,
             },
         );
         baseline.insert(*new_key.id.as_bytes(), *new_key.hash.as_bytes());
@@ -165,6 +167,8 @@ fn bench(c: &mut Criterion) {
             hash: one.hash,
             scopes: have,
             account: Arc::from("acme"),
+            disabled: false,
+            expires_at: keyward::authorizer::NEVER,
         },
     );
     let one_presented = PresentedKey::parse(&one.text).expect("valid");

@@ -1522,7 +1522,7 @@ async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
                     kind: 2,
                     scopes: scopes.clone(),
                     created_at_unix_nanos: i64::try_from(i).unwrap_or_default(),
-                    updated_at_unix_nanos: 0,
+                    ..KeyRecord::default()
                 });
                 if batch.len() == batch.capacity() {
                     store.import(&batch)?;

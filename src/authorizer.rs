@@ -24,6 +24,7 @@ impl Authorizer {
     }
 
     /// Verifies a credential as an API key: `Bearer <key>` or a bare key.
+    /// In order: format, id, secret, disabled, expired.
     pub fn authenticate(&self, credential: &str) -> Result<Verified, AuthFailure> {
         let key = bearer_credential(credential);
         if key.is_empty() {
@@ -31,13 +32,26 @@ impl Authorizer {
         }
         let presented = PresentedKey::parse(key)
             .map_err(|_| AuthFailure::new(DenyReason::MalformedKey, None))?;
-        self.index
+        let verified = self
+            .index
             .verify(&presented)
             .map_err(|rejected| AuthFailure {
                 reason: DenyReason::UnknownKey,
                 key_id: Some(presented.id),
                 wrong_secret: rejected == Rejected::WrongSecret,
-            })
+            })?;
+        // After the secret, so only the key's holder learns its state.
+        if verified.disabled {
+            return Err(AuthFailure::new(
+                DenyReason::KeyDisabled,
+                Some(presented.id),
+            ));
+        }
+        // The clock is read only for keys that expire.
+        if verified.expires_at != NEVER && verified.expires_at <= now_nanos() {
+            return Err(AuthFailure::new(DenyReason::KeyExpired, Some(presented.id)));
+        }
+        Ok(verified)
     }
 
     /// Decides one request. `method` is `None` for a valid HTTP method no
@@ -77,6 +91,17 @@ impl Authorizer {
         }
         decision
     }
+}
+
+/// `expires_at` of a key that never expires.
+pub const NEVER: i64 = i64::MAX;
+
+/// The wall clock, as Unix nanoseconds.
+#[must_use]
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// Why a credential did not authenticate.

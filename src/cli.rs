@@ -80,6 +80,9 @@ pub enum KeysCommand {
         /// Account to create in (admin token only).
         #[arg(long, default_value = "")]
         account: String,
+        /// Expire the key after this long, e.g. `30d`, `12h`, `90m`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
     },
     /// List an account's keys.
     List {
@@ -121,6 +124,27 @@ pub enum KeysCommand {
     Delete {
         /// The key id.
         key_id: String,
+    },
+    /// Disable a key: every decision denies it until `enable`.
+    Disable {
+        /// The key id.
+        key_id: String,
+    },
+    /// Enable a disabled key.
+    Enable {
+        /// The key id.
+        key_id: String,
+    },
+    /// Set when a key expires (`--in 30d`), or clear it (`--never`).
+    Expire {
+        /// The key id.
+        key_id: String,
+        /// Expire this long from now.
+        #[arg(long = "in", value_parser = humantime::parse_duration, conflicts_with = "never", required_unless_present = "never")]
+        after: Option<std::time::Duration>,
+        /// Never expire.
+        #[arg(long)]
+        never: bool,
     },
     /// Show the calling credential's scopes.
     Scopes,
@@ -179,6 +203,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
             scopes,
             access,
             account,
+            expires_in,
         } => {
             let response = client
                 .create_key(authed(
@@ -188,6 +213,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                         scopes,
                         access: parse_access(&access)?,
                         account_id: account,
+                        expires_at: expires_in.map(from_now),
                     },
                 ))
                 .await?
@@ -215,11 +241,17 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                     .await?
                     .into_inner();
                 for key in &page.keys {
+                    let state = match (key.enabled, key.expired) {
+                        (_, true) => "expired",
+                        (false, false) => "disabled",
+                        (true, false) => "enabled",
+                    };
                     let _ = writeln!(
                         out,
-                        "{}  {:<18}  {}",
+                        "{}  {:<18}  {:<8}  {}",
                         key.key_id,
                         kind_name(key.kind),
+                        state,
                         key.name
                     );
                 }
@@ -272,6 +304,34 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 .await?;
             format!("revoked {key_id}\n")
         }
+        KeysCommand::Disable { key_id } => show_key(
+            &client
+                .disable_key(authed(&bearer, pb::DisableKeyRequest { key_id }))
+                .await?
+                .into_inner(),
+        ),
+        KeysCommand::Enable { key_id } => show_key(
+            &client
+                .enable_key(authed(&bearer, pb::EnableKeyRequest { key_id }))
+                .await?
+                .into_inner(),
+        ),
+        KeysCommand::Expire {
+            key_id,
+            after,
+            never: _,
+        } => show_key(
+            &client
+                .set_key_expiry(authed(
+                    &bearer,
+                    pb::SetKeyExpiryRequest {
+                        key_id,
+                        expires_at: after.map(from_now),
+                    },
+                ))
+                .await?
+                .into_inner(),
+        ),
         KeysCommand::Scopes => {
             let scopes = client
                 .get_scopes(authed(&bearer, pb::GetScopesRequest {}))
@@ -353,7 +413,24 @@ fn show_key(key: &pb::ApiKey) -> String {
         let _ = writeln!(out, "created_at: {created}");
     }
     let _ = writeln!(out, "scopes:     {}", key.scopes.join(" "));
+    let _ = writeln!(out, "enabled:    {}", key.enabled);
+    match &key.expires_at {
+        Some(at) => {
+            let _ = writeln!(
+                out,
+                "expires_at: {at}{}",
+                if key.expired { " (expired)" } else { "" }
+            );
+        }
+        None => out.push_str("expires_at: never\n"),
+    }
     out
+}
+
+/// `now + after` as a protobuf timestamp.
+fn from_now(after: std::time::Duration) -> prost_types::Timestamp {
+    let at = std::time::SystemTime::now() + after;
+    prost_types::Timestamp::from(at)
 }
 
 fn kind_name(kind: i32) -> &'static str {

@@ -134,7 +134,11 @@ fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
     let missing = catalog.names(&decision.missing);
     let mut headers = vec![(DENY_REASON_HEADER, reason.label().to_owned())];
     let (grpc, http, message) = match reason {
-        DenyReason::MissingKey | DenyReason::MalformedKey | DenyReason::UnknownKey => {
+        DenyReason::MissingKey
+        | DenyReason::MalformedKey
+        | DenyReason::UnknownKey
+        | DenyReason::KeyExpired
+        | DenyReason::KeyDisabled => {
             headers.push(("www-authenticate", "Bearer realm=\"keyward\"".to_owned()));
             (
                 Status::unauthenticated(reason.label()),

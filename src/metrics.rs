@@ -33,7 +33,7 @@ pub enum Source {
     Check = 1,
 }
 
-const REASONS: [Option<DenyReason>; 7] = [
+const REASONS: [Option<DenyReason>; 9] = [
     None,
     Some(DenyReason::MissingKey),
     Some(DenyReason::MalformedKey),
@@ -41,6 +41,8 @@ const REASONS: [Option<DenyReason>; 7] = [
     Some(DenyReason::InsufficientScope),
     Some(DenyReason::UnknownRoute),
     Some(DenyReason::AmbiguousPath),
+    Some(DenyReason::KeyExpired),
+    Some(DenyReason::KeyDisabled),
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

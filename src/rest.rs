@@ -221,8 +221,18 @@ fn summary(record: &KeyRecord) -> Value {
     json!({ "name": record.name, "api_key_id": audit::key_id(record) })
 }
 
+/// A key as SendGrid shows it, plus keyward's lifecycle fields (SendGrid's
+/// clients ignore fields they do not know): `enabled`, and `expires_at` in
+/// Unix seconds (null: never).
 fn detail(record: &KeyRecord) -> Value {
-    json!({ "name": record.name, "api_key_id": audit::key_id(record), "scopes": record.scopes })
+    json!({
+        "name": record.name,
+        "api_key_id": audit::key_id(record),
+        "scopes": record.scopes,
+        "enabled": !record.disabled,
+        "expires_at": (record.expires_at_unix_nanos != 0)
+            .then(|| record.expires_at_unix_nanos.div_euclid(1_000_000_000)),
+    })
 }
 
 // --- handlers ---------------------------------------------------------------------
@@ -246,7 +256,7 @@ async fn create(
         .unwrap_or_else(|| rest.keys.catalog().full_access());
     let (record, secret) = rest
         .keys
-        .create(&principal, account, name, grant)
+        .create(&principal, account, name, grant, None)
         .await
         .map_err(fail)?;
     audit::changed(&principal, "create", None, &record);

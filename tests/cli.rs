@@ -156,3 +156,49 @@ fn serve_with_defaults_and_manage_keys_from_the_cli() {
     assert!(!log.contains(&secret[26..]), "secrets are never logged");
     assert!(log.contains("keyward::audit"), "changes are audited");
 }
+
+/// `keys create --expires-in`, `keys disable|enable`, `keys expire --in|--never`
+/// and the lifecycle fields in `get` and `list`.
+#[test]
+fn lifecycle_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let serve = Serve::start(dir.path());
+    let created = ok(&serve.keys(
+        dir.path(),
+        &[
+            "create",
+            "--name",
+            "temp",
+            "--scope",
+            "mail.send",
+            "--account",
+            "acme",
+            "--expires-in",
+            "30d",
+        ],
+    ));
+    let id = field(&created, "key_id:").to_owned();
+    assert!(
+        field(&created, "expires_at:").starts_with("20"),
+        "{created}"
+    );
+    assert_eq!(field(&created, "enabled:"), "true");
+
+    let disabled = ok(&serve.keys(dir.path(), &["disable", &id]));
+    assert_eq!(field(&disabled, "enabled:"), "false");
+    let listed = ok(&serve.keys(dir.path(), &["list", "--account", "acme"]));
+    assert!(listed.contains("disabled"), "{listed}");
+    let enabled = ok(&serve.keys(dir.path(), &["enable", &id]));
+    assert_eq!(field(&enabled, "enabled:"), "true");
+
+    let never = ok(&serve.keys(dir.path(), &["expire", &id, "--never"]));
+    assert_eq!(field(&never, "expires_at:"), "never");
+    let soon = ok(&serve.keys(dir.path(), &["expire", &id, "--in", "2h"]));
+    assert!(field(&soon, "expires_at:").starts_with("20"), "{soon}");
+    // Bad input is refused with the field named.
+    let refused = serve.keys(dir.path(), &["expire", &id, "--in", "soon"]);
+    assert!(!refused.status.success());
+    let refused = serve.keys(dir.path(), &["expire", &id]);
+    assert!(!refused.status.success(), "--in or --never is required");
+    assert!(serve.terminate().success());
+}

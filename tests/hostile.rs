@@ -205,6 +205,7 @@ async fn hostile_input_changes_nothing_and_the_server_keeps_serving() {
         scopes,
         account_id: "acme".into(),
         access: HashMap::new(),
+        expires_at: None,
     };
     let cases = vec![
         (create("", vec!["mail.send".into()]), "name:"),

@@ -15,6 +15,7 @@ fn create(name: &str, scopes: &[&str], account: &str) -> pb::CreateKeyRequest {
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         access: HashMap::new(),
         account_id: account.to_owned(),
+        expires_at: None,
     }
 }
 

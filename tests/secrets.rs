@@ -67,6 +67,7 @@ async fn no_secret_or_admin_token_escapes() {
                     scopes: scopes.into_iter().map(String::from).collect(),
                     account_id: "acme".into(),
                     access: HashMap::new(),
+                    expires_at: None,
                 },
             ))
             .await

@@ -20,6 +20,10 @@ pub enum DenyReason {
     UnknownRoute,
     /// The path could be read more than one way.
     AmbiguousPath,
+    /// The key's expiry time has passed.
+    KeyExpired,
+    /// The key is disabled.
+    KeyDisabled,
 }
 
 impl DenyReason {
@@ -27,7 +31,11 @@ impl DenyReason {
     #[must_use]
     pub fn http_status(self) -> u16 {
         match self {
-            Self::MissingKey | Self::MalformedKey | Self::UnknownKey => 401,
+            Self::MissingKey
+            | Self::MalformedKey
+            | Self::UnknownKey
+            | Self::KeyExpired
+            | Self::KeyDisabled => 401,
             Self::InsufficientScope | Self::UnknownRoute | Self::AmbiguousPath => 403,
         }
     }
@@ -42,6 +50,8 @@ impl DenyReason {
             Self::InsufficientScope => "access forbidden: the API key lacks required scopes",
             Self::UnknownRoute => "access forbidden: no such route",
             Self::AmbiguousPath => "access forbidden: ambiguous request path",
+            Self::KeyExpired => "the provided API key has expired",
+            Self::KeyDisabled => "the provided API key is disabled",
         }
     }
 
@@ -55,6 +65,8 @@ impl DenyReason {
             Self::InsufficientScope => "insufficient_scope",
             Self::UnknownRoute => "unknown_route",
             Self::AmbiguousPath => "ambiguous_path",
+            Self::KeyExpired => "key_expired",
+            Self::KeyDisabled => "key_disabled",
         }
     }
 }

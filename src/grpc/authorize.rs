@@ -65,5 +65,7 @@ fn deny_reason_pb(reason: Option<DenyReason>) -> pb::DenyReason {
         Some(DenyReason::InsufficientScope) => pb::DenyReason::InsufficientScope,
         Some(DenyReason::UnknownRoute) => pb::DenyReason::UnknownRoute,
         Some(DenyReason::AmbiguousPath) => pb::DenyReason::AmbiguousPath,
+        Some(DenyReason::KeyExpired) => pb::DenyReason::KeyExpired,
+        Some(DenyReason::KeyDisabled) => pb::DenyReason::KeyDisabled,
     }
 }

@@ -116,7 +116,36 @@ pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
         account_id: record.account_id.clone(),
         created_at: Some(timestamp(record.created_at_unix_nanos)),
         updated_at: Some(timestamp(record.updated_at_unix_nanos)),
+        expires_at: (record.expires_at_unix_nanos != 0)
+            .then(|| timestamp(record.expires_at_unix_nanos)),
+        enabled: !record.disabled,
+        expired: crate::keys::writer::expired(record),
     }
+}
+
+/// An expiry time from a request: unset is none; a set time must be a valid
+/// timestamp in the future.
+pub fn expires_at(time: Option<&prost_types::Timestamp>) -> Result<Option<i64>, KeyError> {
+    let Some(time) = time else {
+        return Ok(None);
+    };
+    let invalid = |problem: &str| KeyError::Invalid {
+        field: "expires_at",
+        problem: problem.into(),
+    };
+    if !(0..1_000_000_000).contains(&time.nanos) {
+        return Err(invalid("nanos must be 0 to 999,999,999"));
+    }
+    let nanos = time
+        .seconds
+        .checked_mul(1_000_000_000)
+        .and_then(|n| n.checked_add(i64::from(time.nanos)))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| invalid("out of range"))?;
+    if nanos <= crate::authorizer::now_nanos() {
+        return Err(invalid("must be in the future"));
+    }
+    Ok(Some(nanos))
 }
 
 fn timestamp(nanos: i64) -> prost_types::Timestamp {

@@ -10,7 +10,7 @@ use super::convert;
 use super::status::{invalid, unauthenticated};
 use crate::access::{Access, Unauthenticated};
 use crate::audit;
-use crate::keys::{KeyError, Keys, Operation, Principal};
+use crate::keys::{Expiry, KeyError, Keys, Operation, Principal};
 use crate::pb::v1 as pb;
 use crate::store::db::Cursor;
 
@@ -65,9 +65,10 @@ impl pb::key_manager_server::KeyManager for ManageService {
         let grant = convert::grant(self.keys.catalog(), &request.scopes, &request.access)
             .map_err(fail)?
             .unwrap_or_else(|| self.keys.catalog().full_access());
+        let expires_at = convert::expires_at(request.expires_at.as_ref()).map_err(fail)?;
         let (record, secret) = self
             .keys
-            .create(&principal, account, name, grant)
+            .create(&principal, account, name, grant, expires_at)
             .await
             .map_err(fail)?;
         audit::changed(&principal, "create", None, &record);
@@ -230,5 +231,62 @@ impl pb::key_manager_server::KeyManager for ManageService {
             categories,
             aliases: catalog.aliases().clone().into_iter().collect(),
         }))
+    }
+
+    async fn disable_key(
+        &self,
+        request: Request<pb::DisableKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let key_id = request.get_ref().key_id.clone();
+        self.set_state(&request, "disable", &key_id, Some(true), None)
+            .await
+    }
+
+    async fn enable_key(
+        &self,
+        request: Request<pb::EnableKeyRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let key_id = request.get_ref().key_id.clone();
+        self.set_state(&request, "enable", &key_id, Some(false), None)
+            .await
+    }
+
+    async fn set_key_expiry(
+        &self,
+        request: Request<pb::SetKeyExpiryRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let expires_at = convert::expires_at(request.get_ref().expires_at.as_ref())
+            .map_err(|e| refused(&principal, "set_expiry")(e))?;
+        let key_id = request.get_ref().key_id.clone();
+        let expiry = expires_at.map_or(Expiry::Never, Expiry::At);
+        self.set_state(&request, "set_expiry", &key_id, None, Some(expiry))
+            .await
+    }
+}
+
+impl ManageService {
+    /// DisableKey, EnableKey and SetKeyExpiry: the same rules as UpdateKey.
+    async fn set_state<T>(
+        &self,
+        request: &Request<T>,
+        operation: &str,
+        key_id: &str,
+        disabled: Option<bool>,
+        expires_at: Option<Expiry>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let fail = |e| refused(&principal, operation)(e);
+        self.keys
+            .permit(&principal, Operation::Update)
+            .map_err(fail)?;
+        let id = convert::key_id(key_id).map_err(fail)?;
+        let (before, record) = self
+            .keys
+            .set_state(&principal, &id, disabled, expires_at)
+            .await
+            .map_err(fail)?;
+        audit::changed(&principal, operation, Some(&before), &record);
+        Ok(Response::new(convert::api_key(&record)))
     }
 }

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::store::db::{Cursor, Store, StoreError};
 use crate::store::index::Index;
 use crate::store::record::KeyRecord;
+pub use writer::Expiry;
 use writer::{Change, Command, Committed, FailureKind, Job, Shared, StoreHealth, Writer};
 
 /// Changes that may wait for the writer at once; past that, writes are
@@ -239,6 +240,7 @@ impl Keys {
         account: Arc<str>,
         name: String,
         grant: ScopeSet,
+        expires_at: Option<i64>,
     ) -> Result<(KeyRecord, String), KeyError> {
         let key = key::generate().map_err(|_| KeyError::Rng)?;
         let committed = self
@@ -249,6 +251,7 @@ impl Keys {
                     name,
                     grant,
                     key,
+                    expires_at,
                 },
             )
             .await?;
@@ -289,6 +292,28 @@ impl Keys {
                     id: *id,
                     name,
                     grant,
+                },
+            )
+            .await?;
+        Ok((committed.before.unwrap_or_default(), committed.after))
+    }
+
+    /// Disables or enables a key, and/or sets its expiry; `None` keeps
+    /// each as it is. Returns the record before and after.
+    pub async fn set_state(
+        &self,
+        principal: &Principal,
+        id: &KeyId,
+        disabled: Option<bool>,
+        expires_at: Option<Expiry>,
+    ) -> Result<(KeyRecord, KeyRecord), KeyError> {
+        let committed = self
+            .submit(
+                principal,
+                Change::SetState {
+                    id: *id,
+                    disabled,
+                    expires_at,
                 },
             )
             .await?;

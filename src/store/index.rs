@@ -17,6 +17,10 @@ pub struct Entry {
     pub scopes: ScopeSet,
     /// The key's account, shared by all keys of the account.
     pub account: Arc<str>,
+    /// Disabled keys are denied.
+    pub disabled: bool,
+    /// Unix nanos after which the key is denied; `i64::MAX`: never.
+    pub expires_at: i64,
 }
 
 /// A key that verified: its scopes and account.
@@ -28,6 +32,10 @@ pub struct Verified {
     pub scopes: ScopeSet,
     /// The key's account.
     pub account: Arc<str>,
+    /// Whether the key is disabled.
+    pub disabled: bool,
+    /// Unix nanos after which the key is denied; `i64::MAX`: never.
+    pub expires_at: i64,
 }
 
 /// Why a presented key did not verify. Callers answer both the same way;
@@ -77,6 +85,8 @@ impl Index {
                 id: key.id,
                 scopes: entry.scopes,
                 account: Arc::clone(&entry.account),
+                disabled: entry.disabled,
+                expires_at: entry.expires_at,
             })
         } else {
             Err(Rejected::WrongSecret)

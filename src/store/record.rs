@@ -97,6 +97,8 @@ mod tests {
             scopes: vec!["mail.send".into()],
             created_at_unix_nanos: 1,
             updated_at_unix_nanos: 2,
+            disabled: true,
+            expires_at_unix_nanos: 3,
         }
     }
 

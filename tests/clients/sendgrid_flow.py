@@ -62,12 +62,15 @@ sg = client(manager["api_key"])
 child = body(sg.api_keys.post(request_body={"name": "mailer", "scopes": ["mail.send"]}))
 assert child["scopes"] == ["mail.send"], child
 got = body(sg.api_keys._(child["api_key_id"]).get())
-assert got == {"result": [{"name": "mailer", "api_key_id": child["api_key_id"], "scopes": ["mail.send"]}]}, got
+# SendGrid's fields, plus keyward's lifecycle fields (clients ignore unknown ones).
+assert got == {"result": [{"name": "mailer", "api_key_id": child["api_key_id"], "scopes": ["mail.send"],
+                           "enabled": True, "expires_at": None}]}, got
 listed = body(sg.api_keys.get(query_params={"limit": 10}))
 assert {"name": "mailer", "api_key_id": child["api_key_id"]} in listed["result"], listed
 assert all(set(k) == {"name", "api_key_id"} for k in listed["result"]), listed
 put = body(sg.api_keys._(child["api_key_id"]).put(request_body={"name": "alerts", "scopes": ["alerts.read"]}))
-assert put == {"api_key_id": child["api_key_id"], "name": "alerts", "scopes": ["alerts.read"]}, put
+assert put == {"api_key_id": child["api_key_id"], "name": "alerts", "scopes": ["alerts.read"],
+               "enabled": True, "expires_at": None}, put
 patched = body(sg.api_keys._(child["api_key_id"]).patch(request_body={"name": "alerts reader"}))
 assert patched == {"api_key_id": child["api_key_id"], "name": "alerts reader"}, patched
 own = body(sg.scopes.get())

@@ -1,0 +1,296 @@
+//! Key lifecycle: disable/enable and expiry, through Authorize and Check,
+//! under the same least-privilege rules as every change, across a restart.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::{TestServer, assert_status, bearer};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+use keyward::pb::v1 as pb;
+use tonic::Code;
+
+fn at(after: Duration) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(SystemTime::now() + after)
+}
+
+async fn get(server: &TestServer, key_id: &str) -> pb::ApiKey {
+    server
+        .manager()
+        .await
+        .get_key(bearer(
+            &server.admin,
+            pb::GetKeyRequest {
+                key_id: key_id.into(),
+            },
+        ))
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+async fn deny_reason(server: &TestServer, secret: &str) -> (i32, u32, String) {
+    let reply = server.authorize(secret, "POST", "/v3/mail/send").await;
+    (reply.reason, reply.http_status, reply.message)
+}
+
+/// The reason header Envoy's deny carries for `secret`.
+async fn check_reason(server: &TestServer, secret: &str) -> (u32, String) {
+    let response = AuthorizationClient::new(server.channel().await)
+        .check(CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: "POST".into(),
+                        path: "/v3/mail/send".into(),
+                        headers: [("authorization".to_owned(), format!("Bearer {secret}"))]
+                            .into_iter()
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("check")
+        .into_inner();
+    let Some(HttpResponse::DeniedResponse(denied)) = response.http_response else {
+        panic!("expected a deny: {response:?}");
+    };
+    let reason = denied
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key == "x-keyward-deny-reason")
+        .map(|h| h.value.clone())
+        .unwrap_or_default();
+    (
+        denied
+            .status
+            .map_or(0, |s| u32::try_from(s.code).unwrap_or(0)),
+        reason,
+    )
+}
+
+#[tokio::test]
+async fn a_disabled_key_is_denied_until_enabled_and_cannot_manage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (id, secret) = server
+        .create_key("acme", &["mail.send", "api_keys.read"])
+        .await;
+    let mut manager = server.manager().await;
+    let disabled = manager
+        .disable_key(bearer(
+            &server.admin,
+            pb::DisableKeyRequest { key_id: id.clone() },
+        ))
+        .await
+        .expect("disable")
+        .into_inner();
+    assert!(!disabled.enabled);
+    let (reason, status, message) = deny_reason(&server, &secret).await;
+    assert_eq!(reason, pb::DenyReason::KeyDisabled as i32);
+    assert_eq!(status, 401);
+    assert!(message.contains("disabled"), "{message}");
+    assert_eq!(
+        check_reason(&server, &secret).await,
+        (401, "key_disabled".into())
+    );
+    // A disabled key cannot act at KeyManager either.
+    assert_status(
+        manager
+            .get_key(bearer(&secret, pb::GetKeyRequest { key_id: id.clone() }))
+            .await,
+        Code::Unauthenticated,
+        "invalid",
+    );
+    assert!(!get(&server, &id).await.enabled);
+
+    let enabled = manager
+        .enable_key(bearer(
+            &server.admin,
+            pb::EnableKeyRequest { key_id: id.clone() },
+        ))
+        .await
+        .expect("enable")
+        .into_inner();
+    assert!(enabled.enabled);
+    assert!(
+        server
+            .authorize(&secret, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+}
+
+#[tokio::test]
+async fn keys_expire_and_expiry_can_be_changed_or_cleared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let mut manager = server.manager().await;
+    // An expiry in the past is refused and creates nothing.
+    assert_status(
+        manager
+            .create_key(bearer(
+                &server.admin,
+                pb::CreateKeyRequest {
+                    name: "late".into(),
+                    scopes: vec!["mail.send".into()],
+                    account_id: "acme".into(),
+                    expires_at: Some(prost_types::Timestamp::from(
+                        SystemTime::now() - Duration::from_secs(1),
+                    )),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        Code::InvalidArgument,
+        "expires_at: must be in the future",
+    );
+    assert_eq!(server.count("acme").await, 0);
+
+    let created = manager
+        .create_key(bearer(
+            &server.admin,
+            pb::CreateKeyRequest {
+                name: "short-lived".into(),
+                scopes: vec!["mail.send".into()],
+                account_id: "acme".into(),
+                expires_at: Some(at(Duration::from_millis(800))),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let (id, secret) = (created.key.expect("key").key_id, created.secret);
+    assert!(
+        server
+            .authorize(&secret, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+    let key = get(&server, &id).await;
+    assert!(key.expires_at.is_some() && !key.expired);
+
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (reason, status, message) = deny_reason(&server, &secret).await;
+    assert_eq!(reason, pb::DenyReason::KeyExpired as i32);
+    assert_eq!(status, 401);
+    assert!(message.contains("expired"), "{message}");
+    assert_eq!(
+        check_reason(&server, &secret).await,
+        (401, "key_expired".into())
+    );
+    assert!(get(&server, &id).await.expired, "GetKey shows it expired");
+
+    // Cleared: the key works again and never expires.
+    let cleared = manager
+        .set_key_expiry(bearer(
+            &server.admin,
+            pb::SetKeyExpiryRequest {
+                key_id: id.clone(),
+                expires_at: None,
+            },
+        ))
+        .await
+        .expect("clear")
+        .into_inner();
+    assert!(cleared.expires_at.is_none() && !cleared.expired);
+    assert!(
+        server
+            .authorize(&secret, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+    assert_status(
+        manager
+            .set_key_expiry(bearer(
+                &server.admin,
+                pb::SetKeyExpiryRequest {
+                    key_id: id,
+                    expires_at: Some(prost_types::Timestamp {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                },
+            ))
+            .await,
+        Code::InvalidArgument,
+        "expires_at",
+    );
+}
+
+#[tokio::test]
+async fn lifecycle_changes_follow_least_privilege_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (_, manager_key) = server
+        .create_key("acme", &["api_keys.update", "alerts.read"])
+        .await;
+    let (mailer_id, mailer) = server.create_key("acme", &["mail.send"]).await;
+    let (peer_id, peer) = server.create_key("acme", &["alerts.read"]).await;
+    let mut manager = server.manager().await;
+    // A key may not disable a key holding scopes it lacks...
+    assert_status(
+        manager
+            .disable_key(bearer(
+                &manager_key,
+                pb::DisableKeyRequest {
+                    key_id: mailer_id.clone(),
+                },
+            ))
+            .await,
+        Code::PermissionDenied,
+        "mail.send",
+    );
+    assert!(
+        server
+            .authorize(&mailer, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+    // ...but may disable and expire one within its scopes.
+    manager
+        .disable_key(bearer(
+            &manager_key,
+            pb::DisableKeyRequest {
+                key_id: peer_id.clone(),
+            },
+        ))
+        .await
+        .expect("disable a peer");
+    manager
+        .set_key_expiry(bearer(
+            &server.admin,
+            pb::SetKeyExpiryRequest {
+                key_id: mailer_id.clone(),
+                expires_at: Some(at(Duration::from_secs(3600))),
+            },
+        ))
+        .await
+        .expect("expire later");
+
+    let config = server.stop().await;
+    let server = TestServer::start_with(config).await;
+    let (reason, _, _) = deny_reason(&server, &peer).await;
+    assert_eq!(
+        reason,
+        pb::DenyReason::KeyDisabled as i32,
+        "disabled after a restart"
+    );
+    let mailer_key = get(&server, &mailer_id).await;
+    assert!(mailer_key.expires_at.is_some() && mailer_key.enabled);
+    assert!(
+        server
+            .authorize(&mailer, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+}
