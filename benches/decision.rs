@@ -176,6 +176,45 @@ fn bench(c: &mut Criterion) {
         b.iter(|| index.verify(black_box(&one_presented)));
     });
 
+    // Lifecycle: the same decision for a key without and with an expiry
+    // (the only lifecycle check that reads anything beyond the entry: the
+    // clock); their difference is the cost of the check.
+    let lifecycle = Index::with_capacity(2);
+    let (plain, expiring) = (key::generate().expect("rng"), key::generate().expect("rng"));
+    for (new_key, expires_at) in [
+        (&plain, keyward::authorizer::NEVER),
+        (
+            &expiring,
+            keyward::authorizer::now_nanos() + 3_600_000_000_000,
+        ),
+    ] {
+        lifecycle.insert(
+            new_key.id,
+            Entry {
+                hash: new_key.hash,
+                scopes: have,
+                account: Arc::from("acme"),
+                disabled: false,
+                expires_at,
+            },
+        );
+    }
+    let authorizer = Authorizer::new(Arc::new(lifecycle), Arc::clone(&routes));
+    // As `keyward serve` runs it: the cached clock kept fresh.
+    let _clock = keyward::authorizer::start_clock();
+    group.bench_function("decide_key_without_expiry", |b| {
+        b.iter(|| authorizer.decide(black_box(&plain.text), Some(Method::Post), "/v3/mail/send"));
+    });
+    group.bench_function("decide_key_with_expiry", |b| {
+        b.iter(|| {
+            authorizer.decide(
+                black_box(&expiring.text),
+                Some(Method::Post),
+                "/v3/mail/send",
+            )
+        });
+    });
+
     group.bench_function("key_parse", |b| {
         b.iter(|| PresentedKey::parse(black_box(&sample)));
     });

@@ -47,8 +47,9 @@ impl Authorizer {
                 Some(presented.id),
             ));
         }
-        // The clock is read only for keys that expire.
-        if verified.expires_at != NEVER && verified.expires_at <= now_nanos() {
+        // The clock is read only for keys that expire, and from the cached
+        // time (see `recent_now_nanos`).
+        if verified.expires_at != NEVER && verified.expires_at <= recent_now_nanos() {
             return Err(AuthFailure::new(DenyReason::KeyExpired, Some(presented.id)));
         }
         Ok(verified)
@@ -102,6 +103,30 @@ pub fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// How often the cached time decisions read is refreshed: expiry holds to
+/// within this.
+pub const CLOCK_REFRESH: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Keeps the cached time fresh for as long as it lives (`keyward serve`
+/// holds one). A precise clock read costs ~30 ns, as much as a fifth of a
+/// decision; the cached one, an atomic load.
+#[must_use]
+pub fn start_clock() -> Option<coarsetime::Updater> {
+    let millis = u64::try_from(CLOCK_REFRESH.as_millis()).unwrap_or(10);
+    coarsetime::Updater::new(millis).start().ok()
+}
+
+/// The wall clock as Unix nanoseconds, from the time cached by
+/// [`start_clock`]; the precise clock when nothing keeps the cache (it never
+/// fails open with a stale zero).
+#[must_use]
+pub fn recent_now_nanos() -> i64 {
+    match coarsetime::Clock::recent_since_epoch().as_nanos() {
+        0 => now_nanos(),
+        recent => i64::try_from(recent).unwrap_or(i64::MAX),
+    }
 }
 
 /// Why a credential did not authenticate.
