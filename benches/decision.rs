@@ -57,7 +57,9 @@ fn fixture(catalog: &Catalog, routes: &Arc<RouteTable>, size: usize) -> Fixture 
                 scopes,
                 account: Arc::clone(&account),
                 disabled: false,
-                expires_at: keyward::authorizer::NEVER,
+                expires_at: keyward::clock::NEVER,
+                previous_hash: SecretHash::from_bytes([0; 32]),
+                previous_until: 0,
             },
         );
         baseline.insert(*new_key.id.as_bytes(), *new_key.hash.as_bytes());
@@ -168,7 +170,9 @@ fn bench(c: &mut Criterion) {
             scopes: have,
             account: Arc::from("acme"),
             disabled: false,
-            expires_at: keyward::authorizer::NEVER,
+            expires_at: keyward::clock::NEVER,
+            previous_hash: SecretHash::from_bytes([0; 32]),
+            previous_until: 0,
         },
     );
     let one_presented = PresentedKey::parse(&one.text).expect("valid");
@@ -182,11 +186,8 @@ fn bench(c: &mut Criterion) {
     let lifecycle = Index::with_capacity(2);
     let (plain, expiring) = (key::generate().expect("rng"), key::generate().expect("rng"));
     for (new_key, expires_at) in [
-        (&plain, keyward::authorizer::NEVER),
-        (
-            &expiring,
-            keyward::authorizer::now_nanos() + 3_600_000_000_000,
-        ),
+        (&plain, keyward::clock::NEVER),
+        (&expiring, keyward::clock::now_nanos() + 3_600_000_000_000),
     ] {
         lifecycle.insert(
             new_key.id,
@@ -196,12 +197,14 @@ fn bench(c: &mut Criterion) {
                 account: Arc::from("acme"),
                 disabled: false,
                 expires_at,
+                previous_hash: SecretHash::from_bytes([0; 32]),
+                previous_until: 0,
             },
         );
     }
     let authorizer = Authorizer::new(Arc::new(lifecycle), Arc::clone(&routes));
     // As `keyward serve` runs it: the cached clock kept fresh.
-    let _clock = keyward::authorizer::start_clock();
+    let _clock = keyward::clock::start_clock();
     group.bench_function("decide_key_without_expiry", |b| {
         b.iter(|| authorizer.decide(black_box(&plain.text), Some(Method::Post), "/v3/mail/send"));
     });

@@ -125,6 +125,15 @@ pub enum KeysCommand {
         /// The key id.
         key_id: String,
     },
+    /// Issue a new secret for a key (same id, scopes and name), shown once;
+    /// the previous secret keeps working for `--overlap`.
+    Rotate {
+        /// The key id.
+        key_id: String,
+        /// How long the previous secret keeps working, e.g. `24h` (0: not at all).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        overlap: std::time::Duration,
+    },
     /// Disable a key: every decision denies it until `enable`.
     Disable {
         /// The key id.
@@ -304,6 +313,27 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 .await?;
             format!("revoked {key_id}\n")
         }
+        KeysCommand::Rotate { key_id, overlap } => {
+            let response = client
+                .rotate_key(authed(
+                    &bearer,
+                    pb::RotateKeyRequest {
+                        key_id,
+                        overlap: Some(
+                            prost_types::Duration::try_from(overlap)
+                                .context("--overlap is too long")?,
+                        ),
+                    },
+                ))
+                .await?
+                .into_inner();
+            let mut out = response.key.as_ref().map(show_key).unwrap_or_default();
+            let _ = writeln!(out, "secret:     {}", response.secret);
+            out.push_str(
+                "Store the secret now: keyward keeps only its hash and cannot show it again.\n",
+            );
+            out
+        }
         KeysCommand::Disable { key_id } => show_key(
             &client
                 .disable_key(authed(&bearer, pb::DisableKeyRequest { key_id }))
@@ -423,6 +453,9 @@ fn show_key(key: &pb::ApiKey) -> String {
             );
         }
         None => out.push_str("expires_at: never\n"),
+    }
+    if let Some(until) = &key.previous_secret_valid_until {
+        let _ = writeln!(out, "previous secret valid until: {until}");
     }
     out
 }

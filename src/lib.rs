@@ -27,6 +27,7 @@
 //! - [`domain`]: scopes, bitsets, catalog, routes, key format, rules,
 //!   decisions. Pure: no I/O.
 //! - [`config`]: settings, each a flag and an environment variable.
+//! - [`clock`]: wall-clock time for lifecycle checks, cached for decisions.
 //! - [`tls`]: TLS for the REST listener (HTTP/1.1 and h2 by ALPN).
 //! - [`pb`]: generated protobuf code, fenced off.
 //!
@@ -37,6 +38,7 @@ pub mod access;
 pub mod audit;
 pub mod authorizer;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod envoy;

@@ -100,7 +100,7 @@ pub struct App {
     tls: Option<ServerTlsConfig>,
     /// TLS for the REST listener, when both are configured.
     rest_tls: Option<Arc<rustls::ServerConfig>>,
-    /// Keeps the time decisions read fresh (see `authorizer::start_clock`).
+    /// Keeps the time decisions read fresh (see `clock::start_clock`).
     _clock: Option<Arc<coarsetime::Updater>>,
 }
 
@@ -180,7 +180,7 @@ impl App {
             admin,
             tls,
             rest_tls,
-            _clock: crate::authorizer::start_clock().map(Arc::new),
+            _clock: crate::clock::start_clock().map(Arc::new),
             limits: Limits {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),

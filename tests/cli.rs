@@ -157,8 +157,8 @@ fn serve_with_defaults_and_manage_keys_from_the_cli() {
     assert!(log.contains("keyward::audit"), "changes are audited");
 }
 
-/// `keys create --expires-in`, `keys disable|enable`, `keys expire --in|--never`
-/// and the lifecycle fields in `get` and `list`.
+/// `keys create --expires-in`, `keys disable|enable`, `keys rotate --overlap`,
+/// `keys expire --in|--never` and the lifecycle fields in `get` and `list`.
 #[test]
 fn lifecycle_from_the_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -190,6 +190,14 @@ fn lifecycle_from_the_cli() {
     assert!(listed.contains("disabled"), "{listed}");
     let enabled = ok(&serve.keys(dir.path(), &["enable", &id]));
     assert_eq!(field(&enabled, "enabled:"), "true");
+
+    let rotated = ok(&serve.keys(dir.path(), &["rotate", &id, "--overlap", "1h"]));
+    assert_eq!(field(&rotated, "key_id:"), id, "the same key");
+    assert!(
+        field(&rotated, "secret:").starts_with(&format!("SG.{id}.")),
+        "{rotated}"
+    );
+    assert!(rotated.contains("previous secret valid until"), "{rotated}");
 
     let never = ok(&serve.keys(dir.path(), &["expire", &id, "--never"]));
     assert_eq!(field(&never, "expires_at:"), "never");

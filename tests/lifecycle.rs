@@ -294,3 +294,149 @@ async fn lifecycle_changes_follow_least_privilege_and_survive_a_restart() {
             .allowed
     );
 }
+
+async fn rotate(
+    server: &TestServer,
+    token: &str,
+    key_id: &str,
+    overlap: Duration,
+) -> Result<pb::RotateKeyResponse, tonic::Status> {
+    server
+        .manager()
+        .await
+        .rotate_key(bearer(
+            token,
+            pb::RotateKeyRequest {
+                key_id: key_id.into(),
+                overlap: Some(prost_types::Duration::try_from(overlap).expect("duration")),
+            },
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn rotation_keeps_the_id_and_the_previous_secret_works_only_for_the_overlap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (id, first) = server.create_key("acme", &["mail.send"]).await;
+    let allowed = |secret: String| {
+        let server = &server;
+        async move {
+            server
+                .authorize(&secret, "POST", "/v3/mail/send")
+                .await
+                .allowed
+        }
+    };
+
+    let rotated = rotate(&server, &server.admin, &id, Duration::from_millis(700))
+        .await
+        .expect("rotate");
+    let second = rotated.secret;
+    let key = rotated.key.expect("key");
+    assert_eq!(key.key_id, id, "the same key id");
+    assert!(second.starts_with(&format!("SG.{id}.")) && second != first);
+    assert_eq!(key.scopes, vec!["mail.send"], "same scopes");
+    assert!(key.previous_secret_valid_until.is_some());
+    assert!(allowed(second.clone()).await, "the new secret works");
+    assert!(
+        allowed(first.clone()).await,
+        "the previous one, during the overlap"
+    );
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let reply = server.authorize(&first, "POST", "/v3/mail/send").await;
+    assert_eq!(
+        reply.reason,
+        pb::DenyReason::UnknownKey as i32,
+        "refused like any wrong secret"
+    );
+    assert!(allowed(second.clone()).await);
+    assert!(
+        get(&server, &id)
+            .await
+            .previous_secret_valid_until
+            .is_none()
+    );
+
+    // Rotating again ends the previous overlap: with overlap 0, at once.
+    let third = rotate(&server, &server.admin, &id, Duration::from_secs(3600))
+        .await
+        .expect("rotate")
+        .secret;
+    assert!(allowed(second.clone()).await && allowed(third.clone()).await);
+    let fourth = rotate(&server, &server.admin, &id, Duration::ZERO)
+        .await
+        .expect("rotate")
+        .secret;
+    assert!(
+        !allowed(second).await,
+        "the overlap of an earlier rotation ended"
+    );
+    assert!(
+        !allowed(third.clone()).await,
+        "overlap 0: the previous secret stops at once"
+    );
+    assert!(allowed(fourth.clone()).await);
+
+    // An absurd overlap is refused and changes nothing.
+    assert_status(
+        rotate(
+            &server,
+            &server.admin,
+            &id,
+            Duration::from_secs(31 * 24 * 3600),
+        )
+        .await,
+        Code::InvalidArgument,
+        "overlap",
+    );
+    assert!(allowed(fourth.clone()).await);
+    // Across a restart.
+    let config = server.stop().await;
+    let server = TestServer::start_with(config).await;
+    assert!(
+        server
+            .authorize(&fourth, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+    assert!(
+        !server
+            .authorize(&third, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+}
+
+#[tokio::test]
+async fn only_a_caller_holding_the_keys_scopes_may_rotate_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (_, manager) = server
+        .create_key("acme", &["api_keys.update", "alerts.read"])
+        .await;
+    let (mailer_id, mailer) = server.create_key("acme", &["mail.send"]).await;
+    let (peer_id, _) = server.create_key("acme", &["alerts.read"]).await;
+    assert_status(
+        rotate(&server, &manager, &mailer_id, Duration::ZERO).await,
+        Code::PermissionDenied,
+        "mail.send",
+    );
+    assert!(
+        server
+            .authorize(&mailer, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+    let rotated = rotate(&server, &manager, &peer_id, Duration::ZERO)
+        .await
+        .expect("a peer within its scopes");
+    assert!(
+        server
+            .authorize(&rotated.secret, "GET", "/v3/alerts")
+            .await
+            .allowed
+    );
+}

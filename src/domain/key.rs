@@ -151,7 +151,14 @@ impl SecretHash {
     /// leading bytes matched.
     #[must_use]
     pub fn matches(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
+        self.ct_eq(other).into()
+    }
+
+    /// The comparison as a `subtle::Choice`, to combine with others without
+    /// branching.
+    #[must_use]
+    pub fn ct_eq(&self, other: &Self) -> subtle::Choice {
+        self.0.ct_eq(&other.0)
     }
 }
 
@@ -182,11 +189,15 @@ impl fmt::Debug for NewKey {
 /// Generates a key from the operating system's CSPRNG.
 pub fn generate() -> Result<NewKey, getrandom::Error> {
     let mut id = [0u8; 16];
-    let mut secret = [0u8; 32];
     getrandom::fill(&mut id)?;
+    generate_secret(KeyId(id))
+}
+
+/// A new secret for an existing key id (rotation), from the CSPRNG.
+pub fn generate_secret(id: KeyId) -> Result<NewKey, getrandom::Error> {
+    let mut secret = [0u8; 32];
     getrandom::fill(&mut secret)?;
     let secret_text = URL_SAFE_NO_PAD.encode(secret);
-    let id = KeyId(id);
     Ok(NewKey {
         id,
         text: format!("{PREFIX}{id}.{secret_text}"),

@@ -120,7 +120,27 @@ pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
             .then(|| timestamp(record.expires_at_unix_nanos)),
         enabled: !record.disabled,
         expired: crate::keys::writer::expired(record),
+        previous_secret_valid_until: (record.previous_valid_until_unix_nanos
+            > crate::clock::now_nanos())
+        .then(|| timestamp(record.previous_valid_until_unix_nanos)),
     }
+}
+
+/// Longest rotation overlap accepted.
+pub const MAX_OVERLAP: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// A rotation overlap: unset is zero; 0 to [`MAX_OVERLAP`].
+pub fn overlap(duration: Option<&prost_types::Duration>) -> Result<std::time::Duration, KeyError> {
+    let Some(duration) = duration else {
+        return Ok(std::time::Duration::ZERO);
+    };
+    std::time::Duration::try_from(*duration)
+        .ok()
+        .filter(|d| *d <= MAX_OVERLAP)
+        .ok_or_else(|| KeyError::Invalid {
+            field: "overlap",
+            problem: "must be 0 to 30 days".into(),
+        })
 }
 
 /// An expiry time from a request: unset is none; a set time must be a valid
@@ -142,7 +162,7 @@ pub fn expires_at(time: Option<&prost_types::Timestamp>) -> Result<Option<i64>, 
         .and_then(|n| n.checked_add(i64::from(time.nanos)))
         .filter(|n| *n > 0)
         .ok_or_else(|| invalid("out of range"))?;
-    if nanos <= crate::authorizer::now_nanos() {
+    if nanos <= crate::clock::now_nanos() {
         return Err(invalid("must be in the future"));
     }
     Ok(Some(nanos))

@@ -251,6 +251,30 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .await
     }
 
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let request = request.into_inner();
+        let fail = |e| refused(&principal, "rotate")(e);
+        self.keys
+            .permit(&principal, Operation::Update)
+            .map_err(fail)?;
+        let id = convert::key_id(&request.key_id).map_err(fail)?;
+        let overlap = convert::overlap(request.overlap.as_ref()).map_err(fail)?;
+        let (before, record, secret) = self
+            .keys
+            .rotate(&principal, &id, overlap)
+            .await
+            .map_err(fail)?;
+        audit::changed(&principal, "rotate", Some(&before), &record);
+        Ok(Response::new(pb::RotateKeyResponse {
+            key: Some(convert::api_key(&record)),
+            secret,
+        }))
+    }
+
     async fn set_key_expiry(
         &self,
         request: Request<pb::SetKeyExpiryRequest>,

@@ -20,8 +20,8 @@ use crate::metrics::Metrics;
 use crate::store::db::{Cursor, Store, StoreError};
 use crate::store::index::Index;
 use crate::store::record::KeyRecord;
-pub use writer::Expiry;
 use writer::{Change, Command, Committed, FailureKind, Job, Shared, StoreHealth, Writer};
+pub use writer::{Expiry, Rotation};
 
 /// Changes that may wait for the writer at once; past that, writes are
 /// refused at once instead of queueing behind a stuck disk.
@@ -318,6 +318,33 @@ impl Keys {
             )
             .await?;
         Ok((committed.before.unwrap_or_default(), committed.after))
+    }
+
+    /// Issues a new secret for the same key; the previous one keeps working
+    /// for `overlap`. Returns the record before and after, and the new key
+    /// text, shown once.
+    pub async fn rotate(
+        &self,
+        principal: &Principal,
+        id: &KeyId,
+        overlap: Duration,
+    ) -> Result<(KeyRecord, KeyRecord, String), KeyError> {
+        let key = key::generate_secret(*id).map_err(|_| KeyError::Rng)?;
+        let overlap_nanos = i64::try_from(overlap.as_nanos()).unwrap_or(i64::MAX);
+        let committed = self
+            .submit(
+                principal,
+                Change::Rotate {
+                    id: *id,
+                    rotation: Rotation { key, overlap_nanos },
+                },
+            )
+            .await?;
+        Ok((
+            committed.before.unwrap_or_default(),
+            committed.after,
+            committed.secret.unwrap_or_default(),
+        ))
     }
 
     /// Revokes a key: removed from disk, then from the index.

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use super::{AccountCounts, KeyError, Operation, Principal, intern, kind_number, now_nanos};
-use crate::authorizer::NEVER;
+use crate::clock::NEVER;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey, SecretHash};
 use crate::domain::rules;
@@ -77,6 +77,13 @@ pub enum Change {
         /// The key.
         id: KeyId,
     },
+    /// A new secret for the same key id.
+    Rotate {
+        /// The key.
+        id: KeyId,
+        /// The new secret and the overlap.
+        rotation: Rotation,
+    },
     /// Lifecycle state: disabled or not, and when it expires; `None` keeps
     /// the current value.
     SetState {
@@ -87,6 +94,16 @@ pub enum Change {
         /// The new expiry.
         expires_at: Option<Expiry>,
     },
+}
+
+/// A rotation: the new secret for the same id, and how long the previous
+/// one keeps working.
+#[derive(Debug)]
+pub struct Rotation {
+    /// The new secret (same id as the key rotated).
+    pub key: NewKey,
+    /// Nanoseconds the previous secret stays valid; 0: not at all.
+    pub overlap_nanos: i64,
 }
 
 /// When a key expires.
@@ -102,7 +119,7 @@ impl Change {
     fn operation(&self) -> Operation {
         match self {
             Self::Create { .. } => Operation::Create,
-            Self::Update { .. } | Self::SetState { .. } => Operation::Update,
+            Self::Update { .. } | Self::SetState { .. } | Self::Rotate { .. } => Operation::Update,
             Self::Delete { .. } => Operation::Delete,
         }
     }
@@ -448,7 +465,43 @@ impl Writer {
                 expires_at,
             } => self.stage_state(store, actor, &held, id, disabled, expires_at),
             Change::Delete { id } => self.stage_delete(store, actor, &held, id),
+            Change::Rotate { id, rotation } => self.stage_rotate(store, actor, &held, id, rotation),
         }
+    }
+
+    fn stage_rotate(
+        &mut self,
+        store: &Store,
+        actor: &Principal,
+        held: &ScopeSet,
+        id: KeyId,
+        rotation: Rotation,
+    ) -> Result<(Committed, IndexChange), KeyError> {
+        let before = self.target(store, actor, held, &id)?;
+        let mut record = before.clone();
+        // The current secret becomes the previous one (ending any earlier
+        // overlap), unless the overlap is zero.
+        let now = now_nanos();
+        if rotation.overlap_nanos > 0 {
+            record.previous_secret_sha256 = std::mem::take(&mut record.secret_sha256);
+            record.previous_valid_until_unix_nanos = now.saturating_add(rotation.overlap_nanos);
+        } else {
+            record.previous_secret_sha256.clear();
+            record.previous_valid_until_unix_nanos = 0;
+        }
+        record.secret_sha256 = rotation.key.hash.as_bytes().to_vec();
+        record.updated_at_unix_nanos = now.max(record.updated_at_unix_nanos);
+        store.replace(&record)?;
+        let scopes = self.catalog.resolve_stored(&record.scopes).0;
+        let entry = self.entry(&record, scopes);
+        Ok((
+            Committed {
+                before: Some(before),
+                after: record,
+                secret: Some(rotation.key.text),
+            },
+            IndexChange::Put(id, entry),
+        ))
     }
 
     #[allow(clippy::too_many_arguments, reason = "the fields of Change::Create")]
@@ -482,6 +535,7 @@ impl Writer {
             updated_at_unix_nanos: now,
             disabled: false,
             expires_at_unix_nanos: expires_at.unwrap_or(0),
+            ..KeyRecord::default()
         };
         store.create(&record)?;
         let account = intern(&self.accounts, account);
@@ -492,6 +546,8 @@ impl Writer {
             account,
             disabled: false,
             expires_at: expires_at.unwrap_or(NEVER),
+            previous_hash: SecretHash::from_bytes([0; 32]),
+            previous_until: 0,
         };
         Ok((
             Committed {
@@ -623,6 +679,8 @@ impl Writer {
             account: intern(&self.accounts, &record.account_id),
             disabled: record.disabled,
             expires_at: expiry(record.expires_at_unix_nanos),
+            previous_hash: hash_of(&record.previous_secret_sha256),
+            previous_until: record.previous_valid_until_unix_nanos,
         }
     }
 
@@ -766,6 +824,8 @@ fn load_part(
                 account,
                 disabled: view.disabled,
                 expires_at: expiry(view.expires_at_unix_nanos),
+                previous_hash: hash_of(&view.previous_secret_sha256),
+                previous_until: view.previous_valid_until_unix_nanos,
             },
         );
     }
@@ -781,6 +841,11 @@ fn expiry(stored: i64) -> i64 {
 #[must_use]
 pub fn expired(record: &KeyRecord) -> bool {
     record.expires_at_unix_nanos != 0 && record.expires_at_unix_nanos <= now_nanos()
+}
+
+/// A stored hash; all zeros when absent (no secret hashes to that).
+fn hash_of(bytes: &[u8]) -> SecretHash {
+    SecretHash::from_bytes(bytes.try_into().unwrap_or([0; 32]))
 }
 
 fn record_hash(record: &KeyRecord) -> SecretHash {

@@ -99,6 +99,8 @@ mod tests {
             updated_at_unix_nanos: 2,
             disabled: true,
             expires_at_unix_nanos: 3,
+            previous_secret_sha256: vec![8; 32],
+            previous_valid_until_unix_nanos: 4,
         }
     }
 
