@@ -60,6 +60,7 @@ fn fixture(catalog: &Catalog, routes: &Arc<RouteTable>, size: usize) -> Fixture 
                 expires_at: keyward::clock::NEVER,
                 previous_hash: SecretHash::from_bytes([0; 32]),
                 previous_until: 0,
+                allowlist: keyward::domain::allowlist::Allowlist::default(),
             },
         );
         baseline.insert(*new_key.id.as_bytes(), *new_key.hash.as_bytes());
@@ -117,10 +118,12 @@ fn bench(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("full", label), |b| {
             b.iter(|| {
                 i = (i + 1) % fixture.keys.len();
-                let decision =
-                    fixture
-                        .authorizer
-                        .decide(black_box(&fixture.keys[i]), method, black_box(path));
+                let decision = fixture.authorizer.decide(
+                    black_box(&fixture.keys[i]),
+                    None,
+                    method,
+                    black_box(path),
+                );
                 assert!(decision.allowed());
                 decision
             });
@@ -173,17 +176,18 @@ fn bench(c: &mut Criterion) {
             expires_at: keyward::clock::NEVER,
             previous_hash: SecretHash::from_bytes([0; 32]),
             previous_until: 0,
+            allowlist: keyward::domain::allowlist::Allowlist::default(),
         },
     );
     let one_presented = PresentedKey::parse(&one.text).expect("valid");
     group.bench_function("index_verify_incl_sha256", |b| {
-        b.iter(|| index.verify(black_box(&one_presented)));
+        b.iter(|| index.verify(black_box(&one_presented), None));
     });
 
     // Lifecycle: the same decision for a key without and with an expiry
     // (the only lifecycle check that reads anything beyond the entry: the
     // clock); their difference is the cost of the check.
-    let lifecycle = Index::with_capacity(2);
+    let lifecycle = Index::with_capacity(3);
     let (plain, expiring) = (key::generate().expect("rng"), key::generate().expect("rng"));
     for (new_key, expires_at) in [
         (&plain, keyward::clock::NEVER),
@@ -199,19 +203,56 @@ fn bench(c: &mut Criterion) {
                 expires_at,
                 previous_hash: SecretHash::from_bytes([0; 32]),
                 previous_until: 0,
+                allowlist: keyward::domain::allowlist::Allowlist::default(),
             },
         );
     }
+    let listed = key::generate().expect("rng");
+    lifecycle.insert(
+        listed.id,
+        Entry {
+            hash: listed.hash,
+            scopes: have,
+            account: Arc::from("acme"),
+            disabled: false,
+            expires_at: keyward::clock::NEVER,
+            previous_hash: SecretHash::from_bytes([0; 32]),
+            previous_until: 0,
+            allowlist: keyward::domain::allowlist::Allowlist::from_stored(&[
+                "10.0.0.0/8".to_owned(),
+                "2001:db8::/32".to_owned(),
+            ]),
+        },
+    );
+    let client: Option<std::net::IpAddr> = "10.1.2.3".parse().ok();
     let authorizer = Authorizer::new(Arc::new(lifecycle), Arc::clone(&routes));
     // As `keyward serve` runs it: the cached clock kept fresh.
     let _clock = keyward::clock::start_clock();
     group.bench_function("decide_key_without_expiry", |b| {
-        b.iter(|| authorizer.decide(black_box(&plain.text), Some(Method::Post), "/v3/mail/send"));
+        b.iter(|| {
+            authorizer.decide(
+                black_box(&plain.text),
+                None,
+                Some(Method::Post),
+                "/v3/mail/send",
+            )
+        });
+    });
+    group.bench_function("decide_key_with_allowlist", |b| {
+        b.iter(|| {
+            authorizer.decide(
+                black_box(&listed.text),
+                black_box(client),
+                Some(Method::Post),
+                "/v3/mail/send",
+            )
+        });
     });
     group.bench_function("decide_key_with_expiry", |b| {
         b.iter(|| {
             authorizer.decide(
                 black_box(&expiring.text),
+                None,
                 Some(Method::Post),
                 "/v3/mail/send",
             )
@@ -231,11 +272,12 @@ fn report_allocations(label: &str, fixture: &Fixture, method: Option<Method>, pa
     const ROUNDS: usize = 10_000;
     let region = Region::new(GLOBAL);
     for i in 0..ROUNDS {
-        black_box(
-            fixture
-                .authorizer
-                .decide(&fixture.keys[i % fixture.keys.len()], method, path),
-        );
+        black_box(fixture.authorizer.decide(
+            &fixture.keys[i % fixture.keys.len()],
+            None,
+            method,
+            path,
+        ));
     }
     let stats = region.change();
     println!(

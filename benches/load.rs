@@ -370,6 +370,7 @@ fn authorize_request(key: &str) -> pb::AuthorizeRequest {
         key: key.to_owned(),
         method: "POST".into(),
         path: "/v3/mail/send".into(),
+        client_ip: String::new(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The read path, and the one decision function every adapter calls:
 //! key → index → constant-time verify → route mask → AND → [`Decision`].
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::clock::{self, NEVER};
@@ -25,8 +26,17 @@ impl Authorizer {
     }
 
     /// Verifies a credential as an API key: `Bearer <key>` or a bare key.
-    /// In order: format, id, secret, disabled, expired.
+    /// In order: format, id, secret, disabled, expired. (The address
+    /// allowlist is for decisions: see [`Self::decide`].)
     pub fn authenticate(&self, credential: &str) -> Result<Verified, AuthFailure> {
+        self.authenticate_from(credential, None)
+    }
+
+    fn authenticate_from(
+        &self,
+        credential: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Verified, AuthFailure> {
         let key = bearer_credential(credential);
         if key.is_empty() {
             return Err(AuthFailure::new(DenyReason::MissingKey, None));
@@ -35,7 +45,7 @@ impl Authorizer {
             .map_err(|_| AuthFailure::new(DenyReason::MalformedKey, None))?;
         let verified = self
             .index
-            .verify(&presented)
+            .verify(&presented, client)
             .map_err(|rejected| AuthFailure {
                 reason: DenyReason::UnknownKey,
                 key_id: Some(presented.id),
@@ -56,12 +66,20 @@ impl Authorizer {
         Ok(verified)
     }
 
-    /// Decides one request. `method` is `None` for a valid HTTP method no
-    /// route can name. The key is checked first, so an unauthenticated
-    /// caller learns nothing about which routes exist.
+    /// Decides one request from `client` (when known). `method` is `None`
+    /// for a valid HTTP method no route can name. The key is checked first,
+    /// so an unauthenticated caller learns nothing about which routes exist.
+    /// Order: key format, id, secret, disabled, expired, address, path,
+    /// route and scopes.
     #[must_use]
-    pub fn decide(&self, credential: &str, method: Option<Method>, path: &str) -> Decision {
-        let verified = match self.authenticate(credential) {
+    pub fn decide(
+        &self,
+        credential: &str,
+        client: Option<IpAddr>,
+        method: Option<Method>,
+        path: &str,
+    ) -> Decision {
+        let verified = match self.authenticate_from(credential, client) {
             Ok(verified) => verified,
             Err(failure) => {
                 let mut decision = Decision::denied(failure.reason);
@@ -70,7 +88,12 @@ impl Authorizer {
                 return decision;
             }
         };
+        let address_allowed = verified.address_allowed;
         let mut decision = Decision::for_key(verified.id, verified.account);
+        if !address_allowed {
+            decision.deny = Some(DenyReason::IpNotAllowed);
+            return decision;
+        }
         let Ok(path) = canonical_path(path) else {
             decision.deny = Some(DenyReason::AmbiguousPath);
             return decision;

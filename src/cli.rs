@@ -83,6 +83,10 @@ pub enum KeysCommand {
         /// Expire the key after this long, e.g. `30d`, `12h`, `90m`.
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<std::time::Duration>,
+        /// Allow the key only from this address range (repeatable), e.g.
+        /// `10.0.0.0/8`. Default: any address.
+        #[arg(long = "allow-cidr")]
+        allowed_cidrs: Vec<String>,
     },
     /// List an account's keys.
     List {
@@ -133,6 +137,17 @@ pub enum KeysCommand {
         /// How long the previous secret keeps working, e.g. `24h` (0: not at all).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
         overlap: std::time::Duration,
+    },
+    /// Replace the address ranges a key may be used from.
+    Allow {
+        /// The key id.
+        key_id: String,
+        /// An address range (repeatable).
+        #[arg(long = "cidr", required_unless_present = "any", conflicts_with = "any")]
+        cidrs: Vec<String>,
+        /// Any address (remove the allowlist).
+        #[arg(long)]
+        any: bool,
     },
     /// Disable a key: every decision denies it until `enable`.
     Disable {
@@ -213,6 +228,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
             access,
             account,
             expires_in,
+            allowed_cidrs,
         } => {
             let response = client
                 .create_key(authed(
@@ -223,6 +239,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                         access: parse_access(&access)?,
                         account_id: account,
                         expires_at: expires_in.map(from_now),
+                        allowed_cidrs,
                     },
                 ))
                 .await?
@@ -334,6 +351,22 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
             );
             out
         }
+        KeysCommand::Allow {
+            key_id,
+            cidrs,
+            any: _,
+        } => show_key(
+            &client
+                .set_key_allowlist(authed(
+                    &bearer,
+                    pb::SetKeyAllowlistRequest {
+                        key_id,
+                        allowed_cidrs: cidrs,
+                    },
+                ))
+                .await?
+                .into_inner(),
+        ),
         KeysCommand::Disable { key_id } => show_key(
             &client
                 .disable_key(authed(&bearer, pb::DisableKeyRequest { key_id }))
@@ -453,6 +486,11 @@ fn show_key(key: &pb::ApiKey) -> String {
             );
         }
         None => out.push_str("expires_at: never\n"),
+    }
+    if key.allowed_cidrs.is_empty() {
+        out.push_str("allowed_from: any address\n");
+    } else {
+        let _ = writeln!(out, "allowed_from: {}", key.allowed_cidrs.join(" "));
     }
     if let Some(until) = &key.previous_secret_valid_until {
         let _ = writeln!(out, "previous secret valid until: {until}");

@@ -80,7 +80,9 @@ impl CheckService {
                 })
             })
             .unwrap_or_default();
-        Ok(self.front.decide(credential, method, path))
+        Ok(self
+            .front
+            .decide(credential, source_address(request), method, path))
     }
 }
 
@@ -104,6 +106,28 @@ impl Authorization for CheckService {
             }
         };
         Ok(Response::new(response))
+    }
+}
+
+/// The downstream address Envoy reports (`attributes.source.address`): the
+/// real client when Envoy is configured to trust its load balancer's
+/// `X-Forwarded-For` (see README).
+fn source_address(request: &CheckRequest) -> Option<std::net::IpAddr> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    let address = request
+        .attributes
+        .as_ref()?
+        .source
+        .as_ref()?
+        .address
+        .as_ref()?
+        .address
+        .as_ref()?;
+    match address {
+        Address::SocketAddress(socket) => crate::domain::allowlist::client(&socket.address)
+            .ok()
+            .flatten(),
+        _ => None,
     }
 }
 
@@ -161,7 +185,7 @@ fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
                 FrontDoor::message(decision, &missing),
             )
         }
-        DenyReason::UnknownRoute | DenyReason::AmbiguousPath => (
+        DenyReason::UnknownRoute | DenyReason::AmbiguousPath | DenyReason::IpNotAllowed => (
             Status::permission_denied(reason.label()),
             HttpStatusCode::Forbidden,
             reason.message().to_owned(),

@@ -118,14 +118,20 @@ impl FrontDoor {
     /// Decides one request and records it (a wrong secret for a live key
     /// id also feeds guessing detection; the reply is never delayed).
     #[must_use]
-    pub fn decide(&self, credential: &str, method: Option<Method>, path: &str) -> Decision {
+    pub fn decide(
+        &self,
+        credential: &str,
+        client: Option<std::net::IpAddr>,
+        method: Option<Method>,
+        path: &str,
+    ) -> Decision {
         let decision = if sample_this_decision() {
             let started = Instant::now();
-            let decision = self.authorizer.decide(credential, method, path);
+            let decision = self.authorizer.decide(credential, client, method, path);
             self.metrics.decision_duration(started.elapsed());
             decision
         } else {
-            self.authorizer.decide(credential, method, path)
+            self.authorizer.decide(credential, client, method, path)
         };
         self.metrics.decision(self.source, &decision);
         if let (true, Some(id)) = (decision.wrong_secret, decision.key_id) {

@@ -33,7 +33,7 @@ pub enum Source {
     Check = 1,
 }
 
-const REASONS: [Option<DenyReason>; 9] = [
+const REASONS: [Option<DenyReason>; 10] = [
     None,
     Some(DenyReason::MissingKey),
     Some(DenyReason::MalformedKey),
@@ -43,6 +43,7 @@ const REASONS: [Option<DenyReason>; 9] = [
     Some(DenyReason::AmbiguousPath),
     Some(DenyReason::KeyExpired),
     Some(DenyReason::KeyDisabled),
+    Some(DenyReason::IpNotAllowed),
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -256,7 +256,7 @@ async fn create(
         .unwrap_or_else(|| rest.keys.catalog().full_access());
     let (record, secret) = rest
         .keys
-        .create(&principal, account, name, grant, None)
+        .create(&principal, account, name, grant, (None, Vec::new()))
         .await
         .map_err(fail)?;
     audit::changed(&principal, "create", None, &record);

@@ -209,6 +209,7 @@ async fn broken_requests_are_invalid_argument() {
         key: String::new(),
         method: method.to_owned(),
         path: path.to_owned(),
+        client_ip: String::new(),
     };
     assert_status(
         client.authorize(request("", "/v3/scopes")).await,

@@ -170,6 +170,7 @@ async fn check_refuses_what_authorize_refuses_with_the_same_message() {
                 key: secret.clone(),
                 method: method.into(),
                 path: path.into(),
+                client_ip: String::new(),
             })
             .await
             .expect_err("Authorize refuses it");

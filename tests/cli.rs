@@ -199,6 +199,16 @@ fn lifecycle_from_the_cli() {
     );
     assert!(rotated.contains("previous secret valid until"), "{rotated}");
 
+    let allowed = ok(&serve.keys(
+        dir.path(),
+        &["allow", &id, "--cidr", "10.0.0.0/8", "--cidr", "192.0.2.7"],
+    ));
+    assert_eq!(field(&allowed, "allowed_from:"), "10.0.0.0/8 192.0.2.7/32");
+    let refused = serve.keys(dir.path(), &["allow", &id, "--cidr", "10.0.0.1/8"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("host bits"));
+    let any = ok(&serve.keys(dir.path(), &["allow", &id, "--any"]));
+    assert_eq!(field(&any, "allowed_from:"), "any address");
+
     let never = ok(&serve.keys(dir.path(), &["expire", &id, "--never"]));
     assert_eq!(field(&never, "expires_at:"), "never");
     let soon = ok(&serve.keys(dir.path(), &["expire", &id, "--in", "2h"]));

@@ -39,6 +39,7 @@ async fn no_decision_after_an_acknowledged_write_uses_the_old_state() {
                         key: key.clone(),
                         method: "POST".into(),
                         path: "/v3/mail/send".into(),
+                        client_ip: String::new(),
                     })
                     .await
                     .expect("authorize")

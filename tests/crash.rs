@@ -209,6 +209,7 @@ async fn decider(
             key: model.secret,
             method: "GET".into(),
             path: "/v3/scopes".into(),
+            client_ip: String::new(),
         };
         match client.authorize(request).await {
             Ok(reply) => {
@@ -261,6 +262,7 @@ async fn verify(url: &str, admin: &str, ledger: &Shared) -> usize {
                 key: model.secret.clone(),
                 method: "GET".into(),
                 path: "/v3/scopes".into(),
+                client_ip: String::new(),
             })
             .await
             .expect("authorize")

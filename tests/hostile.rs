@@ -206,6 +206,7 @@ async fn hostile_input_changes_nothing_and_the_server_keeps_serving() {
         account_id: "acme".into(),
         access: HashMap::new(),
         expires_at: None,
+        allowed_cidrs: Vec::new(),
     };
     let cases = vec![
         (create("", vec!["mail.send".into()]), "name:"),

@@ -39,9 +39,31 @@ async fn deny_reason(server: &TestServer, secret: &str) -> (i32, u32, String) {
 
 /// The reason header Envoy's deny carries for `secret`.
 async fn check_reason(server: &TestServer, secret: &str) -> (u32, String) {
+    check_from(server, secret, None).await.expect_err("a deny")
+}
+
+/// Check as Envoy sends it from downstream address `source`: `Ok(())` for
+/// an allow, else the deny's HTTP status and reason header.
+async fn check_from(
+    server: &TestServer,
+    secret: &str,
+    source: Option<&str>,
+) -> Result<(), (u32, String)> {
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer;
+    let source = source.map(|ip| Peer {
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: ip.into(),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    });
     let response = AuthorizationClient::new(server.channel().await)
         .check(CheckRequest {
             attributes: Some(AttributeContext {
+                source,
                 request: Some(Request {
                     http: Some(HttpRequest {
                         method: "POST".into(),
@@ -60,7 +82,7 @@ async fn check_reason(server: &TestServer, secret: &str) -> (u32, String) {
         .expect("check")
         .into_inner();
     let Some(HttpResponse::DeniedResponse(denied)) = response.http_response else {
-        panic!("expected a deny: {response:?}");
+        return Ok(());
     };
     let reason = denied
         .headers
@@ -69,12 +91,12 @@ async fn check_reason(server: &TestServer, secret: &str) -> (u32, String) {
         .find(|h| h.key == "x-keyward-deny-reason")
         .map(|h| h.value.clone())
         .unwrap_or_default();
-    (
+    Err((
         denied
             .status
             .map_or(0, |s| u32::try_from(s.code).unwrap_or(0)),
         reason,
-    )
+    ))
 }
 
 #[tokio::test]
@@ -437,6 +459,146 @@ async fn only_a_caller_holding_the_keys_scopes_may_rotate_it() {
         server
             .authorize(&rotated.secret, "GET", "/v3/alerts")
             .await
+            .allowed
+    );
+}
+
+async fn authorize_from(
+    server: &TestServer,
+    secret: &str,
+    client_ip: &str,
+) -> Result<pb::AuthorizeResponse, tonic::Status> {
+    server
+        .authorizer()
+        .await
+        .authorize(pb::AuthorizeRequest {
+            key: secret.into(),
+            method: "POST".into(),
+            path: "/v3/mail/send".into(),
+            client_ip: client_ip.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn an_allowlist_limits_where_a_key_works_and_fails_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let mut manager = server.manager().await;
+    // Host bits set: refused, nothing created.
+    assert_status(
+        manager
+            .create_key(bearer(
+                &server.admin,
+                pb::CreateKeyRequest {
+                    name: "x".into(),
+                    scopes: vec!["mail.send".into()],
+                    account_id: "acme".into(),
+                    allowed_cidrs: vec!["10.0.0.1/8".into()],
+                    ..Default::default()
+                },
+            ))
+            .await,
+        Code::InvalidArgument,
+        "allowed_cidrs",
+    );
+    assert_eq!(server.count("acme").await, 0);
+    let created = manager
+        .create_key(bearer(
+            &server.admin,
+            pb::CreateKeyRequest {
+                name: "office".into(),
+                scopes: vec!["mail.send".into()],
+                account_id: "acme".into(),
+                allowed_cidrs: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let (id, secret) = (created.key.expect("key").key_id, created.secret);
+    for inside in ["10.1.2.3", "::ffff:10.1.2.3", "2001:db8::7"] {
+        assert!(
+            authorize_from(&server, &secret, inside)
+                .await
+                .expect("ok")
+                .allowed,
+            "{inside}"
+        );
+    }
+    for outside in ["11.0.0.1", "2001:db9::1", ""] {
+        let reply = authorize_from(&server, &secret, outside)
+            .await
+            .expect("a deny");
+        assert_eq!(
+            reply.reason,
+            pb::DenyReason::IpNotAllowed as i32,
+            "{outside:?}"
+        );
+        assert_eq!(reply.http_status, 403);
+    }
+    assert_status(
+        authorize_from(&server, &secret, "not-an-ip").await,
+        Code::InvalidArgument,
+        "client_ip",
+    );
+    // Check uses the downstream address Envoy reports.
+    assert_eq!(check_from(&server, &secret, Some("10.9.9.9")).await, Ok(()));
+    assert_eq!(
+        check_from(&server, &secret, Some("192.0.2.1")).await,
+        Err((403, "ip_not_allowed".into()))
+    );
+    assert_eq!(
+        check_from(&server, &secret, None).await,
+        Err((403, "ip_not_allowed".into()))
+    );
+
+    // A key may not change the allowlist of a key holding scopes it lacks.
+    let (_, manager_key) = server
+        .create_key("acme", &["api_keys.update", "alerts.read"])
+        .await;
+    assert_status(
+        manager
+            .set_key_allowlist(bearer(
+                &manager_key,
+                pb::SetKeyAllowlistRequest {
+                    key_id: id.clone(),
+                    allowed_cidrs: vec![],
+                },
+            ))
+            .await,
+        Code::PermissionDenied,
+        "mail.send",
+    );
+    // Survives a restart; then cleared: any address again.
+    let config = server.stop().await;
+    let server = TestServer::start_with(config).await;
+    assert!(
+        !authorize_from(&server, &secret, "11.0.0.1")
+            .await
+            .expect("ok")
+            .allowed
+    );
+    let cleared = server
+        .manager()
+        .await
+        .set_key_allowlist(bearer(
+            &server.admin,
+            pb::SetKeyAllowlistRequest {
+                key_id: id,
+                allowed_cidrs: vec![],
+            },
+        ))
+        .await
+        .expect("clear")
+        .into_inner();
+    assert!(cleared.allowed_cidrs.is_empty());
+    assert!(
+        authorize_from(&server, &secret, "")
+            .await
+            .expect("ok")
             .allowed
     );
 }

@@ -16,6 +16,7 @@ fn create(name: &str, scopes: &[&str], account: &str) -> pb::CreateKeyRequest {
         access: HashMap::new(),
         account_id: account.to_owned(),
         expires_at: None,
+        allowed_cidrs: Vec::new(),
     }
 }
 

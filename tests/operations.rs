@@ -141,6 +141,7 @@ async fn shutdown_reports_not_serving_then_drains_and_flushes() {
             key: secret.clone(),
             method: "POST".into(),
             path: "/v3/mail/send".into(),
+            client_ip: String::new(),
         })
         .await
         .expect("served while draining")
@@ -213,6 +214,7 @@ async fn oversized_messages_are_refused_and_the_server_keeps_serving() {
         key: secret.clone(),
         method: "POST".into(),
         path: format!("/{}", "a".repeat(8000)),
+        client_ip: String::new(),
     };
     let status = server
         .authorizer()

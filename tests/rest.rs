@@ -227,6 +227,7 @@ async fn assert_decisions_over_tls(server: &TestServer, report: &serde_json::Val
                     key: key.as_str().expect("key").to_owned(),
                     method: "POST".into(),
                     path: "/v3/mail/send".into(),
+                    client_ip: String::new(),
                 })
                 .await
                 .expect("authorize")

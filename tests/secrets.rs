@@ -68,6 +68,7 @@ async fn no_secret_or_admin_token_escapes() {
                     account_id: "acme".into(),
                     access: HashMap::new(),
                     expires_at: None,
+                    allowed_cidrs: Vec::new(),
                 },
             ))
             .await
@@ -89,6 +90,7 @@ async fn no_secret_or_admin_token_escapes() {
                 key,
                 method: "POST".into(),
                 path: path.into(),
+                client_ip: String::new(),
             })
             .await
             .expect("authorize")
@@ -153,6 +155,7 @@ async fn no_secret_or_admin_token_escapes() {
             key: first.clone(),
             method: "POST".into(),
             path: "/v3/mail/send".into(),
+            client_ip: String::new(),
         })
         .await
         .expect("authorize")

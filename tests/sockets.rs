@@ -112,6 +112,7 @@ async fn serves_on_a_unix_domain_socket() {
             key: secret,
             method: "POST".into(),
             path: "/v3/mail/send".into(),
+            client_ip: String::new(),
         })
         .await
         .expect("authorize over the Unix socket")

@@ -205,6 +205,7 @@ impl Sidecar {
                         key: secret.clone(),
                         method: "POST".into(),
                         path: "/v3/mail/send".into(),
+                        client_ip: String::new(),
                     })
                     .await
                     .expect("authorize answers")

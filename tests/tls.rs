@@ -33,6 +33,7 @@ async fn authorize(channel: Channel) -> Result<pb::AuthorizeResponse, tonic::Sta
             key: String::new(),
             method: "GET".into(),
             path: "/v3/scopes".into(),
+            client_ip: String::new(),
         })
         .await
         .map(tonic::Response::into_inner)

@@ -24,6 +24,8 @@ pub enum DenyReason {
     KeyExpired,
     /// The key is disabled.
     KeyDisabled,
+    /// The client's address is not in the key's allowlist (or unknown).
+    IpNotAllowed,
 }
 
 impl DenyReason {
@@ -36,7 +38,10 @@ impl DenyReason {
             | Self::UnknownKey
             | Self::KeyExpired
             | Self::KeyDisabled => 401,
-            Self::InsufficientScope | Self::UnknownRoute | Self::AmbiguousPath => 403,
+            Self::InsufficientScope
+            | Self::UnknownRoute
+            | Self::AmbiguousPath
+            | Self::IpNotAllowed => 403,
         }
     }
 
@@ -52,6 +57,7 @@ impl DenyReason {
             Self::AmbiguousPath => "access forbidden: ambiguous request path",
             Self::KeyExpired => "the provided API key has expired",
             Self::KeyDisabled => "the provided API key is disabled",
+            Self::IpNotAllowed => "access forbidden: the API key may not be used from this address",
         }
     }
 
@@ -67,6 +73,7 @@ impl DenyReason {
             Self::AmbiguousPath => "ambiguous_path",
             Self::KeyExpired => "key_expired",
             Self::KeyDisabled => "key_disabled",
+            Self::IpNotAllowed => "ip_not_allowed",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The policy domain: scopes, catalog, routes, keys, rules and decisions.
 //! Pure: no tokio, tonic or sled.
 
+pub mod allowlist;
 pub mod catalog;
 pub mod decision;
 pub mod key;

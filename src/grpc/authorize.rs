@@ -24,7 +24,9 @@ impl AuthorizeService {
     fn authorize(&self, request: &pb::AuthorizeRequest) -> Result<pb::AuthorizeResponse, Status> {
         let (method, path) = FrontDoor::validate(&request.method, &request.path)
             .map_err(|e| invalid(e.field, e.problem))?;
-        let decision = self.front.decide(&request.key, method, path);
+        let client = crate::domain::allowlist::client(&request.client_ip)
+            .map_err(|problem| invalid("client_ip", problem))?;
+        let decision = self.front.decide(&request.key, client, method, path);
         Ok(response(&decision, self.front.catalog()))
     }
 }
@@ -67,5 +69,6 @@ fn deny_reason_pb(reason: Option<DenyReason>) -> pb::DenyReason {
         Some(DenyReason::AmbiguousPath) => pb::DenyReason::AmbiguousPath,
         Some(DenyReason::KeyExpired) => pb::DenyReason::KeyExpired,
         Some(DenyReason::KeyDisabled) => pb::DenyReason::KeyDisabled,
+        Some(DenyReason::IpNotAllowed) => pb::DenyReason::IpNotAllowed,
     }
 }

@@ -123,7 +123,16 @@ pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
         previous_secret_valid_until: (record.previous_valid_until_unix_nanos
             > crate::clock::now_nanos())
         .then(|| timestamp(record.previous_valid_until_unix_nanos)),
+        allowed_cidrs: record.allowed_cidrs.clone(),
     }
+}
+
+/// Address ranges from a request, canonical (see `domain::allowlist`).
+pub fn allowed_cidrs(cidrs: &[String]) -> Result<Vec<String>, KeyError> {
+    crate::domain::allowlist::canonical(cidrs).map_err(|problem| KeyError::Invalid {
+        field: "allowed_cidrs",
+        problem,
+    })
 }
 
 /// Longest rotation overlap accepted.

@@ -10,7 +10,7 @@ use super::convert;
 use super::status::{invalid, unauthenticated};
 use crate::access::{Access, Unauthenticated};
 use crate::audit;
-use crate::keys::{Expiry, KeyError, Keys, Operation, Principal};
+use crate::keys::{Expiry, KeyError, Keys, Operation, Principal, StateChange};
 use crate::pb::v1 as pb;
 use crate::store::db::Cursor;
 
@@ -66,9 +66,16 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .map_err(fail)?
             .unwrap_or_else(|| self.keys.catalog().full_access());
         let expires_at = convert::expires_at(request.expires_at.as_ref()).map_err(fail)?;
+        let allowed_cidrs = convert::allowed_cidrs(&request.allowed_cidrs).map_err(fail)?;
         let (record, secret) = self
             .keys
-            .create(&principal, account, name, grant, expires_at)
+            .create(
+                &principal,
+                account,
+                name,
+                grant,
+                (expires_at, allowed_cidrs),
+            )
             .await
             .map_err(fail)?;
         audit::changed(&principal, "create", None, &record);
@@ -238,8 +245,11 @@ impl pb::key_manager_server::KeyManager for ManageService {
         request: Request<pb::DisableKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
         let key_id = request.get_ref().key_id.clone();
-        self.set_state(&request, "disable", &key_id, Some(true), None)
-            .await
+        let state = StateChange {
+            disabled: Some(true),
+            ..StateChange::default()
+        };
+        self.set_state(&request, "disable", &key_id, state).await
     }
 
     async fn enable_key(
@@ -247,7 +257,26 @@ impl pb::key_manager_server::KeyManager for ManageService {
         request: Request<pb::EnableKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
         let key_id = request.get_ref().key_id.clone();
-        self.set_state(&request, "enable", &key_id, Some(false), None)
+        let state = StateChange {
+            disabled: Some(false),
+            ..StateChange::default()
+        };
+        self.set_state(&request, "enable", &key_id, state).await
+    }
+
+    async fn set_key_allowlist(
+        &self,
+        request: Request<pb::SetKeyAllowlistRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let cidrs = convert::allowed_cidrs(&request.get_ref().allowed_cidrs)
+            .map_err(|e| refused(&principal, "set_allowlist")(e))?;
+        let key_id = request.get_ref().key_id.clone();
+        let state = StateChange {
+            allowed_cidrs: Some(cidrs),
+            ..StateChange::default()
+        };
+        self.set_state(&request, "set_allowlist", &key_id, state)
             .await
     }
 
@@ -283,9 +312,11 @@ impl pb::key_manager_server::KeyManager for ManageService {
         let expires_at = convert::expires_at(request.get_ref().expires_at.as_ref())
             .map_err(|e| refused(&principal, "set_expiry")(e))?;
         let key_id = request.get_ref().key_id.clone();
-        let expiry = expires_at.map_or(Expiry::Never, Expiry::At);
-        self.set_state(&request, "set_expiry", &key_id, None, Some(expiry))
-            .await
+        let state = StateChange {
+            expires_at: Some(expires_at.map_or(Expiry::Never, Expiry::At)),
+            ..StateChange::default()
+        };
+        self.set_state(&request, "set_expiry", &key_id, state).await
     }
 }
 
@@ -296,8 +327,7 @@ impl ManageService {
         request: &Request<T>,
         operation: &str,
         key_id: &str,
-        disabled: Option<bool>,
-        expires_at: Option<Expiry>,
+        state: StateChange,
     ) -> Result<Response<pb::ApiKey>, Status> {
         let principal = self.principal(request.metadata())?;
         let fail = |e| refused(&principal, operation)(e);
@@ -307,7 +337,7 @@ impl ManageService {
         let id = convert::key_id(key_id).map_err(fail)?;
         let (before, record) = self
             .keys
-            .set_state(&principal, &id, disabled, expires_at)
+            .set_state(&principal, &id, state)
             .await
             .map_err(fail)?;
         audit::changed(&principal, operation, Some(&before), &record);

@@ -240,7 +240,7 @@ impl Keys {
         account: Arc<str>,
         name: String,
         grant: ScopeSet,
-        expires_at: Option<i64>,
+        (expires_at, allowed_cidrs): (Option<i64>, Vec<String>),
     ) -> Result<(KeyRecord, String), KeyError> {
         let key = key::generate().map_err(|_| KeyError::Rng)?;
         let committed = self
@@ -252,6 +252,7 @@ impl Keys {
                     grant,
                     key,
                     expires_at,
+                    allowed_cidrs,
                 },
             )
             .await?;
@@ -298,22 +299,23 @@ impl Keys {
         Ok((committed.before.unwrap_or_default(), committed.after))
     }
 
-    /// Disables or enables a key, and/or sets its expiry; `None` keeps
-    /// each as it is. Returns the record before and after.
+    /// Disables or enables a key, sets its expiry, and/or replaces its
+    /// address allowlist (canonical ranges); `None` keeps each as it is.
+    /// Returns the record before and after.
     pub async fn set_state(
         &self,
         principal: &Principal,
         id: &KeyId,
-        disabled: Option<bool>,
-        expires_at: Option<Expiry>,
+        state: StateChange,
     ) -> Result<(KeyRecord, KeyRecord), KeyError> {
         let committed = self
             .submit(
                 principal,
                 Change::SetState {
                     id: *id,
-                    disabled,
-                    expires_at,
+                    disabled: state.disabled,
+                    expires_at: state.expires_at,
+                    allowed_cidrs: state.allowed_cidrs,
                 },
             )
             .await?;
@@ -439,6 +441,17 @@ impl Keys {
         self.shared
             .publish(StoreHealth::Failing(FailureKind::NotResponding));
     }
+}
+
+/// Lifecycle settings to change; `None` keeps each.
+#[derive(Debug, Default)]
+pub struct StateChange {
+    /// Disable (true) or enable (false).
+    pub disabled: Option<bool>,
+    /// The new expiry.
+    pub expires_at: Option<Expiry>,
+    /// The new canonical address ranges (empty: any).
+    pub allowed_cidrs: Option<Vec<String>>,
 }
 
 /// Per-account turns at the writer's queue (see [`MAX_QUEUED_PER_ACCOUNT`]);

@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::{AccountCounts, KeyError, Operation, Principal, intern, kind_number, now_nanos};
 use crate::clock::NEVER;
+use crate::domain::allowlist::Allowlist;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey, SecretHash};
 use crate::domain::rules;
@@ -62,6 +63,8 @@ pub enum Change {
         key: NewKey,
         /// When it expires (Unix nanos), if ever.
         expires_at: Option<i64>,
+        /// Canonical address ranges (empty: any).
+        allowed_cidrs: Vec<String>,
     },
     /// A new name, and new scopes when given.
     Update {
@@ -93,6 +96,8 @@ pub enum Change {
         disabled: Option<bool>,
         /// The new expiry.
         expires_at: Option<Expiry>,
+        /// The new canonical address ranges (empty: any).
+        allowed_cidrs: Option<Vec<String>>,
     },
 }
 
@@ -455,7 +460,15 @@ impl Writer {
                 grant,
                 key,
                 expires_at,
-            } => self.stage_create(store, &held, &account, name, grant, key, expires_at),
+                allowed_cidrs,
+            } => self.stage_create(
+                store,
+                &held,
+                &account,
+                (name, grant, key),
+                expires_at,
+                allowed_cidrs,
+            ),
             Change::Update { id, name, grant } => {
                 self.stage_update(store, actor, &held, id, name, grant)
             }
@@ -463,7 +476,14 @@ impl Writer {
                 id,
                 disabled,
                 expires_at,
-            } => self.stage_state(store, actor, &held, id, disabled, expires_at),
+                allowed_cidrs,
+            } => self.stage_state(
+                store,
+                actor,
+                &held,
+                id,
+                (disabled, expires_at, allowed_cidrs),
+            ),
             Change::Delete { id } => self.stage_delete(store, actor, &held, id),
             Change::Rotate { id, rotation } => self.stage_rotate(store, actor, &held, id, rotation),
         }
@@ -504,16 +524,14 @@ impl Writer {
         ))
     }
 
-    #[allow(clippy::too_many_arguments, reason = "the fields of Change::Create")]
     fn stage_create(
         &mut self,
         store: &Store,
         held: &ScopeSet,
         account: &str,
-        name: String,
-        grant: ScopeSet,
-        key: NewKey,
+        (name, grant, key): (String, ScopeSet, NewKey),
         expires_at: Option<i64>,
+        allowed_cidrs: Vec<String>,
     ) -> Result<(Committed, IndexChange), KeyError> {
         self.no_escalation(held, &grant)?;
         let count = self.accounts.get(account).copied().unwrap_or_default();
@@ -535,6 +553,7 @@ impl Writer {
             updated_at_unix_nanos: now,
             disabled: false,
             expires_at_unix_nanos: expires_at.unwrap_or(0),
+            allowed_cidrs,
             ..KeyRecord::default()
         };
         store.create(&record)?;
@@ -548,6 +567,7 @@ impl Writer {
             expires_at: expires_at.unwrap_or(NEVER),
             previous_hash: SecretHash::from_bytes([0; 32]),
             previous_until: 0,
+            allowlist: Allowlist::from_stored(&record.allowed_cidrs),
         };
         Ok((
             Committed {
@@ -599,8 +619,7 @@ impl Writer {
         actor: &Principal,
         held: &ScopeSet,
         id: KeyId,
-        disabled: Option<bool>,
-        expires_at: Option<Expiry>,
+        (disabled, expires_at, allowed_cidrs): (Option<bool>, Option<Expiry>, Option<Vec<String>>),
     ) -> Result<(Committed, IndexChange), KeyError> {
         let before = self.target(store, actor, held, &id)?;
         let mut record = before.clone();
@@ -611,6 +630,9 @@ impl Writer {
             Some(Expiry::Never) => record.expires_at_unix_nanos = 0,
             Some(Expiry::At(nanos)) => record.expires_at_unix_nanos = nanos,
             None => {}
+        }
+        if let Some(allowed_cidrs) = allowed_cidrs {
+            record.allowed_cidrs = allowed_cidrs;
         }
         record.updated_at_unix_nanos = now_nanos().max(record.updated_at_unix_nanos);
         store.replace(&record)?;
@@ -681,6 +703,7 @@ impl Writer {
             expires_at: expiry(record.expires_at_unix_nanos),
             previous_hash: hash_of(&record.previous_secret_sha256),
             previous_until: record.previous_valid_until_unix_nanos,
+            allowlist: Allowlist::from_stored(&record.allowed_cidrs),
         }
     }
 
@@ -826,6 +849,7 @@ fn load_part(
                 expires_at: expiry(view.expires_at_unix_nanos),
                 previous_hash: hash_of(&view.previous_secret_sha256),
                 previous_until: view.previous_valid_until_unix_nanos,
+                allowlist: Allowlist::from_stored(&view.allowed_cidrs),
             },
         );
     }

@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use rustc_hash::FxBuildHasher;
 
+use std::net::IpAddr;
+
+use crate::domain::allowlist::Allowlist;
 use crate::domain::key::{KeyId, PresentedKey, SecretHash};
 use crate::domain::scope_set::ScopeSet;
 
@@ -26,6 +29,8 @@ pub struct Entry {
     pub previous_hash: SecretHash,
     /// See `previous_hash`.
     pub previous_until: i64,
+    /// The addresses the key may be used from.
+    pub allowlist: Allowlist,
 }
 
 /// A key that verified: its scopes and account.
@@ -41,6 +46,8 @@ pub struct Verified {
     pub disabled: bool,
     /// Unix nanos after which the key is denied; `i64::MAX`: never.
     pub expires_at: i64,
+    /// Whether the request's client address is allowed for this key.
+    pub address_allowed: bool,
 }
 
 /// Why a presented key did not verify. Callers answer both the same way;
@@ -81,7 +88,11 @@ impl Index {
     /// Looks the key up and compares its secret hash in constant time.
     /// The hash is computed before the lookup, so unknown ids cost the same.
     #[inline]
-    pub fn verify(&self, key: &PresentedKey<'_>) -> Result<Verified, Rejected> {
+    pub fn verify(
+        &self,
+        key: &PresentedKey<'_>,
+        client: Option<IpAddr>,
+    ) -> Result<Verified, Rejected> {
         let presented = key.secret_hash();
         let keys = self.keys.pin();
         let entry = keys.get(&key.id).ok_or(Rejected::UnknownId)?;
@@ -100,6 +111,7 @@ impl Index {
                 account: Arc::clone(&entry.account),
                 disabled: entry.disabled,
                 expires_at: entry.expires_at,
+                address_allowed: entry.allowlist.permits(client),
             })
         } else {
             Err(Rejected::WrongSecret)

@@ -101,6 +101,7 @@ mod tests {
             expires_at_unix_nanos: 3,
             previous_secret_sha256: vec![8; 32],
             previous_valid_until_unix_nanos: 4,
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
         }
     }
 

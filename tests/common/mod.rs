@@ -143,6 +143,7 @@ impl TestServer {
                 key: key.to_owned(),
                 method: method.to_owned(),
                 path: path.to_owned(),
+                client_ip: String::new(),
             })
             .await
             .expect("authorize replies")

@@ -1,0 +1,149 @@
+//! Address allowlists: the client addresses a key may be used from.
+//! IPv4-mapped IPv6 addresses (`::ffff:10.1.2.3`) count as the IPv4 address
+//! they carry, in ranges and in clients alike. A key with an allowlist and a
+//! request without a client address is refused (fail closed).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// Most ranges one key may carry.
+pub const MAX_CIDRS: usize = 16;
+
+/// A key's allowlist, parsed once when the key is loaded or changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowlist {
+    nets: Box<[IpNet]>,
+    restricted: bool,
+}
+
+impl Allowlist {
+    /// From stored canonical ranges. A stored range that no longer parses
+    /// is dropped, but the key stays restricted: it can only lose reach.
+    #[must_use]
+    pub fn from_stored(cidrs: &[String]) -> Self {
+        Self {
+            nets: cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+            restricted: !cidrs.is_empty(),
+        }
+    }
+
+    /// Whether a request from `client` may use the key. Allocation-free.
+    #[must_use]
+    pub fn permits(&self, client: Option<IpAddr>) -> bool {
+        if !self.restricted {
+            return true;
+        }
+        client.is_some_and(|ip| {
+            let ip = ip.to_canonical();
+            self.nets.iter().any(|net| net.contains(&ip))
+        })
+    }
+}
+
+/// Request ranges in canonical form, or the problem with the first bad one:
+/// at most [`MAX_CIDRS`], each `address/prefix` with no host bits set (a bare
+/// address is one host), IPv4-mapped IPv6 ranges as IPv4, no duplicates.
+pub fn canonical(cidrs: &[String]) -> Result<Vec<String>, String> {
+    if cidrs.len() > MAX_CIDRS {
+        return Err(format!("at most {MAX_CIDRS} ranges"));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(cidrs.len());
+    for text in cidrs {
+        let net: IpNet = match text.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => match text.parse::<IpAddr>() {
+                Ok(ip) => IpNet::from(ip),
+                Err(_) => return Err(format!("{text:?} is not an address or a CIDR range")),
+            },
+        };
+        if net.trunc() != net {
+            return Err(format!(
+                "{text:?} has host bits set (did you mean {}?)",
+                net.trunc()
+            ));
+        }
+        let net = unmapped(net);
+        let canonical = net.to_string();
+        if !out.contains(&canonical) {
+            out.push(canonical);
+        }
+    }
+    Ok(out)
+}
+
+/// `::ffff:a.b.c.d/n` (n ≥ 96) as the IPv4 range it means.
+fn unmapped(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+        && let Ok(v4) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(v4);
+    }
+    net
+}
+
+/// A client address from a request (`client_ip`, Envoy's source address);
+/// empty is none.
+pub fn client(text: &str) -> Result<Option<IpAddr>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse::<IpAddr>()
+        .map(|ip| Some(ip.to_canonical()))
+        .map_err(|_| format!("{text:?} is not an IPv4 or IPv6 address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn ranges_are_checked_and_made_canonical() {
+        assert_eq!(
+            canonical(&strings(&[
+                "10.0.0.0/8",
+                "2001:db8::/32",
+                "192.0.2.7",
+                "::ffff:10.1.0.0/112",
+                "10.0.0.0/8"
+            ])),
+            Ok(strings(&[
+                "10.0.0.0/8",
+                "2001:db8::/32",
+                "192.0.2.7/32",
+                "10.1.0.0/16"
+            ]))
+        );
+        assert!(
+            canonical(&strings(&["10.0.0.1/8"]))
+                .expect_err("host bits")
+                .contains("10.0.0.0/8")
+        );
+        assert!(canonical(&strings(&["nope"])).is_err());
+        assert!(canonical(&strings(&["10.0.0.0/33"])).is_err());
+        assert!(canonical(&vec!["10.0.0.0/8".to_owned(); 17]).is_err());
+    }
+
+    #[test]
+    fn clients_match_their_ranges_and_mapped_addresses_count_as_ipv4() {
+        let list = Allowlist::from_stored(&strings(&["10.0.0.0/8", "2001:db8::/32"]));
+        let ip = |s: &str| client(s).expect("address");
+        assert!(list.permits(ip("10.20.30.40")));
+        assert!(list.permits(ip("::ffff:10.20.30.40")));
+        assert!(list.permits(ip("2001:db8::1")));
+        assert!(!list.permits(ip("11.0.0.1")));
+        assert!(!list.permits(None), "no address: refused");
+        assert!(Allowlist::default().permits(None), "no allowlist: any");
+        let broken = Allowlist::from_stored(&strings(&["garbage"]));
+        assert!(
+            !broken.permits(ip("10.0.0.1")),
+            "an unreadable list fails closed"
+        );
+    }
+}
