@@ -518,7 +518,7 @@ async fn an_allowlist_limits_where_a_key_works_and_fails_closed() {
         .await
         .expect("create")
         .into_inner();
-    let (id, secret) = (created.key.expect("key").key_id, created.secret);
+    let secret = created.secret;
     for inside in ["10.1.2.3", "::ffff:10.1.2.3", "2001:db8::7"] {
         assert!(
             authorize_from(&server, &secret, inside)
@@ -554,7 +554,28 @@ async fn an_allowlist_limits_where_a_key_works_and_fails_closed() {
         check_from(&server, &secret, None).await,
         Err((403, "ip_not_allowed".into()))
     );
+}
 
+#[tokio::test]
+async fn allowlists_follow_least_privilege_survive_a_restart_and_can_be_cleared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let mut manager = server.manager().await;
+    let created = manager
+        .create_key(bearer(
+            &server.admin,
+            pb::CreateKeyRequest {
+                name: "office".into(),
+                scopes: vec!["mail.send".into()],
+                account_id: "acme".into(),
+                allowed_cidrs: vec!["10.0.0.0/8".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let (id, secret) = (created.key.expect("key").key_id, created.secret);
     // A key may not change the allowlist of a key holding scopes it lacks.
     let (_, manager_key) = server
         .create_key("acme", &["api_keys.update", "alerts.read"])
