@@ -510,18 +510,8 @@ impl Writer {
             record.previous_valid_until_unix_nanos = 0;
         }
         record.secret_sha256 = rotation.key.hash.as_bytes().to_vec();
-        record.updated_at_unix_nanos = now.max(record.updated_at_unix_nanos);
-        store.replace(&record)?;
         let scopes = self.catalog.resolve_stored(&record.scopes).0;
-        let entry = self.entry(&record, scopes);
-        Ok((
-            Committed {
-                before: Some(before),
-                after: record,
-                secret: Some(rotation.key.text),
-            },
-            IndexChange::Put(id, entry),
-        ))
+        self.replace(store, id, before, record, scopes, Some(rotation.key.text))
     }
 
     fn stage_create(
@@ -600,6 +590,21 @@ impl Writer {
             }
             None => self.catalog.resolve_stored(&record.scopes).0,
         };
+        self.replace(store, id, before, record, scopes, None)
+    }
+
+    /// Stages `record` in place of `before` (a changed key: same id,
+    /// account and creation time), with `scopes` resolved, and `secret` when
+    /// the change issued one.
+    fn replace(
+        &self,
+        store: &Store,
+        id: KeyId,
+        before: KeyRecord,
+        mut record: KeyRecord,
+        scopes: ScopeSet,
+        secret: Option<String>,
+    ) -> Result<(Committed, IndexChange), KeyError> {
         record.updated_at_unix_nanos = now_nanos().max(record.updated_at_unix_nanos);
         store.replace(&record)?;
         let entry = self.entry(&record, scopes);
@@ -607,7 +612,7 @@ impl Writer {
             Committed {
                 before: Some(before),
                 after: record,
-                secret: None,
+                secret,
             },
             IndexChange::Put(id, entry),
         ))
@@ -634,18 +639,8 @@ impl Writer {
         if let Some(allowed_cidrs) = allowed_cidrs {
             record.allowed_cidrs = allowed_cidrs;
         }
-        record.updated_at_unix_nanos = now_nanos().max(record.updated_at_unix_nanos);
-        store.replace(&record)?;
         let scopes = self.catalog.resolve_stored(&record.scopes).0;
-        let entry = self.entry(&record, scopes);
-        Ok((
-            Committed {
-                before: Some(before),
-                after: record,
-                secret: None,
-            },
-            IndexChange::Put(id, entry),
-        ))
+        self.replace(store, id, before, record, scopes, None)
     }
 
     fn stage_delete(
