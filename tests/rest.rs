@@ -24,28 +24,11 @@ fn missing(tool: &str, install: &str) {
     eprintln!("SKIPPED: {tool} is not installed ({install})");
 }
 
-async fn start(dir: &tempfile::TempDir) -> TestServer {
-    let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
-    config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.max_keys_per_account = LIMIT;
-    TestServer::start_with(config).await
-}
-
-/// Runs one client's flow (off the runtime, which serves it meanwhile);
-/// returns its report, or `None` if the client is not installed here.
-async fn run_flow(
-    server: &TestServer,
-    program: &str,
-    args: &[&str],
-    cwd: &Path,
-) -> Option<serde_json::Value> {
-    let url = format!("http://{}", server.http_addr.expect("REST enabled"));
-    run_flow_at(server, &url, &[], program, args, cwd).await
-}
-
-/// [`run_flow`] against `url`, with extra environment.
+/// Runs one client's flow against `url` (off the runtime, which may be
+/// serving it meanwhile); returns its report, or `None` if the client is not
+/// installed here.
 async fn run_flow_at(
-    server: &TestServer,
+    admin: &str,
     url: &str,
     env: &[(&str, &Path)],
     program: &str,
@@ -58,7 +41,7 @@ async fn run_flow_at(
         .current_dir(cwd)
         .envs(env.iter().copied())
         .env("KEYWARD_URL", url)
-        .env("KEYWARD_ADMIN", &server.admin)
+        .env("KEYWARD_ADMIN", admin)
         .env("KEYWARD_LIMIT", LIMIT.to_string());
     let Ok(output) = tokio::task::spawn_blocking(move || command.output())
         .await
@@ -76,60 +59,96 @@ async fn run_flow_at(
     Some(serde_json::from_slice(&output.stdout).expect("the flow prints its report"))
 }
 
-/// Every key a flow left alive may send mail; every key it revoked may not.
-async fn assert_decisions(server: &TestServer, report: &serde_json::Value) {
-    let keys = |name: &str| -> Vec<String> {
-        report[name]
-            .as_array()
-            .expect(name)
-            .iter()
-            .map(|k| k.as_str().expect("a key").to_owned())
-            .collect()
-    };
-    for key in keys("allowed_mail_send") {
-        assert!(
-            server
-                .authorize(&key, "POST", "/v3/mail/send")
+/// Every key a flow left alive may send mail; every key it revoked may not,
+/// asked through `Authorize` on `channel`.
+async fn assert_decisions(channel: tonic::transport::Channel, report: &serde_json::Value) {
+    use keyward::pb::v1 as pb;
+    let mut authorizer = pb::authorizer_client::AuthorizerClient::new(channel);
+    for (list, allowed) in [("allowed_mail_send", true), ("revoked", false)] {
+        for key in report[list].as_array().expect(list) {
+            let reply = authorizer
+                .authorize(pb::AuthorizeRequest {
+                    key: key.as_str().expect("key").to_owned(),
+                    method: "POST".into(),
+                    path: "/v3/mail/send".into(),
+                    client_ip: String::new(),
+                })
                 .await
-                .allowed
-        );
-    }
-    for key in keys("revoked") {
-        let reply = server.authorize(&key, "POST", "/v3/mail/send").await;
-        assert!(!reply.allowed);
-        assert_eq!(reply.http_status, 401);
+                .expect("authorize")
+                .into_inner();
+            assert_eq!(reply.allowed, allowed, "{list}");
+            if !allowed {
+                assert_eq!(reply.http_status, 401);
+            }
+        }
     }
 }
 
-#[tokio::test]
-async fn sendgrids_python_library_manages_keys() {
-    let has_client = Command::new("python3")
+fn has_python_client() -> bool {
+    Command::new("python3")
         .args(["-c", "import sendgrid"])
         .status()
-        .is_ok_and(|s| s.success());
-    if !has_client {
-        return missing("the Python sendgrid library", "pip install sendgrid");
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = start(&dir).await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/sendgrid_flow.py");
-    let script = script.to_str().expect("utf-8 path");
-    if let Some(report) = run_flow(&server, "python3", &[script], dir.path()).await {
-        assert_decisions(&server, &report).await;
-    }
+        .is_ok_and(|s| s.success())
 }
 
+fn node_project() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node")
+}
+
+fn python_flow() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients/sendgrid_flow.py")
+        .to_str()
+        .expect("utf-8 path")
+        .to_owned()
+}
+
+/// Both official clients against a fresh `keyward serve --http-listen`,
+/// the real binary; then their keys through `Authorize`.
 #[tokio::test]
-async fn sendgrids_node_client_manages_keys() {
-    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
-    if !project.join("node_modules/@sendgrid/client").exists() {
-        return missing("@sendgrid/client", "npm ci --prefix tests/clients/node");
+async fn sendgrids_clients_manage_keys_on_a_real_keyward_serve() {
+    if !has_python_client()
+        || !node_project()
+            .join("node_modules/@sendgrid/client")
+            .exists()
+    {
+        return missing(
+            "SendGrid's clients",
+            "pip install sendgrid; npm ci --prefix tests/clients/node",
+        );
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = start(&dir).await;
-    if let Some(report) = run_flow(&server, "node", &["flow.js"], &project).await {
-        assert_decisions(&server, &report).await;
-    }
+    let limit = LIMIT.to_string();
+    let (mut child, port) = common::spawn_serve(
+        env!("CARGO_BIN_EXE_keyward"),
+        dir.path(),
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--max-keys-per-account",
+            &limit,
+        ],
+    );
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    let rest = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["fields"]["message"] == "serving SendGrid's REST key API")
+        .and_then(|event| event["fields"]["local"].as_str().map(str::to_owned))
+        .expect("the REST listener is logged");
+    let url = format!("http://{rest}");
+    let admin = common::admin_token(&dir.path().join("keyward-data"));
+    let grpc = common::connect(&format!("http://127.0.0.1:{port}")).await;
+    let python = run_flow_at(&admin, &url, &[], "python3", &[&python_flow()], dir.path())
+        .await
+        .expect("python ran");
+    assert_decisions(grpc.clone(), &python).await;
+    let node = run_flow_at(&admin, &url, &[], "node", &["flow.js"], &node_project())
+        .await
+        .expect("node ran");
+    assert_decisions(grpc, &node).await;
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The REST API serves TLS like the gRPC listeners (same `--tls-cert` and
@@ -137,13 +156,8 @@ async fn sendgrids_node_client_manages_keys() {
 /// users configure one (`SSL_CERT_FILE`, `NODE_EXTRA_CA_CERTS`).
 #[tokio::test]
 async fn sendgrids_clients_work_over_tls() {
-    let has_python_client = Command::new("python3")
-        .args(["-c", "import sendgrid"])
-        .status()
-        .is_ok_and(|s| s.success());
-    let node = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
-    let has_node_client = node.join("node_modules/@sendgrid/client").exists();
-    if !has_python_client || !has_node_client {
+    let node = node_project();
+    if !has_python_client() || !node.join("node_modules/@sendgrid/client").exists() {
         return missing(
             "SendGrid's clients",
             "pip install sendgrid; npm ci --prefix tests/clients/node",
@@ -167,20 +181,19 @@ async fn sendgrids_clients_work_over_tls() {
         "https://localhost:{}",
         server.http_addr.expect("REST").port()
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/sendgrid_flow.py");
     let report = run_flow_at(
-        &server,
+        &server.admin,
         &https,
         &[("SSL_CERT_FILE", &ca)],
         "python3",
-        &[script.to_str().expect("utf-8")],
+        &[&python_flow()],
         dir.path(),
     )
     .await
     .expect("python ran");
     assert_decisions_over_tls(&server, &report, &pki.ca).await;
     let report = run_flow_at(
-        &server,
+        &server.admin,
         &https,
         &[("NODE_EXTRA_CA_CERTS", &ca)],
         "node",
@@ -206,7 +219,6 @@ async fn sendgrids_clients_work_over_tls() {
 
 /// [`assert_decisions`] through a TLS channel to Authorize.
 async fn assert_decisions_over_tls(server: &TestServer, report: &serde_json::Value, ca: &str) {
-    use keyward::pb::v1 as pb;
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
     let channel = Endpoint::from_shared(format!("https://{}", server.addr))
         .expect("url")
@@ -219,20 +231,5 @@ async fn assert_decisions_over_tls(server: &TestServer, report: &serde_json::Val
         .connect()
         .await
         .expect("connect");
-    let mut authorizer = pb::authorizer_client::AuthorizerClient::new(channel);
-    for (list, allowed) in [("allowed_mail_send", true), ("revoked", false)] {
-        for key in report[list].as_array().expect(list) {
-            let reply = authorizer
-                .authorize(pb::AuthorizeRequest {
-                    key: key.as_str().expect("key").to_owned(),
-                    method: "POST".into(),
-                    path: "/v3/mail/send".into(),
-                    client_ip: String::new(),
-                })
-                .await
-                .expect("authorize")
-                .into_inner();
-            assert_eq!(reply.allowed, allowed, "{list}");
-        }
-    }
+    assert_decisions(channel, report).await;
 }
