@@ -244,12 +244,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 ))
                 .await?
                 .into_inner();
-            let mut out = response.key.as_ref().map(show_key).unwrap_or_default();
-            let _ = writeln!(out, "secret:     {}", response.secret);
-            out.push_str(
-                "Store the secret now: keyward keeps only its hash and cannot show it again.\n",
-            );
-            out
+            show_new_secret(response.key.as_ref(), &response.secret)
         }
         KeysCommand::List { account, page_size } => {
             let mut out = String::new();
@@ -344,12 +339,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 ))
                 .await?
                 .into_inner();
-            let mut out = response.key.as_ref().map(show_key).unwrap_or_default();
-            let _ = writeln!(out, "secret:     {}", response.secret);
-            out.push_str(
-                "Store the secret now: keyward keeps only its hash and cannot show it again.\n",
-            );
-            out
+            show_new_secret(response.key.as_ref(), &response.secret)
         }
         KeysCommand::Allow {
             key_id,
@@ -495,6 +485,14 @@ fn show_key(key: &pb::ApiKey) -> String {
     if let Some(until) = &key.previous_secret_valid_until {
         let _ = writeln!(out, "previous secret valid until: {until}");
     }
+    out
+}
+
+/// A key with its new secret, which is shown this once (create, rotate).
+fn show_new_secret(key: Option<&pb::ApiKey>, secret: &str) -> String {
+    let mut out = key.map(show_key).unwrap_or_default();
+    let _ = writeln!(out, "secret:     {secret}");
+    out.push_str("Store the secret now: keyward keeps only its hash and cannot show it again.\n");
     out
 }
 

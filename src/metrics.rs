@@ -180,11 +180,6 @@ impl Metrics {
         self.decision_seconds.observe(took.as_secs_f64());
     }
 
-    /// Counts one RPC by method and final status code.
-    pub fn rpc(&self, method: &'static str, code: tonic::Code) {
-        self.rpc_counter(method, code).inc();
-    }
-
     /// The counter for one method and code, to resolve once for a hot path.
     #[must_use]
     pub fn rpc_counter(&self, method: &'static str, code: tonic::Code) -> Counter {

@@ -13,6 +13,16 @@ use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use keyward::pb::v1 as pb;
 use tonic::Code;
 
+/// A `mail.send` key named `name` in `acme`, to build on.
+fn mailer(name: &str) -> pb::CreateKeyRequest {
+    pb::CreateKeyRequest {
+        name: name.into(),
+        scopes: vec!["mail.send".into()],
+        account_id: "acme".into(),
+        ..Default::default()
+    }
+}
+
 fn at(after: Duration) -> prost_types::Timestamp {
     prost_types::Timestamp::from(SystemTime::now() + after)
 }
@@ -162,13 +172,10 @@ async fn keys_expire_and_expiry_can_be_changed_or_cleared() {
             .create_key(bearer(
                 &server.admin,
                 pb::CreateKeyRequest {
-                    name: "late".into(),
-                    scopes: vec!["mail.send".into()],
-                    account_id: "acme".into(),
                     expires_at: Some(prost_types::Timestamp::from(
                         SystemTime::now() - Duration::from_secs(1),
                     )),
-                    ..Default::default()
+                    ..mailer("late")
                 },
             ))
             .await,
@@ -181,11 +188,8 @@ async fn keys_expire_and_expiry_can_be_changed_or_cleared() {
         .create_key(bearer(
             &server.admin,
             pb::CreateKeyRequest {
-                name: "short-lived".into(),
-                scopes: vec!["mail.send".into()],
-                account_id: "acme".into(),
                 expires_at: Some(at(Duration::from_millis(800))),
-                ..Default::default()
+                ..mailer("short-lived")
             },
         ))
         .await
@@ -492,11 +496,8 @@ async fn an_allowlist_limits_where_a_key_works_and_fails_closed() {
             .create_key(bearer(
                 &server.admin,
                 pb::CreateKeyRequest {
-                    name: "x".into(),
-                    scopes: vec!["mail.send".into()],
-                    account_id: "acme".into(),
                     allowed_cidrs: vec!["10.0.0.1/8".into()],
-                    ..Default::default()
+                    ..mailer("x")
                 },
             ))
             .await,
@@ -508,11 +509,8 @@ async fn an_allowlist_limits_where_a_key_works_and_fails_closed() {
         .create_key(bearer(
             &server.admin,
             pb::CreateKeyRequest {
-                name: "office".into(),
-                scopes: vec!["mail.send".into()],
-                account_id: "acme".into(),
                 allowed_cidrs: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
-                ..Default::default()
+                ..mailer("office")
             },
         ))
         .await
@@ -565,11 +563,8 @@ async fn allowlists_follow_least_privilege_survive_a_restart_and_can_be_cleared(
         .create_key(bearer(
             &server.admin,
             pb::CreateKeyRequest {
-                name: "office".into(),
-                scopes: vec!["mail.send".into()],
-                account_id: "acme".into(),
                 allowed_cidrs: vec!["10.0.0.0/8".into()],
-                ..Default::default()
+                ..mailer("office")
             },
         ))
         .await

@@ -171,6 +171,17 @@ impl Sidecar {
         }
     }
 
+    /// Starts and creates 20 keys while the volume is healthy; returns their
+    /// secrets.
+    async fn start_with_keys(data_dir: &Path) -> (Self, Vec<String>) {
+        let sidecar = Self::start(data_dir).await;
+        let mut secrets = Vec::new();
+        for n in 0..20 {
+            secrets.push(sidecar.create(n).await.0.expect("created").1);
+        }
+        (sidecar, secrets)
+    }
+
     /// CreateKey as admin, timed.
     async fn create(&self, n: usize) -> (Result<(String, String), tonic::Status>, Duration) {
         let started = Instant::now();
@@ -350,11 +361,7 @@ async fn a_full_disk_costs_writes_never_decisions_and_recovers_without_restart()
         return;
     };
     let data = volume.path().join("data");
-    let sidecar = Sidecar::start(&data).await;
-    let mut secrets = Vec::new();
-    for n in 0..20 {
-        secrets.push(sidecar.create(n).await.0.expect("created").1);
-    }
+    let (sidecar, mut secrets) = Sidecar::start_with_keys(&data).await;
     sidecar.authorize_all(&secrets).await;
 
     fill(volume.path());
@@ -382,11 +389,7 @@ async fn a_volume_turned_read_only_costs_writes_never_decisions() {
         return;
     };
     let data = volume.path().join("data");
-    let sidecar = Sidecar::start(&data).await;
-    let mut secrets = Vec::new();
-    for n in 0..20 {
-        secrets.push(sidecar.create(n).await.0.expect("created").1);
-    }
+    let (sidecar, mut secrets) = Sidecar::start_with_keys(&data).await;
 
     // What the kernel does on a filesystem error with errors=remount-ro
     // (a plain `mount -o remount,ro` is refused while files are open for
@@ -423,11 +426,7 @@ async fn a_stuck_disk_costs_writes_never_decisions_and_shutdown_is_bounded() {
         return;
     };
     let data = volume.path().join("data");
-    let sidecar = Sidecar::start(&data).await;
-    let mut secrets = Vec::new();
-    for n in 0..20 {
-        secrets.push(sidecar.create(n).await.0.expect("created").1);
-    }
+    let (sidecar, secrets) = Sidecar::start_with_keys(&data).await;
 
     // A frozen filesystem blocks every writer in the kernel: a stalled disk.
     assert!(sh("fsfreeze", &["-f", volume.target()]), "fsfreeze");
