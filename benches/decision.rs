@@ -15,14 +15,19 @@
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use keyward::authorizer::Authorizer;
 use keyward::domain::catalog::Catalog;
-use keyward::domain::key::{self, PresentedKey, SecretHash};
+use keyward::domain::decision::Decision;
+use keyward::domain::key::{self, NewKey, PresentedKey, SecretHash};
 use keyward::domain::path::canonical_path;
+use keyward::domain::rate::RateLimit;
 use keyward::domain::route::{Method, RouteTable};
-use keyward::store::index::{Entry, Index};
+use keyward::domain::scope_set::ScopeSet;
+use keyward::store::index::{Entry, Index, Usage};
+use keyward::store::record::KeyRecord;
 use rustc_hash::FxBuildHasher;
 use sha2::{Digest, Sha256};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -52,16 +57,7 @@ fn fixture(catalog: &Catalog, routes: &Arc<RouteTable>, size: usize) -> Fixture 
         let new_key = key::generate().expect("rng");
         index.insert(
             new_key.id,
-            Entry {
-                hash: new_key.hash,
-                scopes,
-                account: Arc::clone(&account),
-                disabled: false,
-                expires_at: keyward::clock::NEVER,
-                previous_hash: SecretHash::from_bytes([0; 32]),
-                previous_until: 0,
-                allowlist: keyward::domain::allowlist::Allowlist::default(),
-            },
+            entry(&new_key, scopes, Arc::clone(&account), |_| {}),
         );
         baseline.insert(*new_key.id.as_bytes(), *new_key.hash.as_bytes());
         if i % (size / SAMPLE).max(1) == 0 && keys.len() < SAMPLE {
@@ -73,6 +69,24 @@ fn fixture(catalog: &Catalog, routes: &Arc<RouteTable>, size: usize) -> Fixture 
         keys,
         baseline,
     }
+}
+
+/// The index entry of `key` as the store would load it, with `lifecycle`
+/// settings applied to its record.
+fn entry(
+    key: &NewKey,
+    scopes: ScopeSet,
+    account: Arc<str>,
+    lifecycle: impl FnOnce(&mut KeyRecord),
+) -> Entry {
+    let mut record = KeyRecord {
+        key_id: key.id.as_bytes().to_vec(),
+        secret_sha256: key.hash.as_bytes().to_vec(),
+        account_id: account.to_string(),
+        ..KeyRecord::default()
+    };
+    lifecycle(&mut record);
+    Entry::from_stored(&record, scopes, account)
 }
 
 /// The unavoidable work: find the key by id, hash the secret, compare.
@@ -166,98 +180,97 @@ fn bench(c: &mut Criterion) {
     let sample = key::generate().expect("rng").text;
     let index = Index::with_capacity(1);
     let one = key::generate().expect("rng");
-    index.insert(
-        one.id,
-        Entry {
-            hash: one.hash,
-            scopes: have,
-            account: Arc::from("acme"),
-            disabled: false,
-            expires_at: keyward::clock::NEVER,
-            previous_hash: SecretHash::from_bytes([0; 32]),
-            previous_until: 0,
-            allowlist: keyward::domain::allowlist::Allowlist::default(),
-        },
-    );
+    index.insert(one.id, entry(&one, have, Arc::from("acme"), |_| {}));
     let one_presented = PresentedKey::parse(&one.text).expect("valid");
     group.bench_function("index_verify_incl_sha256", |b| {
-        b.iter(|| index.verify(black_box(&one_presented), None));
+        b.iter(|| index.verify(black_box(&one_presented)));
     });
 
-    // Lifecycle: the same decision for a key without and with an expiry
-    // (the only lifecycle check that reads anything beyond the entry: the
-    // clock); their difference is the cost of the check.
-    let lifecycle = Index::with_capacity(3);
-    let (plain, expiring) = (key::generate().expect("rng"), key::generate().expect("rng"));
-    for (new_key, expires_at) in [
-        (&plain, keyward::clock::NEVER),
-        (&expiring, keyward::clock::now_nanos() + 3_600_000_000_000),
-    ] {
-        lifecycle.insert(
-            new_key.id,
-            Entry {
-                hash: new_key.hash,
-                scopes: have,
-                account: Arc::from("acme"),
-                disabled: false,
-                expires_at,
-                previous_hash: SecretHash::from_bytes([0; 32]),
-                previous_until: 0,
-                allowlist: keyward::domain::allowlist::Allowlist::default(),
-            },
-        );
-    }
+    // Lifecycle: the same decision for a key with none of the lifecycle
+    // settings and with each of them; each difference is that check's cost.
+    let lifecycle = Index::with_capacity(8);
+    let account: Arc<str> = Arc::from("acme");
+    let in_an_hour = keyward::clock::now_nanos() + 3_600_000_000_000;
+    let ranges = vec!["10.0.0.0/8".to_owned(), "2001:db8::/32".to_owned()];
+    // The most a key may have (a million a second, a burst of a million),
+    // so admissions are measured; the budget is refilled between rounds.
+    let limit = RateLimit::new(1_000_000, Duration::from_secs(1), 1_000_000).expect("valid");
+    let (rate_requests, rate_period_nanos, rate_burst) =
+        keyward::store::record::rate_fields(Some(limit));
+    let with_limit = |record: &mut KeyRecord| {
+        record.rate_requests = rate_requests;
+        record.rate_period_nanos = rate_period_nanos;
+        record.rate_burst = rate_burst;
+    };
+    let plain = key::generate().expect("rng");
+    lifecycle.insert(plain.id, entry(&plain, have, Arc::clone(&account), |_| {}));
+    let expiring = key::generate().expect("rng");
+    lifecycle.insert(
+        expiring.id,
+        entry(&expiring, have, Arc::clone(&account), |r| {
+            r.expires_at_unix_nanos = in_an_hour;
+        }),
+    );
     let listed = key::generate().expect("rng");
     lifecycle.insert(
         listed.id,
-        Entry {
-            hash: listed.hash,
-            scopes: have,
-            account: Arc::from("acme"),
-            disabled: false,
-            expires_at: keyward::clock::NEVER,
-            previous_hash: SecretHash::from_bytes([0; 32]),
-            previous_until: 0,
-            allowlist: keyward::domain::allowlist::Allowlist::from_stored(&[
-                "10.0.0.0/8".to_owned(),
-                "2001:db8::/32".to_owned(),
-            ]),
-        },
+        entry(&listed, have, Arc::clone(&account), |r| {
+            r.allowed_cidrs.clone_from(&ranges);
+        }),
     );
+    let limited = key::generate().expect("rng");
+    let limited_entry = entry(&limited, have, Arc::clone(&account), with_limit);
+    let limited_usage = Arc::clone(&limited_entry.usage);
+    lifecycle.insert(limited.id, limited_entry);
+    // Everything at once, rotated with the overlap open: the current secret
+    // is presented (the previous one is compared only when it does not match).
+    let everything = key::generate().expect("rng");
+    let previous = key::generate().expect("rng");
+    let everything_entry = entry(&everything, have, Arc::clone(&account), |r| {
+        r.expires_at_unix_nanos = in_an_hour;
+        r.allowed_cidrs.clone_from(&ranges);
+        r.previous_secret_sha256 = previous.hash.as_bytes().to_vec();
+        r.previous_valid_until_unix_nanos = in_an_hour;
+        with_limit(r);
+    });
+    let everything_usage = Arc::clone(&everything_entry.usage);
+    lifecycle.insert(everything.id, everything_entry);
+
     let client: Option<std::net::IpAddr> = "10.1.2.3".parse().ok();
     let authorizer = Authorizer::new(Arc::new(lifecycle), Arc::clone(&routes));
     // As `keyward serve` runs it: the cached clock kept fresh.
     let _clock = keyward::clock::start_clock();
+    let decide = |text: &str, client: Option<std::net::IpAddr>| {
+        let decision = authorizer.decide(
+            black_box(text),
+            black_box(client),
+            Some(Method::Post),
+            "/v3/mail/send",
+        );
+        debug_assert!(decision.allowed());
+        decision
+    };
     group.bench_function("decide_key_without_expiry", |b| {
-        b.iter(|| {
-            authorizer.decide(
-                black_box(&plain.text),
-                None,
-                Some(Method::Post),
-                "/v3/mail/send",
-            )
-        });
+        b.iter(|| decide(&plain.text, None));
     });
     group.bench_function("decide_key_with_allowlist", |b| {
-        b.iter(|| {
-            authorizer.decide(
-                black_box(&listed.text),
-                black_box(client),
-                Some(Method::Post),
-                "/v3/mail/send",
-            )
-        });
+        b.iter(|| decide(&listed.text, client));
     });
     group.bench_function("decide_key_with_expiry", |b| {
-        b.iter(|| {
-            authorizer.decide(
-                black_box(&expiring.text),
-                None,
-                Some(Method::Post),
-                "/v3/mail/send",
-            )
-        });
+        b.iter(|| decide(&expiring.text, None));
     });
+    for (name, text, usage) in [
+        ("decide_key_with_rate_limit", &limited.text, &limited_usage),
+        (
+            "decide_key_with_all_lifecycle",
+            &everything.text,
+            &everything_usage,
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| admitted_rounds(iters, usage, || decide(text, client)));
+        });
+    }
 
     group.bench_function("key_parse", |b| {
         b.iter(|| PresentedKey::parse(black_box(&sample)));
@@ -266,6 +279,26 @@ fn bench(c: &mut Criterion) {
         b.iter(|| SecretHash::of(black_box(&sample.as_bytes()[26..])));
     });
     group.finish();
+}
+
+/// Times `iters` decisions of a rate-limited key, refilling its budget
+/// (untimed) before the burst could run out, so every decision is an
+/// admission.
+fn admitted_rounds(iters: u64, usage: &Usage, mut decide: impl FnMut() -> Decision) -> Duration {
+    const ROUND: u64 = 500_000;
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let round = left.min(ROUND);
+        usage.tat.store(0, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        for _ in 0..round {
+            black_box(decide());
+        }
+        total += started.elapsed();
+        left -= round;
+    }
+    total
 }
 
 fn report_allocations(label: &str, fixture: &Fixture, method: Option<Method>, path: &str) {

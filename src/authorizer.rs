@@ -9,7 +9,7 @@ use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::path::canonical_path;
 use crate::domain::route::{Method, RouteMiss, RouteTable};
-use crate::store::index::{Index, Rejected, Verified};
+use crate::store::index::{Entry, Index, Rejected, Verified};
 
 /// Decides requests. Synchronous, allocation-free, never touches disk.
 #[derive(Debug, Clone)]
@@ -27,50 +27,21 @@ impl Authorizer {
 
     /// Verifies a credential as an API key: `Bearer <key>` or a bare key.
     /// In order: format, id, secret, disabled, expired. (The address
-    /// allowlist is for decisions: see [`Self::decide`].)
+    /// allowlist and the rate limit are for decisions: see [`Self::decide`].)
     pub fn authenticate(&self, credential: &str) -> Result<Verified, AuthFailure> {
-        self.authenticate_from(credential, None)
-    }
-
-    fn authenticate_from(
-        &self,
-        credential: &str,
-        client: Option<IpAddr>,
-    ) -> Result<Verified, AuthFailure> {
-        let key = bearer_credential(credential);
-        if key.is_empty() {
-            return Err(AuthFailure::new(DenyReason::MissingKey, None));
-        }
-        let presented = PresentedKey::parse(key)
-            .map_err(|_| AuthFailure::new(DenyReason::MalformedKey, None))?;
-        let verified = self
-            .index
-            .verify(&presented, client)
-            .map_err(|rejected| AuthFailure {
-                reason: DenyReason::UnknownKey,
-                key_id: Some(presented.id),
-                wrong_secret: rejected == Rejected::WrongSecret,
-            })?;
-        // After the secret, so only the key's holder learns its state.
-        if verified.disabled {
-            return Err(AuthFailure::new(
-                DenyReason::KeyDisabled,
-                Some(presented.id),
-            ));
-        }
-        // The clock is read only for keys that expire, and from the cached
-        // time (see `recent_now_nanos`).
-        if verified.expires_at != NEVER && verified.expires_at <= clock::recent_now_nanos() {
-            return Err(AuthFailure::new(DenyReason::KeyExpired, Some(presented.id)));
-        }
-        Ok(verified)
+        let presented = parse(credential)?;
+        let now = clock::recent_now_nanos();
+        self.index.lookup(&presented, |found| {
+            usable(found, presented.id, now).map(|entry| entry.verified(presented.id))
+        })
     }
 
     /// Decides one request from `client` (when known). `method` is `None`
     /// for a valid HTTP method no route can name. The key is checked first,
     /// so an unauthenticated caller learns nothing about which routes exist.
     /// Order: key format, id, secret, disabled, expired, address, path,
-    /// route and scopes.
+    /// route and scopes, rate limit; then an allowed request counts as the
+    /// key's last use.
     #[must_use]
     pub fn decide(
         &self,
@@ -79,43 +50,92 @@ impl Authorizer {
         method: Option<Method>,
         path: &str,
     ) -> Decision {
-        let verified = match self.authenticate_from(credential, client) {
-            Ok(verified) => verified,
-            Err(failure) => {
-                let mut decision = Decision::denied(failure.reason);
-                decision.key_id = failure.key_id;
-                decision.wrong_secret = failure.wrong_secret;
+        let presented = match parse(credential) {
+            Ok(presented) => presented,
+            Err(failure) => return failure.decision(),
+        };
+        // The cached clock (an atomic load, see `recent_now_nanos`) serves
+        // expiry, the rate limit and last-used alike.
+        let now = clock::recent_now_nanos();
+        self.index.lookup(&presented, |found| {
+            let entry = match usable(found, presented.id, now) {
+                Ok(entry) => entry,
+                Err(failure) => return failure.decision(),
+            };
+            let mut decision = Decision::for_key(presented.id, Arc::clone(&entry.account));
+            if let Err(reason) = self.permits(entry, client, method, path, &mut decision) {
+                decision.deny = Some(reason);
                 return decision;
             }
-        };
-        let address_allowed = verified.address_allowed;
-        let mut decision = Decision::for_key(verified.id, verified.account);
-        if !address_allowed {
-            decision.deny = Some(DenyReason::IpNotAllowed);
-            return decision;
+            // Last: only a request that would otherwise pass spends quota.
+            if let Some(limit) = &entry.limit {
+                match limit.admit(&entry.usage.tat, now) {
+                    Ok(quota) => decision.quota = Some(quota),
+                    Err(quota) => {
+                        decision.quota = Some(quota);
+                        decision.deny = Some(DenyReason::RateLimited);
+                        return decision;
+                    }
+                }
+            }
+            entry.usage.touch(now);
+            decision
+        })
+    }
+
+    /// The checks after the key: address, path, route and scopes. Fills in
+    /// what the route requires and what the key lacks.
+    fn permits(
+        &self,
+        entry: &Entry,
+        client: Option<IpAddr>,
+        method: Option<Method>,
+        path: &str,
+        decision: &mut Decision,
+    ) -> Result<(), DenyReason> {
+        if !entry.allowlist.permits(client) {
+            return Err(DenyReason::IpNotAllowed);
         }
-        let Ok(path) = canonical_path(path) else {
-            decision.deny = Some(DenyReason::AmbiguousPath);
-            return decision;
-        };
+        let path = canonical_path(path).map_err(|_| DenyReason::AmbiguousPath)?;
         let required = match method.map(|m| self.routes.required(m, path)) {
             Some(Ok(required)) => required,
-            Some(Err(RouteMiss::Ambiguous)) => {
-                decision.deny = Some(DenyReason::AmbiguousPath);
-                return decision;
-            }
-            None | Some(Err(RouteMiss::Unknown)) => {
-                decision.deny = Some(DenyReason::UnknownRoute);
-                return decision;
-            }
+            Some(Err(RouteMiss::Ambiguous)) => return Err(DenyReason::AmbiguousPath),
+            None | Some(Err(RouteMiss::Unknown)) => return Err(DenyReason::UnknownRoute),
         };
         decision.required = *required;
-        if !verified.scopes.covers(required) {
-            decision.missing = verified.scopes.missing(required);
-            decision.deny = Some(DenyReason::InsufficientScope);
+        if entry.scopes.covers(required) {
+            Ok(())
+        } else {
+            decision.missing = entry.scopes.missing(required);
+            Err(DenyReason::InsufficientScope)
         }
-        decision
     }
+}
+
+/// The key in a credential, or why there is none.
+fn parse(credential: &str) -> Result<PresentedKey<'_>, AuthFailure> {
+    let key = bearer_credential(credential);
+    if key.is_empty() {
+        return Err(AuthFailure::new(DenyReason::MissingKey, None));
+    }
+    PresentedKey::parse(key).map_err(|_| AuthFailure::new(DenyReason::MalformedKey, None))
+}
+
+/// A verified key that may act: not disabled, not expired. Checked after
+/// the secret, so only the key's holder learns its state.
+fn usable(found: Result<&Entry, Rejected>, id: KeyId, now: i64) -> Result<&Entry, AuthFailure> {
+    let entry = found.map_err(|rejected| AuthFailure {
+        reason: DenyReason::UnknownKey,
+        key_id: Some(id),
+        wrong_secret: rejected == Rejected::WrongSecret,
+    })?;
+    if entry.disabled {
+        return Err(AuthFailure::new(DenyReason::KeyDisabled, Some(id)));
+    }
+    if entry.expires_at != NEVER && entry.expires_at <= now {
+        return Err(AuthFailure::new(DenyReason::KeyExpired, Some(id)));
+    }
+    Ok(entry)
 }
 
 /// Why a credential did not authenticate.
@@ -136,6 +156,13 @@ impl AuthFailure {
             key_id,
             wrong_secret: false,
         }
+    }
+
+    fn decision(self) -> Decision {
+        let mut decision = Decision::denied(self.reason);
+        decision.key_id = self.key_id;
+        decision.wrong_secret = self.wrong_secret;
+        decision
     }
 }
 

@@ -87,6 +87,14 @@ pub enum KeysCommand {
         /// `10.0.0.0/8`. Default: any address.
         #[arg(long = "allow-cidr")]
         allowed_cidrs: Vec<String>,
+        /// A rate limit per sidecar, `requests/period`: `100/s`, `5000/h`,
+        /// `10/30s`.
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<Rate>,
+        /// How many requests may pass at once (default: the rate's
+        /// requests).
+        #[arg(long, requires = "rate")]
+        burst: Option<u32>,
     },
     /// List an account's keys.
     List {
@@ -96,6 +104,10 @@ pub enum KeysCommand {
         /// Keys per page.
         #[arg(long, default_value_t = 100)]
         page_size: i32,
+        /// Only keys not used for this long (never-used keys count from
+        /// their creation), e.g. `90d`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        unused_for: Option<std::time::Duration>,
     },
     /// Show one key.
     Get {
@@ -148,6 +160,21 @@ pub enum KeysCommand {
         /// Any address (remove the allowlist).
         #[arg(long)]
         any: bool,
+    },
+    /// Set a key's rate limit per sidecar (`--rate 100/s --burst 20`), or
+    /// remove it (`--none`).
+    Limit {
+        /// The key id.
+        key_id: String,
+        /// Requests per period, e.g. `100/s`.
+        #[arg(long, value_parser = parse_rate, required_unless_present = "none", conflicts_with = "none")]
+        rate: Option<Rate>,
+        /// How many requests may pass at once (default: the rate's requests).
+        #[arg(long, requires = "rate")]
+        burst: Option<u32>,
+        /// No limit.
+        #[arg(long)]
+        none: bool,
     },
     /// Disable a key: every decision denies it until `enable`.
     Disable {
@@ -229,6 +256,8 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
             account,
             expires_in,
             allowed_cidrs,
+            rate,
+            burst,
         } => {
             let response = client
                 .create_key(authed(
@@ -240,13 +269,22 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                         account_id: account,
                         expires_at: expires_in.map(from_now),
                         allowed_cidrs,
+                        rate_limit: rate.map(|rate| rate.with_burst(burst)),
                     },
                 ))
                 .await?
                 .into_inner();
             show_new_secret(response.key.as_ref(), &response.secret)
         }
-        KeysCommand::List { account, page_size } => {
+        KeysCommand::List {
+            account,
+            page_size,
+            unused_for,
+        } => {
+            let unused_for = unused_for
+                .map(prost_types::Duration::try_from)
+                .transpose()
+                .context("--unused-for is too long")?;
             let mut out = String::new();
             let mut page_token = String::new();
             loop {
@@ -257,6 +295,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                             account_id: account.clone(),
                             page_size,
                             page_token,
+                            unused_for,
                         },
                     ))
                     .await?
@@ -269,10 +308,13 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                     };
                     let _ = writeln!(
                         out,
-                        "{}  {:<18}  {:<8}  {}",
+                        "{}  {:<18}  {:<8}  {:<17}  {}",
                         key.key_id,
                         kind_name(key.kind),
                         state,
+                        key.last_used_at
+                            .as_ref()
+                            .map_or_else(|| "never used".to_owned(), to_the_minute),
                         key.name
                     );
                 }
@@ -352,6 +394,23 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                     pb::SetKeyAllowlistRequest {
                         key_id,
                         allowed_cidrs: cidrs,
+                    },
+                ))
+                .await?
+                .into_inner(),
+        ),
+        KeysCommand::Limit {
+            key_id,
+            rate,
+            burst,
+            none: _,
+        } => show_key(
+            &client
+                .set_key_rate_limit(authed(
+                    &bearer,
+                    pb::SetKeyRateLimitRequest {
+                        key_id,
+                        rate_limit: rate.map(|rate| rate.with_burst(burst)),
                     },
                 ))
                 .await?
@@ -482,6 +541,28 @@ fn show_key(key: &pb::ApiKey) -> String {
     } else {
         let _ = writeln!(out, "allowed_from: {}", key.allowed_cidrs.join(" "));
     }
+    match &key.rate_limit {
+        Some(limit) => {
+            let period = limit
+                .period
+                .and_then(|p| std::time::Duration::try_from(p).ok())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "rate_limit: {}/{} per sidecar, burst {}",
+                limit.requests,
+                humantime::format_duration(period),
+                limit.burst
+            );
+        }
+        None => out.push_str("rate_limit: none\n"),
+    }
+    match &key.last_used_at {
+        Some(at) => {
+            let _ = writeln!(out, "last_used:  {}", to_the_minute(at));
+        }
+        None => out.push_str("last_used:  never\n"),
+    }
     if let Some(until) = &key.previous_secret_valid_until {
         let _ = writeln!(out, "previous secret valid until: {until}");
     }
@@ -494,6 +575,51 @@ fn show_new_secret(key: Option<&pb::ApiKey>, secret: &str) -> String {
     let _ = writeln!(out, "secret:     {secret}");
     out.push_str("Store the secret now: keyward keeps only its hash and cannot show it again.\n");
     out
+}
+
+/// A rate limit as given on the command line, before its burst.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    requests: u32,
+    period: std::time::Duration,
+}
+
+impl Rate {
+    fn with_burst(self, burst: Option<u32>) -> pb::RateLimit {
+        pb::RateLimit {
+            requests: self.requests,
+            period: prost_types::Duration::try_from(self.period).ok(),
+            burst: burst.unwrap_or(0),
+        }
+    }
+}
+
+/// `100/s`, `5000/h`, `10/30s`: requests per a unit (`s`, `m`, `h`, `d`)
+/// or a duration. The server checks the range.
+fn parse_rate(text: &str) -> Result<Rate, String> {
+    let (requests, period) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?}: expected requests/period, e.g. 100/s"))?;
+    let requests = requests
+        .trim()
+        .parse()
+        .map_err(|_| format!("{requests:?}: not a number of requests"))?;
+    let period = match period.trim() {
+        "s" | "sec" | "second" => std::time::Duration::from_secs(1),
+        "m" | "min" | "minute" => std::time::Duration::from_secs(60),
+        "h" | "hour" => std::time::Duration::from_secs(3600),
+        "d" | "day" => std::time::Duration::from_secs(86_400),
+        other => humantime::parse_duration(other).map_err(|e| format!("{other:?}: {e}"))?,
+    };
+    Ok(Rate { requests, period })
+}
+
+/// A timestamp as `2026-11-23T17:42Z` (last-used times are kept to the
+/// minute).
+fn to_the_minute(at: &prost_types::Timestamp) -> String {
+    let text = at.to_string();
+    text.get(..16)
+        .map_or(text.clone(), |minute| format!("{minute}Z"))
 }
 
 /// `now + after` as a protobuf timestamp.

@@ -102,6 +102,13 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub store_timeout_ms: u64,
 
+    /// How often keys' last-used times (kept to the minute, in memory) are
+    /// written to the store, in milliseconds. A crash loses at most this
+    /// much of them; a graceful shutdown loses none.
+    #[arg(long, env = "KEYWARD_LAST_USED_FLUSH_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub last_used_flush_ms: u64,
+
     /// On SIGTERM, how long health reports NOT_SERVING (while still serving)
     /// before the listeners close, in milliseconds.
     #[arg(long, env = "KEYWARD_SHUTDOWN_GRACE_MS", default_value_t = 1000)]
@@ -161,6 +168,7 @@ impl ServeConfig {
             max_concurrent_requests: 1024,
             request_timeout_ms: 2000,
             store_timeout_ms: 1000,
+            last_used_flush_ms: 60_000,
             max_message_bytes: 1024 * 1024,
             shutdown_grace_ms: 0,
             drain_timeout_ms: 5000,

@@ -8,7 +8,9 @@
 //! - Allow: an OK status and an `OkHttpResponse` that sets the identity headers
 //!   (overwriting any the client sent) and removes `authorization`, so the
 //!   secret never reaches the upstream.
-//! - Deny: an OK gRPC reply whose status denies, carrying a 401/403
+//! - Rate limits: a key with one gets `x-ratelimit-*` headers on every
+//!   response, and when refused a 429 with `retry-after`.
+//! - Deny: an OK gRPC reply whose status denies, carrying a 401/403/429
 //!   `DeniedHttpResponse` with a SendGrid-style JSON body and headers naming
 //!   the missing scopes. A gRPC *error* means keyward itself failed; with
 //!   `failure_mode_allow: false` Envoy then fails closed.
@@ -148,6 +150,10 @@ fn allow(decision: &Decision) -> CheckResponse {
         false,
     )
     .remove_header("authorization");
+    // A rate-limited key's client sees its budget on every response.
+    for (name, value) in rate_limit_headers(decision) {
+        ok.add_response_header(name, value, overwrite, false);
+    }
     let mut response = CheckResponse::with_status(Status::ok(""));
     response.set_http_response(ok);
     response
@@ -185,6 +191,14 @@ fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
                 FrontDoor::message(decision, &missing),
             )
         }
+        DenyReason::RateLimited => {
+            headers.extend(rate_limit_headers(decision));
+            (
+                Status::resource_exhausted(reason.label()),
+                HttpStatusCode::TooManyRequests,
+                reason.message().to_owned(),
+            )
+        }
         DenyReason::UnknownRoute | DenyReason::AmbiguousPath | DenyReason::IpNotAllowed => (
             Status::permission_denied(reason.label()),
             HttpStatusCode::Forbidden,
@@ -192,6 +206,28 @@ fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
         ),
     };
     denied_response(grpc, http, &message, headers)
+}
+
+/// `x-ratelimit-limit`, `-remaining`, `-reset` (seconds until the full
+/// burst is back), and on a refusal `retry-after` (seconds), for a key with
+/// a rate limit. Seconds round up, so a client that waits them succeeds.
+fn rate_limit_headers(decision: &Decision) -> Vec<(&'static str, String)> {
+    let Some(quota) = decision.quota else {
+        return Vec::new();
+    };
+    let seconds = |nanos: i64| (nanos.max(0) + 999_999_999) / 1_000_000_000;
+    let mut headers = vec![
+        ("x-ratelimit-limit", quota.limit.to_string()),
+        ("x-ratelimit-remaining", quota.remaining.to_string()),
+        ("x-ratelimit-reset", seconds(quota.reset_nanos).to_string()),
+    ];
+    if decision.deny == Some(DenyReason::RateLimited) {
+        headers.push((
+            "retry-after",
+            seconds(quota.retry_after_nanos).max(1).to_string(),
+        ));
+    }
+    headers
 }
 
 fn denied_response(

@@ -33,7 +33,7 @@ pub enum Source {
     Check = 1,
 }
 
-const REASONS: [Option<DenyReason>; 10] = [
+const REASONS: [Option<DenyReason>; 11] = [
     None,
     Some(DenyReason::MissingKey),
     Some(DenyReason::MalformedKey),
@@ -44,6 +44,7 @@ const REASONS: [Option<DenyReason>; 10] = [
     Some(DenyReason::KeyExpired),
     Some(DenyReason::KeyDisabled),
     Some(DenyReason::IpNotAllowed),
+    Some(DenyReason::RateLimited),
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use crate::access::{Access, Unauthenticated};
 use crate::audit;
 use crate::grpc::convert;
-use crate::keys::{KeyError, Keys, Operation, Principal};
+use crate::keys::{KeyError, Keys, Lifecycle, Operation, Principal};
 use crate::store::record::KeyRecord;
 
 /// SendGrid's header naming the account (subuser) the parent acts for.
@@ -256,7 +256,7 @@ async fn create(
         .unwrap_or_else(|| rest.keys.catalog().full_access());
     let (record, secret) = rest
         .keys
-        .create(&principal, account, name, grant, (None, Vec::new()))
+        .create(&principal, account, name, grant, Lifecycle::default())
         .await
         .map_err(fail)?;
     audit::changed(&principal, "create", None, &record);

@@ -25,8 +25,8 @@ use crate::front::FrontDoor;
 use crate::grpc::authorize::AuthorizeService;
 use crate::grpc::manage::ManageService;
 use crate::guard::FailureGuard;
-use crate::keys::Keys;
 use crate::keys::writer::StoreHealth;
+use crate::keys::{Keys, Settings};
 use crate::metrics::{Metrics, Source};
 use crate::pb;
 use crate::store::db::StoreError;
@@ -153,9 +153,12 @@ impl App {
         let (keys, index) = Keys::open(
             data_dir.join("db"),
             Arc::clone(&catalog),
-            config.max_keys_per_account as usize,
+            &Settings {
+                max_per_account: config.max_keys_per_account as usize,
+                write_timeout: Duration::from_millis(config.store_timeout_ms),
+                last_used_every: Duration::from_millis(config.last_used_flush_ms),
+            },
             Arc::clone(&metrics),
-            Duration::from_millis(config.store_timeout_ms),
         )?;
         tracing::info!(
             keys = index.len(),

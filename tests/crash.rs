@@ -294,6 +294,7 @@ async fn verify(url: &str, admin: &str, ledger: &Shared) -> usize {
                     account_id: account.clone(),
                     page_size: 1000,
                     page_token: String::new(),
+                    unused_for: None,
                 },
             ))
             .await

@@ -207,6 +207,7 @@ async fn hostile_input_changes_nothing_and_the_server_keeps_serving() {
         access: HashMap::new(),
         expires_at: None,
         allowed_cidrs: Vec::new(),
+        rate_limit: None,
     };
     let cases = vec![
         (create("", vec!["mail.send".into()]), "name:"),
@@ -260,6 +261,7 @@ async fn hostile_input_changes_nothing_and_the_server_keeps_serving() {
                     account_id: "acme".into(),
                     page_size: 10,
                     page_token: token.into(),
+                    unused_for: None,
                 },
             ))
             .await;

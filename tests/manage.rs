@@ -17,6 +17,7 @@ fn create(name: &str, scopes: &[&str], account: &str) -> pb::CreateKeyRequest {
         account_id: account.to_owned(),
         expires_at: None,
         allowed_cidrs: Vec::new(),
+        rate_limit: None,
     }
 }
 
@@ -562,6 +563,7 @@ async fn list_pages_in_a_stable_order() {
                     account_id: "acme".into(),
                     page_size: 2,
                     page_token: token,
+                    unused_for: None,
                 },
             ))
             .await
@@ -589,6 +591,7 @@ async fn list_pages_in_a_stable_order() {
                     account_id: "acme".into(),
                     page_size: 2,
                     page_token: "garbage".into(),
+                    unused_for: None,
                 },
             ))
             .await,
@@ -603,6 +606,7 @@ async fn list_pages_in_a_stable_order() {
                     account_id: "acme".into(),
                     page_size: -1,
                     page_token: String::new(),
+                    unused_for: None,
                 },
             ))
             .await,

@@ -69,6 +69,7 @@ async fn no_secret_or_admin_token_escapes() {
                     access: HashMap::new(),
                     expires_at: None,
                     allowed_cidrs: Vec::new(),
+                    rate_limit: None,
                 },
             ))
             .await

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::key::KeyId;
+use super::rate::Quota;
 use super::scope_set::ScopeSet;
 
 /// Why a request was denied.
@@ -26,6 +27,8 @@ pub enum DenyReason {
     KeyDisabled,
     /// The client's address is not in the key's allowlist (or unknown).
     IpNotAllowed,
+    /// The key's rate limit is exhausted on this sidecar.
+    RateLimited,
 }
 
 impl DenyReason {
@@ -42,6 +45,7 @@ impl DenyReason {
             | Self::UnknownRoute
             | Self::AmbiguousPath
             | Self::IpNotAllowed => 403,
+            Self::RateLimited => 429,
         }
     }
 
@@ -58,6 +62,7 @@ impl DenyReason {
             Self::KeyExpired => "the provided API key has expired",
             Self::KeyDisabled => "the provided API key is disabled",
             Self::IpNotAllowed => "access forbidden: the API key may not be used from this address",
+            Self::RateLimited => "too many requests: the API key's rate limit is exhausted",
         }
     }
 
@@ -74,6 +79,7 @@ impl DenyReason {
             Self::KeyExpired => "key_expired",
             Self::KeyDisabled => "key_disabled",
             Self::IpNotAllowed => "ip_not_allowed",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -95,6 +101,9 @@ pub struct Decision {
     /// The key id belongs to a live key but the secret was wrong (for
     /// guessing detection; the reply is the same as for an unknown key).
     pub wrong_secret: bool,
+    /// For a key with a rate limit, once the request reached the limiter
+    /// (allowed, or denied as rate limited): its budget.
+    pub quota: Option<Quota>,
 }
 
 impl Decision {
@@ -120,6 +129,7 @@ impl Decision {
             required: ScopeSet::EMPTY,
             missing: ScopeSet::EMPTY,
             wrong_secret: false,
+            quota: None,
         }
     }
 
@@ -131,6 +141,7 @@ impl Decision {
             required: ScopeSet::EMPTY,
             missing: ScopeSet::EMPTY,
             wrong_secret: false,
+            quota: None,
         }
     }
 }

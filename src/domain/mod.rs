@@ -7,6 +7,7 @@ pub mod decision;
 pub mod key;
 pub mod load_error;
 pub mod path;
+pub mod rate;
 pub mod route;
 pub mod rules;
 pub mod scope_set;

@@ -55,6 +55,22 @@ pub fn response(decision: &Decision, catalog: &Catalog) -> pb::AuthorizeResponse
         missing_scopes: missing,
         http_status: u32::from(decision.http_status()),
         message,
+        retry_after: decision
+            .quota
+            .filter(|quota| quota.retry_after_nanos > 0)
+            .map(|quota| duration(quota.retry_after_nanos)),
+        rate_limit: decision.quota.map(|quota| pb::RateLimitStatus {
+            limit: quota.limit,
+            remaining: quota.remaining,
+            reset: Some(duration(quota.reset_nanos)),
+        }),
+    }
+}
+
+fn duration(nanos: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: nanos.div_euclid(1_000_000_000),
+        nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or_default(),
     }
 }
 
@@ -70,5 +86,6 @@ fn deny_reason_pb(reason: Option<DenyReason>) -> pb::DenyReason {
         Some(DenyReason::KeyExpired) => pb::DenyReason::KeyExpired,
         Some(DenyReason::KeyDisabled) => pb::DenyReason::KeyDisabled,
         Some(DenyReason::IpNotAllowed) => pb::DenyReason::IpNotAllowed,
+        Some(DenyReason::RateLimited) => pb::DenyReason::RateLimited,
     }
 }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use crate::domain::catalog::{AccessLevel, Catalog};
 use crate::domain::key::KeyId;
+use crate::domain::rate::RateLimit;
 use crate::domain::rules::{GrantRequest, resolve_grant};
 use crate::domain::scope_set::ScopeSet;
 use crate::keys::KeyError;
@@ -101,9 +102,10 @@ pub fn access_level_pb(level: AccessLevel) -> pb::AccessLevel {
     }
 }
 
-/// A stored record as the API shows it (never with its hash).
+/// A stored record as the API shows it (never with its hash), with when
+/// it was last used (Unix nanos; 0: never).
 #[must_use]
-pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
+pub fn api_key(record: &KeyRecord, last_used: i64) -> pb::ApiKey {
     let id = <[u8; 16]>::try_from(record.key_id.as_slice()).map_or_else(
         |_| String::new(),
         |bytes| KeyId::from_bytes(bytes).to_string(),
@@ -124,7 +126,63 @@ pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
             > crate::clock::now_nanos())
         .then(|| timestamp(record.previous_valid_until_unix_nanos)),
         allowed_cidrs: record.allowed_cidrs.clone(),
+        rate_limit: crate::store::record::rate_limit(
+            record.rate_requests,
+            record.rate_period_nanos,
+            record.rate_burst,
+        )
+        .ok()
+        .flatten()
+        .map(|limit| pb::RateLimit {
+            requests: limit.requests(),
+            period: prost_types::Duration::try_from(limit.period()).ok(),
+            burst: limit.burst(),
+        }),
+        last_used_at: (last_used != 0).then(|| timestamp(last_used)),
     }
+}
+
+/// A rate limit from a request: unset is none.
+pub fn rate_limit(limit: Option<&pb::RateLimit>) -> Result<Option<RateLimit>, KeyError> {
+    let Some(limit) = limit else {
+        return Ok(None);
+    };
+    let period = limit
+        .period
+        .ok_or_else(|| KeyError::Invalid {
+            field: "rate_limit.period",
+            problem: "required".into(),
+        })
+        .and_then(|period| {
+            std::time::Duration::try_from(period).map_err(|_| KeyError::Invalid {
+                field: "rate_limit.period",
+                problem: "must be 1ms to 24h".into(),
+            })
+        })?;
+    RateLimit::new(limit.requests, period, limit.burst)
+        .map(Some)
+        .map_err(|e| KeyError::Invalid {
+            field: match e.field {
+                "period" => "rate_limit.period",
+                "burst" => "rate_limit.burst",
+                _ => "rate_limit.requests",
+            },
+            problem: e.problem,
+        })
+}
+
+/// A non-negative duration filter (`unused_for`): unset is none.
+pub fn unused_for(
+    duration: Option<&prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, KeyError> {
+    duration
+        .map(|d| {
+            std::time::Duration::try_from(*d).map_err(|_| KeyError::Invalid {
+                field: "unused_for",
+                problem: "must be a non-negative duration".into(),
+            })
+        })
+        .transpose()
 }
 
 /// Address ranges from a request, canonical (see `domain::allowlist`).

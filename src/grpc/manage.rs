@@ -10,9 +10,10 @@ use super::convert;
 use super::status::{invalid, unauthenticated};
 use crate::access::{Access, Unauthenticated};
 use crate::audit;
-use crate::keys::{Expiry, KeyError, Keys, Operation, Principal, StateChange};
+use crate::keys::{Expiry, KeyError, Keys, Lifecycle, Operation, Principal, StateChange};
 use crate::pb::v1 as pb;
 use crate::store::db::Cursor;
+use crate::store::record::KeyRecord;
 
 /// Serves the management RPCs.
 #[derive(Debug, Clone)]
@@ -65,22 +66,19 @@ impl pb::key_manager_server::KeyManager for ManageService {
         let grant = convert::grant(self.keys.catalog(), &request.scopes, &request.access)
             .map_err(fail)?
             .unwrap_or_else(|| self.keys.catalog().full_access());
-        let expires_at = convert::expires_at(request.expires_at.as_ref()).map_err(fail)?;
-        let allowed_cidrs = convert::allowed_cidrs(&request.allowed_cidrs).map_err(fail)?;
+        let lifecycle = Lifecycle {
+            expires_at: convert::expires_at(request.expires_at.as_ref()).map_err(fail)?,
+            allowed_cidrs: convert::allowed_cidrs(&request.allowed_cidrs).map_err(fail)?,
+            rate_limit: convert::rate_limit(request.rate_limit.as_ref()).map_err(fail)?,
+        };
         let (record, secret) = self
             .keys
-            .create(
-                &principal,
-                account,
-                name,
-                grant,
-                (expires_at, allowed_cidrs),
-            )
+            .create(&principal, account, name, grant, lifecycle)
             .await
             .map_err(fail)?;
         audit::changed(&principal, "create", None, &record);
         Ok(Response::new(pb::CreateKeyResponse {
-            key: Some(convert::api_key(&record)),
+            key: Some(self.show(&record)),
             secret,
         }))
     }
@@ -93,7 +91,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         self.keys.permit(&principal, Operation::Read)?;
         let id = convert::key_id(&request.get_ref().key_id)?;
         let record = self.keys.get(&principal, &id).await?;
-        Ok(Response::new(convert::api_key(&record)))
+        Ok(Response::new(self.show(&record)))
     }
 
     async fn list_keys(
@@ -116,9 +114,25 @@ impl pb::key_manager_server::KeyManager for ManageService {
                 )
             })?)
         };
+        let unused_for = convert::unused_for(request.unused_for.as_ref())?;
         let (records, next) = self.keys.list(account, after, limit).await?;
+        let cutoff = unused_for.map(|d| {
+            crate::clock::now_nanos()
+                .saturating_sub(i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        });
         Ok(Response::new(pb::ListKeysResponse {
-            keys: records.iter().map(convert::api_key).collect(),
+            keys: records
+                .iter()
+                .filter(|record| {
+                    cutoff.is_none_or(|cutoff| {
+                        self.keys
+                            .last_used(record)
+                            .max(record.created_at_unix_nanos)
+                            <= cutoff
+                    })
+                })
+                .map(|record| self.show(record))
+                .collect(),
             next_page_token: next.map(|c| c.token()).unwrap_or_default(),
         }))
     }
@@ -148,7 +162,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .await
             .map_err(fail)?;
         audit::changed(&principal, "update", Some(&before), &record);
-        Ok(Response::new(convert::api_key(&record)))
+        Ok(Response::new(self.show(&record)))
     }
 
     async fn rename_key(
@@ -171,7 +185,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         audit::changed(&principal, "rename", Some(&before), &record);
         // SendGrid's PATCH returns id and name; the rest (scopes above all)
         // only to a caller that could read the key anyway.
-        let key = convert::api_key(&record);
+        let key = self.show(&record);
         if self.keys.permit(&principal, Operation::Read).is_ok() {
             Ok(Response::new(key))
         } else {
@@ -299,9 +313,25 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .map_err(fail)?;
         audit::changed(&principal, "rotate", Some(&before), &record);
         Ok(Response::new(pb::RotateKeyResponse {
-            key: Some(convert::api_key(&record)),
+            key: Some(self.show(&record)),
             secret,
         }))
+    }
+
+    async fn set_key_rate_limit(
+        &self,
+        request: Request<pb::SetKeyRateLimitRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = self.principal(request.metadata())?;
+        let limit = convert::rate_limit(request.get_ref().rate_limit.as_ref())
+            .map_err(|e| refused(&principal, "set_rate_limit")(e))?;
+        let key_id = request.get_ref().key_id.clone();
+        let state = StateChange {
+            rate_limit: Some(limit),
+            ..StateChange::default()
+        };
+        self.set_state(&request, "set_rate_limit", &key_id, state)
+            .await
     }
 
     async fn set_key_expiry(
@@ -321,6 +351,11 @@ impl pb::key_manager_server::KeyManager for ManageService {
 }
 
 impl ManageService {
+    /// A record as the API shows it, with this sidecar's last-used time.
+    fn show(&self, record: &KeyRecord) -> pb::ApiKey {
+        convert::api_key(record, self.keys.last_used(record))
+    }
+
     /// DisableKey, EnableKey and SetKeyExpiry: the same rules as UpdateKey.
     async fn set_state<T>(
         &self,
@@ -341,6 +376,6 @@ impl ManageService {
             .await
             .map_err(fail)?;
         audit::changed(&principal, operation, Some(&before), &record);
-        Ok(Response::new(convert::api_key(&record)))
+        Ok(Response::new(self.show(&record)))
     }
 }

@@ -15,13 +15,14 @@ use tokio::sync::{oneshot, watch};
 
 use crate::domain::catalog::{Catalog, KeyKind};
 use crate::domain::key::{self, KeyId};
+use crate::domain::rate::RateLimit;
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
 use crate::store::db::{Cursor, Store, StoreError};
 use crate::store::index::Index;
 use crate::store::record::KeyRecord;
 use writer::{Change, Command, Committed, FailureKind, Job, Shared, StoreHealth, Writer};
-pub use writer::{Expiry, Rotation};
+pub use writer::{Expiry, Rotation, Settings};
 
 /// Changes that may wait for the writer at once; past that, writes are
 /// refused at once instead of queueing behind a stuck disk.
@@ -150,16 +151,15 @@ impl Operation {
 
 impl Keys {
     /// Opens the store in `dir`, loads every key into a fresh index and
-    /// starts the writer thread. A change waits at most `write_timeout`.
+    /// starts the writer thread. A change waits at most
+    /// `settings.write_timeout`.
     pub fn open(
         dir: PathBuf,
         catalog: Arc<Catalog>,
-        max_per_account: usize,
+        settings: &Settings,
         metrics: Arc<Metrics>,
-        write_timeout: Duration,
     ) -> Result<(Self, Arc<Index>), StoreError> {
-        let (writer, shared, index) =
-            Writer::open(dir, Arc::clone(&catalog), max_per_account, metrics)?;
+        let (writer, shared, index) = Writer::open(dir, Arc::clone(&catalog), settings, metrics)?;
         let (commands, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         std::thread::Builder::new()
             .name("keyward-writer".into())
@@ -171,7 +171,7 @@ impl Keys {
             shared,
             index: Arc::clone(&index),
             catalog,
-            write_timeout,
+            write_timeout: settings.write_timeout,
         };
         Ok((keys, index))
     }
@@ -240,7 +240,7 @@ impl Keys {
         account: Arc<str>,
         name: String,
         grant: ScopeSet,
-        (expires_at, allowed_cidrs): (Option<i64>, Vec<String>),
+        lifecycle: Lifecycle,
     ) -> Result<(KeyRecord, String), KeyError> {
         let key = key::generate().map_err(|_| KeyError::Rng)?;
         let committed = self
@@ -251,8 +251,7 @@ impl Keys {
                     name,
                     grant,
                     key,
-                    expires_at,
-                    allowed_cidrs,
+                    lifecycle,
                 },
             )
             .await?;
@@ -299,8 +298,9 @@ impl Keys {
         Ok((committed.before.unwrap_or_default(), committed.after))
     }
 
-    /// Disables or enables a key, sets its expiry, and/or replaces its
-    /// address allowlist (canonical ranges); `None` keeps each as it is.
+    /// Disables or enables a key, sets its expiry, replaces its address
+    /// allowlist (canonical ranges) and/or its rate limit; `None` keeps each
+    /// as it is.
     /// Returns the record before and after.
     pub async fn set_state(
         &self,
@@ -309,15 +309,7 @@ impl Keys {
         state: StateChange,
     ) -> Result<(KeyRecord, KeyRecord), KeyError> {
         let committed = self
-            .submit(
-                principal,
-                Change::SetState {
-                    id: *id,
-                    disabled: state.disabled,
-                    expires_at: state.expires_at,
-                    allowed_cidrs: state.allowed_cidrs,
-                },
-            )
+            .submit(principal, Change::SetState { id: *id, state })
             .await?;
         Ok((committed.before.unwrap_or_default(), committed.after))
     }
@@ -355,6 +347,14 @@ impl Keys {
             .submit(principal, Change::Delete { id: *id })
             .await?
             .after)
+    }
+
+    /// When a stored key last authorized a request, to the minute (Unix
+    /// nanos; 0: never). From memory: the newest this sidecar knows.
+    #[must_use]
+    pub fn last_used(&self, record: &KeyRecord) -> i64 {
+        <[u8; 16]>::try_from(record.key_id.as_slice())
+            .map_or(0, |id| self.index.last_used(&KeyId::from_bytes(id)))
     }
 
     /// How many live keys there are.
@@ -452,6 +452,19 @@ pub struct StateChange {
     pub expires_at: Option<Expiry>,
     /// The new canonical address ranges (empty: any).
     pub allowed_cidrs: Option<Vec<String>>,
+    /// The new rate limit (`Some(None)`: remove it).
+    pub rate_limit: Option<Option<RateLimit>>,
+}
+
+/// A new key's lifecycle settings.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    /// When it expires (Unix nanos), if ever.
+    pub expires_at: Option<i64>,
+    /// Canonical address ranges (empty: any).
+    pub allowed_cidrs: Vec<String>,
+    /// Its rate limit, if any.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Per-account turns at the writer's queue (see [`MAX_QUEUED_PER_ACCOUNT`]);

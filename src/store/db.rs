@@ -4,6 +4,9 @@
 //! - `keys`: 16-byte key id → versioned record ([`super::record`]).
 //! - `by_account`: account id, `0x00`, created-at (u64 big-endian nanos),
 //!   key id → empty; gives each account's keys in creation order for paging.
+//! - `last_used`: 16-byte key id → when it last authorized a request (i64
+//!   big-endian Unix nanos). Kept apart from the record: it is this
+//!   sidecar's observation, written in batches, not part of the key.
 //!
 //! A create writes both trees in one transaction, so neither is ever visible
 //! without the other, even after a crash.
@@ -118,6 +121,7 @@ pub struct Store {
     db: sled::Db,
     keys: sled::Tree,
     by_account: sled::Tree,
+    last_used: sled::Tree,
     /// sled's log file, for a real fsync after sled's flush (see [`Self::flush`]).
     log: std::sync::Arc<std::fs::File>,
 }
@@ -139,6 +143,7 @@ impl Store {
         Ok(Self {
             keys: db.open_tree("keys")?,
             by_account: db.open_tree("by_account")?,
+            last_used: db.open_tree("last_used")?,
             db,
             log: std::sync::Arc::new(log),
         })
@@ -199,12 +204,43 @@ impl Store {
     /// after [`Self::flush`].
     pub fn remove(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let listing = listing_key(record);
-        (&self.keys, &self.by_account).transaction(|(keys, by_account)| {
-            keys.remove(record.key_id.as_slice())?;
-            by_account.remove(listing.as_slice())?;
-            Ok(())
-        })?;
+        (&self.keys, &self.by_account, &self.last_used).transaction(
+            |(keys, by_account, last_used)| {
+                keys.remove(record.key_id.as_slice())?;
+                by_account.remove(listing.as_slice())?;
+                last_used.remove(record.key_id.as_slice())?;
+                Ok(())
+            },
+        )?;
         Ok(())
+    }
+
+    /// Stages last-used times (durable after [`Self::flush`]). Keys deleted
+    /// meanwhile are skipped, so no time outlives its key.
+    pub fn record_last_used(&self, times: &[(KeyId, i64)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (id, nanos) in times {
+            if self.keys.contains_key(id.as_bytes())? {
+                batch.insert(id.as_bytes(), &nanos.to_be_bytes());
+            }
+        }
+        self.last_used.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every stored last-used time.
+    pub fn stored_last_used(&self) -> Result<Vec<(KeyId, i64)>, StoreError> {
+        let mut times = Vec::with_capacity(self.last_used.len());
+        for item in &self.last_used {
+            let (key, value) = item?;
+            if let (Ok(id), Ok(nanos)) = (
+                <[u8; 16]>::try_from(key.as_ref()),
+                <[u8; 8]>::try_from(value.as_ref()),
+            ) {
+                times.push((KeyId::from_bytes(id), i64::from_be_bytes(nanos)));
+            }
+        }
+        Ok(times)
     }
 
     /// Loads many new records at once, with one batch per tree and a single

@@ -2,14 +2,20 @@
 //! account. sled is never on the hot path.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use rustc_hash::FxBuildHasher;
 
-use std::net::IpAddr;
-
+use crate::clock;
 use crate::domain::allowlist::Allowlist;
 use crate::domain::key::{KeyId, PresentedKey, SecretHash};
+use crate::domain::rate::Gcra;
 use crate::domain::scope_set::ScopeSet;
+use crate::store::record::{self, StoredKey};
+
+/// Last-used times are kept to the minute: a key used all day writes its
+/// in-memory time once a minute, and the store at most once per flush.
+pub const LAST_USED_GRANULARITY_NANOS: i64 = 60_000_000_000;
 
 /// What a decision needs of a key: 32 + 32 + 16 bytes plus the id.
 #[derive(Clone, Debug)]
@@ -31,6 +37,95 @@ pub struct Entry {
     pub previous_until: i64,
     /// The addresses the key may be used from.
     pub allowlist: Allowlist,
+    /// The key's rate limit, ready to enforce.
+    pub limit: Option<Gcra>,
+    /// What changes per request. Shared by every version of the entry (an
+    /// update replaces the entry, not the budget or the last-used time).
+    pub usage: Arc<Usage>,
+}
+
+impl Entry {
+    /// What the key holds, as `id`.
+    #[must_use]
+    pub fn verified(&self, id: KeyId) -> Verified {
+        Verified {
+            id,
+            scopes: self.scopes,
+            account: Arc::clone(&self.account),
+        }
+    }
+
+    /// The entry for a stored key (decoded, so its fields were checked)
+    /// with its `scopes` resolved and its `account` interned.
+    #[must_use]
+    pub fn from_stored(stored: &impl StoredKey, scopes: ScopeSet, account: Arc<str>) -> Self {
+        let (requests, period, burst) = stored.rate();
+        let limit = record::rate_limit(requests, period, burst)
+            .ok()
+            .flatten()
+            .map(|limit| limit.gcra(clock::CLOCK_REFRESH));
+        Self {
+            hash: hash_of(stored.secret_sha256()),
+            scopes,
+            account,
+            disabled: stored.disabled(),
+            expires_at: match stored.expires_at() {
+                0 => clock::NEVER,
+                at => at,
+            },
+            previous_hash: hash_of(stored.previous_secret_sha256()),
+            previous_until: stored.previous_valid_until(),
+            allowlist: Allowlist::from_stored(stored.allowed_cidrs()),
+            limit,
+            usage: Arc::default(),
+        }
+    }
+}
+
+/// A stored hash; all zeros when absent (no secret hashes to that).
+fn hash_of(bytes: &[u8]) -> SecretHash {
+    SecretHash::from_bytes(bytes.try_into().unwrap_or([0; 32]))
+}
+
+/// A key's per-request state, written by decisions.
+#[derive(Debug, Default)]
+pub struct Usage {
+    /// The rate limiter's theoretical arrival time (Unix nanos).
+    pub tat: AtomicI64,
+    /// When the key last authorized a request, to the minute (Unix nanos;
+    /// 0: never).
+    last_used: AtomicI64,
+    /// The last-used time the store holds (written by the key writer only).
+    persisted: AtomicI64,
+}
+
+impl Usage {
+    /// Usage as loaded from the store: `last_used` persisted.
+    #[must_use]
+    pub fn loaded(last_used: i64) -> Self {
+        Self {
+            tat: AtomicI64::new(0),
+            last_used: AtomicI64::new(last_used),
+            persisted: AtomicI64::new(last_used),
+        }
+    }
+
+    /// Records an allowed request at `now`: a plain load on all but the
+    /// first request of each minute, so keys used on every core do not
+    /// bounce a cache line on every decision.
+    #[inline]
+    pub fn touch(&self, now: i64) {
+        let minute = now - now.rem_euclid(LAST_USED_GRANULARITY_NANOS);
+        if self.last_used.load(Ordering::Relaxed) < minute {
+            self.last_used.fetch_max(minute, Ordering::Relaxed);
+        }
+    }
+
+    /// When the key was last used (0: never).
+    #[must_use]
+    pub fn last_used(&self) -> i64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
 }
 
 /// A key that verified: its scopes and account.
@@ -42,12 +137,6 @@ pub struct Verified {
     pub scopes: ScopeSet,
     /// The key's account.
     pub account: Arc<str>,
-    /// Whether the key is disabled.
-    pub disabled: bool,
-    /// Unix nanos after which the key is denied; `i64::MAX`: never.
-    pub expires_at: i64,
-    /// Whether the request's client address is allowed for this key.
-    pub address_allowed: bool,
 }
 
 /// Why a presented key did not verify. Callers answer both the same way;
@@ -85,17 +174,21 @@ impl Index {
         }
     }
 
-    /// Looks the key up and compares its secret hash in constant time.
-    /// The hash is computed before the lookup, so unknown ids cost the same.
+    /// Looks the key up, compares its secret hash in constant time, and
+    /// hands the entry it verified to `then` (borrowed: a decision copies
+    /// nothing out of the index it does not need). The hash is computed
+    /// before the lookup, so unknown ids cost the same.
     #[inline]
-    pub fn verify(
+    pub fn lookup<R>(
         &self,
         key: &PresentedKey<'_>,
-        client: Option<IpAddr>,
-    ) -> Result<Verified, Rejected> {
+        then: impl FnOnce(Result<&Entry, Rejected>) -> R,
+    ) -> R {
         let presented = key.secret_hash();
         let keys = self.keys.pin();
-        let entry = keys.get(&key.id).ok_or(Rejected::UnknownId)?;
+        let Some(entry) = keys.get(&key.id) else {
+            return then(Err(Rejected::UnknownId));
+        };
         // Each secret is compared in constant time. The previous one only
         // while a rotation overlap is open (key metadata, not a function of
         // the presented secret), and the clock is read only when it matched:
@@ -104,23 +197,81 @@ impl Index {
             || (entry.previous_until != 0
                 && entry.previous_hash.matches(&presented)
                 && entry.previous_until > crate::clock::recent_now_nanos());
-        if accepted {
-            Ok(Verified {
-                id: key.id,
-                scopes: entry.scopes,
-                account: Arc::clone(&entry.account),
-                disabled: entry.disabled,
-                expires_at: entry.expires_at,
-                address_allowed: entry.allowlist.permits(client),
-            })
+        then(if accepted {
+            Ok(entry)
         } else {
             Err(Rejected::WrongSecret)
+        })
+    }
+
+    /// [`Self::lookup`], returning what the key holds (whatever its state).
+    #[inline]
+    pub fn verify(&self, key: &PresentedKey<'_>) -> Result<Verified, Rejected> {
+        self.lookup(key, |found| found.map(|entry| entry.verified(key.id)))
+    }
+
+    /// Adds or replaces a key. A replaced key keeps its usage (rate-limit
+    /// budget, last-used time). Called by one writer at a time.
+    pub fn insert(&self, id: KeyId, mut entry: Entry) {
+        let keys = self.keys.pin();
+        if let Some(current) = keys.get(&id) {
+            entry.usage = Arc::clone(&current.usage);
+        }
+        keys.insert(id, entry);
+    }
+
+    /// When a key was last used (Unix nanos, to the minute; 0: never or
+    /// no such key).
+    #[must_use]
+    pub fn last_used(&self, id: &KeyId) -> i64 {
+        self.keys
+            .pin()
+            .get(id)
+            .map_or(0, |entry| entry.usage.last_used())
+    }
+
+    /// Last-used times newer than the store's, to persist.
+    #[must_use]
+    pub fn unpersisted_last_used(&self) -> Vec<(KeyId, i64)> {
+        self.keys
+            .pin()
+            .iter()
+            .filter_map(|(id, entry)| {
+                let last_used = entry.usage.last_used();
+                (last_used > entry.usage.persisted.load(Ordering::Relaxed))
+                    .then_some((*id, last_used))
+            })
+            .collect()
+    }
+
+    /// Notes that the store now holds these last-used times.
+    pub fn persisted_last_used(&self, written: &[(KeyId, i64)]) {
+        let keys = self.keys.pin();
+        for (id, last_used) in written {
+            if let Some(entry) = keys.get(id) {
+                entry
+                    .usage
+                    .persisted
+                    .fetch_max(*last_used, Ordering::Relaxed);
+            }
         }
     }
 
-    /// Adds or replaces a key.
-    pub fn insert(&self, id: KeyId, entry: Entry) {
-        self.keys.pin().insert(id, entry);
+    /// Sets last-used times read from the store (at start-up).
+    pub fn load_last_used(&self, stored: impl IntoIterator<Item = (KeyId, i64)>) {
+        let keys = self.keys.pin();
+        for (id, last_used) in stored {
+            if let Some(entry) = keys.get(&id) {
+                entry
+                    .usage
+                    .last_used
+                    .fetch_max(last_used, Ordering::Relaxed);
+                entry
+                    .usage
+                    .persisted
+                    .fetch_max(last_used, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Removes a key; the next verify of it fails.
@@ -132,10 +283,10 @@ impl Index {
     /// was reopened): changed keys are replaced, missing ones removed.
     /// Decisions keep reading throughout; each key switches atomically.
     pub fn reconcile(&self, fresh: &Self) {
-        let live = self.keys.pin();
         for (id, entry) in &fresh.keys.pin() {
-            live.insert(*id, entry.clone());
+            self.insert(*id, entry.clone());
         }
+        let live = self.keys.pin();
         let fresh = fresh.keys.pin();
         let gone: Vec<KeyId> = live
             .keys()

@@ -6,6 +6,8 @@
 
 use prost::Message;
 
+use crate::domain::rate::RateLimit;
+
 pub use crate::pb::store::{KeyRecord, KeyRecordIndexView};
 
 const FORMAT_V1: u8 = 1;
@@ -22,6 +24,38 @@ pub enum RecordError {
     /// Decoded, but a fixed-size field has the wrong size.
     #[error("record field {0} has the wrong length")]
     FieldLength(&'static str),
+    /// Decoded, but a field holds a value keyward never writes.
+    #[error("record field {0} is out of range")]
+    FieldRange(&'static str),
+}
+
+/// A stored rate limit (`requests` 0: none).
+pub fn rate_limit(
+    requests: u32,
+    period_nanos: i64,
+    burst: u32,
+) -> Result<Option<RateLimit>, RecordError> {
+    if requests == 0 {
+        return Ok(None);
+    }
+    let period = std::time::Duration::from_nanos(
+        u64::try_from(period_nanos).map_err(|_| RecordError::FieldRange("rate_period_nanos"))?,
+    );
+    RateLimit::new(requests, period, burst)
+        .map(Some)
+        .map_err(|_| RecordError::FieldRange("rate_limit"))
+}
+
+/// The stored fields of `limit` (zeros: none).
+#[must_use]
+pub fn rate_fields(limit: Option<RateLimit>) -> (u32, i64, u32) {
+    limit.map_or((0, 0, 0), |limit| {
+        (
+            limit.requests(),
+            i64::try_from(limit.period().as_nanos()).unwrap_or(i64::MAX),
+            limit.burst(),
+        )
+    })
 }
 
 /// Encodes a record for sled.
@@ -43,31 +77,62 @@ pub fn decode_index_view(bytes: &[u8]) -> Result<KeyRecordIndexView, RecordError
     decode_checked(bytes)
 }
 
-/// The fixed-size fields every decoded form carries.
-trait FixedFields: Message + Default {
+/// What every decoded form of a record carries: the fixed-size fields
+/// checked at decode, and what the index needs.
+pub trait StoredKey: Message + Default {
+    /// Raw 16-byte key id.
     fn key_id(&self) -> &[u8];
+    /// SHA-256 of the secret.
     fn secret_sha256(&self) -> &[u8];
+    /// Rate limit fields: requests, period (nanos), burst.
+    fn rate(&self) -> (u32, i64, u32);
+    /// Whether the key is disabled.
+    fn disabled(&self) -> bool;
+    /// Stored expiry (0: never).
+    fn expires_at(&self) -> i64;
+    /// The previous secret's hash after a rotation (empty: none).
+    fn previous_secret_sha256(&self) -> &[u8];
+    /// Until when the previous secret works (0: none).
+    fn previous_valid_until(&self) -> i64;
+    /// Canonical address ranges (empty: any).
+    fn allowed_cidrs(&self) -> &[String];
 }
 
-impl FixedFields for KeyRecord {
-    fn key_id(&self) -> &[u8] {
-        &self.key_id
-    }
-    fn secret_sha256(&self) -> &[u8] {
-        &self.secret_sha256
-    }
+macro_rules! stored_key {
+    ($record:ty) => {
+        impl StoredKey for $record {
+            fn key_id(&self) -> &[u8] {
+                &self.key_id
+            }
+            fn secret_sha256(&self) -> &[u8] {
+                &self.secret_sha256
+            }
+            fn rate(&self) -> (u32, i64, u32) {
+                (self.rate_requests, self.rate_period_nanos, self.rate_burst)
+            }
+            fn disabled(&self) -> bool {
+                self.disabled
+            }
+            fn expires_at(&self) -> i64 {
+                self.expires_at_unix_nanos
+            }
+            fn previous_secret_sha256(&self) -> &[u8] {
+                &self.previous_secret_sha256
+            }
+            fn previous_valid_until(&self) -> i64 {
+                self.previous_valid_until_unix_nanos
+            }
+            fn allowed_cidrs(&self) -> &[String] {
+                &self.allowed_cidrs
+            }
+        }
+    };
 }
 
-impl FixedFields for KeyRecordIndexView {
-    fn key_id(&self) -> &[u8] {
-        &self.key_id
-    }
-    fn secret_sha256(&self) -> &[u8] {
-        &self.secret_sha256
-    }
-}
+stored_key!(KeyRecord);
+stored_key!(KeyRecordIndexView);
 
-fn decode_checked<M: FixedFields>(bytes: &[u8]) -> Result<M, RecordError> {
+fn decode_checked<M: StoredKey>(bytes: &[u8]) -> Result<M, RecordError> {
     match bytes.split_first() {
         Some((&FORMAT_V1, body)) => {
             let message = M::decode(body)?;
@@ -77,6 +142,8 @@ fn decode_checked<M: FixedFields>(bytes: &[u8]) -> Result<M, RecordError> {
             if message.secret_sha256().len() != 32 {
                 return Err(RecordError::FieldLength("secret_sha256"));
             }
+            let (requests, period, burst) = message.rate();
+            rate_limit(requests, period, burst)?;
             Ok(message)
         }
         other => Err(RecordError::Format(other.map(|(b, _)| *b))),
@@ -102,6 +169,9 @@ mod tests {
             previous_secret_sha256: vec![8; 32],
             previous_valid_until_unix_nanos: 4,
             allowed_cidrs: vec!["10.0.0.0/8".into()],
+            rate_requests: 100,
+            rate_period_nanos: 1_000_000_000,
+            rate_burst: 10,
         }
     }
 
@@ -134,6 +204,14 @@ mod tests {
         assert!(matches!(
             decode(&encode(&short)),
             Err(RecordError::FieldLength("key_id"))
+        ));
+        let absurd = KeyRecord {
+            rate_period_nanos: 0,
+            ..sample()
+        };
+        assert!(matches!(
+            decode(&encode(&absurd)),
+            Err(RecordError::FieldRange("rate_limit"))
         ));
     }
 }

@@ -159,7 +159,7 @@ impl TestServer {
                 pb::ListKeysRequest {
                     account_id: account.to_owned(),
                     page_size: 1000,
-                    page_token: String::new(),
+                    ..Default::default()
                 },
             ))
             .await
