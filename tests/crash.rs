@@ -1,7 +1,8 @@
 //! Crash safety: the real binary, SIGKILLed at random moments under
 //! concurrent writes and decisions, restarted 20 times. Every acknowledged
-//! create, update and delete must survive exactly as acknowledged; nothing
-//! half-written may show; no acknowledged revocation may ever authorize again.
+//! create, update, disable, enable, rotation and delete must survive exactly
+//! as acknowledged; nothing half-written may show; no acknowledged
+//! revocation, disabling or rotation may ever let the old credential in again.
 
 mod common;
 
@@ -56,19 +57,35 @@ impl Rng {
     }
 }
 
+/// A key's acknowledged state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct State {
+    scopes: Vec<String>,
+    enabled: bool,
+}
+
+/// A change in flight when the server died: either outcome may show.
+#[derive(Clone, Debug)]
+enum Pending {
+    /// An update, disable, enable (`Some`) or delete (`None`).
+    To(Option<State>),
+    /// A rotation with no overlap: the secret may have changed.
+    Rotate,
+}
+
 /// What the harness knows of one key.
 #[derive(Clone, Debug)]
 struct Model {
     account: String,
-    secret: String,
-    /// Last acknowledged state: its scopes, or `None` once a delete was acknowledged.
-    acked: Option<Vec<String>>,
-    /// The would-be state of an operation in flight when the server died.
-    #[allow(
-        clippy::option_option,
-        reason = "in flight or not, of a key that exists or not"
-    )]
-    in_flight: Option<Option<Vec<String>>>,
+    /// The current secret; `None` once a rotation's reply was lost.
+    secret: Option<String>,
+    /// Secrets an acknowledged rotation (overlap 0) replaced: never valid again.
+    retired: Vec<String>,
+    /// Last acknowledged state; `None` once a delete was acknowledged.
+    acked: Option<State>,
+    in_flight: Option<Pending>,
+    /// Changes started on this key: a decision overlapping one is not judged.
+    changes: u64,
 }
 
 #[derive(Default)]
@@ -81,6 +98,8 @@ struct Ledger {
 
 type Shared = Arc<Mutex<Ledger>>;
 
+/// Creates, updates, disables or enables, rotates and deletes keys of one
+/// account, recording each acknowledgement; stops at the first lost reply.
 async fn writer(
     url: String,
     admin: String,
@@ -92,15 +111,15 @@ async fn writer(
     let mut rng = Rng(seed | 1);
     let mut client = KeyManagerClient::new(connect(&url).await);
     while !stop.load(Ordering::Relaxed) {
-        let mine: Vec<String> = {
+        let mine: Vec<(String, State)> = {
             let ledger = ledger.lock().expect("lock");
-            let mut ids: Vec<String> = ledger
+            let mut ids: Vec<(String, State)> = ledger
                 .keys
                 .iter()
-                .filter(|(_, m)| m.account == account && m.acked.is_some())
-                .map(|(id, _)| id.clone())
+                .filter(|(_, m)| m.account == account)
+                .filter_map(|(id, m)| Some((id.clone(), m.acked.clone()?)))
                 .collect();
-            ids.sort();
+            ids.sort_by(|a, b| a.0.cmp(&b.0));
             ids
         };
         let roll = if mine.is_empty() { 0 } else { rng.below(10) };
@@ -125,54 +144,97 @@ async fn writer(
                 key.key_id,
                 Model {
                     account: account.clone(),
-                    secret: reply.secret,
-                    acked: Some(scopes),
+                    secret: Some(reply.secret),
+                    retired: Vec::new(),
+                    acked: Some(State {
+                        scopes,
+                        enabled: true,
+                    }),
                     in_flight: None,
+                    changes: 0,
                 },
             );
             ledger.acknowledged += 1;
-        } else {
-            let id = mine[rng.below(mine.len())].clone();
-            let next = if roll >= 7 { None } else { Some(rng.scopes()) };
-            ledger
-                .lock()
-                .expect("lock")
-                .keys
-                .get_mut(&id)
-                .expect("model")
-                .in_flight = Some(next.clone());
-            let result = match &next {
-                None => client
-                    .delete_key(bearer(&admin, pb::DeleteKeyRequest { key_id: id.clone() }))
-                    .await
-                    .map(drop),
-                Some(scopes) => client
-                    .update_key(bearer(
-                        &admin,
-                        pb::UpdateKeyRequest {
-                            key_id: id.clone(),
-                            name: "crash".into(),
-                            scopes: scopes.clone(),
-                            access: HashMap::new(),
-                        },
-                    ))
-                    .await
-                    .map(drop),
-            };
-            if result.is_err() {
-                return; // in flight at the kill: either outcome is allowed
-            }
+            continue;
+        }
+        let (id, current) = mine[rng.below(mine.len())].clone();
+        let pending = match roll {
+            4 | 5 => Pending::To(Some(State {
+                scopes: rng.scopes(),
+                ..current.clone()
+            })),
+            6 => Pending::To(Some(State {
+                enabled: !current.enabled,
+                ..current.clone()
+            })),
+            7 => Pending::Rotate,
+            _ => Pending::To(None),
+        };
+        {
             let mut ledger = ledger.lock().expect("lock");
             let model = ledger.keys.get_mut(&id).expect("model");
-            model.acked = next;
-            model.in_flight = None;
-            ledger.acknowledged += 1;
+            model.in_flight = Some(pending.clone());
+            model.changes += 1;
         }
+        let key_id = id.clone();
+        let result: Result<Option<String>, tonic::Status> = match &pending {
+            Pending::To(None) => client
+                .delete_key(bearer(&admin, pb::DeleteKeyRequest { key_id }))
+                .await
+                .map(|_| None),
+            Pending::To(Some(next)) if next.enabled != current.enabled => if next.enabled {
+                client
+                    .enable_key(bearer(&admin, pb::EnableKeyRequest { key_id }))
+                    .await
+            } else {
+                client
+                    .disable_key(bearer(&admin, pb::DisableKeyRequest { key_id }))
+                    .await
+            }
+            .map(|_| None),
+            Pending::To(Some(next)) => client
+                .update_key(bearer(
+                    &admin,
+                    pb::UpdateKeyRequest {
+                        key_id,
+                        name: "crash".into(),
+                        scopes: next.scopes.clone(),
+                        access: HashMap::new(),
+                    },
+                ))
+                .await
+                .map(|_| None),
+            Pending::Rotate => client
+                .rotate_key(bearer(
+                    &admin,
+                    pb::RotateKeyRequest {
+                        key_id,
+                        overlap: None,
+                    },
+                ))
+                .await
+                .map(|reply| Some(reply.into_inner().secret)),
+        };
+        let Ok(new_secret) = result else {
+            return; // in flight at the kill: either outcome is allowed
+        };
+        let mut ledger = ledger.lock().expect("lock");
+        let model = ledger.keys.get_mut(&id).expect("model");
+        match pending {
+            Pending::To(next) => model.acked = next,
+            Pending::Rotate => {
+                model.retired.extend(model.secret.take());
+                model.secret = new_secret;
+            }
+        }
+        model.in_flight = None;
+        ledger.acknowledged += 1;
     }
 }
 
-/// Decides with known keys while writes happen; a key whose revocation was
-/// acknowledged before the request was sent must never be allowed.
+/// Decides with known keys while writes happen. Never allowed: a key whose
+/// revocation or disabling was acknowledged before the request was sent, or
+/// a secret an acknowledged rotation replaced.
 async fn decider(
     url: String,
     ledger: Shared,
@@ -198,22 +260,33 @@ async fn decider(
                 .map(|(k, m)| (k.clone(), m.clone()))
                 .collect();
             all.sort_by(|a, b| a.0.cmp(&b.0));
-            (!all.is_empty()).then(|| all[rng.below(all.len())].1.clone())
+            (!all.is_empty()).then(|| all[rng.below(all.len())].clone())
         };
-        let Some(model) = picked else {
+        let Some((id, model)) = picked else {
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         };
-        let revoked_before_sending = model.acked.is_none() && model.in_flight.is_none();
+        let settled = model.in_flight.is_none();
+        let (secret, must_deny) = match (&model.secret, model.retired.last()) {
+            (_, Some(retired)) if rng.below(2) == 0 => (retired.clone(), true),
+            (Some(secret), _) => (
+                secret.clone(),
+                settled && model.acked.as_ref().is_none_or(|s| !s.enabled),
+            ),
+            (None, _) => continue,
+        };
         let request = pb::AuthorizeRequest {
-            key: model.secret,
+            key: secret,
             method: "GET".into(),
             path: "/v3/scopes".into(),
             client_ip: String::new(),
         };
         match client.authorize(request).await {
             Ok(reply) => {
-                if revoked_before_sending && reply.into_inner().allowed {
+                // A disabled key may be enabled while the request travels:
+                // judge only decisions no change overlapped.
+                let unchanged = || ledger.lock().expect("lock").keys[&id].changes == model.changes;
+                if must_deny && reply.into_inner().allowed && unchanged() {
                     violations.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -227,7 +300,7 @@ async fn decider(
 /// operations that were in flight to whichever outcome happened).
 async fn verify(url: &str, admin: &str, ledger: &Shared) -> usize {
     let mut manager = KeyManagerClient::new(connect(url).await);
-    let mut authorizer = AuthorizerClient::new(connect(url).await);
+    let authorizer = AuthorizerClient::new(connect(url).await);
     let mut snapshot: Vec<(String, Model)> = {
         let ledger = ledger.lock().expect("lock");
         ledger
@@ -238,47 +311,85 @@ async fn verify(url: &str, admin: &str, ledger: &Shared) -> usize {
     };
     snapshot.sort_by(|a, b| a.0.cmp(&b.0));
     let mut checked = 0;
+    let decide = |secret: String| {
+        let mut authorizer = authorizer.clone();
+        async move {
+            authorizer
+                .authorize(pb::AuthorizeRequest {
+                    key: secret,
+                    method: "GET".into(),
+                    path: "/v3/scopes".into(),
+                    client_ip: String::new(),
+                })
+                .await
+                .expect("authorize")
+                .into_inner()
+        }
+    };
     for (id, model) in &snapshot {
         let stored = match manager
             .get_key(bearer(admin, pb::GetKeyRequest { key_id: id.clone() }))
             .await
         {
-            Ok(key) => Some(key.into_inner().scopes),
+            Ok(key) => {
+                let key = key.into_inner();
+                Some(State {
+                    scopes: key.scopes,
+                    enabled: key.enabled,
+                })
+            }
             Err(status) if status.code() == Code::NotFound => None,
             Err(status) => panic!("GetKey {id}: {status:?}"),
         };
-        let allowed = match &model.in_flight {
-            None => vec![model.acked.clone()],
-            Some(next) => vec![model.acked.clone(), next.clone()],
-        };
+        let mut outcomes = vec![model.acked.clone()];
+        if let Some(Pending::To(next)) = &model.in_flight {
+            outcomes.push(next.clone());
+        }
         assert!(
-            allowed.contains(&stored),
+            outcomes.contains(&stored),
             "key {id}: stored {stored:?}, acknowledged {:?}",
             model.acked
         );
-        // The secret works exactly when the key exists, with exactly its scopes.
-        let reply = authorizer
-            .authorize(pb::AuthorizeRequest {
-                key: model.secret.clone(),
-                method: "GET".into(),
-                path: "/v3/scopes".into(),
-                client_ip: String::new(),
-            })
-            .await
-            .expect("authorize")
-            .into_inner();
-        assert_eq!(reply.allowed, stored.is_some(), "key {id}: {reply:?}");
-        if let Some(scopes) = &stored {
-            let own = manager
-                .get_scopes(bearer(&model.secret, pb::GetScopesRequest {}))
-                .await
-                .expect("scopes")
-                .into_inner()
-                .scopes;
-            assert_eq!(&own, scopes, "key {id}");
+        for retired in &model.retired {
+            assert!(
+                !decide(retired.clone()).await.allowed,
+                "key {id}: a retired secret"
+            );
+        }
+        // The secret works exactly when the key exists (and is enabled),
+        // with exactly its scopes; it changed only if a rotation was in flight.
+        let mut secret = model.secret.clone();
+        if let Some(known) = model.secret.clone() {
+            let reply = decide(known.clone()).await;
+            let matched = reply.allowed || reply.reason == pb::DenyReason::KeyDisabled as i32;
+            match &stored {
+                None => assert!(!reply.allowed, "key {id}: revoked, yet {reply:?}"),
+                Some(_) if !matched => {
+                    assert!(
+                        matches!(model.in_flight, Some(Pending::Rotate)),
+                        "key {id}: the secret stopped working with no rotation in flight: {reply:?}"
+                    );
+                    secret = None;
+                }
+                Some(state) => {
+                    assert_eq!(reply.allowed, state.enabled, "key {id}: {reply:?}");
+                    if state.enabled {
+                        let own = manager
+                            .get_scopes(bearer(&known, pb::GetScopesRequest {}))
+                            .await
+                            .expect("scopes")
+                            .into_inner()
+                            .scopes;
+                        assert_eq!(own, state.scopes, "key {id}");
+                    }
+                }
+            }
         }
         let mut ledger = ledger.lock().expect("lock");
         let entry = ledger.keys.get_mut(id).expect("model");
+        if secret.is_none() {
+            entry.retired.extend(entry.secret.take());
+        }
         entry.acked = stored;
         entry.in_flight = None;
         checked += 1;
@@ -293,8 +404,7 @@ async fn verify(url: &str, admin: &str, ledger: &Shared) -> usize {
                 pb::ListKeysRequest {
                     account_id: account.clone(),
                     page_size: 1000,
-                    page_token: String::new(),
-                    unused_for: None,
+                    ..Default::default()
                 },
             ))
             .await
@@ -406,4 +516,61 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         0,
         "a revoked key was allowed"
     );
+}
+
+#[tokio::test]
+async fn last_used_times_survive_a_sigkill_once_their_batch_was_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["--data-dir", "data", "--last-used-flush-ms", "200"];
+    let (mut child, port) = spawn_serve(BIN, dir.path(), &args);
+    let url = format!("http://127.0.0.1:{port}");
+    let admin = common::admin_token(&dir.path().join("data"));
+    let mut manager = KeyManagerClient::new(connect(&url).await);
+    let created = manager
+        .create_key(bearer(
+            &admin,
+            pb::CreateKeyRequest {
+                name: "used".into(),
+                scopes: vec!["mail.send".into()],
+                account_id: "acme".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let id = created.key.expect("key").key_id;
+    let mut authorizer = AuthorizerClient::new(connect(&url).await);
+    for _ in 0..1000 {
+        let reply = authorizer
+            .authorize(pb::AuthorizeRequest {
+                key: created.secret.clone(),
+                method: "POST".into(),
+                path: "/v3/mail/send".into(),
+                client_ip: String::new(),
+            })
+            .await
+            .expect("authorize")
+            .into_inner();
+        assert!(reply.allowed);
+    }
+    // Two batch periods, then no chance to flush at shutdown.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+
+    let (mut child, port) = spawn_serve(BIN, dir.path(), &args);
+    let mut manager = KeyManagerClient::new(connect(&format!("http://127.0.0.1:{port}")).await);
+    let key = manager
+        .get_key(bearer(&admin, pb::GetKeyRequest { key_id: id }))
+        .await
+        .expect("get")
+        .into_inner();
+    let _ = child.kill();
+    let _ = child.wait();
+    let last_used = key.last_used_at.expect("persisted before the kill");
+    let age = SystemTime::now()
+        .duration_since(SystemTime::try_from(last_used).expect("a time"))
+        .expect("in the past");
+    assert!(age < Duration::from_secs(120), "{age:?}");
 }

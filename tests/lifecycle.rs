@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use common::{TestServer, assert_status, bearer};
@@ -59,6 +60,26 @@ async fn check_from(
     secret: &str,
     source: Option<&str>,
 ) -> Result<(), (u32, String)> {
+    let (status, headers) = check_headers(server, secret, source).await;
+    match status {
+        None => Ok(()),
+        Some(status) => Err((
+            status,
+            headers
+                .get("x-keyward-deny-reason")
+                .cloned()
+                .unwrap_or_default(),
+        )),
+    }
+}
+
+/// Check as Envoy sends it: the deny's HTTP status (`None`: allowed) and
+/// the headers Envoy would add to the client's response.
+async fn check_headers(
+    server: &TestServer,
+    secret: &str,
+    source: Option<&str>,
+) -> (Option<u32>, HashMap<String, String>) {
     use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
     use envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer;
     let source = source.map(|ip| Peer {
@@ -91,22 +112,25 @@ async fn check_from(
         .await
         .expect("check")
         .into_inner();
-    let Some(HttpResponse::DeniedResponse(denied)) = response.http_response else {
-        return Ok(());
+    let collect = |headers: &[envoy_types::pb::envoy::config::core::v3::HeaderValueOption]| {
+        headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect()
     };
-    let reason = denied
-        .headers
-        .iter()
-        .filter_map(|h| h.header.as_ref())
-        .find(|h| h.key == "x-keyward-deny-reason")
-        .map(|h| h.value.clone())
-        .unwrap_or_default();
-    Err((
-        denied
-            .status
-            .map_or(0, |s| u32::try_from(s.code).unwrap_or(0)),
-        reason,
-    ))
+    match response.http_response {
+        Some(HttpResponse::DeniedResponse(denied)) => (
+            Some(
+                denied
+                    .status
+                    .map_or(0, |s| u32::try_from(s.code).unwrap_or(0)),
+            ),
+            collect(&denied.headers),
+        ),
+        Some(HttpResponse::OkResponse(ok)) => (None, collect(&ok.response_headers_to_add)),
+        other => panic!("keyward answers every check with a response: {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -617,4 +641,368 @@ async fn allowlists_follow_least_privilege_survive_a_restart_and_can_be_cleared(
             .expect("ok")
             .allowed
     );
+}
+
+fn rate(requests: u32, period: Duration, burst: u32) -> pb::RateLimit {
+    pb::RateLimit {
+        requests,
+        period: Some(period.try_into().expect("a period")),
+        burst,
+    }
+}
+
+async fn set_rate_limit(
+    server: &TestServer,
+    caller: &str,
+    key_id: &str,
+    rate_limit: Option<pb::RateLimit>,
+) -> Result<pb::ApiKey, tonic::Status> {
+    server
+        .manager()
+        .await
+        .set_key_rate_limit(bearer(
+            caller,
+            pb::SetKeyRateLimitRequest {
+                key_id: key_id.into(),
+                rate_limit,
+            },
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_rate_limit_admits_its_burst_then_answers_429_with_retry_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    // 3 a minute, all at once: then one every 20 s.
+    let created = server
+        .manager()
+        .await
+        .create_key(bearer(
+            &server.admin,
+            pb::CreateKeyRequest {
+                rate_limit: Some(rate(3, Duration::from_secs(60), 0)),
+                ..mailer("limited")
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let (id, secret) = (created.key.expect("key").key_id, created.secret);
+    let shown = get(&server, &id).await.rate_limit.expect("shown");
+    assert_eq!((shown.requests, shown.burst), (3, 3), "burst 0 = requests");
+
+    for remaining in [2, 1, 0] {
+        let reply = server.authorize(&secret, "POST", "/v3/mail/send").await;
+        assert!(reply.allowed, "{reply:?}");
+        let status = reply.rate_limit.expect("budget reported");
+        assert_eq!((status.limit, status.remaining), (3, remaining));
+        assert!(reply.retry_after.is_none());
+    }
+    let refused = server.authorize(&secret, "POST", "/v3/mail/send").await;
+    assert!(!refused.allowed);
+    assert_eq!(refused.reason, pb::DenyReason::RateLimited as i32);
+    assert_eq!(refused.http_status, 429);
+    assert!(
+        refused.message.contains("rate limit"),
+        "{}",
+        refused.message
+    );
+    let retry = Duration::try_from(refused.retry_after.expect("retry_after")).expect("positive");
+    assert!(
+        retry > Duration::from_secs(19) && retry <= Duration::from_secs(20),
+        "one interval: {retry:?}"
+    );
+
+    // Envoy's deny: 429 with the headers a client can act on.
+    let (status, headers) = check_headers(&server, &secret, None).await;
+    assert_eq!(status, Some(429));
+    assert_eq!(headers["x-keyward-deny-reason"], "rate_limited");
+    assert_eq!(headers["retry-after"], "20");
+    assert_eq!(headers["x-ratelimit-limit"], "3");
+    assert_eq!(headers["x-ratelimit-remaining"], "0");
+    assert_eq!(headers["x-ratelimit-reset"], "60");
+    assert!(headers["content-type"].starts_with("application/json"));
+    assert!(
+        server
+            .scrape()
+            .await
+            .lines()
+            .any(|l| l.contains("reason=\"rate_limited\"") && !l.ends_with(" 0")),
+        "denies counted by reason"
+    );
+
+    // Removed: every request passes again, with no budget reported; set
+    // again on the existing key, it applies at once.
+    let cleared = set_rate_limit(&server, &server.admin, &id, None)
+        .await
+        .expect("clear");
+    assert!(cleared.rate_limit.is_none());
+    let reply = server.authorize(&secret, "POST", "/v3/mail/send").await;
+    assert!(reply.allowed && reply.rate_limit.is_none());
+    set_rate_limit(
+        &server,
+        &server.admin,
+        &id,
+        Some(rate(1, Duration::from_secs(3600), 1)),
+    )
+    .await
+    .expect("set");
+    let (_, allowed_headers) = check_headers(&server, &secret, None).await;
+    assert_eq!(
+        allowed_headers["x-ratelimit-remaining"], "0",
+        "an allow reports its budget"
+    );
+    assert_eq!(deny_reason(&server, &secret).await.1, 429);
+
+    // Across a restart the limit is kept.
+    let config = server.stop().await;
+    let server = TestServer::start_with(config).await;
+    let kept = get(&server, &id).await.rate_limit.expect("kept");
+    assert_eq!((kept.requests, kept.burst), (1, 1));
+    assert!(
+        server
+            .authorize(&secret, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+    assert_eq!(deny_reason(&server, &secret).await.1, 429);
+}
+
+#[tokio::test]
+async fn only_requests_that_would_pass_spend_quota() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let created = server
+        .manager()
+        .await
+        .create_key(bearer(
+            &server.admin,
+            pb::CreateKeyRequest {
+                rate_limit: Some(rate(1, Duration::from_secs(3600), 1)),
+                allowed_cidrs: vec!["10.0.0.0/8".into()],
+                ..mailer("one an hour")
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let secret = created.secret;
+    for _ in 0..5 {
+        // Wrong address, wrong route, wrong scope: refused for that reason,
+        // never for the rate, and the budget stays whole.
+        assert_eq!(
+            authorize_from(&server, &secret, "192.0.2.1")
+                .await
+                .expect("reply")
+                .reason,
+            pb::DenyReason::IpNotAllowed as i32
+        );
+        let mut authorizer = server.authorizer().await;
+        for (method, path, reason) in [
+            ("GET", "/v3/alerts", pb::DenyReason::InsufficientScope),
+            ("GET", "/v3/no/such/route", pb::DenyReason::UnknownRoute),
+        ] {
+            let reply = authorizer
+                .authorize(pb::AuthorizeRequest {
+                    key: secret.clone(),
+                    method: method.into(),
+                    path: path.into(),
+                    client_ip: "10.1.1.1".into(),
+                })
+                .await
+                .expect("reply")
+                .into_inner();
+            assert_eq!(reply.reason, reason as i32);
+            assert!(reply.rate_limit.is_none(), "never reached the limiter");
+        }
+    }
+    assert!(
+        authorize_from(&server, &secret, "10.1.1.1")
+            .await
+            .expect("reply")
+            .allowed
+    );
+    assert_eq!(
+        authorize_from(&server, &secret, "10.1.1.1")
+            .await
+            .expect("reply")
+            .reason,
+        pb::DenyReason::RateLimited as i32
+    );
+}
+
+#[tokio::test]
+async fn bad_rate_limits_are_refused_by_field_and_follow_least_privilege() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let mut manager = server.manager().await;
+    for (limit, field) in [
+        (rate(0, Duration::from_secs(1), 0), "rate_limit.requests"),
+        (rate(10, Duration::ZERO, 0), "rate_limit.period"),
+        (
+            rate(10, Duration::from_secs(2 * 86_400), 0),
+            "rate_limit.period",
+        ),
+        (
+            rate(2_000_000, Duration::from_secs(1), 0),
+            "rate_limit.requests",
+        ),
+        (
+            rate(10, Duration::from_secs(1), 2_000_000),
+            "rate_limit.burst",
+        ),
+        (
+            pb::RateLimit {
+                requests: 10,
+                period: None,
+                burst: 0,
+            },
+            "rate_limit.period",
+        ),
+    ] {
+        assert_status(
+            manager
+                .create_key(bearer(
+                    &server.admin,
+                    pb::CreateKeyRequest {
+                        rate_limit: Some(limit.clone()),
+                        ..mailer("bad")
+                    },
+                ))
+                .await,
+            Code::InvalidArgument,
+            field,
+        );
+        let (id, secret) = server.create_key("acme", &["mail.send"]).await;
+        assert_status(
+            set_rate_limit(&server, &server.admin, &id, Some(limit)).await,
+            Code::InvalidArgument,
+            field,
+        );
+        assert!(
+            get(&server, &id).await.rate_limit.is_none(),
+            "nothing changed"
+        );
+        assert!(
+            server
+                .authorize(&secret, "POST", "/v3/mail/send")
+                .await
+                .allowed
+        );
+    }
+    assert_eq!(server.count("acme").await, 6, "no bad create went through");
+
+    // A key may limit only keys within its own scopes.
+    let (_, limiter) = server
+        .create_key("acme", &["api_keys.update", "alerts.read"])
+        .await;
+    let (mailer_id, _) = server.create_key("acme", &["mail.send"]).await;
+    let (peer_id, _) = server.create_key("acme", &["alerts.read"]).await;
+    let one = Some(rate(1, Duration::from_secs(1), 0));
+    assert_status(
+        set_rate_limit(&server, &limiter, &mailer_id, one.clone()).await,
+        Code::PermissionDenied,
+        "mail.send",
+    );
+    set_rate_limit(&server, &limiter, &peer_id, one)
+        .await
+        .expect("a peer within its scopes");
+}
+
+#[tokio::test]
+async fn last_used_is_kept_to_the_minute_and_finds_unused_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (used_id, used) = server.create_key("acme", &["mail.send"]).await;
+    let (denied_id, denied) = server.create_key("acme", &["alerts.read"]).await;
+    assert!(get(&server, &used_id).await.last_used_at.is_none());
+
+    let before = SystemTime::now();
+    for _ in 0..100 {
+        assert!(
+            server
+                .authorize(&used, "POST", "/v3/mail/send")
+                .await
+                .allowed
+        );
+        // A denied decision is not a use.
+        assert!(
+            !server
+                .authorize(&denied, "POST", "/v3/mail/send")
+                .await
+                .allowed
+        );
+    }
+    let last_used = get(&server, &used_id).await.last_used_at.expect("recorded");
+    assert_eq!(
+        (last_used.seconds % 60, last_used.nanos),
+        (0, 0),
+        "to the minute"
+    );
+    let last_used = SystemTime::try_from(last_used).expect("a time");
+    let after = SystemTime::now();
+    let minute_before = before
+        - Duration::from_secs(
+            before
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs()
+                % 60,
+        )
+        - Duration::from_nanos(u64::from(
+            before
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .expect("after 1970")
+                .subsec_nanos(),
+        ));
+    assert!(
+        minute_before <= last_used && last_used <= after,
+        "{last_used:?} in [{minute_before:?}, {after:?}]"
+    );
+    assert!(
+        last_used <= before
+            && before.duration_since(last_used).expect("earlier") < Duration::from_secs(60)
+    );
+    assert!(get(&server, &denied_id).await.last_used_at.is_none());
+
+    // ListKeys shows it too, and filters by it: every key here was used
+    // or created just now.
+    let listed = server.list("acme").await;
+    assert!(
+        listed
+            .iter()
+            .any(|k| k.key_id == used_id && k.last_used_at.is_some())
+    );
+    let unused = |unused_for: Duration| {
+        let server = &server;
+        async move {
+            server
+                .manager()
+                .await
+                .list_keys(bearer(
+                    &server.admin,
+                    pb::ListKeysRequest {
+                        account_id: "acme".into(),
+                        unused_for: Some(unused_for.try_into().expect("duration")),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .expect("list")
+                .into_inner()
+                .keys
+                .len()
+        }
+    };
+    assert_eq!(unused(Duration::ZERO).await, 2);
+    assert_eq!(unused(Duration::from_secs(3600)).await, 0);
+
+    // A graceful restart keeps it.
+    let config = server.stop().await;
+    let server = TestServer::start_with(config).await;
+    let kept = get(&server, &used_id).await.last_used_at.expect("kept");
+    assert_eq!(SystemTime::try_from(kept).expect("a time"), last_used);
+    assert!(get(&server, &denied_id).await.last_used_at.is_none());
 }
