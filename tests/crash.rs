@@ -176,45 +176,7 @@ async fn writer(
             model.in_flight = Some(pending.clone());
             model.changes += 1;
         }
-        let key_id = id.clone();
-        let result: Result<Option<String>, tonic::Status> = match &pending {
-            Pending::To(None) => client
-                .delete_key(bearer(&admin, pb::DeleteKeyRequest { key_id }))
-                .await
-                .map(|_| None),
-            Pending::To(Some(next)) if next.enabled != current.enabled => if next.enabled {
-                client
-                    .enable_key(bearer(&admin, pb::EnableKeyRequest { key_id }))
-                    .await
-            } else {
-                client
-                    .disable_key(bearer(&admin, pb::DisableKeyRequest { key_id }))
-                    .await
-            }
-            .map(|_| None),
-            Pending::To(Some(next)) => client
-                .update_key(bearer(
-                    &admin,
-                    pb::UpdateKeyRequest {
-                        key_id,
-                        name: "crash".into(),
-                        scopes: next.scopes.clone(),
-                        access: HashMap::new(),
-                    },
-                ))
-                .await
-                .map(|_| None),
-            Pending::Rotate => client
-                .rotate_key(bearer(
-                    &admin,
-                    pb::RotateKeyRequest {
-                        key_id,
-                        overlap: None,
-                    },
-                ))
-                .await
-                .map(|reply| Some(reply.into_inner().secret)),
-        };
+        let result = send(&mut client, &admin, id.clone(), &pending, &current).await;
         let Ok(new_secret) = result else {
             return; // in flight at the kill: either outcome is allowed
         };
@@ -229,6 +191,54 @@ async fn writer(
         }
         model.in_flight = None;
         ledger.acknowledged += 1;
+    }
+}
+
+/// Sends one change; a rotation's reply carries the new secret.
+async fn send(
+    client: &mut KeyManagerClient<tonic::transport::Channel>,
+    admin: &str,
+    key_id: String,
+    pending: &Pending,
+    current: &State,
+) -> Result<Option<String>, tonic::Status> {
+    match pending {
+        Pending::To(None) => client
+            .delete_key(bearer(admin, pb::DeleteKeyRequest { key_id }))
+            .await
+            .map(|_| None),
+        Pending::To(Some(next)) if next.enabled != current.enabled => if next.enabled {
+            client
+                .enable_key(bearer(admin, pb::EnableKeyRequest { key_id }))
+                .await
+        } else {
+            client
+                .disable_key(bearer(admin, pb::DisableKeyRequest { key_id }))
+                .await
+        }
+        .map(|_| None),
+        Pending::To(Some(next)) => client
+            .update_key(bearer(
+                admin,
+                pb::UpdateKeyRequest {
+                    key_id,
+                    name: "crash".into(),
+                    scopes: next.scopes.clone(),
+                    access: HashMap::new(),
+                },
+            ))
+            .await
+            .map(|_| None),
+        Pending::Rotate => client
+            .rotate_key(bearer(
+                admin,
+                pb::RotateKeyRequest {
+                    key_id,
+                    overlap: None,
+                },
+            ))
+            .await
+            .map(|reply| Some(reply.into_inner().secret)),
     }
 }
 
