@@ -31,9 +31,9 @@ impl Authorizer {
     pub fn authenticate(&self, credential: &str) -> Result<Verified, AuthFailure> {
         let presented = parse(credential)?;
         let now = clock::recent_now_nanos();
-        self.index.lookup(&presented, |found| {
-            usable(found, presented.id, now).map(|entry| entry.verified(presented.id))
-        })
+        let index = self.index.pin();
+        usable(index.verify(&presented), presented.id, now)
+            .map(|entry| entry.verified(presented.id))
     }
 
     /// Decides one request from `client` (when known). `method` is `None`
@@ -57,30 +57,29 @@ impl Authorizer {
         // The cached clock (an atomic load, see `recent_now_nanos`) serves
         // expiry, the rate limit and last-used alike.
         let now = clock::recent_now_nanos();
-        self.index.lookup(&presented, |found| {
-            let entry = match usable(found, presented.id, now) {
-                Ok(entry) => entry,
-                Err(failure) => return failure.decision(),
-            };
-            let mut decision = Decision::for_key(presented.id, Arc::clone(&entry.account));
-            if let Err(reason) = self.permits(entry, client, method, path, &mut decision) {
-                decision.deny = Some(reason);
-                return decision;
-            }
-            // Last: only a request that would otherwise pass spends quota.
-            if let Some(limit) = &entry.limit {
-                match limit.admit(&entry.usage.tat, now) {
-                    Ok(quota) => decision.quota = Some(quota),
-                    Err(quota) => {
-                        decision.quota = Some(quota);
-                        decision.deny = Some(DenyReason::RateLimited);
-                        return decision;
-                    }
+        let index = self.index.pin();
+        let entry = match usable(index.verify(&presented), presented.id, now) {
+            Ok(entry) => entry,
+            Err(failure) => return failure.decision(),
+        };
+        let mut decision = Decision::for_key(presented.id, Arc::clone(&entry.account));
+        if let Err(reason) = self.permits(entry, client, method, path, &mut decision) {
+            decision.deny = Some(reason);
+            return decision;
+        }
+        // Last: only a request that would otherwise pass spends quota.
+        if let Some(limit) = &entry.limit {
+            match limit.admit(&entry.usage.tat, now) {
+                Ok(quota) => decision.quota = Some(quota),
+                Err(quota) => {
+                    decision.quota = Some(quota);
+                    decision.deny = Some(DenyReason::RateLimited);
+                    return decision;
                 }
             }
-            entry.usage.touch(now);
-            decision
-        })
+        }
+        entry.usage.touch(now);
+        decision
     }
 
     /// The checks after the key: address, path, route and scopes. Fills in

@@ -215,16 +215,16 @@ fn rate_limit_headers(decision: &Decision) -> Vec<(&'static str, String)> {
     let Some(quota) = decision.quota else {
         return Vec::new();
     };
-    let seconds = |nanos: i64| (nanos.max(0) + 999_999_999) / 1_000_000_000;
+    let seconds = |millis: u32| millis.div_ceil(1000);
     let mut headers = vec![
         ("x-ratelimit-limit", quota.limit.to_string()),
         ("x-ratelimit-remaining", quota.remaining.to_string()),
-        ("x-ratelimit-reset", seconds(quota.reset_nanos).to_string()),
+        ("x-ratelimit-reset", seconds(quota.reset_ms).to_string()),
     ];
     if decision.deny == Some(DenyReason::RateLimited) {
         headers.push((
             "retry-after",
-            seconds(quota.retry_after_nanos).max(1).to_string(),
+            seconds(quota.retry_after_ms).max(1).to_string(),
         ));
     }
     headers

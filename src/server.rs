@@ -100,8 +100,6 @@ pub struct App {
     tls: Option<ServerTlsConfig>,
     /// TLS for the REST listener, when both are configured.
     rest_tls: Option<Arc<rustls::ServerConfig>>,
-    /// Keeps the time decisions read fresh (see `clock::start_clock`).
-    _clock: Option<Arc<coarsetime::Updater>>,
 }
 
 impl App {
@@ -149,6 +147,8 @@ impl App {
             _ => None,
         };
         let metrics = Arc::new(Metrics::new());
+        // Decisions read the cached clock (expiry, rate limits, last use).
+        crate::clock::start_clock();
         let opening = std::time::Instant::now();
         let (keys, index) = Keys::open(
             data_dir.join("db"),
@@ -183,7 +183,6 @@ impl App {
             admin,
             tls,
             rest_tls,
-            _clock: crate::clock::start_clock().map(Arc::new),
             limits: Limits {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),

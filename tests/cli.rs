@@ -158,7 +158,8 @@ fn serve_with_defaults_and_manage_keys_from_the_cli() {
 }
 
 /// `keys create --expires-in`, `keys disable|enable`, `keys rotate --overlap`,
-/// `keys expire --in|--never` and the lifecycle fields in `get` and `list`.
+/// `keys expire --in|--never`, `keys limit`, `keys list --unused-for` and
+/// the lifecycle fields in `get` and `list`.
 #[test]
 fn lifecycle_from_the_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -218,5 +219,61 @@ fn lifecycle_from_the_cli() {
     assert!(!refused.status.success());
     let refused = serve.keys(dir.path(), &["expire", &id]);
     assert!(!refused.status.success(), "--in or --never is required");
+
+    // Rate limits and last use.
+    assert_eq!(field(&created, "rate_limit:"), "none");
+    assert_eq!(field(&created, "last_used:"), "never");
+    let limited = ok(&serve.keys(
+        dir.path(),
+        &["limit", &id, "--rate", "100/s", "--burst", "20"],
+    ));
+    assert_eq!(
+        field(&limited, "rate_limit:"),
+        "100/1s per sidecar, burst 20"
+    );
+    let hourly = ok(&serve.keys(dir.path(), &["limit", &id, "--rate", "5000/h"]));
+    assert_eq!(
+        field(&hourly, "rate_limit:"),
+        "5000/1h per sidecar, burst 5000"
+    );
+    let refused = serve.keys(dir.path(), &["limit", &id, "--rate", "0/s"]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("rate_limit.requests"),
+        "{refused:?}"
+    );
+    let refused = serve.keys(dir.path(), &["limit", &id, "--rate", "fast"]);
+    assert!(!refused.status.success());
+    let none = ok(&serve.keys(dir.path(), &["limit", &id, "--none"]));
+    assert_eq!(field(&none, "rate_limit:"), "none");
+    let limited = ok(&serve.keys(
+        dir.path(),
+        &[
+            "create",
+            "--name",
+            "metered",
+            "--scope",
+            "mail.send",
+            "--account",
+            "acme",
+            "--rate",
+            "10/m",
+        ],
+    ));
+    assert_eq!(
+        field(&limited, "rate_limit:"),
+        "10/1m per sidecar, burst 10"
+    );
+    let listed = ok(&serve.keys(dir.path(), &["list", "--account", "acme"]));
+    assert!(listed.contains("never used"), "{listed}");
+    let stale = ok(&serve.keys(
+        dir.path(),
+        &["list", "--account", "acme", "--unused-for", "90d"],
+    ));
+    assert!(stale.is_empty(), "every key was created just now: {stale}");
+    let all = ok(&serve.keys(
+        dir.path(),
+        &["list", "--account", "acme", "--unused-for", "0s"],
+    ));
+    assert_eq!(all.lines().count(), 2, "{all}");
     assert!(serve.terminate().success());
 }

@@ -116,17 +116,25 @@ pub struct Gcra {
     burst: u32,
 }
 
-/// A key's budget after one request reached the limiter.
+/// A key's budget after one request reached the limiter. Kept to 16 bytes
+/// (milliseconds, saturating at ~49 days): it rides in every decision, and
+/// a larger decision is copied with a call to memmove instead of inline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Quota {
     /// Requests per period.
     pub limit: u32,
     /// Requests that could pass right now.
     pub remaining: u32,
-    /// Nanoseconds until the full burst is available again.
-    pub reset_nanos: i64,
-    /// Nanoseconds until the next request can pass (0 when this one did).
-    pub retry_after_nanos: i64,
+    /// Milliseconds until the full burst is available again (rounded up).
+    pub reset_ms: u32,
+    /// Milliseconds until the next request can pass (rounded up; 0 when
+    /// this one passed).
+    pub retry_after_ms: u32,
+}
+
+/// Nanoseconds as milliseconds, rounded up, saturating.
+fn millis(nanos: i64) -> u32 {
+    u32::try_from((nanos.max(0) + 999_999) / 1_000_000).unwrap_or(u32::MAX)
 }
 
 impl Gcra {
@@ -142,8 +150,8 @@ impl Gcra {
                 return Err(Quota {
                     limit: self.requests,
                     remaining: 0,
-                    reset_nanos: base - now,
-                    retry_after_nanos: base - now - self.tolerance,
+                    reset_ms: millis(base - now),
+                    retry_after_ms: millis(base - now - self.tolerance),
                 });
             }
             let next = base + self.interval;
@@ -165,8 +173,8 @@ impl Gcra {
         Quota {
             limit: self.requests,
             remaining: remaining.min(self.burst),
-            reset_nanos: next - now,
-            retry_after_nanos: 0,
+            reset_ms: millis(next - now),
+            retry_after_ms: 0,
         }
     }
 }
@@ -193,7 +201,7 @@ mod tests {
         assert_eq!(passed, 5, "the burst, then refusals");
         let refused = gcra.admit(&tat, start).expect_err("exhausted");
         assert_eq!(refused.remaining, 0);
-        assert_eq!(refused.retry_after_nanos, SECOND / 10, "one interval");
+        assert_eq!(refused.retry_after_ms, 100, "one interval");
         assert!(gcra.admit(&tat, start + SECOND / 10).is_ok());
         assert!(gcra.admit(&tat, start + SECOND / 10).is_err());
     }
@@ -220,7 +228,7 @@ mod tests {
         let now = 50 * SECOND;
         let first = gcra.admit(&tat, now).expect("passes");
         assert_eq!((first.limit, first.remaining), (100, 2));
-        assert_eq!(first.reset_nanos, 600_000_000, "one interval: 60 s / 100");
+        assert_eq!(first.reset_ms, 600, "one interval: 60 s / 100");
         assert_eq!(gcra.admit(&tat, now).expect("passes").remaining, 1);
         assert_eq!(gcra.admit(&tat, now).expect("passes").remaining, 0);
         assert!(gcra.admit(&tat, now).is_err());

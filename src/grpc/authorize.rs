@@ -57,20 +57,20 @@ pub fn response(decision: &Decision, catalog: &Catalog) -> pb::AuthorizeResponse
         message,
         retry_after: decision
             .quota
-            .filter(|quota| quota.retry_after_nanos > 0)
-            .map(|quota| duration(quota.retry_after_nanos)),
+            .filter(|quota| quota.retry_after_ms > 0)
+            .map(|quota| duration(quota.retry_after_ms)),
         rate_limit: decision.quota.map(|quota| pb::RateLimitStatus {
             limit: quota.limit,
             remaining: quota.remaining,
-            reset: Some(duration(quota.reset_nanos)),
+            reset: Some(duration(quota.reset_ms)),
         }),
     }
 }
 
-fn duration(nanos: i64) -> prost_types::Duration {
+fn duration(millis: u32) -> prost_types::Duration {
     prost_types::Duration {
-        seconds: nanos.div_euclid(1_000_000_000),
-        nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or_default(),
+        seconds: i64::from(millis / 1000),
+        nanos: i32::try_from(millis % 1000).unwrap_or_default() * 1_000_000,
     }
 }
 

@@ -110,13 +110,14 @@ impl Usage {
         }
     }
 
-    /// Records an allowed request at `now`: a plain load on all but the
-    /// first request of each minute, so keys used on every core do not
-    /// bounce a cache line on every decision.
+    /// Records an allowed request at `now`: a load and a subtraction on all
+    /// but the first request of each minute (the stored time is a minute
+    /// boundary, so a minute or more since it means a new minute), and no
+    /// write that would bounce a cache line between cores.
     #[inline]
     pub fn touch(&self, now: i64) {
-        let minute = now - now.rem_euclid(LAST_USED_GRANULARITY_NANOS);
-        if self.last_used.load(Ordering::Relaxed) < minute {
+        if now - self.last_used.load(Ordering::Relaxed) >= LAST_USED_GRANULARITY_NANOS {
+            let minute = now - now.rem_euclid(LAST_USED_GRANULARITY_NANOS);
             self.last_used.fetch_max(minute, Ordering::Relaxed);
         }
     }
@@ -125,6 +126,34 @@ impl Usage {
     #[must_use]
     pub fn last_used(&self) -> i64 {
         self.last_used.load(Ordering::Relaxed)
+    }
+}
+
+/// The index pinned for one decision.
+pub struct Pinned<'a> {
+    keys: papaya::HashMapRef<'a, KeyId, Entry, FxBuildHasher, papaya::LocalGuard<'a>>,
+}
+
+impl Pinned<'_> {
+    /// Looks the key up and compares its secret hash in constant time. The
+    /// hash is computed before the lookup, so unknown ids cost the same.
+    #[inline]
+    pub fn verify(&self, key: &PresentedKey<'_>) -> Result<&Entry, Rejected> {
+        let presented = key.secret_hash();
+        let entry = self.keys.get(&key.id).ok_or(Rejected::UnknownId)?;
+        // Each secret is compared in constant time. The previous one only
+        // while a rotation overlap is open (key metadata, not a function of
+        // the presented secret), and the clock is read only when it matched:
+        // a second compare costs as much as the first (~30 ns).
+        let accepted = entry.hash.matches(&presented)
+            || (entry.previous_until != 0
+                && entry.previous_hash.matches(&presented)
+                && entry.previous_until > clock::recent_now_nanos());
+        if accepted {
+            Ok(entry)
+        } else {
+            Err(Rejected::WrongSecret)
+        }
     }
 }
 
@@ -174,40 +203,21 @@ impl Index {
         }
     }
 
-    /// Looks the key up, compares its secret hash in constant time, and
-    /// hands the entry it verified to `then` (borrowed: a decision copies
-    /// nothing out of the index it does not need). The hash is computed
-    /// before the lookup, so unknown ids cost the same.
+    /// A pinned view for one decision: entries it returns stay valid while
+    /// it lives (however the index changes meanwhile).
     #[inline]
-    pub fn lookup<R>(
-        &self,
-        key: &PresentedKey<'_>,
-        then: impl FnOnce(Result<&Entry, Rejected>) -> R,
-    ) -> R {
-        let presented = key.secret_hash();
-        let keys = self.keys.pin();
-        let Some(entry) = keys.get(&key.id) else {
-            return then(Err(Rejected::UnknownId));
-        };
-        // Each secret is compared in constant time. The previous one only
-        // while a rotation overlap is open (key metadata, not a function of
-        // the presented secret), and the clock is read only when it matched:
-        // a second compare costs as much as the first (~30 ns).
-        let accepted = entry.hash.matches(&presented)
-            || (entry.previous_until != 0
-                && entry.previous_hash.matches(&presented)
-                && entry.previous_until > crate::clock::recent_now_nanos());
-        then(if accepted {
-            Ok(entry)
-        } else {
-            Err(Rejected::WrongSecret)
-        })
+    #[must_use]
+    pub fn pin(&self) -> Pinned<'_> {
+        Pinned {
+            keys: self.keys.pin(),
+        }
     }
 
-    /// [`Self::lookup`], returning what the key holds (whatever its state).
+    /// Looks the key up and verifies its secret (see [`Pinned::verify`]),
+    /// returning what the key holds (whatever its state).
     #[inline]
     pub fn verify(&self, key: &PresentedKey<'_>) -> Result<Verified, Rejected> {
-        self.lookup(key, |found| found.map(|entry| entry.verified(key.id)))
+        self.pin().verify(key).map(|entry| entry.verified(key.id))
     }
 
     /// Adds or replaces a key. A replaced key keeps its usage (rate-limit
