@@ -158,8 +158,7 @@ fn serve_with_defaults_and_manage_keys_from_the_cli() {
 }
 
 /// `keys create --expires-in`, `keys disable|enable`, `keys rotate --overlap`,
-/// `keys expire --in|--never`, `keys limit`, `keys list --unused-for` and
-/// the lifecycle fields in `get` and `list`.
+/// `keys expire --in|--never` and the lifecycle fields in `get` and `list`.
 #[test]
 fn lifecycle_from_the_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -220,7 +219,28 @@ fn lifecycle_from_the_cli() {
     let refused = serve.keys(dir.path(), &["expire", &id]);
     assert!(!refused.status.success(), "--in or --never is required");
 
-    // Rate limits and last use.
+    assert!(serve.terminate().success());
+}
+
+/// `keys create --rate --burst`, `keys limit`, `keys list --unused-for`, and
+/// the rate-limit and last-use fields in `get` and `list`.
+#[test]
+fn rate_limits_and_last_use_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let serve = Serve::start(dir.path());
+    let created = ok(&serve.keys(
+        dir.path(),
+        &[
+            "create",
+            "--name",
+            "plain",
+            "--scope",
+            "mail.send",
+            "--account",
+            "acme",
+        ],
+    ));
+    let id = field(&created, "key_id:").to_owned();
     assert_eq!(field(&created, "rate_limit:"), "none");
     assert_eq!(field(&created, "last_used:"), "never");
     let limited = ok(&serve.keys(
