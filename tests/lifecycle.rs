@@ -676,20 +676,12 @@ async fn a_rate_limit_admits_its_burst_then_answers_429_with_retry_after() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(&dir).await;
     // 3 a minute, all at once: then one every 20 s.
-    let created = server
-        .manager()
-        .await
-        .create_key(bearer(
-            &server.admin,
-            pb::CreateKeyRequest {
-                rate_limit: Some(rate(3, Duration::from_secs(60), 0)),
-                ..mailer("limited")
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner();
-    let (id, secret) = (created.key.expect("key").key_id, created.secret);
+    let (id, secret) = server
+        .create(pb::CreateKeyRequest {
+            rate_limit: Some(rate(3, Duration::from_secs(60), 0)),
+            ..mailer("limited")
+        })
+        .await;
     let shown = get(&server, &id).await.rate_limit.expect("shown");
     assert_eq!((shown.requests, shown.burst), (3, 3), "burst 0 = requests");
 
@@ -774,21 +766,13 @@ async fn a_rate_limit_admits_its_burst_then_answers_429_with_retry_after() {
 async fn only_requests_that_would_pass_spend_quota() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(&dir).await;
-    let created = server
-        .manager()
-        .await
-        .create_key(bearer(
-            &server.admin,
-            pb::CreateKeyRequest {
-                rate_limit: Some(rate(1, Duration::from_secs(3600), 1)),
-                allowed_cidrs: vec!["10.0.0.0/8".into()],
-                ..mailer("one an hour")
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner();
-    let secret = created.secret;
+    let (_, secret) = server
+        .create(pb::CreateKeyRequest {
+            rate_limit: Some(rate(1, Duration::from_secs(3600), 1)),
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
+            ..mailer("one an hour")
+        })
+        .await;
     for _ in 0..5 {
         // Wrong address, wrong route, wrong scope: refused for that reason,
         // never for the rate, and the budget stays whole.

@@ -117,18 +117,21 @@ impl TestServer {
 
     /// Creates a key as admin in `account`; returns (key_id, secret).
     pub async fn create_key(&self, account: &str, scopes: &[&str]) -> (String, String) {
+        self.create(pb::CreateKeyRequest {
+            name: format!("test key in {account}"),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            account_id: account.to_owned(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Creates a key as admin; returns (key_id, secret).
+    pub async fn create(&self, request: pb::CreateKeyRequest) -> (String, String) {
         let response = self
             .manager()
             .await
-            .create_key(bearer(
-                &self.admin,
-                pb::CreateKeyRequest {
-                    name: format!("test key in {account}"),
-                    scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-                    account_id: account.to_owned(),
-                    ..Default::default()
-                },
-            ))
+            .create_key(bearer(&self.admin, request))
             .await
             .expect("admin creates a key")
             .into_inner();
