@@ -38,6 +38,17 @@ pub fn changed(
         name_before = before.map(|b| b.name.as_str()).filter(|n| *n != after.name),
         scopes_added = ?added,
         scopes_removed = ?removed,
+        enabled = !after.disabled,
+        expires_at_unix = (after.expires_at_unix_nanos != 0)
+            .then(|| after.expires_at_unix_nanos.div_euclid(1_000_000_000)),
+        allowed_cidrs = ?after.allowed_cidrs,
+        rate_limit = (after.rate_requests != 0).then(|| format!(
+            "{}/{}ms burst {}",
+            after.rate_requests,
+            after.rate_period_nanos / 1_000_000,
+            after.rate_burst
+        )),
+        rotated = before.is_some_and(|b| b.secret_sha256 != after.secret_sha256),
         result = "ok",
     );
 }

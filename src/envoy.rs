@@ -103,6 +103,7 @@ impl Authorization for CheckService {
                     Status::invalid_argument(&problem),
                     HttpStatusCode::BadRequest,
                     &problem,
+                    None,
                     Vec::new(),
                 )
             }
@@ -205,7 +206,7 @@ fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
             reason.message().to_owned(),
         ),
     };
-    denied_response(grpc, http, &message, headers)
+    denied_response(grpc, http, &message, Some(reason.label()), headers)
 }
 
 /// `x-ratelimit-limit`, `-remaining`, `-reset` (seconds until the full
@@ -230,13 +231,21 @@ fn rate_limit_headers(decision: &Decision) -> Vec<(&'static str, String)> {
     headers
 }
 
+/// A deny with SendGrid's error body (plus keyward's `reason`, when the
+/// request was decided).
 fn denied_response(
     grpc: Status,
     http: HttpStatusCode,
     message: &str,
+    reason: Option<&str>,
     headers: Vec<(&str, String)>,
 ) -> CheckResponse {
-    let body = serde_json::json!({ "errors": [{ "field": null, "message": message }] });
+    let body = match reason {
+        Some(reason) => serde_json::json!({
+            "errors": [{ "field": null, "message": message, "reason": reason }]
+        }),
+        None => serde_json::json!({ "errors": [{ "field": null, "message": message }] }),
+    };
     let mut denied = DeniedHttpResponseBuilder::new();
     denied
         .set_http_status(http)

@@ -495,6 +495,10 @@ async fn envoy_enforces_key_lifecycle() {
             .contains("rate limit")
     );
     assert_eq!(
+        json["errors"][0]["reason"], "rate_limited",
+        "the body names the reason"
+    );
+    assert_eq!(
         seen.lock().expect("lock").len(),
         before,
         "a 429 never reaches the upstream"

@@ -142,6 +142,40 @@ async fn no_secret_or_admin_token_escapes() {
         ))
         .await
         .expect("update");
+    // Lifecycle changes: a rotation issues a secret that must not leak
+    // either; a rate limit is audited with its value.
+    let rotated = manager
+        .rotate_key(bearer(
+            &admin,
+            pb::RotateKeyRequest {
+                key_id: secrets[1].0.clone(),
+                overlap: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+            },
+        ))
+        .await
+        .expect("rotate")
+        .into_inner();
+    secrets.push((secrets[1].0.clone(), rotated.secret));
+    manager
+        .set_key_rate_limit(bearer(
+            &admin,
+            pb::SetKeyRateLimitRequest {
+                key_id: secrets[2].0.clone(),
+                rate_limit: Some(pb::RateLimit {
+                    requests: 5,
+                    period: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    burst: 0,
+                }),
+            },
+        ))
+        .await
+        .expect("limit");
     manager
         .delete_key(bearer(
             &admin,
@@ -212,6 +246,11 @@ async fn no_secret_or_admin_token_escapes() {
     assert_eq!(updated["fields"]["scopes_added"], "[\"alerts.read\"]");
     assert_eq!(updated["fields"]["scopes_removed"], "[]");
     assert_eq!(updated["fields"]["name_before"], "session");
+    assert_eq!(event("rotate", "ok")["fields"]["rotated"], true);
+    assert_eq!(
+        event("set_rate_limit", "ok")["fields"]["rate_limit"],
+        "5/1000ms burst 5"
+    );
     let deleted = event("delete", "ok");
     assert_eq!(deleted["fields"]["key_id"], first_id.as_str());
     assert_eq!(
