@@ -291,7 +291,7 @@ async fn list(
             convert::page_size(size)?
         }
     };
-    let (records, _) = rest.keys.list(account, None, limit).await?;
+    let (records, _) = rest.keys.list(account, "", limit, None).await?;
     let result: Vec<Value> = records.iter().map(summary).collect();
     Ok(axum::Json(json!({ "result": result })).into_response())
 }

@@ -7,12 +7,11 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::status::{invalid, unauthenticated};
+use super::status::unauthenticated;
 use crate::access::{Access, Unauthenticated};
 use crate::audit;
 use crate::keys::{Expiry, KeyError, Keys, Lifecycle, Operation, Principal, StateChange};
 use crate::pb::v1 as pb;
-use crate::store::db::Cursor;
 use crate::store::record::KeyRecord;
 
 /// Serves the management RPCs.
@@ -104,36 +103,14 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .keys
             .authorize(&principal, Operation::Read, &request.account_id)?;
         let limit = convert::page_size(request.page_size)?;
-        let after = if request.page_token.is_empty() {
-            None
-        } else {
-            Some(Cursor::parse(&request.page_token).ok_or_else(|| {
-                invalid(
-                    "page_token",
-                    "not a token from a previous ListKeys response",
-                )
-            })?)
-        };
         let unused_for = convert::unused_for(request.unused_for.as_ref())?;
-        let (records, next) = self.keys.list(account, after, limit).await?;
-        let cutoff = unused_for.map(|d| {
-            crate::clock::now_nanos()
-                .saturating_sub(i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        });
+        let (records, next_page_token) = self
+            .keys
+            .list(account, &request.page_token, limit, unused_for)
+            .await?;
         Ok(Response::new(pb::ListKeysResponse {
-            keys: records
-                .iter()
-                .filter(|record| {
-                    cutoff.is_none_or(|cutoff| {
-                        self.keys
-                            .last_used(record)
-                            .max(record.created_at_unix_nanos)
-                            <= cutoff
-                    })
-                })
-                .map(|record| self.show(record))
-                .collect(),
-            next_page_token: next.map(|c| c.token()).unwrap_or_default(),
+            keys: records.iter().map(|record| self.show(record)).collect(),
+            next_page_token,
         }))
     }
 

@@ -265,15 +265,41 @@ impl Keys {
             .await
     }
 
-    /// Lists `account`'s keys in creation order.
+    /// Lists `account`'s keys in creation order: up to `limit` after
+    /// `page_token` (empty: from the start), with the token for the next
+    /// page (empty on the last). Tokens are opaque to callers; a token not
+    /// from a previous page is `Invalid` on `page_token`. With `unused_for`,
+    /// only keys unused that long (never used: counted from creation);
+    /// such a page may hold fewer keys.
     pub async fn list(
         &self,
         account: Arc<str>,
-        after: Option<Cursor>,
+        page_token: &str,
         limit: usize,
-    ) -> Result<(Vec<KeyRecord>, Option<Cursor>), KeyError> {
-        self.read(move |store| Ok(store.page(&account, after, limit)?))
-            .await
+        unused_for: Option<Duration>,
+    ) -> Result<(Vec<KeyRecord>, String), KeyError> {
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            Some(Cursor::parse(page_token).ok_or_else(|| KeyError::Invalid {
+                field: "page_token",
+                problem: "not a token from a previous ListKeys response".into(),
+            })?)
+        };
+        let (mut records, next) = self
+            .read(move |store| Ok(store.page(&account, after, limit)?))
+            .await?;
+        if let Some(unused_for) = unused_for {
+            let cutoff = now_nanos()
+                .saturating_sub(i64::try_from(unused_for.as_nanos()).unwrap_or(i64::MAX));
+            records.retain(|record| {
+                self.last_used(record).max(record.created_at_unix_nanos) <= cutoff
+            });
+        }
+        Ok((
+            records,
+            next.map(|cursor| cursor.token()).unwrap_or_default(),
+        ))
     }
 
     /// Replaces a key's name, and its scopes when `grant` is given; returns
