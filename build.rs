@@ -1,4 +1,4 @@
-//! Compiles the public API and the on-disk record schema.
+//! Compiles the public API, the on-disk record schema and etcd's client API.
 //!
 //! protox (a pure-Rust protobuf compiler) parses the protos, so building
 //! keyward needs no system `protoc`: `cargo build` works on a bare machine.
@@ -20,5 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Undecodable requests are INVALID_ARGUMENT (see src/grpc/codec.rs).
         .codec_path("crate::grpc::codec::Codec")
         .compile_fds(descriptors)?;
+    // The few etcd v3 RPCs replicated mode calls, as a client only (etcd's
+    // own client crate needs protoc at build time).
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(protox::compile(["etcd/rpc.proto"], ["proto"])?)?;
     Ok(())
 }

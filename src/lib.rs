@@ -7,6 +7,7 @@
 //! # Layout
 //! Each layer imports only the ones below it.
 //! - [`cli`]: `keyward keys …`, the operator's client for KeyManager.
+//! - [`migrate`]: `keyward migrate`, a standalone store's keys into etcd.
 //! - [`server`]: wiring: config, store, services, health, reflection, serve.
 //! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`), errors →
 //!   status codes in one place.
@@ -23,7 +24,8 @@
 //!   at the commit point, makes the change durable, then updates the index.
 //!   No storage call runs on an async worker: a failing disk costs writes,
 //!   never decisions.
-//! - [`store`]: sled (durable truth), versioned records, the in-memory index.
+//! - [`store`]: sled (durable truth), versioned records, the in-memory
+//!   index, and etcd's layout and client for replicated mode.
 //! - [`domain`]: scopes, bitsets, catalog, routes, key format, rules,
 //!   decisions. Pure: no I/O.
 //! - [`config`]: settings, each a flag and an environment variable.
@@ -47,6 +49,7 @@ pub mod grpc;
 pub mod guard;
 pub mod keys;
 pub mod metrics;
+pub mod migrate;
 pub mod pb;
 pub mod rest;
 pub mod server;

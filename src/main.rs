@@ -1,9 +1,10 @@
-//! The `keyward` binary: `keyward serve` (the sidecar) and `keyward keys …`
-//! (the operator's client).
+//! The `keyward` binary: `keyward serve` (the sidecar), `keyward keys …`
+//! (the operator's client) and `keyward migrate` (standalone → etcd).
 
 use clap::{Parser, Subcommand};
 use keyward::cli::{self, KeysArgs};
 use keyward::config::{LogFormat, ServeConfig};
+use keyward::migrate::{self, MigrateArgs};
 use keyward::server::{self, App, Listeners};
 use tracing_subscriber::EnvFilter;
 
@@ -24,6 +25,8 @@ enum Command {
     Serve(ServeConfig),
     /// Manage keys on a running sidecar.
     Keys(KeysArgs),
+    /// Copy a stopped standalone sidecar's keys into etcd (idempotent).
+    Migrate(MigrateArgs),
 }
 
 #[tokio::main]
@@ -46,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
             });
         }
         Command::Keys(args) => cli::run(args).await?,
+        Command::Migrate(args) => migrate::run(args).await?,
     }
     Ok(())
 }

@@ -11,5 +11,15 @@ pub mod store {
     tonic::include_proto!("keyward.store.v1");
 }
 
+/// `etcdserverpb`: the etcd v3 RPCs keyward calls (client only).
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// `mvccpb`: etcd's key-value and event types.
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
 /// Descriptors of every keyward proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keyward_descriptor");

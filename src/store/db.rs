@@ -81,6 +81,11 @@ impl RawRecord {
             source,
         })
     }
+
+    /// Decodes the whole record.
+    pub fn record(&self) -> Result<KeyRecord, StoreError> {
+        decode(&self.key, &self.value)
+    }
 }
 
 /// A position in an account's key listing, opaque to clients.

@@ -291,3 +291,35 @@ pub fn spawn_serve(bin: &str, cwd: &std::path::Path, extra: &[&str]) -> (std::pr
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A free loopback port (for child processes that need one named up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+/// An external tool's binary: `$env_var`, else `name` when it runs from
+/// PATH. Without it a test skips locally, and fails under CI, where
+/// `.ci/run` installs it (`install` says how).
+pub fn tool(env_var: &str, name: &str, install: &str) -> Option<String> {
+    if let Ok(path) = std::env::var(env_var) {
+        return Some(path);
+    }
+    let found = std::process::Command::new(name)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return Some(name.to_owned());
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must have {name} ({install})"
+    );
+    eprintln!("skipped: no {name} binary ({install})");
+    None
+}

