@@ -11,7 +11,8 @@ use common::{bearer, connect, free_port, spawn_serve};
 use keyward::pb::v1 as pb;
 use keyward::pb::v1::key_manager_client::KeyManagerClient;
 use keyward::store::db::Store;
-use keyward::store::etcd::{DEFAULT_PREFIX, Etcd};
+use keyward::store::etcd::{DEFAULT_PREFIX, Etcd, PutNew};
+use keyward::store::record::KeyRecord;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 
@@ -189,5 +190,55 @@ async fn migrate_copies_a_standalone_store_into_etcd_once() {
     assert!(
         String::from_utf8_lossy(&failed.stderr).contains("run it again"),
         "{failed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_per_account_limit_holds_under_concurrent_creates_from_many_clients() {
+    let Some(etcd_server) = start_etcd().await else {
+        return;
+    };
+    // Three independent connections stand for three sidecars; 150 creates
+    // race for an account limited to 100.
+    let clients: Vec<Etcd> = (0..3)
+        .map(|_| {
+            Etcd::connect(std::slice::from_ref(&etcd_server.url), DEFAULT_PREFIX).expect("url")
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let etcd = clients[i % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let key = keyward::domain::key::generate().expect("rng");
+            let record = KeyRecord {
+                key_id: key.id.as_bytes().to_vec(),
+                secret_sha256: key.hash.as_bytes().to_vec(),
+                account_id: "acme".into(),
+                name: format!("racer {i}"),
+                ..KeyRecord::default()
+            };
+            etcd.put_new(&record, Some(100))
+                .await
+                .expect("etcd answers")
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.expect("task"));
+    }
+    let written = outcomes.iter().filter(|o| **o == PutNew::Written).count();
+    let refused = outcomes
+        .iter()
+        .filter(|o| **o == PutNew::LimitReached)
+        .count();
+    assert_eq!((written, refused), (100, 50));
+    let etcd = &clients[0];
+    assert_eq!(etcd.records().await.expect("read").len(), 100);
+    assert_eq!(
+        etcd.count(&etcd.account_path("acme"))
+            .await
+            .expect("count")
+            .0,
+        100
     );
 }

@@ -89,14 +89,28 @@ impl Etcd {
     }
 
     /// Writes `record` unless its key id is already there, adding one to
-    /// its account's count in the same transaction. Returns whether it was
-    /// written (false: already present, nothing changed).
-    pub async fn put_new(&self, record: &KeyRecord) -> Result<bool, EtcdError> {
+    /// its account's count in the same transaction, and only while the
+    /// count is below `limit` (when given). The transaction compares the
+    /// count's revision with the one read, so concurrent writers on any
+    /// number of sidecars retry instead of overshooting: the limit holds
+    /// globally, with no process-local lock.
+    pub async fn put_new(
+        &self,
+        record: &KeyRecord,
+        limit: Option<u64>,
+    ) -> Result<PutNew, EtcdError> {
         let id = record_id(record)?;
         let key = self.key_path(&id);
         let account = self.account_path(&record.account_id);
         loop {
             let (count, count_revision) = self.count(&account).await?;
+            if limit.is_some_and(|limit| count >= limit) {
+                return Ok(if self.get(&key).await?.is_some() {
+                    PutNew::Present
+                } else {
+                    PutNew::LimitReached
+                });
+            }
             let txn = TxnRequest {
                 compare: vec![
                     Compare {
@@ -122,10 +136,10 @@ impl Etcd {
                 failure: Vec::new(),
             };
             if self.kv.clone().txn(txn).await?.into_inner().succeeded {
-                return Ok(true);
+                return Ok(PutNew::Written);
             }
             if self.get(&key).await?.is_some() {
-                return Ok(false);
+                return Ok(PutNew::Present);
             }
             // The count moved under us (another writer): read it again.
         }
@@ -192,6 +206,17 @@ impl Etcd {
     }
 }
 
+/// What [`Etcd::put_new`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutNew {
+    /// The key was written and counted.
+    Written,
+    /// The key id was already there: nothing changed.
+    Present,
+    /// The account was at its limit: nothing changed.
+    LimitReached,
+}
+
 /// What a migration did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Migrated {
@@ -209,11 +234,10 @@ pub struct Migrated {
 pub async fn migrate(store: &Store, etcd: &Etcd) -> Result<Migrated, MigrateError> {
     let mut migrated = Migrated::default();
     for raw in store.partition(0, 1) {
-        let record = raw?.record()?;
-        if etcd.put_new(&record).await? {
-            migrated.written += 1;
-        } else {
-            migrated.present += 1;
+        // No limit: the standalone store enforced it already.
+        match etcd.put_new(&raw?.record()?, None).await? {
+            PutNew::Written => migrated.written += 1,
+            PutNew::Present | PutNew::LimitReached => migrated.present += 1,
         }
     }
     Ok(migrated)
