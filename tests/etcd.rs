@@ -11,7 +11,7 @@ use common::{bearer, connect, free_port, spawn_serve};
 use keyward::pb::v1 as pb;
 use keyward::pb::v1::key_manager_client::KeyManagerClient;
 use keyward::store::db::Store;
-use keyward::store::etcd::{DEFAULT_PREFIX, Etcd, PutNew};
+use keyward::store::etcd::{DEFAULT_PREFIX, Etcd, PutNew, Watched};
 use keyward::store::record::KeyRecord;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
@@ -240,5 +240,97 @@ async fn the_per_account_limit_holds_under_concurrent_creates_from_many_clients(
             .expect("count")
             .0,
         100
+    );
+}
+
+fn record(account: &str, name: &str) -> KeyRecord {
+    let key = keyward::domain::key::generate().expect("rng");
+    KeyRecord {
+        key_id: key.id.as_bytes().to_vec(),
+        secret_sha256: key.hash.as_bytes().to_vec(),
+        account_id: account.into(),
+        name: name.into(),
+        ..KeyRecord::default()
+    }
+}
+
+#[tokio::test]
+async fn a_watch_from_a_snapshot_sees_every_later_change_in_order_and_reports_compaction() {
+    let Some(etcd_server) = start_etcd().await else {
+        return;
+    };
+    let url = std::slice::from_ref(&etcd_server.url);
+    let (writer, reader) = (
+        Etcd::connect(url, DEFAULT_PREFIX).expect("url"),
+        Etcd::connect(url, DEFAULT_PREFIX).expect("url"),
+    );
+    let before = record("acme", "before");
+    writer.put_new(&before, None).await.expect("put");
+    let (snapshot, revision) = reader.snapshot().await.expect("snapshot");
+    assert_eq!(snapshot, vec![before.clone()]);
+
+    let mut watch = reader.watch(revision + 1).await.expect("watch");
+    let (first, second) = (record("acme", "first"), record("acme", "second"));
+    writer.put_new(&first, None).await.expect("put");
+    writer.put_new(&second, None).await.expect("put");
+    let first_id = keyward::domain::key::KeyId::from_bytes(
+        first.key_id.as_slice().try_into().expect("16 bytes"),
+    );
+    assert!(writer.remove(&first_id, "acme").await.expect("remove"));
+    assert!(
+        !writer.remove(&first_id, "acme").await.expect("remove"),
+        "already gone"
+    );
+    assert_eq!(
+        writer
+            .count(&writer.account_path("acme"))
+            .await
+            .expect("count")
+            .0,
+        2
+    );
+
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("events arrive")
+            .expect("watch")
+            .expect("open");
+        seen.extend(batch);
+    }
+    let revisions: Vec<i64> = seen
+        .iter()
+        .map(|w| match w {
+            Watched::Put { revision, .. } | Watched::Deleted { revision, .. } => *revision,
+            Watched::Compacted { .. } => panic!("nothing compacted yet"),
+        })
+        .collect();
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
+    assert!(revisions[0] > revision, "nothing from the snapshot repeats");
+    assert!(matches!(&seen[0], Watched::Put { record, .. } if **record == first));
+    assert!(matches!(&seen[1], Watched::Put { record, .. } if **record == second));
+    assert!(matches!(&seen[2], Watched::Deleted { id, .. } if *id == first_id));
+
+    // Compacted past a revision: a watch from it is told to re-read.
+    let newest = reader.snapshot().await.expect("snapshot").1;
+    keyward::pb::etcd::kv_client::KvClient::new(connect(&etcd_server.url).await)
+        .compact(keyward::pb::etcd::CompactionRequest {
+            revision: newest,
+            physical: true,
+        })
+        .await
+        .expect("compact");
+    let mut stale = reader.watch(revision + 1).await.expect("watch");
+    let told = tokio::time::timeout(Duration::from_secs(5), stale.next())
+        .await
+        .expect("answered")
+        .expect("watch")
+        .expect("open");
+    assert_eq!(
+        told,
+        vec![Watched::Compacted {
+            compact_revision: newest
+        }]
     );
 }

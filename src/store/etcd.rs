@@ -23,8 +23,13 @@ use crate::domain::key::KeyId;
 use crate::pb::etcd::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::pb::etcd::kv_client::KvClient;
 use crate::pb::etcd::request_op::Request as Op;
-use crate::pb::etcd::{Compare, PutRequest, RangeRequest, RequestOp, TxnRequest};
-use crate::pb::mvccpb::KeyValue;
+use crate::pb::etcd::watch_client::WatchClient;
+use crate::pb::etcd::{
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use crate::pb::etcd::{WatchCreateRequest, WatchRequest, WatchResponse, watch_request};
+use crate::pb::mvccpb::event::EventType;
+use crate::pb::mvccpb::{Event, KeyValue};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/keyward/";
@@ -55,6 +60,7 @@ pub enum EtcdError {
 #[derive(Debug, Clone)]
 pub struct Etcd {
     kv: KvClient<Channel>,
+    watch: WatchClient<Channel>,
     prefix: String,
 }
 
@@ -70,8 +76,10 @@ impl Etcd {
                     .map_err(|_| EtcdError::Endpoint(url.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let channel = Channel::balance_list(endpoints.into_iter());
         Ok(Self {
-            kv: KvClient::new(Channel::balance_list(endpoints.into_iter())),
+            kv: KvClient::new(channel.clone()),
+            watch: WatchClient::new(channel),
             prefix: prefix.to_owned(),
         })
     }
@@ -113,21 +121,8 @@ impl Etcd {
             }
             let txn = TxnRequest {
                 compare: vec![
-                    Compare {
-                        result: CompareResult::Equal as i32,
-                        target: CompareTarget::Create as i32,
-                        key: key.clone(),
-                        target_union: Some(TargetUnion::CreateRevision(0)),
-                        range_end: Vec::new(),
-                    },
-                    // The count is what was read (absent: revision 0).
-                    Compare {
-                        result: CompareResult::Equal as i32,
-                        target: CompareTarget::Mod as i32,
-                        key: account.clone(),
-                        target_union: Some(TargetUnion::ModRevision(count_revision)),
-                        range_end: Vec::new(),
-                    },
+                    created(&key, CompareResult::Equal),
+                    unchanged(&account, count_revision),
                 ],
                 success: vec![
                     put(key.clone(), record::encode(record)),
@@ -142,6 +137,42 @@ impl Etcd {
                 return Ok(PutNew::Present);
             }
             // The count moved under us (another writer): read it again.
+        }
+    }
+
+    /// Removes a key record and takes one from its account's count, in
+    /// one transaction (compares as in [`Self::put_new`]). Returns whether
+    /// it was there.
+    pub async fn remove(&self, id: &KeyId, account: &str) -> Result<bool, EtcdError> {
+        let key = self.key_path(id);
+        let account = self.account_path(account);
+        loop {
+            let (count, count_revision) = self.count(&account).await?;
+            let txn = TxnRequest {
+                compare: vec![
+                    created(&key, CompareResult::Greater),
+                    unchanged(&account, count_revision),
+                ],
+                success: vec![
+                    RequestOp {
+                        request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
+                            key: key.clone(),
+                            ..DeleteRangeRequest::default()
+                        })),
+                    },
+                    put(
+                        account.clone(),
+                        count.saturating_sub(1).to_string().into_bytes(),
+                    ),
+                ],
+                failure: Vec::new(),
+            };
+            if self.kv.clone().txn(txn).await?.into_inner().succeeded {
+                return Ok(true);
+            }
+            if self.get(&key).await?.is_none() {
+                return Ok(false);
+            }
         }
     }
 
@@ -164,9 +195,11 @@ impl Etcd {
         Ok(reply.kvs.into_iter().next())
     }
 
-    /// Every key record under the prefix, decoded.
-    pub async fn records(&self) -> Result<Vec<KeyRecord>, EtcdError> {
-        let start = format!("{}keys/", self.prefix).into_bytes();
+    /// Every key record under the prefix, decoded, and the etcd revision
+    /// they are the state at (a watch from the next revision misses
+    /// nothing and repeats nothing).
+    pub async fn snapshot(&self) -> Result<(Vec<KeyRecord>, i64), EtcdError> {
+        let start = self.keys_prefix();
         let reply = self
             .kv
             .clone()
@@ -177,16 +210,52 @@ impl Etcd {
             })
             .await?
             .into_inner();
-        reply
+        let revision = reply.header.map_or(0, |h| h.revision);
+        let records = reply
             .kvs
             .into_iter()
-            .map(|kv| {
-                record::decode(&kv.value).map_err(|e| EtcdError::Value {
-                    key: String::from_utf8_lossy(&kv.key).into_owned(),
-                    problem: e.to_string(),
-                })
-            })
-            .collect()
+            .map(|kv| decode_value(&kv.key, &kv.value))
+            .collect::<Result<_, _>>()?;
+        Ok((records, revision))
+    }
+
+    /// Every key record under the prefix, decoded.
+    pub async fn records(&self) -> Result<Vec<KeyRecord>, EtcdError> {
+        Ok(self.snapshot().await?.0)
+    }
+
+    /// Follows changes to key records from `start_revision` on, in
+    /// revision order. A revision etcd has compacted away is reported as
+    /// [`Watched::Compacted`]: the caller must take a new snapshot.
+    pub async fn watch(&self, start_revision: i64) -> Result<Watch, EtcdError> {
+        let start = self.keys_prefix();
+        let (requests, receiver) = tokio::sync::mpsc::channel(1);
+        let create = WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    range_end: prefix_end(&start),
+                    key: start,
+                    start_revision,
+                    ..WatchCreateRequest::default()
+                },
+            )),
+        };
+        // The receiver is alive (held by the stream below), so this cannot fail.
+        let _ = requests.send(create).await;
+        let responses = self
+            .watch
+            .clone()
+            .watch(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await?
+            .into_inner();
+        Ok(Watch {
+            responses,
+            _requests: requests,
+        })
+    }
+
+    fn keys_prefix(&self) -> Vec<u8> {
+        format!("{}keys/", self.prefix).into_bytes()
     }
 
     /// An account's key count and the revision it was last written at (0, 0
@@ -204,6 +273,99 @@ impl Etcd {
             })?;
         Ok((count, kv.mod_revision))
     }
+}
+
+/// Changes to key records, from [`Etcd::watch`].
+#[derive(Debug)]
+pub struct Watch {
+    responses: tonic::Streaming<WatchResponse>,
+    /// Keeps the request stream (and so the watch) open.
+    _requests: tokio::sync::mpsc::Sender<WatchRequest>,
+}
+
+/// What a watch delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Watched {
+    /// A key record was written (created or replaced) at `revision`.
+    Put {
+        /// The record (boxed: records are large, the other variants not).
+        record: Box<KeyRecord>,
+        /// The etcd revision of the write.
+        revision: i64,
+    },
+    /// A key record was removed at `revision`.
+    Deleted {
+        /// The key.
+        id: KeyId,
+        /// The etcd revision of the removal.
+        revision: i64,
+    },
+    /// The start revision was compacted: take a new snapshot.
+    Compacted {
+        /// The oldest revision etcd still has.
+        compact_revision: i64,
+    },
+}
+
+impl Watch {
+    /// The next batch of changes (one etcd revision may carry several);
+    /// `None` once etcd ended the watch.
+    pub async fn next(&mut self) -> Result<Option<Vec<Watched>>, EtcdError> {
+        loop {
+            let Some(response) = self.responses.message().await? else {
+                return Ok(None);
+            };
+            if response.compact_revision != 0 {
+                return Ok(Some(vec![Watched::Compacted {
+                    compact_revision: response.compact_revision,
+                }]));
+            }
+            if response.canceled {
+                return Err(EtcdError::Value {
+                    key: "watch".into(),
+                    problem: format!("canceled by etcd: {}", response.cancel_reason),
+                });
+            }
+            if response.events.is_empty() {
+                continue; // the creation acknowledgement, or progress
+            }
+            return response
+                .events
+                .into_iter()
+                .map(watched)
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some);
+        }
+    }
+}
+
+fn watched(event: Event) -> Result<Watched, EtcdError> {
+    let kv = event.kv.unwrap_or_default();
+    if event.r#type == EventType::Delete as i32 {
+        let id = std::str::from_utf8(&kv.key)
+            .ok()
+            .and_then(|key| key.rsplit('/').next())
+            .and_then(|text| text.parse::<KeyId>().ok())
+            .ok_or_else(|| EtcdError::Value {
+                key: String::from_utf8_lossy(&kv.key).into_owned(),
+                problem: "not a key id".into(),
+            })?;
+        return Ok(Watched::Deleted {
+            id,
+            revision: kv.mod_revision,
+        });
+    }
+    Ok(Watched::Put {
+        record: Box::new(decode_value(&kv.key, &kv.value)?),
+        revision: kv.mod_revision,
+    })
+}
+
+fn decode_value(key: &[u8], value: &[u8]) -> Result<KeyRecord, EtcdError> {
+    record::decode(value).map_err(|e| EtcdError::Value {
+        key: String::from_utf8_lossy(key).into_owned(),
+        problem: e.to_string(),
+    })
 }
 
 /// What [`Etcd::put_new`] did.
@@ -253,6 +415,30 @@ pub enum MigrateError {
     /// Writing to etcd failed.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
+}
+
+/// `key`'s creation revision compared with 0: `Equal` means absent,
+/// `Greater` present.
+fn created(key: &[u8], result: CompareResult) -> Compare {
+    Compare {
+        result: result as i32,
+        target: CompareTarget::Create as i32,
+        key: key.to_vec(),
+        target_union: Some(TargetUnion::CreateRevision(0)),
+        range_end: Vec::new(),
+    }
+}
+
+/// `key` was last written at `revision` (absent: 0): nobody changed it
+/// since it was read.
+fn unchanged(key: &[u8], revision: i64) -> Compare {
+    Compare {
+        result: CompareResult::Equal as i32,
+        target: CompareTarget::Mod as i32,
+        key: key.to_vec(),
+        target_union: Some(TargetUnion::ModRevision(revision)),
+        range_end: Vec::new(),
+    }
 }
 
 fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
