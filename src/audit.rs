@@ -2,9 +2,8 @@
 //! and every refused change, whichever front door (gRPC or REST) it came
 //! through. Never a secret.
 
-use crate::domain::key::KeyId;
 use crate::keys::{KeyError, Principal};
-use crate::store::record::KeyRecord;
+use crate::store::record::{self, KeyRecord};
 
 /// An acknowledged change: who, what (operation, key, scope diff, name),
 /// when (the event's timestamp), result.
@@ -67,8 +66,7 @@ pub fn refused(principal: &Principal, operation: &str, error: &KeyError) {
 /// A record's key id as text (empty for a record too broken to have one).
 #[must_use]
 pub fn key_id(record: &KeyRecord) -> String {
-    <[u8; 16]>::try_from(record.key_id.as_slice()).map_or_else(
-        |_| String::new(),
-        |bytes| KeyId::from_bytes(bytes).to_string(),
-    )
+    record::key_id(record)
+        .map(|id| id.to_string())
+        .unwrap_or_default()
 }

@@ -32,7 +32,7 @@ impl Authorizer {
         let presented = parse(credential)?;
         let now = clock::recent_now_nanos();
         let index = self.index.pin();
-        usable(index.verify(&presented), presented.id, now)
+        usable(index.verify(&presented, now), presented.id, now)
             .map(|entry| entry.verified(presented.id))
     }
 
@@ -58,7 +58,7 @@ impl Authorizer {
         // expiry, the rate limit and last-used alike.
         let now = clock::recent_now_nanos();
         let index = self.index.pin();
-        let entry = match usable(index.verify(&presented), presented.id, now) {
+        let entry = match usable(index.verify(&presented, now), presented.id, now) {
             Ok(entry) => entry,
             Err(failure) => return failure.decision(),
         };

@@ -106,12 +106,8 @@ pub fn access_level_pb(level: AccessLevel) -> pb::AccessLevel {
 /// it was last used (Unix nanos; 0: never).
 #[must_use]
 pub fn api_key(record: &KeyRecord, last_used: i64) -> pb::ApiKey {
-    let id = <[u8; 16]>::try_from(record.key_id.as_slice()).map_or_else(
-        |_| String::new(),
-        |bytes| KeyId::from_bytes(bytes).to_string(),
-    );
     pb::ApiKey {
-        key_id: id,
+        key_id: crate::audit::key_id(record),
         name: record.name.clone(),
         kind: record.kind,
         scopes: record.scopes.clone(),

@@ -9,10 +9,11 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
+use crate::clock::now_nanos;
 use crate::domain::catalog::{Catalog, KeyKind};
 use crate::domain::key::{self, KeyId};
 use crate::domain::rate::RateLimit;
@@ -20,7 +21,7 @@ use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
 use crate::store::db::{Cursor, Store, StoreError};
 use crate::store::index::Index;
-use crate::store::record::KeyRecord;
+use crate::store::record::{self, KeyRecord};
 use writer::{Change, Command, Committed, FailureKind, Job, Shared, StoreHealth, Writer};
 pub use writer::{Expiry, Rotation, Settings};
 
@@ -379,8 +380,7 @@ impl Keys {
     /// nanos; 0: never). From memory: the newest this sidecar knows.
     #[must_use]
     pub fn last_used(&self, record: &KeyRecord) -> i64 {
-        <[u8; 16]>::try_from(record.key_id.as_slice())
-            .map_or(0, |id| self.index.last_used(&KeyId::from_bytes(id)))
+        record::key_id(record).map_or(0, |id| self.index.last_used(&id))
     }
 
     /// How many live keys there are.
@@ -630,12 +630,6 @@ pub fn kind_number(kind: KeyKind) -> i32 {
         KeyKind::RestrictedAccess => 2,
         KeyKind::Billing => 3,
     }
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

@@ -31,8 +31,8 @@ use tokio::sync::{oneshot, watch};
 
 use super::{
     AccountCounts, KeyError, Lifecycle, Operation, Principal, StateChange, intern, kind_number,
-    now_nanos,
 };
+use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey};
 use crate::domain::rules;
@@ -460,7 +460,7 @@ impl Writer {
             Ok(()) => {
                 for change in staged {
                     match change.index {
-                        IndexChange::Put(id, entry) => self.index.insert(id, entry),
+                        IndexChange::Put(id, entry) => self.index.replace(id, entry),
                         IndexChange::Remove(id) => self.index.remove(&id),
                     }
                     self.metrics

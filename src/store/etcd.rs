@@ -452,12 +452,10 @@ fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
 }
 
 fn record_id(record: &KeyRecord) -> Result<KeyId, EtcdError> {
-    <[u8; 16]>::try_from(record.key_id.as_slice())
-        .map(KeyId::from_bytes)
-        .map_err(|_| EtcdError::Value {
-            key: record.name.clone(),
-            problem: "the record has no valid key id".into(),
-        })
+    record::key_id(record).ok_or_else(|| EtcdError::Value {
+        key: record.name.clone(),
+        problem: "the record has no valid key id".into(),
+    })
 }
 
 /// The end of the range of every key starting with `prefix` (etcd's

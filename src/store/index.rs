@@ -100,16 +100,6 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Usage as loaded from the store: `last_used` persisted.
-    #[must_use]
-    pub fn loaded(last_used: i64) -> Self {
-        Self {
-            tat: AtomicI64::new(0),
-            last_used: AtomicI64::new(last_used),
-            persisted: AtomicI64::new(last_used),
-        }
-    }
-
     /// Records an allowed request at `now`: a load and a subtraction on all
     /// but the first request of each minute (the stored time is a minute
     /// boundary, so a minute or more since it means a new minute), and no
@@ -137,18 +127,17 @@ pub struct Pinned<'a> {
 impl Pinned<'_> {
     /// Looks the key up and compares its secret hash in constant time. The
     /// hash is computed before the lookup, so unknown ids cost the same.
+    /// `now` (Unix nanos) closes a rotation overlap that has ended.
     #[inline]
-    pub fn verify(&self, key: &PresentedKey<'_>) -> Result<&Entry, Rejected> {
+    pub fn verify(&self, key: &PresentedKey<'_>, now: i64) -> Result<&Entry, Rejected> {
         let presented = key.secret_hash();
         let entry = self.keys.get(&key.id).ok_or(Rejected::UnknownId)?;
         // Each secret is compared in constant time. The previous one only
         // while a rotation overlap is open (key metadata, not a function of
-        // the presented secret), and the clock is read only when it matched:
-        // a second compare costs as much as the first (~30 ns).
+        // the presented secret): a second compare costs as much as the
+        // first (~30 ns).
         let accepted = entry.hash.matches(&presented)
-            || (entry.previous_until != 0
-                && entry.previous_hash.matches(&presented)
-                && entry.previous_until > clock::recent_now_nanos());
+            || (entry.previous_until > now && entry.previous_hash.matches(&presented));
         if accepted {
             Ok(entry)
         } else {
@@ -213,16 +202,15 @@ impl Index {
         }
     }
 
-    /// Looks the key up and verifies its secret (see [`Pinned::verify`]),
-    /// returning what the key holds (whatever its state).
-    #[inline]
-    pub fn verify(&self, key: &PresentedKey<'_>) -> Result<Verified, Rejected> {
-        self.pin().verify(key).map(|entry| entry.verified(key.id))
+    /// Adds a key to an index being built (start-up, recovery), where no
+    /// earlier version of it can have usage to keep.
+    pub fn insert(&self, id: KeyId, entry: Entry) {
+        self.keys.pin().insert(id, entry);
     }
 
-    /// Adds or replaces a key. A replaced key keeps its usage (rate-limit
-    /// budget, last-used time). Called by one writer at a time.
-    pub fn insert(&self, id: KeyId, mut entry: Entry) {
+    /// Adds or replaces a live key. A replaced key keeps its usage
+    /// (rate-limit budget, last-used time). Called by one writer at a time.
+    pub fn replace(&self, id: KeyId, mut entry: Entry) {
         let keys = self.keys.pin();
         if let Some(current) = keys.get(&id) {
             entry.usage = Arc::clone(&current.usage);
@@ -294,7 +282,7 @@ impl Index {
     /// Decisions keep reading throughout; each key switches atomically.
     pub fn reconcile(&self, fresh: &Self) {
         for (id, entry) in &fresh.keys.pin() {
-            self.insert(*id, entry.clone());
+            self.replace(*id, entry.clone());
         }
         let live = self.keys.pin();
         let fresh = fresh.keys.pin();

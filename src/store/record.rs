@@ -6,6 +6,7 @@
 
 use prost::Message;
 
+use crate::domain::key::KeyId;
 use crate::domain::rate::RateLimit;
 
 pub use crate::pb::store::{KeyRecord, KeyRecordIndexView};
@@ -27,6 +28,15 @@ pub enum RecordError {
     /// Decoded, but a field holds a value keyward never writes.
     #[error("record field {0} is out of range")]
     FieldRange(&'static str),
+}
+
+/// A record's key id (`None` only for a record too broken to have one;
+/// decoding refuses those).
+#[must_use]
+pub fn key_id(record: &KeyRecord) -> Option<KeyId> {
+    <[u8; 16]>::try_from(record.key_id.as_slice())
+        .ok()
+        .map(KeyId::from_bytes)
 }
 
 /// A stored rate limit (`requests` 0: none).
