@@ -235,40 +235,43 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::DisableKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let key_id = request.get_ref().key_id.clone();
-        let state = StateChange {
-            disabled: Some(true),
-            ..StateChange::default()
-        };
-        self.set_state(&request, "disable", &key_id, state).await
+        let key_id = &request.get_ref().key_id;
+        self.set_state(&request, "disable", key_id, || {
+            Ok(StateChange {
+                disabled: Some(true),
+                ..StateChange::default()
+            })
+        })
+        .await
     }
 
     async fn enable_key(
         &self,
         request: Request<pb::EnableKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let key_id = request.get_ref().key_id.clone();
-        let state = StateChange {
-            disabled: Some(false),
-            ..StateChange::default()
-        };
-        self.set_state(&request, "enable", &key_id, state).await
+        let key_id = &request.get_ref().key_id;
+        self.set_state(&request, "enable", key_id, || {
+            Ok(StateChange {
+                disabled: Some(false),
+                ..StateChange::default()
+            })
+        })
+        .await
     }
 
     async fn set_key_allowlist(
         &self,
         request: Request<pb::SetKeyAllowlistRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
-        let cidrs = convert::allowed_cidrs(&request.get_ref().allowed_cidrs)
-            .map_err(|e| refused(&principal, "set_allowlist")(e))?;
-        let key_id = request.get_ref().key_id.clone();
-        let state = StateChange {
-            allowed_cidrs: Some(cidrs),
-            ..StateChange::default()
-        };
-        self.set_state(&request, "set_allowlist", &key_id, state)
-            .await
+        let key_id = &request.get_ref().key_id;
+        let cidrs = &request.get_ref().allowed_cidrs;
+        self.set_state(&request, "set_allowlist", key_id, || {
+            Ok(StateChange {
+                allowed_cidrs: Some(convert::allowed_cidrs(cidrs)?),
+                ..StateChange::default()
+            })
+        })
+        .await
     }
 
     async fn rotate_key(
@@ -299,31 +302,32 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::SetKeyRateLimitRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
-        let limit = convert::rate_limit(request.get_ref().rate_limit.as_ref())
-            .map_err(|e| refused(&principal, "set_rate_limit")(e))?;
-        let key_id = request.get_ref().key_id.clone();
-        let state = StateChange {
-            rate_limit: Some(limit),
-            ..StateChange::default()
-        };
-        self.set_state(&request, "set_rate_limit", &key_id, state)
-            .await
+        let key_id = &request.get_ref().key_id;
+        let limit = request.get_ref().rate_limit.as_ref();
+        self.set_state(&request, "set_rate_limit", key_id, || {
+            Ok(StateChange {
+                rate_limit: Some(convert::rate_limit(limit)?),
+                ..StateChange::default()
+            })
+        })
+        .await
     }
 
     async fn set_key_expiry(
         &self,
         request: Request<pb::SetKeyExpiryRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
-        let expires_at = convert::expires_at(request.get_ref().expires_at.as_ref())
-            .map_err(|e| refused(&principal, "set_expiry")(e))?;
-        let key_id = request.get_ref().key_id.clone();
-        let state = StateChange {
-            expires_at: Some(expires_at.map_or(Expiry::Never, Expiry::At)),
-            ..StateChange::default()
-        };
-        self.set_state(&request, "set_expiry", &key_id, state).await
+        let key_id = &request.get_ref().key_id;
+        let expires_at = request.get_ref().expires_at.as_ref();
+        self.set_state(&request, "set_expiry", key_id, || {
+            Ok(StateChange {
+                expires_at: Some(
+                    convert::expires_at(expires_at)?.map_or(Expiry::Never, Expiry::At),
+                ),
+                ..StateChange::default()
+            })
+        })
+        .await
     }
 }
 
@@ -333,13 +337,15 @@ impl ManageService {
         convert::api_key(record, self.keys.last_used(record))
     }
 
-    /// DisableKey, EnableKey and SetKeyExpiry: the same rules as UpdateKey.
+    /// The lifecycle RPCs (disable, enable, expiry, allowlist, rate limit):
+    /// the same rules as UpdateKey. The caller is authenticated once, then
+    /// `state` reads the request's values (refused values are audited too).
     async fn set_state<T>(
         &self,
         request: &Request<T>,
         operation: &str,
         key_id: &str,
-        state: StateChange,
+        state: impl FnOnce() -> Result<StateChange, KeyError>,
     ) -> Result<Response<pb::ApiKey>, Status> {
         let principal = self.principal(request.metadata())?;
         let fail = |e| refused(&principal, operation)(e);
@@ -347,6 +353,7 @@ impl ManageService {
             .permit(&principal, Operation::Update)
             .map_err(fail)?;
         let id = convert::key_id(key_id).map_err(fail)?;
+        let state = state().map_err(fail)?;
         let (before, record) = self
             .keys
             .set_state(&principal, &id, state)
