@@ -212,13 +212,17 @@ mod tests {
         // one request per step would be 100/s.
         let gcra = limit(1000, Duration::from_secs(1), 1);
         let tat = AtomicI64::new(0);
-        let mut passed = 0;
-        for step in 0..100 {
-            let now = 1_000 * SECOND + step * 10_000_000;
-            passed += (0..50).filter(|_| gcra.admit(&tat, now).is_ok()).count();
-        }
-        // One second of steps: the rate, plus at most one step's burst.
-        assert!((1000..=1011).contains(&passed), "{passed}");
+        let per_step: Vec<usize> = (0..100)
+            .map(|step| {
+                let now = 1_000 * SECOND + step * 10_000_000;
+                (0..50).filter(|_| gcra.admit(&tat, now).is_ok()).count()
+            })
+            .collect();
+        // The first step admits one step's worth plus the one request the
+        // burst allows (the README's "up to 11 at once"); then 10 a step.
+        assert_eq!(per_step[0], 11);
+        assert!(per_step[1..].iter().all(|n| *n == 10), "{per_step:?}");
+        assert_eq!(per_step.iter().sum::<usize>(), 1001, "the rate over one second");
     }
 
     #[test]
