@@ -208,18 +208,12 @@ async fn keys_expire_and_expiry_can_be_changed_or_cleared() {
     );
     assert_eq!(server.count("acme").await, 0);
 
-    let created = manager
-        .create_key(bearer(
-            &server.admin,
-            pb::CreateKeyRequest {
-                expires_at: Some(at(Duration::from_millis(800))),
-                ..mailer("short-lived")
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner();
-    let (id, secret) = (created.key.expect("key").key_id, created.secret);
+    let (id, secret) = server
+        .create(pb::CreateKeyRequest {
+            expires_at: Some(at(Duration::from_millis(800))),
+            ..mailer("short-lived")
+        })
+        .await;
     assert!(
         server
             .authorize(&secret, "POST", "/v3/mail/send")
@@ -529,18 +523,12 @@ async fn an_allowlist_limits_where_a_key_works_and_fails_closed() {
         "allowed_cidrs",
     );
     assert_eq!(server.count("acme").await, 0);
-    let created = manager
-        .create_key(bearer(
-            &server.admin,
-            pb::CreateKeyRequest {
-                allowed_cidrs: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
-                ..mailer("office")
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner();
-    let secret = created.secret;
+    let (_, secret) = server
+        .create(pb::CreateKeyRequest {
+            allowed_cidrs: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+            ..mailer("office")
+        })
+        .await;
     for inside in ["10.1.2.3", "::ffff:10.1.2.3", "2001:db8::7"] {
         assert!(
             authorize_from(&server, &secret, inside)
@@ -583,18 +571,12 @@ async fn allowlists_follow_least_privilege_survive_a_restart_and_can_be_cleared(
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(&dir).await;
     let mut manager = server.manager().await;
-    let created = manager
-        .create_key(bearer(
-            &server.admin,
-            pb::CreateKeyRequest {
-                allowed_cidrs: vec!["10.0.0.0/8".into()],
-                ..mailer("office")
-            },
-        ))
-        .await
-        .expect("create")
-        .into_inner();
-    let (id, secret) = (created.key.expect("key").key_id, created.secret);
+    let (id, secret) = server
+        .create(pb::CreateKeyRequest {
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
+            ..mailer("office")
+        })
+        .await;
     // A key may not change the allowlist of a key holding scopes it lacks.
     let (_, manager_key) = server
         .create_key("acme", &["api_keys.update", "alerts.read"])

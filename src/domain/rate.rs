@@ -222,7 +222,11 @@ mod tests {
         // burst allows (the README's "up to 11 at once"); then 10 a step.
         assert_eq!(per_step[0], 11);
         assert!(per_step[1..].iter().all(|n| *n == 10), "{per_step:?}");
-        assert_eq!(per_step.iter().sum::<usize>(), 1001, "the rate over one second");
+        assert_eq!(
+            per_step.iter().sum::<usize>(),
+            1001,
+            "the rate over one second"
+        );
     }
 
     #[test]
