@@ -209,45 +209,7 @@ pub enum KeysCommand {
     reason = "one arm per subcommand reads best in one place"
 )]
 pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
-    let token = if let Some(token) = args.token {
-        token
-    } else {
-        let path = args.data.admin_token_path();
-        std::fs::read_to_string(&path)
-            .with_context(|| {
-                format!(
-                    "reading the admin token {} (pass --token or KEYWARD_TOKEN to use a key)",
-                    path.display()
-                )
-            })?
-            .trim()
-            .to_owned()
-    };
-    let bearer: MetadataValue<Ascii> = format!("Bearer {token}")
-        .parse()
-        .context("the token contains characters not allowed in a header")?;
-    let mut endpoint = Endpoint::from_shared(args.server.clone())
-        .context("--server must be a URL like http://127.0.0.1:50051 or unix:///path/to/socket")?;
-    if args.tls_ca.is_some() || args.tls_client_cert.is_some() {
-        let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = &args.tls_ca {
-            tls = tls.ca_certificate(Certificate::from_pem(
-                std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
-            ));
-        }
-        if let (Some(cert), Some(key)) = (&args.tls_client_cert, &args.tls_client_key) {
-            tls = tls.identity(Identity::from_pem(
-                std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
-                std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
-            ));
-        }
-        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", args.server))?;
-    let mut client = KeyManagerClient::new(channel);
+    let (mut client, bearer) = connect(&args).await?;
     let out = match args.command {
         KeysCommand::Create {
             name,
@@ -484,6 +446,54 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
     };
     print!("{out}");
     Ok(())
+}
+
+/// The KeyManager client `args` point at, and the credential to send.
+async fn connect(
+    args: &KeysArgs,
+) -> anyhow::Result<(
+    KeyManagerClient<tonic::transport::Channel>,
+    MetadataValue<Ascii>,
+)> {
+    let token = if let Some(token) = &args.token {
+        token.clone()
+    } else {
+        let path = args.data.admin_token_path();
+        std::fs::read_to_string(&path)
+            .with_context(|| {
+                format!(
+                    "reading the admin token {} (pass --token or KEYWARD_TOKEN to use a key)",
+                    path.display()
+                )
+            })?
+            .trim()
+            .to_owned()
+    };
+    let bearer: MetadataValue<Ascii> = format!("Bearer {token}")
+        .parse()
+        .context("the token contains characters not allowed in a header")?;
+    let mut endpoint = Endpoint::from_shared(args.server.clone())
+        .context("--server must be a URL like http://127.0.0.1:50051 or unix:///path/to/socket")?;
+    if args.tls_ca.is_some() || args.tls_client_cert.is_some() {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &args.tls_ca {
+            tls = tls.ca_certificate(Certificate::from_pem(
+                std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            ));
+        }
+        if let (Some(cert), Some(key)) = (&args.tls_client_cert, &args.tls_client_key) {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+                std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+            ));
+        }
+        endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.server))?;
+    Ok((KeyManagerClient::new(channel), bearer))
 }
 
 fn authed<T>(bearer: &MetadataValue<Ascii>, message: T) -> Request<T> {
