@@ -29,6 +29,74 @@ impl DataArgs {
     }
 }
 
+/// How to reach etcd (replicated mode, and `keyward migrate`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd client URLs, comma-separated (`http://127.0.0.1:2379,...`).
+    /// Given: replicated mode (etcd is the truth, the data directory holds
+    /// this sidecar's replica). Not given: standalone.
+    #[arg(long, env = "KEYWARD_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// The etcd key prefix keyward's keys live under.
+    #[arg(long, env = "KEYWARD_ETCD_PREFIX", default_value = crate::store::etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+
+    /// PEM CA bundle for etcd's server certificates (`https://` endpoints).
+    #[arg(long, env = "KEYWARD_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate for etcd (mutual TLS).
+    #[arg(long, env = "KEYWARD_ETCD_CERT_FILE", requires_all = ["etcd_key_file", "etcd_ca_file"])]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "KEYWARD_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+
+    /// etcd user (etcd's own authentication), with --etcd-password-file.
+    #[arg(long, env = "KEYWARD_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the etcd user's password (trailing newline ignored).
+    #[arg(long, env = "KEYWARD_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The connection these flags describe; `None` without endpoints
+    /// (standalone). Reads the certificate, key and password files.
+    pub fn connection(
+        &self,
+    ) -> Result<Option<crate::store::etcd::Connection>, (PathBuf, std::io::Error)> {
+        if self.etcd_endpoints.is_empty() {
+            return Ok(None);
+        }
+        let read = |path: &PathBuf| std::fs::read(path).map_err(|e| (path.clone(), e));
+        let ca = self.etcd_ca_file.as_ref().map(read).transpose()?;
+        let identity = match (&self.etcd_cert_file, &self.etcd_key_file) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        let credentials = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(user), Some(file)) => {
+                let password = String::from_utf8_lossy(&read(file)?)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned();
+                Some((user.clone(), password))
+            }
+            _ => None,
+        };
+        Ok(Some(crate::store::etcd::Connection {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.clone(),
+            ca,
+            identity,
+            credentials,
+        }))
+    }
+}
+
 /// `keyward serve` settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
@@ -144,6 +212,18 @@ pub struct ServeConfig {
     /// Log format.
     #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+
+    /// Replicated mode: etcd endpoints, prefix, TLS and user.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// Replicated mode: once the replica has not been confirmed current for
+    /// this long (etcd unreachable), report `keyward.v1.Authorizer` and
+    /// Envoy's `Authorization` NOT_SERVING, so readiness takes the pod out
+    /// of rotation. `0s` (the default): keep serving from the replica
+    /// however long etcd is away (see README, "etcd away").
+    #[arg(long, env = "KEYWARD_MAX_STALENESS", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub max_staleness: std::time::Duration,
 }
 
 impl ServeConfig {
@@ -178,6 +258,11 @@ impl ServeConfig {
             tls_client_ca: None,
             failed_auth_limit: 20,
             log_format: LogFormat::Human,
+            etcd: EtcdArgs {
+                etcd_prefix: crate::store::etcd::DEFAULT_PREFIX.to_owned(),
+                ..EtcdArgs::default()
+            },
+            max_staleness: std::time::Duration::ZERO,
         }
     }
 }

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the sidecar.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Manage keys on a running sidecar.
     Keys(KeysArgs),
     /// Copy a stopped standalone sidecar's keys into etcd (idempotent).

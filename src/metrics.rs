@@ -19,6 +19,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use tokio_stream::StreamExt;
 use tonic::transport::server::TcpIncoming;
 
@@ -77,6 +78,9 @@ pub struct Metrics {
     store_errors: Counter,
     store_healthy: Gauge,
     guessing_detected: Counter,
+    replica_staleness: Gauge<f64, AtomicU64>,
+    replica_connected: Gauge,
+    replica_revision: Gauge,
 }
 
 impl Default for Metrics {
@@ -151,6 +155,24 @@ impl Metrics {
             "Key ids (or the admin token) that crossed --failed-auth-limit wrong credentials in a minute",
             guessing_detected.clone(),
         );
+        let replica_staleness = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "replica_staleness_seconds",
+            "Replicated mode: seconds since the local replica was last known to hold everything etcd has (about 1 while connected; grows while etcd is away)",
+            replica_staleness.clone(),
+        );
+        let replica_connected = Gauge::default();
+        registry.register(
+            "replica_connected",
+            "Replicated mode: 1 while the watch on etcd is up",
+            replica_connected.clone(),
+        );
+        let replica_revision = Gauge::default();
+        registry.register(
+            "replica_revision",
+            "Replicated mode: the etcd revision the local replica holds everything through",
+            replica_revision.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -161,6 +183,9 @@ impl Metrics {
             store_errors,
             store_healthy,
             guessing_detected,
+            replica_staleness,
+            replica_connected,
+            replica_revision,
         }
     }
 
@@ -217,6 +242,19 @@ impl Metrics {
     pub fn set_store_health(&self, health: crate::keys::writer::StoreHealth) {
         let healthy = health == crate::keys::writer::StoreHealth::Healthy;
         self.store_healthy.set(i64::from(healthy));
+    }
+
+    /// Replicated mode: how current the local replica is at `now`.
+    pub fn set_replication(&self, state: &crate::keys::Replication, now: i64) {
+        #[allow(clippy::cast_precision_loss, reason = "seconds for a dashboard")]
+        let staleness = now.saturating_sub(state.synced_at).max(0) as f64 / 1e9;
+        self.replica_staleness.set(if state.synced_at == 0 {
+            f64::INFINITY
+        } else {
+            staleness
+        });
+        self.replica_connected.set(i64::from(state.connected));
+        self.replica_revision.set(state.revision);
     }
 
     /// The Prometheus text exposition of every metric.

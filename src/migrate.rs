@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 
-use crate::config::DataArgs;
+use crate::config::{DataArgs, EtcdArgs};
 use crate::store::db::Store;
 use crate::store::etcd::{self, Etcd};
 
@@ -14,18 +14,9 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub data: DataArgs,
 
-    /// etcd client URLs, comma-separated (`http://127.0.0.1:2379,...`).
-    #[arg(
-        long,
-        env = "KEYWARD_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        required = true
-    )]
-    pub etcd_endpoints: Vec<String>,
-
-    /// The etcd key prefix keyward's keys live under.
-    #[arg(long, env = "KEYWARD_ETCD_PREFIX", default_value = etcd::DEFAULT_PREFIX)]
-    pub etcd_prefix: String,
+    /// Where to move them (endpoints required).
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 /// Runs the migration and prints what it did.
@@ -42,13 +33,19 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             dir.display()
         )
     })?;
-    let etcd = Etcd::connect(&args.etcd_endpoints, &args.etcd_prefix)?;
+    let connection = args
+        .etcd
+        .connection()
+        .map_err(|(path, e)| anyhow::anyhow!("{}: {e}", path.display()))?
+        .context("--etcd-endpoints is required")?;
+    let etcd = Etcd::open(&connection)?;
+    etcd.authenticate().await?;
     let migrated = etcd::migrate(&store, &etcd)
         .await
         .context("migration stopped; keys already written stay, run it again to continue")?;
     println!(
         "migrated {} keys to etcd under {}; {} were already there",
-        migrated.written, args.etcd_prefix, migrated.present
+        migrated.written, args.etcd.etcd_prefix, migrated.present
     );
     Ok(())
 }

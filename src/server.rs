@@ -87,6 +87,9 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
 pub struct App {
     /// The write path.
     pub keys: Arc<Keys>,
+    /// Replicated mode: how stale the replica may get before decisions
+    /// report NOT_SERVING (zero: never).
+    pub max_staleness: Duration,
     /// The read path.
     pub authorizer: Authorizer,
     /// The catalog in force.
@@ -157,6 +160,10 @@ impl App {
                 max_per_account: config.max_keys_per_account as usize,
                 write_timeout: Duration::from_millis(config.store_timeout_ms),
                 last_used_every: Duration::from_millis(config.last_used_flush_ms),
+                replication: config
+                    .etcd
+                    .connection()
+                    .map_err(|(path, source)| ServerError::Io { path, source })?,
             },
             Arc::clone(&metrics),
         )?;
@@ -183,6 +190,7 @@ impl App {
             admin,
             tls,
             rest_tls,
+            max_staleness: config.max_staleness,
             limits: Limits {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
@@ -258,10 +266,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let (reporter, health) = health_service(listeners.manage_enabled).await;
-    // KeyManager follows the store; Authorizer and Check never do: decisions
-    // are served from memory whatever the disk does.
+    // KeyManager follows the store; Authorizer and Check never follow the
+    // disk (decisions are served from memory whatever it does), only the
+    // replica's sync in replicated mode.
     let store_health = tokio::spawn(follow_store_health(
         app.keys.health(),
+        app.keys.replication(),
+        app.max_staleness,
         reporter.clone(),
         listeners.manage_enabled,
     ));
@@ -621,28 +632,81 @@ fn bind_unix(path: &Path) -> Result<GrpcIncoming, ServerError> {
     ))
 }
 
-/// Reports KeyManager NOT_SERVING while the store is failing, SERVING
-/// again once it recovers. Runs until the store closes or the server ends
-/// (which aborts it, so it cannot undo the shutdown's NOT_SERVING).
+/// Keeps health current: KeyManager NOT_SERVING while the store is
+/// failing (and, replicated, while etcd is unreachable: writes would be
+/// refused); Authorizer and Check NOT_SERVING only in replicated mode, until
+/// the replica's first full read, and once it is staler than
+/// `max_staleness` (when set). Runs until the store closes or the server
+/// ends (which aborts it, so it cannot undo the shutdown's NOT_SERVING).
 async fn follow_store_health(
     mut health: tokio::sync::watch::Receiver<StoreHealth>,
+    mut replication: Option<tokio::sync::watch::Receiver<crate::keys::Replication>>,
+    max_staleness: Duration,
     reporter: tonic_health::server::HealthReporter,
     manage_enabled: bool,
 ) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    let mut shown = None;
     loop {
-        let status = match *health.borrow_and_update() {
-            StoreHealth::Healthy => ServingStatus::Serving,
-            StoreHealth::Failing(_) => ServingStatus::NotServing,
+        let store_ok = *health.borrow_and_update() == StoreHealth::Healthy;
+        let (writes, decisions) = match &mut replication {
+            None => (store_ok, true),
+            Some(replication) => {
+                let state = *replication.borrow_and_update();
+                let age = crate::clock::now_nanos().saturating_sub(state.synced_at);
+                let fresh = max_staleness.is_zero()
+                    || (state.synced_at != 0
+                        && u128::try_from(age).unwrap_or(0) <= max_staleness.as_nanos());
+                (store_ok && state.connected, state.ready && fresh)
+            }
         };
-        if manage_enabled {
-            reporter
-                .set_service_status("keyward.v1.KeyManager", status)
-                .await;
+        if shown != Some((writes, decisions)) {
+            if shown.is_some_and(|(_, was)| was != decisions) || !decisions {
+                tracing::warn!(
+                    serving = decisions,
+                    "decisions health changes (replica not yet synced, or staler than --max-staleness)"
+                );
+            }
+            let status = |ok: bool| {
+                if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                }
+            };
+            if manage_enabled {
+                reporter
+                    .set_service_status("keyward.v1.KeyManager", status(writes))
+                    .await;
+            }
+            for service in [
+                "keyward.v1.Authorizer",
+                "envoy.service.auth.v3.Authorization",
+            ] {
+                reporter
+                    .set_service_status(service, status(decisions))
+                    .await;
+            }
+            shown = Some((writes, decisions));
         }
-        if health.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = health.changed() => if changed.is_err() { return },
+            () = replica_changed(&mut replication) => {}
+            _ = ticks.tick() => {}
         }
     }
+}
+
+/// Resolves when the replica's state changes; never without replication.
+async fn replica_changed(
+    replication: &mut Option<tokio::sync::watch::Receiver<crate::keys::Replication>>,
+) {
+    if let Some(receiver) = replication
+        && receiver.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending::<()>().await;
 }
 
 /// Accepted connections with TCP_NODELAY and keepalive. tonic applies its

@@ -303,7 +303,9 @@ async fn a_watch_from_a_snapshot_sees_every_later_change_in_order_and_reports_co
         .iter()
         .map(|w| match w {
             Watched::Put { revision, .. } | Watched::Deleted { revision, .. } => *revision,
-            Watched::Compacted { .. } => panic!("nothing compacted yet"),
+            Watched::Compacted { .. } | Watched::Progress { .. } => {
+                panic!("only changes expected")
+            }
         })
         .collect();
     assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");

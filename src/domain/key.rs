@@ -169,6 +169,7 @@ impl fmt::Debug for SecretHash {
 }
 
 /// A freshly generated key: the full text (shown once) and what is stored.
+#[derive(Clone)]
 pub struct NewKey {
     /// The key's id.
     pub id: KeyId,

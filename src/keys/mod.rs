@@ -2,6 +2,8 @@
 //! then the index update. Every acknowledged change is on disk and visible
 //! to the very next decision.
 
+pub mod remote;
+pub mod stage;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -22,8 +24,9 @@ use crate::metrics::Metrics;
 use crate::store::db::{Cursor, Store, StoreError};
 use crate::store::index::Index;
 use crate::store::record::{self, KeyRecord};
+use remote::EtcdRuntime;
 use writer::{Change, Command, Committed, FailureKind, Job, Shared, StoreHealth, Writer};
-pub use writer::{Expiry, Rotation, Settings};
+pub use writer::{Expiry, Replication, Rotation, Settings};
 
 /// Changes that may wait for the writer at once; past that, writes are
 /// refused at once instead of queueing behind a stuck disk.
@@ -113,6 +116,8 @@ pub struct Keys {
     index: Arc<Index>,
     catalog: Arc<Catalog>,
     write_timeout: Duration,
+    /// Replicated mode: the etcd connection (dropped last).
+    etcd: Option<EtcdRuntime>,
 }
 
 /// The management operation being attempted, for its scope requirement.
@@ -153,20 +158,36 @@ impl Operation {
 impl Keys {
     /// Opens the store in `dir`, loads every key into a fresh index and
     /// starts the writer thread. A change waits at most
-    /// `settings.write_timeout`.
+    /// `settings.write_timeout`. With `settings.replication`, etcd is the
+    /// truth and the store its replica, kept current by a watch.
     pub fn open(
         dir: PathBuf,
         catalog: Arc<Catalog>,
         settings: &Settings,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Arc<Index>), StoreError> {
-        let (writer, shared, index) = Writer::open(dir, Arc::clone(&catalog), settings, metrics)?;
+        let etcd = settings
+            .replication
+            .as_ref()
+            .map(EtcdRuntime::start)
+            .transpose()?;
+        let (writer, shared, index) = Writer::open(
+            dir,
+            Arc::clone(&catalog),
+            settings,
+            Arc::clone(&metrics),
+            etcd.as_ref().map(EtcdRuntime::remote),
+        )?;
         let (commands, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         std::thread::Builder::new()
             .name("keyward-writer".into())
             .spawn(move || writer.run(&queue))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        if let Some(etcd) = &etcd {
+            etcd.follow(commands.clone(), Arc::clone(&shared), metrics);
+        }
         let keys = Self {
+            etcd,
             commands,
             gates: Gates::default(),
             shared,
@@ -187,6 +208,12 @@ impl Keys {
     #[must_use]
     pub fn health(&self) -> watch::Receiver<StoreHealth> {
         self.shared.subscribe()
+    }
+
+    /// Replicated mode: follows how current the local replica is.
+    #[must_use]
+    pub fn replication(&self) -> Option<watch::Receiver<Replication>> {
+        self.etcd.as_ref().map(|_| self.shared.replication())
     }
 
     /// Checks that `principal` may perform `operation`: the admin may do
@@ -470,7 +497,7 @@ impl Keys {
 }
 
 /// Lifecycle settings to change; `None` keeps each.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct StateChange {
     /// Disable (true) or enable (false).
     pub disabled: Option<bool>,
@@ -483,7 +510,7 @@ pub struct StateChange {
 }
 
 /// A new key's lifecycle settings.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Lifecycle {
     /// When it expires (Unix nanos), if ever.
     pub expires_at: Option<i64>,

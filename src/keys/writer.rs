@@ -29,16 +29,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use super::{
-    AccountCounts, KeyError, Lifecycle, Operation, Principal, StateChange, intern, kind_number,
-};
+use super::remote::Remote;
+use super::stage::{Rules, View, Write};
+use super::{AccountCounts, KeyError, Lifecycle, Operation, Principal, StateChange, intern};
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey};
-use crate::domain::rules;
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
 use crate::store::db::{RawRecord, Store, StoreError};
+use crate::store::etcd::Watched;
 use crate::store::index::{Entry, Index};
 use crate::store::record::{self, KeyRecord};
 
@@ -58,10 +58,13 @@ pub struct Settings {
     pub write_timeout: Duration,
     /// How often last-used times are written to the store.
     pub last_used_every: Duration,
+    /// Replicated mode: how to reach etcd (`None`: standalone).
+    pub replication: Option<crate::store::etcd::Connection>,
 }
 
-/// One change to commit.
-#[derive(Debug)]
+/// One change to commit. Clone: replicated mode re-runs a change whose
+/// etcd transaction lost a race.
+#[derive(Debug, Clone)]
 pub enum Change {
     /// A new key.
     Create {
@@ -108,7 +111,7 @@ pub enum Change {
 
 /// A rotation: the new secret for the same id, and how long the previous
 /// one keeps working.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Rotation {
     /// The new secret (same id as the key rotated).
     pub key: NewKey,
@@ -126,7 +129,9 @@ pub enum Expiry {
 }
 
 impl Change {
-    fn operation(&self) -> Operation {
+    /// The operation, for its scope requirement and metrics.
+    #[must_use]
+    pub fn operation(&self) -> Operation {
         match self {
             Self::Create { .. } => Operation::Create,
             Self::Update { .. } | Self::SetState { .. } | Self::Rotate { .. } => Operation::Update,
@@ -165,8 +170,44 @@ pub struct Job {
 pub enum Command {
     /// Commit a change.
     Commit(Box<Job>),
+    /// Apply what the etcd watch delivered (replicated mode).
+    Sync(Synced),
     /// Flush, release the store (and sled's directory lock) and stop.
     Close(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// What the etcd watch delivered, for the writer to apply.
+#[derive(Debug)]
+pub enum Synced {
+    /// Changes in revision order, and the revision they bring the replica to.
+    Events {
+        /// Puts and deletes.
+        changes: Vec<Watched>,
+        /// Everything through this revision has been delivered.
+        through: i64,
+    },
+    /// The whole key set as of `revision`.
+    Snapshot {
+        /// Every key record.
+        records: Vec<KeyRecord>,
+        /// The revision they are the state at.
+        revision: i64,
+    },
+}
+
+/// How current the local replica is (replicated mode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replication {
+    /// Serving is sound: a full read of etcd was applied in this process,
+    /// or the replica had one before a restart.
+    pub ready: bool,
+    /// The watch on etcd is up.
+    pub connected: bool,
+    /// When the replica was last known to hold everything etcd had (Unix
+    /// nanos; 0: never).
+    pub synced_at: i64,
+    /// The etcd revision the replica holds everything through.
+    pub revision: i64,
 }
 
 /// Whether the store takes writes.
@@ -224,6 +265,7 @@ impl FailureKind {
 pub struct Shared {
     store: RwLock<Option<Store>>,
     health: watch::Sender<StoreHealth>,
+    replication: watch::Sender<Replication>,
     metrics: Arc<Metrics>,
 }
 
@@ -243,6 +285,34 @@ impl Shared {
     /// Follows health changes.
     pub fn subscribe(&self) -> watch::Receiver<StoreHealth> {
         self.health.subscribe()
+    }
+
+    /// Follows the replica's state (replicated mode).
+    pub fn replication(&self) -> watch::Receiver<Replication> {
+        self.replication.subscribe()
+    }
+
+    /// The replica holds everything through `revision`; `full` after a
+    /// whole read, which makes the sidecar ready.
+    fn replicated(&self, revision: i64, full: bool) {
+        self.replication.send_modify(|state| {
+            state.revision = state.revision.max(revision);
+            state.synced_at = now_nanos();
+            state.ready |= full;
+        });
+    }
+
+    /// The watch on etcd is up (`true`), confirmed current just now, or
+    /// lost (`false`).
+    pub fn connected(&self, connected: bool) {
+        self.replication.send_if_modified(|state| {
+            let was = state.connected;
+            state.connected = connected;
+            if connected {
+                state.synced_at = now_nanos();
+            }
+            was != connected || connected
+        });
     }
 
     /// Reports a new health state; logs and counts transitions only.
@@ -279,16 +349,18 @@ pub struct Writer {
     last_failure_log: Option<Instant>,
     last_used_every: Duration,
     next_last_used: Instant,
+    /// Replicated mode: etcd is the truth and the store its local replica.
+    remote: Option<Remote>,
 }
 
-/// A staged change, applied to the index once its batch is durable.
-struct Staged {
+/// An acknowledged change waiting for its batch's flush.
+struct Acked {
     reply: oneshot::Sender<Result<Committed, KeyError>>,
     operation: Operation,
     committed: Committed,
-    index: IndexChange,
 }
 
+/// A change to the index, made once the replica's batch is flushed.
 enum IndexChange {
     Put(KeyId, Entry),
     Remove(KeyId),
@@ -297,13 +369,30 @@ enum IndexChange {
 impl Writer {
     /// Opens the store in `dir` and loads every key; returns the writer
     /// (to run on its own thread), the shared half and the live index.
+    /// With `remote`, the store is etcd's replica: it must be one already,
+    /// or empty (a standalone store is moved with `keyward migrate`).
     pub fn open(
         dir: PathBuf,
         catalog: Arc<Catalog>,
         settings: &Settings,
         metrics: Arc<Metrics>,
+        remote: Option<Remote>,
     ) -> Result<(Self, Arc<Shared>, Arc<Index>), StoreError> {
         let store = Store::open(&dir)?;
+        let replica = store.replica()?;
+        match (&remote, replica) {
+            (Some(_), None) if !store.is_empty() => {
+                return Err(StoreError::Mode(
+                    "it holds a standalone key store, and --etcd-endpoints was given: move its keys into etcd with `keyward migrate`, then start on an empty data directory",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(StoreError::Mode(
+                    "it is a replica of etcd (it was started with --etcd-endpoints): start it with --etcd-endpoints again, or use another data directory",
+                ));
+            }
+            _ => {}
+        }
         let (index, accounts) = load(&store, &catalog)?;
         let index = Arc::new(index);
         metrics.set_keys(index.len());
@@ -311,6 +400,17 @@ impl Writer {
         let shared = Arc::new(Shared {
             store: RwLock::new(Some(store.clone())),
             health: watch::Sender::new(StoreHealth::Healthy),
+            replication: watch::Sender::new(replica.map_or_else(
+                Replication::default,
+                |(revision, synced_at)| Replication {
+                    // Restarted from a replica that had synced: it serves
+                    // (from what it had) until etcd answers.
+                    ready: true,
+                    connected: false,
+                    synced_at,
+                    revision,
+                },
+            )),
             metrics: Arc::clone(&metrics),
         });
         let writer = Self {
@@ -325,6 +425,7 @@ impl Writer {
             last_failure_log: None,
             last_used_every: settings.last_used_every,
             next_last_used: Instant::now() + settings.last_used_every,
+            remote,
         };
         Ok((writer, shared, index))
     }
@@ -362,6 +463,11 @@ impl Writer {
             while let Some(command) = next.take() {
                 match command {
                     Command::Commit(job) => batch.push(*job),
+                    Command::Sync(synced) => {
+                        // In arrival order: what was queued before it first.
+                        self.commit(std::mem::take(&mut batch));
+                        self.sync(synced);
+                    }
                     Command::Close(reply) => {
                         self.commit(batch);
                         self.persist_last_used();
@@ -406,13 +512,23 @@ impl Writer {
     fn close(&mut self) -> Result<(), StoreError> {
         self.shared.set_store(None);
         match self.store.take() {
-            Some(store) => store.flush(),
+            Some(store) => {
+                if self.remote.is_some() {
+                    let replication = *self.shared.replication.borrow();
+                    store.set_replica(replication.revision, replication.synced_at)?;
+                }
+                store.flush()
+            }
             None => Err(StoreError::Sled(sled::Error::Unsupported(
                 "the store was failing at close".into(),
             ))),
         }
     }
 
+    /// Commits a batch: each change is checked and written to the truth
+    /// (sled, or etcd in its own transaction), then applied to the local
+    /// store; one flush makes the batch durable; then the index changes
+    /// and everyone is answered.
     fn commit(&mut self, batch: Vec<Job>) {
         if batch.is_empty() {
             return;
@@ -424,7 +540,8 @@ impl Writer {
             return;
         };
         let started = Instant::now();
-        let mut staged = Vec::with_capacity(batch.len());
+        let mut acked = Vec::with_capacity(batch.len());
+        let mut changes = Vec::with_capacity(batch.len());
         let mut failure = None;
         for job in batch {
             // The caller has been told "not acknowledged": do not apply it.
@@ -432,23 +549,66 @@ impl Writer {
                 continue;
             }
             let operation = job.change.operation();
-            match self.stage(&store, &job.actor, job.change) {
-                Ok((committed, index)) => staged.push(Staged {
-                    reply: job.reply,
-                    operation,
-                    committed,
-                    index,
-                }),
+            let rules = Rules {
+                catalog: &self.catalog,
+                max_per_account: self.max_per_account,
+            };
+            let outcome = match &mut self.remote {
+                None => rules
+                    .stage(
+                        &mut Local::new(&store, &self.accounts),
+                        &job.actor,
+                        job.change,
+                    )
+                    .map(|staged| (staged, None)),
+                Some(remote) => remote
+                    .commit(&rules, &job.actor, &job.change, job.deadline)
+                    .map(|(staged, revision)| (staged, Some(revision))),
+            };
+            let (staged, revision) = match outcome {
+                Ok(outcome) => outcome,
                 Err(KeyError::Store(error)) => {
                     let _ = job.reply.send(Err(KeyError::Unavailable));
                     failure.get_or_insert(error);
+                    continue;
                 }
                 Err(refused) => {
                     let _ = job.reply.send(Err(refused));
+                    continue;
+                }
+            };
+            match self.apply(
+                Some(&store),
+                &staged.committed.after,
+                staged.write,
+                staged.scopes,
+                revision,
+            ) {
+                Ok(change) => changes.extend(change),
+                // Standalone: the store is the truth, so the change failed.
+                Err(error) if self.remote.is_none() => {
+                    let _ = job.reply.send(Err(KeyError::Unavailable));
+                    failure.get_or_insert(error);
+                    continue;
+                }
+                // Replicated: etcd has it, so it stands; the replica is
+                // rebuilt from etcd once the disk recovers.
+                Err(error) => {
+                    changes.extend(self.index_change(
+                        &staged.committed.after,
+                        staged.write,
+                        staged.scopes,
+                    ));
+                    failure.get_or_insert(error);
                 }
             }
+            acked.push(Acked {
+                reply: job.reply,
+                operation,
+                committed: staged.committed,
+            });
         }
-        if staged.is_empty() && failure.is_none() {
+        if acked.is_empty() && failure.is_none() {
             return;
         }
         let flushed = match failure {
@@ -456,297 +616,246 @@ impl Writer {
             None => store.flush(),
         };
         let took = started.elapsed();
+        let durable = flushed.is_ok() || self.remote.is_some();
+        if durable {
+            self.change_index(changes);
+        }
+        for change in acked {
+            self.metrics
+                .store_write(change.operation.label(), took, durable);
+            let outcome = if durable {
+                Ok(change.committed)
+            } else {
+                Err(KeyError::Unavailable)
+            };
+            let _ = change.reply.send(outcome);
+        }
         match flushed {
-            Ok(()) => {
-                for change in staged {
-                    match change.index {
-                        IndexChange::Put(id, entry) => self.index.replace(id, entry),
-                        IndexChange::Remove(id) => self.index.remove(&id),
-                    }
-                    self.metrics
-                        .store_write(change.operation.label(), took, true);
-                    let _ = change.reply.send(Ok(change.committed));
-                }
-                self.metrics.set_keys(self.index.len());
-                self.shared.publish(StoreHealth::Healthy);
-            }
-            Err(error) => {
-                for change in staged {
-                    self.metrics
-                        .store_write(change.operation.label(), took, false);
-                    let _ = change.reply.send(Err(KeyError::Unavailable));
-                }
-                self.fail(&error);
-            }
+            Ok(()) => self.shared.publish(StoreHealth::Healthy),
+            Err(error) => self.fail(&error),
         }
     }
 
-    /// Checks the rules against the store as it is now and stages the
-    /// change (not yet durable).
-    fn stage(
+    /// Applies one committed change to the local store and returns the
+    /// index change it makes; the only path by which changes reach the
+    /// replica and the index, whether this sidecar wrote them (`revision`
+    /// from etcd, or `None` standalone) or the watch brought them.
+    /// Idempotent by revision: a change already applied, or older than
+    /// what the replica holds, changes nothing.
+    fn apply(
         &mut self,
-        store: &Store,
-        actor: &Principal,
-        change: Change,
-    ) -> Result<(Committed, IndexChange), KeyError> {
-        let held = self.held_now(store, actor)?;
-        if let Principal::Key { .. } = actor {
-            super::require(&self.catalog, &held, change.operation())?;
-        }
-        match change {
-            Change::Create {
-                account,
-                name,
-                grant,
-                key,
-                lifecycle,
-            } => self.stage_create(store, &held, &account, (name, grant, key), lifecycle),
-            Change::Update { id, name, grant } => {
-                self.stage_update(store, actor, &held, id, name, grant)
-            }
-            Change::SetState { id, state } => self.stage_state(store, actor, &held, id, state),
-            Change::Delete { id } => self.stage_delete(store, actor, &held, id),
-            Change::Rotate { id, rotation } => self.stage_rotate(store, actor, &held, id, rotation),
-        }
-    }
-
-    fn stage_rotate(
-        &mut self,
-        store: &Store,
-        actor: &Principal,
-        held: &ScopeSet,
-        id: KeyId,
-        rotation: Rotation,
-    ) -> Result<(Committed, IndexChange), KeyError> {
-        let before = self.target(store, actor, held, &id)?;
-        let mut record = before.clone();
-        // The current secret becomes the previous one (ending any earlier
-        // overlap), unless the overlap is zero.
-        let now = now_nanos();
-        if rotation.overlap_nanos > 0 {
-            record.previous_secret_sha256 = std::mem::take(&mut record.secret_sha256);
-            record.previous_valid_until_unix_nanos = now.saturating_add(rotation.overlap_nanos);
-        } else {
-            record.previous_secret_sha256.clear();
-            record.previous_valid_until_unix_nanos = 0;
-        }
-        record.secret_sha256 = rotation.key.hash.as_bytes().to_vec();
-        let scopes = self.catalog.resolve_stored(&record.scopes).0;
-        self.replace(store, id, before, record, scopes, Some(rotation.key.text))
-    }
-
-    fn stage_create(
-        &mut self,
-        store: &Store,
-        held: &ScopeSet,
-        account: &str,
-        (name, grant, key): (String, ScopeSet, NewKey),
-        lifecycle: Lifecycle,
-    ) -> Result<(Committed, IndexChange), KeyError> {
-        self.no_escalation(held, &grant)?;
-        let count = self.accounts.get(account).copied().unwrap_or_default();
-        if count >= self.max_per_account {
-            return Err(KeyError::LimitReached {
-                account: account.to_string(),
-                limit: self.max_per_account,
-            });
-        }
-        let now = now_nanos();
-        let (rate_requests, rate_period_nanos, rate_burst) =
-            record::rate_fields(lifecycle.rate_limit);
-        let record = KeyRecord {
-            key_id: key.id.as_bytes().to_vec(),
-            secret_sha256: key.hash.as_bytes().to_vec(),
-            account_id: account.to_string(),
-            name,
-            kind: kind_number(self.catalog.kind_of(&grant)),
-            scopes: self.catalog.names(&grant),
-            created_at_unix_nanos: now,
-            updated_at_unix_nanos: now,
-            disabled: false,
-            expires_at_unix_nanos: lifecycle.expires_at.unwrap_or(0),
-            allowed_cidrs: lifecycle.allowed_cidrs,
-            rate_requests,
-            rate_period_nanos,
-            rate_burst,
-            ..KeyRecord::default()
-        };
-        store.create(&record)?;
-        let account = intern(&self.accounts, account);
-        *self.accounts.entry(Arc::clone(&account)).or_default() += 1;
-        let entry = Entry::from_stored(&record, grant, account);
-        Ok((
-            Committed {
-                before: None,
-                after: record,
-                secret: Some(key.text),
-            },
-            IndexChange::Put(key.id, entry),
-        ))
-    }
-
-    fn stage_update(
-        &mut self,
-        store: &Store,
-        actor: &Principal,
-        held: &ScopeSet,
-        id: KeyId,
-        name: String,
-        grant: Option<ScopeSet>,
-    ) -> Result<(Committed, IndexChange), KeyError> {
-        let before = self.target(store, actor, held, &id)?;
-        let mut record = before.clone();
-        record.name = name;
-        let scopes = match grant {
-            Some(grant) => {
-                self.no_escalation(held, &grant)?;
-                record.scopes = self.catalog.names(&grant);
-                record.kind = kind_number(self.catalog.kind_of(&grant));
-                grant
-            }
-            None => self.catalog.resolve_stored(&record.scopes).0,
-        };
-        self.replace(store, id, before, record, scopes, None)
-    }
-
-    /// Stages `record` in place of `before` (a changed key: same id,
-    /// account and creation time), with `scopes` resolved, and `secret` when
-    /// the change issued one.
-    fn replace(
-        &self,
-        store: &Store,
-        id: KeyId,
-        before: KeyRecord,
-        mut record: KeyRecord,
+        store: Option<&Store>,
+        record: &KeyRecord,
+        write: Write,
         scopes: ScopeSet,
-        secret: Option<String>,
-    ) -> Result<(Committed, IndexChange), KeyError> {
-        record.updated_at_unix_nanos = now_nanos().max(record.updated_at_unix_nanos);
-        store.replace(&record)?;
-        let entry = self.entry(&record, scopes);
-        Ok((
-            Committed {
-                before: Some(before),
-                after: record,
-                secret,
-            },
-            IndexChange::Put(id, entry),
-        ))
-    }
-
-    fn stage_state(
-        &mut self,
-        store: &Store,
-        actor: &Principal,
-        held: &ScopeSet,
-        id: KeyId,
-        state: StateChange,
-    ) -> Result<(Committed, IndexChange), KeyError> {
-        let before = self.target(store, actor, held, &id)?;
-        let mut record = before.clone();
-        if let Some(disabled) = state.disabled {
-            record.disabled = disabled;
-        }
-        match state.expires_at {
-            Some(Expiry::Never) => record.expires_at_unix_nanos = 0,
-            Some(Expiry::At(nanos)) => record.expires_at_unix_nanos = nanos,
-            None => {}
-        }
-        if let Some(allowed_cidrs) = state.allowed_cidrs {
-            record.allowed_cidrs = allowed_cidrs;
-        }
-        if let Some(limit) = state.rate_limit {
-            (
-                record.rate_requests,
-                record.rate_period_nanos,
-                record.rate_burst,
-            ) = record::rate_fields(limit);
-        }
-        let scopes = self.catalog.resolve_stored(&record.scopes).0;
-        self.replace(store, id, before, record, scopes, None)
-    }
-
-    fn stage_delete(
-        &mut self,
-        store: &Store,
-        actor: &Principal,
-        held: &ScopeSet,
-        id: KeyId,
-    ) -> Result<(Committed, IndexChange), KeyError> {
-        let record = self.target(store, actor, held, &id)?;
-        store.remove(&record)?;
-        if let Some(count) = self.accounts.get_mut(record.account_id.as_str()) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.accounts.remove(record.account_id.as_str());
-            }
-        }
-        Ok((
-            Committed {
-                before: Some(record.clone()),
-                after: record,
-                secret: None,
-            },
-            IndexChange::Remove(id),
-        ))
-    }
-
-    /// The scopes `actor` holds *now*, read from the store under the same
-    /// serial step as the write: a key revoked, disabled, expired or
-    /// narrowed since it was authenticated acts with what it has left.
-    fn held_now(&self, store: &Store, actor: &Principal) -> Result<ScopeSet, KeyError> {
-        let refused = |why: &str| {
-            Err(KeyError::PermissionDenied(format!(
-                "the calling API key {why}"
-            )))
+        revision: Option<i64>,
+    ) -> Result<Option<IndexChange>, StoreError> {
+        let Some(id) = record::key_id(record) else {
+            return Ok(None);
         };
-        match actor {
-            Principal::Admin => Ok(self.catalog.all()),
-            Principal::Key { id, .. } => match store.get(id)? {
-                None => refused("has been revoked"),
-                Some(record) if record.disabled => refused("is disabled"),
-                Some(record) if expired(&record) => refused("has expired"),
-                Some(record) => Ok(self.catalog.resolve_stored(&record.scopes).0),
-            },
+        if let (Some(remote), Some(revision)) = (&mut self.remote, revision)
+            && !remote.replica.admit(id, revision)
+        {
+            return Ok(None);
         }
-    }
-
-    /// The index entry for a stored record with resolved `scopes`.
-    fn entry(&self, record: &KeyRecord, scopes: ScopeSet) -> Entry {
-        Entry::from_stored(record, scopes, intern(&self.accounts, &record.account_id))
-    }
-
-    /// The key a change is addressed to: visible to the actor, and holding
-    /// no scope the actor lacks (a key may not rename, narrow, convert or
-    /// revoke a more privileged sibling).
-    fn target(
-        &self,
-        store: &Store,
-        actor: &Principal,
-        held: &ScopeSet,
-        id: &KeyId,
-    ) -> Result<KeyRecord, KeyError> {
-        let record = super::visible(store, actor, id)?;
-        if let Principal::Key { .. } = actor {
-            let (target, _) = self.catalog.resolve_stored(&record.scopes);
-            if let Some(missing) = rules::escalation(held, &target) {
-                return Err(KeyError::PermissionDenied(format!(
-                    "cannot change a key holding scopes the caller lacks: {}",
-                    super::summarize(&self.catalog.names(&missing))
-                )));
+        let change = self.index_change(record, write, scopes);
+        let Some(store) = store else {
+            return Ok(change);
+        };
+        match write {
+            Write::Create => {
+                store.create(record)?;
+                let account = intern(&self.accounts, &record.account_id);
+                *self.accounts.entry(account).or_default() += 1;
+            }
+            Write::Replace => store.replace(record)?,
+            Write::Remove => {
+                store.remove(record)?;
+                if let Some(count) = self.accounts.get_mut(record.account_id.as_str()) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        self.accounts.remove(record.account_id.as_str());
+                    }
+                }
             }
         }
-        Ok(record)
+        Ok(change)
     }
 
-    fn no_escalation(&self, held: &ScopeSet, grant: &ScopeSet) -> Result<(), KeyError> {
-        match rules::escalation(held, grant) {
-            None => Ok(()),
-            Some(missing) => Err(KeyError::PermissionDenied(format!(
-                "cannot grant scopes the caller does not hold: {}",
-                super::summarize(&self.catalog.names(&missing))
-            ))),
+    /// The index change a committed write makes.
+    fn index_change(
+        &self,
+        record: &KeyRecord,
+        write: Write,
+        scopes: ScopeSet,
+    ) -> Option<IndexChange> {
+        let id = record::key_id(record)?;
+        Some(match write {
+            Write::Remove => IndexChange::Remove(id),
+            Write::Create | Write::Replace => IndexChange::Put(
+                id,
+                Entry::from_stored(record, scopes, intern(&self.accounts, &record.account_id)),
+            ),
+        })
+    }
+
+    fn change_index(&self, changes: Vec<IndexChange>) {
+        for change in changes {
+            match change {
+                IndexChange::Put(id, entry) => self.index.replace(id, entry),
+                IndexChange::Remove(id) => self.index.remove(&id),
+            }
         }
+        self.metrics.set_keys(self.index.len());
+    }
+
+    /// Applies what the etcd watch delivered (replicated mode).
+    fn sync(&mut self, synced: Synced) {
+        match synced {
+            Synced::Events { changes, through } => self.sync_events(changes, through),
+            Synced::Snapshot { records, revision } => {
+                if let Err(error) = self.apply_snapshot(&records, revision) {
+                    self.fail(&error);
+                }
+            }
+        }
+    }
+
+    /// Applies watched changes in revision order, then records how far the
+    /// replica has got. Decisions see them even if the local disk fails
+    /// (etcd has them; the replica is rebuilt when the disk recovers).
+    fn sync_events(&mut self, changes: Vec<Watched>, through: i64) {
+        let store = self.store.clone();
+        let mut index = Vec::with_capacity(changes.len());
+        let mut failure = None;
+        for change in changes {
+            let applied = match change {
+                Watched::Put { record, revision } => {
+                    let present = match (&store, record::key_id(&record)) {
+                        (Some(store), Some(id)) => store.get(&id).map(|r| r.is_some()),
+                        (None, Some(id)) => Ok(self.index.contains(&id)),
+                        (_, None) => continue,
+                    };
+                    let scopes = self.catalog.resolve_stored(&record.scopes).0;
+                    present.and_then(|present| {
+                        let write = if present {
+                            Write::Replace
+                        } else {
+                            Write::Create
+                        };
+                        self.apply(store.as_ref(), &record, write, scopes, Some(revision))
+                    })
+                }
+                Watched::Deleted { id, revision } => {
+                    let stored = match &store {
+                        Some(store) => store.get(&id),
+                        None => Ok(None),
+                    };
+                    match stored {
+                        Ok(Some(record)) => self.apply(
+                            store.as_ref(),
+                            &record,
+                            Write::Remove,
+                            ScopeSet::default(),
+                            Some(revision),
+                        ),
+                        // Not in the replica (or no replica): the index is
+                        // all there is to change.
+                        Ok(None) => {
+                            let admitted = self
+                                .remote
+                                .as_mut()
+                                .is_some_and(|remote| remote.replica.admit(id, revision));
+                            Ok(admitted.then_some(IndexChange::Remove(id)))
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+                Watched::Progress { .. } | Watched::Compacted { .. } => continue,
+            };
+            match applied {
+                Ok(change) => index.extend(change),
+                Err(error) => {
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+        if let Some(remote) = &mut self.remote {
+            remote.replica.advance(through);
+        }
+        let flushed = match (failure, &store) {
+            (Some(error), _) => Err(error),
+            (None, Some(store)) => {
+                let synced_at = now_nanos();
+                store
+                    .set_replica(through, synced_at)
+                    .and_then(|()| store.flush())
+            }
+            (None, None) => Ok(()),
+        };
+        self.change_index(index);
+        self.shared.replicated(through, false);
+        if let Err(error) = flushed {
+            self.fail(&error);
+        }
+    }
+
+    /// Makes the replica and the index hold exactly `records`, the whole
+    /// key set as of `revision` (at start, after a compaction, after the
+    /// disk recovered). Keys this sidecar changed after `revision` keep
+    /// their newer state. Each key switches atomically; decisions keep
+    /// reading throughout.
+    fn apply_snapshot(&mut self, records: &[KeyRecord], revision: i64) -> Result<(), StoreError> {
+        let Some(remote) = &mut self.remote else {
+            return Ok(());
+        };
+        let Some(store) = self.store.clone() else {
+            // No replica to rebuild; recovery takes its own snapshot.
+            return Ok(());
+        };
+        let newer = remote.replica.reset(revision);
+        let mut live = std::collections::HashSet::with_capacity(records.len());
+        for record in records {
+            let Some(id) = record::key_id(record) else {
+                continue;
+            };
+            live.insert(id);
+            if newer.contains(&id) {
+                continue;
+            }
+            match store.get(&id)? {
+                Some(stored) if stored == *record => {}
+                Some(_) => store.replace(record)?,
+                None => store.create(record)?,
+            }
+        }
+        let mut gone = Vec::new();
+        for raw in store.partition(0, 1) {
+            let stored = raw?.record()?;
+            if let Some(id) = record::key_id(&stored)
+                && !live.contains(&id)
+                && !newer.contains(&id)
+            {
+                gone.push(stored);
+            }
+        }
+        for stored in &gone {
+            store.remove(stored)?;
+        }
+        store.set_replica(revision, now_nanos())?;
+        store.flush()?;
+        let (fresh, accounts) = load(&store, &self.catalog)?;
+        self.index.reconcile(&fresh);
+        self.accounts = accounts;
+        self.metrics.set_keys(self.index.len());
+        self.shared.replicated(revision, true);
+        tracing::info!(
+            keys = self.index.len(),
+            revision,
+            removed = gone.len(),
+            "replica synced with etcd"
+        );
+        Ok(())
     }
 
     /// Gives up the poisoned store; [`Self::recover`] reopens it.
@@ -761,26 +870,42 @@ impl Writer {
     }
 
     /// Reopens the store, proves it takes a durable write, and reconciles
-    /// the index and counts with the disk. Every handle must be gone first:
-    /// sled locks its directory.
+    /// the index and counts with the truth: the disk standalone (a write
+    /// that failed may still have reached it), etcd when replicated (the
+    /// replica may have missed changes the index has). Every handle must be
+    /// gone first: sled locks its directory.
     fn recover(&mut self) {
         self.store = None;
         self.shared.set_store(None);
         let reopened = Store::open(&self.dir).and_then(|store| {
             store.probe()?;
-            let (fresh, accounts) = load(&store, &self.catalog)?;
-            Ok((store, fresh, accounts))
+            Ok(store)
         });
-        match reopened {
-            Ok((store, fresh, accounts)) => {
-                self.index.reconcile(&fresh);
-                self.accounts = accounts;
+        let recovered = reopened.and_then(|store| {
+            self.store = Some(store.clone());
+            match &self.remote {
+                None => {
+                    let (fresh, accounts) = load(&store, &self.catalog)?;
+                    self.index.reconcile(&fresh);
+                    self.accounts = accounts;
+                    Ok(())
+                }
+                Some(remote) => match remote.snapshot() {
+                    Some((records, revision)) => self.apply_snapshot(&records, revision),
+                    None => Err(StoreError::Mode(
+                        "etcd is unreachable; the replica cannot be rebuilt yet",
+                    )),
+                },
+            }
+        });
+        match recovered {
+            Ok(()) => {
                 self.metrics.set_keys(self.index.len());
-                self.shared.set_store(Some(store.clone()));
-                self.store = Some(store);
+                self.shared.set_store(self.store.clone());
                 self.shared.publish(StoreHealth::Healthy);
             }
             Err(error) => {
+                self.store = None;
                 if self
                     .last_failure_log
                     .is_none_or(|at| at.elapsed() >= LOG_EVERY)
@@ -792,6 +917,30 @@ impl Writer {
                     .publish(StoreHealth::Failing(FailureKind::of(&error)));
             }
         }
+    }
+}
+
+/// The standalone store as a [`View`]: the writer thread is its only
+/// writer and runs reads and writes serially, so what a change read is
+/// still true when it writes.
+struct Local<'a> {
+    store: &'a Store,
+    accounts: &'a AccountCounts,
+}
+
+impl<'a> Local<'a> {
+    fn new(store: &'a Store, accounts: &'a AccountCounts) -> Self {
+        Self { store, accounts }
+    }
+}
+
+impl View for Local<'_> {
+    fn get(&mut self, id: &KeyId) -> Result<Option<KeyRecord>, KeyError> {
+        Ok(self.store.get(id)?)
+    }
+
+    fn count(&mut self, account: &str) -> Result<usize, KeyError> {
+        Ok(self.accounts.get(account).copied().unwrap_or_default())
     }
 }
 

@@ -53,6 +53,13 @@ pub enum StoreError {
         /// What is wrong.
         source: RecordError,
     },
+    /// The data directory is for the other mode (standalone or replica),
+    /// or a replica cannot be rebuilt.
+    #[error("the data directory cannot be used this way: {0}")]
+    Mode(&'static str),
+    /// etcd could not be set up (replicated mode).
+    #[error(transparent)]
+    Etcd(#[from] super::etcd::EtcdError),
 }
 
 impl From<TransactionError<()>> for StoreError {
@@ -127,6 +134,8 @@ pub struct Store {
     keys: sled::Tree,
     by_account: sled::Tree,
     last_used: sled::Tree,
+    /// Replicated mode: how far this replica has followed etcd.
+    replica: sled::Tree,
     /// sled's log file, for a real fsync after sled's flush (see [`Self::flush`]).
     log: std::sync::Arc<std::fs::File>,
 }
@@ -149,6 +158,7 @@ impl Store {
             keys: db.open_tree("keys")?,
             by_account: db.open_tree("by_account")?,
             last_used: db.open_tree("last_used")?,
+            replica: db.open_tree("replica")?,
             db,
             log: std::sync::Arc::new(log),
         })
@@ -317,6 +327,37 @@ impl Store {
             }
         }
         Ok((records, None))
+    }
+
+    /// Whether no key is stored.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// For a replica of etcd: the revision it holds everything through and
+    /// when it was last known current (Unix nanos). `None`: not a replica.
+    pub fn replica(&self) -> Result<Option<(i64, i64)>, StoreError> {
+        let read = |name: &str| -> Result<Option<i64>, StoreError> {
+            Ok(self
+                .replica
+                .get(name)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map(i64::from_be_bytes))
+        };
+        Ok(read("revision")?
+            .map(|revision| (revision, read("synced_at").ok().flatten().unwrap_or(0))))
+    }
+
+    /// Marks the store as etcd's replica, holding everything through
+    /// `revision`, known current at `synced_at`. Durable after
+    /// [`Self::flush`].
+    pub fn set_replica(&self, revision: i64, synced_at: i64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert("revision", &revision.to_be_bytes());
+        batch.insert("synced_at", &synced_at.to_be_bytes());
+        self.replica.apply_batch(batch)?;
+        Ok(())
     }
 
     /// Makes everything staged so far durable. Blocks on the disk: call it

@@ -13,19 +13,25 @@
 //!
 //! Last-used times are not here: each sidecar keeps its own.
 
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::db::{Store, StoreError};
 use super::record::{self, KeyRecord};
 use crate::domain::key::KeyId;
+use crate::pb::etcd::auth_client::AuthClient;
 use crate::pb::etcd::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::pb::etcd::kv_client::KvClient;
 use crate::pb::etcd::request_op::Request as Op;
 use crate::pb::etcd::watch_client::WatchClient;
 use crate::pb::etcd::{
-    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    AuthenticateRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest,
 };
 use crate::pb::etcd::{WatchCreateRequest, WatchRequest, WatchResponse, watch_request};
 use crate::pb::mvccpb::event::EventType;
@@ -36,6 +42,9 @@ pub const DEFAULT_PREFIX: &str = "/keyward/";
 
 /// How long one etcd call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on idle connections: a member that vanished (killed, or
+/// cut off) is noticed in seconds, and the watch moves to another.
+const KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// An etcd failure.
 #[derive(Debug, thiserror::Error)]
@@ -56,32 +65,157 @@ pub enum EtcdError {
     },
 }
 
+/// How to reach etcd: endpoints, and optionally TLS and a user.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// Client URLs (`http://…` or `https://…`).
+    pub endpoints: Vec<String>,
+    /// The key prefix keyward's data lives under.
+    pub prefix: String,
+    /// PEM CA bundle that signs etcd's server certificates (required for
+    /// `https://` endpoints).
+    pub ca: Option<Vec<u8>>,
+    /// PEM client certificate and key, for etcd's client-certificate auth.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// etcd user and password, for etcd's own authentication.
+    pub credentials: Option<(String, String)>,
+}
+
+/// The token etcd issued for the configured user, sent with every call.
+#[derive(Debug, Clone, Default)]
+pub struct Token(Arc<RwLock<Option<MetadataValue<Ascii>>>>);
+
+impl Interceptor for Token {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = self
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            request.metadata_mut().insert("token", token);
+        }
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, Token>;
+
 /// A connection to an etcd cluster, with keyward's layout under `prefix`.
 #[derive(Debug, Clone)]
 pub struct Etcd {
-    kv: KvClient<Channel>,
-    watch: WatchClient<Channel>,
+    kv: KvClient<Authed>,
+    watch: WatchClient<Authed>,
+    auth: AuthClient<Channel>,
+    token: Token,
+    credentials: Option<(String, String)>,
     prefix: String,
 }
 
 impl Etcd {
-    /// Connects lazily to `endpoints` (requests are spread over them, and
-    /// move on from one that fails).
+    /// Connects lazily to plain-text `endpoints` (requests are spread over
+    /// them, and move on from one that fails).
     pub fn connect(endpoints: &[String], prefix: &str) -> Result<Self, EtcdError> {
-        let endpoints = endpoints
+        Self::open(&Connection {
+            endpoints: endpoints.to_vec(),
+            prefix: prefix.to_owned(),
+            ..Connection::default()
+        })
+    }
+
+    /// Connects lazily as `connection` says. Must run inside a tokio
+    /// runtime (the connection's balancer is a task on it).
+    pub fn open(connection: &Connection) -> Result<Self, EtcdError> {
+        let tls = match (&connection.ca, &connection.identity) {
+            (None, None) => None,
+            (ca, identity) => {
+                let mut tls = ClientTlsConfig::new();
+                if let Some(ca) = ca {
+                    tls = tls.ca_certificate(Certificate::from_pem(ca));
+                }
+                if let Some((cert, key)) = identity {
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                Some(tls)
+            }
+        };
+        let endpoints = connection
+            .endpoints
             .iter()
             .map(|url| {
-                Endpoint::from_shared(url.clone())
-                    .map(|e| e.connect_timeout(CALL_TIMEOUT).timeout(CALL_TIMEOUT))
-                    .map_err(|_| EtcdError::Endpoint(url.clone()))
+                let https = url.starts_with("https://");
+                if https != tls.is_some() {
+                    return Err(EtcdError::Endpoint(format!(
+                        "{url}: https:// endpoints need --etcd-ca-file, and the TLS flags need https:// endpoints"
+                    )));
+                }
+                let endpoint = Endpoint::from_shared(url.clone())
+                    .map_err(|_| EtcdError::Endpoint(url.clone()))?
+                    .connect_timeout(CALL_TIMEOUT)
+                    .timeout(CALL_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(KEEPALIVE)
+                    .keep_alive_timeout(KEEPALIVE)
+                    .keep_alive_while_idle(true);
+                match &tls {
+                    Some(tls) => endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|e| EtcdError::Endpoint(format!("{url}: {e}"))),
+                    None => Ok(endpoint),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(EtcdError::Endpoint("no endpoints given".into()));
+        }
         let channel = Channel::balance_list(endpoints.into_iter());
+        let token = Token::default();
         Ok(Self {
-            kv: KvClient::new(channel.clone()),
-            watch: WatchClient::new(channel),
-            prefix: prefix.to_owned(),
+            kv: KvClient::with_interceptor(channel.clone(), token.clone()),
+            watch: WatchClient::with_interceptor(channel.clone(), token.clone()),
+            auth: AuthClient::new(channel),
+            token,
+            credentials: connection.credentials.clone(),
+            prefix: connection.prefix.clone(),
         })
+    }
+
+    /// With a user configured: asks etcd for a fresh token (at start, and
+    /// again whenever etcd says the token is no longer valid).
+    pub async fn authenticate(&self) -> Result<(), EtcdError> {
+        let Some((name, password)) = &self.credentials else {
+            return Ok(());
+        };
+        let reply = self
+            .auth
+            .clone()
+            .authenticate(AuthenticateRequest {
+                name: name.clone(),
+                password: password.clone(),
+            })
+            .await?
+            .into_inner();
+        let token = MetadataValue::try_from(reply.token).map_err(|_| EtcdError::Value {
+            key: "auth".into(),
+            problem: "etcd issued a token that is not a header value".into(),
+        })?;
+        *self.token.0.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
+        Ok(())
+    }
+
+    /// Whether `error` means the etcd token must be renewed (then renews
+    /// it, so the caller's retry can succeed).
+    pub async fn renew_if_expired(&self, error: &EtcdError) -> bool {
+        let EtcdError::Rpc(status) = error else {
+            return false;
+        };
+        let expired = self.credentials.is_some()
+            && (status.code() == tonic::Code::Unauthenticated
+                || status.message().contains("invalid auth token"));
+        expired && self.authenticate().await.is_ok()
     }
 
     /// The etcd key of a key record.
@@ -154,12 +288,7 @@ impl Etcd {
                     unchanged(&account, count_revision),
                 ],
                 success: vec![
-                    RequestOp {
-                        request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
-                            key: key.clone(),
-                            ..DeleteRangeRequest::default()
-                        })),
-                    },
+                    delete(key.clone()),
                     put(
                         account.clone(),
                         count.saturating_sub(1).to_string().into_bytes(),
@@ -182,7 +311,7 @@ impl Etcd {
     }
 
     /// The key-value at `key` with its revisions, if any.
-    async fn get_kv(&self, key: &[u8]) -> Result<Option<KeyValue>, EtcdError> {
+    pub async fn get_kv(&self, key: &[u8]) -> Result<Option<KeyValue>, EtcdError> {
         let reply = self
             .kv
             .clone()
@@ -193,6 +322,62 @@ impl Etcd {
             .await?
             .into_inner();
         Ok(reply.kvs.into_iter().next())
+    }
+
+    /// Runs `ops` in one transaction if every compare holds; returns the
+    /// revision the transaction committed at, or `None` when a compare
+    /// failed (nothing was written).
+    pub async fn txn(
+        &self,
+        compare: Vec<Compare>,
+        ops: Vec<RequestOp>,
+    ) -> Result<Option<i64>, EtcdError> {
+        let reply = self
+            .kv
+            .clone()
+            .txn(TxnRequest {
+                compare,
+                success: ops,
+                failure: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(reply
+            .succeeded
+            .then(|| reply.header.map_or(0, |h| h.revision)))
+    }
+
+    /// Commits `mutation` if every key in `read` is still at the revision
+    /// it was read at (0: absent): the revision it committed at, or `None`
+    /// when something changed since (nothing was written).
+    pub async fn commit(
+        &self,
+        read: &[(Vec<u8>, i64)],
+        mutation: &Mutation<'_>,
+    ) -> Result<Option<i64>, EtcdError> {
+        let compare = read
+            .iter()
+            .map(|(key, revision)| unchanged(key, *revision))
+            .collect();
+        let (record, count) = match mutation {
+            Mutation::Create { record, count } => (record, Some(count + 1)),
+            Mutation::Replace { record } => (record, None),
+            Mutation::Remove { record, count } => (record, Some(count.saturating_sub(1))),
+        };
+        let key = self.key_path(&record_id(record)?);
+        let mut ops = vec![match mutation {
+            Mutation::Remove { .. } => delete(key),
+            _ => put(key, record::encode(record)),
+        }];
+        if let Some(count) = count {
+            let account = self.account_path(&record.account_id);
+            ops.push(if count == 0 {
+                delete(account)
+            } else {
+                put(account, count.to_string().into_bytes())
+            });
+        }
+        self.txn(compare, ops).await
     }
 
     /// Every key record under the prefix, decoded, and the etcd revision
@@ -250,7 +435,7 @@ impl Etcd {
             .into_inner();
         Ok(Watch {
             responses,
-            _requests: requests,
+            requests,
         })
     }
 
@@ -279,8 +464,8 @@ impl Etcd {
 #[derive(Debug)]
 pub struct Watch {
     responses: tonic::Streaming<WatchResponse>,
-    /// Keeps the request stream (and so the watch) open.
-    _requests: tokio::sync::mpsc::Sender<WatchRequest>,
+    /// The request stream: keeps the watch open, carries progress requests.
+    requests: tokio::sync::mpsc::Sender<WatchRequest>,
 }
 
 /// What a watch delivered.
@@ -300,6 +485,12 @@ pub enum Watched {
         /// The etcd revision of the removal.
         revision: i64,
     },
+    /// Every change through `revision` has been delivered (the answer to
+    /// [`Watch::request_progress`]).
+    Progress {
+        /// etcd's revision when it answered.
+        revision: i64,
+    },
     /// The start revision was compacted: take a new snapshot.
     Compacted {
         /// The oldest revision etcd still has.
@@ -308,6 +499,24 @@ pub enum Watched {
 }
 
 impl Watch {
+    /// Asks etcd to confirm how far the watch has delivered; the answer
+    /// comes as [`Watched::Progress`]. Proves the watch is alive and the
+    /// replica current, even when nothing changes.
+    pub async fn request_progress(&self) -> Result<(), EtcdError> {
+        let request = WatchRequest {
+            request_union: Some(watch_request::RequestUnion::ProgressRequest(
+                crate::pb::etcd::WatchProgressRequest {},
+            )),
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| EtcdError::Value {
+                key: "watch".into(),
+                problem: "the watch stream is closed".into(),
+            })
+    }
+
     /// The next batch of changes (one etcd revision may carry several);
     /// `None` once etcd ended the watch.
     pub async fn next(&mut self) -> Result<Option<Vec<Watched>>, EtcdError> {
@@ -327,7 +536,12 @@ impl Watch {
                 });
             }
             if response.events.is_empty() {
-                continue; // the creation acknowledgement, or progress
+                if response.created {
+                    continue;
+                }
+                return Ok(Some(vec![Watched::Progress {
+                    revision: response.header.map_or(0, |h| h.revision),
+                }]));
             }
             return response
                 .events
@@ -366,6 +580,31 @@ fn decode_value(key: &[u8], value: &[u8]) -> Result<KeyRecord, EtcdError> {
         key: String::from_utf8_lossy(key).into_owned(),
         problem: e.to_string(),
     })
+}
+
+/// One key change for [`Etcd::commit`], with the account's key count as
+/// read (creates and removals change it in the same transaction).
+#[derive(Debug)]
+pub enum Mutation<'a> {
+    /// A new key.
+    Create {
+        /// Its record.
+        record: &'a KeyRecord,
+        /// Its account's count before it.
+        count: u64,
+    },
+    /// A changed key.
+    Replace {
+        /// Its new record.
+        record: &'a KeyRecord,
+    },
+    /// A removed key.
+    Remove {
+        /// The record removed.
+        record: &'a KeyRecord,
+        /// Its account's count before the removal.
+        count: u64,
+    },
 }
 
 /// What [`Etcd::put_new`] did.
@@ -438,6 +677,15 @@ fn unchanged(key: &[u8], revision: i64) -> Compare {
         key: key.to_vec(),
         target_union: Some(TargetUnion::ModRevision(revision)),
         range_end: Vec::new(),
+    }
+}
+
+fn delete(key: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
+            key,
+            ..DeleteRangeRequest::default()
+        })),
     }
 }
 

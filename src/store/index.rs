@@ -272,6 +272,12 @@ impl Index {
         }
     }
 
+    /// Whether a key is live.
+    #[must_use]
+    pub fn contains(&self, id: &KeyId) -> bool {
+        self.keys.pin().contains_key(id)
+    }
+
     /// Removes a key; the next verify of it fails.
     pub fn remove(&self, id: &KeyId) {
         self.keys.pin().remove(id);

@@ -1,0 +1,423 @@
+//! Replicated mode: etcd is the truth, the local store its replica.
+//!
+//! - **Writes** ([`Remote::commit`]) run the same rules as standalone
+//!   ([`Rules`]) against etcd, then commit in one etcd transaction that
+//!   compares every key the rules read (the caller's key, the target, the
+//!   account's count) with the revision it was read at. If anything moved
+//!   since, nothing is written and the rules run again on what is there
+//!   now. So "the caller still holds its scopes", "never more than the
+//!   limit" and "ids are unique" hold across every sidecar, with no lock.
+//! - **Sync** ([`follow`]) is list-then-watch, as Kubernetes informers do:
+//!   one full read with its revision, then a watch from the next revision;
+//!   both go to the key writer, the only writer of the replica and the
+//!   index. After a compaction it reads everything again; after a lost
+//!   connection it resumes from the last revision it delivered.
+//! - **Revisions** ([`Revisions`]) make applying idempotent: a change the
+//!   sidecar wrote itself is applied at once (read-your-writes) and again
+//!   skipped when the watch brings it; an event at or below what the
+//!   replica already holds changes nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::{Handle, Runtime};
+
+use super::stage::{Rules, Staged, View, Write};
+use super::writer::{Change, Command, Shared, Synced};
+use super::{KeyError, Principal};
+use crate::clock::now_nanos;
+use crate::domain::key::KeyId;
+use crate::metrics::Metrics;
+use crate::store::db::StoreError;
+use crate::store::etcd::{Connection, Etcd, EtcdError, Mutation, Watched};
+use crate::store::record::{self, KeyRecord};
+
+/// Most times a change is re-run after its transaction lost a race.
+const MAX_ATTEMPTS: usize = 16;
+/// How often the watch asks etcd to confirm it is current.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// A watch whose progress request goes unanswered this long is dead.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnect back-off bounds.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+/// While etcd is away, at most one log line per this period.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+/// Longest wait for a full read when the writer rebuilds the replica.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The etcd connection and its own small runtime: etcd I/O never runs on
+/// the workers that serve decisions, and the key writer thread can block
+/// on it. Shut down in the background when dropped.
+#[derive(Debug)]
+pub struct EtcdRuntime {
+    runtime: Option<Runtime>,
+    etcd: Etcd,
+}
+
+impl EtcdRuntime {
+    /// Starts the runtime and opens a (lazy) connection.
+    pub fn start(connection: &Connection) -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("keyward-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        let etcd = {
+            let _entered = runtime.enter();
+            Etcd::open(connection)?
+        };
+        Ok(Self {
+            runtime: Some(runtime),
+            etcd,
+        })
+    }
+
+    /// The writer's half.
+    #[must_use]
+    pub fn remote(&self) -> Remote {
+        Remote {
+            etcd: self.etcd.clone(),
+            runtime: self.handle(),
+            replica: Revisions::default(),
+        }
+    }
+
+    /// Starts following etcd into the writer's queue, and reporting the
+    /// replica's staleness.
+    pub fn follow(
+        &self,
+        commands: SyncSender<Command>,
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+    ) {
+        let handle = self.handle();
+        handle.spawn(report(Arc::clone(&shared), metrics));
+        handle.spawn(follow(self.etcd.clone(), commands, shared));
+    }
+
+    fn handle(&self) -> Handle {
+        // Present until drop.
+        self.runtime
+            .as_ref()
+            .map_or_else(Handle::current, |r| r.handle().clone())
+    }
+}
+
+impl Drop for EtcdRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside async code.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The key writer's connection to etcd.
+#[derive(Debug)]
+pub struct Remote {
+    etcd: Etcd,
+    runtime: Handle,
+    /// What the replica holds, by revision.
+    pub replica: Revisions,
+}
+
+impl Remote {
+    /// Runs the rules against etcd and commits the change in one
+    /// transaction conditioned on everything they read; returns the staged
+    /// change and the revision it committed at. Waits at most until
+    /// `deadline`; an etcd that cannot be reached is
+    /// [`KeyError::Unavailable`], with nothing acknowledged.
+    pub fn commit(
+        &mut self,
+        rules: &Rules<'_>,
+        actor: &Principal,
+        change: &Change,
+        deadline: Instant,
+    ) -> Result<(Staged, i64), KeyError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let mut view = EtcdView {
+                remote: self,
+                deadline,
+                read: Vec::new(),
+                counts: HashMap::new(),
+            };
+            let staged = rules.stage(&mut view, actor, change.clone())?;
+            let record = &staged.committed.after;
+            let id = record::key_id(record).ok_or(KeyError::Unavailable)?;
+            let mutation = match staged.write {
+                Write::Create => {
+                    // Ids are random; this makes uniqueness a guarantee.
+                    view.read.push((view.remote.etcd.key_path(&id), 0));
+                    Mutation::Create {
+                        record,
+                        count: view.count(&record.account_id)? as u64,
+                    }
+                }
+                Write::Replace => Mutation::Replace { record },
+                Write::Remove => Mutation::Remove {
+                    record,
+                    count: view.count(&record.account_id)? as u64,
+                },
+            };
+            let read = std::mem::take(&mut view.read);
+            let etcd = &self.etcd;
+            let committed = self.call(deadline, || etcd.commit(&read, &mutation))?;
+            if let Some(revision) = committed {
+                return Ok((staged, revision));
+            }
+            // Something the rules read changed meanwhile: run them again.
+        }
+        tracing::warn!(
+            attempts = MAX_ATTEMPTS,
+            "a key change kept losing races in etcd; not acknowledged"
+        );
+        Err(KeyError::Unavailable)
+    }
+
+    /// The whole key set and its revision, for rebuilding the replica;
+    /// `None` while etcd cannot be reached.
+    #[must_use]
+    pub fn snapshot(&self) -> Option<(Vec<KeyRecord>, i64)> {
+        let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
+        self.call(deadline, || self.etcd.snapshot()).ok()
+    }
+
+    /// Runs one etcd call from the writer thread, until `deadline`;
+    /// renews an expired etcd token once.
+    fn call<T, F: Future<Output = Result<T, EtcdError>>>(
+        &self,
+        deadline: Instant,
+        call: impl Fn() -> F,
+    ) -> Result<T, KeyError> {
+        self.runtime.block_on(async {
+            let mut renewed = false;
+            loop {
+                match tokio::time::timeout_at(deadline.into(), call()).await {
+                    Ok(Ok(value)) => return Ok(value),
+                    Ok(Err(error)) => {
+                        if !renewed && self.etcd.renew_if_expired(&error).await {
+                            renewed = true;
+                            continue;
+                        }
+                        tracing::warn!(%error, "etcd call failed; the change was not acknowledged");
+                        return Err(KeyError::Unavailable);
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "etcd did not answer in time; the change was not acknowledged"
+                        );
+                        return Err(KeyError::Unavailable);
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// etcd as a [`View`]: remembers every key read and its revision, for the
+/// transaction's compares.
+struct EtcdView<'a> {
+    remote: &'a Remote,
+    deadline: Instant,
+    read: Vec<(Vec<u8>, i64)>,
+    counts: HashMap<String, usize>,
+}
+
+impl View for EtcdView<'_> {
+    fn get(&mut self, id: &KeyId) -> Result<Option<KeyRecord>, KeyError> {
+        let key = self.remote.etcd.key_path(id);
+        let etcd = &self.remote.etcd;
+        let kv = self.remote.call(self.deadline, || etcd.get_kv(&key))?;
+        self.read
+            .push((key.clone(), kv.as_ref().map_or(0, |kv| kv.mod_revision)));
+        kv.map(|kv| {
+            record::decode(&kv.value).map_err(|error| {
+                tracing::error!(key_id = %id, %error, "unreadable key record in etcd");
+                KeyError::Unavailable
+            })
+        })
+        .transpose()
+    }
+
+    fn count(&mut self, account: &str) -> Result<usize, KeyError> {
+        if let Some(count) = self.counts.get(account) {
+            return Ok(*count);
+        }
+        let path = self.remote.etcd.account_path(account);
+        let etcd = &self.remote.etcd;
+        let (count, revision) = self.remote.call(self.deadline, || etcd.count(&path))?;
+        self.read.push((path, revision));
+        let count = usize::try_from(count).unwrap_or(usize::MAX);
+        self.counts.insert(account.to_owned(), count);
+        Ok(count)
+    }
+}
+
+/// The revisions the replica holds: everything through `floor`, and some
+/// keys further ahead (changes this sidecar wrote, not yet back from the
+/// watch).
+#[derive(Debug, Default)]
+pub struct Revisions {
+    floor: i64,
+    ahead: HashMap<KeyId, i64>,
+}
+
+impl Revisions {
+    /// Whether a change to `id` at `revision` is new to the replica; if so
+    /// it is noted as applied.
+    pub fn admit(&mut self, id: KeyId, revision: i64) -> bool {
+        if revision <= self.floor || self.ahead.get(&id).is_some_and(|r| *r >= revision) {
+            return false;
+        }
+        self.ahead.insert(id, revision);
+        true
+    }
+
+    /// Every change through `revision` has been applied.
+    pub fn advance(&mut self, revision: i64) {
+        self.floor = self.floor.max(revision);
+        let floor = self.floor;
+        self.ahead.retain(|_, r| *r > floor);
+    }
+
+    /// A full read as of `revision` replaces the replica; returns the keys
+    /// changed here after it, whose newer state stays.
+    pub fn reset(&mut self, revision: i64) -> HashSet<KeyId> {
+        self.floor = revision;
+        self.ahead.retain(|_, r| *r > revision);
+        self.ahead.keys().copied().collect()
+    }
+}
+
+/// Follows etcd into the writer's queue until the writer is gone:
+/// list-then-watch, reconnecting with back-off.
+async fn follow(etcd: Etcd, commands: SyncSender<Command>, shared: Arc<Shared>) {
+    let mut resume = None;
+    let mut backoff = BACKOFF.0;
+    let mut lost: Option<Instant> = None;
+    loop {
+        match follow_once(&etcd, &commands, &shared, &mut resume).await {
+            Ok(Followed::WriterGone) => return,
+            Ok(Followed::Compacted) => {
+                tracing::warn!(
+                    "etcd compacted past the replica's revision; reading everything again"
+                );
+                resume = None;
+            }
+            Err(error) => {
+                shared.connected(false);
+                if lost.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                    tracing::warn!(%error, "etcd unreachable: decisions continue from the local replica, writes are refused");
+                    lost = Some(Instant::now());
+                }
+                if !etcd.renew_if_expired(&error).await {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF.1);
+                }
+                continue;
+            }
+        }
+        backoff = BACKOFF.0;
+    }
+}
+
+/// Why one watch ended without an error.
+enum Followed {
+    Compacted,
+    WriterGone,
+}
+
+async fn follow_once(
+    etcd: &Etcd,
+    commands: &SyncSender<Command>,
+    shared: &Shared,
+    resume: &mut Option<i64>,
+) -> Result<Followed, EtcdError> {
+    etcd.authenticate().await?;
+    let start = if let Some(revision) = *resume {
+        revision + 1
+    } else {
+        let (records, revision) = etcd.snapshot().await?;
+        if !deliver(commands, Synced::Snapshot { records, revision }).await {
+            return Ok(Followed::WriterGone);
+        }
+        *resume = Some(revision);
+        revision + 1
+    };
+    let mut watch = etcd.watch(start).await?;
+    watch.request_progress().await?;
+    let mut asked = Some(Instant::now());
+    let mut ticks = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        tokio::select! {
+            batch = watch.next() => {
+                let Some(batch) = batch? else {
+                    return Err(EtcdError::Value { key: "watch".into(), problem: "etcd closed the watch".into() });
+                };
+                let mut changes = Vec::with_capacity(batch.len());
+                for watched in batch {
+                    match watched {
+                        Watched::Compacted { .. } => return Ok(Followed::Compacted),
+                        Watched::Progress { .. } => {
+                            asked = None;
+                            shared.connected(true);
+                        }
+                        Watched::Put { revision, .. } | Watched::Deleted { revision, .. } => {
+                            *resume = Some(revision);
+                            changes.push(watched);
+                        }
+                    }
+                }
+                if let (false, Some(through)) = (changes.is_empty(), *resume) {
+                    if !deliver(commands, Synced::Events { changes, through }).await {
+                        return Ok(Followed::WriterGone);
+                    }
+                    shared.connected(true);
+                }
+            }
+            _ = ticks.tick() => {
+                match asked {
+                    Some(at) if at.elapsed() >= PROGRESS_TIMEOUT => {
+                        return Err(EtcdError::Value { key: "watch".into(), problem: "no progress from etcd".into() });
+                    }
+                    Some(_) => {}
+                    None => {
+                        watch.request_progress().await?;
+                        asked = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands `synced` to the writer, waiting while its queue is full; `false`
+/// once the writer is gone.
+async fn deliver(commands: &SyncSender<Command>, synced: Synced) -> bool {
+    let mut command = Command::Sync(synced);
+    loop {
+        match commands.try_send(command) {
+            Ok(()) => return true,
+            Err(TrySendError::Full(back)) => {
+                command = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(TrySendError::Disconnected(_)) => return false,
+        }
+    }
+}
+
+/// Keeps the replica metrics current, once a second.
+async fn report(shared: Arc<Shared>, metrics: Arc<Metrics>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    let replication = shared.replication();
+    loop {
+        ticks.tick().await;
+        let state = *replication.borrow();
+        metrics.set_replication(&state, now_nanos());
+    }
+}

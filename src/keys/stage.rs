@@ -1,0 +1,294 @@
+//! The management rules at the commit point, over any backend.
+//!
+//! A change reads the truth through a [`View`] (the sled store in
+//! standalone mode, etcd in replicated mode), checks the rules against what
+//! it read, and yields the one [`Write`] it makes. The backend then commits
+//! that write atomically *with* what was read: sled because one writer
+//! thread runs reads and writes serially, etcd because the transaction
+//! compares every key the change read with the revision it read it at.
+//! Either way a key revoked or narrowed a moment ago on any sidecar cannot
+//! act on what it held before, and the per-account limit holds.
+
+use std::sync::Arc;
+
+use super::writer::{Change, Committed, Expiry, Rotation};
+use super::{KeyError, Lifecycle, Principal, StateChange, kind_number};
+use crate::clock::now_nanos;
+use crate::domain::catalog::Catalog;
+use crate::domain::key::{KeyId, NewKey};
+use crate::domain::rules;
+use crate::domain::scope_set::ScopeSet;
+use crate::store::record::{self, KeyRecord};
+
+/// What a change reads from the truth, as of the backend's atomic step.
+pub trait View {
+    /// A key's record, if it exists.
+    fn get(&mut self, id: &KeyId) -> Result<Option<KeyRecord>, KeyError>;
+    /// How many keys `account` holds.
+    fn count(&mut self, account: &str) -> Result<usize, KeyError>;
+}
+
+/// The one write a change makes; the record is [`Committed::after`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// A new key.
+    Create,
+    /// A changed key (same id, account and creation time).
+    Replace,
+    /// A removed key.
+    Remove,
+}
+
+/// A change that passed the rules: what to write, what to answer, and the
+/// scopes of the written record (already resolved).
+#[derive(Debug)]
+pub struct Staged {
+    /// The answer once the write commits.
+    pub committed: Committed,
+    /// What to write.
+    pub write: Write,
+    /// The written record's scopes (empty for a removal).
+    pub scopes: ScopeSet,
+}
+
+/// The rules, with the settings they depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// The catalog in force.
+    pub catalog: &'a Catalog,
+    /// Most keys per account.
+    pub max_per_account: usize,
+}
+
+impl Rules<'_> {
+    /// Checks `change` by `actor` against `view` and stages it.
+    pub fn stage(
+        &self,
+        view: &mut dyn View,
+        actor: &Principal,
+        change: Change,
+    ) -> Result<Staged, KeyError> {
+        let held = self.held_now(view, actor)?;
+        if let Principal::Key { .. } = actor {
+            super::require(self.catalog, &held, change.operation())?;
+        }
+        match change {
+            Change::Create {
+                account,
+                name,
+                grant,
+                key,
+                lifecycle,
+            } => self.create(view, &held, &account, (name, grant, key), lifecycle),
+            Change::Update { id, name, grant } => {
+                let before = self.target(view, actor, &held, &id)?;
+                self.update(&held, before, name, grant)
+            }
+            Change::SetState { id, state } => {
+                let before = self.target(view, actor, &held, &id)?;
+                Ok(self.set_state(before, state))
+            }
+            Change::Delete { id } => {
+                let record = self.target(view, actor, &held, &id)?;
+                Ok(Staged {
+                    committed: Committed {
+                        before: Some(record.clone()),
+                        after: record,
+                        secret: None,
+                    },
+                    write: Write::Remove,
+                    scopes: ScopeSet::default(),
+                })
+            }
+            Change::Rotate { id, rotation } => {
+                let before = self.target(view, actor, &held, &id)?;
+                Ok(self.rotate(before, rotation))
+            }
+        }
+    }
+
+    fn create(
+        &self,
+        view: &mut dyn View,
+        held: &ScopeSet,
+        account: &Arc<str>,
+        (name, grant, key): (String, ScopeSet, NewKey),
+        lifecycle: Lifecycle,
+    ) -> Result<Staged, KeyError> {
+        self.no_escalation(held, &grant)?;
+        if view.count(account)? >= self.max_per_account {
+            return Err(KeyError::LimitReached {
+                account: account.to_string(),
+                limit: self.max_per_account,
+            });
+        }
+        let now = now_nanos();
+        let (rate_requests, rate_period_nanos, rate_burst) =
+            record::rate_fields(lifecycle.rate_limit);
+        let record = KeyRecord {
+            key_id: key.id.as_bytes().to_vec(),
+            secret_sha256: key.hash.as_bytes().to_vec(),
+            account_id: account.to_string(),
+            name,
+            kind: kind_number(self.catalog.kind_of(&grant)),
+            scopes: self.catalog.names(&grant),
+            created_at_unix_nanos: now,
+            updated_at_unix_nanos: now,
+            disabled: false,
+            expires_at_unix_nanos: lifecycle.expires_at.unwrap_or(0),
+            allowed_cidrs: lifecycle.allowed_cidrs,
+            rate_requests,
+            rate_period_nanos,
+            rate_burst,
+            ..KeyRecord::default()
+        };
+        Ok(Staged {
+            committed: Committed {
+                before: None,
+                after: record,
+                secret: Some(key.text),
+            },
+            write: Write::Create,
+            scopes: grant,
+        })
+    }
+
+    fn update(
+        &self,
+        held: &ScopeSet,
+        before: KeyRecord,
+        name: String,
+        grant: Option<ScopeSet>,
+    ) -> Result<Staged, KeyError> {
+        let mut record = before.clone();
+        record.name = name;
+        let scopes = match grant {
+            Some(grant) => {
+                self.no_escalation(held, &grant)?;
+                record.scopes = self.catalog.names(&grant);
+                record.kind = kind_number(self.catalog.kind_of(&grant));
+                grant
+            }
+            None => self.catalog.resolve_stored(&record.scopes).0,
+        };
+        Ok(replaced(before, record, scopes, None))
+    }
+
+    fn set_state(&self, before: KeyRecord, state: StateChange) -> Staged {
+        let mut record = before.clone();
+        if let Some(disabled) = state.disabled {
+            record.disabled = disabled;
+        }
+        match state.expires_at {
+            Some(Expiry::Never) => record.expires_at_unix_nanos = 0,
+            Some(Expiry::At(nanos)) => record.expires_at_unix_nanos = nanos,
+            None => {}
+        }
+        if let Some(allowed_cidrs) = state.allowed_cidrs {
+            record.allowed_cidrs = allowed_cidrs;
+        }
+        if let Some(limit) = state.rate_limit {
+            (
+                record.rate_requests,
+                record.rate_period_nanos,
+                record.rate_burst,
+            ) = record::rate_fields(limit);
+        }
+        let scopes = self.catalog.resolve_stored(&record.scopes).0;
+        replaced(before, record, scopes, None)
+    }
+
+    fn rotate(&self, before: KeyRecord, rotation: Rotation) -> Staged {
+        let mut record = before.clone();
+        // The current secret becomes the previous one (ending any earlier
+        // overlap), unless the overlap is zero.
+        if rotation.overlap_nanos > 0 {
+            record.previous_secret_sha256 = std::mem::take(&mut record.secret_sha256);
+            record.previous_valid_until_unix_nanos =
+                now_nanos().saturating_add(rotation.overlap_nanos);
+        } else {
+            record.previous_secret_sha256.clear();
+            record.previous_valid_until_unix_nanos = 0;
+        }
+        record.secret_sha256 = rotation.key.hash.as_bytes().to_vec();
+        let scopes = self.catalog.resolve_stored(&record.scopes).0;
+        replaced(before, record, scopes, Some(rotation.key.text))
+    }
+
+    /// The scopes `actor` holds *now*, read in the same atomic step as the
+    /// write: a key revoked, disabled, expired or narrowed since it was
+    /// authenticated acts with what it has left.
+    fn held_now(&self, view: &mut dyn View, actor: &Principal) -> Result<ScopeSet, KeyError> {
+        let refused = |why: &str| {
+            Err(KeyError::PermissionDenied(format!(
+                "the calling API key {why}"
+            )))
+        };
+        match actor {
+            Principal::Admin => Ok(self.catalog.all()),
+            Principal::Key { id, .. } => match view.get(id)? {
+                None => refused("has been revoked"),
+                Some(record) if record.disabled => refused("is disabled"),
+                Some(record) if super::writer::expired(&record) => refused("has expired"),
+                Some(record) => Ok(self.catalog.resolve_stored(&record.scopes).0),
+            },
+        }
+    }
+
+    /// The key a change is addressed to: visible to the actor (other
+    /// accounts' keys are "not found", so a key cannot probe for ids), and
+    /// holding no scope the actor lacks (a key may not rename, narrow,
+    /// convert or revoke a more privileged sibling).
+    fn target(
+        &self,
+        view: &mut dyn View,
+        actor: &Principal,
+        held: &ScopeSet,
+        id: &KeyId,
+    ) -> Result<KeyRecord, KeyError> {
+        let not_found = || KeyError::NotFound(id.to_string());
+        let record = view.get(id)?.ok_or_else(not_found)?;
+        if let Principal::Key { account, .. } = actor {
+            if record.account_id != **account {
+                return Err(not_found());
+            }
+            let (target, _) = self.catalog.resolve_stored(&record.scopes);
+            if let Some(missing) = rules::escalation(held, &target) {
+                return Err(KeyError::PermissionDenied(format!(
+                    "cannot change a key holding scopes the caller lacks: {}",
+                    super::summarize(&self.catalog.names(&missing))
+                )));
+            }
+        }
+        Ok(record)
+    }
+
+    fn no_escalation(&self, held: &ScopeSet, grant: &ScopeSet) -> Result<(), KeyError> {
+        match rules::escalation(held, grant) {
+            None => Ok(()),
+            Some(missing) => Err(KeyError::PermissionDenied(format!(
+                "cannot grant scopes the caller does not hold: {}",
+                super::summarize(&self.catalog.names(&missing))
+            ))),
+        }
+    }
+}
+
+/// `record` in place of `before`, with `secret` when the change issued one.
+fn replaced(
+    before: KeyRecord,
+    mut record: KeyRecord,
+    scopes: ScopeSet,
+    secret: Option<String>,
+) -> Staged {
+    record.updated_at_unix_nanos = now_nanos().max(record.updated_at_unix_nanos);
+    Staged {
+        committed: Committed {
+            before: Some(before),
+            after: record,
+            secret,
+        },
+        write: Write::Replace,
+        scopes,
+    }
+}
