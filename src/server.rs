@@ -58,6 +58,9 @@ pub enum ServerError {
     /// The store could not be opened or loaded.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Settings that contradict each other.
+    #[error("{0}")]
+    Settings(&'static str),
     /// The gRPC transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -135,6 +138,13 @@ impl App {
             Some(path) => RouteTable::parse(&path.display().to_string(), &read(path)?, &catalog)?,
             None => RouteTable::parse("<bundled sendgrid.routes>", SENDGRID_ROUTES, &catalog)?,
         });
+        if config.store_timeout_ms >= config.request_timeout_ms {
+            // Otherwise a slow write is cut off as CANCELLED by the request
+            // timeout instead of answering UNAVAILABLE.
+            return Err(ServerError::Settings(
+                "--store-timeout-ms must be below --request-timeout-ms",
+            ));
+        }
         let data_dir = &config.data.data_dir;
         create_private_dir(data_dir)?;
         // Settings that can be refused go first: a refusal then leaves no

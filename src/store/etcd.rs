@@ -104,6 +104,28 @@ impl Interceptor for Token {
 
 type Authed = InterceptedService<Channel, Token>;
 
+impl EtcdError {
+    /// Whether trying again may succeed: a member lost, a leader being
+    /// elected, a connection dropped. Refusals and unreadable values are
+    /// not.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            Self::Rpc(status) => matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::Unknown
+                    | Code::DeadlineExceeded
+                    | Code::Aborted
+                    | Code::Internal
+                    | Code::Cancelled
+            ),
+            Self::Endpoint(_) | Self::Value { .. } => false,
+        }
+    }
+}
+
 /// A connection to an etcd cluster, with keyward's layout under `prefix`.
 #[derive(Debug, Clone)]
 pub struct Etcd {
@@ -308,6 +330,39 @@ impl Etcd {
     /// The value at `key`, if any.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EtcdError> {
         Ok(self.get_kv(key).await?.map(|kv| kv.value))
+    }
+
+    /// The cluster's current revision, by a linearizable read: answers only
+    /// while a quorum does, so it proves this sidecar can hear the truth.
+    pub async fn current_revision(&self) -> Result<i64, EtcdError> {
+        let start = self.keys_prefix();
+        let reply = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                range_end: prefix_end(&start),
+                key: start,
+                count_only: true,
+                ..RangeRequest::default()
+            })
+            .await?
+            .into_inner();
+        Ok(reply.header.map_or(0, |h| h.revision))
+    }
+
+    /// The key-value at `key`, if any, and etcd's revision when it answered.
+    pub async fn get_at(&self, key: &[u8]) -> Result<(Option<KeyValue>, i64), EtcdError> {
+        let reply = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: key.to_vec(),
+                ..RangeRequest::default()
+            })
+            .await?
+            .into_inner();
+        let revision = reply.header.map_or(0, |h| h.revision);
+        Ok((reply.kvs.into_iter().next(), revision))
     }
 
     /// The key-value at `key` with its revisions, if any.

@@ -1,6 +1,7 @@
 //! A real keyward on a loopback port over a temporary sled directory.
 #![allow(dead_code, clippy::missing_panics_doc)]
 
+pub mod etcd;
 pub mod pki;
 
 use std::path::PathBuf;

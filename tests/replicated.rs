@@ -1,0 +1,551 @@
+//! Replicated mode, end to end: real `keyward serve` processes sharing one
+//! key set through a real etcd cluster (3 members where quorum matters),
+//! all on loopback ports. Skipped locally without etcd; required in CI.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::etcd::{Cluster, Sidecar};
+use common::{bearer, connect};
+use keyward::pb::v1 as pb;
+use keyward::pb::v1::authorizer_client::AuthorizerClient;
+use keyward::pb::v1::key_manager_client::KeyManagerClient;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+/// Longest a change may take to reach another sidecar in these tests
+/// (the measured figures are far below; this only bounds a hang).
+const CONVERGE: Duration = Duration::from_secs(10);
+
+/// A sidecar's clients.
+struct Client {
+    authorizer: AuthorizerClient<Channel>,
+    manager: KeyManagerClient<Channel>,
+    health: HealthClient<Channel>,
+    admin: String,
+}
+
+impl Client {
+    async fn of(sidecar: &Sidecar) -> Self {
+        Self {
+            admin: sidecar.admin.clone(),
+            ..Self::of_url(&sidecar.url()).await
+        }
+    }
+
+    async fn of_url(url: &str) -> Self {
+        let channel = connect(url).await;
+        Self {
+            authorizer: AuthorizerClient::new(channel.clone()),
+            manager: KeyManagerClient::new(channel.clone()),
+            health: HealthClient::new(channel),
+            admin: String::new(),
+        }
+    }
+
+    /// Whether `key` may send mail here.
+    async fn allowed(&mut self, key: &str, method: &str, path: &str) -> bool {
+        self.authorizer
+            .authorize(pb::AuthorizeRequest {
+                key: key.to_owned(),
+                method: method.to_owned(),
+                path: path.to_owned(),
+                client_ip: String::new(),
+            })
+            .await
+            .expect("authorize replies")
+            .into_inner()
+            .allowed
+    }
+
+    async fn create(
+        &mut self,
+        account: &str,
+        scopes: &[&str],
+    ) -> Result<(String, String), tonic::Status> {
+        let reply = self
+            .manager
+            .create_key(bearer(
+                &self.admin,
+                pb::CreateKeyRequest {
+                    name: "replicated".into(),
+                    account_id: account.into(),
+                    scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner();
+        Ok((reply.key.expect("key").key_id, reply.secret))
+    }
+
+    async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.manager
+            .delete_key(bearer(
+                &self.admin,
+                pb::DeleteKeyRequest { key_id: id.into() },
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    async fn count(&mut self, account: &str) -> usize {
+        self.manager
+            .list_keys(bearer(
+                &self.admin,
+                pb::ListKeysRequest {
+                    account_id: account.into(),
+                    page_size: 1000,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("list")
+            .into_inner()
+            .keys
+            .len()
+    }
+
+    async fn status(&mut self, service: &str) -> ServingStatus {
+        let reply = self
+            .health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner();
+        ServingStatus::try_from(reply.status).expect("a status")
+    }
+}
+
+const SEND: (&str, &str) = ("POST", "/v3/mail/send");
+const ALERTS: (&str, &str) = ("GET", "/v3/alerts");
+
+/// Polls `client` until `key`'s answer for `request` is `allowed`.
+async fn converge(client: &mut Client, key: &str, request: (&str, &str), allowed: bool) {
+    let deadline = Instant::now() + CONVERGE;
+    while client.allowed(key, request.0, request.1).await != allowed {
+        assert!(
+            Instant::now() < deadline,
+            "{} {} never became allowed={allowed}",
+            request.0,
+            request.1
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Polls until `status(service)` is `want`.
+async fn converge_status(client: &mut Client, service: &str, want: ServingStatus) {
+    let deadline = Instant::now() + CONVERGE;
+    while client.status(service).await != want {
+        assert!(Instant::now() < deadline, "{service} never became {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn three_sidecars(cluster: &Cluster, extra: &[&str]) -> (Vec<Sidecar>, Vec<Client>) {
+    let sidecars: Vec<Sidecar> = (0..3)
+        .map(|_| Sidecar::start(BIN, &cluster.endpoints(), extra))
+        .collect();
+    let mut clients = Vec::new();
+    for sidecar in &sidecars {
+        let mut client = Client::of(sidecar).await;
+        converge_status(&mut client, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+        clients.push(client);
+    }
+    (sidecars, clients)
+}
+
+/// Quantile of sorted durations.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let at = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[at]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_sidecars_share_one_key_set_and_revocations_propagate_fast() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let (_sidecars, mut c) = three_sidecars(&cluster, &[]).await;
+
+    // Created on A: authorizes on B and C.
+    let (id, key) = c[0]
+        .create("acme", &["mail.send", "alerts.read"])
+        .await
+        .expect("create on A");
+    assert!(
+        c[0].allowed(&key, SEND.0, SEND.1).await,
+        "A reads its own write at once"
+    );
+    for i in [1, 2] {
+        converge(&mut c[i], &key, SEND, true).await;
+        converge(&mut c[i], &key, ALERTS, true).await;
+    }
+
+    // Narrowed on B: loses the scope on A and C.
+    let admin = c[1].admin.clone();
+    c[1].manager
+        .update_key(bearer(
+            &admin,
+            pb::UpdateKeyRequest {
+                key_id: id.clone(),
+                name: "narrowed".into(),
+                scopes: vec!["mail.send".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("narrow on B");
+    assert!(!c[1].allowed(&key, ALERTS.0, ALERTS.1).await);
+    for i in [0, 2] {
+        converge(&mut c[i], &key, ALERTS, false).await;
+        assert!(
+            c[i].allowed(&key, SEND.0, SEND.1).await,
+            "the kept scope stays"
+        );
+    }
+
+    // Revoked on C: denied on A and B.
+    c[2].delete(&id).await.expect("revoke on C");
+    assert!(!c[2].allowed(&key, SEND.0, SEND.1).await);
+    for i in [0, 1] {
+        converge(&mut c[i], &key, SEND, false).await;
+    }
+
+    // The distribution: from DeleteKey's acknowledgement on one sidecar
+    // until both others deny, over 200 revocations (writer rotates).
+    let mut delays = Vec::with_capacity(400);
+    for round in 0..200 {
+        let writer = round % 3;
+        let (id, key) = c[writer]
+            .create("acme", &["mail.send"])
+            .await
+            .expect("create");
+        let others: Vec<usize> = (0..3).filter(|i| *i != writer).collect();
+        for &i in &others {
+            converge(&mut c[i], &key, SEND, true).await;
+        }
+        c[writer].delete(&id).await.expect("revoke");
+        let acked = Instant::now();
+        let mut waits = Vec::new();
+        for &i in &others {
+            let mut authorizer = c[i].authorizer.clone();
+            let key = key.clone();
+            waits.push(tokio::spawn(async move {
+                loop {
+                    let allowed = authorizer
+                        .authorize(pb::AuthorizeRequest {
+                            key: key.clone(),
+                            method: SEND.0.into(),
+                            path: SEND.1.into(),
+                            client_ip: String::new(),
+                        })
+                        .await
+                        .expect("authorize")
+                        .into_inner()
+                        .allowed;
+                    if !allowed {
+                        return acked.elapsed();
+                    }
+                    assert!(acked.elapsed() < CONVERGE, "revocation never arrived");
+                }
+            }));
+        }
+        for wait in waits {
+            delays.push(wait.await.expect("poller"));
+        }
+    }
+    delays.sort();
+    let (p50, p99, max) = (
+        quantile(&delays, 0.50),
+        quantile(&delays, 0.99),
+        delays[delays.len() - 1],
+    );
+    println!(
+        "revocation propagation over {} observations (200 revocations x 2 other sidecars): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        delays.len(),
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3
+    );
+    // A bound for a noisy shared CI machine; the README reports the goal
+    // (p99 <= 50 ms) against measured figures.
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_account_limit_holds_across_sidecars() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let (_sidecars, c) = three_sidecars(&cluster, &["--max-keys-per-account", "20"]).await;
+    let mut creates = Vec::new();
+    for client in &c {
+        for _ in 0..15 {
+            let mut manager = client.manager.clone();
+            let admin = client.admin.clone();
+            creates.push(tokio::spawn(async move {
+                manager
+                    .create_key(bearer(
+                        &admin,
+                        pb::CreateKeyRequest {
+                            name: "race".into(),
+                            account_id: "acme".into(),
+                            ..Default::default()
+                        },
+                    ))
+                    .await
+                    .map(|reply| reply.into_inner().key.expect("key").key_id)
+            }));
+        }
+    }
+    let mut ids = std::collections::HashSet::new();
+    for create in creates {
+        match create.await.expect("task") {
+            Ok(id) => assert!(ids.insert(id), "ids are unique"),
+            Err(status) => assert!(
+                matches!(status.code(), Code::ResourceExhausted),
+                "{status:?}"
+            ),
+        }
+    }
+    assert_eq!(ids.len(), 20, "exactly the limit, across 45 racing creates");
+    let in_etcd = cluster.client().records().await.expect("read etcd");
+    assert_eq!(in_etcd.len(), 20);
+    for mut client in c {
+        let deadline = Instant::now() + CONVERGE;
+        while client.count("acme").await != 20 {
+            assert!(Instant::now() < deadline, "a replica never listed all 20");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn member_and_quorum_loss() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    // Writes may wait out a leader election (about a second here).
+    let (_sidecars, mut c) = three_sidecars(
+        &cluster,
+        &["--store-timeout-ms", "5000", "--request-timeout-ms", "8000"],
+    )
+    .await;
+    let (_, before) = c[0].create("acme", &["mail.send"]).await.expect("create");
+    converge(&mut c[2], &before, SEND, true).await;
+
+    // One member down: writes and decisions continue.
+    cluster.kill(0);
+    let (_, during) = c[1]
+        .create("acme", &["mail.send"])
+        .await
+        .expect("a write with two of three members");
+    for client in &mut c {
+        converge(client, &during, SEND, true).await;
+    }
+
+    // Quorum lost: writes refused (nothing acknowledged), decisions go on
+    // from each replica.
+    cluster.kill(1);
+    let refused = c[2].create("acme", &["mail.send"]).await;
+    assert_eq!(refused.expect_err("no quorum").code(), Code::Unavailable);
+    for client in &mut c {
+        assert!(client.allowed(&before, SEND.0, SEND.1).await);
+        assert!(client.allowed(&during, SEND.0, SEND.1).await);
+        converge_status(client, "keyward.v1.KeyManager", ServingStatus::NotServing).await;
+        assert_eq!(
+            client.status("keyward.v1.Authorizer").await,
+            ServingStatus::Serving,
+            "no --max-staleness: decisions keep serving"
+        );
+    }
+
+    // Quorum back: everyone converges, on changes made anywhere.
+    cluster.restart(0);
+    cluster.restart(1);
+    cluster.wait_writable().await;
+    for client in &mut c {
+        converge_status(client, "keyward.v1.KeyManager", ServingStatus::Serving).await;
+    }
+    let (_, after) = c[0]
+        .create("acme", &["mail.send"])
+        .await
+        .expect("write again");
+    let during_id = c[1].create("acme", &[]).await.expect("create on B").0;
+    c[1].delete(&during_id).await.expect("delete on B");
+    for client in &mut c {
+        converge(client, &after, SEND, true).await;
+        assert!(
+            client.allowed(&before, SEND.0, SEND.1).await,
+            "nothing acknowledged was lost"
+        );
+    }
+    let etcd = cluster.client().records().await.expect("read etcd");
+    assert_eq!(
+        etcd.len(),
+        3,
+        "before, during, after: the refused write never landed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_restarted_while_etcd_is_down_serves_its_replica_then_catches_up() {
+    let Some(mut cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let mut a = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let b = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let mut ca = Client::of(&a).await;
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        keys.push(ca.create("acme", &["mail.send"]).await.expect("create"));
+    }
+
+    // SIGKILL, etcd down, restart: every key it had still authorizes.
+    a.kill();
+    cluster.kill(0);
+    a.restart(BIN);
+    let mut ca = Client::of(&a).await;
+    converge_status(&mut ca, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    for (_, key) in &keys {
+        assert!(
+            ca.allowed(key, SEND.0, SEND.1).await,
+            "served from the replica"
+        );
+    }
+    assert_eq!(
+        ca.create("acme", &[]).await.expect_err("etcd down").code(),
+        Code::Unavailable
+    );
+    assert!(a.log().contains("etcd unreachable"), "the outage is logged");
+
+    // etcd back: a change made elsewhere reaches it.
+    cluster.restart(0);
+    cluster.wait_writable().await;
+    let mut cb = Client::of(&b).await;
+    let deadline = Instant::now() + CONVERGE;
+    while cb.delete(&keys[0].0).await.is_err() {
+        assert!(Instant::now() < deadline, "B never wrote again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, fresh) = cb
+        .create("acme", &["mail.send"])
+        .await
+        .expect("create on B");
+    converge(&mut ca, &keys[0].1, SEND, false).await;
+    converge(&mut ca, &fresh, SEND, true).await;
+    assert!(ca.allowed(&keys[1].1, SEND.0, SEND.1).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compaction_past_a_disconnected_sidecar_makes_it_read_everything_again() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    // A talks to the whole cluster; C only to member 2.
+    let a = Sidecar::start(
+        BIN,
+        &cluster.endpoints(),
+        &["--store-timeout-ms", "5000", "--request-timeout-ms", "8000"],
+    );
+    let c_sidecar = Sidecar::start(BIN, &cluster.endpoint(2), &[]);
+    let (mut ca, mut cc) = (Client::of(&a).await, Client::of(&c_sidecar).await);
+    let (doomed_id, doomed) = ca.create("acme", &["mail.send"]).await.expect("create");
+    let (_, kept) = ca.create("acme", &["mail.send"]).await.expect("create");
+    converge(&mut cc, &doomed, SEND, true).await;
+
+    // C loses its only member; meanwhile the key is revoked and the
+    // history compacted past C's revision.
+    cluster.kill(2);
+    ca.delete(&doomed_id).await.expect("revoke");
+    let (_, newer) = ca.create("acme", &["mail.send"]).await.expect("create");
+    cluster.compact(0).await;
+    assert!(
+        cc.allowed(&doomed, SEND.0, SEND.1).await,
+        "C cannot know yet"
+    );
+
+    // Member back: C's watch finds its revision compacted, re-reads, and
+    // converges.
+    cluster.restart(2);
+    converge(&mut cc, &doomed, SEND, false).await;
+    converge(&mut cc, &newer, SEND, true).await;
+    assert!(cc.allowed(&kept, SEND.0, SEND.1).await);
+    let deadline = Instant::now() + CONVERGE;
+    while !c_sidecar.log().contains("compacted") {
+        assert!(Instant::now() < deadline, "the re-read is logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_sidecar_is_ready_after_its_first_full_read_and_modes_do_not_mix() {
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let a = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let mut ca = Client::of(&a).await;
+    let (_, key) = ca.create("acme", &["mail.send"]).await.expect("create");
+    let late = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let mut cl = Client::of(&late).await;
+    converge_status(&mut cl, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    assert!(cl.allowed(&key, SEND.0, SEND.1).await, "ready means synced");
+    assert!(late.log().contains("replica synced with etcd"));
+
+    // A standalone store is never silently replaced by etcd's key set...
+    let standalone = tempfile::tempdir().expect("tempdir");
+    let (mut child, port) = common::spawn_serve(BIN, standalone.path(), &["--data-dir", "data"]);
+    let mut own = Client {
+        admin: common::admin_token(&standalone.path().join("data")),
+        ..Client::of_url(&format!("http://127.0.0.1:{port}")).await
+    };
+    own.create("acme", &[]).await.expect("a standalone key");
+    let _ = child.kill();
+    let _ = child.wait();
+    let refused = serve_once(&standalone.path().join("data"), Some(&cluster.endpoints()));
+    assert!(
+        refused.contains("standalone key store") && refused.contains("keyward migrate"),
+        "{refused}"
+    );
+    // ...and a replica is never silently used as a standalone store.
+    let mut late = late;
+    late.kill();
+    let refused = serve_once(&late.dir.path().join("data"), None);
+    assert!(refused.contains("replica of etcd"), "{refused}");
+}
+
+/// Runs `keyward serve` expecting it to refuse to start; its stderr.
+fn serve_once(data_dir: &std::path::Path, endpoints: Option<&str>) -> String {
+    let mut command = std::process::Command::new(BIN);
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("KEYWARD_DATA_DIR")
+        .env_remove("KEYWARD_ETCD_ENDPOINTS");
+    if let Some(endpoints) = endpoints {
+        command.args(["--etcd-endpoints", endpoints]);
+    }
+    let output = command.output().expect("runs");
+    assert!(!output.status.success(), "it must refuse to start");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
