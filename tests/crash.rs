@@ -462,6 +462,28 @@ async fn verify(url: &str, admin: &str, ledger: &Shared) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
+    harness(&["--data-dir", "data"]).await;
+}
+
+/// The same harness with etcd as the truth and the data directory as the
+/// sidecar's replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_random_moments_loses_nothing_acknowledged_with_etcd() {
+    let Some(cluster) = common::etcd::Cluster::start(1).await else {
+        return;
+    };
+    harness(&[
+        "--data-dir",
+        "data",
+        "--etcd-endpoints",
+        &cluster.endpoints(),
+    ])
+    .await;
+}
+
+/// Runs the writers and deciders against `keyward serve <args>`, SIGKILLs
+/// it at random moments, restarts it, and checks the ledger each time.
+async fn harness(args: &[&str]) {
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_secs() ^ u64::from(d.subsec_nanos()) << 20);
@@ -472,11 +494,9 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let violations = Arc::new(AtomicUsize::new(0));
     let mut verified = 0;
     for cycle in 0..CYCLES {
-        let (mut child, port) = spawn_serve(
-            BIN,
-            dir.path(),
-            &["--data-dir", "data", "--shutdown-grace-ms", "0"],
-        );
+        let mut cycle_args = args.to_vec();
+        cycle_args.extend(["--shutdown-grace-ms", "0"]);
+        let (mut child, port) = spawn_serve(BIN, dir.path(), &cycle_args);
         let url = format!("http://127.0.0.1:{port}");
         let admin = common::admin_token(&dir.path().join("data"));
         if cycle > 0 {
@@ -511,7 +531,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             task.await.expect("task");
         }
     }
-    let (mut child, port) = spawn_serve(BIN, dir.path(), &["--data-dir", "data"]);
+    let (mut child, port) = spawn_serve(BIN, dir.path(), args);
     let admin = common::admin_token(&dir.path().join("data"));
     verified += verify(&format!("http://127.0.0.1:{port}"), &admin, &ledger).await;
     let _ = child.kill();

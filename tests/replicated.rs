@@ -549,3 +549,85 @@ fn serve_once(data_dir: &std::path::Path, endpoints: Option<&str>) -> String {
     assert!(!output.status.success(), "it must refuse to start");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_max_staleness_a_cut_off_sidecar_leaves_rotation_and_says_how_stale_it_is() {
+    let Some(mut cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let a = Sidecar::start(BIN, &cluster.endpoints(), &["--max-staleness", "2s"]);
+    let mut ca = Client::of(&a).await;
+    let (_, key) = ca.create("acme", &["mail.send"]).await.expect("create");
+    converge_status(&mut ca, "keyward.v1.KeyManager", ServingStatus::Serving).await;
+    converge_metric(&a, "keyward_replica_connected 1").await;
+
+    cluster.kill(0);
+    converge_status(&mut ca, "keyward.v1.KeyManager", ServingStatus::NotServing).await;
+    let lost = Instant::now();
+    converge_status(&mut ca, "keyward.v1.Authorizer", ServingStatus::NotServing).await;
+    assert!(
+        lost.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        lost.elapsed()
+    );
+    assert_eq!(
+        ca.status("envoy.service.auth.v3.Authorization").await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        ca.status("").await,
+        ServingStatus::Serving,
+        "liveness stays up: no restart loop"
+    );
+    assert!(
+        ca.allowed(&key, SEND.0, SEND.1).await,
+        "decisions are still answered"
+    );
+    let metrics = converge_metric(&a, "keyward_replica_connected 0").await;
+    let staleness: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keyward_replica_staleness_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("staleness metric");
+    assert!(staleness >= 2.0, "{staleness}");
+
+    // Back: current again, serving again.
+    cluster.restart(0);
+    converge_status(&mut ca, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    converge_status(&mut ca, "keyward.v1.KeyManager", ServingStatus::Serving).await;
+}
+
+/// Polls the sidecar's metrics until they contain `line`; returns them.
+async fn converge_metric(sidecar: &Sidecar, line: &str) -> String {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let metrics = scrape(sidecar).await;
+        if metrics.lines().any(|l| l == line) {
+            return metrics;
+        }
+        assert!(Instant::now() < deadline, "never saw {line}:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sidecar's Prometheus metrics.
+async fn scrape(sidecar: &Sidecar) -> String {
+    let log = sidecar.log();
+    let addr = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["fields"]["message"] == "serving metrics at /metrics")
+        .and_then(|event| event["fields"]["local"].as_str().map(str::to_owned))
+        .expect("metrics address logged");
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("read");
+    body
+}

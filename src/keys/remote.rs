@@ -371,6 +371,10 @@ impl Revisions {
 /// Follows etcd into the writer's queue until the writer is gone:
 /// list-then-watch, reconnecting with back-off.
 async fn follow(etcd: Etcd, commands: SyncSender<Command>, shared: Arc<Shared>) {
+    // A replica that synced before a restart serves (is ready) only once
+    // etcd proves unreachable: while etcd answers, readiness waits for the
+    // first full read, so keys revoked meanwhile are never served as ready.
+    let replica_synced = shared.replication().borrow().synced_at != 0;
     let mut resume = None;
     let mut backoff = BACKOFF.0;
     let mut lost: Option<Instant> = None;
@@ -385,6 +389,9 @@ async fn follow(etcd: Etcd, commands: SyncSender<Command>, shared: Arc<Shared>) 
             }
             Err(error) => {
                 shared.lost();
+                if replica_synced {
+                    shared.serve_replica();
+                }
                 if lost.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
                     tracing::warn!(%error, "etcd unreachable: decisions continue from the local replica, writes are refused");
                     lost = Some(Instant::now());
@@ -504,13 +511,17 @@ async fn deliver(commands: &SyncSender<Command>, synced: Synced) -> bool {
     }
 }
 
-/// Keeps the replica metrics current, once a second.
+/// Keeps the replica metrics current: at every change, and once a second
+/// (staleness grows with time alone).
 async fn report(shared: Arc<Shared>, metrics: Arc<Metrics>) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
-    let replication = shared.replication();
+    let mut replication = shared.replication();
     loop {
-        ticks.tick().await;
-        let state = *replication.borrow();
+        let state = *replication.borrow_and_update();
         metrics.set_replication(&state, now_nanos());
+        tokio::select! {
+            changed = replication.changed() => if changed.is_err() { return },
+            _ = ticks.tick() => {}
+        }
     }
 }

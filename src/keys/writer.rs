@@ -314,6 +314,13 @@ impl Shared {
         });
     }
 
+    /// etcd cannot be reached at start, and the replica had synced before:
+    /// serve from it.
+    pub fn serve_replica(&self) {
+        self.replication
+            .send_if_modified(|state| !std::mem::replace(&mut state.ready, true));
+    }
+
     /// etcd (or its quorum) cannot be heard: the replica may fall behind.
     pub fn lost(&self) {
         self.replication
@@ -408,9 +415,9 @@ impl Writer {
             replication: watch::Sender::new(replica.map_or_else(
                 Replication::default,
                 |(revision, synced_at)| Replication {
-                    // Restarted from a replica that had synced: it serves
-                    // (from what it had) until etcd answers.
-                    ready: true,
+                    // Restarted from a replica that had synced: ready at
+                    // the first full read, or once etcd proves unreachable.
+                    ready: false,
                     connected: false,
                     synced_at,
                     revision,
