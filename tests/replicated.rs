@@ -11,6 +11,7 @@ use common::{bearer, connect};
 use keyward::pb::v1 as pb;
 use keyward::pb::v1::authorizer_client::AuthorizerClient;
 use keyward::pb::v1::key_manager_client::KeyManagerClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -622,7 +623,6 @@ async fn scrape(sidecar: &Sidecar) -> String {
     let mut stream = tokio::net::TcpStream::connect(&addr)
         .await
         .expect("connect");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
