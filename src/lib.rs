@@ -21,11 +21,14 @@
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
 //! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
 //! - [`keys`]: the write path: a dedicated writer thread checks the rules
-//!   at the commit point, makes the change durable, then updates the index.
-//!   No storage call runs on an async worker: a failing disk costs writes,
-//!   never decisions.
-//! - [`store`]: sled (durable truth), versioned records, the in-memory
-//!   index, and etcd's layout and client for replicated mode.
+//!   (`keys::stage`) at the commit point over a view of the truth (sled
+//!   standalone; etcd in replicated mode, `keys::remote`), makes the change
+//!   durable, then applies it to the local store and the index through one
+//!   apply function, which also applies what the etcd watch delivers. No
+//!   storage or etcd call runs on an async worker: a failing disk or an
+//!   unreachable etcd costs writes, never decisions.
+//! - [`store`]: sled (standalone truth, or etcd's local replica), versioned
+//!   records, the in-memory index, and etcd's layout and client.
 //! - [`domain`]: scopes, bitsets, catalog, routes, key format, rules,
 //!   decisions. Pure: no I/O.
 //! - [`config`]: settings, each a flag and an environment variable.
