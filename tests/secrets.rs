@@ -12,7 +12,6 @@ use common::{bearer, connect, spawn_serve};
 use keyward::pb::v1 as pb;
 use keyward::pb::v1::authorizer_client::AuthorizerClient;
 use keyward::pb::v1::key_manager_client::KeyManagerClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 
@@ -31,16 +30,6 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn logged_address(log: &str, message: &str) -> String {
-    log.lines()
-        .find_map(|line| {
-            let event: serde_json::Value = serde_json::from_str(line).ok()?;
-            (event["fields"]["message"] == message)
-                .then(|| event["fields"]["local"].as_str().map(str::to_owned))?
-        })
-        .unwrap_or_else(|| panic!("no {message:?} in the log"))
 }
 
 #[tokio::test]
@@ -199,19 +188,10 @@ async fn no_secret_or_admin_token_escapes() {
     errors.push(reply.message);
 
     let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
-    let metrics_addr = logged_address(&log, "serving metrics at /metrics");
-    let mut stream = tokio::net::TcpStream::connect(&metrics_addr)
-        .await
-        .expect("metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut metrics = String::new();
-    stream.read_to_string(&mut metrics).await.expect("read");
+    let metrics = common::scrape_logged(&log).await;
     assert!(metrics.contains("keyward_decisions_total"));
 
-    drop((manager, authorizer, stream));
+    drop((manager, authorizer));
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

@@ -367,16 +367,7 @@ impl Etcd {
 
     /// The key-value at `key` with its revisions, if any.
     pub async fn get_kv(&self, key: &[u8]) -> Result<Option<KeyValue>, EtcdError> {
-        let reply = self
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: key.to_vec(),
-                ..RangeRequest::default()
-            })
-            .await?
-            .into_inner();
-        Ok(reply.kvs.into_iter().next())
+        Ok(self.get_at(key).await?.0)
     }
 
     /// Runs `ops` in one transaction if every compare holds; returns the

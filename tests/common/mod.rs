@@ -324,3 +324,30 @@ pub fn tool(env_var: &str, name: &str, install: &str) -> Option<String> {
     eprintln!("skipped: no {name} binary ({install})");
     None
 }
+
+/// The address a spawned server logged with `message` (JSON logs).
+pub fn logged_address(log: &str, message: &str) -> String {
+    log.lines()
+        .find_map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).ok()?;
+            (event["fields"]["message"] == message)
+                .then(|| event["fields"]["local"].as_str().map(str::to_owned))?
+        })
+        .unwrap_or_else(|| panic!("no {message:?} in the log"))
+}
+
+/// The Prometheus metrics of a spawned server whose JSON log is `log`.
+pub async fn scrape_logged(log: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = logged_address(log, "serving metrics at /metrics");
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut metrics = String::new();
+    stream.read_to_string(&mut metrics).await.expect("read");
+    metrics
+}
