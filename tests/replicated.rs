@@ -19,7 +19,11 @@ use tonic_health::pb::health_client::HealthClient;
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 /// Longest a change may take to reach another sidecar in these tests
 /// (the measured figures are far below; this only bounds a hang).
-const CONVERGE: Duration = Duration::from_secs(10);
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// One test at a time: each runs an etcd cluster and several sidecars, and
+/// two at once on two cores measure the machine, not keyward.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A sidecar's clients.
 struct Client {
@@ -175,6 +179,7 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_sidecars_share_one_key_set_and_revocations_propagate_fast() {
+    let _serial = SERIAL.lock().await;
     let Some(cluster) = Cluster::start(3).await else {
         return;
     };
@@ -287,6 +292,7 @@ async fn three_sidecars_share_one_key_set_and_revocations_propagate_fast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_account_limit_holds_across_sidecars() {
+    let _serial = SERIAL.lock().await;
     let Some(cluster) = Cluster::start(3).await else {
         return;
     };
@@ -335,11 +341,12 @@ async fn the_account_limit_holds_across_sidecars() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn member_and_quorum_loss() {
+    let _serial = SERIAL.lock().await;
     let Some(mut cluster) = Cluster::start(3).await else {
         return;
     };
     // Writes may wait out a leader election (about a second here).
-    let (_sidecars, mut c) = three_sidecars(
+    let (sidecars, mut c) = three_sidecars(
         &cluster,
         &["--store-timeout-ms", "5000", "--request-timeout-ms", "8000"],
     )
@@ -377,8 +384,16 @@ async fn member_and_quorum_loss() {
     cluster.restart(0);
     cluster.restart(1);
     cluster.wait_writable().await;
-    for client in &mut c {
-        converge_status(client, "keyward.v1.KeyManager", ServingStatus::Serving).await;
+    for (client, sidecar) in c.iter_mut().zip(&sidecars) {
+        let deadline = Instant::now() + CONVERGE;
+        while client.status("keyward.v1.KeyManager").await != ServingStatus::Serving {
+            assert!(
+                Instant::now() < deadline,
+                "KeyManager never SERVING again:\n{}",
+                sidecar.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     let (_, after) = c[0]
         .create("acme", &["mail.send"])
@@ -403,6 +418,7 @@ async fn member_and_quorum_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sidecar_restarted_while_etcd_is_down_serves_its_replica_then_catches_up() {
+    let _serial = SERIAL.lock().await;
     let Some(mut cluster) = Cluster::start(1).await else {
         return;
     };
@@ -452,6 +468,7 @@ async fn a_sidecar_restarted_while_etcd_is_down_serves_its_replica_then_catches_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compaction_past_a_disconnected_sidecar_makes_it_read_everything_again() {
+    let _serial = SERIAL.lock().await;
     let Some(mut cluster) = Cluster::start(3).await else {
         return;
     };
@@ -493,6 +510,7 @@ async fn compaction_past_a_disconnected_sidecar_makes_it_read_everything_again()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_sidecar_is_ready_after_its_first_full_read_and_modes_do_not_mix() {
+    let _serial = SERIAL.lock().await;
     let Some(cluster) = Cluster::start(1).await else {
         return;
     };
@@ -552,6 +570,7 @@ fn serve_once(data_dir: &std::path::Path, endpoints: Option<&str>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_max_staleness_a_cut_off_sidecar_leaves_rotation_and_says_how_stale_it_is() {
+    let _serial = SERIAL.lock().await;
     let Some(mut cluster) = Cluster::start(1).await else {
         return;
     };
