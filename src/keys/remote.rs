@@ -47,6 +47,8 @@ const PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 /// While etcd is away, at most one log line per this period.
 const LOG_EVERY: Duration = Duration::from_secs(30);
+/// How much earlier than its caller's deadline a change gives up on etcd.
+const REPLY_MARGIN: Duration = Duration::from_millis(100);
 /// Pause between retries of a failed etcd call.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Longest wait for a full read when the writer rebuilds the replica.
@@ -143,6 +145,9 @@ impl Remote {
         change: &Change,
         deadline: Instant,
     ) -> Result<(Staged, i64), KeyError> {
+        // Answer before the caller gives up: its timeout would report the
+        // local disk as not responding.
+        let deadline = deadline.checked_sub(REPLY_MARGIN).unwrap_or(deadline);
         // A transaction whose reply was lost may have committed: before
         // running the rules again, look whether its write is there.
         let mut unsure: Option<Staged> = None;

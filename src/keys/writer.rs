@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use super::remote::Remote;
-use super::stage::{Rules, View, Write};
+use super::stage::{Rules, Staged, View, Write};
 use super::{AccountCounts, KeyError, Lifecycle, Operation, Principal, StateChange, intern};
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
@@ -561,23 +561,8 @@ impl Writer {
                 continue;
             }
             let operation = job.change.operation();
-            let rules = Rules {
-                catalog: &self.catalog,
-                max_per_account: self.max_per_account,
-            };
-            let outcome = match &mut self.remote {
-                None => rules
-                    .stage(
-                        &mut Local::new(&store, &self.accounts),
-                        &job.actor,
-                        job.change,
-                    )
-                    .map(|staged| (staged, None)),
-                Some(remote) => remote
-                    .commit(&rules, &job.actor, &job.change, job.deadline)
-                    .map(|(staged, revision)| (staged, Some(revision))),
-            };
-            let (staged, revision) = match outcome {
+            let (staged, revision) = match self.write(&store, &job.actor, job.change, job.deadline)
+            {
                 Ok(outcome) => outcome,
                 Err(KeyError::Store(error)) => {
                     let _ = job.reply.send(Err(KeyError::Unavailable));
@@ -621,6 +606,9 @@ impl Writer {
             });
         }
         if acked.is_empty() && failure.is_none() {
+            // The store answered (every change was refused on its merits,
+            // or by etcd): whatever stall was reported is over.
+            self.shared.publish(StoreHealth::Healthy);
             return;
         }
         let flushed = match failure {
@@ -645,6 +633,30 @@ impl Writer {
         match flushed {
             Ok(()) => self.shared.publish(StoreHealth::Healthy),
             Err(error) => self.fail(&error),
+        }
+    }
+
+    /// Checks a change against the truth, and commits it there when the
+    /// truth is etcd (returning the revision it committed at). Standalone,
+    /// the store is the truth and [`Self::apply`] is the write.
+    fn write(
+        &mut self,
+        store: &Store,
+        actor: &Principal,
+        change: Change,
+        deadline: Instant,
+    ) -> Result<(Staged, Option<i64>), KeyError> {
+        let rules = Rules {
+            catalog: &self.catalog,
+            max_per_account: self.max_per_account,
+        };
+        match &mut self.remote {
+            None => rules
+                .stage(&mut Local::new(store, &self.accounts), actor, change)
+                .map(|staged| (staged, None)),
+            Some(remote) => remote
+                .commit(&rules, actor, &change, deadline)
+                .map(|(staged, revision)| (staged, Some(revision))),
         }
     }
 
