@@ -530,3 +530,47 @@ async fn report(shared: Arc<Shared>, metrics: Arc<Metrics>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> KeyId {
+        KeyId::from_bytes([n; 16])
+    }
+
+    #[test]
+    fn a_change_is_applied_once_and_never_rolled_back() {
+        let mut replica = Revisions::default();
+        replica.advance(10);
+        assert!(!replica.admit(id(1), 9), "below the floor: already held");
+        assert!(!replica.admit(id(1), 10));
+        // This sidecar's own write at 20, ahead of the watch...
+        assert!(replica.admit(id(1), 20));
+        // ...then the watch brings an older change to the same key, and the
+        // write itself: neither applies again.
+        assert!(!replica.admit(id(1), 17));
+        assert!(!replica.admit(id(1), 20));
+        // Other keys in between still apply, each once.
+        assert!(replica.admit(id(2), 18));
+        assert!(!replica.admit(id(2), 18));
+        replica.advance(20);
+        assert!(
+            replica.ahead.is_empty(),
+            "nothing ahead of the floor is kept"
+        );
+        assert!(replica.admit(id(1), 21));
+    }
+
+    #[test]
+    fn a_full_read_keeps_only_what_this_sidecar_wrote_after_it() {
+        let mut replica = Revisions::default();
+        assert!(replica.admit(id(1), 5));
+        assert!(replica.admit(id(2), 30));
+        let newer = replica.reset(25);
+        assert_eq!(newer, HashSet::from([id(2)]), "written after the read");
+        assert!(!replica.admit(id(1), 25), "the read covers it");
+        assert!(!replica.admit(id(2), 28), "older than the local write");
+        assert!(replica.admit(id(3), 26));
+    }
+}
