@@ -1,5 +1,7 @@
 //! The shipped deployment examples are valid keyward configuration.
 
+mod common;
+
 use keyward::domain::catalog::Catalog;
 use keyward::domain::route::RouteTable;
 
@@ -42,5 +44,77 @@ fn the_shipped_deployment_serves_key_management_on_loopback_only() {
     assert!(
         deployment.contains("defaultMode: 0440"),
         "the admin token Secret is not world-readable"
+    );
+}
+
+/// The replicated overlay's keyward settings are ones `keyward serve`
+/// accepts (names, values, the store timeout below the request timeout),
+/// and with etcd unreachable and an empty replica the sidecar is not ready.
+#[tokio::test]
+async fn the_replicated_overlay_settings_start_keyward() {
+    let patch = include_str!("../k8s/overlays/replicated/deployment-patch.yaml");
+    let lines: Vec<&str> = patch.lines().map(str::trim).collect();
+    let mut env: Vec<(String, String)> = lines
+        .windows(2)
+        .filter_map(|pair| {
+            let name = pair[0].strip_prefix("- name: ")?;
+            let value = pair[1].strip_prefix("value: ")?;
+            name.starts_with("KEYWARD_")
+                .then(|| (name.to_owned(), value.trim_matches('"').to_owned()))
+        })
+        .collect();
+    let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in [
+        "KEYWARD_ETCD_ENDPOINTS",
+        "KEYWARD_ETCD_CA_FILE",
+        "KEYWARD_ETCD_CERT_FILE",
+        "KEYWARD_ETCD_KEY_FILE",
+        "KEYWARD_STORE_TIMEOUT_MS",
+        "KEYWARD_REQUEST_TIMEOUT_MS",
+        "KEYWARD_MAX_STALENESS",
+    ] {
+        assert!(names.contains(&expected), "{expected} is set");
+    }
+    // Same settings, local stand-ins for the cluster's addresses and files.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = common::pki::pki();
+    let unreachable = format!("https://127.0.0.1:{}", common::free_port());
+    for (name, value) in &mut env {
+        let local = |file: &str, pem: &str| {
+            let path = dir.path().join(file);
+            std::fs::write(&path, pem).expect("write");
+            path.display().to_string()
+        };
+        match name.as_str() {
+            "KEYWARD_ETCD_ENDPOINTS" => value.clone_from(&unreachable),
+            "KEYWARD_ETCD_CA_FILE" => *value = local("ca.pem", &pki.ca),
+            "KEYWARD_ETCD_CERT_FILE" => *value = local("client.pem", &pki.client.0),
+            "KEYWARD_ETCD_KEY_FILE" => *value = local("client.key", &pki.client.1),
+            _ => {}
+        }
+    }
+    let (mut child, port) = common::spawn_serve_env(
+        env!("CARGO_BIN_EXE_keyward"),
+        dir.path(),
+        &["--data-dir", "data"],
+        &env,
+    );
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        common::connect(&format!("http://127.0.0.1:{port}")).await,
+    );
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "keyward.v1.Authorizer".into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
+        "not ready before a first full read"
     );
 }

@@ -245,6 +245,16 @@ pub fn path_in(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     reason = "the caller owns and reaps the child"
 )]
 pub fn spawn_serve(bin: &str, cwd: &std::path::Path, extra: &[&str]) -> (std::process::Child, u16) {
+    spawn_serve_env(bin, cwd, extra, &[])
+}
+
+/// [`spawn_serve`] with environment variables set for the child.
+pub fn spawn_serve_env(
+    bin: &str,
+    cwd: &std::path::Path,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> (std::process::Child, u16) {
     use std::process::{Command, Stdio};
     let log_path = cwd.join("serve.log");
     let log = std::fs::File::create(&log_path).expect("log file");
@@ -261,6 +271,7 @@ pub fn spawn_serve(bin: &str, cwd: &std::path::Path, extra: &[&str]) -> (std::pr
         .current_dir(cwd)
         .env_remove("KEYWARD_DATA_DIR")
         .env("RUST_LOG", "debug")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
