@@ -52,8 +52,8 @@ fn the_shipped_deployment_serves_key_management_on_loopback_only() {
 /// and with etcd unreachable and an empty replica the sidecar is not ready.
 #[tokio::test]
 async fn the_replicated_overlay_settings_start_keyward() {
-    let patch = include_str!("../k8s/overlays/replicated/deployment-patch.yaml");
-    let lines: Vec<&str> = patch.lines().map(str::trim).collect();
+    let overlay = include_str!("../k8s/overlays/replicated/deployment-patch.yaml");
+    let lines: Vec<&str> = overlay.lines().map(str::trim).collect();
     let mut env: Vec<(String, String)> = lines
         .windows(2)
         .filter_map(|pair| {

@@ -249,6 +249,10 @@ pub fn spawn_serve(bin: &str, cwd: &std::path::Path, extra: &[&str]) -> (std::pr
 }
 
 /// [`spawn_serve`] with environment variables set for the child.
+#[allow(
+    clippy::zombie_processes,
+    reason = "the child is returned to the caller, who waits for it"
+)]
 pub fn spawn_serve_env(
     bin: &str,
     cwd: &std::path::Path,
@@ -258,7 +262,8 @@ pub fn spawn_serve_env(
     use std::process::{Command, Stdio};
     let log_path = cwd.join("serve.log");
     let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = Command::new(bin)
+    let mut command = Command::new(bin);
+    command
         .args([
             "serve",
             "--listen",
@@ -271,11 +276,12 @@ pub fn spawn_serve_env(
         .current_dir(cwd)
         .env_remove("KEYWARD_DATA_DIR")
         .env("RUST_LOG", "debug")
-        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("keyward serve starts");
+        .stderr(log);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("keyward serve starts");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
