@@ -328,7 +328,7 @@ async fn the_account_limit_holds_across_sidecars() {
         }
     }
     assert_eq!(ids.len(), 20, "exactly the limit, across 45 racing creates");
-    let in_etcd = cluster.client().records().await.expect("read etcd");
+    let in_etcd = cluster.client().snapshot().await.expect("read etcd").0;
     assert_eq!(in_etcd.len(), 20);
     for mut client in c {
         let deadline = Instant::now() + CONVERGE;
@@ -408,7 +408,7 @@ async fn member_and_quorum_loss() {
             "nothing acknowledged was lost"
         );
     }
-    let etcd = cluster.client().records().await.expect("read etcd");
+    let etcd = cluster.client().snapshot().await.expect("read etcd").0;
     assert_eq!(
         etcd.len(),
         3,

@@ -253,101 +253,40 @@ impl Etcd {
     }
 
     /// Writes `record` unless its key id is already there, adding one to
-    /// its account's count in the same transaction, and only while the
-    /// count is below `limit` (when given). The transaction compares the
-    /// count's revision with the one read, so concurrent writers on any
-    /// number of sidecars retry instead of overshooting: the limit holds
-    /// globally, with no process-local lock.
+    /// its account's count in the same transaction ([`Self::commit`]), and
+    /// only while the count is below `limit` (when given). A transaction
+    /// that lost a race with another writer reads the count again: the
+    /// limit holds globally, with no process-local lock.
     pub async fn put_new(
         &self,
         record: &KeyRecord,
         limit: Option<u64>,
     ) -> Result<PutNew, EtcdError> {
-        let id = record_id(record)?;
-        let key = self.key_path(&id);
+        let key = self.key_path(&record_id(record)?);
         let account = self.account_path(&record.account_id);
         loop {
             let (count, count_revision) = self.count(&account).await?;
-            if limit.is_some_and(|limit| count >= limit) {
-                return Ok(if self.get(&key).await?.is_some() {
-                    PutNew::Present
-                } else {
-                    PutNew::LimitReached
-                });
+            if limit.is_none_or(|limit| count < limit) {
+                let read = [(key.clone(), 0), (account.clone(), count_revision)];
+                let create = Mutation::Create { record, count };
+                if self.commit(&read, &create).await?.is_some() {
+                    return Ok(PutNew::Written);
+                }
             }
-            let txn = TxnRequest {
-                compare: vec![
-                    created(&key, CompareResult::Equal),
-                    unchanged(&account, count_revision),
-                ],
-                success: vec![
-                    put(key.clone(), record::encode(record)),
-                    put(account.clone(), (count + 1).to_string().into_bytes()),
-                ],
-                failure: Vec::new(),
-            };
-            if self.kv.clone().txn(txn).await?.into_inner().succeeded {
-                return Ok(PutNew::Written);
-            }
-            if self.get(&key).await?.is_some() {
+            if self.get_kv(&key).await?.is_some() {
                 return Ok(PutNew::Present);
+            }
+            if limit.is_some_and(|limit| count >= limit) {
+                return Ok(PutNew::LimitReached);
             }
             // The count moved under us (another writer): read it again.
         }
     }
 
-    /// Removes a key record and takes one from its account's count, in
-    /// one transaction (compares as in [`Self::put_new`]). Returns whether
-    /// it was there.
-    pub async fn remove(&self, id: &KeyId, account: &str) -> Result<bool, EtcdError> {
-        let key = self.key_path(id);
-        let account = self.account_path(account);
-        loop {
-            let (count, count_revision) = self.count(&account).await?;
-            let txn = TxnRequest {
-                compare: vec![
-                    created(&key, CompareResult::Greater),
-                    unchanged(&account, count_revision),
-                ],
-                success: vec![
-                    delete(key.clone()),
-                    put(
-                        account.clone(),
-                        count.saturating_sub(1).to_string().into_bytes(),
-                    ),
-                ],
-                failure: Vec::new(),
-            };
-            if self.kv.clone().txn(txn).await?.into_inner().succeeded {
-                return Ok(true);
-            }
-            if self.get(&key).await?.is_none() {
-                return Ok(false);
-            }
-        }
-    }
-
-    /// The value at `key`, if any.
-    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EtcdError> {
-        Ok(self.get_kv(key).await?.map(|kv| kv.value))
-    }
-
     /// The cluster's current revision, by a linearizable read: answers only
     /// while a quorum does, so it proves this sidecar can hear the truth.
     pub async fn current_revision(&self) -> Result<i64, EtcdError> {
-        let start = self.keys_prefix();
-        let reply = self
-            .kv
-            .clone()
-            .range(RangeRequest {
-                range_end: prefix_end(&start),
-                key: start,
-                count_only: true,
-                ..RangeRequest::default()
-            })
-            .await?
-            .into_inner();
-        Ok(reply.header.map_or(0, |h| h.revision))
+        Ok(self.range_keys(true).await?.0)
     }
 
     /// The key-value at `key`, if any, and etcd's revision when it answered.
@@ -373,7 +312,7 @@ impl Etcd {
     /// Runs `ops` in one transaction if every compare holds; returns the
     /// revision the transaction committed at, or `None` when a compare
     /// failed (nothing was written).
-    pub async fn txn(
+    async fn txn(
         &self,
         compare: Vec<Compare>,
         ops: Vec<RequestOp>,
@@ -430,6 +369,17 @@ impl Etcd {
     /// they are the state at (a watch from the next revision misses
     /// nothing and repeats nothing).
     pub async fn snapshot(&self) -> Result<(Vec<KeyRecord>, i64), EtcdError> {
+        let (revision, kvs) = self.range_keys(false).await?;
+        let records = kvs
+            .into_iter()
+            .map(|kv| decode_value(&kv.key, &kv.value))
+            .collect::<Result<_, _>>()?;
+        Ok((records, revision))
+    }
+
+    /// Every key record's key-value (none with `count_only`), and etcd's
+    /// revision when it answered; a linearizable read.
+    async fn range_keys(&self, count_only: bool) -> Result<(i64, Vec<KeyValue>), EtcdError> {
         let start = self.keys_prefix();
         let reply = self
             .kv
@@ -437,22 +387,12 @@ impl Etcd {
             .range(RangeRequest {
                 range_end: prefix_end(&start),
                 key: start,
+                count_only,
                 ..RangeRequest::default()
             })
             .await?
             .into_inner();
-        let revision = reply.header.map_or(0, |h| h.revision);
-        let records = reply
-            .kvs
-            .into_iter()
-            .map(|kv| decode_value(&kv.key, &kv.value))
-            .collect::<Result<_, _>>()?;
-        Ok((records, revision))
-    }
-
-    /// Every key record under the prefix, decoded.
-    pub async fn records(&self) -> Result<Vec<KeyRecord>, EtcdError> {
-        Ok(self.snapshot().await?.0)
+        Ok((reply.header.map_or(0, |h| h.revision), reply.kvs))
     }
 
     /// Follows changes to key records from `start_revision` on, in
@@ -700,18 +640,6 @@ pub enum MigrateError {
     /// Writing to etcd failed.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
-}
-
-/// `key`'s creation revision compared with 0: `Equal` means absent,
-/// `Greater` present.
-fn created(key: &[u8], result: CompareResult) -> Compare {
-    Compare {
-        result: result as i32,
-        target: CompareTarget::Create as i32,
-        key: key.to_vec(),
-        target_union: Some(TargetUnion::CreateRevision(0)),
-        range_end: Vec::new(),
-    }
 }
 
 /// `key` was last written at `revision` (absent: 0): nobody changed it
