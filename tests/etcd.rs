@@ -241,12 +241,7 @@ async fn a_watch_from_a_snapshot_sees_every_later_change_in_order_and_reports_co
     }
     let revisions: Vec<i64> = seen
         .iter()
-        .map(|w| match w {
-            Watched::Put { revision, .. } | Watched::Deleted { revision, .. } => *revision,
-            Watched::Compacted { .. } | Watched::Progress { .. } => {
-                panic!("only changes expected")
-            }
-        })
+        .map(|w| w.revision().expect("only changes expected"))
         .collect();
     assert!(revisions.windows(2).all(|w| w[0] < w[1]), "{revisions:?}");
     assert!(revisions[0] > revision, "nothing from the snapshot repeats");

@@ -462,9 +462,7 @@ async fn follow_once(
                         }
                     }
                 }
-                if let (false, Some(through)) = (changes.is_empty(), *resume)
-                    && !deliver(commands, Synced::Events { changes, through }).await
-                {
+                if !changes.is_empty() && !deliver(commands, Synced::Events(changes)).await {
                     return Ok(Followed::WriterGone);
                 }
             }

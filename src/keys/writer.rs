@@ -37,7 +37,7 @@ use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey};
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
-use crate::store::db::{RawRecord, Store, StoreError};
+use crate::store::db::{Put, RawRecord, Store, StoreError};
 use crate::store::etcd::Watched;
 use crate::store::index::{Entry, Index};
 use crate::store::record::{self, KeyRecord};
@@ -179,13 +179,9 @@ pub enum Command {
 /// What the etcd watch delivered, for the writer to apply.
 #[derive(Debug)]
 pub enum Synced {
-    /// Changes in revision order, and the revision they bring the replica to.
-    Events {
-        /// Puts and deletes.
-        changes: Vec<Watched>,
-        /// Everything through this revision has been delivered.
-        through: i64,
-    },
+    /// Puts and deletes in revision order: everything through the last
+    /// one's revision has been delivered.
+    Events(Vec<Watched>),
     /// The whole key set as of `revision`.
     Snapshot {
         /// Every key record.
@@ -370,6 +366,26 @@ struct Acked {
     reply: oneshot::Sender<Result<Committed, KeyError>>,
     operation: Operation,
     committed: Committed,
+}
+
+/// One committed change, as the replica applies it.
+#[derive(Clone, Copy)]
+enum Applied<'a> {
+    /// A key's record (new or changed), with its resolved scopes.
+    Put(&'a KeyRecord, ScopeSet),
+    /// A removed key.
+    Remove(KeyId),
+}
+
+impl<'a> Applied<'a> {
+    /// What a staged `write` of `record` applies (`None`: the record has
+    /// no valid id, which a stored record cannot lack).
+    fn of(record: &'a KeyRecord, write: Write, scopes: ScopeSet) -> Option<Self> {
+        match write {
+            Write::Create | Write::Replace => Some(Self::Put(record, scopes)),
+            Write::Remove => record::key_id(record).map(Self::Remove),
+        }
+    }
 }
 
 /// A change to the index, made once the replica's batch is flushed.
@@ -574,29 +590,18 @@ impl Writer {
                     continue;
                 }
             };
-            match self.apply(
-                Some(&store),
-                &staged.committed.after,
-                staged.write,
-                staged.scopes,
-                revision,
-            ) {
-                Ok(change) => changes.extend(change),
-                // Standalone: the store is the truth, so the change failed.
-                Err(error) if self.remote.is_none() => {
-                    let _ = job.reply.send(Err(KeyError::Unavailable));
-                    failure.get_or_insert(error);
-                    continue;
-                }
-                // Replicated: etcd has it, so it stands; the replica is
+            let applied = Applied::of(&staged.committed.after, staged.write, staged.scopes);
+            let stored = applied.map_or(Ok(()), |applied| {
+                self.apply(Some(&store), applied, revision, &mut changes)
+            });
+            if let Err(error) = stored {
+                failure.get_or_insert(error);
+                // Standalone, the store is the truth: the change failed.
+                // Replicated, etcd has it, so it stands; the replica is
                 // rebuilt from etcd once the disk recovers.
-                Err(error) => {
-                    changes.extend(self.index_change(
-                        &staged.committed.after,
-                        staged.write,
-                        staged.scopes,
-                    ));
-                    failure.get_or_insert(error);
+                if self.remote.is_none() {
+                    let _ = job.reply.send(Err(KeyError::Unavailable));
+                    continue;
                 }
             }
             acked.push(Acked {
@@ -660,67 +665,59 @@ impl Writer {
         }
     }
 
-    /// Applies one committed change to the local store and returns the
-    /// index change it makes; the only path by which changes reach the
-    /// replica and the index, whether this sidecar wrote them (`revision`
-    /// from etcd, or `None` standalone) or the watch brought them.
-    /// Idempotent by revision: a change already applied, or older than
-    /// what the replica holds, changes nothing.
+    /// Applies one committed change to the local store and queues the
+    /// index change it makes (made once the batch is flushed); the only
+    /// path by which changes reach the replica and the index, whether this
+    /// sidecar wrote them (`revision` from etcd, or `None` standalone) or
+    /// the watch brought them. Idempotent by revision: a change already
+    /// applied, or older than what the replica holds, changes nothing.
+    /// Without a store (the disk is failing) only the index changes.
     fn apply(
         &mut self,
         store: Option<&Store>,
-        record: &KeyRecord,
-        write: Write,
-        scopes: ScopeSet,
+        change: Applied<'_>,
         revision: Option<i64>,
-    ) -> Result<Option<IndexChange>, StoreError> {
-        let Some(id) = record::key_id(record) else {
-            return Ok(None);
+        index: &mut Vec<IndexChange>,
+    ) -> Result<(), StoreError> {
+        let id = match change {
+            Applied::Put(record, _) => match record::key_id(record) {
+                Some(id) => id,
+                None => return Ok(()),
+            },
+            Applied::Remove(id) => id,
         };
         if let (Some(remote), Some(revision)) = (&mut self.remote, revision)
             && !remote.replica.admit(id, revision)
         {
-            return Ok(None);
+            return Ok(());
         }
-        let change = self.index_change(record, write, scopes);
-        let Some(store) = store else {
-            return Ok(change);
-        };
-        match write {
-            Write::Create => {
-                store.create(record)?;
+        match change {
+            Applied::Put(record, scopes) => {
                 let account = intern(&self.accounts, &record.account_id);
-                *self.accounts.entry(account).or_default() += 1;
+                index.push(IndexChange::Put(
+                    id,
+                    Entry::from_stored(record, scopes, Arc::clone(&account)),
+                ));
+                if let Some(store) = store
+                    && store.put(record)? == Put::Created
+                {
+                    *self.accounts.entry(account).or_default() += 1;
+                }
             }
-            Write::Replace => store.replace(record)?,
-            Write::Remove => {
-                store.remove(record)?;
-                if let Some(count) = self.accounts.get_mut(record.account_id.as_str()) {
+            Applied::Remove(id) => {
+                index.push(IndexChange::Remove(id));
+                if let Some(store) = store
+                    && let Some(removed) = store.remove(&id)?
+                    && let Some(count) = self.accounts.get_mut(removed.account_id.as_str())
+                {
                     *count = count.saturating_sub(1);
                     if *count == 0 {
-                        self.accounts.remove(record.account_id.as_str());
+                        self.accounts.remove(removed.account_id.as_str());
                     }
                 }
             }
         }
-        Ok(change)
-    }
-
-    /// The index change a committed write makes.
-    fn index_change(
-        &self,
-        record: &KeyRecord,
-        write: Write,
-        scopes: ScopeSet,
-    ) -> Option<IndexChange> {
-        let id = record::key_id(record)?;
-        Some(match write {
-            Write::Remove => IndexChange::Remove(id),
-            Write::Create | Write::Replace => IndexChange::Put(
-                id,
-                Entry::from_stored(record, scopes, intern(&self.accounts, &record.account_id)),
-            ),
-        })
+        Ok(())
     }
 
     fn change_index(&self, changes: Vec<IndexChange>) {
@@ -736,7 +733,7 @@ impl Writer {
     /// Applies what the etcd watch delivered (replicated mode).
     fn sync(&mut self, synced: Synced) {
         match synced {
-            Synced::Events { changes, through } => self.sync_events(changes, through),
+            Synced::Events(changes) => self.sync_events(&changes),
             Synced::Snapshot { records, revision } => {
                 if let Err(error) = self.apply_snapshot(&records, revision) {
                     self.fail(&error);
@@ -748,60 +745,24 @@ impl Writer {
     /// Applies watched changes in revision order, then records how far the
     /// replica has got. Decisions see them even if the local disk fails
     /// (etcd has them; the replica is rebuilt when the disk recovers).
-    fn sync_events(&mut self, changes: Vec<Watched>, through: i64) {
+    fn sync_events(&mut self, changes: &[Watched]) {
+        let Some(through) = changes.iter().filter_map(Watched::revision).max() else {
+            return;
+        };
         let store = self.store.clone();
         let mut index = Vec::with_capacity(changes.len());
         let mut failure = None;
         for change in changes {
-            let applied = match change {
-                Watched::Put { record, revision } => {
-                    let present = match (&store, record::key_id(&record)) {
-                        (Some(store), Some(id)) => store.get(&id).map(|r| r.is_some()),
-                        (None, Some(id)) => Ok(self.index.contains(&id)),
-                        (_, None) => continue,
-                    };
-                    let scopes = self.catalog.resolve_stored(&record.scopes).0;
-                    present.and_then(|present| {
-                        let write = if present {
-                            Write::Replace
-                        } else {
-                            Write::Create
-                        };
-                        self.apply(store.as_ref(), &record, write, scopes, Some(revision))
-                    })
-                }
-                Watched::Deleted { id, revision } => {
-                    let stored = match &store {
-                        Some(store) => store.get(&id),
-                        None => Ok(None),
-                    };
-                    match stored {
-                        Ok(Some(record)) => self.apply(
-                            store.as_ref(),
-                            &record,
-                            Write::Remove,
-                            ScopeSet::default(),
-                            Some(revision),
-                        ),
-                        // Not in the replica (or no replica): the index is
-                        // all there is to change.
-                        Ok(None) => {
-                            let admitted = self
-                                .remote
-                                .as_mut()
-                                .is_some_and(|remote| remote.replica.admit(id, revision));
-                            Ok(admitted.then_some(IndexChange::Remove(id)))
-                        }
-                        Err(error) => Err(error),
-                    }
-                }
+            let (applied, revision) = match change {
+                Watched::Put { record, revision } => (
+                    Applied::Put(record, self.catalog.resolve_stored(&record.scopes).0),
+                    *revision,
+                ),
+                Watched::Deleted { id, revision } => (Applied::Remove(*id), *revision),
                 Watched::Progress { .. } | Watched::Compacted { .. } => continue,
             };
-            match applied {
-                Ok(change) => index.extend(change),
-                Err(error) => {
-                    failure.get_or_insert(error);
-                }
+            if let Err(error) = self.apply(store.as_ref(), applied, Some(revision), &mut index) {
+                failure.get_or_insert(error);
             }
         }
         if let Some(remote) = &mut self.remote {
@@ -838,6 +799,10 @@ impl Writer {
             return Ok(());
         };
         let newer = remote.replica.reset(revision);
+        // The fresh index comes from the records in hand, not from reading
+        // the replica back.
+        let fresh = Index::with_capacity(records.len());
+        let mut accounts = AccountCounts::new();
         let mut live = std::collections::HashSet::with_capacity(records.len());
         for record in records {
             let Some(id) = record::key_id(record) else {
@@ -847,28 +812,31 @@ impl Writer {
             if newer.contains(&id) {
                 continue;
             }
-            match store.get(&id)? {
-                Some(stored) if stored == *record => {}
-                Some(_) => store.replace(record)?,
-                None => store.create(record)?,
+            store.put(record)?;
+            let account = intern(&accounts, &record.account_id);
+            *accounts.entry(Arc::clone(&account)).or_default() += 1;
+            let scopes = self.catalog.resolve_stored(&record.scopes).0;
+            fresh.insert(id, Entry::from_stored(record, scopes, account));
+        }
+        // Keys this sidecar changed after `revision` keep their state.
+        for id in &newer {
+            if let Some(entry) = self.index.entry(id) {
+                *accounts.entry(Arc::clone(&entry.account)).or_default() += 1;
+                fresh.insert(*id, entry);
             }
         }
-        let mut gone = Vec::new();
-        for raw in store.partition(0, 1) {
-            let stored = raw?.record()?;
-            if let Some(id) = record::key_id(&stored)
-                && !live.contains(&id)
-                && !newer.contains(&id)
-            {
-                gone.push(stored);
-            }
-        }
-        for stored in &gone {
-            store.remove(stored)?;
+        let gone = store
+            .ids()
+            .filter(|id| {
+                id.as_ref()
+                    .map_or(true, |id| !live.contains(id) && !newer.contains(id))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for id in &gone {
+            store.remove(id)?;
         }
         store.set_replica(revision, now_nanos())?;
         store.flush()?;
-        let (fresh, accounts) = load(&store, &self.catalog)?;
         self.index.reconcile(&fresh);
         self.accounts = accounts;
         self.metrics.set_keys(self.index.len());

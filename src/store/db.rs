@@ -73,6 +73,17 @@ impl From<TransactionError<()>> for StoreError {
     }
 }
 
+/// What [`Store::put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// A new key.
+    Created,
+    /// A stored key changed.
+    Replaced,
+    /// The stored record was already exactly this one: nothing written.
+    Unchanged,
+}
+
 /// One stored record, not yet decoded.
 #[derive(Debug, Clone)]
 pub struct RawRecord {
@@ -193,41 +204,57 @@ impl Store {
             .transpose()
     }
 
-    /// Stages a new record in both trees atomically. Not durable until
-    /// [`Self::flush`] returns: never acknowledge before that.
-    pub fn create(&self, record: &KeyRecord) -> Result<(), StoreError> {
+    /// Stages `record`, new or in place of the stored one (account and
+    /// creation time never change, so an existing listing entry stays), in
+    /// both trees atomically. Not durable until [`Self::flush`] returns:
+    /// never acknowledge before that.
+    pub fn put(&self, record: &KeyRecord) -> Result<Put, StoreError> {
         let value = record::encode(record);
         let listing = listing_key(record);
-        (&self.keys, &self.by_account).transaction(|(keys, by_account)| {
-            keys.insert(record.key_id.as_slice(), value.as_slice())?;
-            by_account.insert(listing.as_slice(), &[] as &[u8])?;
-            Ok(())
+        let id = record.key_id.as_slice();
+        let put = (&self.keys, &self.by_account).transaction(|(keys, by_account)| {
+            Ok(match keys.get(id)? {
+                Some(stored) if stored == value.as_slice() => Put::Unchanged,
+                Some(_) => {
+                    keys.insert(id, value.as_slice())?;
+                    Put::Replaced
+                }
+                None => {
+                    keys.insert(id, value.as_slice())?;
+                    by_account.insert(listing.as_slice(), &[] as &[u8])?;
+                    Put::Created
+                }
+            })
         })?;
-        Ok(())
+        Ok(put)
     }
 
-    /// Stages a replacement of an existing record (account and creation
-    /// time never change, so the listing entry stays). Durable after
-    /// [`Self::flush`].
-    pub fn replace(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        self.keys
-            .insert(record.key_id.as_slice(), record::encode(record))?;
-        Ok(())
-    }
-
-    /// Stages the removal of a record from both trees atomically. Durable
-    /// after [`Self::flush`].
-    pub fn remove(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let listing = listing_key(record);
+    /// Stages the removal of a key from every tree atomically; returns the
+    /// record removed, if it was there. Durable after [`Self::flush`].
+    pub fn remove(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let Some(record) = self.get(id)? else {
+            return Ok(None);
+        };
+        let listing = listing_key(&record);
         (&self.keys, &self.by_account, &self.last_used).transaction(
             |(keys, by_account, last_used)| {
-                keys.remove(record.key_id.as_slice())?;
+                keys.remove(id.as_bytes())?;
                 by_account.remove(listing.as_slice())?;
-                last_used.remove(record.key_id.as_slice())?;
+                last_used.remove(id.as_bytes())?;
                 Ok(())
             },
         )?;
-        Ok(())
+        Ok(Some(record))
+    }
+
+    /// Every stored key id, for comparing the replica with etcd.
+    pub fn ids(&self) -> impl Iterator<Item = Result<KeyId, StoreError>> + '_ {
+        self.keys.iter().keys().filter_map(|key| match key {
+            Ok(key) => <[u8; 16]>::try_from(key.as_ref())
+                .ok()
+                .map(|id| Ok(KeyId::from_bytes(id))),
+            Err(error) => Some(Err(error.into())),
+        })
     }
 
     /// Stages last-used times (durable after [`Self::flush`]). Keys deleted

@@ -484,6 +484,17 @@ pub enum Watched {
     },
 }
 
+impl Watched {
+    /// The revision of a put or delete.
+    #[must_use]
+    pub fn revision(&self) -> Option<i64> {
+        match self {
+            Self::Put { revision, .. } | Self::Deleted { revision, .. } => Some(*revision),
+            Self::Progress { .. } | Self::Compacted { .. } => None,
+        }
+    }
+}
+
 impl Watch {
     /// Asks etcd to confirm how far the watch has delivered; the answer
     /// comes as [`Watched::Progress`]. Proves the watch is alive and the

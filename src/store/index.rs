@@ -272,6 +272,12 @@ impl Index {
         }
     }
 
+    /// A live key's entry (off the decision path: the writer's re-reads).
+    #[must_use]
+    pub fn entry(&self, id: &KeyId) -> Option<Entry> {
+        self.keys.pin().get(id).cloned()
+    }
+
     /// Whether a key is live.
     #[must_use]
     pub fn contains(&self, id: &KeyId) -> bool {
