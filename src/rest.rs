@@ -172,7 +172,53 @@ struct RenameBody {
     name: String,
 }
 
+/// What an update does to a key's scopes.
+enum Scopes<'a> {
+    /// PATCH: keeps them.
+    Keep,
+    /// PUT: replaces every one with the body's (absent: refused).
+    Replace(Option<&'a [String]>),
+}
+
 impl Rest {
+    /// PUT and PATCH: a new name, and with `scopes` (PUT) every scope
+    /// replaced; audited either way. Returns the key as changed.
+    async fn update(
+        &self,
+        principal: &Principal,
+        operation: &'static str,
+        id: &str,
+        name: &str,
+        scopes: Scopes<'_>,
+    ) -> Result<KeyRecord, Problem> {
+        let fail = |e| refused(principal, operation)(e);
+        self.keys
+            .permit(principal, Operation::Update)
+            .map_err(fail)?;
+        let id = convert::key_id(id).map_err(fail)?;
+        let name = convert::name(name).map_err(fail)?;
+        let grant = match scopes {
+            Scopes::Keep => None,
+            Scopes::Replace(scopes) => Some(
+                self.grant(scopes)
+                    .map_err(fail)?
+                    .ok_or_else(|| KeyError::Invalid {
+                        field: "scopes",
+                        problem: "required: PUT replaces every scope (PATCH changes only the name)"
+                            .into(),
+                    })
+                    .map_err(fail)?,
+            ),
+        };
+        let (before, record) = self
+            .keys
+            .update(principal, &id, name, grant)
+            .await
+            .map_err(fail)?;
+        audit::changed(principal, operation, Some(&before), &record);
+        Ok(record)
+    }
+
     /// The caller, from `Authorization`.
     fn principal(&self, headers: &HeaderMap) -> Result<Principal, Problem> {
         let header = headers
@@ -318,27 +364,11 @@ async fn replace(
     bytes: Bytes,
 ) -> Result<Response, Problem> {
     let principal = rest.principal(&headers)?;
-    let fail = |e| refused(&principal, "update")(e);
     let request: ReplaceBody = body(&bytes)?;
-    rest.keys
-        .permit(&principal, Operation::Update)
-        .map_err(fail)?;
-    let id = convert::key_id(&id).map_err(fail)?;
-    let name = convert::name(&request.name).map_err(fail)?;
-    let grant = rest
-        .grant(request.scopes.as_deref())
-        .map_err(fail)?
-        .ok_or_else(|| KeyError::Invalid {
-            field: "scopes",
-            problem: "required: PUT replaces every scope (PATCH changes only the name)".into(),
-        })
-        .map_err(fail)?;
-    let (before, record) = rest
-        .keys
-        .update(&principal, &id, name, Some(grant))
-        .await
-        .map_err(fail)?;
-    audit::changed(&principal, "update", Some(&before), &record);
+    let scopes = Scopes::Replace(request.scopes.as_deref());
+    let record = rest
+        .update(&principal, "update", &id, &request.name, scopes)
+        .await?;
     Ok(axum::Json(detail(&record)).into_response())
 }
 
@@ -350,19 +380,10 @@ async fn rename(
     bytes: Bytes,
 ) -> Result<Response, Problem> {
     let principal = rest.principal(&headers)?;
-    let fail = |e| refused(&principal, "rename")(e);
     let request: RenameBody = body(&bytes)?;
-    rest.keys
-        .permit(&principal, Operation::Update)
-        .map_err(fail)?;
-    let id = convert::key_id(&id).map_err(fail)?;
-    let name = convert::name(&request.name).map_err(fail)?;
-    let (before, record) = rest
-        .keys
-        .update(&principal, &id, name, None)
-        .await
-        .map_err(fail)?;
-    audit::changed(&principal, "rename", Some(&before), &record);
+    let record = rest
+        .update(&principal, "rename", &id, &request.name, Scopes::Keep)
+        .await?;
     Ok(axum::Json(summary(&record)).into_response())
 }
 
