@@ -177,18 +177,27 @@ impl Cluster {
                 if self.members[i].child.is_none() {
                     continue;
                 }
+                // A member still starting refuses connections: that is
+                // "not yet", not a failure (a loaded machine can take
+                // seconds to start etcd).
                 let put = async {
-                    self.kv(i)
-                        .await
+                    let channel =
+                        tonic::transport::Endpoint::from_shared(self.members[i].client_url.clone())
+                            .expect("url")
+                            .connect()
+                            .await
+                            .ok()?;
+                    KvClient::new(channel)
                         .put(PutRequest {
                             key: b"/keyward-test/probe".to_vec(),
                             ..PutRequest::default()
                         })
                         .await
+                        .ok()
                 };
                 if matches!(
                     tokio::time::timeout(Duration::from_secs(2), put).await,
-                    Ok(Ok(_))
+                    Ok(Some(_))
                 ) {
                     return;
                 }
