@@ -24,10 +24,10 @@ use keyward::domain::decision::Decision;
 use keyward::domain::key::{self, NewKey, PresentedKey, SecretHash};
 use keyward::domain::path::canonical_path;
 use keyward::domain::rate::RateLimit;
+use keyward::domain::record::{Access, PreviousSecret};
 use keyward::domain::route::{Method, RouteTable};
 use keyward::domain::scope_set::ScopeSet;
 use keyward::store::index::{Entry, Index, Usage};
-use keyward::store::record::KeyRecord;
 use rustc_hash::FxBuildHasher;
 use sha2::{Digest, Sha256};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -72,21 +72,16 @@ fn fixture(catalog: &Catalog, routes: &Arc<RouteTable>, size: usize) -> Fixture 
 }
 
 /// The index entry of `key` as the store would load it, with `lifecycle`
-/// settings applied to its record.
+/// settings applied.
 fn entry(
     key: &NewKey,
     scopes: ScopeSet,
     account: Arc<str>,
-    lifecycle: impl FnOnce(&mut KeyRecord),
+    lifecycle: impl FnOnce(&mut Access),
 ) -> Entry {
-    let mut record = KeyRecord {
-        key_id: key.id.as_bytes().to_vec(),
-        secret_sha256: key.hash.as_bytes().to_vec(),
-        account_id: account.to_string(),
-        ..KeyRecord::default()
-    };
-    lifecycle(&mut record);
-    Entry::from_stored(&record, scopes, account)
+    let mut access = Access::new(key.hash);
+    lifecycle(&mut access);
+    Entry::new(&access, scopes, account)
 }
 
 /// The unavoidable work: find the key by id, hash the secret, compare.
@@ -205,20 +200,14 @@ fn bench(c: &mut Criterion) {
     // The most a key may have (a million a second, a burst of a million),
     // so admissions are measured; the budget is refilled between rounds.
     let limit = RateLimit::new(1_000_000, Duration::from_secs(1), 1_000_000).expect("valid");
-    let (rate_requests, rate_period_nanos, rate_burst) =
-        keyward::store::record::rate_fields(Some(limit));
-    let with_limit = |record: &mut KeyRecord| {
-        record.rate_requests = rate_requests;
-        record.rate_period_nanos = rate_period_nanos;
-        record.rate_burst = rate_burst;
-    };
+    let with_limit = |access: &mut Access| access.rate_limit = Some(limit);
     let plain = key::generate().expect("rng");
     lifecycle.insert(plain.id, entry(&plain, have, Arc::clone(&account), |_| {}));
     let expiring = key::generate().expect("rng");
     lifecycle.insert(
         expiring.id,
         entry(&expiring, have, Arc::clone(&account), |r| {
-            r.expires_at_unix_nanos = in_an_hour;
+            r.expires_at = Some(in_an_hour);
         }),
     );
     let listed = key::generate().expect("rng");
@@ -237,10 +226,12 @@ fn bench(c: &mut Criterion) {
     let everything = key::generate().expect("rng");
     let previous = key::generate().expect("rng");
     let everything_entry = entry(&everything, have, Arc::clone(&account), |r| {
-        r.expires_at_unix_nanos = in_an_hour;
+        r.expires_at = Some(in_an_hour);
         r.allowed_cidrs.clone_from(&ranges);
-        r.previous_secret_sha256 = previous.hash.as_bytes().to_vec();
-        r.previous_valid_until_unix_nanos = in_an_hour;
+        r.previous = Some(PreviousSecret {
+            hash: previous.hash,
+            valid_until: in_an_hour,
+        });
         with_limit(r);
     });
     let everything_usage = Arc::clone(&everything_entry.usage);

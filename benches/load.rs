@@ -1490,9 +1490,10 @@ async fn fairness(args: FairnessArgs) -> anyhow::Result<()> {
 
 async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
     use keyward::domain::catalog::Catalog;
+    use keyward::domain::catalog::KeyKind;
     use keyward::domain::key;
+    use keyward::domain::record::{Access, KeyRecord};
     use keyward::store::db::Store;
-    use keyward::store::record::KeyRecord;
 
     let catalog = Catalog::sendgrid();
     let scopes = catalog.names(
@@ -1512,25 +1513,21 @@ async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
         };
         if !dir.join("data/db").exists() {
             let store = Store::open(&dir.join("data/db"))?;
-            let mut batch = Vec::with_capacity(10_000);
             for i in 0..size {
                 let new_key = key::generate().map_err(|e| anyhow::anyhow!("rng: {e}"))?;
-                batch.push(KeyRecord {
-                    key_id: new_key.id.as_bytes().to_vec(),
-                    secret_sha256: new_key.hash.as_bytes().to_vec(),
-                    account_id: format!("acct{}", i % 10_000),
+                let at = i64::try_from(i).unwrap_or_default();
+                store.put(&KeyRecord {
+                    id: new_key.id,
+                    account: format!("acct{}", i % 10_000),
                     name: format!("key {i}"),
-                    kind: 2,
+                    kind: KeyKind::RestrictedAccess,
                     scopes: scopes.clone(),
-                    created_at_unix_nanos: i64::try_from(i).unwrap_or_default(),
-                    ..KeyRecord::default()
-                });
-                if batch.len() == batch.capacity() {
-                    store.import(&batch)?;
-                    batch.clear();
-                }
+                    created_at: at,
+                    updated_at: at,
+                    access: Access::new(new_key.hash),
+                })?;
             }
-            store.import(&batch)?;
+            store.flush()?;
         }
         let server = Server::start(&dir, temp)?;
         let startup = server.started_in;

@@ -2,8 +2,8 @@
 //! and every refused change, whichever front door (gRPC or REST) it came
 //! through. Never a secret.
 
+use crate::domain::record::KeyRecord;
 use crate::keys::{KeyError, Principal};
-use crate::store::record::{self, KeyRecord};
 
 /// An acknowledged change: who, what (operation, key, scope diff, name),
 /// when (the event's timestamp), result.
@@ -27,27 +27,27 @@ pub fn changed(
             }),
         )
     };
+    let access = &after.access;
     tracing::info!(
         target: "keyward::audit",
         actor = %principal.label(),
         operation,
-        key_id = %key_id(after),
-        account = %after.account_id,
+        key_id = %after.id,
+        account = %after.account,
         name = %after.name,
         name_before = before.map(|b| b.name.as_str()).filter(|n| *n != after.name),
         scopes_added = ?added,
         scopes_removed = ?removed,
-        enabled = !after.disabled,
-        expires_at_unix = (after.expires_at_unix_nanos != 0)
-            .then(|| after.expires_at_unix_nanos.div_euclid(1_000_000_000)),
-        allowed_cidrs = ?after.allowed_cidrs,
-        rate_limit = (after.rate_requests != 0).then(|| format!(
+        enabled = !access.disabled,
+        expires_at_unix = access.expires_at.map(|at| at.div_euclid(1_000_000_000)),
+        allowed_cidrs = ?access.allowed_cidrs,
+        rate_limit = access.rate_limit.map(|limit| format!(
             "{}/{}ms burst {}",
-            after.rate_requests,
-            after.rate_period_nanos / 1_000_000,
-            after.rate_burst
+            limit.requests(),
+            limit.period().as_millis(),
+            limit.burst()
         )),
-        rotated = before.is_some_and(|b| b.secret_sha256 != after.secret_sha256),
+        rotated = before.is_some_and(|b| b.access.secret != access.secret),
         result = "ok",
     );
 }
@@ -61,12 +61,4 @@ pub fn refused(principal: &Principal, operation: &str, error: &KeyError) {
         error = %error,
         result = "refused",
     );
-}
-
-/// A record's key id as text (empty for a record too broken to have one).
-#[must_use]
-pub fn key_id(record: &KeyRecord) -> String {
-    record::key_id(record)
-        .map(|id| id.to_string())
-        .unwrap_or_default()
 }

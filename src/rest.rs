@@ -27,9 +27,9 @@ use serde_json::{Value, json};
 
 use crate::access::{Access, Unauthenticated};
 use crate::audit;
+use crate::domain::record::KeyRecord;
 use crate::grpc::convert;
 use crate::keys::{KeyError, Keys, Lifecycle, Operation, Principal};
-use crate::store::record::KeyRecord;
 
 /// SendGrid's header naming the account (subuser) the parent acts for.
 pub const ON_BEHALF_OF: &str = "on-behalf-of";
@@ -264,7 +264,7 @@ fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> P
 }
 
 fn summary(record: &KeyRecord) -> Value {
-    json!({ "name": record.name, "api_key_id": audit::key_id(record) })
+    json!({ "name": record.name, "api_key_id": record.id.to_string() })
 }
 
 /// A key as SendGrid shows it, plus keyward's lifecycle fields (SendGrid's
@@ -273,11 +273,10 @@ fn summary(record: &KeyRecord) -> Value {
 fn detail(record: &KeyRecord) -> Value {
     json!({
         "name": record.name,
-        "api_key_id": audit::key_id(record),
+        "api_key_id": record.id.to_string(),
         "scopes": record.scopes,
-        "enabled": !record.disabled,
-        "expires_at": (record.expires_at_unix_nanos != 0)
-            .then(|| record.expires_at_unix_nanos.div_euclid(1_000_000_000)),
+        "enabled": !record.access.disabled,
+        "expires_at": record.access.expires_at.map(|at| at.div_euclid(1_000_000_000)),
     })
 }
 
@@ -308,7 +307,7 @@ async fn create(
     audit::changed(&principal, "create", None, &record);
     let reply = json!({
         "api_key": secret,
-        "api_key_id": audit::key_id(&record),
+        "api_key_id": record.id.to_string(),
         "name": record.name,
         "scopes": record.scopes,
     });

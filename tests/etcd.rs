@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use common::etcd::Cluster;
 use common::{bearer, connect, free_port, spawn_serve};
+use keyward::domain::catalog::KeyKind;
+use keyward::domain::record::{Access, KeyRecord};
 use keyward::pb::v1 as pb;
 use keyward::pb::v1::key_manager_client::KeyManagerClient;
 use keyward::store::db::Store;
 use keyward::store::etcd::{DEFAULT_PREFIX, Etcd, Mutation, PutNew, Watched};
-use keyward::store::record::KeyRecord;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 
@@ -104,8 +105,8 @@ async fn migrate_copies_a_standalone_store_into_etcd_once() {
         .collect();
     drop(store);
     let mut copied = etcd.snapshot().await.expect("read").0;
-    stored.sort_by(|a, b| a.key_id.cmp(&b.key_id));
-    copied.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+    stored.sort_by_key(|record| record.id);
+    copied.sort_by_key(|record| record.id);
     assert_eq!(copied, stored);
     let count = |account: &'static str| {
         let etcd = etcd.clone();
@@ -152,14 +153,7 @@ async fn the_per_account_limit_holds_under_concurrent_creates_from_many_clients(
     for i in 0..150 {
         let etcd = clients[i % clients.len()].clone();
         tasks.push(tokio::spawn(async move {
-            let key = keyward::domain::key::generate().expect("rng");
-            let record = KeyRecord {
-                key_id: key.id.as_bytes().to_vec(),
-                secret_sha256: key.hash.as_bytes().to_vec(),
-                account_id: "acme".into(),
-                name: format!("racer {i}"),
-                ..KeyRecord::default()
-            };
+            let record = record("acme", &format!("racer {i}"));
             etcd.put_new(&record, Some(100))
                 .await
                 .expect("etcd answers")
@@ -189,11 +183,14 @@ async fn the_per_account_limit_holds_under_concurrent_creates_from_many_clients(
 fn record(account: &str, name: &str) -> KeyRecord {
     let key = keyward::domain::key::generate().expect("rng");
     KeyRecord {
-        key_id: key.id.as_bytes().to_vec(),
-        secret_sha256: key.hash.as_bytes().to_vec(),
-        account_id: account.into(),
+        id: key.id,
+        account: account.into(),
         name: name.into(),
-        ..KeyRecord::default()
+        kind: KeyKind::RestrictedAccess,
+        scopes: vec!["mail.send".into()],
+        created_at: 1,
+        updated_at: 1,
+        access: Access::new(key.hash),
     }
 }
 
@@ -216,9 +213,7 @@ async fn a_watch_from_a_snapshot_sees_every_later_change_in_order_and_reports_co
     let (first, second) = (record("acme", "first"), record("acme", "second"));
     writer.put_new(&first, None).await.expect("put");
     writer.put_new(&second, None).await.expect("put");
-    let first_id = keyward::domain::key::KeyId::from_bytes(
-        first.key_id.as_slice().try_into().expect("16 bytes"),
-    );
+    let first_id = first.id;
     assert!(remove(&writer, &first_id).await);
     assert!(!remove(&writer, &first_id).await, "already gone");
     assert_eq!(
@@ -281,7 +276,7 @@ async fn remove(etcd: &Etcd, id: &keyward::domain::key::KeyId) -> bool {
             return false;
         };
         let record = keyward::store::record::decode(&kv.value).expect("a record");
-        let account = etcd.account_path(&record.account_id);
+        let account = etcd.account_path(&record.account);
         let (count, revision) = etcd.count(&account).await.expect("count");
         let read = [(key, kv.mod_revision), (account, revision)];
         let removal = Mutation::Remove {

@@ -8,6 +8,7 @@ pub mod key;
 pub mod load_error;
 pub mod path;
 pub mod rate;
+pub mod record;
 pub mod route;
 pub mod rules;
 pub mod scope_set;

@@ -2,14 +2,14 @@
 
 use std::collections::HashMap;
 
-use crate::domain::catalog::{AccessLevel, Catalog};
+use crate::domain::catalog::{AccessLevel, Catalog, KeyKind};
 use crate::domain::key::KeyId;
 use crate::domain::rate::RateLimit;
+use crate::domain::record::KeyRecord;
 use crate::domain::rules::{GrantRequest, resolve_grant};
 use crate::domain::scope_set::ScopeSet;
 use crate::keys::KeyError;
 use crate::pb::v1 as pb;
-use crate::store::record::KeyRecord;
 
 /// Longest key name accepted, in characters.
 pub const MAX_NAME_CHARS: usize = 100;
@@ -106,35 +106,36 @@ pub fn access_level_pb(level: AccessLevel) -> pb::AccessLevel {
 /// it was last used (Unix nanos; 0: never).
 #[must_use]
 pub fn api_key(record: &KeyRecord, last_used: i64) -> pb::ApiKey {
+    let access = &record.access;
+    let now = crate::clock::now_nanos();
     pb::ApiKey {
-        key_id: crate::audit::key_id(record),
+        key_id: record.id.to_string(),
         name: record.name.clone(),
-        kind: record.kind,
+        kind: kind(record.kind) as i32,
         scopes: record.scopes.clone(),
-        account_id: record.account_id.clone(),
-        created_at: Some(timestamp(record.created_at_unix_nanos)),
-        updated_at: Some(timestamp(record.updated_at_unix_nanos)),
-        expires_at: (record.expires_at_unix_nanos != 0)
-            .then(|| timestamp(record.expires_at_unix_nanos)),
-        enabled: !record.disabled,
-        expired: crate::keys::writer::expired(record),
-        previous_secret_valid_until: (record.previous_valid_until_unix_nanos
-            > crate::clock::now_nanos())
-        .then(|| timestamp(record.previous_valid_until_unix_nanos)),
-        allowed_cidrs: record.allowed_cidrs.clone(),
-        rate_limit: crate::store::record::rate_limit(
-            record.rate_requests,
-            record.rate_period_nanos,
-            record.rate_burst,
-        )
-        .ok()
-        .flatten()
-        .map(|limit| pb::RateLimit {
+        account_id: record.account.clone(),
+        created_at: Some(timestamp(record.created_at)),
+        updated_at: Some(timestamp(record.updated_at)),
+        expires_at: access.expires_at.map(timestamp),
+        enabled: !access.disabled,
+        expired: access.expired_at(now),
+        previous_secret_valid_until: access.previous_open_at(now).map(timestamp),
+        allowed_cidrs: access.allowed_cidrs.clone(),
+        rate_limit: access.rate_limit.map(|limit| pb::RateLimit {
             requests: limit.requests(),
             period: prost_types::Duration::try_from(limit.period()).ok(),
             burst: limit.burst(),
         }),
         last_used_at: (last_used != 0).then(|| timestamp(last_used)),
+    }
+}
+
+/// The API's kind of a key.
+fn kind(kind: KeyKind) -> pb::KeyKind {
+    match kind {
+        KeyKind::FullAccess => pb::KeyKind::FullAccess,
+        KeyKind::RestrictedAccess => pb::KeyKind::RestrictedAccess,
+        KeyKind::Billing => pb::KeyKind::Billing,
     }
 }
 

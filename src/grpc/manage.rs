@@ -10,9 +10,9 @@ use super::convert;
 use super::status::unauthenticated;
 use crate::access::{Access, Unauthenticated};
 use crate::audit;
+use crate::domain::record::KeyRecord;
 use crate::keys::{Expiry, KeyError, Keys, Lifecycle, Operation, Principal, StateChange};
 use crate::pb::v1 as pb;
-use crate::store::record::KeyRecord;
 
 /// Serves the management RPCs.
 #[derive(Debug, Clone)]

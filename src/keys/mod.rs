@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use crate::clock::now_nanos;
-use crate::domain::catalog::{Catalog, KeyKind};
+use crate::domain::catalog::Catalog;
 use crate::domain::key::{self, KeyId};
 use crate::domain::rate::RateLimit;
+use crate::domain::record::KeyRecord;
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
 use crate::store::db::{Cursor, Store, StoreError};
 use crate::store::index::Index;
-use crate::store::record::{self, KeyRecord};
 use remote::EtcdRuntime;
 use writer::{Change, Command, Committed, FailureKind, Job, Shared, StoreHealth, Writer};
 pub use writer::{Expiry, Replication, Rotation, Settings};
@@ -283,7 +283,8 @@ impl Keys {
                 },
             )
             .await?;
-        Ok((committed.after, committed.secret.unwrap_or_default()))
+        let secret = committed.secret.expect("a create issues a secret");
+        Ok((committed.after, secret))
     }
 
     /// Reads a key visible to `principal`.
@@ -320,9 +321,7 @@ impl Keys {
         if let Some(unused_for) = unused_for {
             let cutoff = now_nanos()
                 .saturating_sub(i64::try_from(unused_for.as_nanos()).unwrap_or(i64::MAX));
-            records.retain(|record| {
-                self.last_used(record).max(record.created_at_unix_nanos) <= cutoff
-            });
+            records.retain(|record| self.last_used(record).max(record.created_at) <= cutoff);
         }
         Ok((
             records,
@@ -349,7 +348,7 @@ impl Keys {
                 },
             )
             .await?;
-        Ok((committed.before.unwrap_or_default(), committed.after))
+        Ok(committed.changed())
     }
 
     /// Disables or enables a key, sets its expiry, replaces its address
@@ -365,7 +364,7 @@ impl Keys {
         let committed = self
             .submit(principal, Change::SetState { id: *id, state })
             .await?;
-        Ok((committed.before.unwrap_or_default(), committed.after))
+        Ok(committed.changed())
     }
 
     /// Issues a new secret for the same key; the previous one keeps working
@@ -379,7 +378,7 @@ impl Keys {
     ) -> Result<(KeyRecord, KeyRecord, String), KeyError> {
         let key = key::generate_secret(*id).map_err(|_| KeyError::Rng)?;
         let overlap_nanos = i64::try_from(overlap.as_nanos()).unwrap_or(i64::MAX);
-        let committed = self
+        let mut committed = self
             .submit(
                 principal,
                 Change::Rotate {
@@ -388,11 +387,9 @@ impl Keys {
                 },
             )
             .await?;
-        Ok((
-            committed.before.unwrap_or_default(),
-            committed.after,
-            committed.secret.unwrap_or_default(),
-        ))
+        let secret = committed.secret.take().expect("a rotation issues a secret");
+        let (before, after) = committed.changed();
+        Ok((before, after, secret))
     }
 
     /// Revokes a key: removed from disk, then from the index.
@@ -407,7 +404,7 @@ impl Keys {
     /// nanos; 0: never). From memory: the newest this sidecar knows.
     #[must_use]
     pub fn last_used(&self, record: &KeyRecord) -> i64 {
-        record::key_id(record).map_or(0, |id| self.index.last_used(&id))
+        self.index.last_used(&record.id)
     }
 
     /// How many live keys there are.
@@ -597,7 +594,7 @@ fn visible(store: &Store, principal: &Principal, id: &KeyId) -> Result<KeyRecord
     let not_found = || KeyError::NotFound(id.to_string());
     let record = store.get(id)?.ok_or_else(not_found)?;
     match principal {
-        Principal::Key { account, .. } if record.account_id != **account => Err(not_found()),
+        Principal::Key { account, .. } if record.account != **account => Err(not_found()),
         _ => Ok(record),
     }
 }
@@ -647,16 +644,6 @@ fn intern(accounts: &AccountCounts, account: &str) -> Arc<str> {
     accounts
         .get_key_value(account)
         .map_or_else(|| Arc::from(account), |(a, _)| Arc::clone(a))
-}
-
-/// The `keyward.v1.KeyKind` number of a kind (also stored in records).
-#[must_use]
-pub fn kind_number(kind: KeyKind) -> i32 {
-    match kind {
-        KeyKind::FullAccess => 1,
-        KeyKind::RestrictedAccess => 2,
-        KeyKind::Billing => 3,
-    }
 }
 
 #[cfg(test)]

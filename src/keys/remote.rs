@@ -165,20 +165,19 @@ impl Remote {
             };
             let staged = rules.stage(&mut view, actor, change.clone())?;
             let record = &staged.committed.after;
-            let id = record::key_id(record).ok_or(KeyError::Unavailable)?;
             let mutation = match staged.write {
                 Write::Create => {
                     // Ids are random; this makes uniqueness a guarantee.
-                    view.read.push((view.remote.etcd.key_path(&id), 0));
+                    view.read.push((view.remote.etcd.key_path(&record.id), 0));
                     Mutation::Create {
                         record,
-                        count: view.count(&record.account_id)? as u64,
+                        count: view.count(&record.account)? as u64,
                     }
                 }
                 Write::Replace => Mutation::Replace { record },
                 Write::Remove => Mutation::Remove {
                     record,
-                    count: view.count(&record.account_id)? as u64,
+                    count: view.count(&record.account)? as u64,
                 },
             };
             let read = std::mem::take(&mut view.read);
@@ -206,8 +205,7 @@ impl Remote {
     /// removal.
     fn landed(&self, staged: &Staged, deadline: Instant) -> Result<Option<i64>, KeyError> {
         let record = &staged.committed.after;
-        let id = record::key_id(record).ok_or(KeyError::Unavailable)?;
-        let key = self.etcd.key_path(&id);
+        let key = self.etcd.key_path(&record.id);
         let (kv, revision) = self.call(deadline, || self.etcd.get_at(&key))?;
         Ok(match (staged.write, kv) {
             (Write::Remove, None) => Some(revision),

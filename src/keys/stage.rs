@@ -12,13 +12,13 @@
 use std::sync::Arc;
 
 use super::writer::{Change, Committed, Expiry, Rotation};
-use super::{KeyError, Lifecycle, Principal, StateChange, kind_number};
+use super::{KeyError, Lifecycle, Principal, StateChange};
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey};
+use crate::domain::record::{Access, KeyRecord, PreviousSecret};
 use crate::domain::rules;
 use crate::domain::scope_set::ScopeSet;
-use crate::store::record::{self, KeyRecord};
 
 /// What a change reads from the truth, as of the backend's atomic step.
 pub trait View {
@@ -123,24 +123,20 @@ impl Rules<'_> {
             });
         }
         let now = now_nanos();
-        let (rate_requests, rate_period_nanos, rate_burst) =
-            record::rate_fields(lifecycle.rate_limit);
         let record = KeyRecord {
-            key_id: key.id.as_bytes().to_vec(),
-            secret_sha256: key.hash.as_bytes().to_vec(),
-            account_id: account.to_string(),
+            id: key.id,
+            account: account.to_string(),
             name,
-            kind: kind_number(self.catalog.kind_of(&grant)),
+            kind: self.catalog.kind_of(&grant),
             scopes: self.catalog.names(&grant),
-            created_at_unix_nanos: now,
-            updated_at_unix_nanos: now,
-            disabled: false,
-            expires_at_unix_nanos: lifecycle.expires_at.unwrap_or(0),
-            allowed_cidrs: lifecycle.allowed_cidrs,
-            rate_requests,
-            rate_period_nanos,
-            rate_burst,
-            ..KeyRecord::default()
+            created_at: now,
+            updated_at: now,
+            access: Access {
+                expires_at: lifecycle.expires_at,
+                allowed_cidrs: lifecycle.allowed_cidrs,
+                rate_limit: lifecycle.rate_limit,
+                ..Access::new(key.hash)
+            },
         };
         Ok(Staged {
             committed: Committed {
@@ -166,7 +162,7 @@ impl Rules<'_> {
             Some(grant) => {
                 self.no_escalation(held, &grant)?;
                 record.scopes = self.catalog.names(&grant);
-                record.kind = kind_number(self.catalog.kind_of(&grant));
+                record.kind = self.catalog.kind_of(&grant);
                 grant
             }
             None => self.catalog.resolve_stored(&record.scopes).0,
@@ -176,23 +172,20 @@ impl Rules<'_> {
 
     fn set_state(&self, before: KeyRecord, state: StateChange) -> Staged {
         let mut record = before.clone();
+        let access = &mut record.access;
         if let Some(disabled) = state.disabled {
-            record.disabled = disabled;
+            access.disabled = disabled;
         }
         match state.expires_at {
-            Some(Expiry::Never) => record.expires_at_unix_nanos = 0,
-            Some(Expiry::At(nanos)) => record.expires_at_unix_nanos = nanos,
+            Some(Expiry::Never) => access.expires_at = None,
+            Some(Expiry::At(nanos)) => access.expires_at = Some(nanos),
             None => {}
         }
         if let Some(allowed_cidrs) = state.allowed_cidrs {
-            record.allowed_cidrs = allowed_cidrs;
+            access.allowed_cidrs = allowed_cidrs;
         }
         if let Some(limit) = state.rate_limit {
-            (
-                record.rate_requests,
-                record.rate_period_nanos,
-                record.rate_burst,
-            ) = record::rate_fields(limit);
+            access.rate_limit = limit;
         }
         let scopes = self.catalog.resolve_stored(&record.scopes).0;
         replaced(before, record, scopes, None)
@@ -200,17 +193,14 @@ impl Rules<'_> {
 
     fn rotate(&self, before: KeyRecord, rotation: Rotation) -> Staged {
         let mut record = before.clone();
+        let access = &mut record.access;
         // The current secret becomes the previous one (ending any earlier
         // overlap), unless the overlap is zero.
-        if rotation.overlap_nanos > 0 {
-            record.previous_secret_sha256 = std::mem::take(&mut record.secret_sha256);
-            record.previous_valid_until_unix_nanos =
-                now_nanos().saturating_add(rotation.overlap_nanos);
-        } else {
-            record.previous_secret_sha256.clear();
-            record.previous_valid_until_unix_nanos = 0;
-        }
-        record.secret_sha256 = rotation.key.hash.as_bytes().to_vec();
+        access.previous = (rotation.overlap_nanos > 0).then(|| PreviousSecret {
+            hash: access.secret,
+            valid_until: now_nanos().saturating_add(rotation.overlap_nanos),
+        });
+        access.secret = rotation.key.hash;
         let scopes = self.catalog.resolve_stored(&record.scopes).0;
         replaced(before, record, scopes, Some(rotation.key.text))
     }
@@ -228,8 +218,8 @@ impl Rules<'_> {
             Principal::Admin => Ok(self.catalog.all()),
             Principal::Key { id, .. } => match view.get(id)? {
                 None => refused("has been revoked"),
-                Some(record) if record.disabled => refused("is disabled"),
-                Some(record) if super::writer::expired(&record) => refused("has expired"),
+                Some(record) if record.access.disabled => refused("is disabled"),
+                Some(record) if record.access.expired_at(now_nanos()) => refused("has expired"),
                 Some(record) => Ok(self.catalog.resolve_stored(&record.scopes).0),
             },
         }
@@ -249,7 +239,7 @@ impl Rules<'_> {
         let not_found = || KeyError::NotFound(id.to_string());
         let record = view.get(id)?.ok_or_else(not_found)?;
         if let Principal::Key { account, .. } = actor {
-            if record.account_id != **account {
+            if record.account != **account {
                 return Err(not_found());
             }
             let (target, _) = self.catalog.resolve_stored(&record.scopes);
@@ -281,7 +271,7 @@ fn replaced(
     scopes: ScopeSet,
     secret: Option<String>,
 ) -> Staged {
-    record.updated_at_unix_nanos = now_nanos().max(record.updated_at_unix_nanos);
+    record.updated_at = now_nanos().max(record.updated_at);
     Staged {
         committed: Committed {
             before: Some(before),

@@ -35,12 +35,12 @@ use super::{AccountCounts, KeyError, Lifecycle, Operation, Principal, StateChang
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey};
+use crate::domain::record::KeyRecord;
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
 use crate::store::db::{Put, RawRecord, Store, StoreError};
 use crate::store::etcd::Watched;
 use crate::store::index::{Entry, Index};
-use crate::store::record::{self, KeyRecord};
 
 /// How often a failed store is reopened and probed.
 pub const RETRY: Duration = Duration::from_secs(1);
@@ -149,6 +149,21 @@ pub struct Committed {
     pub after: KeyRecord,
     /// A new key's full text, shown once.
     pub secret: Option<String>,
+}
+
+impl Committed {
+    /// The record before and after a change to an existing key.
+    ///
+    /// # Panics
+    /// On a create, which has no record before: every other change is
+    /// staged by `Rules::replaced` or as a removal, both of which set it.
+    #[must_use]
+    pub fn changed(self) -> (KeyRecord, KeyRecord) {
+        let before = self
+            .before
+            .expect("a change to an existing key has a before");
+        (before, self.after)
+    }
 }
 
 /// A change waiting for the writer.
@@ -378,12 +393,11 @@ enum Applied<'a> {
 }
 
 impl<'a> Applied<'a> {
-    /// What a staged `write` of `record` applies (`None`: the record has
-    /// no valid id, which a stored record cannot lack).
-    fn of(record: &'a KeyRecord, write: Write, scopes: ScopeSet) -> Option<Self> {
+    /// What a staged `write` of `record` applies.
+    fn of(record: &'a KeyRecord, write: Write, scopes: ScopeSet) -> Self {
         match write {
-            Write::Create | Write::Replace => Some(Self::Put(record, scopes)),
-            Write::Remove => record::key_id(record).map(Self::Remove),
+            Write::Create | Write::Replace => Self::Put(record, scopes),
+            Write::Remove => Self::Remove(record.id),
         }
     }
 }
@@ -591,9 +605,7 @@ impl Writer {
                 }
             };
             let applied = Applied::of(&staged.committed.after, staged.write, staged.scopes);
-            let stored = applied.map_or(Ok(()), |applied| {
-                self.apply(Some(&store), applied, revision, &mut changes)
-            });
+            let stored = self.apply(Some(&store), applied, revision, &mut changes);
             if let Err(error) = stored {
                 failure.get_or_insert(error);
                 // Standalone, the store is the truth: the change failed.
@@ -680,10 +692,7 @@ impl Writer {
         index: &mut Vec<IndexChange>,
     ) -> Result<(), StoreError> {
         let id = match change {
-            Applied::Put(record, _) => match record::key_id(record) {
-                Some(id) => id,
-                None => return Ok(()),
-            },
+            Applied::Put(record, _) => record.id,
             Applied::Remove(id) => id,
         };
         if let (Some(remote), Some(revision)) = (&mut self.remote, revision)
@@ -693,10 +702,10 @@ impl Writer {
         }
         match change {
             Applied::Put(record, scopes) => {
-                let account = intern(&self.accounts, &record.account_id);
+                let account = intern(&self.accounts, &record.account);
                 index.push(IndexChange::Put(
                     id,
-                    Entry::from_stored(record, scopes, Arc::clone(&account)),
+                    Entry::new(&record.access, scopes, Arc::clone(&account)),
                 ));
                 if let Some(store) = store
                     && store.put(record)? == Put::Created
@@ -708,11 +717,11 @@ impl Writer {
                 index.push(IndexChange::Remove(id));
                 if let Some(store) = store
                     && let Some(removed) = store.remove(&id)?
-                    && let Some(count) = self.accounts.get_mut(removed.account_id.as_str())
+                    && let Some(count) = self.accounts.get_mut(removed.account.as_str())
                 {
                     *count = count.saturating_sub(1);
                     if *count == 0 {
-                        self.accounts.remove(removed.account_id.as_str());
+                        self.accounts.remove(removed.account.as_str());
                     }
                 }
             }
@@ -805,18 +814,16 @@ impl Writer {
         let mut accounts = AccountCounts::new();
         let mut live = std::collections::HashSet::with_capacity(records.len());
         for record in records {
-            let Some(id) = record::key_id(record) else {
-                continue;
-            };
+            let id = record.id;
             live.insert(id);
             if newer.contains(&id) {
                 continue;
             }
             store.put(record)?;
-            let account = intern(&accounts, &record.account_id);
+            let account = intern(&accounts, &record.account);
             *accounts.entry(Arc::clone(&account)).or_default() += 1;
             let scopes = self.catalog.resolve_stored(&record.scopes).0;
-            fresh.insert(id, Entry::from_stored(record, scopes, account));
+            fresh.insert(id, Entry::new(&record.access, scopes, account));
         }
         // Keys this sidecar changed after `revision` keep their state.
         for id in &newer {
@@ -980,21 +987,14 @@ fn load_part(
 ) -> Result<AccountCounts, StoreError> {
     let mut accounts: AccountCounts = HashMap::new();
     for raw in part {
-        let view = raw?.index_view()?;
-        let (scopes, unknown) = catalog.resolve_stored(&view.scopes);
-        let id = KeyId::from_bytes(view.key_id.as_slice().try_into().unwrap_or_default());
+        let key = raw?.indexed()?;
+        let (scopes, unknown) = catalog.resolve_stored(&key.scopes);
         if !unknown.is_empty() {
-            tracing::warn!(key_id = %id, ?unknown, "stored scopes not in the catalog grant nothing");
+            tracing::warn!(key_id = %key.id, ?unknown, "stored scopes not in the catalog grant nothing");
         }
-        let account = intern(&accounts, &view.account_id);
+        let account = intern(&accounts, &key.account);
         *accounts.entry(Arc::clone(&account)).or_default() += 1;
-        index.insert(id, Entry::from_stored(&view, scopes, account));
+        index.insert(key.id, Entry::new(&key.access, scopes, account));
     }
     Ok(accounts)
-}
-
-/// Whether a stored key's expiry has passed.
-#[must_use]
-pub fn expired(record: &KeyRecord) -> bool {
-    record.expires_at_unix_nanos != 0 && record.expires_at_unix_nanos <= now_nanos()
 }

@@ -27,7 +27,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sled::Transactional;
 use sled::transaction::TransactionError;
 
-use super::record::{self, KeyRecord, KeyRecordIndexView, RecordError};
+use super::record::{self, Indexed, KeyRecord, RecordError};
 use crate::domain::key::KeyId;
 
 /// sled's page cache: management reads and writes only.
@@ -93,8 +93,8 @@ pub struct RawRecord {
 
 impl RawRecord {
     /// Decodes the fields the index needs.
-    pub fn index_view(&self) -> Result<KeyRecordIndexView, StoreError> {
-        record::decode_index_view(&self.value).map_err(|source| StoreError::Record {
+    pub fn indexed(&self) -> Result<Indexed, StoreError> {
+        record::decode_indexed(&self.value).map_err(|source| StoreError::Record {
             key: key_label(&self.key),
             source,
         })
@@ -211,7 +211,7 @@ impl Store {
     pub fn put(&self, record: &KeyRecord) -> Result<Put, StoreError> {
         let value = record::encode(record);
         let listing = listing_key(record);
-        let id = record.key_id.as_slice();
+        let id = record.id.as_bytes();
         let put = (&self.keys, &self.by_account).transaction(|(keys, by_account)| {
             Ok(match keys.get(id)? {
                 Some(stored) if stored == value.as_slice() => Put::Unchanged,
@@ -283,22 +283,6 @@ impl Store {
             }
         }
         Ok(times)
-    }
-
-    /// Loads many new records at once, with one batch per tree and a single
-    /// flush instead of a flush per key: for offline bulk loads (the scale
-    /// benchmark). It bypasses the per-account limit, and the two trees are
-    /// written one after the other, so run it only while keyward is stopped.
-    pub fn import(&self, records: &[KeyRecord]) -> Result<(), StoreError> {
-        let mut keys = sled::Batch::default();
-        let mut listing = sled::Batch::default();
-        for record in records {
-            keys.insert(record.key_id.as_slice(), record::encode(record));
-            listing.insert(listing_key(record), &[] as &[u8]);
-        }
-        self.keys.apply_batch(keys)?;
-        self.by_account.apply_batch(listing)?;
-        self.flush()
     }
 
     /// A durable write that changes nothing keyward reads: proves the disk
@@ -411,10 +395,11 @@ fn account_prefix(account: &str) -> Vec<u8> {
 }
 
 fn listing_key(record: &KeyRecord) -> Vec<u8> {
-    let mut key = account_prefix(&record.account_id);
-    let created = u64::try_from(record.created_at_unix_nanos).unwrap_or_default();
+    let mut key = account_prefix(&record.account);
+    // Creation times are after 1970: never negative.
+    let created = u64::try_from(record.created_at).unwrap_or_default();
     key.extend_from_slice(&created.to_be_bytes());
-    key.extend_from_slice(&record.key_id);
+    key.extend_from_slice(record.id.as_bytes());
     key
 }
 

@@ -262,8 +262,8 @@ impl Etcd {
         record: &KeyRecord,
         limit: Option<u64>,
     ) -> Result<PutNew, EtcdError> {
-        let key = self.key_path(&record_id(record)?);
-        let account = self.account_path(&record.account_id);
+        let key = self.key_path(&record.id);
+        let account = self.account_path(&record.account);
         loop {
             let (count, count_revision) = self.count(&account).await?;
             if limit.is_none_or(|limit| count < limit) {
@@ -349,13 +349,13 @@ impl Etcd {
             Mutation::Replace { record } => (record, None),
             Mutation::Remove { record, count } => (record, Some(count.saturating_sub(1))),
         };
-        let key = self.key_path(&record_id(record)?);
+        let key = self.key_path(&record.id);
         let mut ops = vec![match mutation {
             Mutation::Remove { .. } => delete(key),
             _ => put(key, record::encode(record)),
         }];
         if let Some(count) = count {
-            let account = self.account_path(&record.account_id);
+            let account = self.account_path(&record.account);
             ops.push(if count == 0 {
                 delete(account)
             } else {
@@ -682,13 +682,6 @@ fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
             ..PutRequest::default()
         })),
     }
-}
-
-fn record_id(record: &KeyRecord) -> Result<KeyId, EtcdError> {
-    record::key_id(record).ok_or_else(|| EtcdError::Value {
-        key: record.name.clone(),
-        problem: "the record has no valid key id".into(),
-    })
 }
 
 /// The end of the range of every key starting with `prefix` (etcd's

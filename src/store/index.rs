@@ -10,8 +10,8 @@ use crate::clock;
 use crate::domain::allowlist::Allowlist;
 use crate::domain::key::{KeyId, PresentedKey, SecretHash};
 use crate::domain::rate::Gcra;
+use crate::domain::record::Access;
 use crate::domain::scope_set::ScopeSet;
-use crate::store::record::{self, StoredKey};
 
 /// Last-used times are kept to the minute: a key used all day writes its
 /// in-memory time once a minute, and the store at most once per flush.
@@ -55,36 +55,32 @@ impl Entry {
         }
     }
 
-    /// The entry for a stored key (decoded, so its fields were checked)
-    /// with its `scopes` resolved and its `account` interned.
+    /// The entry for a key with `access`, its `scopes` resolved and its
+    /// `account` interned.
     #[must_use]
-    pub fn from_stored(stored: &impl StoredKey, scopes: ScopeSet, account: Arc<str>) -> Self {
-        let (requests, period, burst) = stored.rate();
-        let limit = record::rate_limit(requests, period, burst)
-            .ok()
-            .flatten()
-            .map(|limit| limit.gcra(clock::CLOCK_REFRESH));
+    pub fn new(access: &Access, scopes: ScopeSet, account: Arc<str>) -> Self {
+        // Absent hashes are all zeros: no secret hashes to that, and a
+        // closed overlap (`previous_until` 0) never compares it anyway.
+        let (previous_hash, previous_until) = access
+            .previous
+            .map_or((SecretHash::from_bytes([0; 32]), 0), |previous| {
+                (previous.hash, previous.valid_until)
+            });
         Self {
-            hash: hash_of(stored.secret_sha256()),
+            hash: access.secret,
             scopes,
             account,
-            disabled: stored.disabled(),
-            expires_at: match stored.expires_at() {
-                0 => clock::NEVER,
-                at => at,
-            },
-            previous_hash: hash_of(stored.previous_secret_sha256()),
-            previous_until: stored.previous_valid_until(),
-            allowlist: Allowlist::from_stored(stored.allowed_cidrs()),
-            limit,
+            disabled: access.disabled,
+            expires_at: access.expires_at.unwrap_or(clock::NEVER),
+            previous_hash,
+            previous_until,
+            allowlist: Allowlist::from_stored(&access.allowed_cidrs),
+            limit: access
+                .rate_limit
+                .map(|limit| limit.gcra(clock::CLOCK_REFRESH)),
             usage: Arc::default(),
         }
     }
-}
-
-/// A stored hash; all zeros when absent (no secret hashes to that).
-fn hash_of(bytes: &[u8]) -> SecretHash {
-    SecretHash::from_bytes(bytes.try_into().unwrap_or([0; 32]))
 }
 
 /// A key's per-request state, written by decisions.

@@ -6,10 +6,11 @@
 
 use prost::Message;
 
-use crate::domain::key::KeyId;
+use crate::domain::catalog::KeyKind;
+use crate::domain::key::{KeyId, SecretHash};
 use crate::domain::rate::RateLimit;
-
-pub use crate::pb::store::{KeyRecord, KeyRecordIndexView};
+pub use crate::domain::record::{Access, KeyRecord, PreviousSecret};
+use crate::pb::store::{KeyRecord as Stored, KeyRecordIndexView as StoredIndexView};
 
 const FORMAT_V1: u8 = 1;
 
@@ -30,17 +31,189 @@ pub enum RecordError {
     FieldRange(&'static str),
 }
 
-/// A record's key id (`None` only for a record too broken to have one;
-/// decoding refuses those).
+/// What the index needs of a stored key; start-up decodes every record
+/// this way, skipping its name and times.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Indexed {
+    /// The key's id.
+    pub id: KeyId,
+    /// The key's account.
+    pub account: String,
+    /// Scope names as granted.
+    pub scopes: Vec<String>,
+    /// Secret and lifecycle.
+    pub access: Access,
+}
+
+/// Encodes a record for storage (sled and etcd hold the same bytes).
 #[must_use]
-pub fn key_id(record: &KeyRecord) -> Option<KeyId> {
-    <[u8; 16]>::try_from(record.key_id.as_slice())
-        .ok()
+pub fn encode(record: &KeyRecord) -> Vec<u8> {
+    let access = &record.access;
+    let (rate_requests, rate_period_nanos, rate_burst) =
+        access.rate_limit.map_or((0, 0, 0), |limit| {
+            (
+                limit.requests(),
+                i64::try_from(limit.period().as_nanos()).unwrap_or(i64::MAX),
+                limit.burst(),
+            )
+        });
+    let stored = Stored {
+        key_id: record.id.as_bytes().to_vec(),
+        secret_sha256: access.secret.as_bytes().to_vec(),
+        account_id: record.account.clone(),
+        name: record.name.clone(),
+        kind: kind_number(record.kind),
+        scopes: record.scopes.clone(),
+        created_at_unix_nanos: record.created_at,
+        updated_at_unix_nanos: record.updated_at,
+        disabled: access.disabled,
+        expires_at_unix_nanos: access.expires_at.unwrap_or(0),
+        previous_secret_sha256: access
+            .previous
+            .map(|previous| previous.hash.as_bytes().to_vec())
+            .unwrap_or_default(),
+        previous_valid_until_unix_nanos: access.previous.map_or(0, |previous| previous.valid_until),
+        allowed_cidrs: access.allowed_cidrs.clone(),
+        rate_requests,
+        rate_period_nanos,
+        rate_burst,
+    };
+    let mut out = Vec::with_capacity(1 + stored.encoded_len());
+    out.push(FORMAT_V1);
+    stored.encode(&mut out).expect("a Vec grows as needed");
+    out
+}
+
+/// Decodes a stored record, checking every field.
+pub fn decode(bytes: &[u8]) -> Result<KeyRecord, RecordError> {
+    let stored: Stored = body(bytes)?;
+    let access = access(&stored)?;
+    Ok(KeyRecord {
+        id: id(&stored.key_id)?,
+        kind: kind(stored.kind)?,
+        account: stored.account_id,
+        name: stored.name,
+        scopes: stored.scopes,
+        created_at: stored.created_at_unix_nanos,
+        updated_at: stored.updated_at_unix_nanos,
+        access,
+    })
+}
+
+/// Decodes only what the index needs, checking it as [`decode`] does.
+pub fn decode_indexed(bytes: &[u8]) -> Result<Indexed, RecordError> {
+    let stored: StoredIndexView = body(bytes)?;
+    Ok(Indexed {
+        id: id(&stored.key_id)?,
+        access: access(&stored)?,
+        account: stored.account_id,
+        scopes: stored.scopes,
+    })
+}
+
+/// The stored number of a kind (the same as `keyward.v1.KeyKind`'s).
+const fn kind_number(kind: KeyKind) -> i32 {
+    match kind {
+        KeyKind::FullAccess => 1,
+        KeyKind::RestrictedAccess => 2,
+        KeyKind::Billing => 3,
+    }
+}
+
+fn kind(number: i32) -> Result<KeyKind, RecordError> {
+    match number {
+        1 => Ok(KeyKind::FullAccess),
+        2 => Ok(KeyKind::RestrictedAccess),
+        3 => Ok(KeyKind::Billing),
+        _ => Err(RecordError::FieldRange("kind")),
+    }
+}
+
+fn body<M: Message + Default>(bytes: &[u8]) -> Result<M, RecordError> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, body)) => Ok(M::decode(body)?),
+        other => Err(RecordError::Format(other.map(|(b, _)| *b))),
+    }
+}
+
+fn id(bytes: &[u8]) -> Result<KeyId, RecordError> {
+    <[u8; 16]>::try_from(bytes)
         .map(KeyId::from_bytes)
+        .map_err(|_| RecordError::FieldLength("key_id"))
+}
+
+fn hash(bytes: &[u8], field: &'static str) -> Result<SecretHash, RecordError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(SecretHash::from_bytes)
+        .map_err(|_| RecordError::FieldLength(field))
+}
+
+/// The access fields both decoded forms of a record carry.
+trait StoredAccess {
+    fn secret_sha256(&self) -> &[u8];
+    fn previous(&self) -> (&[u8], i64);
+    fn disabled(&self) -> bool;
+    fn expires_at(&self) -> i64;
+    fn allowed_cidrs(&self) -> &[String];
+    fn rate(&self) -> (u32, i64, u32);
+}
+
+macro_rules! stored_access {
+    ($stored:ty) => {
+        impl StoredAccess for $stored {
+            fn secret_sha256(&self) -> &[u8] {
+                &self.secret_sha256
+            }
+            fn previous(&self) -> (&[u8], i64) {
+                (
+                    &self.previous_secret_sha256,
+                    self.previous_valid_until_unix_nanos,
+                )
+            }
+            fn disabled(&self) -> bool {
+                self.disabled
+            }
+            fn expires_at(&self) -> i64 {
+                self.expires_at_unix_nanos
+            }
+            fn allowed_cidrs(&self) -> &[String] {
+                &self.allowed_cidrs
+            }
+            fn rate(&self) -> (u32, i64, u32) {
+                (self.rate_requests, self.rate_period_nanos, self.rate_burst)
+            }
+        }
+    };
+}
+
+stored_access!(Stored);
+stored_access!(StoredIndexView);
+
+fn access(stored: &impl StoredAccess) -> Result<Access, RecordError> {
+    let previous = match stored.previous() {
+        ([], 0) => None,
+        ([], _) => return Err(RecordError::FieldRange("previous_valid_until_unix_nanos")),
+        (bytes, valid_until) => Some(PreviousSecret {
+            hash: hash(bytes, "previous_secret_sha256")?,
+            valid_until,
+        }),
+    };
+    let (requests, period, burst) = stored.rate();
+    Ok(Access {
+        secret: hash(stored.secret_sha256(), "secret_sha256")?,
+        previous,
+        disabled: stored.disabled(),
+        expires_at: match stored.expires_at() {
+            0 => None,
+            at => Some(at),
+        },
+        allowed_cidrs: stored.allowed_cidrs().to_vec(),
+        rate_limit: rate_limit(requests, period, burst)?,
+    })
 }
 
 /// A stored rate limit (`requests` 0: none).
-pub fn rate_limit(
+fn rate_limit(
     requests: u32,
     period_nanos: i64,
     burst: u32,
@@ -56,149 +229,66 @@ pub fn rate_limit(
         .map_err(|_| RecordError::FieldRange("rate_limit"))
 }
 
-/// The stored fields of `limit` (zeros: none).
-#[must_use]
-pub fn rate_fields(limit: Option<RateLimit>) -> (u32, i64, u32) {
-    limit.map_or((0, 0, 0), |limit| {
-        (
-            limit.requests(),
-            i64::try_from(limit.period().as_nanos()).unwrap_or(i64::MAX),
-            limit.burst(),
-        )
-    })
-}
-
-/// Encodes a record for sled.
-#[must_use]
-pub fn encode(record: &KeyRecord) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + record.encoded_len());
-    out.push(FORMAT_V1);
-    record.encode(&mut out).expect("a Vec grows as needed");
-    out
-}
-
-/// Decodes a record read from sled, checking fixed-size fields.
-pub fn decode(bytes: &[u8]) -> Result<KeyRecord, RecordError> {
-    decode_checked(bytes)
-}
-
-/// Decodes only what the index needs (start-up loads every record).
-pub fn decode_index_view(bytes: &[u8]) -> Result<KeyRecordIndexView, RecordError> {
-    decode_checked(bytes)
-}
-
-/// What every decoded form of a record carries: the fixed-size fields
-/// checked at decode, and what the index needs.
-pub trait StoredKey: Message + Default {
-    /// Raw 16-byte key id.
-    fn key_id(&self) -> &[u8];
-    /// SHA-256 of the secret.
-    fn secret_sha256(&self) -> &[u8];
-    /// Rate limit fields: requests, period (nanos), burst.
-    fn rate(&self) -> (u32, i64, u32);
-    /// Whether the key is disabled.
-    fn disabled(&self) -> bool;
-    /// Stored expiry (0: never).
-    fn expires_at(&self) -> i64;
-    /// The previous secret's hash after a rotation (empty: none).
-    fn previous_secret_sha256(&self) -> &[u8];
-    /// Until when the previous secret works (0: none).
-    fn previous_valid_until(&self) -> i64;
-    /// Canonical address ranges (empty: any).
-    fn allowed_cidrs(&self) -> &[String];
-}
-
-macro_rules! stored_key {
-    ($record:ty) => {
-        impl StoredKey for $record {
-            fn key_id(&self) -> &[u8] {
-                &self.key_id
-            }
-            fn secret_sha256(&self) -> &[u8] {
-                &self.secret_sha256
-            }
-            fn rate(&self) -> (u32, i64, u32) {
-                (self.rate_requests, self.rate_period_nanos, self.rate_burst)
-            }
-            fn disabled(&self) -> bool {
-                self.disabled
-            }
-            fn expires_at(&self) -> i64 {
-                self.expires_at_unix_nanos
-            }
-            fn previous_secret_sha256(&self) -> &[u8] {
-                &self.previous_secret_sha256
-            }
-            fn previous_valid_until(&self) -> i64 {
-                self.previous_valid_until_unix_nanos
-            }
-            fn allowed_cidrs(&self) -> &[String] {
-                &self.allowed_cidrs
-            }
-        }
-    };
-}
-
-stored_key!(KeyRecord);
-stored_key!(KeyRecordIndexView);
-
-fn decode_checked<M: StoredKey>(bytes: &[u8]) -> Result<M, RecordError> {
-    match bytes.split_first() {
-        Some((&FORMAT_V1, body)) => {
-            let message = M::decode(body)?;
-            if message.key_id().len() != 16 {
-                return Err(RecordError::FieldLength("key_id"));
-            }
-            if message.secret_sha256().len() != 32 {
-                return Err(RecordError::FieldLength("secret_sha256"));
-            }
-            let (requests, period, burst) = message.rate();
-            rate_limit(requests, period, burst)?;
-            Ok(message)
-        }
-        other => Err(RecordError::Format(other.map(|(b, _)| *b))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn sample() -> KeyRecord {
         KeyRecord {
-            key_id: vec![7; 16],
-            secret_sha256: vec![9; 32],
-            account_id: "acme".into(),
+            id: KeyId::from_bytes([7; 16]),
+            account: "acme".into(),
             name: "ci".into(),
-            kind: 2,
+            kind: KeyKind::RestrictedAccess,
             scopes: vec!["mail.send".into()],
-            created_at_unix_nanos: 1,
-            updated_at_unix_nanos: 2,
-            disabled: true,
-            expires_at_unix_nanos: 3,
-            previous_secret_sha256: vec![8; 32],
-            previous_valid_until_unix_nanos: 4,
-            allowed_cidrs: vec!["10.0.0.0/8".into()],
-            rate_requests: 100,
-            rate_period_nanos: 1_000_000_000,
-            rate_burst: 10,
+            created_at: 1,
+            updated_at: 2,
+            access: Access {
+                secret: SecretHash::from_bytes([9; 32]),
+                previous: Some(PreviousSecret {
+                    hash: SecretHash::from_bytes([8; 32]),
+                    valid_until: 4,
+                }),
+                disabled: true,
+                expires_at: Some(3),
+                allowed_cidrs: vec!["10.0.0.0/8".into()],
+                rate_limit: Some(RateLimit::new(100, Duration::from_secs(1), 10).expect("valid")),
+            },
         }
+    }
+
+    /// Bytes of a stored message as keyward would write them.
+    fn raw(stored: &Stored) -> Vec<u8> {
+        let mut out = vec![FORMAT_V1];
+        stored.encode(&mut out).expect("a Vec grows");
+        out
+    }
+
+    fn stored_sample() -> Stored {
+        let bytes = encode(&sample());
+        Stored::decode(&bytes[1..]).expect("decodes")
     }
 
     #[test]
     fn round_trips() {
         let record = sample();
         assert_eq!(decode(&encode(&record)).expect("decodes"), record);
+        let fresh = KeyRecord {
+            access: Access::new(SecretHash::from_bytes([1; 32])),
+            ..sample()
+        };
+        assert_eq!(decode(&encode(&fresh)).expect("decodes"), fresh);
     }
 
     #[test]
     fn the_index_view_reads_the_same_bytes() {
         let record = sample();
-        let view = decode_index_view(&encode(&record)).expect("decodes");
-        assert_eq!(view.key_id, record.key_id);
-        assert_eq!(view.secret_sha256, record.secret_sha256);
-        assert_eq!(view.account_id, record.account_id);
+        let view = decode_indexed(&encode(&record)).expect("decodes");
+        assert_eq!(view.id, record.id);
+        assert_eq!(view.account, record.account);
         assert_eq!(view.scopes, record.scopes);
+        assert_eq!(view.access, record.access);
     }
 
     #[test]
@@ -207,21 +297,65 @@ mod tests {
         let mut bytes = encode(&sample());
         bytes[0] = 2;
         assert!(matches!(decode(&bytes), Err(RecordError::Format(Some(2)))));
-        let short = KeyRecord {
-            key_id: vec![1; 3],
-            ..sample()
+        let cases: [(Stored, &str); 6] = [
+            (
+                Stored {
+                    key_id: vec![1; 3],
+                    ..stored_sample()
+                },
+                "key_id",
+            ),
+            (
+                Stored {
+                    secret_sha256: Vec::new(),
+                    ..stored_sample()
+                },
+                "secret_sha256",
+            ),
+            (
+                Stored {
+                    previous_secret_sha256: vec![1; 31],
+                    ..stored_sample()
+                },
+                "previous_secret_sha256",
+            ),
+            (
+                Stored {
+                    previous_secret_sha256: Vec::new(),
+                    ..stored_sample()
+                },
+                "previous_valid_until_unix_nanos",
+            ),
+            (
+                Stored {
+                    rate_period_nanos: 0,
+                    ..stored_sample()
+                },
+                "rate_limit",
+            ),
+            (
+                Stored {
+                    kind: 0,
+                    ..stored_sample()
+                },
+                "kind",
+            ),
+        ];
+        for (stored, field) in cases {
+            let refused = decode(&raw(&stored)).expect_err(field);
+            assert!(
+                matches!(refused, RecordError::FieldLength(f) | RecordError::FieldRange(f) if f == field),
+                "{field}: {refused}"
+            );
+        }
+        // The index view checks what it reads the same way.
+        let short = Stored {
+            secret_sha256: vec![1; 3],
+            ..stored_sample()
         };
         assert!(matches!(
-            decode(&encode(&short)),
-            Err(RecordError::FieldLength("key_id"))
-        ));
-        let absurd = KeyRecord {
-            rate_period_nanos: 0,
-            ..sample()
-        };
-        assert!(matches!(
-            decode(&encode(&absurd)),
-            Err(RecordError::FieldRange("rate_limit"))
+            decode_indexed(&raw(&short)),
+            Err(RecordError::FieldLength("secret_sha256"))
         ));
     }
 }

@@ -1,0 +1,86 @@
+//! A stored API key as keyward reasons about it: typed fields, checked once
+//! where bytes are decoded (`store::record`), so the rules, the backends,
+//! the index and the front doors never see protobuf numbers or byte
+//! vectors of unchecked length.
+
+use crate::domain::catalog::KeyKind;
+use crate::domain::key::{KeyId, SecretHash};
+use crate::domain::rate::RateLimit;
+
+/// One API key, everything but its secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The key's id (the public half of the key).
+    pub id: KeyId,
+    /// The account the key belongs to.
+    pub account: String,
+    /// The key's display name.
+    pub name: String,
+    /// Full Access, Restricted Access or Billing, as of its last grant.
+    pub kind: KeyKind,
+    /// Scope names as granted; resolved against the running catalog when
+    /// used, so a scope the catalog dropped is kept, not lost.
+    pub scopes: Vec<String>,
+    /// Unix nanos.
+    pub created_at: i64,
+    /// Unix nanos; never before `created_at`.
+    pub updated_at: i64,
+    /// What admits a request besides its scopes.
+    pub access: Access,
+}
+
+/// What a decision checks of a key besides its scopes: the secret and the
+/// key's lifecycle. The index holds exactly this (plus scopes and account).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// SHA-256 of the current secret.
+    pub secret: SecretHash,
+    /// After a rotation with an overlap: the previous secret.
+    pub previous: Option<PreviousSecret>,
+    /// Disabled keys are denied.
+    pub disabled: bool,
+    /// Unix nanos from which the key is denied; `None`: never.
+    pub expires_at: Option<i64>,
+    /// Canonical address ranges the key may be used from (empty: any).
+    pub allowed_cidrs: Vec<String>,
+    /// Requests per period, if limited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A rotated-out secret and until when it still works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreviousSecret {
+    /// SHA-256 of the previous secret.
+    pub hash: SecretHash,
+    /// Unix nanos until which it is accepted.
+    pub valid_until: i64,
+}
+
+impl Access {
+    /// The lifecycle of a new key with `secret`: enabled, no previous secret.
+    #[must_use]
+    pub fn new(secret: SecretHash) -> Self {
+        Self {
+            secret,
+            previous: None,
+            disabled: false,
+            expires_at: None,
+            allowed_cidrs: Vec::new(),
+            rate_limit: None,
+        }
+    }
+
+    /// Whether the key has expired at `now` (Unix nanos).
+    #[must_use]
+    pub fn expired_at(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Until when the previous secret still works, if it does at `now`.
+    #[must_use]
+    pub fn previous_open_at(&self, now: i64) -> Option<i64> {
+        self.previous
+            .map(|previous| previous.valid_until)
+            .filter(|until| *until > now)
+    }
+}
