@@ -306,9 +306,11 @@ async fn decider(
 }
 
 #[allow(clippy::too_many_lines, reason = "one verification story")]
-/// After a restart: the store must match the ledger exactly (resolving
+/// After a restart, once ready: the store must match the ledger exactly (resolving
 /// operations that were in flight to whichever outcome happened).
 async fn verify(url: &str, admin: &str, ledger: &Shared) -> usize {
+    // What a restarted pod serves once its readiness probe passes.
+    common::await_ready(url).await;
     let mut manager = KeyManagerClient::new(connect(url).await);
     let authorizer = AuthorizerClient::new(connect(url).await);
     let mut snapshot: Vec<(String, Model)> = {

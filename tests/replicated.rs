@@ -97,6 +97,28 @@ impl Client {
             .map(|_| ())
     }
 
+    async fn rename(&mut self, id: &str, name: &str) -> Result<(), tonic::Status> {
+        self.manager
+            .rename_key(bearer(
+                &self.admin,
+                pb::RenameKeyRequest {
+                    key_id: id.into(),
+                    name: name.into(),
+                },
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    async fn name_of(&mut self, id: &str) -> String {
+        self.manager
+            .get_key(bearer(&self.admin, pb::GetKeyRequest { key_id: id.into() }))
+            .await
+            .expect("get")
+            .into_inner()
+            .name
+    }
+
     async fn count(&mut self, account: &str) -> usize {
         self.manager
             .list_keys(bearer(
@@ -129,6 +151,15 @@ impl Client {
 
 const SEND: (&str, &str) = ("POST", "/v3/mail/send");
 const ALERTS: (&str, &str) = ("GET", "/v3/alerts");
+
+/// Waits until `sidecar` has logged `text`.
+async fn await_log(sidecar: &Sidecar, text: &str) {
+    let deadline = Instant::now() + CONVERGE;
+    while !sidecar.log().contains(text) {
+        assert!(Instant::now() < deadline, "never logged {text:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// Polls `client` until `key`'s answer for `request` is `allowed`.
 async fn converge(client: &mut Client, key: &str, request: (&str, &str), allowed: bool) {
@@ -467,6 +498,67 @@ async fn a_sidecar_restarted_while_etcd_is_down_serves_its_replica_then_catches_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sidecar_restarted_during_an_outage_resumes_its_watch_or_reads_everything_after_a_compaction()
+ {
+    let _serial = SERIAL.lock().await;
+    let Some(mut cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let a = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let mut b = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let (mut ca, mut cb) = (Client::of(&a).await, Client::of(&b).await);
+    let (doomed_id, doomed) = ca.create("acme", &["mail.send"]).await.expect("create");
+    // B writes too, so its replica holds a key at a revision of its own.
+    let (own_id, own) = cb.create("acme", &["mail.send"]).await.expect("create");
+    converge(&mut cb, &doomed, SEND, true).await;
+    converge(&mut ca, &own, SEND, true).await;
+
+    // B is down while A revokes one key, renames B's and creates another;
+    // then etcd goes down too, and B restarts on its replica. When etcd is
+    // back, B replays only the history it missed.
+    b.kill();
+    ca.delete(&doomed_id).await.expect("revoke");
+    ca.rename(&own_id, "renamed by A").await.expect("rename");
+    let (_, fresh) = ca.create("acme", &["mail.send"]).await.expect("create");
+    cluster.kill(0);
+    b.restart(BIN);
+    let mut cb = Client::of(&b).await;
+    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    assert!(
+        cb.allowed(&doomed, SEND.0, SEND.1).await,
+        "B cannot know yet"
+    );
+    cluster.restart(0);
+    converge(&mut cb, &doomed, SEND, false).await;
+    converge(&mut cb, &fresh, SEND, true).await;
+    assert!(cb.allowed(&own, SEND.0, SEND.1).await);
+    assert_eq!(cb.name_of(&own_id).await, "renamed by A");
+    let log = b.log();
+    assert!(log.contains("the watch will resume"), "{log}");
+    assert!(
+        !log.contains("replica synced with etcd"),
+        "no full read: {log}"
+    );
+
+    // Again, but etcd compacts the history B would need (two changes,
+    // compacted at the second): a full read.
+    b.kill();
+    let (_, later) = ca.create("acme", &["mail.send"]).await.expect("create");
+    ca.delete(&own_id).await.expect("revoke");
+    cluster.compact(0).await;
+    cluster.kill(0);
+    b.restart(BIN);
+    let mut cb = Client::of(&b).await;
+    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    cluster.restart(0);
+    converge(&mut cb, &later, SEND, true).await;
+    converge(&mut cb, &own, SEND, false).await;
+    await_log(&b, "replica synced with etcd").await;
+    assert!(b.log().contains("compacted"));
+    assert!(!cb.allowed(&doomed, SEND.0, SEND.1).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compaction_past_a_disconnected_sidecar_makes_it_read_everything_again() {
     let _serial = SERIAL.lock().await;
     let Some(mut cluster) = Cluster::start(3).await else {
@@ -501,11 +593,7 @@ async fn compaction_past_a_disconnected_sidecar_makes_it_read_everything_again()
     converge(&mut cc, &doomed, SEND, false).await;
     converge(&mut cc, &newer, SEND, true).await;
     assert!(cc.allowed(&kept, SEND.0, SEND.1).await);
-    let deadline = Instant::now() + CONVERGE;
-    while !c_sidecar.log().contains("compacted") {
-        assert!(Instant::now() < deadline, "the re-read is logged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_log(&c_sidecar, "compacted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -345,6 +345,23 @@ pub struct Revisions {
 }
 
 impl Revisions {
+    /// What a replica held when it was last closed (or killed).
+    #[must_use]
+    pub fn restored(floor: i64, ahead: impl IntoIterator<Item = (KeyId, i64)>) -> Self {
+        let mut restored = Self {
+            floor,
+            ahead: ahead.into_iter().collect(),
+        };
+        restored.advance(floor);
+        restored
+    }
+
+    /// The revision the replica holds everything through.
+    #[must_use]
+    pub fn floor(&self) -> i64 {
+        self.floor
+    }
+
     /// Whether a change to `id` at `revision` is new to the replica; if so
     /// it is noted as applied.
     pub fn admit(&mut self, id: KeyId, revision: i64) -> bool {
@@ -377,7 +394,16 @@ async fn follow(etcd: Etcd, commands: SyncSender<Command>, shared: Arc<Shared>) 
     // A replica that synced before a restart serves (is ready) only once
     // etcd proves unreachable: while etcd answers, readiness waits for the
     // first full read, so keys revoked meanwhile are never served as ready.
-    let replica_synced = shared.replication().borrow().synced_at != 0;
+    let (replica_synced, revision) = {
+        let state = *shared.replication().borrow();
+        (state.synced_at != 0, state.revision)
+    };
+    // Reachable at start, etcd is read in full: readiness needs proof that
+    // the replica caught up, and a resumed watch cannot give it (etcd
+    // before 3.5.8 may confirm progress on a watch still replaying its
+    // history: etcd-io/etcd#15220). Unreachable, the replica serves, and
+    // once etcd is back the watch resumes where the replica left off (a
+    // full read only if that history was compacted).
     let mut resume = None;
     let mut backoff = BACKOFF.0;
     let mut lost: Option<Instant> = None;
@@ -392,8 +418,12 @@ async fn follow(etcd: Etcd, commands: SyncSender<Command>, shared: Arc<Shared>) 
             }
             Err(error) => {
                 shared.lost();
-                if replica_synced {
-                    shared.serve_replica();
+                if replica_synced && shared.serve_replica() {
+                    tracing::info!(
+                        revision,
+                        "serving the replica; the watch will resume from its revision"
+                    );
+                    resume.get_or_insert(revision);
                 }
                 if lost.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
                     tracing::warn!(%error, "etcd unreachable: decisions continue from the local replica, writes are refused");
@@ -446,12 +476,15 @@ async fn follow_once(
                     return Err(EtcdError::Value { key: "watch".into(), problem: "etcd closed the watch".into() });
                 };
                 let mut changes = Vec::with_capacity(batch.len());
+                let mut confirmed = None;
                 for watched in batch {
                     match watched {
                         Watched::Compacted { .. } => return Ok(Followed::Compacted),
                         Watched::Progress { revision } => {
                             if let Some(done) = check.take() && revision >= done.revision {
-                                shared.confirmed(done.read_at);
+                                // Behind the events already queued: current
+                                // once the writer has applied them.
+                                confirmed = Some(done.read_at);
                             }
                         }
                         Watched::Put { revision, .. } | Watched::Deleted { revision, .. } => {
@@ -461,6 +494,11 @@ async fn follow_once(
                     }
                 }
                 if !changes.is_empty() && !deliver(commands, Synced::Events(changes)).await {
+                    return Ok(Followed::WriterGone);
+                }
+                if let Some(read_at) = confirmed
+                    && !deliver(commands, Synced::Current { read_at }).await
+                {
                     return Ok(Followed::WriterGone);
                 }
             }
@@ -568,5 +606,16 @@ mod tests {
         assert!(!replica.admit(id(1), 25), "the read covers it");
         assert!(!replica.admit(id(2), 28), "older than the local write");
         assert!(replica.admit(id(3), 26));
+    }
+
+    #[test]
+    fn a_restored_replica_skips_what_it_held_before_the_restart() {
+        let mut replica = Revisions::restored(10, [(id(1), 12), (id(2), 9)]);
+        assert_eq!(replica.floor(), 10);
+        assert!(!replica.admit(id(1), 11), "older than the key's own write");
+        assert!(!replica.admit(id(1), 12), "the write itself, replayed");
+        assert!(replica.admit(id(1), 13));
+        assert!(!replica.admit(id(2), 10), "at the floor");
+        assert!(replica.admit(id(3), 11));
     }
 }

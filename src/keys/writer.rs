@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
-use super::remote::Remote;
+use super::remote::{Remote, Revisions};
 use super::stage::{Rules, Staged, View, Write};
 use super::{AccountCounts, KeyError, Lifecycle, Operation, Principal, StateChange, intern};
 use crate::clock::now_nanos;
@@ -204,13 +204,21 @@ pub enum Synced {
         /// The revision they are the state at.
         revision: i64,
     },
+    /// Everything the cluster held at `read_at` (Unix nanos, a
+    /// linearizable read) was delivered before this: once the writer
+    /// reaches it, the replica has applied it all and is current.
+    Current {
+        /// When the cluster's revision was read.
+        read_at: i64,
+    },
 }
 
 /// How current the local replica is (replicated mode).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Replication {
     /// Serving is sound: a full read of etcd was applied in this process,
-    /// or the replica had one before a restart.
+    /// or etcd could not be reached and the replica had one before a
+    /// restart.
     pub ready: bool,
     /// The watch on etcd is up.
     pub connected: bool,
@@ -316,9 +324,9 @@ impl Shared {
         });
     }
 
-    /// The watch was confirmed to hold everything the cluster had at `at`
-    /// (Unix nanos).
-    pub fn confirmed(&self, at: i64) {
+    /// The replica has applied everything the cluster had at `at` (Unix
+    /// nanos).
+    fn confirmed(&self, at: i64) {
         self.replication.send_modify(|state| {
             state.connected = true;
             state.synced_at = state.synced_at.max(at);
@@ -326,10 +334,10 @@ impl Shared {
     }
 
     /// etcd cannot be reached at start, and the replica had synced before:
-    /// serve from it.
-    pub fn serve_replica(&self) {
+    /// serve from it. Whether it was not serving yet.
+    pub fn serve_replica(&self) -> bool {
         self.replication
-            .send_if_modified(|state| !std::mem::replace(&mut state.ready, true));
+            .send_if_modified(|state| !std::mem::replace(&mut state.ready, true))
     }
 
     /// etcd (or its quorum) cannot be heard: the replica may fall behind.
@@ -422,7 +430,7 @@ impl Writer {
     ) -> Result<(Self, Arc<Shared>, Arc<Index>), StoreError> {
         let store = Store::open(&dir)?;
         let replica = store.replica()?;
-        match (&remote, replica) {
+        match (&remote, &replica) {
             (Some(_), None) if !store.is_empty() => {
                 return Err(StoreError::Mode(
                     "it holds a standalone key store, and --etcd-endpoints was given: move its keys into etcd with `keyward migrate`, then start on an empty data directory",
@@ -435,6 +443,12 @@ impl Writer {
             }
             _ => {}
         }
+        let remote = remote.map(|mut remote| {
+            if let Some(replica) = &replica {
+                remote.replica = Revisions::restored(replica.revision, replica.ahead.clone());
+            }
+            remote
+        });
         let (index, accounts) = load(&store, &catalog)?;
         let index = Arc::new(index);
         metrics.set_keys(index.len());
@@ -442,15 +456,15 @@ impl Writer {
         let shared = Arc::new(Shared {
             store: RwLock::new(Some(store.clone())),
             health: watch::Sender::new(StoreHealth::Healthy),
-            replication: watch::Sender::new(replica.map_or_else(
+            replication: watch::Sender::new(replica.as_ref().map_or_else(
                 Replication::default,
-                |(revision, synced_at)| Replication {
+                |replica| Replication {
                     // Restarted from a replica that had synced: ready at
                     // the first full read, or once etcd proves unreachable.
                     ready: false,
                     connected: false,
-                    synced_at,
-                    revision,
+                    synced_at: replica.synced_at,
+                    revision: replica.revision,
                 },
             )),
             metrics: Arc::clone(&metrics),
@@ -695,10 +709,13 @@ impl Writer {
             Applied::Put(record, _) => record.id,
             Applied::Remove(id) => id,
         };
-        if let (Some(remote), Some(revision)) = (&mut self.remote, revision)
-            && !remote.replica.admit(id, revision)
-        {
-            return Ok(());
+        if let (Some(remote), Some(revision)) = (&mut self.remote, revision) {
+            if !remote.replica.admit(id, revision) {
+                return Ok(());
+            }
+            if let Some(store) = store {
+                store.note_revision(&id, revision)?;
+            }
         }
         match change {
             Applied::Put(record, scopes) => {
@@ -748,6 +765,7 @@ impl Writer {
                     self.fail(&error);
                 }
             }
+            Synced::Current { read_at } => self.shared.confirmed(read_at),
         }
     }
 

@@ -84,6 +84,18 @@ pub enum Put {
     Unchanged,
 }
 
+/// What a replica of etcd holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    /// Every change through this etcd revision.
+    pub revision: i64,
+    /// When it was last known current (Unix nanos; 0: never).
+    pub synced_at: i64,
+    /// Keys held as of a later revision (changes this sidecar wrote ahead
+    /// of its watch).
+    pub ahead: Vec<(KeyId, i64)>,
+}
+
 /// One stored record, not yet decoded.
 #[derive(Debug, Clone)]
 pub struct RawRecord {
@@ -346,27 +358,54 @@ impl Store {
         self.keys.is_empty()
     }
 
-    /// For a replica of etcd: the revision it holds everything through and
-    /// when it was last known current (Unix nanos). `None`: not a replica.
-    pub fn replica(&self) -> Result<Option<(i64, i64)>, StoreError> {
-        let read = |name: &str| -> Result<Option<i64>, StoreError> {
-            Ok(self
-                .replica
-                .get(name)?
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map(i64::from_be_bytes))
+    /// For a replica of etcd: what it holds (`None`: not a replica).
+    pub fn replica(&self) -> Result<Option<Replica>, StoreError> {
+        let read = |name: &[u8]| -> Result<Option<i64>, StoreError> {
+            Ok(self.replica.get(name)?.as_deref().and_then(be_i64))
         };
-        Ok(read("revision")?
-            .map(|revision| (revision, read("synced_at").ok().flatten().unwrap_or(0))))
+        let Some(revision) = read(b"revision")? else {
+            return Ok(None);
+        };
+        let mut ahead = Vec::new();
+        for marker in self.replica.scan_prefix(AHEAD) {
+            let (key, value) = marker?;
+            if let (Ok(id), Some(at)) = (<[u8; 16]>::try_from(&key[AHEAD.len()..]), be_i64(&value))
+            {
+                ahead.push((KeyId::from_bytes(id), at));
+            }
+        }
+        Ok(Some(Replica {
+            revision,
+            synced_at: read(b"synced_at")?.unwrap_or(0),
+            ahead,
+        }))
+    }
+
+    /// Notes that the replica holds key `id` as of `revision`, which may be
+    /// ahead of the revision it holds everything through. Staged before the
+    /// key's own write, so a replica that has the write has the note: a
+    /// watch resumed after a restart then cannot replay an older version
+    /// of the key over it.
+    pub fn note_revision(&self, id: &KeyId, revision: i64) -> Result<(), StoreError> {
+        let mut key = AHEAD.to_vec();
+        key.extend_from_slice(id.as_bytes());
+        self.replica.insert(key, &revision.to_be_bytes())?;
+        Ok(())
     }
 
     /// Marks the store as etcd's replica, holding everything through
-    /// `revision`, known current at `synced_at`. Durable after
-    /// [`Self::flush`].
+    /// `revision`, known current at `synced_at`; notes at or below
+    /// `revision` are no longer needed. Durable after [`Self::flush`].
     pub fn set_replica(&self, revision: i64, synced_at: i64) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         batch.insert("revision", &revision.to_be_bytes());
         batch.insert("synced_at", &synced_at.to_be_bytes());
+        for marker in self.replica.scan_prefix(AHEAD) {
+            let (key, value) = marker?;
+            if be_i64(&value).is_none_or(|at| at <= revision) {
+                batch.remove(key);
+            }
+        }
         self.replica.apply_batch(batch)?;
         Ok(())
     }
@@ -385,6 +424,13 @@ impl Store {
         self.log.sync_all().map_err(sled::Error::Io)?;
         Ok(())
     }
+}
+
+/// Prefix of the replica's per-key revision notes.
+const AHEAD: &[u8] = b"ahead/";
+
+fn be_i64(bytes: &[u8]) -> Option<i64> {
+    <[u8; 8]>::try_from(bytes).ok().map(i64::from_be_bytes)
 }
 
 fn account_prefix(account: &str) -> Vec<u8> {
@@ -431,5 +477,33 @@ mod tests {
         for bad in ["", "x", "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!", &"A".repeat(33)] {
             assert_eq!(Cursor::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn replica_notes_survive_a_reopen_until_the_floor_passes_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = |byte| KeyId::from_bytes([byte; 16]);
+        {
+            let store = Store::open(dir.path()).expect("open");
+            assert_eq!(store.replica().expect("read"), None, "not a replica yet");
+            store.set_replica(10, 5).expect("mark");
+            store.note_revision(&id(1), 12).expect("note");
+            store.note_revision(&id(2), 15).expect("note");
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let mut replica = store.replica().expect("read").expect("a replica");
+        replica.ahead.sort_unstable();
+        assert_eq!(
+            replica,
+            Replica {
+                revision: 10,
+                synced_at: 5,
+                ahead: vec![(id(1), 12), (id(2), 15)],
+            }
+        );
+        store.set_replica(12, 6).expect("advance");
+        let replica = store.replica().expect("read").expect("a replica");
+        assert_eq!((replica.revision, replica.ahead), (12, vec![(id(2), 15)]));
     }
 }

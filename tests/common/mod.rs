@@ -200,6 +200,34 @@ pub async fn connect(url: &str) -> Channel {
     panic!("server did not accept connections");
 }
 
+/// Waits until the server at `url` is ready for traffic, as Kubernetes'
+/// readiness probe sees it (`keyward.v1.Authorizer` SERVING): a replicated
+/// sidecar only once its replica caught up with etcd.
+pub async fn await_ready(url: &str) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(connect(url).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "keyward.v1.Authorizer".into(),
+            })
+            .await
+            .map(|reply| reply.into_inner().status);
+        if status
+            .as_ref()
+            .is_ok_and(|s| *s == ServingStatus::Serving as i32)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The admin token `keyward serve` wrote into `data_dir` on first start.
 pub fn admin_token(data_dir: &std::path::Path) -> String {
     std::fs::read_to_string(data_dir.join("admin.token"))
