@@ -410,19 +410,8 @@ async fn verify(url: &str, admin: &str, ledger: &Shared) -> usize {
     // extra keys only from creates whose reply was lost (then removed).
     let accounts: HashSet<String> = snapshot.iter().map(|(_, m)| m.account.clone()).collect();
     for account in accounts {
-        let listed: Vec<String> = manager
-            .list_keys(bearer(
-                admin,
-                pb::ListKeysRequest {
-                    account_id: account.clone(),
-                    page_size: 1000,
-                    ..Default::default()
-                },
-            ))
+        let listed: Vec<String> = common::list_keys(&mut manager, admin, &account)
             .await
-            .expect("list")
-            .into_inner()
-            .keys
             .into_iter()
             .map(|k| k.key_id)
             .collect();

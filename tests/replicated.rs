@@ -120,19 +120,8 @@ impl Client {
     }
 
     async fn count(&mut self, account: &str) -> usize {
-        self.manager
-            .list_keys(bearer(
-                &self.admin,
-                pb::ListKeysRequest {
-                    account_id: account.into(),
-                    page_size: 1000,
-                    ..Default::default()
-                },
-            ))
+        common::list_keys(&mut self.manager, &self.admin, account)
             .await
-            .expect("list")
-            .into_inner()
-            .keys
             .len()
     }
 

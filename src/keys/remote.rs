@@ -356,12 +356,6 @@ impl Revisions {
         restored
     }
 
-    /// The revision the replica holds everything through.
-    #[must_use]
-    pub fn floor(&self) -> i64 {
-        self.floor
-    }
-
     /// Whether a change to `id` at `revision` is new to the replica; if so
     /// it is noted as applied.
     pub fn admit(&mut self, id: KeyId, revision: i64) -> bool {
@@ -611,7 +605,7 @@ mod tests {
     #[test]
     fn a_restored_replica_skips_what_it_held_before_the_restart() {
         let mut replica = Revisions::restored(10, [(id(1), 12), (id(2), 9)]);
-        assert_eq!(replica.floor(), 10);
+        assert_eq!(replica.floor, 10);
         assert!(!replica.admit(id(1), 11), "older than the key's own write");
         assert!(!replica.admit(id(1), 12), "the write itself, replayed");
         assert!(replica.admit(id(1), 13));

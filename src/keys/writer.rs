@@ -35,7 +35,7 @@ use super::{AccountCounts, KeyError, Lifecycle, Operation, Principal, StateChang
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey};
-use crate::domain::record::KeyRecord;
+use crate::domain::record::{Access, KeyRecord};
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
 use crate::store::db::{Put, RawRecord, Store, StoreError};
@@ -838,10 +838,13 @@ impl Writer {
                 continue;
             }
             store.put(record)?;
-            let account = intern(&accounts, &record.account);
-            *accounts.entry(Arc::clone(&account)).or_default() += 1;
-            let scopes = self.catalog.resolve_stored(&record.scopes).0;
-            fresh.insert(id, Entry::new(&record.access, scopes, account));
+            let stored = (
+                id,
+                record.account.as_str(),
+                record.scopes.as_slice(),
+                &record.access,
+            );
+            index_key(&fresh, &mut accounts, &self.catalog, stored);
         }
         // Keys this sidecar changed after `revision` keep their state.
         for id in &newer {
@@ -1006,13 +1009,31 @@ fn load_part(
     let mut accounts: AccountCounts = HashMap::new();
     for raw in part {
         let key = raw?.indexed()?;
-        let (scopes, unknown) = catalog.resolve_stored(&key.scopes);
-        if !unknown.is_empty() {
-            tracing::warn!(key_id = %key.id, ?unknown, "stored scopes not in the catalog grant nothing");
-        }
-        let account = intern(&accounts, &key.account);
-        *accounts.entry(Arc::clone(&account)).or_default() += 1;
-        index.insert(key.id, Entry::new(&key.access, scopes, account));
+        let stored = (
+            key.id,
+            key.account.as_str(),
+            key.scopes.as_slice(),
+            &key.access,
+        );
+        index_key(index, &mut accounts, catalog, stored);
     }
     Ok(accounts)
+}
+
+/// Puts a stored key into an index being built, counting it for its
+/// account. Stored scope names the catalog no longer defines grant nothing
+/// (and are logged), but stay in the record.
+fn index_key(
+    index: &Index,
+    accounts: &mut AccountCounts,
+    catalog: &Catalog,
+    (id, account, scopes, access): (KeyId, &str, &[String], &Access),
+) {
+    let (scopes, unknown) = catalog.resolve_stored(scopes);
+    if !unknown.is_empty() {
+        tracing::warn!(key_id = %id, ?unknown, "stored scopes not in the catalog grant nothing");
+    }
+    let account = intern(accounts, account);
+    *accounts.entry(Arc::clone(&account)).or_default() += 1;
+    index.insert(id, Entry::new(access, scopes, account));
 }

@@ -287,11 +287,8 @@ impl Store {
         let mut times = Vec::with_capacity(self.last_used.len());
         for item in &self.last_used {
             let (key, value) = item?;
-            if let (Ok(id), Ok(nanos)) = (
-                <[u8; 16]>::try_from(key.as_ref()),
-                <[u8; 8]>::try_from(value.as_ref()),
-            ) {
-                times.push((KeyId::from_bytes(id), i64::from_be_bytes(nanos)));
+            if let (Ok(id), Some(nanos)) = (<[u8; 16]>::try_from(key.as_ref()), be_i64(&value)) {
+                times.push((KeyId::from_bytes(id), nanos));
             }
         }
         Ok(times)

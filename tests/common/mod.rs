@@ -156,20 +156,7 @@ impl TestServer {
 
     /// `account`'s keys (first 1000), as ListKeys reports them to the admin.
     pub async fn list(&self, account: &str) -> Vec<pb::ApiKey> {
-        self.manager()
-            .await
-            .list_keys(bearer(
-                &self.admin,
-                pb::ListKeysRequest {
-                    account_id: account.to_owned(),
-                    page_size: 1000,
-                    ..Default::default()
-                },
-            ))
-            .await
-            .expect("list")
-            .into_inner()
-            .keys
+        list_keys(&mut self.manager().await, &self.admin, account).await
     }
 
     /// How many keys `account` has, as ListKeys reports.
@@ -184,6 +171,27 @@ impl Drop for TestServer {
             let _ = stop.send(());
         }
     }
+}
+
+/// `account`'s keys (first 1000), as ListKeys reports them to `admin`.
+pub async fn list_keys(
+    manager: &mut KeyManagerClient<Channel>,
+    admin: &str,
+    account: &str,
+) -> Vec<pb::ApiKey> {
+    manager
+        .list_keys(bearer(
+            admin,
+            pb::ListKeysRequest {
+                account_id: account.to_owned(),
+                page_size: 1000,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("list")
+        .into_inner()
+        .keys
 }
 
 pub async fn connect(url: &str) -> Channel {
