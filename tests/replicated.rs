@@ -799,32 +799,16 @@ async fn etcd_with_a_user_and_password() {
     let files = tempfile::tempdir().expect("tempdir");
     let password = files.path().join("password");
     std::fs::write(&password, "keyward-secret-pw\n").expect("write");
-    let a = Sidecar::start(
-        BIN,
-        &cluster.endpoints(),
-        &[
-            "--etcd-user",
-            "keyward",
-            "--etcd-password-file",
-            &password.display().to_string(),
-        ],
-    );
+    let password = password.display().to_string();
+    let as_user = ["--etcd-user", "keyward", "--etcd-password-file", &password];
+    let a = Sidecar::start(BIN, &cluster.endpoints(), &as_user);
     let mut ca = Client::of(&a).await;
     converge_status(&mut ca, "keyward.v1.KeyManager", ServingStatus::Serving).await;
     let (_, key) = ca
         .create("acme", &["mail.send"])
         .await
         .expect("create as the etcd user");
-    let b = Sidecar::start(
-        BIN,
-        &cluster.endpoints(),
-        &[
-            "--etcd-user",
-            "keyward",
-            "--etcd-password-file",
-            &password.display().to_string(),
-        ],
-    );
+    let b = Sidecar::start(BIN, &cluster.endpoints(), &as_user);
     let mut cb = Client::of(&b).await;
     converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
     assert!(
