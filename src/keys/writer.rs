@@ -618,8 +618,16 @@ impl Writer {
                     continue;
                 }
             };
+            // This sidecar's own write is ahead of its watch: noted before
+            // the write itself, so a restarted replica that has the write
+            // never replays older history over it. (Watched changes need
+            // no note: the batch that applies them also raises the floor.)
+            let noted = revision.map_or(Ok(()), |revision| {
+                store.note_revision(&staged.committed.after.id, revision)
+            });
             let applied = Applied::of(&staged.committed.after, staged.write, staged.scopes);
-            let stored = self.apply(Some(&store), applied, revision, &mut changes);
+            let stored =
+                noted.and_then(|()| self.apply(Some(&store), applied, revision, &mut changes));
             if let Err(error) = stored {
                 failure.get_or_insert(error);
                 // Standalone, the store is the truth: the change failed.
@@ -709,13 +717,10 @@ impl Writer {
             Applied::Put(record, _) => record.id,
             Applied::Remove(id) => id,
         };
-        if let (Some(remote), Some(revision)) = (&mut self.remote, revision) {
-            if !remote.replica.admit(id, revision) {
-                return Ok(());
-            }
-            if let Some(store) = store {
-                store.note_revision(&id, revision)?;
-            }
+        if let (Some(remote), Some(revision)) = (&mut self.remote, revision)
+            && !remote.replica.admit(id, revision)
+        {
+            return Ok(());
         }
         match change {
             Applied::Put(record, scopes) => {
