@@ -153,13 +153,35 @@ pub struct ServeConfig {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
+    /// HTTP/2 streams one connection may have open at once (advertised as
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, on the gRPC and REST listeners):
+    /// what one connection can hold, and its share of
+    /// `--max-concurrent-requests`. At most half of that budget.
+    #[arg(long, env = "KEYWARD_MAX_STREAMS_PER_CONNECTION", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+
+    /// Connections each listener holds at once; one more is accepted and
+    /// closed at once (counted in `keyward_connections_refused_total`).
+    #[arg(long, env = "KEYWARD_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// A connection from which nothing has arrived for this long is closed
+    /// (as is one whose writes have made no progress for this long).
+    #[arg(long, env = "KEYWARD_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+
     /// Per-request deadline in milliseconds (a client's shorter grpc-timeout wins).
     #[arg(long, env = "KEYWARD_REQUEST_TIMEOUT_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
 
-    /// Largest request message accepted, in bytes.
-    #[arg(long, env = "KEYWARD_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024,
+    /// Largest request message (gRPC) or body (REST) accepted, in bytes.
+    /// Every request keyward serves fits in a few KiB (a 1,024-entry scope
+    /// list is ~40 KiB); buffered requests in flight are bounded by
+    /// `--max-concurrent-requests` times this.
+    #[arg(long, env = "KEYWARD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_message_bytes: u32,
 
@@ -249,7 +271,10 @@ impl ServeConfig {
             request_timeout_ms: 2000,
             store_timeout_ms: 1000,
             last_used_flush_ms: 60_000,
-            max_message_bytes: 1024 * 1024,
+            max_message_bytes: 64 * 1024,
+            max_streams_per_connection: 100,
+            max_connections: 1024,
+            idle_timeout: std::time::Duration::from_secs(300),
             shutdown_grace_ms: 0,
             drain_timeout_ms: 5000,
             enable_echo: false,

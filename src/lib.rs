@@ -19,6 +19,10 @@
 //!   KeyManager, SendGrid's REST) share: who is calling, and the audit log.
 //! - [`guard`]: guessing detection: repeated wrong secrets per key id.
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
+//! - [`listen`]: accepted connections within bounds: a cap per listener,
+//!   an idle timeout, accept errors that pause instead of spinning.
+//! - [`log`]: log lines through a bounded non-blocking writer; a failing
+//!   destination drops and counts lines, never fails a request.
 //! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
 //! - [`keys`]: the write path: a dedicated writer thread checks the rules
 //!   (`keys::stage`) at the commit point over a view of the truth (sled
@@ -51,6 +55,8 @@ pub mod front;
 pub mod grpc;
 pub mod guard;
 pub mod keys;
+pub mod listen;
+pub mod log;
 pub mod metrics;
 pub mod migrate;
 pub mod pb;

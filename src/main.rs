@@ -3,10 +3,9 @@
 
 use clap::{Parser, Subcommand};
 use keyward::cli::{self, KeysArgs};
-use keyward::config::{LogFormat, ServeConfig};
+use keyward::config::ServeConfig;
 use keyward::migrate::{self, MigrateArgs};
 use keyward::server::{self, App, Listeners};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,36 +32,27 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(config) => {
-            init_logging(config.log_format);
+            let log = keyward::log::init(config.log_format);
             let app = App::open(&config)?;
             let listeners = Listeners::bind(&config).await?;
             let served = Box::pin(server::run(listeners, app, shutdown_signal())).await;
             // Exit here rather than return: dropping the runtime would wait
             // for blocking storage calls, and on a stuck disk they never end.
             // Every acknowledged change is already durable.
-            std::process::exit(match served {
+            let code = match served {
                 Ok(()) => 0,
                 Err(error) => {
                     tracing::error!(%error, "keyward stopped with an error");
                     1
                 }
-            });
+            };
+            drop(log); // writes the queued lines
+            std::process::exit(code);
         }
         Command::Keys(args) => cli::run(args).await?,
         Command::Migrate(args) => migrate::run(args).await?,
     }
     Ok(())
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

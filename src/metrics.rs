@@ -21,7 +21,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use tokio_stream::StreamExt;
-use tonic::transport::server::TcpIncoming;
 
 use crate::domain::decision::{Decision, DenyReason};
 
@@ -62,6 +61,11 @@ struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     operation: &'static str,
 }
@@ -81,6 +85,40 @@ pub struct Metrics {
     replica_staleness: Gauge<f64, AtomicU64>,
     replica_connected: Gauge,
     replica_revision: Gauge,
+    listeners: ListenerFamilies,
+}
+
+/// Connections by listener.
+#[derive(Debug)]
+struct ListenerFamilies {
+    open: Family<ListenerLabels, Gauge>,
+    refused: Family<ListenerLabels, Counter>,
+    accept_errors: Family<ListenerLabels, Counter>,
+}
+
+impl ListenerFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        Self {
+            open: registered(
+                registry,
+                "connections_open",
+                "Connections each listener holds now (at most --max-connections)",
+                Family::default(),
+            ),
+            refused: registered(
+                registry,
+                "connections_refused",
+                "Connections closed at once because their listener was at --max-connections",
+                Family::default(),
+            ),
+            accept_errors: registered(
+                registry,
+                "accept_errors",
+                "Failed accepts (e.g. out of file descriptors), each followed by a pause",
+                Family::default(),
+            ),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -94,11 +132,11 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("keyward");
-        let decision_family = Family::<DecisionLabels, Counter>::default();
-        registry.register(
+        let decision_family = registered(
+            &mut registry,
             "decisions",
             "Authorization decisions by source, result and deny reason",
-            decision_family.clone(),
+            Family::<DecisionLabels, Counter>::default(),
         );
         let decisions = [Source::Authorize, Source::Check].map(|source| {
             REASONS.map(|reason| {
@@ -114,65 +152,70 @@ impl Metrics {
                     .clone()
             })
         });
-        let decision_seconds = Histogram::new(exponential_buckets(250e-9, 2.0, 16));
-        registry.register(
+        let decision_seconds = registered(
+            &mut registry,
             "decision_duration_seconds",
             "Time to decide one request in process (key, index, verify, route, AND); sampled, one decision in 64 per thread",
-            decision_seconds.clone(),
+            Histogram::new(exponential_buckets(250e-9, 2.0, 16)),
         );
-        let rpcs = Family::<RpcLabels, Counter>::default();
-        registry.register(
+        let rpcs = registered(
+            &mut registry,
             "rpcs",
             "gRPC requests handled, by method and status code",
-            rpcs.clone(),
+            Family::<RpcLabels, Counter>::default(),
         );
-        let keys = Gauge::default();
-        registry.register("keys", "Live keys in the index", keys.clone());
-        let store_write_seconds =
-            Family::<OperationLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(50e-6, 2.0, 16))
-            });
-        registry.register(
+        let keys = registered(
+            &mut registry,
+            "keys",
+            "Live keys in the index",
+            Gauge::default(),
+        );
+        let store_write_seconds = registered(
+            &mut registry,
             "store_write_duration_seconds",
             "Durable store writes (commit and flush), by operation",
-            store_write_seconds.clone(),
+            Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(50e-6, 2.0, 16))
+            }),
         );
-        let store_errors = Counter::default();
-        registry.register(
+        let store_errors = registered(
+            &mut registry,
             "store_errors",
             "Store operations that failed",
-            store_errors.clone(),
+            Counter::default(),
         );
-        let store_healthy = Gauge::default();
-        registry.register(
+        let store_healthy = registered(
+            &mut registry,
             "store_healthy",
             "1 while the store takes writes, 0 while it is failing (full, read-only, I/O errors or not responding); decisions are unaffected",
-            store_healthy.clone(),
+            Gauge::default(),
         );
-        let guessing_detected = Counter::default();
-        registry.register(
+        let guessing_detected = registered(
+            &mut registry,
             "guessing_detected",
             "Key ids (or the admin token) that crossed --failed-auth-limit wrong credentials in a minute",
-            guessing_detected.clone(),
+            Counter::default(),
         );
-        let replica_staleness = Gauge::<f64, AtomicU64>::default();
-        registry.register(
+        let replica_staleness = registered(
+            &mut registry,
             "replica_staleness_seconds",
             "Replicated mode: seconds since the local replica was last known to hold everything etcd has (about 1 while connected; grows while etcd is away)",
-            replica_staleness.clone(),
+            Gauge::<f64, AtomicU64>::default(),
         );
-        let replica_connected = Gauge::default();
-        registry.register(
+        let replica_connected = registered(
+            &mut registry,
             "replica_connected",
             "Replicated mode: 1 while the watch on etcd is up",
-            replica_connected.clone(),
+            Gauge::default(),
         );
-        let replica_revision = Gauge::default();
-        registry.register(
+        let replica_revision = registered(
+            &mut registry,
             "replica_revision",
             "Replicated mode: the etcd revision the local replica holds everything through",
-            replica_revision.clone(),
+            Gauge::default(),
         );
+        let listeners = ListenerFamilies::register(&mut registry);
+        registry.register_collector(Box::new(DroppedLogLines));
         Self {
             registry,
             decisions,
@@ -186,6 +229,7 @@ impl Metrics {
             replica_staleness,
             replica_connected,
             replica_revision,
+            listeners,
         }
     }
 
@@ -232,6 +276,17 @@ impl Metrics {
         }
     }
 
+    /// What one listener counts, under its `name`.
+    #[must_use]
+    pub fn listener(&self, name: &'static str) -> crate::listen::Counters {
+        let labels = ListenerLabels { listener: name };
+        crate::listen::Counters {
+            open: self.listeners.open.get_or_create(&labels).clone(),
+            refused: self.listeners.refused.get_or_create(&labels).clone(),
+            accept_errors: self.listeners.accept_errors.get_or_create(&labels).clone(),
+        }
+    }
+
     /// The counter guessing detection increments.
     #[must_use]
     pub fn guessing_detected(&self) -> Counter {
@@ -267,6 +322,38 @@ impl Metrics {
     }
 }
 
+/// Registers `metric` under `name` and returns a handle to it.
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// `keyward_log_lines_dropped_total`, read from the log writer at each
+/// scrape.
+#[derive(Debug)]
+struct DroppedLogLines;
+
+impl prometheus_client::collector::Collector for DroppedLogLines {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let counter =
+            prometheus_client::metrics::counter::ConstCounter::new(crate::log::dropped_lines());
+        let metric = encoder.encode_descriptor(
+            "log_lines_dropped",
+            "Log lines dropped because the log destination refused them (full disk, closed pipe) or fell behind",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
+}
+
 fn code_label(code: tonic::Code) -> &'static str {
     use tonic::Code;
     match code {
@@ -290,9 +377,13 @@ fn code_label(code: tonic::Code) -> &'static str {
     }
 }
 
+/// A scrape's request head must arrive within this: a peer trickling a
+/// partial header holds its connection no longer.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
 pub async fn serve(
-    mut listener: TcpIncoming,
+    mut listener: crate::listen::Incoming<tokio::net::TcpListener>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -302,10 +393,8 @@ pub async fn serve(
             () = &mut shutdown => return,
             accepted = listener.next() => match accepted {
                 Some(Ok(stream)) => stream,
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "metrics listener accept failed");
-                    continue;
-                }
+                // The listener pauses and logs failed accepts itself.
+                Some(Err(_)) => continue,
                 None => return,
             },
         };
@@ -316,6 +405,8 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(respond(&request, &metrics)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

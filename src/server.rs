@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tokio::net::{TcpListener, UnixListener};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -27,6 +26,7 @@ use crate::grpc::manage::ManageService;
 use crate::guard::FailureGuard;
 use crate::keys::writer::StoreHealth;
 use crate::keys::{Keys, Settings};
+use crate::listen::{Bounds, Incoming};
 use crate::metrics::{Metrics, Source};
 use crate::pb;
 use crate::store::db::StoreError;
@@ -109,6 +109,17 @@ pub struct App {
 }
 
 impl App {
+    /// `listener`'s connections within the configured bounds, counted
+    /// under `name`.
+    fn bounded<L: crate::listen::Accept>(&self, listener: L, name: &'static str) -> Incoming<L> {
+        Incoming::new(
+            listener,
+            name,
+            self.limits.connections,
+            self.metrics.listener(name),
+        )
+    }
+
     /// How management callers are authenticated (gRPC and REST alike).
     #[must_use]
     pub fn access(&self) -> Access {
@@ -122,6 +133,8 @@ struct Limits {
     max_concurrent_requests: usize,
     request_timeout: Duration,
     max_message_bytes: usize,
+    max_streams_per_connection: u32,
+    connections: Bounds,
     shutdown_grace: Duration,
     drain_timeout: Duration,
 }
@@ -138,6 +151,12 @@ impl App {
             Some(path) => RouteTable::parse(&path.display().to_string(), &read(path)?, &catalog)?,
             None => RouteTable::parse("<bundled sendgrid.routes>", SENDGRID_ROUTES, &catalog)?,
         });
+        if config.max_streams_per_connection > (config.max_concurrent_requests / 2).max(1) {
+            // One connection must never take the whole in-flight budget.
+            return Err(ServerError::Settings(
+                "--max-streams-per-connection must be at most half of --max-concurrent-requests",
+            ));
+        }
         if config.store_timeout_ms >= config.request_timeout_ms {
             // Otherwise a slow write is cut off as CANCELLED by the request
             // timeout instead of answering UNAVAILABLE.
@@ -205,6 +224,11 @@ impl App {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 max_message_bytes: config.max_message_bytes as usize,
+                max_streams_per_connection: config.max_streams_per_connection,
+                connections: Bounds {
+                    max_connections: config.max_connections as usize,
+                    idle_timeout: config.idle_timeout,
+                },
                 shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
                 drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             },
@@ -212,24 +236,20 @@ impl App {
     }
 }
 
-/// How long an idle connection waits before TCP keepalive probes start: a
-/// peer that vanished (a pod deleted without FIN) is noticed in minutes,
-/// not hours.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
 /// The sockets keyward serves on, bound before serving so that tests (and
-/// the log) learn the real ports. Every accepted connection gets
-/// TCP_NODELAY and keepalive (see [`incoming`]).
+/// the log) learn the real ports. Their connections are served within the
+/// bounds of [`crate::listen`] (cap, idle timeout, TCP_NODELAY and
+/// keepalive).
 #[derive(Debug)]
 pub struct Listeners {
     /// Authorize, Check, health, reflection (and KeyManager unless separate or disabled).
-    pub grpc: GrpcIncoming,
+    pub grpc: GrpcListener,
     /// KeyManager alone, when `--manage-listen` is set.
-    pub manage: Option<TcpIncoming>,
+    pub manage: Option<TcpListener>,
     /// Prometheus metrics, unless disabled.
-    pub metrics: Option<TcpIncoming>,
+    pub metrics: Option<TcpListener>,
     /// SendGrid's REST key API, when `--http-listen` is set.
-    pub http: Option<TcpIncoming>,
+    pub http: Option<TcpListener>,
     manage_enabled: bool,
     echo_enabled: bool,
 }
@@ -240,12 +260,11 @@ impl Listeners {
         let bind = |addr: std::net::SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
-                .map(incoming)
                 .map_err(io_error(Path::new(&addr.to_string())))
         };
         Ok(Self {
             grpc: match &config.listen {
-                ListenAddr::Tcp(addr) => GrpcIncoming::Tcp(bind(*addr).await?),
+                ListenAddr::Tcp(addr) => GrpcListener::Tcp(bind(*addr).await?),
                 ListenAddr::Unix(path) => bind_unix(path)?,
             },
             manage: match config.manage_listen {
@@ -307,9 +326,12 @@ pub async fn run(
         echo_enabled,
     } = listeners;
     let socket_file = match &grpc {
-        GrpcIncoming::Unix(_, path) => Some(path.clone()),
-        GrpcIncoming::Tcp(_) => None,
+        GrpcListener::Unix(_, path) => Some(path.clone()),
+        GrpcListener::Tcp(_) => None,
     };
+    let manage = manage.map(|listener| app.bounded(listener, "manage"));
+    let metrics = metrics.map(|listener| app.bounded(listener, "metrics"));
+    let http = http.map(|listener| app.bounded(listener, "rest"));
     let (grpc, manage) = grpc_servers(
         &app,
         grpc,
@@ -320,7 +342,7 @@ pub async fn run(
         &stop,
     )?;
     let metrics = metrics.map(|listener| {
-        if let Ok(local) = listener.local_addr() {
+        if let Ok(local) = listener.get_ref().local_addr() {
             tracing::info!(%local, "serving metrics at /metrics");
         }
         crate::metrics::serve(listener, Arc::clone(&app.metrics), stop.stopped())
@@ -474,8 +496,8 @@ async fn optional(server: Option<Serving>) -> Result<(), tonic::transport::Error
 /// load with RESOURCE_EXHAUSTED at once rather than queueing it.
 fn grpc_servers(
     app: &App,
-    grpc: GrpcIncoming,
-    manage_listener: Option<TcpIncoming>,
+    grpc: GrpcListener,
+    manage_listener: Option<Incoming<TcpListener>>,
     manage_enabled: bool,
     echo_enabled: bool,
     health: tonic_health::pb::health_server::HealthServer<
@@ -493,7 +515,7 @@ fn grpc_servers(
     // Outermost, so shed requests are counted as sent.
     let count_rpcs = crate::grpc::edge::CountRpcsLayer::new(&app.metrics);
     let base_server = || -> Result<_, ServerError> {
-        let mut builder = Server::builder();
+        let mut builder = bounded_server(limits);
         if let Some(tls) = &app.tls {
             builder = builder.tls_config(tls.clone())?;
         }
@@ -554,12 +576,12 @@ fn grpc_servers(
     }
     tracing::info!(local = %grpc.describe(), "serving gRPC");
     let grpc: Serving = match grpc {
-        GrpcIncoming::Tcp(incoming) => {
-            Box::pin(router.serve_with_incoming_shutdown(incoming, stop.stopped()))
-        }
-        GrpcIncoming::Unix(incoming, _) => {
-            Box::pin(router.serve_with_incoming_shutdown(incoming, stop.stopped()))
-        }
+        GrpcListener::Tcp(listener) => Box::pin(
+            router.serve_with_incoming_shutdown(app.bounded(listener, "grpc"), stop.stopped()),
+        ),
+        GrpcListener::Unix(listener, _) => Box::pin(
+            router.serve_with_incoming_shutdown(app.bounded(listener, "grpc"), stop.stopped()),
+        ),
     };
     Ok((grpc, separate_manage))
 }
@@ -568,14 +590,14 @@ fn grpc_servers(
 /// behind the gRPC deadline and load shedding: they answer in gRPC's form,
 /// which a REST client cannot read; its calls are bounded by
 /// `--store-timeout-ms`. TLS is terminated by [`crate::tls`] (see there why).
-fn rest_server(app: &App, listener: TcpIncoming, stop: &Stop) -> Serving {
-    if let Ok(local) = listener.local_addr() {
+fn rest_server(app: &App, listener: Incoming<TcpListener>, stop: &Stop) -> Serving {
+    if let Ok(local) = listener.get_ref().local_addr() {
         tracing::info!(%local, tls = app.rest_tls.is_some(), "serving SendGrid's REST key API");
     }
     let router = crate::rest::router(Arc::clone(&app.keys), app.access()).layer(
         axum::extract::DefaultBodyLimit::max(app.limits.max_message_bytes),
     );
-    let server = Server::builder()
+    let server = bounded_server(app.limits)
         .accept_http1(true)
         .add_routes(tonic::service::Routes::from(router));
     match &app.rest_tls {
@@ -587,23 +609,33 @@ fn rest_server(app: &App, listener: TcpIncoming, stop: &Stop) -> Serving {
     }
 }
 
+/// A server with the HTTP/2 bounds every listener shares: a small stream
+/// limit advertised to the peer (a client with a zero flow-control window
+/// can leave at most this many replies unsent per connection), and as the
+/// per-connection in-flight limit.
+fn bounded_server(limits: Limits) -> Server {
+    Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .concurrency_limit_per_connection(limits.max_streams_per_connection as usize)
+}
+
 /// A server running until its shutdown signal.
 type Serving = std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
 /// The main gRPC listener: TCP, or a Unix domain socket.
 #[derive(Debug)]
-pub enum GrpcIncoming {
-    /// TCP, with no-delay and keepalive.
-    Tcp(TcpIncoming),
+pub enum GrpcListener {
+    /// TCP.
+    Tcp(TcpListener),
     /// A Unix domain socket (and its path, removed at shutdown).
-    Unix(tokio_stream::wrappers::UnixListenerStream, PathBuf),
+    Unix(UnixListener, PathBuf),
 }
 
-impl GrpcIncoming {
+impl GrpcListener {
     /// The TCP address, for TCP listeners.
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         match self {
-            Self::Tcp(incoming) => incoming.local_addr(),
+            Self::Tcp(listener) => listener.local_addr(),
             Self::Unix(_, path) => Err(std::io::Error::other(format!(
                 "{} is a Unix socket",
                 path.display()
@@ -614,7 +646,7 @@ impl GrpcIncoming {
     /// Where it listens, for the log.
     fn describe(&self) -> String {
         match self {
-            Self::Tcp(incoming) => incoming
+            Self::Tcp(listener) => listener
                 .local_addr()
                 .map_or_else(|e| e.to_string(), |a| a.to_string()),
             Self::Unix(_, path) => format!("unix://{}", path.display()),
@@ -626,20 +658,17 @@ impl GrpcIncoming {
 /// an earlier run (never any other kind of file). Mode 0660: Envoy in
 /// another container of the pod reaches it through the shared volume and
 /// the pod's fsGroup.
-fn bind_unix(path: &Path) -> Result<GrpcIncoming, ServerError> {
+fn bind_unix(path: &Path) -> Result<GrpcListener, ServerError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.file_type().is_socket()
     {
         std::fs::remove_file(path).map_err(io_error(path))?;
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(io_error(path))?;
+    let listener = UnixListener::bind(path).map_err(io_error(path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(io_error(path))?;
-    Ok(GrpcIncoming::Unix(
-        tokio_stream::wrappers::UnixListenerStream::new(listener),
-        path.to_owned(),
-    ))
+    Ok(GrpcListener::Unix(listener, path.to_owned()))
 }
 
 /// Keeps health current: KeyManager NOT_SERVING while the store is
@@ -719,20 +748,9 @@ async fn replica_changed(
     std::future::pending::<()>().await;
 }
 
-/// Accepted connections with TCP_NODELAY and keepalive. tonic applies its
-/// own `tcp_nodelay` setting only to listeners it binds itself, so a
-/// listener bound here must carry the options: without no-delay, Nagle's
-/// algorithm holds back the small HTTP/2 frames of each reply until the
-/// peer's delayed ACK, and one channel tops out at a fifth of its rate.
-#[must_use]
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(TCP_KEEPALIVE))
-}
-
-fn local_addr(listener: &TcpIncoming) -> Result<std::net::SocketAddr, ServerError> {
+fn local_addr(listener: &Incoming<TcpListener>) -> Result<std::net::SocketAddr, ServerError> {
     listener
+        .get_ref()
         .local_addr()
         .map_err(io_error(Path::new("listener")))
 }

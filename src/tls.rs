@@ -16,7 +16,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::TcpIncoming;
 
 /// Longest a client may take to complete its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,9 +74,9 @@ pub fn server_config(
 /// Connections from `listener`, each after a completed handshake. Failed or
 /// stalled handshakes are dropped (and logged at debug level).
 pub fn incoming(
-    mut listener: TcpIncoming,
+    mut listener: crate::listen::Incoming<tokio::net::TcpListener>,
     config: Arc<rustls::ServerConfig>,
-) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<crate::listen::Conn<TcpStream>>>> {
     let acceptor = TlsAcceptor::from(config);
     let (ready, handshaken) = tokio::sync::mpsc::channel(READY_BACKLOG);
     tokio::spawn(async move {
@@ -86,10 +85,8 @@ pub fn incoming(
                 () = ready.closed() => return,
                 accepted = listener.next() => match accepted {
                     Some(Ok(stream)) => stream,
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "REST listener accept failed");
-                        continue;
-                    }
+                    // The listener pauses and logs failed accepts itself.
+                    Some(Err(_)) => continue,
                     None => return,
                 },
             };

@@ -239,6 +239,7 @@ async fn overload_is_shed_quickly_not_queued() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
     config.max_concurrent_requests = 1;
+    config.max_streams_per_connection = 1;
     config.max_keys_per_account = 1000;
     let server = TestServer::start_with(config).await;
     let (_, secret) = server.create_key("acme", &["mail.send"]).await;

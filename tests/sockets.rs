@@ -8,25 +8,33 @@ mod common;
 use std::net::SocketAddr;
 
 use keyward::config::ServeConfig;
+use keyward::listen::{Bounds, Counters, Incoming};
 use keyward::server::Listeners;
+use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
-use tonic::transport::server::TcpIncoming;
 
-async fn assert_accepts_with_nodelay(name: &str, listener: &mut TcpIncoming) {
+/// Accepts one connection as the server does (through [`Incoming`]).
+async fn assert_accepts_with_nodelay(name: &'static str, listener: TcpListener) {
     let addr = listener.local_addr().expect("addr");
+    let bounds = Bounds {
+        max_connections: 1,
+        idle_timeout: std::time::Duration::from_secs(60),
+    };
+    let mut listener = Incoming::new(listener, name, bounds, Counters::default());
     let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let accepted = listener
+    let conn = listener
         .next()
         .await
         .expect("a connection")
         .expect("accepted");
+    let accepted = conn.get_ref();
     assert_eq!(accepted.peer_addr().ok(), client.local_addr().ok());
     assert!(
         accepted.nodelay().expect("TCP_NODELAY readable"),
         "{name}: accepted socket lacks TCP_NODELAY"
     );
     assert!(
-        socket2::SockRef::from(&accepted)
+        socket2::SockRef::from(accepted)
             .keepalive()
             .expect("SO_KEEPALIVE readable"),
         "{name}: accepted socket lacks keepalive"
@@ -39,14 +47,14 @@ async fn every_listener_accepts_with_nodelay_and_keepalive() {
     let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
     config.manage_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let mut listeners = Listeners::bind(&config).await.expect("bind");
-    let keyward::server::GrpcIncoming::Tcp(grpc) = &mut listeners.grpc else {
+    let listeners = Listeners::bind(&config).await.expect("bind");
+    let keyward::server::GrpcListener::Tcp(grpc) = listeners.grpc else {
         panic!("TCP by default");
     };
     assert_accepts_with_nodelay("gRPC", grpc).await;
-    assert_accepts_with_nodelay("KeyManager", listeners.manage.as_mut().expect("manage")).await;
-    assert_accepts_with_nodelay("metrics", listeners.metrics.as_mut().expect("metrics")).await;
-    assert_accepts_with_nodelay("REST", listeners.http.as_mut().expect("REST")).await;
+    assert_accepts_with_nodelay("KeyManager", listeners.manage.expect("manage")).await;
+    assert_accepts_with_nodelay("metrics", listeners.metrics.expect("metrics")).await;
+    assert_accepts_with_nodelay("REST", listeners.http.expect("REST")).await;
 }
 
 /// `--listen unix:///path`: the real server on a Unix domain socket (as
