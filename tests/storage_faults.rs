@@ -437,3 +437,62 @@ async fn a_stuck_disk_costs_writes_never_decisions_and_shutdown_is_bounded() {
     sidecar.authorize_all(&secrets).await;
     sidecar.terminate(|| {});
 }
+
+/// The log destination failing (stderr on a full tmpfs, or `/dev/full`
+/// from the start) costs log lines, counted, never a request and never
+/// start-up: every write is answered and applied, decisions continue, the
+/// process exits cleanly.
+#[tokio::test]
+async fn a_failing_log_destination_drops_lines_never_requests() {
+    let Some(volume) = Volume::tmpfs("1m") else {
+        return;
+    };
+    let on_full_tmpfs = volume.path().join("serve.log");
+    std::fs::File::create(&on_full_tmpfs).expect("log file");
+    fill(volume.path());
+    for destination in [Path::new("/dev/full"), on_full_tmpfs.as_path()] {
+        let stderr = std::fs::OpenOptions::new()
+            .append(true)
+            .open(destination)
+            .expect("destination opens");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (port, metrics_port) = (common::free_port(), common::free_port());
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--shutdown-grace-ms", "0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("keyward starts");
+        let url = format!("http://127.0.0.1:{port}");
+        common::await_ready(&url).await;
+        let sidecar = Sidecar {
+            child,
+            channel: common::connect(&url).await,
+            admin: admin_token(&dir.path().join("data")),
+            log: destination.to_owned(),
+            _cwd: dir,
+        };
+        let mut secrets = Vec::new();
+        for n in 0..30 {
+            let created = sidecar.create(n).await;
+            secrets.push(created.expect("every write answered").1);
+        }
+        sidecar.authorize_all(&secrets).await;
+        let metrics = common::scrape(&format!("127.0.0.1:{metrics_port}")).await;
+        let dropped: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("keyward_log_lines_dropped_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("dropped lines counted:\n{metrics}"));
+        assert!(dropped >= 30.0, "{}: {dropped}", destination.display());
+        child = sidecar.child;
+        assert!(sh("kill", &["-TERM", &child.id().to_string()]));
+        let status = child.wait().expect("exits");
+        assert!(status.success(), "{}: {status}", destination.display());
+    }
+}

@@ -391,11 +391,13 @@ pub fn logged_address(log: &str, message: &str) -> String {
 
 /// The Prometheus metrics of a spawned server whose JSON log is `log`.
 pub async fn scrape_logged(log: &str) -> String {
+    scrape(&logged_address(log, "serving metrics at /metrics")).await
+}
+
+/// GET /metrics from `addr`, as Prometheus scrapes it.
+pub async fn scrape(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = logged_address(log, "serving metrics at /metrics");
-    let mut stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .expect("metrics");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics");
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
