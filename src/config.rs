@@ -149,7 +149,7 @@ pub struct ServeConfig {
 
     /// Requests in flight across all connections before new ones are shed
     /// with RESOURCE_EXHAUSTED (instead of queueing without bound).
-    #[arg(long, env = "KEYWARD_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+    #[arg(long, env = "KEYWARD_MAX_CONCURRENT_REQUESTS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
@@ -178,10 +178,11 @@ pub struct ServeConfig {
     pub request_timeout_ms: u64,
 
     /// Largest request message (gRPC) or body (REST) accepted, in bytes.
-    /// Every request keyward serves fits in a few KiB (a 1,024-entry scope
-    /// list is ~40 KiB); buffered requests in flight are bounded by
-    /// `--max-concurrent-requests` times this.
-    #[arg(long, env = "KEYWARD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024,
+    /// keyward's own requests fit in a few KiB (a 1,024-entry scope list is
+    /// ~40 KiB) and Envoy's Check carries at most its 60 KiB of headers by
+    /// default; buffered requests in flight are bounded by
+    /// `--max-concurrent-requests` times this (64 MiB by default).
+    #[arg(long, env = "KEYWARD_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..))]
     pub max_message_bytes: u32,
 
@@ -267,11 +268,11 @@ impl ServeConfig {
             disable_manage: false,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             disable_metrics: false,
-            max_concurrent_requests: 1024,
+            max_concurrent_requests: 256,
             request_timeout_ms: 2000,
             store_timeout_ms: 1000,
             last_used_flush_ms: 60_000,
-            max_message_bytes: 64 * 1024,
+            max_message_bytes: 256 * 1024,
             max_streams_per_connection: 100,
             max_connections: 1024,
             idle_timeout: std::time::Duration::from_secs(300),

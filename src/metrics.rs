@@ -56,7 +56,7 @@ struct DecisionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
-    method: &'static str,
+    method: String,
     code: &'static str,
 }
 
@@ -252,10 +252,10 @@ impl Metrics {
 
     /// The counter for one method and code, to resolve once for a hot path.
     #[must_use]
-    pub fn rpc_counter(&self, method: &'static str, code: tonic::Code) -> Counter {
+    pub fn rpc_counter(&self, method: &str, code: tonic::Code) -> Counter {
         self.rpcs
             .get_or_create(&RpcLabels {
-                method,
+                method: method.to_owned(),
                 code: code_label(code),
             })
             .clone()

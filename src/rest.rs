@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -39,10 +39,23 @@ pub const ON_BEHALF_OF: &str = "on-behalf-of";
 struct Rest {
     keys: Arc<Keys>,
     access: Access,
+    body: BodyLimits,
 }
 
-/// The REST routes over the shared key service.
-pub fn router(keys: Arc<Keys>, access: Access) -> Router {
+/// What a request body may cost before it is refused.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Largest body, declared or sent.
+    pub max_bytes: usize,
+    /// Longest the whole body may take to arrive.
+    pub read_timeout: std::time::Duration,
+}
+
+/// The REST routes over the shared key service. Every route authenticates
+/// the caller from its headers before a byte of the body is read (see
+/// [`authenticated`]).
+pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits) -> Router {
+    let rest = Rest { keys, access, body };
     Router::new()
         .route("/v3/api_keys", get(list).post(create))
         .route(
@@ -50,8 +63,75 @@ pub fn router(keys: Arc<Keys>, access: Access) -> Router {
             get(read).put(replace).patch(rename).delete(delete),
         )
         .route("/v3/scopes", get(scopes))
+        .route_layer(axum::middleware::from_fn_with_state(
+            rest.clone(),
+            authenticated,
+        ))
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                None,
+                "this endpoint does not take that method",
+            )
+        })
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, None, "no such endpoint") })
-        .with_state(Rest { keys, access })
+        // `authenticated` has read and bounded the body already.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(rest)
+}
+
+/// Authenticates first, then reads the body: a caller without a valid
+/// credential gets 401 and keyward holds none of its body; a declared
+/// length over the limit is 413 at once; a body that does not arrive
+/// within the deadline is 408. The handler gets the caller as an
+/// extension and the body in memory.
+async fn authenticated(
+    State(rest): State<Rest>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let principal = match rest.principal(&parts.headers) {
+        Ok(principal) => principal,
+        Err(problem) => return problem.into_response(),
+    };
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some("body"),
+            format!(
+                "body: larger than the {} bytes allowed",
+                rest.body.max_bytes
+            ),
+        )
+        .into_response()
+    };
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > rest.body.max_bytes as u64) {
+        return too_large();
+    }
+    let read = axum::body::to_bytes(body, rest.body.max_bytes);
+    let bytes = match tokio::time::timeout(rest.body.read_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return too_large(),
+        Err(_) => {
+            return Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                Some("body"),
+                "body: did not arrive in time",
+            )
+            .into_response();
+        }
+    };
+    parts.extensions.insert(principal);
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 // --- errors ---------------------------------------------------------------------
@@ -285,10 +365,10 @@ fn detail(record: &KeyRecord) -> Value {
 /// `POST /v3/api_keys {"name", "scopes"?}`: no scopes is Full Access.
 async fn create(
     State(rest): State<Rest>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let principal = rest.principal(&headers)?;
     let fail = |e| refused(&principal, "create")(e);
     let request: CreateBody = body(&bytes)?;
     let account = rest
@@ -317,10 +397,10 @@ async fn create(
 /// `GET /v3/api_keys?limit=N`: the account's keys, names and ids.
 async fn list(
     State(rest): State<Rest>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
-    let principal = rest.principal(&headers)?;
     let account = rest.account(&principal, Operation::Read, &headers)?;
     let limit = match query
         .as_deref()
@@ -344,10 +424,9 @@ async fn list(
 /// `GET /v3/api_keys/{api_key_id}`.
 async fn read(
     State(rest): State<Rest>,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    let principal = rest.principal(&headers)?;
     rest.keys.permit(&principal, Operation::Read)?;
     let id = convert::key_id(&id)?;
     let record = rest.keys.get(&principal, &id).await?;
@@ -358,11 +437,10 @@ async fn read(
 /// and every scope.
 async fn replace(
     State(rest): State<Rest>,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let principal = rest.principal(&headers)?;
     let request: ReplaceBody = body(&bytes)?;
     let scopes = Scopes::Replace(request.scopes.as_deref());
     let record = rest
@@ -374,11 +452,10 @@ async fn replace(
 /// `PATCH /v3/api_keys/{api_key_id} {"name"}`.
 async fn rename(
     State(rest): State<Rest>,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let principal = rest.principal(&headers)?;
     let request: RenameBody = body(&bytes)?;
     let record = rest
         .update(&principal, "rename", &id, &request.name, Scopes::Keep)
@@ -389,10 +466,9 @@ async fn rename(
 /// `DELETE /v3/api_keys/{api_key_id}`: 204 once revoked.
 async fn delete(
     State(rest): State<Rest>,
-    headers: HeaderMap,
+    Extension(principal): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    let principal = rest.principal(&headers)?;
     let fail = |e| refused(&principal, "delete")(e);
     rest.keys
         .permit(&principal, Operation::Delete)
@@ -404,8 +480,10 @@ async fn delete(
 }
 
 /// `GET /v3/scopes`: the calling credential's own scopes.
-async fn scopes(State(rest): State<Rest>, headers: HeaderMap) -> Result<Response, Problem> {
-    let principal = rest.principal(&headers)?;
+async fn scopes(
+    State(rest): State<Rest>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Response, Problem> {
     let scopes = rest
         .keys
         .catalog()

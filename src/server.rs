@@ -594,8 +594,13 @@ fn rest_server(app: &App, listener: Incoming<TcpListener>, stop: &Stop) -> Servi
     if let Ok(local) = listener.get_ref().local_addr() {
         tracing::info!(%local, tls = app.rest_tls.is_some(), "serving SendGrid's REST key API");
     }
-    let router = crate::rest::router(Arc::clone(&app.keys), app.access()).layer(
-        axum::extract::DefaultBodyLimit::max(app.limits.max_message_bytes),
+    let router = crate::rest::router(
+        Arc::clone(&app.keys),
+        app.access(),
+        crate::rest::BodyLimits {
+            max_bytes: app.limits.max_message_bytes,
+            read_timeout: app.limits.request_timeout,
+        },
     );
     let server = bounded_server(app.limits)
         .accept_http1(true)

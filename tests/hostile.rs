@@ -299,7 +299,11 @@ async fn check_survives_huge_paths_and_many_headers() {
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(&dir).await;
+    // Far past Envoy's own header limits: an operator who raises them
+    // raises --max-message-bytes too.
+    let mut config = keyward::config::ServeConfig::with_data_dir(dir.path().join("data"));
+    config.max_message_bytes = 1024 * 1024;
+    let server = TestServer::start_with(config).await;
     let (_, secret) = server.create_key("acme", &["mail.send"]).await;
     let mut client = AuthorizationClient::new(server.channel().await);
     let mut headers: HashMap<String, String> = (0..2000)

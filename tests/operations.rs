@@ -222,9 +222,15 @@ async fn oversized_messages_are_refused_and_the_server_keeps_serving() {
         .authorize(huge)
         .await
         .expect_err("too large");
+    // gRPC's guide: a message over the limit is RESOURCE_EXHAUSTED (tonic
+    // says OUT_OF_RANGE; keyward corrects it at the edge).
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
-        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
-        "{status:?}"
+        server
+            .scrape()
+            .await
+            .contains(r#"keyward_rpcs_total{method="Authorize",code="RESOURCE_EXHAUSTED"} 1"#),
+        "counted as sent"
     );
     assert!(
         server
@@ -383,4 +389,47 @@ async fn guessing_is_detected_but_live_and_unknown_ids_are_indistinguishable() {
         metrics.contains("keyward_guessing_detected_total 2"),
         "{metrics}"
     );
+}
+
+/// Every RPC the services define is counted under its own name, derived
+/// from their descriptors: the lifecycle RPCs were once all "unknown".
+#[tokio::test]
+async fn every_rpc_is_counted_under_its_own_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (id, _) = server.create_key("acme", &["mail.send"]).await;
+    let mut manager = server.manager().await;
+    manager
+        .disable_key(bearer(
+            &server.admin,
+            pb::DisableKeyRequest { key_id: id.clone() },
+        ))
+        .await
+        .expect("disabled");
+    manager
+        .enable_key(bearer(&server.admin, pb::EnableKeyRequest { key_id: id }))
+        .await
+        .expect("enabled");
+    let metrics = server.scrape().await;
+    for counted in [
+        r#"keyward_rpcs_total{method="DisableKey",code="OK"} 1"#,
+        r#"keyward_rpcs_total{method="EnableKey",code="OK"} 1"#,
+        r#"keyward_rpcs_total{method="unknown",code="OK"} 0"#,
+    ] {
+        assert!(metrics.contains(counted), "{counted}\n{metrics}");
+    }
+    for method in [
+        "SetKeyExpiry",
+        "RotateKey",
+        "SetKeyAllowlist",
+        "SetKeyRateLimit",
+        "Check",
+        "HealthCheck",
+        "ServerReflectionInfo",
+    ] {
+        assert!(
+            metrics.contains(&format!(r#"method="{method}""#)),
+            "{method}\n{metrics}"
+        );
+    }
 }

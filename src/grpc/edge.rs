@@ -31,30 +31,46 @@ use tonic::codegen::http;
 
 use crate::metrics::Metrics;
 
-/// Every RPC keyward serves, by path, with its `method` label.
-const METHODS: &[(&str, &str)] = &[
-    ("/keyward.v1.Authorizer/Authorize", "Authorize"),
-    ("/envoy.service.auth.v3.Authorization/Check", "Check"),
-    ("/keyward.v1.KeyManager/CreateKey", "CreateKey"),
-    ("/keyward.v1.KeyManager/GetKey", "GetKey"),
-    ("/keyward.v1.KeyManager/ListKeys", "ListKeys"),
-    ("/keyward.v1.KeyManager/UpdateKey", "UpdateKey"),
-    ("/keyward.v1.KeyManager/RenameKey", "RenameKey"),
-    ("/keyward.v1.KeyManager/DeleteKey", "DeleteKey"),
-    ("/keyward.v1.KeyManager/GetScopes", "GetScopes"),
-    ("/keyward.v1.KeyManager/ListCatalog", "ListCatalog"),
-    ("/keyward.v1.Diagnostics/Echo", "Echo"),
-    ("/grpc.health.v1.Health/Check", "HealthCheck"),
-    ("/grpc.health.v1.Health/Watch", "HealthWatch"),
-    (
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        "ServerReflectionInfo",
-    ),
-    (
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        "ServerReflectionInfo",
-    ),
-];
+/// Envoy's ext_authz service: envoy-types carries no descriptor set.
+const CHECK: (&str, &str) = ("/envoy.service.auth.v3.Authorization/Check", "Check");
+
+/// Every RPC keyward serves, by path, with its `method` label: read from
+/// the descriptor sets the services are generated from (keyward's, health,
+/// reflection), so a new RPC is counted under its own name without being
+/// listed here. Health's methods are labelled `Health…`, apart from Check.
+fn served_methods() -> Vec<(String, String)> {
+    use prost::Message;
+    let sets = [
+        crate::pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut methods = vec![(CHECK.0.to_owned(), CHECK.1.to_owned())];
+    for set in sets {
+        // The sets are compiled in: one that does not decode is a build bug.
+        let set = prost_types::FileDescriptorSet::decode(set).expect("a valid descriptor set");
+        for file in set.file {
+            let package = file.package();
+            // keyward's set also holds the etcd client's protos.
+            if !(package.starts_with("keyward.") || package.starts_with("grpc.")) {
+                continue;
+            }
+            for service in &file.service {
+                for method in &service.method {
+                    let label = if service.name() == "Health" {
+                        format!("Health{}", method.name())
+                    } else {
+                        method.name().to_owned()
+                    };
+                    let path = format!("/{package}.{}/{}", service.name(), method.name());
+                    methods.push((path, label));
+                }
+            }
+        }
+    }
+    methods
+}
 
 /// The `method` label of a path keyward does not serve.
 const UNKNOWN_METHOD: &str = "unknown";
@@ -84,17 +100,18 @@ const CODES: [Code; 17] = [
 #[derive(Debug)]
 struct Counters {
     slots: Vec<[Counter; CODES.len()]>,
-    by_path: HashMap<&'static str, usize, FxBuildHasher>,
+    by_path: HashMap<String, usize, FxBuildHasher>,
 }
 
 impl Counters {
     fn new(metrics: &Metrics) -> Self {
         let mut slots = Vec::new();
-        let mut by_label: HashMap<&str, usize> = HashMap::new();
+        let mut by_label: HashMap<String, usize> = HashMap::new();
         let mut by_path = HashMap::with_hasher(FxBuildHasher);
-        for (path, label) in METHODS.iter().copied().chain([("", UNKNOWN_METHOD)]) {
-            let slot = *by_label.entry(label).or_insert_with(|| {
-                slots.push(CODES.map(|code| metrics.rpc_counter(label, code)));
+        let unknown = (String::new(), UNKNOWN_METHOD.to_owned());
+        for (path, label) in served_methods().into_iter().chain([unknown]) {
+            let slot = *by_label.entry(label.clone()).or_insert_with(|| {
+                slots.push(CODES.map(|code| metrics.rpc_counter(&label, code)));
                 slots.len() - 1
             });
             by_path.insert(path, slot);
@@ -231,12 +248,23 @@ where
             // What tonic would send for it (RESOURCE_EXHAUSTED when shed).
             Err(error) => tonic::Status::from_error(error.into()).into_http(),
         };
-        let code = response
+        let mut response = response;
+        let mut code = response
             .headers()
             .get("grpc-status")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<i32>().ok())
             .map_or(Code::Ok, Code::from_i32);
+        if code == Code::OutOfRange {
+            // keyward's handlers never answer OUT_OF_RANGE: tonic does, for
+            // a message over the size limit, which gRPC's status-code
+            // guide calls RESOURCE_EXHAUSTED.
+            code = Code::ResourceExhausted;
+            response.headers_mut().insert(
+                "grpc-status",
+                http::HeaderValue::from(Code::ResourceExhausted as i32),
+            );
+        }
         if let Some(pending) = this.pending {
             pending.answer(code);
         }
