@@ -236,6 +236,21 @@ async fn envoy_ext_authz_end_to_end() {
     let upstream_calls = || seen.lock().expect("lock").len();
     let before = upstream_calls();
 
+    // An underscore spelling of an identity header (which WSGI and Rack
+    // merge with the real one) is refused, never passed on.
+    for smuggled in ["x_keyward_account_id", "x_keyward_key_id"] {
+        let (status, _, _) = http(
+            envoy.port,
+            "POST",
+            "/v3/mail/send",
+            &[(smuggled, "globex"), ("authorization", auth.as_str())],
+        )
+        .await
+        .expect("envoy answers");
+        assert_eq!(status, 400, "{smuggled}");
+    }
+    assert_eq!(upstream_calls(), before, "the app never saw them");
+
     // Wrong scope: 403 with a SendGrid-style body and the missing scopes named.
     let (status, headers, body) = send("GET", "/v3/suppression/bounces", Some(auth.clone())).await;
     assert_eq!(status, 403);
