@@ -8,7 +8,7 @@ use crate::authorizer::{Authorizer, bearer_credential};
 use crate::domain::decision::DenyReason;
 use crate::domain::key::SecretHash;
 use crate::guard::{Failure, FailureGuard};
-use crate::keys::Principal;
+use crate::keys::{KeyError, Principal};
 
 /// Why a management caller was not authenticated. The message never
 /// echoes the credential.
@@ -34,6 +34,19 @@ impl Access {
             admin,
             guard,
         }
+    }
+
+    /// Refuses an account named with the admin token itself (pasted into
+    /// the wrong field it would be stored, logged, and sent upstream as the
+    /// account header), without echoing it.
+    pub fn screen_account<'a>(&self, named: &'a str) -> Result<&'a str, KeyError> {
+        if !named.is_empty() && SecretHash::of(named.as_bytes()).matches(&self.admin) {
+            return Err(KeyError::Invalid {
+                field: "account_id",
+                problem: crate::grpc::convert::CREDENTIAL_REFUSED.into(),
+            });
+        }
+        Ok(named)
     }
 
     /// The caller behind an `Authorization` header value (`None`: absent;

@@ -266,9 +266,9 @@ impl Rest {
     async fn update(
         &self,
         principal: &Principal,
+        headers: &HeaderMap,
         operation: &'static str,
-        id: &str,
-        name: &str,
+        (id, name): (&str, &str),
         scopes: Scopes<'_>,
     ) -> Result<KeyRecord, Problem> {
         let fail = |e| refused(principal, operation)(e);
@@ -276,6 +276,7 @@ impl Rest {
             .permit(principal, Operation::Update)
             .map_err(fail)?;
         let id = convert::key_id(id).map_err(fail)?;
+        self.confine(principal, headers, &id).await.map_err(fail)?;
         let name = convert::name(name).map_err(fail)?;
         let grant = match scopes {
             Scopes::Keep => None,
@@ -315,11 +316,54 @@ impl Rest {
         operation: Operation,
         headers: &HeaderMap,
     ) -> Result<Arc<str>, KeyError> {
-        let named = headers
-            .get(ON_BEHALF_OF)
-            .map(|v| v.to_str().unwrap_or("\u{fffd}"))
-            .unwrap_or_default();
-        self.keys.authorize(principal, operation, named)
+        self.keys
+            .authorize(principal, operation, self.named_account(headers)?)
+    }
+
+    /// The account `on-behalf-of` names ("" without it); given twice, it
+    /// is refused rather than guessed.
+    fn named_account<'h>(&self, headers: &'h HeaderMap) -> Result<&'h str, KeyError> {
+        let mut values = headers.get_all(ON_BEHALF_OF).iter();
+        let named = match (values.next(), values.next()) {
+            (None, _) => "",
+            (Some(_), Some(_)) => {
+                return Err(KeyError::Invalid {
+                    field: "account_id",
+                    problem: "given more than once".into(),
+                });
+            }
+            (Some(value), None) => value.to_str().unwrap_or("\u{fffd}"),
+        };
+        self.access.screen_account(named)
+    }
+
+    /// Confines an operation on one key to the account `on-behalf-of`
+    /// names: the admin acting for `globex` finds no key of `acme` (404),
+    /// and a key cannot name another account. A key's account never
+    /// changes, so checking before the change is as good as during it.
+    async fn confine(
+        &self,
+        principal: &Principal,
+        headers: &HeaderMap,
+        id: &crate::domain::key::KeyId,
+    ) -> Result<(), KeyError> {
+        let named = self.named_account(headers)?;
+        if named.is_empty() {
+            return Ok(());
+        }
+        match principal {
+            Principal::Admin => {
+                let record = self.keys.get(principal, id).await?;
+                if record.account != named {
+                    return Err(KeyError::NotFound(id.to_string()));
+                }
+                Ok(())
+            }
+            Principal::Key { account, .. } if &**account != named => Err(
+                KeyError::PermissionDenied("an API key acts only in its own account".into()),
+            ),
+            Principal::Key { .. } => Ok(()),
+        }
     }
 
     fn grant(
@@ -328,6 +372,12 @@ impl Rest {
     ) -> Result<Option<crate::domain::scope_set::ScopeSet>, KeyError> {
         match scopes {
             None => Ok(None),
+            // `"scopes": []` asks for nothing; granting everything for it
+            // would fail open.
+            Some([]) => Err(KeyError::Invalid {
+                field: "scopes",
+                problem: "an empty list grants no scope (omit scopes for a Full Access key)".into(),
+            }),
             Some(scopes) => {
                 convert::grant(self.keys.catalog(), scopes, &HashMap::<String, i32>::new())
             }
@@ -425,10 +475,12 @@ async fn list(
 async fn read(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     rest.keys.permit(&principal, Operation::Read)?;
     let id = convert::key_id(&id)?;
+    rest.confine(&principal, &headers, &id).await?;
     let record = rest.keys.get(&principal, &id).await?;
     Ok(axum::Json(json!({ "result": [detail(&record)] })).into_response())
 }
@@ -438,13 +490,14 @@ async fn read(
 async fn replace(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
     let request: ReplaceBody = body(&bytes)?;
     let scopes = Scopes::Replace(request.scopes.as_deref());
     let record = rest
-        .update(&principal, "update", &id, &request.name, scopes)
+        .update(&principal, &headers, "update", (&id, &request.name), scopes)
         .await?;
     Ok(axum::Json(detail(&record)).into_response())
 }
@@ -453,12 +506,19 @@ async fn replace(
 async fn rename(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
     let request: RenameBody = body(&bytes)?;
     let record = rest
-        .update(&principal, "rename", &id, &request.name, Scopes::Keep)
+        .update(
+            &principal,
+            &headers,
+            "rename",
+            (&id, &request.name),
+            Scopes::Keep,
+        )
         .await?;
     Ok(axum::Json(summary(&record)).into_response())
 }
@@ -467,6 +527,7 @@ async fn rename(
 async fn delete(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let fail = |e| refused(&principal, "delete")(e);
@@ -474,6 +535,9 @@ async fn delete(
         .permit(&principal, Operation::Delete)
         .map_err(fail)?;
     let id = convert::key_id(&id).map_err(fail)?;
+    rest.confine(&principal, &headers, &id)
+        .await
+        .map_err(fail)?;
     let record = rest.keys.delete(&principal, &id).await.map_err(fail)?;
     audit::changed(&principal, "delete", Some(&record), &record);
     Ok(StatusCode::NO_CONTENT.into_response())

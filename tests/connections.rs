@@ -388,45 +388,6 @@ async fn at_the_descriptor_limit_accepts_pause_and_the_log_stays_quiet() {
 
 // --- REST: authenticate before the body, bound it in size and time ---------------
 
-/// One raw HTTP/1.1 exchange: writes `head` (and `body`), then reads the
-/// response until the server ends it.
-async fn rest_exchange(addr: SocketAddr, head: &str, body: &[u8]) -> String {
-    let mut conn = TcpStream::connect(addr).await.expect("connect");
-    conn.write_all(head.as_bytes()).await.expect("head");
-    conn.write_all(body).await.expect("body");
-    let mut response = Vec::new();
-    let mut buf = [0u8; 4096];
-    let read = async {
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    response.extend(&buf[..n]);
-                    // One response is all these requests get.
-                    let text = String::from_utf8_lossy(&response);
-                    if let Some((head, body)) = text.split_once("\r\n\r\n")
-                        && head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length: ")
-                                    .map(str::to_owned)
-                            })
-                            .and_then(|n| n.trim().parse::<usize>().ok())
-                            .is_some_and(|n| body.len() >= n)
-                    {
-                        break;
-                    }
-                }
-            }
-        }
-    };
-    tokio::time::timeout(EVENTUALLY, read)
-        .await
-        .expect("the server answers without waiting for the body");
-    String::from_utf8_lossy(&response).into_owned()
-}
-
 fn sendgrid_error(response: &str, status: &str) -> serde_json::Value {
     assert!(
         response.starts_with(&format!("HTTP/1.1 {status}")),
@@ -453,18 +414,18 @@ async fn rest_authenticates_before_reading_a_body_and_bounds_it() {
         )
     };
     // A bogus token with a body still to come: refused from the headers.
-    let response = rest_exchange(rest, &post("not-a-token", 60_000), b"{").await;
+    let response = common::http_exchange(rest, &post("not-a-token", 60_000), b"{").await;
     sendgrid_error(&response, "401");
     // A declared length over the limit: refused before any of it is sent.
     let admin = server.admin.clone();
-    let response = rest_exchange(rest, &post(&admin, 1 << 30), b"").await;
+    let response = common::http_exchange(rest, &post(&admin, 1 << 30), b"").await;
     let json = sendgrid_error(&response, "413");
     assert_eq!(json["errors"][0]["field"], "body", "{json}");
     // An authenticated body that stalls: refused at the deadline.
-    let response = rest_exchange(rest, &post(&admin, 100), b"{\"name\":").await;
+    let response = common::http_exchange(rest, &post(&admin, 100), b"{\"name\":").await;
     sendgrid_error(&response, "408");
     // A method the route does not take: SendGrid's shape too.
-    let response = rest_exchange(
+    let response = common::http_exchange(
         rest,
         &format!("PATCH /v3/api_keys HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\ncontent-length: 0\r\n\r\n"),
         b"",

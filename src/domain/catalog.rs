@@ -90,12 +90,29 @@ impl Category {
 /// Why a list of scope names could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScopeError {
-    /// A name the catalog does not define.
-    #[error("unknown scope {0:?}")]
+    /// A name the catalog does not define: shown quoted if it is shaped like
+    /// a scope name, never otherwise (a secret pasted into the wrong field
+    /// must not be echoed back or logged).
+    #[error("unknown scope {0}")]
     Unknown(String),
     /// The same scope twice (possibly once under a legacy alias).
-    #[error("duplicate scope {0:?}")]
+    #[error("duplicate scope {0}")]
     Duplicate(String),
+}
+
+/// A requested scope name as an error may show it: quoted when it is shaped
+/// like one (lowercase letters, digits, `.`, `_`, `-`; at most 64), else a
+/// placeholder.
+fn shown(name: &str) -> String {
+    let scope_shaped = name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if scope_shaped {
+        format!("{name:?}")
+    } else {
+        "(an entry that is not a scope name, not shown)".to_owned()
+    }
 }
 
 /// Every scope keyward knows, their categories and legacy aliases.
@@ -308,9 +325,9 @@ impl Catalog {
             let name = name.as_ref();
             let id = self
                 .lookup(name)
-                .ok_or_else(|| ScopeError::Unknown(name.to_owned()))?;
+                .ok_or_else(|| ScopeError::Unknown(shown(name)))?;
             if set.contains(id) {
-                return Err(ScopeError::Duplicate(name.to_owned()));
+                return Err(ScopeError::Duplicate(shown(name)));
             }
             set.insert(id);
         }
@@ -410,7 +427,7 @@ mod tests {
         assert_eq!(catalog.names(&set), vec!["suppression.read"]);
         assert_eq!(
             catalog.resolve(&["suppression.read", "suppressions.read"]),
-            Err(ScopeError::Duplicate("suppressions.read".into()))
+            Err(ScopeError::Duplicate("\"suppressions.read\"".into()))
         );
     }
 
@@ -419,7 +436,7 @@ mod tests {
         let catalog = Catalog::sendgrid();
         assert_eq!(
             catalog.resolve(&["mail.send", "mail.fly"]),
-            Err(ScopeError::Unknown("mail.fly".into()))
+            Err(ScopeError::Unknown("\"mail.fly\"".into()))
         );
     }
 

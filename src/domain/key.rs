@@ -60,6 +60,20 @@ impl fmt::Debug for KeyId {
 #[error("must be a 22-character key id")]
 pub struct BadKeyId;
 
+/// Whether `text` holds something shaped like a keyward API key (`SG.`
+/// followed by a key id): such a value pasted into a name, scope or
+/// account field is refused without being echoed, logged or stored.
+#[must_use]
+pub fn looks_like_secret(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.windows(3 + ID_LEN).any(|window| {
+        window.starts_with(b"SG.")
+            && window[3..]
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+    })
+}
+
 impl FromStr for KeyId {
     type Err = BadKeyId;
 

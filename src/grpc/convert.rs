@@ -11,10 +11,21 @@ use crate::domain::scope_set::ScopeSet;
 use crate::keys::KeyError;
 use crate::pb::v1 as pb;
 
+/// Why a value shaped like a credential was refused (it is never echoed).
+pub const CREDENTIAL_REFUSED: &str = "looks like a credential (an API key or the admin token); refused, not recorded or logged: revoke it if it was exposed";
+
 /// Longest key name accepted, in characters.
 pub const MAX_NAME_CHARS: usize = 100;
 
-/// Checks a key name: 1 to 100 characters, not blank, no control characters.
+/// Characters that change how text around them is shown without showing
+/// themselves: bidirectional overrides and isolates (a name that reads
+/// differently than it is), zero-width characters and the BOM.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// Checks a key name: 1 to 100 characters, not blank, no control or
+/// invisible formatting characters, nothing shaped like a secret.
 pub fn name(name: &str) -> Result<String, KeyError> {
     let invalid = |problem: &str| KeyError::Invalid {
         field: "name",
@@ -28,6 +39,14 @@ pub fn name(name: &str) -> Result<String, KeyError> {
     }
     if name.chars().any(char::is_control) {
         return Err(invalid("must not contain control characters"));
+    }
+    if name.chars().any(is_invisible_format) {
+        return Err(invalid(
+            "must not contain bidirectional or zero-width formatting characters",
+        ));
+    }
+    if crate::domain::key::looks_like_secret(name) {
+        return Err(invalid(CREDENTIAL_REFUSED));
     }
     Ok(name.to_owned())
 }
@@ -59,7 +78,18 @@ pub fn grant<S: std::hash::BuildHasher>(
                 problem: "set either scopes or access, not both".into(),
             });
         }
-        (false, true) => GrantRequest::Scopes(scopes),
+        (false, true) => {
+            if scopes
+                .iter()
+                .any(|scope| crate::domain::key::looks_like_secret(scope))
+            {
+                return Err(KeyError::Invalid {
+                    field: "scopes",
+                    problem: CREDENTIAL_REFUSED.into(),
+                });
+            }
+            GrantRequest::Scopes(scopes)
+        }
         (true, false) => {
             let mut sorted: Vec<_> = access.iter().collect();
             sorted.sort();

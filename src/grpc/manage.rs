@@ -57,9 +57,13 @@ impl pb::key_manager_server::KeyManager for ManageService {
         let principal = self.principal(request.metadata())?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "create")(e);
+        let named = self
+            .access
+            .screen_account(&request.account_id)
+            .map_err(fail)?;
         let account = self
             .keys
-            .authorize(&principal, Operation::Create, &request.account_id)
+            .authorize(&principal, Operation::Create, named)
             .map_err(fail)?;
         let name = convert::name(&request.name).map_err(fail)?;
         let grant = convert::grant(self.keys.catalog(), &request.scopes, &request.access)
@@ -99,9 +103,11 @@ impl pb::key_manager_server::KeyManager for ManageService {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let principal = self.principal(request.metadata())?;
         let request = request.get_ref();
-        let account = self
-            .keys
-            .authorize(&principal, Operation::Read, &request.account_id)?;
+        let account = self.keys.authorize(
+            &principal,
+            Operation::Read,
+            self.access.screen_account(&request.account_id)?,
+        )?;
         let limit = convert::page_size(request.page_size)?;
         let unused_for = convert::unused_for(request.unused_for.as_ref())?;
         let (records, next_page_token) = self

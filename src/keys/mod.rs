@@ -310,13 +310,16 @@ impl Keys {
         let after = if page_token.is_empty() {
             None
         } else {
-            Some(Cursor::parse(page_token).ok_or_else(|| KeyError::Invalid {
-                field: "page_token",
-                problem: "not a token from a previous ListKeys response".into(),
-            })?)
+            Some(
+                Cursor::parse(page_token, &account).ok_or_else(|| KeyError::Invalid {
+                    field: "page_token",
+                    problem: "not a token from a previous ListKeys response".into(),
+                })?,
+            )
         };
+        let listed = Arc::clone(&account);
         let (mut records, next) = self
-            .read(move |store| Ok(store.page(&account, after, limit)?))
+            .read(move |store| Ok(store.page(&listed, after, limit)?))
             .await?;
         if let Some(unused_for) = unused_for {
             let cutoff = now_nanos()
@@ -325,7 +328,8 @@ impl Keys {
         }
         Ok((
             records,
-            next.map(|cursor| cursor.token()).unwrap_or_default(),
+            next.map(|cursor| cursor.token(&account))
+                .unwrap_or_default(),
         ))
     }
 
@@ -601,6 +605,12 @@ fn visible(store: &Store, principal: &Principal, id: &KeyId) -> Result<KeyRecord
 
 /// Account ids: 1 to 64 of `A-Z a-z 0-9 . _ - @`.
 pub fn validate_account(account: &str) -> Result<(), KeyError> {
+    if crate::domain::key::looks_like_secret(account) {
+        return Err(KeyError::Invalid {
+            field: "account_id",
+            problem: crate::grpc::convert::CREDENTIAL_REFUSED.into(),
+        });
+    }
     let ok = !account.is_empty()
         && account.len() <= 64
         && account

@@ -127,26 +127,50 @@ pub struct Cursor {
 
 impl Cursor {
     const LEN: usize = 24;
+    /// Bytes of the check that binds a token to its account.
+    const CHECK: usize = 8;
 
-    /// Encodes as a page token.
+    /// Encodes as a page token for `account`'s listing: the position and a
+    /// check over it and the account, so a token that no listing issued (a
+    /// typo, a made-up string, another account's token) is refused.
     #[must_use]
-    pub fn token(&self) -> String {
-        let mut raw = [0u8; Self::LEN];
+    pub fn token(&self, account: &str) -> String {
+        let mut raw = [0u8; Self::LEN + Self::CHECK];
         raw[..8].copy_from_slice(&self.created_nanos.to_be_bytes());
-        raw[8..].copy_from_slice(self.id.as_bytes());
+        raw[8..Self::LEN].copy_from_slice(self.id.as_bytes());
+        let check = Self::check(account, &raw[..Self::LEN]);
+        raw[Self::LEN..].copy_from_slice(&check);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// Decodes a page token; `None` if it is not one keyward issued.
+    /// Decodes a page token of `account`'s listing; `None` if no listing
+    /// of it issued the token.
     #[must_use]
-    pub fn parse(token: &str) -> Option<Self> {
-        if token.len() != 32 {
+    pub fn parse(token: &str, account: &str) -> Option<Self> {
+        if token.len() != 43 {
             return None;
         }
         let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
-        let created_nanos = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
-        let id = KeyId::from_bytes(raw.get(8..Self::LEN)?.try_into().ok()?);
+        let (position, check) = raw.split_at_checked(Self::LEN)?;
+        if check != Self::check(account, position) {
+            return None;
+        }
+        let created_nanos = u64::from_be_bytes(position.get(..8)?.try_into().ok()?);
+        let id = KeyId::from_bytes(position.get(8..)?.try_into().ok()?);
         Some(Self { created_nanos, id })
+    }
+
+    fn check(account: &str, position: &[u8]) -> [u8; Self::CHECK] {
+        use sha2::Digest;
+        let digest = sha2::Sha256::new()
+            .chain_update(b"keyward page token\0")
+            .chain_update(account.as_bytes())
+            .chain_update(b"\0")
+            .chain_update(position)
+            .finalize();
+        let mut check = [0u8; Self::CHECK];
+        check.copy_from_slice(&digest[..Self::CHECK]);
+        check
     }
 }
 
@@ -470,9 +494,14 @@ mod tests {
             created_nanos: 1_700_000_000_000_000_000,
             id: KeyId::from_bytes([3; 16]),
         };
-        assert_eq!(Cursor::parse(&cursor.token()), Some(cursor));
-        for bad in ["", "x", "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!", &"A".repeat(33)] {
-            assert_eq!(Cursor::parse(bad), None, "{bad:?}");
+        let token = cursor.token("acme");
+        assert_eq!(Cursor::parse(&token, "acme"), Some(cursor));
+        assert_eq!(Cursor::parse(&token, "globex"), None, "another account's");
+        let mut forged = token.into_bytes();
+        forged[3] = if forged[3] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).expect("ascii");
+        for bad in ["", "x", &"!".repeat(43), &"A".repeat(43), &forged] {
+            assert_eq!(Cursor::parse(bad, "acme"), None, "{bad:?}");
         }
     }
 

@@ -406,3 +406,75 @@ pub async fn scrape(addr: &str) -> String {
     stream.read_to_string(&mut metrics).await.expect("read");
     metrics
 }
+
+/// One raw HTTP/1.1 exchange (the body may be cut short, as an attacker
+/// sends it): writes `head` (and `body`), then reads the
+/// response until the server ends it.
+pub async fn http_exchange(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(head.as_bytes()).await.expect("head");
+    conn.write_all(body).await.expect("body");
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    response.extend(&buf[..n]);
+                    // One response is all these requests get.
+                    let text = String::from_utf8_lossy(&response);
+                    if let Some((head, body)) = text.split_once("\r\n\r\n")
+                        && head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(str::to_owned)
+                            })
+                            .and_then(|n| n.trim().parse::<usize>().ok())
+                            .is_some_and(|n| body.len() >= n)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the server answers without waiting for the body");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A REST call with a JSON body: (status, JSON reply or `null`).
+pub async fn rest_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::fmt::Write as _;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    let _ = write!(
+        head,
+        "content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let response = http_exchange(addr, &head, body.as_bytes()).await;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a status line: {response}"));
+    let json = response
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str(body).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
