@@ -50,10 +50,12 @@ impl Access {
     }
 
     /// The caller behind an `Authorization` header value (`None`: absent;
-    /// `Err` inside: not ASCII).
+    /// `Err` inside: not ASCII), calling from `client`: a key's allowlist
+    /// binds its management calls as it binds its decisions.
     pub fn principal(
         &self,
         header: Option<Result<&str, ()>>,
+        client: Option<std::net::IpAddr>,
     ) -> Result<Principal, Unauthenticated> {
         let header = header
             .ok_or(Unauthenticated("missing bearer credential"))?
@@ -67,12 +69,15 @@ impl Access {
         if SecretHash::of(credential.as_bytes()).matches(&self.admin) {
             return Ok(Principal::Admin);
         }
-        match self.authorizer.authenticate(credential) {
+        match self.authorizer.authenticate(credential, client) {
             Ok(verified) => Ok(Principal::Key {
                 id: verified.id,
                 account: verified.account,
                 scopes: verified.scopes,
             }),
+            Err(failure) if failure.reason == DenyReason::IpNotAllowed => Err(Unauthenticated(
+                "this API key may not be used from this address (its allowlist)",
+            )),
             Err(failure) => {
                 match (failure.wrong_secret, failure.key_id, failure.reason) {
                     (true, Some(id), _) => self.guard.record(Failure::WrongSecret(id)),

@@ -25,15 +25,26 @@ impl Authorizer {
         Self { index, routes }
     }
 
-    /// Verifies a credential as an API key: `Bearer <key>` or a bare key.
-    /// In order: format, id, secret, disabled, expired. (The address
-    /// allowlist and the rate limit are for decisions: see [`Self::decide`].)
-    pub fn authenticate(&self, credential: &str) -> Result<Verified, AuthFailure> {
+    /// Verifies a credential as an API key, for a caller at `client`:
+    /// `Bearer <key>` or a bare key. In order: format, id, secret, disabled,
+    /// expired, address allowlist. (Routes and the rate limit are for
+    /// decisions: see [`Self::decide`].)
+    pub fn authenticate(
+        &self,
+        credential: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Verified, AuthFailure> {
         let presented = parse(credential)?;
         let now = clock::recent_now_nanos();
         let index = self.index.pin();
-        usable(index.verify(&presented, now), presented.id, now)
-            .map(|entry| entry.verified(presented.id))
+        let entry = usable(index.verify(&presented, now), presented.id, now)?;
+        if !entry.allowlist.permits(client) {
+            return Err(AuthFailure::new(
+                DenyReason::IpNotAllowed,
+                Some(presented.id),
+            ));
+        }
+        Ok(entry.verified(presented.id))
     }
 
     /// Decides one request from `client` (when known). `method` is `None`

@@ -80,6 +80,20 @@ pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits) -> Router {
         .with_state(rest)
 }
 
+/// The peer's address, as the listener recorded it (plain or TLS).
+fn peer(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
+        .map(|addr| addr.ip())
+}
+
 /// Authenticates first, then reads the body: a caller without a valid
 /// credential gets 401 and keyward holds none of its body; a declared
 /// length over the limit is 413 at once; a body that does not arrive
@@ -91,7 +105,7 @@ async fn authenticated(
     next: axum::middleware::Next,
 ) -> Response {
     let (mut parts, body) = request.into_parts();
-    let principal = match rest.principal(&parts.headers) {
+    let principal = match rest.principal(&parts.headers, peer(&parts.extensions)) {
         Ok(principal) => principal,
         Err(problem) => return problem.into_response(),
     };
@@ -300,12 +314,16 @@ impl Rest {
         Ok(record)
     }
 
-    /// The caller, from `Authorization`.
-    fn principal(&self, headers: &HeaderMap) -> Result<Principal, Problem> {
+    /// The caller, from `Authorization` and its address.
+    fn principal(
+        &self,
+        headers: &HeaderMap,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Principal, Problem> {
         let header = headers
             .get(axum::http::header::AUTHORIZATION)
             .map(|v| v.to_str().map_err(|_| ()));
-        Ok(self.access.principal(header)?)
+        Ok(self.access.principal(header, client)?)
     }
 
     /// The account to act in: the admin names it with `on-behalf-of`; a

@@ -458,11 +458,23 @@ async fn rotation_keeps_the_id_and_the_previous_secret_works_only_for_the_overla
 async fn only_a_caller_holding_the_keys_scopes_may_rotate_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(&dir).await;
-    let (_, manager) = server
-        .create_key("acme", &["api_keys.update", "alerts.read"])
-        .await;
     let (mailer_id, mailer) = server.create_key("acme", &["mail.send"]).await;
     let (peer_id, _) = server.create_key("acme", &["alerts.read"]).await;
+    // Rotation mints a working secret: `api_keys.update` alone is not enough.
+    let (_, updater) = server
+        .create_key("acme", &["api_keys.update", "alerts.read"])
+        .await;
+    assert_status(
+        rotate(&server, &updater, &peer_id, Duration::ZERO).await,
+        Code::PermissionDenied,
+        "api_keys.create",
+    );
+    let (_, manager) = server
+        .create_key(
+            "acme",
+            &["api_keys.create", "api_keys.update", "alerts.read"],
+        )
+        .await;
     assert_status(
         rotate(&server, &manager, &mailer_id, Duration::ZERO).await,
         Code::PermissionDenied,

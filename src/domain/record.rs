@@ -39,6 +39,8 @@ pub struct Access {
     pub previous: Option<PreviousSecret>,
     /// Disabled keys are denied.
     pub disabled: bool,
+    /// Disabled by the admin: only the admin may enable it again.
+    pub disabled_by_admin: bool,
     /// Unix nanos from which the key is denied; `None`: never.
     pub expires_at: Option<i64>,
     /// Canonical address ranges the key may be used from (empty: any).
@@ -64,9 +66,20 @@ impl Access {
             secret,
             previous: None,
             disabled: false,
+            disabled_by_admin: false,
             expires_at: None,
             allowed_cidrs: Vec::new(),
             rate_limit: None,
+        }
+    }
+
+    /// Its lifecycle limits, for least privilege.
+    #[must_use]
+    pub fn limits(&self) -> super::rules::Limits<'_> {
+        super::rules::Limits {
+            expires_at: self.expires_at,
+            allowed_cidrs: &self.allowed_cidrs,
+            rate_limit: self.rate_limit,
         }
     }
 

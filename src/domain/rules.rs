@@ -1,7 +1,8 @@
-//! SendGrid's key rules: how a grant is chosen, billing exclusivity, and no
-//! privilege escalation.
+//! SendGrid's key rules: how a grant is chosen, billing exclusivity, no
+//! privilege escalation, and least privilege over lifecycle limits.
 
 use super::catalog::{AccessLevel, Catalog, ScopeError};
+use super::rate::RateLimit;
 use super::scope_set::ScopeSet;
 
 /// Most entries accepted in one scope list: the catalog holds at most 256
@@ -112,6 +113,105 @@ pub fn escalation(holder: &ScopeSet, grant: &ScopeSet) -> Option<ScopeSet> {
     (!holder.covers(grant)).then(|| holder.missing(grant))
 }
 
+// --- least privilege over lifecycle limits -----------------------------------------
+
+/// A key's lifecycle limits, as least privilege compares them: an expiry,
+/// an address allowlist (empty: any address), a rate limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits<'a> {
+    /// Unix nanos from which the key is denied; `None`: never.
+    pub expires_at: Option<i64>,
+    /// Canonical address ranges (empty: any).
+    pub allowed_cidrs: &'a [String],
+    /// Requests per period, if limited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// One of the lifecycle limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The expiry.
+    Expiry,
+    /// The address allowlist.
+    Allowlist,
+    /// The rate limit.
+    RateLimit,
+}
+
+impl Limit {
+    /// Every limit.
+    pub const ALL: [Self; 3] = [Self::Expiry, Self::Allowlist, Self::RateLimit];
+
+    /// The request field that sets it.
+    #[must_use]
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Expiry => "expires_at",
+            Self::Allowlist => "allowed_cidrs",
+            Self::RateLimit => "rate_limit",
+        }
+    }
+}
+
+impl Limits<'_> {
+    /// Whether this limit is at least as strict as `bound`'s: expires no
+    /// later, allows only addresses `bound` allows, admits no more
+    /// requests per unit of time and no larger burst. No limit is
+    /// looser than any.
+    #[must_use]
+    pub fn within(&self, bound: &Limits<'_>, limit: Limit) -> bool {
+        match limit {
+            Limit::Expiry => match (self.expires_at, bound.expires_at) {
+                (_, None) => true,
+                (None, Some(_)) => false,
+                (Some(at), Some(until)) => at <= until,
+            },
+            Limit::Allowlist => {
+                bound.allowed_cidrs.is_empty()
+                    || (!self.allowed_cidrs.is_empty()
+                        && self.allowed_cidrs.iter().all(|range| {
+                            range.parse::<ipnet::IpNet>().is_ok_and(|range| {
+                                bound.allowed_cidrs.iter().any(|outer| {
+                                    outer
+                                        .parse::<ipnet::IpNet>()
+                                        .is_ok_and(|outer| outer.contains(&range))
+                                })
+                            })
+                        }))
+            }
+            Limit::RateLimit => match (self.rate_limit, bound.rate_limit) {
+                (_, None) => true,
+                (None, Some(_)) => false,
+                (Some(rate), Some(cap)) => {
+                    // requests / period <= cap.requests / cap.period, crosswise.
+                    u128::from(rate.requests()) * cap.period().as_nanos()
+                        <= u128::from(cap.requests()) * rate.period().as_nanos()
+                        && rate.burst() <= cap.burst()
+                }
+            },
+        }
+    }
+
+    /// The first of `limits` in which this is less strict than `bound`.
+    #[must_use]
+    pub fn loosens(&self, bound: &Limits<'_>, limits: &[Limit]) -> Option<Limit> {
+        limits
+            .iter()
+            .copied()
+            .find(|limit| !self.within(bound, *limit))
+    }
+}
+
+/// Why a change by a key was refused for loosening `limit` beyond what
+/// `than` (the caller, or the key as it was) allows.
+#[must_use]
+pub fn loosening_refused(limit: Limit, than: &str) -> String {
+    format!(
+        "{}: an API key may not make a key less restricted than {than} (only the admin can)",
+        limit.field()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +289,47 @@ mod tests {
             resolve_grant(&catalog, GrantRequest::Scopes(&many)),
             Err(GrantError::TooManyScopes)
         );
+    }
+
+    #[test]
+    fn limits_compare_by_strictness() {
+        let cidrs = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let (office, desk, elsewhere) = (
+            cidrs(&["10.0.0.0/8"]),
+            cidrs(&["10.1.0.0/16"]),
+            cidrs(&["192.168.0.0/16"]),
+        );
+        let rate = |n, secs| RateLimit::new(n, std::time::Duration::from_secs(secs), 0).ok();
+        let bound = Limits {
+            expires_at: Some(100),
+            allowed_cidrs: &office,
+            rate_limit: rate(10, 1),
+        };
+        let tighter = Limits {
+            expires_at: Some(50),
+            allowed_cidrs: &desk,
+            rate_limit: rate(5, 1),
+        };
+        assert_eq!(tighter.loosens(&bound, &Limit::ALL), None);
+        let unlimited = Limits::default();
+        for limit in Limit::ALL {
+            assert!(!unlimited.within(&bound, limit), "{limit:?}");
+            assert!(bound.within(&unlimited, limit), "{limit:?}");
+        }
+        let looser = Limits {
+            expires_at: Some(101),
+            allowed_cidrs: &elsewhere,
+            rate_limit: rate(11, 1),
+        };
+        for limit in Limit::ALL {
+            assert!(!looser.within(&bound, limit), "{limit:?}");
+        }
+        // The same rate over a longer period, and a larger burst, are looser.
+        let burst = Limits {
+            rate_limit: RateLimit::new(10, std::time::Duration::from_secs(1), 20).ok(),
+            ..bound
+        };
+        assert_eq!(burst.loosens(&bound, &Limit::ALL), Some(Limit::RateLimit));
     }
 
     #[test]

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::convert;
@@ -30,12 +29,15 @@ impl ManageService {
     }
 
     /// Authenticates `authorization: Bearer <admin token | API key>`.
-    fn principal(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
-        let header = metadata
+    /// The caller, from `authorization` and (for a key's allowlist) the
+    /// peer's address.
+    fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let header = request
+            .metadata()
             .get("authorization")
             .map(|value| value.to_str().map_err(|_| ()));
         self.access
-            .principal(header)
+            .principal(header, request.remote_addr().map(|peer| peer.ip()))
             .map_err(|Unauthenticated(problem)| unauthenticated(problem))
     }
 }
@@ -54,7 +56,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(&request)?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "create")(e);
         let named = self
@@ -90,7 +92,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(&request)?;
         self.keys.permit(&principal, Operation::Read)?;
         let id = convert::key_id(&request.get_ref().key_id)?;
         let record = self.keys.get(&principal, &id).await?;
@@ -101,7 +103,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(&request)?;
         let request = request.get_ref();
         let account = self.keys.authorize(
             &principal,
@@ -124,7 +126,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(&request)?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "update")(e);
         self.keys
@@ -152,7 +154,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::RenameKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(&request)?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "rename")(e);
         self.keys
@@ -184,7 +186,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(&request)?;
         let fail = |e| refused(&principal, "delete")(e);
         self.keys
             .permit(&principal, Operation::Delete)
@@ -199,7 +201,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetScopesRequest>,
     ) -> Result<Response<pb::GetScopesResponse>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(&request)?;
         let scopes = self.keys.held_scopes(&principal);
         Ok(Response::new(pb::GetScopesResponse {
             scopes: self.keys.catalog().names(&scopes),
@@ -210,7 +212,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListCatalogRequest>,
     ) -> Result<Response<pb::ListCatalogResponse>, Status> {
-        self.principal(request.metadata())?;
+        self.principal(&request)?;
         let catalog = self.keys.catalog();
         let categories = catalog
             .categories()
@@ -284,11 +286,11 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(&request)?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "rotate")(e);
         self.keys
-            .permit(&principal, Operation::Update)
+            .permit(&principal, Operation::Rotate)
             .map_err(fail)?;
         let id = convert::key_id(&request.key_id).map_err(fail)?;
         let overlap = convert::overlap(request.overlap.as_ref()).map_err(fail)?;
@@ -353,7 +355,7 @@ impl ManageService {
         key_id: &str,
         state: impl FnOnce() -> Result<StateChange, KeyError>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request.metadata())?;
+        let principal = self.principal(request)?;
         let fail = |e| refused(&principal, operation)(e);
         self.keys
             .permit(&principal, Operation::Update)

@@ -131,6 +131,9 @@ pub enum Operation {
     Update,
     /// DeleteKey.
     Delete,
+    /// RotateKey: mints a working secret, so it needs what creating a key
+    /// needs as well as `api_keys.update`.
+    Rotate,
 }
 
 impl Operation {
@@ -142,15 +145,17 @@ impl Operation {
             Self::Read => "read",
             Self::Update => "update",
             Self::Delete => "delete",
+            Self::Rotate => "rotate",
         }
     }
 
-    fn scope(self) -> &'static str {
+    fn scopes(self) -> &'static [&'static str] {
         match self {
-            Self::Create => "api_keys.create",
-            Self::Read => "api_keys.read",
-            Self::Update => "api_keys.update",
-            Self::Delete => "api_keys.delete",
+            Self::Create => &["api_keys.create"],
+            Self::Read => &["api_keys.read"],
+            Self::Update => &["api_keys.update"],
+            Self::Delete => &["api_keys.delete"],
+            Self::Rotate => &["api_keys.create", "api_keys.update"],
         }
     }
 }
@@ -576,18 +581,17 @@ impl Drop for Turn<'_> {
     }
 }
 
-/// A key needs the `api_keys.*` scope of the operation.
+/// A key needs the `api_keys.*` scopes of the operation.
 fn require(catalog: &Catalog, held: &ScopeSet, operation: Operation) -> Result<(), KeyError> {
-    if catalog
-        .lookup(operation.scope())
-        .is_some_and(|id| held.contains(id))
+    match operation
+        .scopes()
+        .iter()
+        .find(|scope| !catalog.lookup(scope).is_some_and(|id| held.contains(id)))
     {
-        Ok(())
-    } else {
-        Err(KeyError::PermissionDenied(format!(
-            "this API key lacks the scope {}",
-            operation.scope()
-        )))
+        None => Ok(()),
+        Some(scope) => Err(KeyError::PermissionDenied(format!(
+            "this API key lacks the scope {scope}"
+        ))),
     }
 }
 

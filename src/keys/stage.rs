@@ -17,7 +17,7 @@ use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey};
 use crate::domain::record::{Access, KeyRecord, PreviousSecret};
-use crate::domain::rules;
+use crate::domain::rules::{self, Limit, Limits};
 use crate::domain::scope_set::ScopeSet;
 
 /// What a change reads from the truth, as of the backend's atomic step.
@@ -68,10 +68,11 @@ impl Rules<'_> {
         actor: &Principal,
         change: Change,
     ) -> Result<Staged, KeyError> {
-        let held = self.held_now(view, actor)?;
+        let (held, caller) = self.held_now(view, actor)?;
         if let Principal::Key { .. } = actor {
             super::require(self.catalog, &held, change.operation())?;
         }
+        let caller = caller.as_ref().map(|record| &record.access);
         match change {
             Change::Create {
                 account,
@@ -79,14 +80,17 @@ impl Rules<'_> {
                 grant,
                 key,
                 lifecycle,
-            } => self.create(view, &held, &account, (name, grant, key), lifecycle),
+            } => {
+                let lifecycle = inherit(lifecycle, caller)?;
+                self.create(view, &held, &account, (name, grant, key), lifecycle)
+            }
             Change::Update { id, name, grant } => {
                 let before = self.target(view, actor, &held, &id)?;
                 self.update(&held, before, name, grant)
             }
             Change::SetState { id, state } => {
                 let before = self.target(view, actor, &held, &id)?;
-                Ok(self.set_state(before, state))
+                self.set_state(before, state, caller)
             }
             Change::Delete { id } => {
                 let record = self.target(view, actor, &held, &id)?;
@@ -102,6 +106,18 @@ impl Rules<'_> {
             }
             Change::Rotate { id, rotation } => {
                 let before = self.target(view, actor, &held, &id)?;
+                if let Some(caller) = caller
+                    && let Some(limit) = before
+                        .access
+                        .limits()
+                        .loosens(&caller.limits(), &Limit::ALL)
+                {
+                    // Its new secret would let the caller escape its own limits.
+                    return Err(KeyError::PermissionDenied(format!(
+                        "cannot rotate a key less restricted than the calling key: {}",
+                        rules::loosening_refused(limit, "the calling key")
+                    )));
+                }
                 Ok(self.rotate(before, rotation))
             }
         }
@@ -170,10 +186,25 @@ impl Rules<'_> {
         Ok(replaced(before, record, scopes, None))
     }
 
-    fn set_state(&self, before: KeyRecord, state: StateChange) -> Staged {
+    /// Applies lifecycle settings. A key (`caller`) may only tighten: each
+    /// limit it sets must be at least as strict as the target's and its
+    /// own, and a key the admin disabled stays disabled until the admin
+    /// enables it.
+    fn set_state(
+        &self,
+        before: KeyRecord,
+        state: StateChange,
+        caller: Option<&Access>,
+    ) -> Result<Staged, KeyError> {
         let mut record = before.clone();
         let access = &mut record.access;
         if let Some(disabled) = state.disabled {
+            if caller.is_some() && !disabled && access.disabled_by_admin {
+                return Err(KeyError::PermissionDenied(
+                    "the admin disabled this key; only the admin can enable it".into(),
+                ));
+            }
+            access.disabled_by_admin = disabled && (caller.is_none() || access.disabled_by_admin);
             access.disabled = disabled;
         }
         match state.expires_at {
@@ -181,14 +212,37 @@ impl Rules<'_> {
             Some(Expiry::At(nanos)) => access.expires_at = Some(nanos),
             None => {}
         }
+        let set = [
+            state.expires_at.is_some(),
+            state.allowed_cidrs.is_some(),
+            state.rate_limit.is_some(),
+        ];
         if let Some(allowed_cidrs) = state.allowed_cidrs {
             access.allowed_cidrs = allowed_cidrs;
         }
         if let Some(limit) = state.rate_limit {
             access.rate_limit = limit;
         }
+        if let Some(caller) = caller {
+            let changed: Vec<Limit> = Limit::ALL
+                .into_iter()
+                .zip(set)
+                .filter_map(|(limit, set)| set.then_some(limit))
+                .collect();
+            let after = record.access.limits();
+            for (bound, than) in [
+                (before.access.limits(), "it was"),
+                (caller.limits(), "the calling key"),
+            ] {
+                if let Some(limit) = after.loosens(&bound, &changed) {
+                    return Err(KeyError::PermissionDenied(rules::loosening_refused(
+                        limit, than,
+                    )));
+                }
+            }
+        }
         let scopes = self.catalog.resolve_stored(&record.scopes).0;
-        replaced(before, record, scopes, None)
+        Ok(replaced(before, record, scopes, None))
     }
 
     fn rotate(&self, before: KeyRecord, rotation: Rotation) -> Staged {
@@ -205,22 +259,26 @@ impl Rules<'_> {
         replaced(before, record, scopes, Some(rotation.key.text))
     }
 
-    /// The scopes `actor` holds *now*, read in the same atomic step as the
-    /// write: a key revoked, disabled, expired or narrowed since it was
-    /// authenticated acts with what it has left.
-    fn held_now(&self, view: &mut dyn View, actor: &Principal) -> Result<ScopeSet, KeyError> {
+    /// The scopes `actor` holds *now*, and a key's own record, read in the
+    /// same atomic step as the write: a key revoked, disabled, expired or
+    /// narrowed since it was authenticated acts with what it has left.
+    fn held_now(
+        &self,
+        view: &mut dyn View,
+        actor: &Principal,
+    ) -> Result<(ScopeSet, Option<KeyRecord>), KeyError> {
         let refused = |why: &str| {
             Err(KeyError::PermissionDenied(format!(
                 "the calling API key {why}"
             )))
         };
         match actor {
-            Principal::Admin => Ok(self.catalog.all()),
+            Principal::Admin => Ok((self.catalog.all(), None)),
             Principal::Key { id, .. } => match view.get(id)? {
                 None => refused("has been revoked"),
                 Some(record) if record.access.disabled => refused("is disabled"),
                 Some(record) if record.access.expired_at(now_nanos()) => refused("has expired"),
-                Some(record) => Ok(self.catalog.resolve_stored(&record.scopes).0),
+                Some(record) => Ok((self.catalog.resolve_stored(&record.scopes).0, Some(record))),
             },
         }
     }
@@ -261,6 +319,32 @@ impl Rules<'_> {
                 super::summarize(&self.catalog.names(&missing))
             ))),
         }
+    }
+}
+
+/// A new key's limits under a creating key: whatever it leaves unset is the
+/// caller's (its expiry as the upper bound, its allowlist and rate limit as
+/// the least strict allowed), and whatever it sets may be no looser.
+fn inherit(mut lifecycle: Lifecycle, caller: Option<&Access>) -> Result<Lifecycle, KeyError> {
+    let Some(caller) = caller else {
+        return Ok(lifecycle);
+    };
+    lifecycle.expires_at = lifecycle.expires_at.or(caller.expires_at);
+    if lifecycle.allowed_cidrs.is_empty() {
+        lifecycle.allowed_cidrs.clone_from(&caller.allowed_cidrs);
+    }
+    lifecycle.rate_limit = lifecycle.rate_limit.or(caller.rate_limit);
+    let child = Limits {
+        expires_at: lifecycle.expires_at,
+        allowed_cidrs: &lifecycle.allowed_cidrs,
+        rate_limit: lifecycle.rate_limit,
+    };
+    match child.loosens(&caller.limits(), &Limit::ALL) {
+        None => Ok(lifecycle),
+        Some(limit) => Err(KeyError::PermissionDenied(rules::loosening_refused(
+            limit,
+            "the calling key",
+        ))),
     }
 }
 

@@ -134,7 +134,8 @@ impl Change {
     pub fn operation(&self) -> Operation {
         match self {
             Self::Create { .. } => Operation::Create,
-            Self::Update { .. } | Self::SetState { .. } | Self::Rotate { .. } => Operation::Update,
+            Self::Update { .. } | Self::SetState { .. } => Operation::Update,
+            Self::Rotate { .. } => Operation::Rotate,
             Self::Delete { .. } => Operation::Delete,
         }
     }

@@ -77,6 +77,7 @@ pub fn encode(record: &KeyRecord) -> Vec<u8> {
         rate_requests,
         rate_period_nanos,
         rate_burst,
+        disabled_by_admin: access.disabled_by_admin,
     };
     let mut out = Vec::with_capacity(1 + stored.encoded_len());
     out.push(FORMAT_V1);
@@ -153,6 +154,7 @@ trait StoredAccess {
     fn secret_sha256(&self) -> &[u8];
     fn previous(&self) -> (&[u8], i64);
     fn disabled(&self) -> bool;
+    fn disabled_by_admin(&self) -> bool;
     fn expires_at(&self) -> i64;
     fn allowed_cidrs(&self) -> &[String];
     fn rate(&self) -> (u32, i64, u32);
@@ -172,6 +174,9 @@ macro_rules! stored_access {
             }
             fn disabled(&self) -> bool {
                 self.disabled
+            }
+            fn disabled_by_admin(&self) -> bool {
+                self.disabled && self.disabled_by_admin
             }
             fn expires_at(&self) -> i64 {
                 self.expires_at_unix_nanos
@@ -203,6 +208,7 @@ fn access(stored: &impl StoredAccess) -> Result<Access, RecordError> {
         secret: hash(stored.secret_sha256(), "secret_sha256")?,
         previous,
         disabled: stored.disabled(),
+        disabled_by_admin: stored.disabled_by_admin(),
         expires_at: match stored.expires_at() {
             0 => None,
             at => Some(at),
@@ -251,6 +257,7 @@ mod tests {
                     valid_until: 4,
                 }),
                 disabled: true,
+                disabled_by_admin: true,
                 expires_at: Some(3),
                 allowed_cidrs: vec!["10.0.0.0/8".into()],
                 rate_limit: Some(RateLimit::new(100, Duration::from_secs(1), 10).expect("valid")),
