@@ -47,114 +47,96 @@ async fn restricted_manager(server: &TestServer) -> (String, String) {
         .await
 }
 
+async fn set_expiry(
+    server: &TestServer,
+    credential: &str,
+    key_id: &str,
+    expires_at: Option<prost_types::Timestamp>,
+) -> Result<(), tonic::Status> {
+    let request = pb::SetKeyExpiryRequest {
+        key_id: key_id.into(),
+        expires_at,
+    };
+    let mut manager = server.manager().await;
+    manager.set_key_expiry(bearer(credential, request)).await?;
+    Ok(())
+}
+
+async fn set_allowlist(
+    server: &TestServer,
+    credential: &str,
+    key_id: &str,
+    cidrs: &[&str],
+) -> Result<(), tonic::Status> {
+    let request = pb::SetKeyAllowlistRequest {
+        key_id: key_id.into(),
+        allowed_cidrs: cidrs.iter().map(|c| (*c).to_owned()).collect(),
+    };
+    let mut manager = server.manager().await;
+    manager
+        .set_key_allowlist(bearer(credential, request))
+        .await?;
+    Ok(())
+}
+
+async fn set_rate_limit(
+    server: &TestServer,
+    credential: &str,
+    key_id: &str,
+    rate_limit: Option<pb::RateLimit>,
+) -> Result<(), tonic::Status> {
+    let request = pb::SetKeyRateLimitRequest {
+        key_id: key_id.into(),
+        rate_limit,
+    };
+    let mut manager = server.manager().await;
+    manager
+        .set_key_rate_limit(bearer(credential, request))
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_key_may_tighten_its_limits_never_loosen_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(&dir).await;
     let (id, secret) = restricted_manager(&server).await;
-    let mut manager = server.manager().await;
-    let refused = [
-        manager
-            .set_key_expiry(bearer(
-                &secret,
-                pb::SetKeyExpiryRequest {
-                    key_id: id.clone(),
-                    expires_at: None,
-                },
-            ))
-            .await
-            .map(|_| ()),
-        manager
-            .set_key_expiry(bearer(
-                &secret,
-                pb::SetKeyExpiryRequest {
-                    key_id: id.clone(),
-                    expires_at: Some(in_future(Duration::from_secs(7200))),
-                },
-            ))
-            .await
-            .map(|_| ()),
-        manager
-            .set_key_allowlist(bearer(
-                &secret,
-                pb::SetKeyAllowlistRequest {
-                    key_id: id.clone(),
-                    allowed_cidrs: vec![],
-                },
-            ))
-            .await
-            .map(|_| ()),
-        manager
-            .set_key_allowlist(bearer(
-                &secret,
-                pb::SetKeyAllowlistRequest {
-                    key_id: id.clone(),
-                    allowed_cidrs: vec!["0.0.0.0/0".into()],
-                },
-            ))
-            .await
-            .map(|_| ()),
-        manager
-            .set_key_rate_limit(bearer(
-                &secret,
-                pb::SetKeyRateLimitRequest {
-                    key_id: id.clone(),
-                    rate_limit: None,
-                },
-            ))
-            .await
-            .map(|_| ()),
-        manager
-            .set_key_rate_limit(bearer(
-                &secret,
-                pb::SetKeyRateLimitRequest {
-                    key_id: id.clone(),
-                    rate_limit: Some(rate(1000, 1)),
-                },
-            ))
-            .await
-            .map(|_| ()),
-    ];
-    for (result, field) in refused.into_iter().zip([
-        "expires_at",
-        "expires_at",
-        "allowed_cidrs",
-        "allowed_cidrs",
-        "rate_limit",
-        "rate_limit",
-    ]) {
+    let later = in_future(Duration::from_secs(7200));
+    for (result, field) in [
+        (set_expiry(&server, &secret, &id, None).await, "expires_at"),
+        (
+            set_expiry(&server, &secret, &id, Some(later)).await,
+            "expires_at",
+        ),
+        (
+            set_allowlist(&server, &secret, &id, &[]).await,
+            "allowed_cidrs",
+        ),
+        (
+            set_allowlist(&server, &secret, &id, &["0.0.0.0/0"]).await,
+            "allowed_cidrs",
+        ),
+        (
+            set_rate_limit(&server, &secret, &id, None).await,
+            "rate_limit",
+        ),
+        (
+            set_rate_limit(&server, &secret, &id, Some(rate(1000, 1))).await,
+            "rate_limit",
+        ),
+    ] {
         assert_status(result, Code::PermissionDenied, field);
     }
     // Tightening is fine.
-    manager
-        .set_key_expiry(bearer(
-            &secret,
-            pb::SetKeyExpiryRequest {
-                key_id: id.clone(),
-                expires_at: Some(in_future(Duration::from_secs(1800))),
-            },
-        ))
+    let sooner = in_future(Duration::from_secs(1800));
+    set_expiry(&server, &secret, &id, Some(sooner))
         .await
         .expect("an earlier expiry");
-    manager
-        .set_key_rate_limit(bearer(
-            &secret,
-            pb::SetKeyRateLimitRequest {
-                key_id: id.clone(),
-                rate_limit: Some(rate(10, 1)),
-            },
-        ))
+    set_rate_limit(&server, &secret, &id, Some(rate(10, 1)))
         .await
         .expect("a lower rate");
     // The admin may loosen.
-    manager
-        .set_key_allowlist(bearer(
-            &server.admin,
-            pb::SetKeyAllowlistRequest {
-                key_id: id,
-                allowed_cidrs: vec![],
-            },
-        ))
+    set_allowlist(&server, &server.admin, &id, &[])
         .await
         .expect("the admin lifts the allowlist");
 }
