@@ -12,19 +12,23 @@
 //! `limit` failures in a window gives one warning and one count in
 //! `keyward_guessing_detected_total`.
 //!
-//! Memory is bounded: at most `capacity` ids are tracked; when the table is
-//! full, windows that have ended are pruned, and if it is still full the
-//! failure is counted but not tracked.
+//! Memory is bounded and every failure costs O(1): ids are tracked in a
+//! fixed table of `capacity` slots, each id in the one slot a keyed hash
+//! (random per process, so ids cannot be chosen to collide) picks. An id
+//! whose slot holds another id's live window is not tracked alone: its
+//! failures count in one shared window for every such id, which warns and
+//! counts a detection the same way, so the guard never goes blind.
 
+use std::hash::BuildHasher;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
-use rustc_hash::FxBuildHasher;
 
 use crate::domain::key::KeyId;
 
-/// Most key ids tracked at once.
+/// Slots in the table (about 48 bytes each).
 pub const DEFAULT_CAPACITY: usize = 10_000;
 
 /// Failures in the current window, for one key id or the admin token.
@@ -61,14 +65,24 @@ pub enum Failure {
     AdminToken,
 }
 
+/// One slot of the table: the id it tracks and its window.
+#[derive(Debug, Default)]
+struct Slot {
+    id: Option<KeyId>,
+    start_ms: u64,
+    failures: u32,
+}
+
 /// Per-key-id failure counting, bounded, with no effect on replies.
 #[derive(Debug)]
 pub struct FailureGuard {
-    windows: papaya::HashMap<KeyId, Window, FxBuildHasher>,
+    slots: Box<[Mutex<Slot>]>,
+    hasher: std::collections::hash_map::RandomState,
+    /// Ids whose slot was taken by another live window, together.
+    untracked: Window,
     admin: Window,
     limit: u32,
     window: Duration,
-    capacity: usize,
     epoch: Instant,
     detected: Counter,
 }
@@ -80,11 +94,14 @@ impl FailureGuard {
     #[must_use]
     pub fn new(limit: u32, window: Duration, capacity: usize, detected: Counter) -> Self {
         Self {
-            windows: papaya::HashMap::with_hasher(FxBuildHasher),
+            slots: (0..capacity.max(1))
+                .map(|_| Mutex::new(Slot::default()))
+                .collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            untracked: Window::default(),
             admin: Window::default(),
             limit,
             window,
-            capacity,
             epoch: Instant::now(),
             detected,
         }
@@ -97,48 +114,78 @@ impl FailureGuard {
         }
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
-        let failures = match failure {
-            Failure::AdminToken => self.admin.fail(now, window_ms),
-            Failure::WrongSecret(id) => {
-                let windows = self.windows.pin();
-                if windows.len() >= self.capacity && !windows.contains_key(&id) {
-                    windows.retain(|_, w| {
-                        now.saturating_sub(w.start_ms.load(Ordering::Relaxed)) < window_ms
-                    });
-                    if windows.len() >= self.capacity {
-                        return;
-                    }
-                }
-                windows
-                    .get_or_insert_with(id, || Window {
-                        start_ms: AtomicU64::new(now),
-                        failures: AtomicU32::new(0),
-                    })
-                    .fail(now, window_ms)
-            }
+        // Which window counts it: the admin token's, the id's own slot, or
+        // the shared one for ids without a slot (`None`).
+        let (failures, tracked) = match failure {
+            Failure::AdminToken => (self.admin.fail(now, window_ms), Some(failure)),
+            Failure::WrongSecret(id) => self.fail_tracked(id, now, window_ms).map_or_else(
+                || (self.untracked.fail(now, window_ms), None),
+                |failures| (failures, Some(failure)),
+            ),
         };
-        if failures == self.limit + 1 {
-            self.detected.inc();
-            match failure {
-                Failure::WrongSecret(id) => tracing::warn!(
-                    key_id = %id,
-                    limit = self.limit,
-                    window_s = self.window.as_secs(),
-                    "repeated wrong secrets for a live key id: someone holds this id without its secret; consider replacing the key"
-                ),
-                Failure::AdminToken => tracing::warn!(
-                    limit = self.limit,
-                    window_s = self.window.as_secs(),
-                    "repeated invalid credentials at KeyManager: someone is guessing the admin token or API keys"
-                ),
-            }
+        if failures != self.limit + 1 {
+            return;
+        }
+        self.detected.inc();
+        let (limit, seconds) = (self.limit, self.window.as_secs());
+        match tracked {
+            Some(Failure::WrongSecret(id)) => tracing::warn!(
+                key_id = %id,
+                limit,
+                window_s = seconds,
+                "repeated wrong secrets for a live key id: someone holds this id without its secret; consider replacing the key"
+            ),
+            Some(Failure::AdminToken) => tracing::warn!(
+                limit,
+                window_s = seconds,
+                "repeated invalid credentials at KeyManager: someone is guessing the admin token or API keys"
+            ),
+            None => tracing::warn!(
+                limit,
+                window_s = seconds,
+                "repeated wrong secrets for live key ids beyond the guard's table: someone holds ids without their secrets"
+            ),
         }
     }
 
-    /// How many key ids are tracked now.
+    /// Counts a failure in `id`'s slot, taking the slot over if its window
+    /// has ended; `None` if another id's window still holds it.
+    fn fail_tracked(&self, id: KeyId, now: u64, window_ms: u64) -> Option<u32> {
+        let index = usize::try_from(self.hasher.hash_one(id) % self.slots.len() as u64)
+            .unwrap_or_default();
+        let mut slot = self.slots[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ended = now.saturating_sub(slot.start_ms) >= window_ms;
+        if slot.id != Some(id) {
+            if slot.id.is_some() && !ended {
+                return None;
+            }
+            *slot = Slot {
+                id: Some(id),
+                start_ms: now,
+                failures: 0,
+            };
+        } else if ended {
+            slot.start_ms = now;
+            slot.failures = 0;
+        }
+        slot.failures = slot.failures.saturating_add(1);
+        Some(slot.failures)
+    }
+
+    /// How many key ids hold a slot now.
     #[must_use]
     pub fn tracked(&self) -> usize {
-        self.windows.len()
+        self.slots
+            .iter()
+            .filter(|slot| {
+                slot.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .id
+                    .is_some()
+            })
+            .count()
     }
 }
 
@@ -182,17 +229,51 @@ mod tests {
         assert_eq!(detected.get(), 1);
     }
 
+    fn id(i: u16) -> KeyId {
+        let mut raw = [0; 16];
+        raw[..2].copy_from_slice(&i.to_be_bytes());
+        KeyId::from_bytes(raw)
+    }
+
     #[test]
-    fn memory_is_bounded_and_stale_windows_are_pruned() {
+    fn memory_is_bounded_and_ended_windows_make_room() {
         let (guard, _) = guard(5, Duration::from_millis(20), 64);
         for i in 0..1_000u16 {
-            let mut raw = [0; 16];
-            raw[..2].copy_from_slice(&i.to_be_bytes());
-            guard.record(Failure::WrongSecret(KeyId::from_bytes(raw)));
+            guard.record(Failure::WrongSecret(id(i)));
         }
-        assert_eq!(guard.tracked(), 64, "never more than the capacity");
+        assert!(guard.tracked() <= 64, "never more than the capacity");
         std::thread::sleep(Duration::from_millis(30));
-        guard.record(Failure::WrongSecret(KeyId::from_bytes([9; 16])));
-        assert_eq!(guard.tracked(), 1, "ended windows make room");
+        guard.record(Failure::WrongSecret(id(5000)));
+        assert!(
+            guard.fail_tracked(id(5000), 31, 20).is_some(),
+            "an ended window gives its slot up"
+        );
+    }
+
+    #[test]
+    fn a_full_table_never_blinds_the_guard() {
+        let (guard, detected) = guard(3, Duration::from_secs(60), 8);
+        // Far more live ids than slots: every slot is held by a live window.
+        for i in 0..1_000u16 {
+            guard.record(Failure::WrongSecret(id(i)));
+        }
+        assert_eq!(guard.tracked(), 8);
+        assert_eq!(detected.get(), 1, "the untracked ids crossed the limit together");
+        // One without a slot guessed on: its failures still count, together.
+        let held: Vec<Option<KeyId>> = guard
+            .slots
+            .iter()
+            .map(|slot| slot.lock().expect("slot").id)
+            .collect();
+        let untracked = (0..1_000u16)
+            .map(id)
+            .find(|candidate| !held.contains(&Some(*candidate)))
+            .expect("an id without a slot");
+        let before = guard.untracked.failures.load(Ordering::Relaxed);
+        for _ in 0..10 {
+            guard.record(Failure::WrongSecret(untracked));
+        }
+        let after = guard.untracked.failures.load(Ordering::Relaxed);
+        assert_eq!(after, before + 10, "counted, never dropped");
     }
 }
