@@ -151,8 +151,8 @@ impl FailureGuard {
     /// Counts a failure in `id`'s slot, taking the slot over if its window
     /// has ended; `None` if another id's window still holds it.
     fn fail_tracked(&self, id: KeyId, now: u64, window_ms: u64) -> Option<u32> {
-        let index = usize::try_from(self.hasher.hash_one(id) % self.slots.len() as u64)
-            .unwrap_or_default();
+        let index =
+            usize::try_from(self.hasher.hash_one(id) % self.slots.len() as u64).unwrap_or_default();
         let mut slot = self.slots[index]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -258,7 +258,11 @@ mod tests {
             guard.record(Failure::WrongSecret(id(i)));
         }
         assert_eq!(guard.tracked(), 8);
-        assert_eq!(detected.get(), 1, "the untracked ids crossed the limit together");
+        assert_eq!(
+            detected.get(),
+            1,
+            "the untracked ids crossed the limit together"
+        );
         // One without a slot guessed on: its failures still count, together.
         let held: Vec<Option<KeyId>> = guard
             .slots

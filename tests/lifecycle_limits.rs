@@ -313,3 +313,48 @@ async fn a_keys_allowlist_binds_its_management_calls_through_both_front_doors() 
         assert_eq!(got, status, "{json}");
     }
 }
+
+/// What a change answers to a caller without `api_keys.read`: the key's id
+/// and name, as RenameKey always did, never its scopes, account or limits.
+#[tokio::test]
+async fn changes_show_a_key_only_to_a_caller_that_may_read_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (peer, _) = server.create_key("acme", &["mail.send"]).await;
+    let (_, writer) = server
+        .create_key("acme", &["api_keys.create", "api_keys.update", "mail.send"])
+        .await;
+    let mut manager = server.manager().await;
+    let rotated = manager
+        .rotate_key(bearer(
+            &writer,
+            pb::RotateKeyRequest {
+                key_id: peer.clone(),
+                overlap: None,
+            },
+        ))
+        .await
+        .expect("rotated")
+        .into_inner();
+    let disabled = manager
+        .disable_key(bearer(
+            &writer,
+            pb::DisableKeyRequest {
+                key_id: peer.clone(),
+            },
+        ))
+        .await
+        .expect("disabled")
+        .into_inner();
+    for key in [rotated.key.expect("key"), disabled] {
+        assert_eq!(key.key_id, peer);
+        assert!(
+            key.scopes.is_empty() && key.account_id.is_empty(),
+            "{key:?}"
+        );
+    }
+    assert!(
+        rotated.secret.starts_with("SG."),
+        "the new secret is the point"
+    );
+}

@@ -168,18 +168,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .await
             .map_err(fail)?;
         audit::changed(&principal, "rename", Some(&before), &record);
-        // SendGrid's PATCH returns id and name; the rest (scopes above all)
-        // only to a caller that could read the key anyway.
-        let key = self.show(&record);
-        if self.keys.permit(&principal, Operation::Read).is_ok() {
-            Ok(Response::new(key))
-        } else {
-            Ok(Response::new(pb::ApiKey {
-                key_id: key.key_id,
-                name: key.name,
-                ..pb::ApiKey::default()
-            }))
-        }
+        Ok(Response::new(self.show_to(&principal, &record)))
     }
 
     async fn delete_key(
@@ -301,7 +290,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .map_err(fail)?;
         audit::changed(&principal, "rotate", Some(&before), &record);
         Ok(Response::new(pb::RotateKeyResponse {
-            key: Some(self.show(&record)),
+            key: Some(self.show_to(&principal, &record)),
             secret,
         }))
     }
@@ -368,6 +357,22 @@ impl ManageService {
             .await
             .map_err(fail)?;
         audit::changed(&principal, operation, Some(&before), &record);
-        Ok(Response::new(self.show(&record)))
+        Ok(Response::new(self.show_to(&principal, &record)))
+    }
+
+    /// A changed key as its changer may see it: all of it to a caller that
+    /// could read the key anyway, else its id and name (SendGrid's PATCH
+    /// answer), never its scopes, account or limits.
+    fn show_to(&self, principal: &Principal, record: &KeyRecord) -> pb::ApiKey {
+        let key = self.show(record);
+        if self.keys.permit(principal, Operation::Read).is_ok() {
+            key
+        } else {
+            pb::ApiKey {
+                key_id: key.key_id,
+                name: key.name,
+                ..pb::ApiKey::default()
+            }
+        }
     }
 }
