@@ -9,7 +9,7 @@
 //! effort, with every loss counted; the store, not the log, is the record of
 //! what changed.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -47,6 +47,10 @@ pub fn init(format: LogFormat) -> WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_writer(writer)
         // tracing-subscriber reports its own write failures with
         // `eprintln!`, which panics when stderr is what failed.
@@ -56,6 +60,13 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         LogFormat::Json => builder.json().init(),
     }
     guard
+}
+
+/// Colour only on a terminal, and not when `NO_COLOR` is set to anything
+/// (no-color.org): a file, a pipe, `kubectl logs` or a log collector gets
+/// plain text.
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// The real destination: a write it refuses counts one dropped line and
@@ -80,6 +91,14 @@ impl<W: Write> Write for Destination<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())));
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
 
     #[test]
     fn a_refused_line_is_counted_not_returned() {

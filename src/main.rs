@@ -26,6 +26,14 @@ enum Command {
     Keys(KeysArgs),
     /// Copy a stopped standalone sidecar's keys into etcd (idempotent).
     Migrate(MigrateArgs),
+    /// Print a shell completion script (e.g. `keyward completions bash >
+    /// /etc/bash_completion.d/keyward`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `keyward man > keyward.1; man ./keyward.1`.
+    Man,
 }
 
 #[tokio::main]
@@ -51,8 +59,29 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Keys(args) => cli::run(args).await?,
         Command::Migrate(args) => migrate::run(args).await?,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "keyward", &mut script);
+            print_all(&script)?;
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
+            print_all(&page)?;
+        }
     }
     Ok(())
+}
+
+/// Writes `bytes` to stdout; a reader that stops early (`| head`) is not an
+/// error.
+fn print_all(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written,
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -297,3 +297,60 @@ fn rate_limits_and_last_use_from_the_cli() {
     assert_eq!(all.lines().count(), 2, "{all}");
     assert!(serve.terminate().success());
 }
+
+/// `keyward serve 2>file` (a file, a pipe, `kubectl logs`) gets plain text:
+/// no ANSI escape byte in the human log format.
+#[tokio::test]
+async fn the_human_log_has_no_escape_codes_off_a_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("serve.log");
+    let port = common::free_port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--shutdown-grace-ms",
+            "0",
+        ])
+        .current_dir(dir.path())
+        .env_remove("KEYWARD_DATA_DIR")
+        .env_remove("KEYWARD_LOG_FORMAT")
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("serve starts");
+    common::await_ready(&format!("http://127.0.0.1:{port}")).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let text = std::fs::read(&log).expect("log");
+    assert!(
+        String::from_utf8_lossy(&text).contains("serving gRPC"),
+        "the human format was written"
+    );
+    assert!(!text.contains(&0x1b), "escape codes in a file log");
+}
+
+#[test]
+fn shell_completions_and_a_man_page_come_from_the_cli_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .expect("runs");
+        let script = ok(&output);
+        for word in ["serve", "keys", "migrate", "data-dir"] {
+            assert!(script.contains(word), "{shell}: {word}");
+        }
+    }
+    let output = Command::new(BIN).arg("man").output().expect("runs");
+    let page = ok(&output);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH keyward"),
+        "{page}"
+    );
+    assert!(page.contains("serve"), "{page}");
+}
