@@ -14,6 +14,59 @@ use crate::config::DataArgs;
 use crate::pb::v1 as pb;
 use crate::pb::v1::key_manager_client::KeyManagerClient;
 
+/// Exit codes of `keyward keys`, by what went wrong (2, a usage error, is
+/// clap's).
+pub mod exit {
+    /// Anything else (a bug, a local file).
+    pub const OTHER: i32 = 1;
+    /// The server refused the request (invalid, forbidden, unauthenticated,
+    /// a limit).
+    pub const REFUSED: i32 = 3;
+    /// The key (or other resource) does not exist.
+    pub const NOT_FOUND: i32 = 4;
+    /// The server could not be reached or did not answer.
+    pub const UNREACHABLE: i32 = 5;
+}
+
+/// Prints `error` as one line for a person on stderr (never a backtrace,
+/// never tonic's debug form) and returns the exit code of its class.
+#[must_use]
+pub fn report(error: &anyhow::Error, server: &str) -> i32 {
+    use std::io::Write;
+    use tonic::Code;
+    let (code, line) = if let Some(status) = error.downcast_ref::<tonic::Status>() {
+        let message = status.message();
+        match status.code() {
+            Code::NotFound => (exit::NOT_FOUND, format!("not found: {message}")),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => (
+                exit::UNREACHABLE,
+                format!("{server} did not answer ({message}); is `keyward serve` running there?"),
+            ),
+            Code::Unauthenticated => (
+                exit::REFUSED,
+                format!("{message} (pass --token, or --data-dir to find the admin token)"),
+            ),
+            _ if message.contains("unknown scope") => (
+                exit::REFUSED,
+                format!("{message} (`keyward keys catalog` lists every scope)"),
+            ),
+            _ => (exit::REFUSED, message.to_owned()),
+        }
+    } else if error
+        .chain()
+        .any(|cause| cause.downcast_ref::<tonic::transport::Error>().is_some())
+    {
+        (
+            exit::UNREACHABLE,
+            format!("cannot reach {server}: {error:#}; is `keyward serve` running there?"),
+        )
+    } else {
+        (exit::OTHER, format!("{error:#}"))
+    };
+    let _ = writeln!(std::io::stderr(), "error: {line}");
+    code
+}
+
 /// `keyward keys` arguments.
 #[derive(Debug, clap::Args)]
 pub struct KeysArgs {

@@ -57,7 +57,12 @@ async fn main() -> anyhow::Result<()> {
             drop(log); // writes the queued lines
             std::process::exit(code);
         }
-        Command::Keys(args) => cli::run(args).await?,
+        Command::Keys(args) => {
+            let server = args.server.clone();
+            if let Err(error) = cli::run(args).await {
+                std::process::exit(cli::report(&error, &server));
+            }
+        }
         Command::Migrate(args) => migrate::run(args).await?,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

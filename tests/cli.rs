@@ -354,3 +354,66 @@ fn shell_completions_and_a_man_page_come_from_the_cli_definitions() {
     );
     assert!(page.contains("serve"), "{page}");
 }
+
+/// Each error class is one line on stderr with its own exit code, never a
+/// backtrace or tonic's debug form, also with `RUST_BACKTRACE=1` set.
+#[test]
+fn errors_are_one_line_with_an_exit_code_per_class() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let serve = Serve::start(dir.path());
+    let run = |server: &str, args: &[&str]| {
+        Command::new(BIN)
+            .arg("keys")
+            .args(["--server", server])
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("KEYWARD_TOKEN")
+            .env_remove("KEYWARD_DATA_DIR")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .expect("keyward keys runs")
+    };
+    let here = format!("http://127.0.0.1:{}", serve.port);
+    let gone = format!("http://127.0.0.1:{}", common::free_port());
+    for (server, args, code, needle) in [
+        (
+            here.as_str(),
+            &[
+                "create",
+                "--name",
+                "x",
+                "--scope",
+                "mail.sned",
+                "--account",
+                "a",
+            ][..],
+            3,
+            "did you mean \"mail.send\"",
+        ),
+        (here.as_str(), &["get", "AAAA"][..], 3, "key_id"),
+        (
+            here.as_str(),
+            &["get", "AAAAAAAAAAAAAAAAAAAAAA"][..],
+            4,
+            "not found",
+        ),
+        (
+            gone.as_str(),
+            &["list", "--account", "a"][..],
+            5,
+            "is `keyward serve` running",
+        ),
+    ] {
+        let output = run(server, args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("backtrace") && !stderr.contains("code: '"),
+            "{stderr}"
+        );
+    }
+    serve.terminate();
+}

@@ -325,13 +325,33 @@ impl Catalog {
             let name = name.as_ref();
             let id = self
                 .lookup(name)
-                .ok_or_else(|| ScopeError::Unknown(shown(name)))?;
+                .ok_or_else(|| ScopeError::Unknown(self.unknown(name)))?;
             if set.contains(id) {
                 return Err(ScopeError::Duplicate(shown(name)));
             }
             set.insert(id);
         }
         Ok(set)
+    }
+
+    /// An unknown scope as an error shows it, with the closest scope this
+    /// catalog defines when one is near (a typo): `"mail.sned" (did you mean
+    /// "mail.send"?)`. Only scope-shaped names are shown or matched.
+    fn unknown(&self, name: &str) -> String {
+        let shown = shown(name);
+        if !shown.starts_with('"') {
+            return shown;
+        }
+        let nearest = self
+            .names
+            .iter()
+            .map(|known| (strsim::levenshtein(name, known), known))
+            .min_by_key(|(distance, _)| *distance)
+            .filter(|(distance, _)| *distance <= 2.max(name.len() / 5));
+        match nearest {
+            Some((_, known)) => format!("{shown} (did you mean {known:?}?)"),
+            None => shown,
+        }
     }
 
     /// Resolves stored names leniently: names this catalog no longer defines
@@ -429,6 +449,19 @@ mod tests {
             catalog.resolve(&["suppression.read", "suppressions.read"]),
             Err(ScopeError::Duplicate("\"suppressions.read\"".into()))
         );
+    }
+
+    #[test]
+    fn an_unknown_scope_near_a_known_one_suggests_it() {
+        let catalog = Catalog::sendgrid();
+        assert_eq!(
+            catalog.resolve(&["mail.sned"]),
+            Err(ScopeError::Unknown(
+                "\"mail.sned\" (did you mean \"mail.send\"?)".into()
+            ))
+        );
+        let secretish = catalog.resolve(&["Not.A.Scope"]).expect_err("unknown");
+        assert!(!secretish.to_string().contains("Not.A"), "{secretish}");
     }
 
     #[test]
