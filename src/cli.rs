@@ -67,6 +67,21 @@ pub fn report(error: &anyhow::Error, server: &str) -> i32 {
     code
 }
 
+/// How `keyward keys` prints its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// A result in both forms.
+struct Shown {
+    text: String,
+    json: serde_json::Value,
+}
+
 /// `keyward keys` arguments.
 #[derive(Debug, clap::Args)]
 pub struct KeysArgs {
@@ -105,6 +120,11 @@ pub struct KeysArgs {
         requires = "tls_client_cert"
     )]
     pub tls_client_key: Option<PathBuf>,
+
+    /// Output: `text` for people, `json` for scripts (one JSON document on
+    /// stdout; field names in README).
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text, global = true)]
+    pub output: OutputFormat,
 
     /// Where the admin token lives.
     #[command(flatten)]
@@ -301,6 +321,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 .transpose()
                 .context("--unused-for is too long")?;
             let mut out = String::new();
+            let mut keys = Vec::new();
             let mut page_token = String::new();
             loop {
                 let page = client
@@ -316,6 +337,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                     .await?
                     .into_inner();
                 for key in &page.keys {
+                    keys.push(key_json(key));
                     let state = match (key.enabled, key.expired) {
                         (_, true) => "expired",
                         (false, false) => "disabled",
@@ -338,7 +360,10 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 }
                 page_token = page.next_page_token;
             }
-            out
+            Shown {
+                text: out,
+                json: serde_json::json!({ "keys": keys }),
+            }
         }
         KeysCommand::Get { key_id } => show_key(
             &client
@@ -380,7 +405,10 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                     },
                 ))
                 .await?;
-            format!("revoked {key_id}\n")
+            Shown {
+                text: format!("revoked {key_id}\n"),
+                json: serde_json::json!({ "revoked": key_id }),
+            }
         }
         KeysCommand::Rotate { key_id, overlap } => {
             let response = client
@@ -465,10 +493,13 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 .await?
                 .into_inner()
                 .scopes;
-            scopes.iter().fold(String::new(), |mut out, s| {
-                let _ = writeln!(out, "{s}");
-                out
-            })
+            Shown {
+                text: scopes.iter().fold(String::new(), |mut out, s| {
+                    let _ = writeln!(out, "{s}");
+                    out
+                }),
+                json: serde_json::json!({ "scopes": scopes }),
+            }
         }
         KeysCommand::Catalog => {
             let catalog = client
@@ -476,8 +507,16 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             let mut out = String::new();
+            let mut categories = Vec::new();
             for category in catalog.categories {
                 let levels: Vec<&str> = category.levels.iter().map(|l| level_name(*l)).collect();
+                categories.push(serde_json::json!({
+                    "id": category.id,
+                    "title": category.title,
+                    "levels": levels,
+                    "exclusive": category.exclusive,
+                    "scopes": category.scopes,
+                }));
                 let _ = writeln!(
                     out,
                     "[{}] {} (levels: {}{})",
@@ -494,10 +533,16 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
                     let _ = writeln!(out, "  {scope}");
                 }
             }
-            out
+            Shown {
+                text: out,
+                json: serde_json::json!({ "categories": categories }),
+            }
         }
     };
-    print!("{out}");
+    match args.output {
+        OutputFormat::Text => print!("{}", out.text),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out.json)?),
+    }
     Ok(())
 }
 
@@ -578,7 +623,41 @@ fn parse_access(pairs: &[String]) -> anyhow::Result<HashMap<String, i32>> {
         .collect()
 }
 
-fn show_key(key: &pb::ApiKey) -> String {
+fn show_key(key: &pb::ApiKey) -> Shown {
+    Shown {
+        text: key_text(key),
+        json: key_json(key),
+    }
+}
+
+/// A key for scripts: stable field names (README, "Output for scripts").
+fn key_json(key: &pb::ApiKey) -> serde_json::Value {
+    let time = |t: Option<&prost_types::Timestamp>| t.map(ToString::to_string);
+    serde_json::json!({
+        "key_id": key.key_id,
+        "name": key.name,
+        "kind": kind_name(key.kind),
+        "account_id": key.account_id,
+        "scopes": key.scopes,
+        "enabled": key.enabled,
+        "expired": key.expired,
+        "created_at": time(key.created_at.as_ref()),
+        "expires_at": time(key.expires_at.as_ref()),
+        "last_used_at": time(key.last_used_at.as_ref()),
+        "previous_secret_valid_until": time(key.previous_secret_valid_until.as_ref()),
+        "allowed_cidrs": key.allowed_cidrs,
+        "rate_limit": key.rate_limit.as_ref().map(|limit| serde_json::json!({
+            "requests": limit.requests,
+            "period_seconds": limit
+                .period
+                .and_then(|p| std::time::Duration::try_from(p).ok())
+                .map(|p| p.as_secs_f64()),
+            "burst": limit.burst,
+        })),
+    })
+}
+
+fn key_text(key: &pb::ApiKey) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "key_id:     {}", key.key_id);
     let _ = writeln!(out, "name:       {}", key.name);
@@ -633,11 +712,14 @@ fn show_key(key: &pb::ApiKey) -> String {
 }
 
 /// A key with its new secret, which is shown this once (create, rotate).
-fn show_new_secret(key: Option<&pb::ApiKey>, secret: &str) -> String {
-    let mut out = key.map(show_key).unwrap_or_default();
+fn show_new_secret(key: Option<&pb::ApiKey>, secret: &str) -> Shown {
+    let mut out = key.map(key_text).unwrap_or_default();
     let _ = writeln!(out, "secret:     {secret}");
     out.push_str("Store the secret now: keyward keeps only its hash and cannot show it again.\n");
-    out
+    Shown {
+        text: out,
+        json: serde_json::json!({ "key": key.map(key_json), "secret": secret }),
+    }
 }
 
 /// A rate limit as given on the command line, before its burst.

@@ -417,3 +417,47 @@ fn errors_are_one_line_with_an_exit_code_per_class() {
     }
     serve.terminate();
 }
+
+/// `-o json`: one JSON document on stdout, the secret of `create` in it,
+/// so `jq -r .secret` works; `list` and `get` carry the documented fields.
+#[test]
+fn json_output_for_scripts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let serve = Serve::start(dir.path());
+    let json = |args: &[&str]| -> serde_json::Value {
+        let output = serve.keys(dir.path(), &[&["-o", "json"], args].concat());
+        serde_json::from_str(&ok(&output)).expect("stdout is one JSON document")
+    };
+    let created = json(&[
+        "create",
+        "--name",
+        "ci",
+        "--scope",
+        "mail.send",
+        "--account",
+        "acme",
+    ]);
+    let secret = created["secret"].as_str().expect("secret");
+    assert!(secret.starts_with("SG.") && secret.len() == 69, "{created}");
+    let id = created["key"]["key_id"]
+        .as_str()
+        .expect("key_id")
+        .to_owned();
+    let listed = json(&["list", "--account", "acme"]);
+    assert_eq!(listed["keys"][0]["key_id"], id.as_str(), "{listed}");
+    let key = json(&["get", &id]);
+    for field in [
+        "name",
+        "kind",
+        "account_id",
+        "scopes",
+        "enabled",
+        "expires_at",
+        "rate_limit",
+    ] {
+        assert!(key.get(field).is_some(), "{field}: {key}");
+    }
+    assert_eq!(key["scopes"][0], "mail.send");
+    assert_eq!(json(&["delete", &id])["revoked"], id.as_str());
+    serve.terminate();
+}
