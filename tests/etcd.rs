@@ -27,6 +27,18 @@ fn migrate(cwd: &std::path::Path, url: &str) -> std::process::Output {
         .expect("keyward migrate runs")
 }
 
+/// Off a terminal, migrate's progress is plain lines on stderr (no escape
+/// codes): a start line and a closing one.
+fn assert_plain_progress(output: &std::process::Output, keys: usize) {
+    let plain = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        plain.contains(&format!("migrating {keys} keys to etcd")),
+        "{plain}"
+    );
+    assert!(plain.contains("done in"), "{plain}");
+    assert!(!output.stderr.contains(&0x1b), "{plain}");
+}
+
 #[tokio::test]
 async fn migrate_copies_a_standalone_store_into_etcd_once() {
     let Some(etcd_server) = Cluster::start(1).await else {
@@ -95,6 +107,7 @@ async fn migrate_copies_a_standalone_store_into_etcd_once() {
         String::from_utf8_lossy(&first.stdout).contains("migrated 3 keys"),
         "{first:?}"
     );
+    assert_plain_progress(&first, 3);
 
     // Byte-for-byte the records sled holds: ids, hashes, names, scopes,
     // creation times and lifecycle settings.

@@ -232,6 +232,12 @@ impl Store {
         })
     }
 
+    /// How many keys the store holds (a walk of the keys tree).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
     /// One record.
     pub fn get(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
         self.keys

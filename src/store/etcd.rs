@@ -629,7 +629,12 @@ pub struct Migrated {
 /// key already in etcd is left alone, so a run interrupted half-way is
 /// finished by running it again. The store must not be in use (sled locks
 /// its directory).
-pub async fn migrate(store: &Store, etcd: &Etcd) -> Result<Migrated, MigrateError> {
+/// `progress` hears the running totals after every key.
+pub async fn migrate(
+    store: &Store,
+    etcd: &Etcd,
+    progress: &mut dyn FnMut(&Migrated),
+) -> Result<Migrated, MigrateError> {
     let mut migrated = Migrated::default();
     for raw in store.partition(0, 1) {
         // No limit: the standalone store enforced it already.
@@ -637,6 +642,7 @@ pub async fn migrate(store: &Store, etcd: &Etcd) -> Result<Migrated, MigrateErro
             PutNew::Written => migrated.written += 1,
             PutNew::Present | PutNew::LimitReached => migrated.present += 1,
         }
+        progress(&migrated);
     }
     Ok(migrated)
 }
