@@ -37,8 +37,22 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() {
+    let command = Cli::parse().command;
+    // What an "unreachable" error names.
+    let peer = match &command {
+        Command::Keys(args) => args.server.clone(),
+        Command::Migrate(_) => "etcd".to_owned(),
+        _ => "the server".to_owned(),
+    };
+    // Expected failures are one line for a person, never a backtrace.
+    if let Err(error) = run(command).await {
+        std::process::exit(cli::report(&error, &peer));
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(config) => {
             let log = keyward::log::init(config.log_format);
             let app = App::open(&config)?;
@@ -57,12 +71,7 @@ async fn main() -> anyhow::Result<()> {
             drop(log); // writes the queued lines
             std::process::exit(code);
         }
-        Command::Keys(args) => {
-            let server = args.server.clone();
-            if let Err(error) = cli::run(args).await {
-                std::process::exit(cli::report(&error, &server));
-            }
-        }
+        Command::Keys(args) => cli::run(args).await?,
         Command::Migrate(args) => migrate::run(args).await?,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

@@ -416,6 +416,28 @@ fn errors_are_one_line_with_an_exit_code_per_class() {
         );
     }
     serve.terminate();
+    // `serve` refusing its settings says so in one line too.
+    std::fs::write(dir.path().join("weak.token"), "short").expect("token");
+    let refused = Command::new(BIN)
+        .args([
+            "serve",
+            "--admin-token-file",
+            "weak.token",
+            "--data-dir",
+            "other",
+        ])
+        .current_dir(dir.path())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("admin token"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("backtrace"), "{stderr}");
 }
 
 /// `-o json`: one JSON document on stdout, the secret of `create` in it,
