@@ -61,6 +61,13 @@ pub struct EtcdArgs {
     /// File holding the etcd user's password (trailing newline ignored).
     #[arg(long, env = "KEYWARD_ETCD_PASSWORD_FILE", requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
+
+    /// Keys per page when a sidecar reads the whole key set from etcd (at
+    /// start, after a compaction): every page at one revision. Smaller
+    /// pages hold less memory per step; larger ones take fewer round trips.
+    #[arg(long, env = "KEYWARD_ETCD_PAGE_KEYS", default_value_t = crate::store::etcd::DEFAULT_PAGE_KEYS,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub etcd_page_keys: u32,
 }
 
 impl EtcdArgs {
@@ -93,6 +100,7 @@ impl EtcdArgs {
             ca,
             identity,
             credentials,
+            page_keys: self.etcd_page_keys,
         }))
     }
 }

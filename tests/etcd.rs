@@ -306,3 +306,121 @@ async fn remove(etcd: &Etcd, id: &keyward::domain::key::KeyId) -> bool {
         }
     }
 }
+
+/// `n` records spread over `accounts` accounts, grouped by account (as a
+/// migration writes them), with `scopes` scope names each.
+fn records(n: usize, accounts: usize, scopes: usize) -> Vec<KeyRecord> {
+    let mut records: Vec<KeyRecord> = (0..n)
+        .map(|i| {
+            let mut record = record(&format!("account-{}", i % accounts), &format!("key {i}"));
+            record.scopes = (0..scopes)
+                .map(|s| format!("a.rather.long.scope.name.for.size.{s:04}"))
+                .collect();
+            record
+        })
+        .collect();
+    records.sort_by(|a, b| a.account.cmp(&b.account));
+    records
+}
+
+/// Writes `records` in migration-sized transactions.
+async fn put_all(etcd: &Etcd, records: &[KeyRecord], per_txn: usize) {
+    for chunk in records.chunks(per_txn) {
+        let written = etcd.put_batch(chunk).await.expect("batch");
+        assert_eq!(written.written, chunk.len());
+    }
+}
+
+#[tokio::test]
+async fn a_paged_read_is_exactly_the_key_set_at_the_first_pages_revision() {
+    let Some(etcd_server) = Cluster::start(1).await else {
+        return;
+    };
+    let etcd = Etcd::connect(&[etcd_server.endpoint(0)], DEFAULT_PREFIX).expect("url");
+    let written = records(1_234, 7, 1);
+    put_all(&etcd, &written, 60).await;
+    for account in 0..7 {
+        let path = etcd.account_path(&format!("account-{account}"));
+        let expected = written
+            .iter()
+            .filter(|r| r.account == format!("account-{account}"))
+            .count();
+        assert_eq!(etcd.count(&path).await.expect("count").0, expected as u64);
+    }
+
+    let mut listing = etcd.list(100);
+    let first = listing.next_page().await.expect("page").expect("a page");
+    assert!(first.first && !first.last);
+    assert_eq!(first.records.len(), 100);
+    // Changes after the first page answered: this listing never shows them.
+    let added = record("account-0", "added later");
+    etcd.put_new(&added, None).await.expect("put");
+    assert!(remove(&etcd, &written[1_000].id).await);
+
+    let mut seen: Vec<KeyRecord> = first.records;
+    let mut pages = 1;
+    while let Some(page) = listing.next_page().await.expect("page") {
+        assert!(!page.first);
+        assert_eq!(page.revision, first.revision, "every page at one revision");
+        pages += 1;
+        let last = page.last;
+        seen.extend(page.records);
+        if last {
+            assert!(listing.next_page().await.expect("done").is_none());
+            break;
+        }
+    }
+    assert_eq!(pages, 13, "1,234 keys in pages of 100");
+    let mut ids: Vec<_> = seen.iter().map(|r| r.id).collect();
+    ids.sort();
+    ids.dedup();
+    let mut expected: Vec<_> = written.iter().map(|r| r.id).collect();
+    expected.sort();
+    assert_eq!(ids, expected, "exactly the key set at that revision");
+
+    // A new listing sees both changes.
+    let now: std::collections::HashSet<_> = etcd
+        .snapshot()
+        .await
+        .expect("read")
+        .0
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(now.len(), 1_234);
+    assert!(now.contains(&added.id) && !now.contains(&written[1_000].id));
+
+    // etcd compacts the listing's revision between two pages: the next
+    // page says so (the caller starts again), never a silent short read.
+    let mut listing = etcd.list(100);
+    listing.next_page().await.expect("page").expect("a page");
+    etcd.put_new(&record("account-1", "bump"), None)
+        .await
+        .expect("put");
+    etcd_server.compact(0).await;
+    let error = listing.next_page().await.expect_err("compacted");
+    assert!(
+        matches!(error, keyward::store::etcd::EtcdError::Compacted(_)),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn pages_over_the_reply_limit_are_read_again_smaller() {
+    let Some(etcd_server) = Cluster::start(1).await else {
+        return;
+    };
+    let etcd = Etcd::connect(&[etcd_server.endpoint(0)], DEFAULT_PREFIX).expect("url");
+    // 1,700 records of ≈ 10 KiB (256 scope names): 17 MB, over the 16 MiB
+    // reply limit in one page, and four times the 4 MiB that used to stop
+    // a first read.
+    let written = records(1_700, 17, 256);
+    put_all(&etcd, &written, 90).await;
+    let mut listing = etcd.list(10_000);
+    let mut total = 0;
+    while let Some(page) = listing.next_page().await.expect("a smaller page answers") {
+        total += page.records.len();
+    }
+    assert_eq!(total, 1_700);
+    assert!(listing.page_keys() < 1_700, "{}", listing.page_keys());
+}

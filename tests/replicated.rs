@@ -621,6 +621,76 @@ async fn a_new_sidecar_is_ready_after_its_first_full_read_and_modes_do_not_mix()
     assert!(refused.contains("replica of etcd"), "{refused}");
 }
 
+/// `n` keys written straight into etcd in migration-sized transactions,
+/// over 50 accounts; the secrets of every 500th, for asking.
+async fn seed(cluster: &Cluster, n: usize) -> Vec<String> {
+    use keyward::domain::catalog::KeyKind;
+    use keyward::domain::record::{Access, KeyRecord};
+    let mut secrets = Vec::new();
+    let mut records: Vec<KeyRecord> = (0..n)
+        .map(|i| {
+            let key = keyward::domain::key::generate().expect("rng");
+            if i % 500 == 0 {
+                secrets.push(key.text.clone());
+            }
+            KeyRecord {
+                id: key.id,
+                account: format!("account-{}", i % 50),
+                name: format!("seeded {i}"),
+                kind: KeyKind::RestrictedAccess,
+                scopes: vec!["mail.send".into()],
+                created_at: 1,
+                updated_at: 1,
+                access: Access::new(key.hash),
+            }
+        })
+        .collect();
+    records.sort_by(|a, b| a.account.cmp(&b.account));
+    let etcd = cluster.client();
+    for chunk in records.chunks(100) {
+        etcd.put_batch(chunk).await.expect("seed");
+    }
+    secrets
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_read_of_many_pages_is_complete_and_restarts_when_compacted_under_it() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    // 12,000 keys in pages of 5: 2,400 pages, one revision.
+    let secrets = seed(&cluster, 12_000).await;
+    let sidecar = Sidecar::start(BIN, &cluster.endpoints(), &["--etcd-page-keys", "5"]);
+    let mut client = Client::of(&sidecar).await;
+    // While it reads, etcd compacts the revision it reads at.
+    await_log(&sidecar, "reading the key set from etcd, page by page").await;
+    cluster.etcdctl(&["put", "/elsewhere", "bump"]);
+    cluster.compact(0).await;
+    converge_status(&mut client, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    let log = sidecar.log();
+    assert!(
+        log.contains("compacted the revision of the full read in progress"),
+        "the compaction landed during the read, which started again:\n{log}"
+    );
+    assert_eq!(
+        log.matches("replica synced with etcd").count(),
+        1,
+        "ready once, after a complete read:\n{log}"
+    );
+    assert!(
+        scrape(&sidecar)
+            .await
+            .lines()
+            .any(|l| l == "keyward_keys 12000"),
+        "exactly the key set"
+    );
+    for secret in &secrets {
+        assert!(client.allowed(secret, SEND.0, SEND.1).await);
+    }
+    assert!(!client.allowed(&secrets[0], ALERTS.0, ALERTS.1).await);
+}
+
 /// Runs `keyward serve` expecting it to refuse to start; its stderr.
 fn serve_once(data_dir: &std::path::Path, endpoints: Option<&str>) -> String {
     let mut command = std::process::Command::new(BIN);

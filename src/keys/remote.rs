@@ -8,10 +8,13 @@
 //!   now. So "the caller still holds its scopes", "never more than the
 //!   limit" and "ids are unique" hold across every sidecar, with no lock.
 //! - **Sync** ([`follow`]) is list-then-watch, as Kubernetes informers do:
-//!   one full read with its revision, then a watch from the next revision;
-//!   both go to the key writer, the only writer of the replica and the
-//!   index. After a compaction it reads everything again; after a lost
-//!   connection it resumes from the last revision it delivered.
+//!   one full read in pages at one revision ([`Listing`]), then a watch
+//!   from the next revision; both go to the key writer, the only writer of
+//!   the replica and the index, at most [`PAGES_IN_FLIGHT`] pages ahead of
+//!   it (memory follows a page, not the key set). After a compaction it
+//!   reads everything again (also when the compaction lands during the
+//!   read); after a lost connection it resumes from the last revision it
+//!   delivered.
 //! - **Revisions** ([`Revisions`]) make applying idempotent: a change the
 //!   sidecar wrote itself is applied at once (read-your-writes) and again
 //!   skipped when the watch brings it; an event at or below what the
@@ -32,7 +35,7 @@ use crate::clock::now_nanos;
 use crate::domain::key::KeyId;
 use crate::metrics::Metrics;
 use crate::store::db::StoreError;
-use crate::store::etcd::{Connection, Etcd, EtcdError, Mutation, Watched};
+use crate::store::etcd::{Connection, Etcd, EtcdError, Listing, Mutation, Page, Watched};
 use crate::store::record::{self, KeyRecord};
 
 /// Most times a change is re-run after its transaction lost a race.
@@ -51,8 +54,13 @@ const LOG_EVERY: Duration = Duration::from_secs(30);
 const REPLY_MARGIN: Duration = Duration::from_millis(100);
 /// Pause between retries of a failed etcd call.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
-/// Longest wait for a full read when the writer rebuilds the replica.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for one page of a full read.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pages of a full read handed to the writer and not yet applied: the
+/// next page is fetched while one is applied, and no more are held.
+pub const PAGES_IN_FLIGHT: usize = 2;
+/// How often a full read in progress logs how far it has got.
+const READ_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// The etcd connection and its own small runtime: etcd I/O never runs on
 /// the workers that serve decisions, and the key writer thread can block
@@ -61,6 +69,7 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct EtcdRuntime {
     runtime: Option<Runtime>,
     etcd: Etcd,
+    page_keys: u32,
 }
 
 impl EtcdRuntime {
@@ -79,6 +88,7 @@ impl EtcdRuntime {
         Ok(Self {
             runtime: Some(runtime),
             etcd,
+            page_keys: connection.page_keys,
         })
     }
 
@@ -89,6 +99,7 @@ impl EtcdRuntime {
             etcd: self.etcd.clone(),
             runtime: self.handle(),
             replica: Revisions::default(),
+            page_keys: self.page_keys,
         }
     }
 
@@ -102,7 +113,13 @@ impl EtcdRuntime {
     ) {
         let handle = self.handle();
         handle.spawn(report(Arc::clone(&shared), metrics));
-        handle.spawn(follow(self.etcd.clone(), commands, shared));
+        let reader = Reader {
+            etcd: self.etcd.clone(),
+            commands,
+            page_keys: self.page_keys,
+            pages: Arc::new(tokio::sync::Semaphore::new(PAGES_IN_FLIGHT)),
+        };
+        handle.spawn(follow(reader, shared));
     }
 
     fn handle(&self) -> Handle {
@@ -129,6 +146,7 @@ pub struct Remote {
     runtime: Handle,
     /// What the replica holds, by revision.
     pub replica: Revisions,
+    page_keys: u32,
 }
 
 impl Remote {
@@ -216,12 +234,24 @@ impl Remote {
         })
     }
 
-    /// The whole key set and its revision, for rebuilding the replica;
-    /// `None` while etcd cannot be reached.
+    /// A full read of the key set, for rebuilding the replica on the
+    /// writer thread ([`Self::next_page`]).
     #[must_use]
-    pub fn snapshot(&self) -> Option<(Vec<KeyRecord>, i64)> {
-        let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
-        self.call(deadline, || self.etcd.snapshot()).ok()
+    pub fn list(&self) -> Listing {
+        self.etcd.list(self.page_keys)
+    }
+
+    /// The next page of `listing`, waiting on the writer thread.
+    pub fn next_page(&self, listing: &mut Listing) -> Result<Option<Page>, EtcdError> {
+        self.runtime.block_on(async {
+            tokio::time::timeout(PAGE_TIMEOUT, listing.next_page())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(EtcdError::Rpc(tonic::Status::deadline_exceeded(
+                        "etcd did not answer a page of the full read in time",
+                    )))
+                })
+        })
     }
 
     /// Runs a read from the writer thread until `deadline`, retrying
@@ -373,6 +403,13 @@ impl Revisions {
         self.ahead.retain(|_, r| *r > floor);
     }
 
+    /// Whether this sidecar changed `id` after `revision` (a full read at
+    /// `revision` must not overwrite it).
+    #[must_use]
+    pub fn changed_after(&self, id: &KeyId, revision: i64) -> bool {
+        self.ahead.get(id).is_some_and(|r| *r > revision)
+    }
+
     /// A full read as of `revision` replaces the replica; returns the keys
     /// changed here after it, whose newer state stays.
     pub fn reset(&mut self, revision: i64) -> HashSet<KeyId> {
@@ -382,9 +419,18 @@ impl Revisions {
     }
 }
 
+/// What follows etcd into the writer's queue.
+struct Reader {
+    etcd: Etcd,
+    commands: SyncSender<Command>,
+    page_keys: u32,
+    /// Turns for pages handed to the writer ([`PAGES_IN_FLIGHT`]).
+    pages: Arc<tokio::sync::Semaphore>,
+}
+
 /// Follows etcd into the writer's queue until the writer is gone:
 /// list-then-watch, reconnecting with back-off.
-async fn follow(etcd: Etcd, commands: SyncSender<Command>, shared: Arc<Shared>) {
+async fn follow(reader: Reader, shared: Arc<Shared>) {
     // A replica that synced before a restart serves (is ready) only once
     // etcd proves unreachable: while etcd answers, readiness waits for the
     // first full read, so keys revoked meanwhile are never served as ready.
@@ -398,15 +444,22 @@ async fn follow(etcd: Etcd, commands: SyncSender<Command>, shared: Arc<Shared>) 
     // history: etcd-io/etcd#15220). Unreachable, the replica serves, and
     // once etcd is back the watch resumes where the replica left off (a
     // full read only if that history was compacted).
+    let etcd = &reader.etcd;
     let mut resume = None;
     let mut backoff = BACKOFF.0;
     let mut lost: Option<Instant> = None;
     loop {
-        match follow_once(&etcd, &commands, &shared, &mut resume).await {
+        match follow_once(&reader, &shared, &mut resume).await {
             Ok(Followed::WriterGone) => return,
             Ok(Followed::Compacted) => {
                 tracing::warn!(
                     "etcd compacted past the replica's revision; reading everything again"
+                );
+                resume = None;
+            }
+            Err(EtcdError::Compacted(_)) => {
+                tracing::warn!(
+                    "etcd compacted the revision of the full read in progress; reading everything again at a newer revision (the replica is not ready on a partial read)"
                 );
                 resume = None;
             }
@@ -420,7 +473,11 @@ async fn follow(etcd: Etcd, commands: SyncSender<Command>, shared: Arc<Shared>) 
                     resume.get_or_insert(revision);
                 }
                 if lost.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
-                    tracing::warn!(%error, "etcd unreachable: decisions continue from the local replica, writes are refused");
+                    if error.is_transient() {
+                        tracing::warn!(%error, "etcd unreachable: decisions continue from the local replica, writes are refused");
+                    } else {
+                        tracing::error!(%error, "etcd refused the replica's read: decisions continue from the local replica, writes are refused");
+                    }
                     lost = Some(Instant::now());
                 }
                 if !etcd.renew_if_expired(&error).await {
@@ -440,20 +497,74 @@ enum Followed {
     WriterGone,
 }
 
+/// Reads the whole key set in pages into the writer's queue; the revision
+/// it is the state at, or `None` once the writer is gone.
+async fn read_everything(reader: &Reader) -> Result<Option<i64>, EtcdError> {
+    let mut listing = reader.etcd.list(reader.page_keys);
+    let started = Instant::now();
+    let mut logged = started;
+    let (mut keys, mut pages) = (0_usize, 0_usize);
+    while let Some(page) = listing.next_page().await? {
+        let permit = Arc::clone(&reader.pages)
+            .acquire_owned()
+            .await
+            .map_err(|_| EtcdError::Value {
+                key: "keys".into(),
+                problem: "the page turns were closed".into(),
+            })?;
+        if page.first {
+            tracing::info!(
+                revision = page.revision,
+                page_keys = listing.page_keys(),
+                "reading the key set from etcd, page by page"
+            );
+        }
+        keys += page.records.len();
+        pages += 1;
+        let (revision, last) = (page.revision, page.last);
+        if !deliver(&reader.commands, Synced::Page { page, permit }).await {
+            return Ok(None);
+        }
+        if last {
+            tracing::info!(
+                keys,
+                pages,
+                revision,
+                elapsed_ms = started.elapsed().as_millis(),
+                "read the key set from etcd"
+            );
+            return Ok(Some(revision));
+        }
+        if logged.elapsed() >= READ_LOG_EVERY {
+            logged = Instant::now();
+            tracing::info!(
+                keys,
+                pages,
+                elapsed_ms = started.elapsed().as_millis(),
+                "reading the key set from etcd"
+            );
+        }
+    }
+    // A listing ends with a page marked last.
+    Err(EtcdError::Value {
+        key: "keys".into(),
+        problem: "the full read ended without its last page".into(),
+    })
+}
+
 async fn follow_once(
-    etcd: &Etcd,
-    commands: &SyncSender<Command>,
+    reader: &Reader,
     shared: &Shared,
     resume: &mut Option<i64>,
 ) -> Result<Followed, EtcdError> {
+    let (etcd, commands) = (&reader.etcd, &reader.commands);
     etcd.authenticate().await?;
     let start = if let Some(revision) = *resume {
         revision + 1
     } else {
-        let (records, revision) = etcd.snapshot().await?;
-        if !deliver(commands, Synced::Snapshot { records, revision }).await {
+        let Some(revision) = read_everything(reader).await? else {
             return Ok(Followed::WriterGone);
-        }
+        };
         *resume = Some(revision);
         revision + 1
     };

@@ -21,7 +21,7 @@
 //!   what is on disk (a write that failed may still have reached it). Until
 //!   then it retries every [`RETRY`] and health reports the failure.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -39,7 +39,7 @@ use crate::domain::record::{Access, KeyRecord};
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
 use crate::store::db::{Put, RawRecord, Store, StoreError};
-use crate::store::etcd::Watched;
+use crate::store::etcd::{Page, Watched};
 use crate::store::index::{Entry, Index};
 
 /// How often a failed store is reopened and probed.
@@ -198,12 +198,13 @@ pub enum Synced {
     /// Puts and deletes in revision order: everything through the last
     /// one's revision has been delivered.
     Events(Vec<Watched>),
-    /// The whole key set as of `revision`.
-    Snapshot {
-        /// Every key record.
-        records: Vec<KeyRecord>,
-        /// The revision they are the state at.
-        revision: i64,
+    /// A page of a full read: the first starts a rebuild of the replica,
+    /// the last completes it (only then is the replica ready).
+    Page {
+        /// The page.
+        page: Page,
+        /// The reader's turn, returned once the page is applied.
+        permit: tokio::sync::OwnedSemaphorePermit,
     },
     /// Everything the cluster held at `read_at` (Unix nanos, a
     /// linearizable read) was delivered before this: once the writer
@@ -383,6 +384,18 @@ pub struct Writer {
     next_last_used: Instant,
     /// Replicated mode: etcd is the truth and the store its local replica.
     remote: Option<Remote>,
+    /// Replicated mode: the full read of etcd being applied, if any.
+    rebuild: Option<Rebuild>,
+}
+
+/// A full read of etcd, applied page by page.
+struct Rebuild {
+    /// The revision every page is at.
+    revision: i64,
+    /// Every key id the pages held so far (16 bytes a key, while the read
+    /// lasts): what the last page keeps.
+    live: HashSet<KeyId>,
+    started: Instant,
 }
 
 /// An acknowledged change waiting for its batch's flush.
@@ -483,6 +496,7 @@ impl Writer {
             last_used_every: settings.last_used_every,
             next_last_used: Instant::now() + settings.last_used_every,
             remote,
+            rebuild: None,
         };
         Ok((writer, shared, index))
     }
@@ -766,8 +780,10 @@ impl Writer {
     fn sync(&mut self, synced: Synced) {
         match synced {
             Synced::Events(changes) => self.sync_events(&changes),
-            Synced::Snapshot { records, revision } => {
-                if let Err(error) = self.apply_snapshot(&records, revision) {
+            Synced::Page { page, permit } => {
+                let applied = self.apply_page(&page);
+                drop(permit);
+                if let Err(error) = applied {
                     self.fail(&error);
                 }
             }
@@ -818,70 +834,114 @@ impl Writer {
         }
     }
 
-    /// Makes the replica and the index hold exactly `records`, the whole
-    /// key set as of `revision` (at start, after a compaction, after the
-    /// disk recovered). Keys this sidecar changed after `revision` keep
-    /// their newer state. Each key switches atomically; decisions keep
-    /// reading throughout.
-    fn apply_snapshot(&mut self, records: &[KeyRecord], revision: i64) -> Result<(), StoreError> {
+    /// Applies one page of a full read of etcd (at start, after a
+    /// compaction, after the disk recovered): its keys are written to the
+    /// replica and the index as they come, each switching atomically while
+    /// decisions keep reading. The last page removes what etcd no longer
+    /// holds and makes the replica ready. Keys this sidecar changed after
+    /// the read's revision keep their newer state. A first page abandons
+    /// any read in progress (etcd compacted its revision).
+    fn apply_page(&mut self, page: &Page) -> Result<(), StoreError> {
+        let Some(store) = self.store.clone() else {
+            // No replica to rebuild; recovery reads everything itself.
+            self.rebuild = None;
+            return Ok(());
+        };
+        if page.first {
+            self.rebuild = Some(Rebuild {
+                revision: page.revision,
+                live: HashSet::new(),
+                started: Instant::now(),
+            });
+        }
+        let Some(mut rebuild) = self.rebuild.take_if(|r| r.revision == page.revision) else {
+            return Ok(());
+        };
+        let mut index = Vec::with_capacity(page.records.len());
+        for record in &page.records {
+            rebuild.live.insert(record.id);
+            if self
+                .remote
+                .as_ref()
+                .is_some_and(|remote| remote.replica.changed_after(&record.id, page.revision))
+            {
+                continue;
+            }
+            let scopes = self.catalog.resolve_stored(&record.scopes).0;
+            self.apply(Some(&store), Applied::Put(record, scopes), None, &mut index)?;
+        }
+        self.change_index(index);
+        if page.last {
+            self.finish_rebuild(&store, &rebuild)
+        } else {
+            self.rebuild = Some(rebuild);
+            Ok(())
+        }
+    }
+
+    /// Completes a full read: removes every key etcd did not hold at its
+    /// revision (unless this sidecar wrote it since), then marks the
+    /// replica as holding everything through that revision.
+    fn finish_rebuild(&mut self, store: &Store, rebuild: &Rebuild) -> Result<(), StoreError> {
         let Some(remote) = &mut self.remote else {
             return Ok(());
         };
-        let Some(store) = self.store.clone() else {
-            // No replica to rebuild; recovery takes its own snapshot.
-            return Ok(());
-        };
-        let newer = remote.replica.reset(revision);
-        // The fresh index comes from the records in hand, not from reading
-        // the replica back.
-        let fresh = Index::with_capacity(records.len());
-        let mut accounts = AccountCounts::new();
-        let mut live = std::collections::HashSet::with_capacity(records.len());
-        for record in records {
-            let id = record.id;
-            live.insert(id);
-            if newer.contains(&id) {
-                continue;
-            }
-            store.put(record)?;
-            let stored = (
-                id,
-                record.account.as_str(),
-                record.scopes.as_slice(),
-                &record.access,
-            );
-            index_key(&fresh, &mut accounts, &self.catalog, stored);
-        }
-        // Keys this sidecar changed after `revision` keep their state.
-        for id in &newer {
-            if let Some(entry) = self.index.entry(id) {
-                *accounts.entry(Arc::clone(&entry.account)).or_default() += 1;
-                fresh.insert(*id, entry);
-            }
-        }
+        let newer = remote.replica.reset(rebuild.revision);
+        let keep = |id: &KeyId| rebuild.live.contains(id) || newer.contains(id);
         let gone = store
             .ids()
-            .filter(|id| {
-                id.as_ref()
-                    .map_or(true, |id| !live.contains(id) && !newer.contains(id))
-            })
+            .filter(|id| id.as_ref().map_or(true, |id| !keep(id)))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut index = Vec::with_capacity(gone.len());
         for id in &gone {
-            store.remove(id)?;
+            self.apply(Some(store), Applied::Remove(*id), None, &mut index)?;
         }
-        store.set_replica(revision, now_nanos())?;
+        store.set_replica(rebuild.revision, now_nanos())?;
         store.flush()?;
-        self.index.reconcile(&fresh);
-        self.accounts = accounts;
+        self.change_index(index);
+        // The index holds no key the store lacks; this keeps it so even
+        // if the disk failed while changes were applied to the index only.
+        self.index.retain(keep);
         self.metrics.set_keys(self.index.len());
-        self.shared.replicated(revision, true);
+        self.shared.replicated(rebuild.revision, true);
         tracing::info!(
             keys = self.index.len(),
-            revision,
+            revision = rebuild.revision,
             removed = gone.len(),
+            elapsed_ms = rebuild.started.elapsed().as_millis(),
             "replica synced with etcd"
         );
         Ok(())
+    }
+
+    /// Rebuilds the replica from a full read of etcd on this thread (the
+    /// disk recovered); fails while etcd cannot be read.
+    fn reread(&mut self) -> Result<(), StoreError> {
+        let Some(mut listing) = self.remote.as_ref().map(Remote::list) else {
+            return Ok(());
+        };
+        loop {
+            let page = self
+                .remote
+                .as_ref()
+                .map(|remote| remote.next_page(&mut listing));
+            match page {
+                Some(Ok(Some(page))) => {
+                    let last = page.last;
+                    self.apply_page(&page)?;
+                    if last {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(None)) | None => return Ok(()),
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "reading etcd to rebuild the replica failed");
+                    return Err(StoreError::Mode(
+                        "etcd could not be read in full; the replica cannot be rebuilt yet",
+                    ));
+                }
+            }
+        }
     }
 
     /// Gives up the poisoned store; [`Self::recover`] reopens it.
@@ -916,12 +976,7 @@ impl Writer {
                     self.accounts = accounts;
                     Ok(())
                 }
-                Some(remote) => match remote.snapshot() {
-                    Some((records, revision)) => self.apply_snapshot(&records, revision),
-                    None => Err(StoreError::Mode(
-                        "etcd is unreachable; the replica cannot be rebuilt yet",
-                    )),
-                },
+                Some(_) => self.reread(),
             }
         });
         match recovered {

@@ -289,6 +289,19 @@ impl Store {
         Ok(Some(record))
     }
 
+    /// Every record, account by account (in creation order within one):
+    /// what a migration writes many of per transaction.
+    pub fn records_by_account(&self) -> impl Iterator<Item = Result<KeyRecord, StoreError>> + '_ {
+        self.by_account.iter().keys().filter_map(|key| {
+            let key = match key {
+                Ok(key) => key,
+                Err(error) => return Some(Err(error.into())),
+            };
+            let id = <[u8; 16]>::try_from(&key[key.len().saturating_sub(16)..]).ok()?;
+            self.get(&KeyId::from_bytes(id)).transpose()
+        })
+    }
+
     /// Every stored key id, for comparing the replica with etcd.
     pub fn ids(&self) -> impl Iterator<Item = Result<KeyId, StoreError>> + '_ {
         self.keys.iter().keys().filter_map(|key| match key {

@@ -46,15 +46,36 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// cut off) is noticed in seconds, and the watch moves to another.
 const KEEPALIVE: Duration = Duration::from_secs(2);
 
+/// Keys per page of a full read (kube-rs's watcher uses 500 too): a page
+/// of ordinary records (≈ 170 bytes) is ≈ 85 KB, and of the largest a
+/// record can be (256 scope names, 16 CIDRs: under 16 KiB) under 8 MiB.
+pub const DEFAULT_PAGE_KEYS: u32 = 500;
+
+/// The largest etcd reply keyward decodes, for Range pages and watch
+/// responses alike. A page of [`DEFAULT_PAGE_KEYS`] of the largest records
+/// fits twice over; a watch response is split by etcd into fragments of
+/// its own request limit (`--max-request-bytes`, 1.5 MiB by default:
+/// watches ask for fragments), so one fragment is far below this. tonic's
+/// default, 4 MiB, was what stopped a 25,000-key first read. A reply still
+/// above it is [`EtcdError::TooLarge`], and a full read then halves its
+/// page.
+pub const REPLY_LIMIT_BYTES: usize = 16 * 1024 * 1024;
+
 /// An etcd failure.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     /// An endpoint is not a URL.
     #[error("etcd endpoint {0:?} is not a URL like http://127.0.0.1:2379")]
     Endpoint(String),
+    /// etcd answered with more bytes than keyward decodes in one reply.
+    #[error("an etcd reply exceeded keyward's limit of {limit} bytes: {status}", limit = REPLY_LIMIT_BYTES, status = .0.message())]
+    TooLarge(tonic::Status),
+    /// The revision asked for is older than etcd's compaction.
+    #[error("etcd compacted the revision being read: {}", .0.message())]
+    Compacted(tonic::Status),
     /// etcd answered with an error, or could not be reached.
     #[error("etcd: {0}")]
-    Rpc(#[from] tonic::Status),
+    Rpc(tonic::Status),
     /// A stored value keyward cannot read.
     #[error("etcd key {key}: {problem}")]
     Value {
@@ -79,6 +100,8 @@ pub struct Connection {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// etcd user and password, for etcd's own authentication.
     pub credentials: Option<(String, String)>,
+    /// Keys per page of a full read (0: [`DEFAULT_PAGE_KEYS`]).
+    pub page_keys: u32,
 }
 
 /// The token etcd issued for the configured user, sent with every call.
@@ -104,6 +127,24 @@ impl Interceptor for Token {
 
 type Authed = InterceptedService<Channel, Token>;
 
+impl From<tonic::Status> for EtcdError {
+    /// Tells the failures a caller handles differently apart: a reply too
+    /// large to decode (tonic's limit) and a compacted revision (etcd's
+    /// `ErrCompacted`) both arrive as OUT_OF_RANGE, and neither means that
+    /// etcd cannot be reached.
+    fn from(status: tonic::Status) -> Self {
+        if status.code() == tonic::Code::OutOfRange {
+            if status.message().contains("message length too large") {
+                return Self::TooLarge(status);
+            }
+            if status.message().contains("compacted") {
+                return Self::Compacted(status);
+            }
+        }
+        Self::Rpc(status)
+    }
+}
+
 impl EtcdError {
     /// Whether trying again may succeed: a member lost, a leader being
     /// elected, a connection dropped. Refusals and unreadable values are
@@ -121,7 +162,9 @@ impl EtcdError {
                     | Code::Internal
                     | Code::Cancelled
             ),
-            Self::Endpoint(_) | Self::Value { .. } => false,
+            Self::Endpoint(_) | Self::Value { .. } | Self::TooLarge(_) | Self::Compacted(_) => {
+                false
+            }
         }
     }
 }
@@ -196,8 +239,10 @@ impl Etcd {
         let channel = Channel::balance_list(endpoints.into_iter());
         let token = Token::default();
         Ok(Self {
-            kv: KvClient::with_interceptor(channel.clone(), token.clone()),
-            watch: WatchClient::with_interceptor(channel.clone(), token.clone()),
+            kv: KvClient::with_interceptor(channel.clone(), token.clone())
+                .max_decoding_message_size(REPLY_LIMIT_BYTES),
+            watch: WatchClient::with_interceptor(channel.clone(), token.clone())
+                .max_decoding_message_size(REPLY_LIMIT_BYTES),
             auth: AuthClient::new(channel),
             token,
             credentials: connection.credentials.clone(),
@@ -365,20 +410,40 @@ impl Etcd {
         self.txn(compare, ops).await
     }
 
-    /// Every key record under the prefix, decoded, and the etcd revision
-    /// they are the state at (a watch from the next revision misses
-    /// nothing and repeats nothing).
+    /// Reads every key record under the prefix, `page_keys` at a time, as
+    /// of one revision ([`Listing`]).
+    #[must_use]
+    pub fn list(&self, page_keys: u32) -> Listing {
+        let start = self.keys_prefix();
+        Listing {
+            kv: self.kv.clone(),
+            end: prefix_end(&start),
+            next: Some(start),
+            revision: 0,
+            page_keys: if page_keys == 0 {
+                DEFAULT_PAGE_KEYS
+            } else {
+                page_keys
+            } as usize,
+        }
+    }
+
+    /// Every key record and the revision they are the state at, read in
+    /// pages ([`Self::list`]) and held together: for tools and tests (a
+    /// sidecar applies a listing page by page instead).
     pub async fn snapshot(&self) -> Result<(Vec<KeyRecord>, i64), EtcdError> {
-        let (revision, kvs) = self.range_keys(false).await?;
-        let records = kvs
-            .into_iter()
-            .map(|kv| decode_value(&kv.key, &kv.value))
-            .collect::<Result<_, _>>()?;
+        let mut listing = self.list(0);
+        let mut records = Vec::new();
+        let mut revision = 0;
+        while let Some(page) = listing.next_page().await? {
+            records.extend(page.records);
+            revision = page.revision;
+        }
         Ok((records, revision))
     }
 
-    /// Every key record's key-value (none with `count_only`), and etcd's
-    /// revision when it answered; a linearizable read.
+    /// etcd's revision when it answered a linearizable read of the key
+    /// records (counted, not returned).
     async fn range_keys(&self, count_only: bool) -> Result<(i64, Vec<KeyValue>), EtcdError> {
         let start = self.keys_prefix();
         let reply = self
@@ -407,6 +472,9 @@ impl Etcd {
                     range_end: prefix_end(&start),
                     key: start,
                     start_revision,
+                    // Responses over etcd's request limit come in pieces
+                    // (see REPLY_LIMIT_BYTES); `next` joins them.
+                    fragment: true,
                     ..WatchCreateRequest::default()
                 },
             )),
@@ -432,18 +500,22 @@ impl Etcd {
     /// An account's key count and the revision it was last written at (0, 0
     /// when absent).
     pub async fn count(&self, account: &[u8]) -> Result<(u64, i64), EtcdError> {
-        let Some(kv) = self.get_kv(account).await? else {
-            return Ok((0, 0));
-        };
-        let count = std::str::from_utf8(&kv.value)
-            .ok()
-            .and_then(|text| text.parse().ok())
-            .ok_or_else(|| EtcdError::Value {
-                key: String::from_utf8_lossy(&kv.key).into_owned(),
-                problem: "not a key count".into(),
-            })?;
-        Ok((count, kv.mod_revision))
+        self.get_kv(account)
+            .await?
+            .map_or(Ok((0, 0)), |kv| parse_count(&kv))
     }
+}
+
+/// An account's key count and its revision.
+fn parse_count(kv: &KeyValue) -> Result<(u64, i64), EtcdError> {
+    let count = std::str::from_utf8(&kv.value)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| EtcdError::Value {
+            key: String::from_utf8_lossy(&kv.key).into_owned(),
+            problem: "not a key count".into(),
+        })?;
+    Ok((count, kv.mod_revision))
 }
 
 /// Changes to key records, from [`Etcd::watch`].
@@ -515,8 +587,10 @@ impl Watch {
     }
 
     /// The next batch of changes (one etcd revision may carry several);
-    /// `None` once etcd ended the watch.
+    /// `None` once etcd ended the watch. A response etcd sent in fragments
+    /// is joined first: one revision's events are applied together.
     pub async fn next(&mut self) -> Result<Option<Vec<Watched>>, EtcdError> {
+        let mut events = Vec::new();
         loop {
             let Some(response) = self.responses.message().await? else {
                 return Ok(None);
@@ -532,7 +606,11 @@ impl Watch {
                     problem: format!("canceled by etcd: {}", response.cancel_reason),
                 });
             }
-            if response.events.is_empty() {
+            events.extend(response.events);
+            if response.fragment {
+                continue;
+            }
+            if events.is_empty() {
                 if response.created {
                     continue;
                 }
@@ -540,13 +618,105 @@ impl Watch {
                     revision: response.header.map_or(0, |h| h.revision),
                 }]));
             }
-            return response
-                .events
+            return events
                 .into_iter()
                 .map(watched)
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some);
         }
+    }
+}
+
+/// A full read of the key records in pages, every page at the first
+/// page's revision, so the pages together are exactly the key set at that
+/// revision (Kubernetes' paginated LIST). Reading on after etcd compacted
+/// that revision fails with [`EtcdError::Compacted`]: the caller starts a
+/// new listing, and must not take what it read as complete.
+#[derive(Debug)]
+pub struct Listing {
+    kv: KvClient<Authed>,
+    /// Where the next page starts; `None` when done.
+    next: Option<Vec<u8>>,
+    end: Vec<u8>,
+    /// The revision every page is read at (0 until the first answers).
+    revision: i64,
+    page_keys: usize,
+}
+
+/// One page of a [`Listing`].
+#[derive(Debug)]
+pub struct Page {
+    /// Its records, in etcd key order.
+    pub records: Vec<KeyRecord>,
+    /// The revision the listing is at.
+    pub revision: i64,
+    /// Whether it is the first page (a new listing).
+    pub first: bool,
+    /// Whether it is the last: the listing is complete.
+    pub last: bool,
+}
+
+impl Listing {
+    /// The next page, `None` after the last. A page too large for
+    /// [`REPLY_LIMIT_BYTES`] is asked for again at half the size (down to
+    /// one key).
+    pub async fn next_page(&mut self) -> Result<Option<Page>, EtcdError> {
+        let Some(key) = self.next.clone() else {
+            return Ok(None);
+        };
+        let reply = loop {
+            let request = RangeRequest {
+                key: key.clone(),
+                range_end: self.end.clone(),
+                limit: i64::try_from(self.page_keys).unwrap_or(i64::MAX),
+                revision: self.revision,
+                ..RangeRequest::default()
+            };
+            match self.kv.range(request).await {
+                Ok(reply) => break reply.into_inner(),
+                Err(status) => match EtcdError::from(status) {
+                    EtcdError::TooLarge(status) if self.page_keys > 1 => {
+                        self.page_keys /= 2;
+                        tracing::warn!(
+                            page_keys = self.page_keys,
+                            error = status.message(),
+                            "an etcd page exceeded the reply limit; reading smaller pages"
+                        );
+                    }
+                    error => return Err(error),
+                },
+            }
+        };
+        let first = self.revision == 0;
+        if first {
+            self.revision = reply.header.map_or(0, |h| h.revision);
+        }
+        self.next = match reply.kvs.last() {
+            Some(last) if reply.more => {
+                // Strictly after the last key read.
+                let mut after = last.key.clone();
+                after.push(0);
+                Some(after)
+            }
+            _ => None,
+        };
+        let records = reply
+            .kvs
+            .iter()
+            .map(|kv| decode_value(&kv.key, &kv.value))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(Page {
+            records,
+            revision: self.revision,
+            first,
+            last: self.next.is_none(),
+        }))
+    }
+
+    /// The keys per page now asked for.
+    #[must_use]
+    pub fn page_keys(&self) -> usize {
+        self.page_keys
     }
 }
 
@@ -624,27 +794,205 @@ pub struct Migrated {
     pub present: usize,
 }
 
+/// etcd's default limit on the operations of one transaction
+/// (`--max-txn-ops`): a migration transaction's compares and its writes
+/// each stay within it.
+const MAX_TXN_OPS: usize = 128;
+/// Record bytes in one migration transaction: well under etcd's default
+/// request limit (`--max-request-bytes`, 1.5 MiB).
+const MAX_TXN_BYTES: usize = 1024 * 1024;
+/// Migration transactions in flight at once: etcd commits concurrent
+/// proposals together (one raft round, one fsync), which is where the
+/// speed comes from.
+const MIGRATE_IN_FLIGHT: usize = 8;
+
 /// Copies every key of a standalone store into etcd: ids, hashes, names,
 /// scopes, creation times and lifecycle settings unchanged. Idempotent: a
 /// key already in etcd is left alone, so a run interrupted half-way is
 /// finished by running it again. The store must not be in use (sled locks
 /// its directory).
-/// `progress` hears the running totals after every key.
+///
+/// Keys go in account order, many per transaction ([`Etcd::put_batch`]),
+/// several transactions at once. `progress` hears the running totals after
+/// every transaction.
 pub async fn migrate(
     store: &Store,
     etcd: &Etcd,
     progress: &mut dyn FnMut(&Migrated),
 ) -> Result<Migrated, MigrateError> {
     let mut migrated = Migrated::default();
-    for raw in store.partition(0, 1) {
-        // No limit: the standalone store enforced it already.
-        match etcd.put_new(&raw?.record()?, None).await? {
-            PutNew::Written => migrated.written += 1,
-            PutNew::Present | PutNew::LimitReached => migrated.present += 1,
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut batch = Batch::default();
+    let mut records = store.records_by_account();
+    loop {
+        let record = records.next().transpose()?;
+        let full = record.as_ref().is_none_or(|record| !batch.fits(record));
+        if full && !batch.records.is_empty() {
+            if in_flight.len() == MIGRATE_IN_FLIGHT {
+                migrated.add(joined(in_flight.join_next().await)?);
+                progress(&migrated);
+            }
+            let etcd = etcd.clone();
+            let records = std::mem::take(&mut batch).records;
+            in_flight.spawn(async move { etcd.put_batch(&records).await });
         }
+        match record {
+            Some(record) => batch.push(record),
+            None => break,
+        }
+    }
+    while let Some(done) = in_flight.join_next().await {
+        migrated.add(joined(Some(done))?);
         progress(&migrated);
     }
     Ok(migrated)
+}
+
+fn joined(
+    done: Option<Result<Result<Migrated, EtcdError>, tokio::task::JoinError>>,
+) -> Result<Migrated, MigrateError> {
+    match done {
+        Some(Ok(result)) => Ok(result?),
+        Some(Err(panic)) => std::panic::resume_unwind(panic.into_panic()),
+        None => Ok(Migrated::default()),
+    }
+}
+
+impl Migrated {
+    fn add(&mut self, other: Self) {
+        self.written += other.written;
+        self.present += other.present;
+    }
+}
+
+/// Records for one migration transaction, grouped by account.
+#[derive(Default)]
+struct Batch {
+    records: Vec<KeyRecord>,
+    accounts: usize,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Whether `record` fits: a key's compare and put, and one more of
+    /// each for its account's count if it is a new account here.
+    fn fits(&self, record: &KeyRecord) -> bool {
+        let new_account = self
+            .records
+            .last()
+            .is_none_or(|last| last.account != record.account);
+        let ops = self.records.len() + 1 + self.accounts + usize::from(new_account);
+        self.records.is_empty()
+            || (ops <= MAX_TXN_OPS && self.bytes + record_bytes(record) <= MAX_TXN_BYTES)
+    }
+
+    fn push(&mut self, record: KeyRecord) {
+        if self
+            .records
+            .last()
+            .is_none_or(|last| last.account != record.account)
+        {
+            self.accounts += 1;
+        }
+        self.bytes += record_bytes(&record);
+        self.records.push(record);
+    }
+}
+
+/// What a record costs in a transaction (its encoding, its etcd key).
+fn record_bytes(record: &KeyRecord) -> usize {
+    record::encode(record).len() + 64
+}
+
+impl Etcd {
+    /// Writes `records` (grouped by account) in one transaction, adding
+    /// each account's new keys to its count, if none of the keys is there
+    /// yet and no count moved since it was read. Otherwise (a rerun finds
+    /// keys already there, or a sidecar changed a count meanwhile) each key
+    /// goes on its own ([`Self::put_new`]), so the outcome is the same.
+    pub async fn put_batch(&self, records: &[KeyRecord]) -> Result<Migrated, EtcdError> {
+        let mut accounts: Vec<(&str, u64)> = Vec::new();
+        for record in records {
+            match accounts.last_mut() {
+                Some((account, added)) if *account == record.account => *added += 1,
+                _ => accounts.push((&record.account, 1)),
+            }
+        }
+        let counts = self
+            .counts(
+                accounts
+                    .iter()
+                    .map(|(account, _)| self.account_path(account)),
+            )
+            .await?;
+        let mut compare: Vec<Compare> = records
+            .iter()
+            .map(|record| unchanged(&self.key_path(&record.id), 0))
+            .collect();
+        let mut ops: Vec<RequestOp> = records
+            .iter()
+            .map(|record| put(self.key_path(&record.id), record::encode(record)))
+            .collect();
+        for ((account, added), (count, revision)) in accounts.iter().zip(&counts) {
+            let path = self.account_path(account);
+            compare.push(unchanged(&path, *revision));
+            ops.push(put(path, (count + added).to_string().into_bytes()));
+        }
+        if self.txn(compare, ops).await?.is_some() {
+            return Ok(Migrated {
+                written: records.len(),
+                present: 0,
+            });
+        }
+        let mut migrated = Migrated::default();
+        for record in records {
+            // No limit: the standalone store enforced it already.
+            match self.put_new(record, None).await? {
+                PutNew::Written => migrated.written += 1,
+                PutNew::Present | PutNew::LimitReached => migrated.present += 1,
+            }
+        }
+        Ok(migrated)
+    }
+
+    /// Several accounts' key counts and revisions ([`Self::count`]), read
+    /// in one transaction.
+    async fn counts(
+        &self,
+        paths: impl Iterator<Item = Vec<u8>>,
+    ) -> Result<Vec<(u64, i64)>, EtcdError> {
+        let reads = paths
+            .map(|key| RequestOp {
+                request: Some(Op::RequestRange(RangeRequest {
+                    key,
+                    ..RangeRequest::default()
+                })),
+            })
+            .collect();
+        let reply = self
+            .kv
+            .clone()
+            .txn(TxnRequest {
+                compare: Vec::new(),
+                success: reads,
+                failure: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        reply
+            .responses
+            .into_iter()
+            .map(|response| match response.response {
+                Some(crate::pb::etcd::response_op::Response::ResponseRange(range)) => {
+                    range.kvs.first().map_or(Ok((0, 0)), parse_count)
+                }
+                _ => Err(EtcdError::Value {
+                    key: "accounts".into(),
+                    problem: "etcd answered a read with something else".into(),
+                }),
+            })
+            .collect()
+    }
 }
 
 /// Why a migration stopped. Keys written before it stay written; running

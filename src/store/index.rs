@@ -304,6 +304,15 @@ impl Index {
         }
     }
 
+    /// Removes every key `keep` refuses; the next verify of each fails.
+    pub fn retain(&self, keep: impl Fn(&KeyId) -> bool) {
+        let keys = self.keys.pin();
+        let gone: Vec<KeyId> = keys.keys().filter(|id| !keep(id)).copied().collect();
+        for id in gone {
+            keys.remove(&id);
+        }
+    }
+
     /// How many live keys there are.
     #[must_use]
     pub fn len(&self) -> usize {
