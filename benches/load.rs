@@ -4,6 +4,7 @@
 //! cargo bench --bench load -- run --call authorize --rps 5000 --duration 10
 //! cargo bench --bench load -- report            # echo vs Authorize vs Check
 //! cargo bench --bench load -- scale             # startup, memory, latency at 1k/100k/1M keys
+//! cargo bench --bench load -- scale --etcd      # the same replicated: migrate, ready, RSS, etcd bytes
 //! ```
 //!
 //! Without `--target`, `run` starts the real `keyward` binary (release build)
@@ -149,6 +150,11 @@ struct ScaleArgs {
     /// Key counts to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000usize, 100_000, 1_000_000])]
     sizes: Vec<usize>,
+    /// Also replicated mode: each size migrated into a real etcd on
+    /// loopback (`etcd` on PATH or `KEYWARD_ETCD`), then a fresh sidecar
+    /// started on it.
+    #[arg(long)]
+    etcd: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -1506,6 +1512,9 @@ async fn fairness(args: FairnessArgs) -> anyhow::Result<()> {
 
 // --- scale --------------------------------------------------------------------------
 
+#[path = "load/replicated.rs"]
+mod replicated;
+
 async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
     use keyward::domain::catalog::Catalog;
     use keyward::domain::catalog::KeyKind;
@@ -1546,6 +1555,9 @@ async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
                 })?;
             }
             store.flush()?;
+        }
+        if args.etcd {
+            replicated::measure(size, &dir).await?;
         }
         let server = Server::start(&dir, temp)?;
         let startup = server.started_in;

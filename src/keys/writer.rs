@@ -739,16 +739,11 @@ impl Writer {
         }
         match change {
             Applied::Put(record, scopes) => {
-                let account = intern(&self.accounts, &record.account);
-                index.push(IndexChange::Put(
-                    id,
-                    Entry::new(&record.access, scopes, Arc::clone(&account)),
-                ));
-                if let Some(store) = store
-                    && store.put(record)? == Put::Created
-                {
-                    *self.accounts.entry(account).or_default() += 1;
-                }
+                let put = match store {
+                    Some(store) => store.put(record)?,
+                    None => Put::Unchanged,
+                };
+                self.index_put(record, scopes, put, index);
             }
             Applied::Remove(id) => {
                 index.push(IndexChange::Remove(id));
@@ -764,6 +759,25 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Queues the index entry of a key put in the store, and counts it for
+    /// its account if the store did not have it.
+    fn index_put(
+        &mut self,
+        record: &KeyRecord,
+        scopes: ScopeSet,
+        put: Put,
+        index: &mut Vec<IndexChange>,
+    ) {
+        let account = intern(&self.accounts, &record.account);
+        index.push(IndexChange::Put(
+            record.id,
+            Entry::new(&record.access, scopes, Arc::clone(&account)),
+        ));
+        if put == Put::Created {
+            *self.accounts.entry(account).or_default() += 1;
+        }
     }
 
     fn change_index(&self, changes: Vec<IndexChange>) {
@@ -857,18 +871,23 @@ impl Writer {
         let Some(mut rebuild) = self.rebuild.take_if(|r| r.revision == page.revision) else {
             return Ok(());
         };
-        let mut index = Vec::with_capacity(page.records.len());
-        for record in &page.records {
-            rebuild.live.insert(record.id);
-            if self
-                .remote
-                .as_ref()
-                .is_some_and(|remote| remote.replica.changed_after(&record.id, page.revision))
-            {
-                continue;
-            }
+        rebuild
+            .live
+            .extend(page.records.iter().map(|record| record.id));
+        let fresh: Vec<&KeyRecord> =
+            page.records
+                .iter()
+                .filter(|record| {
+                    !self.remote.as_ref().is_some_and(|remote| {
+                        remote.replica.changed_after(&record.id, page.revision)
+                    })
+                })
+                .collect();
+        let puts = store.put_all(&fresh)?;
+        let mut index = Vec::with_capacity(fresh.len());
+        for (record, put) in fresh.into_iter().zip(puts) {
             let scopes = self.catalog.resolve_stored(&record.scopes).0;
-            self.apply(Some(&store), Applied::Put(record, scopes), None, &mut index)?;
+            self.index_put(record, scopes, put, &mut index);
         }
         self.change_index(index);
         if page.last {

@@ -271,6 +271,36 @@ impl Store {
         Ok(put)
     }
 
+    /// Stages many records as [`Self::put`] does, in one transaction (a
+    /// full read of etcd writes the replica a page at a time).
+    pub fn put_all(&self, records: &[&KeyRecord]) -> Result<Vec<Put>, StoreError> {
+        let mut keys = sled::Batch::default();
+        let mut listings = sled::Batch::default();
+        let mut puts = Vec::with_capacity(records.len());
+        for record in records {
+            let value = record::encode(record);
+            let id = record.id.as_bytes();
+            puts.push(match self.keys.get(id)? {
+                Some(stored) if stored == value.as_slice() => Put::Unchanged,
+                Some(_) => {
+                    keys.insert(id, value);
+                    Put::Replaced
+                }
+                None => {
+                    keys.insert(id, value);
+                    listings.insert(listing_key(record), &[] as &[u8]);
+                    Put::Created
+                }
+            });
+        }
+        (&self.keys, &self.by_account).transaction(|(tx_keys, tx_listings)| {
+            tx_keys.apply_batch(&keys)?;
+            tx_listings.apply_batch(&listings)?;
+            Ok(())
+        })?;
+        Ok(puts)
+    }
+
     /// Stages the removal of a key from every tree atomically; returns the
     /// record removed, if it was there. Durable after [`Self::flush`].
     pub fn remove(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
