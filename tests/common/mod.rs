@@ -295,10 +295,21 @@ pub fn spawn_serve_env(
     extra: &[&str],
     env: &[(String, String)],
 ) -> (std::process::Child, u16) {
-    use std::process::{Command, Stdio};
+    spawn_serve_via(std::process::Command::new(bin), cwd, extra, env)
+}
+
+/// [`spawn_serve_env`] through `command`: the keyward binary itself, or a
+/// wrapper (e.g. `prlimit … keyward`) that runs it with the arguments
+/// added here.
+pub fn spawn_serve_via(
+    mut command: std::process::Command,
+    cwd: &std::path::Path,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> (std::process::Child, u16) {
+    use std::process::Stdio;
     let log_path = cwd.join("serve.log");
     let log = std::fs::File::create(&log_path).expect("log file");
-    let mut command = Command::new(bin);
     command
         .args([
             "serve",
