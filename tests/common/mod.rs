@@ -301,6 +301,10 @@ pub fn spawn_serve_env(
 /// [`spawn_serve_env`] through `command`: the keyward binary itself, or a
 /// wrapper (e.g. `prlimit … keyward`) that runs it with the arguments
 /// added here.
+#[allow(
+    clippy::zombie_processes,
+    reason = "the child is returned to the caller, who waits on it; a failed start is killed and waited here"
+)]
 pub fn spawn_serve_via(
     mut command: std::process::Command,
     cwd: &std::path::Path,
