@@ -24,13 +24,17 @@
 //! - [`log`]: log lines through a bounded non-blocking writer; a failing
 //!   destination drops and counts lines, never fails a request.
 //! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
-//! - [`keys`]: the write path: a dedicated writer thread checks the rules
-//!   (`keys::stage`) at the commit point over a view of the truth (sled
-//!   standalone; etcd in replicated mode, `keys::remote`), makes the change
-//!   durable, then applies it to the local store and the index through one
-//!   apply function, which also applies what the etcd watch delivers. No
-//!   storage or etcd call runs on an async worker: a failing disk or an
-//!   unreachable etcd costs writes, never decisions.
+//! - [`keys`]: the write path: a dedicated writer thread (`keys::writer`)
+//!   checks the rules (`keys::stage`) at the commit point over a view of
+//!   the truth (sled standalone; etcd in replicated mode, `keys::remote`,
+//!   which also follows etcd: a paginated read, then the watch), makes the
+//!   change durable, then applies it to the local store and the index
+//!   through one apply function, which also applies what the etcd watch
+//!   delivers. `keys::change` is the vocabulary they share and
+//!   `keys::shared` what passes between the writer thread and the rest;
+//!   arrows point only from writer to remote to stage to change. No storage
+//!   or etcd call runs on an async worker: a failing disk or an unreachable
+//!   etcd costs writes, never decisions.
 //! - [`store`]: sled (standalone truth, or etcd's local replica), versioned
 //!   records, the in-memory index, and etcd's layout and client.
 //! - [`domain`]: scopes, bitsets, catalog, routes, key format, rules,

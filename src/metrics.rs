@@ -294,22 +294,23 @@ impl Metrics {
     }
 
     /// Records whether the store takes writes.
-    pub fn set_store_health(&self, health: crate::keys::writer::StoreHealth) {
-        let healthy = health == crate::keys::writer::StoreHealth::Healthy;
+    pub fn set_store_healthy(&self, healthy: bool) {
         self.store_healthy.set(i64::from(healthy));
     }
 
-    /// Replicated mode: how current the local replica is at `now`.
-    pub fn set_replication(&self, state: &crate::keys::Replication, now: i64) {
+    /// Replicated mode: how current the local replica is at `now` (Unix
+    /// nanos): when it was last known current (0: never), whether its
+    /// watch is up, and the etcd revision it holds everything through.
+    pub fn set_replication(&self, synced_at: i64, connected: bool, revision: i64, now: i64) {
         #[allow(clippy::cast_precision_loss, reason = "seconds for a dashboard")]
-        let staleness = now.saturating_sub(state.synced_at).max(0) as f64 / 1e9;
-        self.replica_staleness.set(if state.synced_at == 0 {
+        let staleness = now.saturating_sub(synced_at).max(0) as f64 / 1e9;
+        self.replica_staleness.set(if synced_at == 0 {
             f64::INFINITY
         } else {
             staleness
         });
-        self.replica_connected.set(i64::from(state.connected));
-        self.replica_revision.set(state.revision);
+        self.replica_connected.set(i64::from(connected));
+        self.replica_revision.set(revision);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -44,7 +44,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let etcd = Etcd::open(&connection)?;
     etcd.authenticate().await?;
     let mut progress = Progress::new(store.len());
-    let migrated = etcd::migrate(&store, &etcd, &mut |done| progress.show(done))
+    let migrated = crate::store::copy::migrate(&store, &etcd, &mut |done| progress.show(done))
         .await
         .context("migration stopped; keys already written stay, run it again to continue")?;
     progress.finish();

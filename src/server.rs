@@ -24,7 +24,7 @@ use crate::front::FrontDoor;
 use crate::grpc::authorize::AuthorizeService;
 use crate::grpc::manage::ManageService;
 use crate::guard::FailureGuard;
-use crate::keys::writer::StoreHealth;
+use crate::keys::StoreHealth;
 use crate::keys::{Keys, Settings};
 use crate::listen::{Bounds, Incoming};
 use crate::metrics::{Metrics, Source};

@@ -2,7 +2,9 @@
 //! then the index update. Every acknowledged change is on disk and visible
 //! to the very next decision.
 
+pub mod change;
 pub mod remote;
+pub mod shared;
 pub mod stage;
 pub mod writer;
 
@@ -18,15 +20,18 @@ use tokio::sync::{oneshot, watch};
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{self, KeyId};
-use crate::domain::rate::RateLimit;
 use crate::domain::record::KeyRecord;
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
 use crate::store::db::{Cursor, Store, StoreError};
 use crate::store::index::Index;
+use change::{Change, Committed};
+pub use change::{Expiry, KeyError, Lifecycle, Operation, Principal, Rotation, StateChange};
 use remote::EtcdRuntime;
-use writer::{Change, Command, Committed, FailureKind, Job, Shared, StoreHealth, Writer};
-pub use writer::{Expiry, Replication, Rotation, Settings};
+use shared::{Command, FailureKind, Job, Shared};
+pub use shared::{Replication, StoreHealth};
+pub use writer::Settings;
+use writer::Writer;
 
 /// Changes that may wait for the writer at once; past that, writes are
 /// refused at once instead of queueing behind a stuck disk.
@@ -38,71 +43,6 @@ const QUEUE_CAPACITY: usize = 1024;
 /// another account's write waits behind at most this many of each busy
 /// account's changes; the rest of a burst waits its turn outside the queue.
 const MAX_QUEUED_PER_ACCOUNT: usize = 16;
-
-/// Who is calling a management operation.
-#[derive(Debug, Clone)]
-pub enum Principal {
-    /// The operator's admin token: every scope, any account.
-    Admin,
-    /// An API key, acting inside its own account with its own scopes.
-    Key {
-        /// The calling key.
-        id: KeyId,
-        /// Its account.
-        account: Arc<str>,
-        /// Its scopes.
-        scopes: ScopeSet,
-    },
-}
-
-impl Principal {
-    /// A label for audit logs: `admin` or the key id.
-    #[must_use]
-    pub fn label(&self) -> String {
-        match self {
-            Self::Admin => "admin".to_owned(),
-            Self::Key { id, .. } => id.to_string(),
-        }
-    }
-}
-
-/// Why a management operation failed. Mapped to gRPC codes in one place
-/// (`grpc::status`).
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    /// A request field is invalid; nothing changed.
-    #[error("{field}: {problem}")]
-    Invalid {
-        /// The offending field.
-        field: &'static str,
-        /// What is wrong with it.
-        problem: String,
-    },
-    /// The caller may not do this; nothing changed.
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// No such key visible to the caller.
-    #[error("key {0} not found")]
-    NotFound(String),
-    /// The account is full; nothing changed.
-    #[error("account {account:?} already has {limit} keys, the maximum")]
-    LimitReached {
-        /// The account.
-        account: String,
-        /// The configured limit.
-        limit: usize,
-    },
-    /// Storage failed; the change was not acknowledged. Details stay in the
-    /// server log.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Storage is failing, stuck or busy: the change was not acknowledged.
-    #[error("storage is unavailable; the change was not acknowledged")]
-    Unavailable,
-    /// The system RNG failed.
-    #[error("random number generator failed")]
-    Rng,
-}
 
 /// Key management: the async face of the key writer. Changes go to the
 /// writer thread ([`writer`]) and are awaited for at most the write timeout;
@@ -118,46 +58,6 @@ pub struct Keys {
     write_timeout: Duration,
     /// Replicated mode: the etcd connection (dropped last).
     etcd: Option<EtcdRuntime>,
-}
-
-/// The management operation being attempted, for its scope requirement.
-#[derive(Debug, Clone, Copy)]
-pub enum Operation {
-    /// CreateKey.
-    Create,
-    /// GetKey, ListKeys.
-    Read,
-    /// UpdateKey, RenameKey.
-    Update,
-    /// DeleteKey.
-    Delete,
-    /// RotateKey: mints a working secret, so it needs what creating a key
-    /// needs as well as `api_keys.update`.
-    Rotate,
-}
-
-impl Operation {
-    /// The operation's name in metrics.
-    #[must_use]
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Create => "create",
-            Self::Read => "read",
-            Self::Update => "update",
-            Self::Delete => "delete",
-            Self::Rotate => "rotate",
-        }
-    }
-
-    fn scopes(self) -> &'static [&'static str] {
-        match self {
-            Self::Create => &["api_keys.create"],
-            Self::Read => &["api_keys.read"],
-            Self::Update => &["api_keys.update"],
-            Self::Delete => &["api_keys.delete"],
-            Self::Rotate => &["api_keys.create", "api_keys.update"],
-        }
-    }
 }
 
 impl Keys {
@@ -502,30 +402,6 @@ impl Keys {
     }
 }
 
-/// Lifecycle settings to change; `None` keeps each.
-#[derive(Debug, Default, Clone)]
-pub struct StateChange {
-    /// Disable (true) or enable (false).
-    pub disabled: Option<bool>,
-    /// The new expiry.
-    pub expires_at: Option<Expiry>,
-    /// The new canonical address ranges (empty: any).
-    pub allowed_cidrs: Option<Vec<String>>,
-    /// The new rate limit (`Some(None)`: remove it).
-    pub rate_limit: Option<Option<RateLimit>>,
-}
-
-/// A new key's lifecycle settings.
-#[derive(Debug, Default, Clone)]
-pub struct Lifecycle {
-    /// When it expires (Unix nanos), if ever.
-    pub expires_at: Option<i64>,
-    /// Canonical address ranges (empty: any).
-    pub allowed_cidrs: Vec<String>,
-    /// Its rate limit, if any.
-    pub rate_limit: Option<RateLimit>,
-}
-
 /// Per-account turns at the writer's queue (see [`MAX_QUEUED_PER_ACCOUNT`]);
 /// `None` is the admin token. An account's entry lives while it has changes
 /// in flight.
@@ -648,16 +524,6 @@ pub(crate) fn summarize(names: &[String]) -> String {
         let _ = write!(text, " and {} more", names.len() - SHOWN);
     }
     text
-}
-
-/// Live keys per account, keyed by the one shared copy of each account id.
-type AccountCounts = HashMap<Arc<str>, usize>;
-
-/// The shared copy of `account`'s id, or a new one for a new account.
-fn intern(accounts: &AccountCounts, account: &str) -> Arc<str> {
-    accounts
-        .get_key_value(account)
-        .map_or_else(|| Arc::from(account), |(a, _)| Arc::clone(a))
 }
 
 #[cfg(test)]

@@ -28,9 +28,10 @@ use std::time::{Duration, Instant};
 
 use tokio::runtime::{Handle, Runtime};
 
+use super::change::Change;
+use super::change::{KeyError, Principal};
+use super::shared::{Command, Shared, Synced};
 use super::stage::{Rules, Staged, View, Write};
-use super::writer::{Change, Command, Shared, Synced};
-use super::{KeyError, Principal};
 use crate::clock::now_nanos;
 use crate::domain::key::KeyId;
 use crate::metrics::Metrics;
@@ -662,7 +663,12 @@ async fn report(shared: Arc<Shared>, metrics: Arc<Metrics>) {
     let mut replication = shared.replication();
     loop {
         let state = *replication.borrow_and_update();
-        metrics.set_replication(&state, now_nanos());
+        metrics.set_replication(
+            state.synced_at,
+            state.connected,
+            state.revision,
+            now_nanos(),
+        );
         tokio::select! {
             changed = replication.changed() => if changed.is_err() { return },
             _ = ticks.tick() => {}

@@ -11,8 +11,8 @@
 
 use std::sync::Arc;
 
-use super::writer::{Change, Committed, Expiry, Rotation};
-use super::{KeyError, Lifecycle, Principal, StateChange};
+use super::change::{Change, Committed, Expiry, Rotation};
+use super::change::{KeyError, Lifecycle, Principal, StateChange};
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey};

@@ -1,6 +1,10 @@
 //! Durable truth on disk (sled), etcd for replicated mode, and the
-//! in-memory index that serves decisions.
+//! in-memory index that serves decisions. `record` is the one encoding
+//! both stores hold; `db` is sled; `etcd` is the etcd layout, client,
+//! paginated read and watch; `copy` moves a sled store into etcd (it uses
+//! both, neither uses it); `index` serves decisions.
 
+pub mod copy;
 pub mod db;
 pub mod etcd;
 pub mod index;
