@@ -48,6 +48,15 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         .await
         .context("migration stopped; keys already written stay, run it again to continue")?;
     progress.finish();
+    // Keys are walked through the store's account listing: a key missing
+    // from it would be silently left behind, so count against the keys.
+    let stored = store.len();
+    anyhow::ensure!(
+        migrated.written + migrated.present == stored,
+        "the store holds {stored} keys but its account listing led to {}: {} keys were not migrated (nothing in etcd is wrong; report this)",
+        migrated.written + migrated.present,
+        stored.saturating_sub(migrated.written + migrated.present)
+    );
     println!(
         "migrated {} keys to etcd under {}; {} were already there",
         migrated.written, args.etcd.etcd_prefix, migrated.present

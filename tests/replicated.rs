@@ -667,6 +667,24 @@ async fn a_first_read_of_many_pages_is_complete_and_restarts_when_compacted_unde
     await_log(&sidecar, "reading the key set from etcd, page by page").await;
     cluster.etcdctl(&["put", "/elsewhere", "bump"]);
     cluster.compact(0).await;
+    // During the second read, this sidecar changes keys itself: a create
+    // and a revocation, both after that read's revision. The pages (older)
+    // must not undo either.
+    let deadline = Instant::now() + CONVERGE;
+    while sidecar.log().matches("page by page").count() < 2 {
+        assert!(Instant::now() < deadline, "the read never started again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, created) = client
+        .create("another-account", &["mail.send"])
+        .await
+        .expect("create during the read");
+    let revoked = secrets.last().expect("a seeded key").clone();
+    let revoked_id = revoked.split('.').nth(1).expect("id").to_owned();
+    client
+        .delete(&revoked_id)
+        .await
+        .expect("revoke during the read");
     converge_status(&mut client, "keyward.v1.Authorizer", ServingStatus::Serving).await;
     let log = sidecar.log();
     assert!(
@@ -683,9 +701,17 @@ async fn a_first_read_of_many_pages_is_complete_and_restarts_when_compacted_unde
             .await
             .lines()
             .any(|l| l == "keyward_keys 12000"),
-        "exactly the key set"
+        "exactly the key set: 12,000 seeded, one created, one revoked"
     );
-    for secret in &secrets {
+    assert!(
+        client.allowed(&created, SEND.0, SEND.1).await,
+        "the create stands"
+    );
+    assert!(
+        !client.allowed(&revoked, SEND.0, SEND.1).await,
+        "the revocation stands"
+    );
+    for secret in &secrets[..secrets.len() - 1] {
         assert!(client.allowed(secret, SEND.0, SEND.1).await);
     }
     assert!(!client.allowed(&secrets[0], ALERTS.0, ALERTS.1).await);

@@ -128,10 +128,31 @@ struct Row {
     read_bytes: f64,
     p50: f64,
     p99: f64,
+    /// Each sidecar's time to ready when restarted on its replica, in turn.
+    restarts: Vec<Duration>,
+    /// Revocation on one sidecar until another denies: p50, p99 (ms).
+    propagation: (f64, f64),
+}
+
+/// Starts a replicated sidecar on `dir`: it, how long it took from spawn
+/// until ready, and how many bytes etcd sent meanwhile.
+async fn start_ready(etcd: &Etcd, dir: &Path) -> anyhow::Result<(Server, Duration, f64)> {
+    let before = etcd.sent_bytes()?;
+    let started = Instant::now();
+    let server = Server::start_listening(
+        Path::new(super::BIN),
+        dir,
+        None,
+        "127.0.0.1:0",
+        &["--etcd-endpoints", &etcd.url],
+    )?;
+    ready(&server).await?;
+    let took = started.elapsed();
+    Ok((server, took, etcd.sent_bytes()? - before))
 }
 
 /// Migrates the standalone store in `dir` (N keys) into a fresh etcd,
-/// then starts a replicated sidecar on it and measures it.
+/// then starts replicated sidecars on it and measures them.
 pub async fn measure(keys: usize, dir: &Path) -> anyhow::Result<()> {
     let etcd = Etcd::start()?;
     let started = Instant::now();
@@ -145,22 +166,11 @@ pub async fn measure(keys: usize, dir: &Path) -> anyhow::Result<()> {
     if !migrated.status.success() {
         bail!("migrate failed: {migrated:?}");
     }
-    let sidecar_dir = tempfile::tempdir()?;
-    let before = etcd.sent_bytes()?;
-    let started = Instant::now();
-    let server = Server::start_listening(
-        Path::new(super::BIN),
-        sidecar_dir.path(),
-        None,
-        "127.0.0.1:0",
-        &["--etcd-endpoints", &etcd.url],
-    )?;
-    ready(&server).await?;
-    let ready_in = started.elapsed();
-    let read_bytes = etcd.sent_bytes()? - before;
+    let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+    let (a, ready_in, read_bytes) = start_ready(&etcd, dirs[0].path()).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss = server.rss_bytes();
-    let key = server.create_key().await?;
+    let rss = a.rss_bytes();
+    let key = a.create_key().await?;
     let summary = run(
         &RunArgs {
             call: Call::Authorize,
@@ -175,10 +185,19 @@ pub async fn measure(keys: usize, dir: &Path) -> anyhow::Result<()> {
             json: None,
             expect_ok: true,
         },
-        &server.addr,
+        &a.addr,
         &key,
     )
     .await?;
+    let (b, _, _) = start_ready(&etcd, dirs[1].path()).await?;
+    let propagation = propagation(&a, &b, 100).await?;
+    // A rolling restart: each sidecar in turn, on its own replica.
+    let mut restarts = Vec::new();
+    for (server, dir) in [a, b].into_iter().zip(&dirs) {
+        drop(server);
+        let (_, took, _) = start_ready(&etcd, dir.path()).await?;
+        restarts.push(took);
+    }
     print(&Row {
         keys,
         migrate,
@@ -187,13 +206,72 @@ pub async fn measure(keys: usize, dir: &Path) -> anyhow::Result<()> {
         read_bytes,
         p50: summary.quantile_ms(0.5),
         p99: summary.quantile_ms(0.99),
+        restarts,
+        propagation,
     });
     Ok(())
 }
 
+/// Whether `secret` may send mail, asked of `asker`.
+async fn allowed(
+    asker: &mut keyward::pb::v1::authorizer_client::AuthorizerClient<tonic::transport::Channel>,
+    secret: &str,
+) -> anyhow::Result<bool> {
+    Ok(asker
+        .authorize(keyward::pb::v1::AuthorizeRequest {
+            key: secret.to_owned(),
+            method: "POST".into(),
+            path: "/v3/mail/send".into(),
+            client_ip: String::new(),
+        })
+        .await?
+        .into_inner()
+        .allowed)
+}
+
+/// `rounds` keys created on `a` and seen allowed on `b`, then deleted on
+/// `a`: from each delete's reply until `b` denies the key (p50, p99 ms).
+async fn propagation(a: &Server, b: &Server, rounds: usize) -> anyhow::Result<(f64, f64)> {
+    use keyward::pb::v1 as pb;
+    use keyward::pb::v1::authorizer_client::AuthorizerClient;
+    use keyward::pb::v1::key_manager_client::KeyManagerClient;
+    let mut manager = KeyManagerClient::new(channel(&a.addr).await?);
+    let mut asker = AuthorizerClient::new(channel(&b.addr).await?);
+    let mut took = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let (id, secret) = a.create_key_in("propagation", &["mail.send"]).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !allowed(&mut asker, &secret).await? {
+            if Instant::now() > deadline {
+                bail!("a new key never reached the other sidecar");
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        manager
+            .delete_key(a.as_admin(pb::DeleteKeyRequest { key_id: id })?)
+            .await?;
+        let deleted = Instant::now();
+        while allowed(&mut asker, &secret).await? {
+            if deleted.elapsed() > Duration::from_secs(30) {
+                bail!("a revocation never reached the other sidecar");
+            }
+        }
+        took.push(u64::try_from(deleted.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    Ok((
+        super::quantile_ms(&mut took, 0.5),
+        super::quantile_ms(&mut took, 0.99),
+    ))
+}
+
 fn print(row: &Row) {
+    let restarts: Vec<String> = row
+        .restarts
+        .iter()
+        .map(|d| format!("{:.2} s", d.as_secs_f64()))
+        .collect();
     println!(
-        "replicated (full) {:>9} keys: migrate {:>6.1} s ({:>7.0} keys/s), ready in {:>6.2} s, RSS {:>6.1} MiB, read from etcd {:>7.1} MB, Authorize p50 {:.3} ms p99 {:.3} ms (c=1)",
+        "replicated (full) {:>9} keys: migrate {:>6.1} s ({:>7.0} keys/s), ready in {:>6.2} s, RSS {:>6.1} MiB, read from etcd {:>7.1} MB, Authorize p50 {:.3} ms p99 {:.3} ms (c=1), revocation to another sidecar p50 {:.2} ms p99 {:.2} ms, rolling restart ready in {}",
         row.keys,
         row.migrate.as_secs_f64(),
         row.keys as f64 / row.migrate.as_secs_f64(),
@@ -201,6 +279,9 @@ fn print(row: &Row) {
         row.rss as f64 / 1_048_576.0,
         row.read_bytes / 1e6,
         row.p50,
-        row.p99
+        row.p99,
+        row.propagation.0,
+        row.propagation.1,
+        restarts.join(", ")
     );
 }

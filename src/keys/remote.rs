@@ -60,6 +60,9 @@ const PAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pages of a full read handed to the writer and not yet applied: the
 /// next page is fetched while one is applied, and no more are held.
 pub const PAGES_IN_FLIGHT: usize = 2;
+/// Times a failed page of a full read is asked for again before the read
+/// is given up (and started again once etcd answers).
+const PAGE_RETRIES: usize = 5;
 /// How often a full read in progress logs how far it has got.
 const READ_LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -414,9 +417,14 @@ impl Revisions {
     /// A full read as of `revision` replaces the replica; returns the keys
     /// changed here after it, whose newer state stays.
     pub fn reset(&mut self, revision: i64) -> HashSet<KeyId> {
-        self.floor = revision;
-        self.ahead.retain(|_, r| *r > revision);
+        self.advance(revision);
         self.ahead.keys().copied().collect()
+    }
+
+    /// The revision the replica holds everything through.
+    #[must_use]
+    pub fn floor(&self) -> i64 {
+        self.floor
     }
 }
 
@@ -460,9 +468,16 @@ async fn follow(reader: Reader, shared: Arc<Shared>) {
             }
             Err(EtcdError::Compacted(_)) => {
                 tracing::warn!(
+                    retry_ms = backoff.as_millis(),
                     "etcd compacted the revision of the full read in progress; reading everything again at a newer revision (the replica is not ready on a partial read)"
                 );
                 resume = None;
+                // Compaction that keeps outrunning the read: back off, so
+                // the retries do not add to etcd's load (keep etcd's
+                // history longer than a full read takes).
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF.1);
+                continue;
             }
             Err(error) => {
                 shared.lost();
@@ -505,7 +520,7 @@ async fn read_everything(reader: &Reader) -> Result<Option<i64>, EtcdError> {
     let started = Instant::now();
     let mut logged = started;
     let (mut keys, mut pages) = (0_usize, 0_usize);
-    while let Some(page) = listing.next_page().await? {
+    while let Some(page) = next_page(&mut listing).await? {
         let permit = Arc::clone(&reader.pages)
             .acquire_owned()
             .await
@@ -551,6 +566,25 @@ async fn read_everything(reader: &Reader) -> Result<Option<i64>, EtcdError> {
         key: "keys".into(),
         problem: "the full read ended without its last page".into(),
     })
+}
+
+/// The next page of `listing`, retrying a transient failure (a member
+/// lost, a leader election) a few times on the same listing: the pages
+/// already applied stay good, so the read goes on from where it was.
+async fn next_page(listing: &mut Listing) -> Result<Option<Page>, EtcdError> {
+    let mut backoff = BACKOFF.0;
+    let mut tries = 0;
+    loop {
+        match listing.next_page().await {
+            Err(error) if error.is_transient() && tries < PAGE_RETRIES => {
+                tries += 1;
+                tracing::debug!(%error, tries, "a page of the full read failed; asking again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF.1);
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 async fn follow_once(

@@ -150,6 +150,14 @@ impl Writer {
                     "it is a replica of etcd (it was started with --etcd-endpoints): start it with --etcd-endpoints again, or use another data directory",
                 ));
             }
+            (Some(_), None) => {
+                // Marked before any key is written: a first read killed
+                // half-way leaves a replica that never synced (it reads
+                // again at the next start), not what looks like a
+                // standalone store.
+                store.set_replica(0, 0)?;
+                store.flush()?;
+            }
             _ => {}
         }
         let remote = remote.map(|mut remote| {
@@ -507,6 +515,10 @@ impl Writer {
         let Some(through) = changes.iter().filter_map(Watched::revision).max() else {
             return;
         };
+        // The watch resumed without completing a full read: that read is
+        // abandoned (its pages stand, each a key's state at one revision,
+        // and the watch brings every later change).
+        self.rebuild = None;
         let store = self.store.clone();
         let mut index = Vec::with_capacity(changes.len());
         let mut failure = None;
@@ -556,6 +568,17 @@ impl Writer {
             self.rebuild = None;
             return Ok(());
         };
+        let behind = self
+            .remote
+            .as_ref()
+            .is_some_and(|remote| page.revision < remote.replica.floor());
+        if page.first && behind {
+            // A read older than what the replica already holds (queued
+            // behind a re-read on recovery): applying it would roll keys
+            // back.
+            self.rebuild = None;
+            return Ok(());
+        }
         if page.first {
             self.rebuild = Some(Rebuild {
                 revision: page.revision,

@@ -895,9 +895,11 @@ pub struct Migrated {
 }
 
 impl Etcd {
-    /// Writes `records` (grouped by account) in one transaction, adding
-    /// each account's new keys to its count, if none of the keys is there
-    /// yet and no count moved since it was read. Otherwise (a rerun finds
+    /// Writes `records` (grouped by account: each account's records next to
+    /// each other, else etcd refuses the duplicate count key) in one
+    /// transaction, adding each account's new keys to its count, if none
+    /// of the keys is there yet and no count moved since it was read.
+    /// Otherwise (a rerun finds
     /// keys already there, or a sidecar changed a count meanwhile) each key
     /// goes on its own ([`Self::put_new`]), so the outcome is the same.
     pub async fn put_batch(&self, records: &[KeyRecord]) -> Result<Migrated, EtcdError> {
