@@ -21,6 +21,7 @@
 //! directory again clears it; the writer does exactly that.
 
 use std::path::Path;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -195,11 +196,27 @@ impl Store {
         // No periodic background flush: the key writer flushes every batch
         // it acknowledges, so a change becomes durable only through that
         // flush, never half-way through a batch that then fails.
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        // sled's background threads let go of the directory lock a moment
+        // after the last handle is dropped: a reopen in the same process
+        // (recovery after a disk failure, a restart in tests) waits that
+        // moment out instead of failing.
+        let mut waited = Duration::ZERO;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(error))
+                    if error.to_string().contains("could not acquire lock")
+                        && waited < LOCK_WAIT =>
+                {
+                    std::thread::sleep(LOCK_RETRY);
+                    waited += LOCK_RETRY;
+                }
+                opened => break opened?,
+            }
+        };
         let log = std::fs::File::open(dir.join(SLED_LOG_FILE)).map_err(sled::Error::Io)?;
         Ok(Self {
             keys: db.open_tree("keys")?,
@@ -495,6 +512,11 @@ impl Store {
         Ok(())
     }
 }
+
+/// Longest a reopen waits for sled's lock on the directory.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// Pause between attempts to take it.
+const LOCK_RETRY: Duration = Duration::from_millis(10);
 
 /// Prefix of the replica's per-key revision notes.
 const AHEAD: &[u8] = b"ahead/";
