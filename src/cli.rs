@@ -185,11 +185,15 @@ pub enum KeysCommand {
     /// Show one key.
     Get {
         /// The key id (22 characters).
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
     },
     /// Replace a key's name and scopes (PUT).
     Update {
         /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
         /// The new name.
         #[arg(long)]
@@ -204,6 +208,8 @@ pub enum KeysCommand {
     /// Change a key's name only (PATCH).
     Rename {
         /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
         /// The new name.
         #[arg(long)]
@@ -212,12 +218,16 @@ pub enum KeysCommand {
     /// Revoke a key.
     Delete {
         /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
     },
     /// Issue a new secret for a key (same id, scopes and name), shown once;
     /// the previous secret keeps working for `--overlap`.
     Rotate {
         /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
         /// How long the previous secret keeps working, e.g. `24h` (0: not at all).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
@@ -226,6 +236,8 @@ pub enum KeysCommand {
     /// Replace the address ranges a key may be used from.
     Allow {
         /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
         /// An address range (repeatable).
         #[arg(long = "cidr", required_unless_present = "any", conflicts_with = "any")]
@@ -238,6 +250,8 @@ pub enum KeysCommand {
     /// remove it (`--none`).
     Limit {
         /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
         /// Requests per period, e.g. `100/s`.
         #[arg(long, value_parser = parse_rate, required_unless_present = "none", conflicts_with = "none")]
@@ -252,16 +266,22 @@ pub enum KeysCommand {
     /// Disable a key: every decision denies it until `enable`.
     Disable {
         /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
     },
     /// Enable a disabled key.
     Enable {
         /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
     },
     /// Set when a key expires (`--in 30d`), or clear it (`--never`).
     Expire {
         /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
         key_id: String,
         /// Expire this long from now.
         #[arg(long = "in", value_parser = humantime::parse_duration, conflicts_with = "never", required_unless_present = "never")]

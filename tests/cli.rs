@@ -483,3 +483,27 @@ fn json_output_for_scripts() {
     assert_eq!(json(&["delete", &id])["revoked"], id.as_str());
     serve.terminate();
 }
+
+#[test]
+fn a_key_id_that_starts_with_a_hyphen_is_an_id_not_a_flag() {
+    // Key ids are base64url: one in 64 starts with "-" (CI found one).
+    let dir = tempfile::tempdir().expect("tempdir");
+    for command in ["get", "disable", "enable", "delete"] {
+        let output = Command::new(BIN)
+            .args(["keys", "--server", "http://127.0.0.1:9", "--token", "x"])
+            .args([command, "-sAAAAAAAAAAAAAAAAAAAAA"])
+            .current_dir(dir.path())
+            .output()
+            .expect("keyward keys runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !stderr.contains("unexpected argument"),
+            "{command}: {stderr}"
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(5),
+            "{command}: unreachable, {stderr}"
+        );
+    }
+}
