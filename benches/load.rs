@@ -1172,7 +1172,8 @@ mod envoy_bench {
         }
     }
 
-    fn free_port() -> anyhow::Result<u16> {
+    /// A free loopback port, for a child process that needs one named.
+    pub(super) fn free_port() -> anyhow::Result<u16> {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port())
