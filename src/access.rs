@@ -52,7 +52,7 @@ impl Access {
     /// The caller behind an `Authorization` header value (`None`: absent;
     /// `Err` inside: not ASCII), calling from `client`: a key's allowlist
     /// binds its management calls as it binds its decisions.
-    pub fn principal(
+    pub async fn principal(
         &self,
         header: Option<Result<&str, ()>>,
         client: Option<std::net::IpAddr>,
@@ -69,7 +69,11 @@ impl Access {
         if SecretHash::of(credential.as_bytes()).matches(&self.admin) {
             return Ok(Principal::Admin);
         }
-        match self.authorizer.authenticate(credential, client) {
+        match self
+            .authorizer
+            .authenticate_fetching(credential, client)
+            .await
+        {
             Ok(verified) => Ok(Principal::Key {
                 id: verified.id,
                 account: verified.account,
@@ -77,6 +81,9 @@ impl Access {
             }),
             Err(failure) if failure.reason == DenyReason::IpNotAllowed => Err(Unauthenticated(
                 "this API key may not be used from this address (its allowlist)",
+            )),
+            Err(failure) if failure.reason == DenyReason::KeyUnverifiable => Err(Unauthenticated(
+                "this API key cannot be verified right now (etcd unreachable); retry later",
             )),
             Err(failure) => {
                 match (failure.wrong_secret, failure.key_id, failure.reason) {

@@ -9,20 +9,119 @@ use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::path::canonical_path;
 use crate::domain::route::{Method, RouteMiss, RouteTable};
+use crate::keys::demand::{Lookup, OnDemand};
 use crate::store::index::{Entry, Index, Rejected, Verified};
 
+/// Fetches of one first sight a decision makes (see
+/// [`Authorizer::decide_fetching`]).
+const FIRST_SIGHT_ATTEMPTS: usize = 2;
+
 /// Decides requests. Synchronous, allocation-free, never touches disk.
+/// On an on-demand replica, a key the index does not hold is fetched
+/// first ([`Self::decide_fetching`]); every other decision is the same.
 #[derive(Debug, Clone)]
 pub struct Authorizer {
     index: Arc<Index>,
     routes: Arc<RouteTable>,
+    demand: Option<Arc<OnDemand>>,
 }
 
 impl Authorizer {
     /// An authorizer over the live index and a compiled route table.
     #[must_use]
     pub fn new(index: Arc<Index>, routes: Arc<RouteTable>) -> Self {
-        Self { index, routes }
+        Self {
+            index,
+            routes,
+            demand: None,
+        }
+    }
+
+    /// The same, over an on-demand replica's index: keys it does not hold
+    /// are fetched through `demand` at their first sight.
+    #[must_use]
+    pub fn with_on_demand(mut self, demand: Option<Arc<OnDemand>>) -> Self {
+        self.demand = demand;
+        self
+    }
+
+    /// [`Self::decide`], fetching the key first if this is an on-demand
+    /// replica that does not hold it. A held key (every key of a full
+    /// replica) is decided with no await: the same path as `decide`.
+    pub async fn decide_fetching(
+        &self,
+        credential: &str,
+        client: Option<IpAddr>,
+        method: Option<Method>,
+        path: &str,
+    ) -> Decision {
+        let mut decision = self.decide(credential, client, method, path);
+        // Twice at most: a key fetched can be evicted again before it is
+        // read only when the held set churns faster than a fetch.
+        for _ in 0..FIRST_SIGHT_ATTEMPTS {
+            let Some((demand, id)) =
+                self.first_sight(decision.deny, decision.wrong_secret, decision.key_id)
+            else {
+                return decision;
+            };
+            match demand.lookup(id).await {
+                Lookup::Held => decision = self.decide(credential, client, method, path),
+                Lookup::Absent => return decision,
+                Lookup::Unverifiable => break,
+            }
+        }
+        match self.first_sight(decision.deny, decision.wrong_secret, decision.key_id) {
+            Some((_, id)) => AuthFailure::new(DenyReason::KeyUnverifiable, Some(id)).decision(),
+            None => decision,
+        }
+    }
+
+    /// [`Self::authenticate`], fetching the key first as
+    /// [`Self::decide_fetching`] does.
+    pub async fn authenticate_fetching(
+        &self,
+        credential: &str,
+        client: Option<IpAddr>,
+    ) -> Result<Verified, AuthFailure> {
+        let mut verified = self.authenticate(credential, client);
+        for _ in 0..FIRST_SIGHT_ATTEMPTS {
+            let Some((demand, id)) = self.first_sight_of(&verified) else {
+                return verified;
+            };
+            match demand.lookup(id).await {
+                Lookup::Held => verified = self.authenticate(credential, client),
+                Lookup::Absent => return verified,
+                Lookup::Unverifiable => break,
+            }
+        }
+        match self.first_sight_of(&verified) {
+            Some((_, id)) => Err(AuthFailure::new(DenyReason::KeyUnverifiable, Some(id))),
+            None => verified,
+        }
+    }
+
+    fn first_sight_of(
+        &self,
+        verified: &Result<Verified, AuthFailure>,
+    ) -> Option<(&OnDemand, KeyId)> {
+        let failure = verified.as_ref().err()?;
+        self.first_sight(Some(failure.reason), failure.wrong_secret, failure.key_id)
+    }
+
+    /// A well-formed key id the index does not hold, on an on-demand
+    /// replica (a wrong secret for a held key is not a first sight).
+    fn first_sight(
+        &self,
+        deny: Option<DenyReason>,
+        wrong_secret: bool,
+        id: Option<KeyId>,
+    ) -> Option<(&OnDemand, KeyId)> {
+        match (&self.demand, deny, id) {
+            (Some(demand), Some(DenyReason::UnknownKey), Some(id)) if !wrong_secret => {
+                Some((demand, id))
+            }
+            _ => None,
+        }
     }
 
     /// Verifies a credential as an API key, for a caller at `client`:

@@ -255,6 +255,35 @@ pub struct ServeConfig {
     /// however long etcd is away (see README, "etcd away").
     #[arg(long, env = "KEYWARD_MAX_STALENESS", default_value = "0s", value_parser = humantime::parse_duration)]
     pub max_staleness: std::time::Duration,
+
+    /// Replicated mode: `full` holds every key in memory and on disk (ready
+    /// once it has read them all); `on-demand` holds only the keys callers
+    /// present, fetched from etcd at their first sight (ready at once,
+    /// memory follows the working set). See README, "Replica modes".
+    #[arg(long, env = "KEYWARD_REPLICA_MODE", value_enum, default_value_t = ReplicaMode::Full)]
+    pub replica_mode: ReplicaMode,
+
+    /// On-demand replica: the most keys held in memory; past it the least
+    /// used are evicted (and fetched again when presented).
+    #[arg(long, env = "KEYWARD_REPLICA_CACHE_KEYS", default_value_t = crate::keys::demand::DEFAULT_CACHE_KEYS,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub replica_cache_keys: u64,
+
+    /// On-demand replica: the most etcd reads a second for keys seen for
+    /// the first time (burst the same). Past it a new key is refused as
+    /// unverifiable: a flood of made-up key ids costs etcd at most this.
+    #[arg(long, env = "KEYWARD_REPLICA_FETCH_RATE", default_value_t = crate::keys::demand::DEFAULT_FETCH_RATE,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub replica_fetch_rate: u32,
+}
+
+/// How much of etcd's key set a replicated sidecar holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplicaMode {
+    /// Every key, in memory and in the data directory.
+    Full,
+    /// The keys presented, in memory, fetched at their first sight.
+    OnDemand,
 }
 
 impl ServeConfig {
@@ -297,6 +326,9 @@ impl ServeConfig {
                 ..EtcdArgs::default()
             },
             max_staleness: std::time::Duration::ZERO,
+            replica_mode: ReplicaMode::Full,
+            replica_cache_keys: crate::keys::demand::DEFAULT_CACHE_KEYS,
+            replica_fetch_rate: crate::keys::demand::DEFAULT_FETCH_RATE,
         }
     }
 }

@@ -52,7 +52,7 @@ impl CheckService {
 
     /// Decides a `CheckRequest`; `Err` for a request that is not an HTTP
     /// request keyward can decide (validated as `Authorize` validates).
-    fn decide(&self, request: &CheckRequest) -> Result<Decision, InvalidRequest> {
+    async fn decide(&self, request: &CheckRequest) -> Result<Decision, InvalidRequest> {
         let http = request
             .attributes
             .as_ref()
@@ -84,7 +84,8 @@ impl CheckService {
             .unwrap_or_default();
         Ok(self
             .front
-            .decide(credential, source_address(request), method, path))
+            .decide(credential, source_address(request), method, path)
+            .await)
     }
 }
 
@@ -94,7 +95,7 @@ impl Authorization for CheckService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let response = match self.decide(request.get_ref()) {
+        let response = match self.decide(request.get_ref()).await {
             Ok(decision) if decision.allowed() => allow(&decision),
             Ok(decision) => deny(&decision, self.front.catalog()),
             Err(invalid) => {
@@ -200,6 +201,11 @@ fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
                 reason.message().to_owned(),
             )
         }
+        DenyReason::KeyUnverifiable => (
+            Status::unavailable(reason.label()),
+            HttpStatusCode::ServiceUnavailable,
+            reason.message().to_owned(),
+        ),
         DenyReason::UnknownRoute | DenyReason::AmbiguousPath | DenyReason::IpNotAllowed => (
             Status::permission_denied(reason.label()),
             HttpStatusCode::Forbidden,

@@ -116,9 +116,9 @@ impl FrontDoor {
     }
 
     /// Decides one request and records it (a wrong secret for a live key
-    /// id also feeds guessing detection; the reply is never delayed).
-    #[must_use]
-    pub fn decide(
+    /// id also feeds guessing detection; the reply is never delayed). On
+    /// an on-demand replica, a key it does not hold is fetched first.
+    pub async fn decide(
         &self,
         credential: &str,
         client: Option<std::net::IpAddr>,
@@ -127,11 +127,16 @@ impl FrontDoor {
     ) -> Decision {
         let decision = if sample_this_decision() {
             let started = Instant::now();
-            let decision = self.authorizer.decide(credential, client, method, path);
+            let decision = self
+                .authorizer
+                .decide_fetching(credential, client, method, path)
+                .await;
             self.metrics.decision_duration(started.elapsed());
             decision
         } else {
-            self.authorizer.decide(credential, client, method, path)
+            self.authorizer
+                .decide_fetching(credential, client, method, path)
+                .await
         };
         self.metrics.decision(self.source, &decision);
         if let (true, Some(id)) = (decision.wrong_secret, decision.key_id) {

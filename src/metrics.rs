@@ -33,7 +33,7 @@ pub enum Source {
     Check = 1,
 }
 
-const REASONS: [Option<DenyReason>; 11] = [
+const REASONS: [Option<DenyReason>; 12] = [
     None,
     Some(DenyReason::MissingKey),
     Some(DenyReason::MalformedKey),
@@ -45,6 +45,7 @@ const REASONS: [Option<DenyReason>; 11] = [
     Some(DenyReason::KeyDisabled),
     Some(DenyReason::IpNotAllowed),
     Some(DenyReason::RateLimited),
+    Some(DenyReason::KeyUnverifiable),
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,6 +67,11 @@ struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     operation: &'static str,
 }
@@ -82,9 +88,7 @@ pub struct Metrics {
     store_errors: Counter,
     store_healthy: Gauge,
     guessing_detected: Counter,
-    replica_staleness: Gauge<f64, AtomicU64>,
-    replica_connected: Gauge,
-    replica_revision: Gauge,
+    replica: ReplicaMetrics,
     listeners: ListenerFamilies,
 }
 
@@ -196,24 +200,7 @@ impl Metrics {
             "Key ids (or the admin token) that crossed --failed-auth-limit wrong credentials in a minute",
             Counter::default(),
         );
-        let replica_staleness = registered(
-            &mut registry,
-            "replica_staleness_seconds",
-            "Replicated mode: seconds since the local replica was last known to hold everything etcd has (about 1 while connected; grows while etcd is away)",
-            Gauge::<f64, AtomicU64>::default(),
-        );
-        let replica_connected = registered(
-            &mut registry,
-            "replica_connected",
-            "Replicated mode: 1 while the watch on etcd is up",
-            Gauge::default(),
-        );
-        let replica_revision = registered(
-            &mut registry,
-            "replica_revision",
-            "Replicated mode: the etcd revision the local replica holds everything through",
-            Gauge::default(),
-        );
+        let replica = ReplicaMetrics::register(&mut registry);
         let listeners = ListenerFamilies::register(&mut registry);
         registry.register_collector(Box::new(DroppedLogLines));
         Self {
@@ -226,10 +213,20 @@ impl Metrics {
             store_errors,
             store_healthy,
             guessing_detected,
-            replica_staleness,
-            replica_connected,
-            replica_revision,
+            replica,
             listeners,
+        }
+    }
+
+    /// Counts a first sight on an on-demand replica, and times it when it
+    /// read etcd and got an answer.
+    pub fn first_sight(&self, outcome: &'static str, took: Option<Duration>) {
+        self.replica
+            .first_sights
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        if let Some(took) = took {
+            self.replica.first_sight_seconds.observe(took.as_secs_f64());
         }
     }
 
@@ -304,13 +301,13 @@ impl Metrics {
     pub fn set_replication(&self, synced_at: i64, connected: bool, revision: i64, now: i64) {
         #[allow(clippy::cast_precision_loss, reason = "seconds for a dashboard")]
         let staleness = now.saturating_sub(synced_at).max(0) as f64 / 1e9;
-        self.replica_staleness.set(if synced_at == 0 {
+        self.replica.staleness.set(if synced_at == 0 {
             f64::INFINITY
         } else {
             staleness
         });
-        self.replica_connected.set(i64::from(connected));
-        self.replica_revision.set(revision);
+        self.replica.connected.set(i64::from(connected));
+        self.replica.revision.set(revision);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -437,4 +434,56 @@ fn respond(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Byte
             .insert(hyper::header::CONTENT_TYPE, value);
     }
     response
+}
+
+/// Replicated mode's metrics.
+#[derive(Debug)]
+struct ReplicaMetrics {
+    staleness: Gauge<f64, AtomicU64>,
+    connected: Gauge,
+    revision: Gauge,
+    first_sights: Family<OutcomeLabels, Counter>,
+    first_sight_seconds: Histogram,
+}
+
+impl ReplicaMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let replica_staleness = registered(
+            registry,
+            "replica_staleness_seconds",
+            "Replicated mode: seconds since the local replica was last known to hold everything etcd has (about 1 while connected; grows while etcd is away)",
+            Gauge::<f64, AtomicU64>::default(),
+        );
+        let replica_connected = registered(
+            registry,
+            "replica_connected",
+            "Replicated mode: 1 while the watch on etcd is up",
+            Gauge::default(),
+        );
+        let replica_revision = registered(
+            registry,
+            "replica_revision",
+            "Replicated mode: the etcd revision the local replica holds everything through",
+            Gauge::default(),
+        );
+        let first_sights = registered(
+            registry,
+            "replica_first_sights",
+            "On-demand replica: keys presented that the replica did not hold, by outcome (held: fetched from etcd; absent: etcd has none; absent_remembered: known absent, no etcd read; over_rate: refused, first sights over --replica-fetch-rate; etcd_unreachable: refused, etcd did not answer; kept_changing: refused, the key changed under every fetch)",
+            Family::<OutcomeLabels, Counter>::default(),
+        );
+        let first_sight_seconds = registered(
+            registry,
+            "replica_first_sight_duration_seconds",
+            "On-demand replica: time from a first sight to the key held (or known absent), etcd read included",
+            Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
+        );
+        Self {
+            staleness: replica_staleness,
+            connected: replica_connected,
+            revision: replica_revision,
+            first_sights,
+            first_sight_seconds,
+        }
+    }
 }

@@ -105,7 +105,10 @@ async fn authenticated(
     next: axum::middleware::Next,
 ) -> Response {
     let (mut parts, body) = request.into_parts();
-    let principal = match rest.principal(&parts.headers, peer(&parts.extensions)) {
+    let principal = match rest
+        .principal(&parts.headers, peer(&parts.extensions))
+        .await
+    {
         Ok(principal) => principal,
         Err(problem) => return problem.into_response(),
     };
@@ -315,7 +318,7 @@ impl Rest {
     }
 
     /// The caller, from `Authorization` and its address.
-    fn principal(
+    async fn principal(
         &self,
         headers: &HeaderMap,
         client: Option<std::net::IpAddr>,
@@ -323,7 +326,7 @@ impl Rest {
         let header = headers
             .get(axum::http::header::AUTHORIZATION)
             .map(|v| v.to_str().map_err(|_| ()));
-        Ok(self.access.principal(header, client)?)
+        Ok(self.access.principal(header, client).await?)
     }
 
     /// The account to act in: the admin names it with `on-behalf-of`; a

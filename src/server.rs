@@ -193,6 +193,12 @@ impl App {
                     .etcd
                     .connection()
                     .map_err(|(path, source)| ServerError::Io { path, source })?,
+                on_demand: (config.replica_mode == crate::config::ReplicaMode::OnDemand).then_some(
+                    crate::keys::demand::Demand {
+                        cache_keys: config.replica_cache_keys,
+                        fetch_rate: config.replica_fetch_rate,
+                    },
+                ),
             },
             Arc::clone(&metrics),
         )?;
@@ -211,8 +217,8 @@ impl App {
             metrics.guessing_detected(),
         );
         Ok(Self {
+            authorizer: Authorizer::new(index, routes).with_on_demand(keys.on_demand()),
             keys: Arc::new(keys),
-            authorizer: Authorizer::new(index, routes),
             catalog,
             metrics,
             guard: Arc::new(guard),

@@ -338,7 +338,7 @@ async fn a_paged_read_is_exactly_the_key_set_at_the_first_pages_revision() {
     };
     let etcd = Etcd::connect(&[etcd_server.endpoint(0)], DEFAULT_PREFIX).expect("url");
     let written = records(1_234, 7, 1);
-    put_all(&etcd, &written, 60).await;
+    put_all(&etcd, &written, 40).await;
     for account in 0..7 {
         let path = etcd.account_path(&format!("account-{account}"));
         let expected = written
@@ -451,7 +451,7 @@ async fn pages_over_the_reply_limit_are_read_again_smaller() {
     // reply limit in one page, and four times the 4 MiB that used to stop
     // a first read.
     let written = records(1_700, 17, 256);
-    put_all(&etcd, &written, 90).await;
+    put_all(&etcd, &written, 40).await;
     let mut listing = etcd.list(10_000);
     let mut ids = Vec::new();
     while let Some(page) = listing.next_page().await.expect("a smaller page answers") {

@@ -21,6 +21,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_keyward");
 /// (the measured figures are far below; this only bounds a hang).
 const CONVERGE: Duration = Duration::from_secs(20);
 
+/// Flags of an on-demand replica.
+const ON_DEMAND: &[&str] = &["--replica-mode", "on-demand"];
+
 /// One test at a time: each runs an etcd cluster and several sidecars, and
 /// two at once on two cores measure the machine, not keyward.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -85,6 +88,22 @@ impl Client {
             .await?
             .into_inner();
         Ok((reply.key.expect("key").key_id, reply.secret))
+    }
+
+    /// Replaces a key's scopes (and names it "narrowed").
+    async fn narrow(&mut self, id: &str, scopes: &[&str]) -> Result<(), tonic::Status> {
+        self.manager
+            .update_key(bearer(
+                &self.admin,
+                pb::UpdateKeyRequest {
+                    key_id: id.into(),
+                    name: "narrowed".into(),
+                    scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(|_| ())
     }
 
     async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
@@ -199,11 +218,20 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_sidecars_share_one_key_set_and_revocations_propagate_fast() {
+    propagation(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_sidecars_share_one_key_set_and_revocations_propagate_fast_on_demand() {
+    propagation(ON_DEMAND).await;
+}
+
+async fn propagation(mode: &[&str]) {
     let _serial = SERIAL.lock().await;
     let Some(cluster) = Cluster::start(3).await else {
         return;
     };
-    let (_sidecars, mut c) = three_sidecars(&cluster, &[]).await;
+    let (_sidecars, mut c) = three_sidecars(&cluster, mode).await;
 
     // Created on A: authorizes on B and C.
     let (id, key) = c[0]
@@ -220,19 +248,7 @@ async fn three_sidecars_share_one_key_set_and_revocations_propagate_fast() {
     }
 
     // Narrowed on B: loses the scope on A and C.
-    let admin = c[1].admin.clone();
-    c[1].manager
-        .update_key(bearer(
-            &admin,
-            pb::UpdateKeyRequest {
-                key_id: id.clone(),
-                name: "narrowed".into(),
-                scopes: vec!["mail.send".into()],
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("narrow on B");
+    c[1].narrow(&id, &["mail.send"]).await.expect("narrow on B");
     assert!(!c[1].allowed(&key, ALERTS.0, ALERTS.1).await);
     for i in [0, 2] {
         converge(&mut c[i], &key, ALERTS, false).await;
@@ -270,17 +286,7 @@ async fn three_sidecars_share_one_key_set_and_revocations_propagate_fast() {
             let key = key.clone();
             waits.push(tokio::spawn(async move {
                 loop {
-                    let allowed = authorizer
-                        .authorize(pb::AuthorizeRequest {
-                            key: key.clone(),
-                            method: SEND.0.into(),
-                            path: SEND.1.into(),
-                            client_ip: String::new(),
-                        })
-                        .await
-                        .expect("authorize")
-                        .into_inner()
-                        .allowed;
+                    let allowed = ask(&mut authorizer, &key, SEND).await.allowed;
                     if !allowed {
                         return acked.elapsed();
                     }
@@ -311,11 +317,24 @@ async fn three_sidecars_share_one_key_set_and_revocations_propagate_fast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_account_limit_holds_across_sidecars() {
+    account_limit(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_account_limit_holds_across_sidecars_on_demand() {
+    account_limit(ON_DEMAND).await;
+}
+
+async fn account_limit(mode: &[&str]) {
     let _serial = SERIAL.lock().await;
     let Some(cluster) = Cluster::start(3).await else {
         return;
     };
-    let (_sidecars, c) = three_sidecars(&cluster, &["--max-keys-per-account", "20"]).await;
+    let (_sidecars, c) = three_sidecars(
+        &cluster,
+        &[mode, &["--max-keys-per-account", "20"]].concat(),
+    )
+    .await;
     let mut creates = Vec::new();
     for client in &c {
         for _ in 0..15 {
@@ -360,6 +379,15 @@ async fn the_account_limit_holds_across_sidecars() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn member_and_quorum_loss() {
+    member_and_quorum(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn member_and_quorum_loss_on_demand() {
+    member_and_quorum(ON_DEMAND).await;
+}
+
+async fn member_and_quorum(mode: &[&str]) {
     let _serial = SERIAL.lock().await;
     let Some(mut cluster) = Cluster::start(3).await else {
         return;
@@ -367,11 +395,18 @@ async fn member_and_quorum_loss() {
     // Writes may wait out a leader election (about a second here).
     let (sidecars, mut c) = three_sidecars(
         &cluster,
-        &["--store-timeout-ms", "5000", "--request-timeout-ms", "8000"],
+        &[
+            mode,
+            &["--store-timeout-ms", "5000", "--request-timeout-ms", "8000"],
+        ]
+        .concat(),
     )
     .await;
     let (_, before) = c[0].create("acme", &["mail.send"]).await.expect("create");
-    converge(&mut c[2], &before, SEND, true).await;
+    // Seen everywhere (an on-demand replica holds it from then on).
+    for client in &mut c {
+        converge(client, &before, SEND, true).await;
+    }
 
     // One member down: writes and decisions continue.
     cluster.kill(0);
@@ -548,6 +583,15 @@ async fn a_sidecar_restarted_during_an_outage_resumes_its_watch_or_reads_everyth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn compaction_past_a_disconnected_sidecar_makes_it_read_everything_again() {
+    compaction_past_a_disconnected_sidecar(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compaction_past_a_disconnected_sidecar_makes_it_read_everything_again_on_demand() {
+    compaction_past_a_disconnected_sidecar(ON_DEMAND).await;
+}
+
+async fn compaction_past_a_disconnected_sidecar(mode: &[&str]) {
     let _serial = SERIAL.lock().await;
     let Some(mut cluster) = Cluster::start(3).await else {
         return;
@@ -558,11 +602,12 @@ async fn compaction_past_a_disconnected_sidecar_makes_it_read_everything_again()
         &cluster.endpoints(),
         &["--store-timeout-ms", "5000", "--request-timeout-ms", "8000"],
     );
-    let c_sidecar = Sidecar::start(BIN, &cluster.endpoint(2), &[]);
+    let c_sidecar = Sidecar::start(BIN, &cluster.endpoint(2), mode);
     let (mut ca, mut cc) = (Client::of(&a).await, Client::of(&c_sidecar).await);
     let (doomed_id, doomed) = ca.create("acme", &["mail.send"]).await.expect("create");
     let (_, kept) = ca.create("acme", &["mail.send"]).await.expect("create");
     converge(&mut cc, &doomed, SEND, true).await;
+    converge(&mut cc, &kept, SEND, true).await;
 
     // C loses its only member; meanwhile the key is revoked and the
     // history compacted past C's revision.
@@ -647,7 +692,9 @@ async fn seed(cluster: &Cluster, n: usize) -> Vec<String> {
         .collect();
     records.sort_by(|a, b| a.account.cmp(&b.account));
     let etcd = cluster.client();
-    for chunk in records.chunks(100) {
+    // Two puts a key (its record, its listing entry) and one an account:
+    // within etcd's 128 operations a transaction.
+    for chunk in records.chunks(40) {
         etcd.put_batch(chunk).await.expect("seed");
     }
     secrets
@@ -923,4 +970,268 @@ async fn etcd_with_a_user_and_password() {
         cc.status("keyward.v1.Authorizer").await,
         ServingStatus::NotServing
     );
+}
+
+/// The value of the (integer) metric line starting with `name` (0 when
+/// absent).
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// etcd reads an on-demand replica made for first sights.
+fn first_sight_reads(metrics: &str) -> u64 {
+    ["held", "absent", "etcd_unreachable", "kept_changing"]
+        .iter()
+        .map(|outcome| {
+            metric(
+                metrics,
+                &format!("keyward_replica_first_sights_total{{outcome=\"{outcome}\"}}"),
+            )
+        })
+        .sum()
+}
+
+/// Asks `authorizer` about `key` for `request`.
+async fn ask(
+    authorizer: &mut AuthorizerClient<Channel>,
+    key: &str,
+    request: (&str, &str),
+) -> pb::AuthorizeResponse {
+    authorizer
+        .authorize(pb::AuthorizeRequest {
+            key: key.to_owned(),
+            method: request.0.into(),
+            path: request.1.into(),
+            client_ip: String::new(),
+        })
+        .await
+        .expect("authorize replies")
+        .into_inner()
+}
+
+/// Why `key` was refused here (`Unspecified` when allowed).
+async fn reason(client: &mut Client, key: &str) -> pb::DenyReason {
+    let reply = ask(&mut client.authorizer, key, SEND).await;
+    pb::DenyReason::try_from(reply.reason).expect("a reason")
+}
+
+/// A well-formed key that was never issued.
+fn made_up_key() -> String {
+    keyward::domain::key::generate().expect("rng").text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_on_demand_replica_fetches_at_first_sight_and_holds_only_its_working_set() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let seeded = seed(&cluster, 2_000).await;
+    let a = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let b = Sidecar::start(
+        BIN,
+        &cluster.endpoints(),
+        &[ON_DEMAND, &["--replica-cache-keys", "3"]].concat(),
+    );
+    let (mut ca, mut cb) = (Client::of(&a).await, Client::of(&b).await);
+    // Ready without reading the key set.
+    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    await_log(&b, "on-demand replica following etcd").await;
+    assert!(!b.log().contains("reading the key set"), "no full read");
+    assert_eq!(metric(&scrape(&b).await, "keyward_keys "), 0);
+
+    // First sight: fetched once; then decided from memory.
+    assert!(cb.allowed(&seeded[0], SEND.0, SEND.1).await, "first sight");
+    for _ in 0..10 {
+        assert!(cb.allowed(&seeded[0], SEND.0, SEND.1).await, "a hit");
+    }
+    let wrong = {
+        let mut wrong = seeded[0].clone().into_bytes();
+        let at = wrong.len() - 10;
+        wrong[at] = if wrong[at] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(wrong).expect("ascii")
+    };
+    assert_eq!(reason(&mut cb, &wrong).await, pb::DenyReason::UnknownKey);
+    let metrics = scrape(&b).await;
+    assert_eq!(first_sight_reads(&metrics), 1, "one etcd read:\n{metrics}");
+    assert_eq!(metric(&metrics, "keyward_keys "), 1);
+
+    // Over --replica-cache-keys, keys are evicted; an evicted key is
+    // fetched again when presented.
+    for key in &seeded {
+        assert!(cb.allowed(key, SEND.0, SEND.1).await);
+    }
+    converge_metric(&b, "keyward_keys 3").await;
+    assert!(
+        cb.allowed(&seeded[0], SEND.0, SEND.1).await,
+        "fetched again"
+    );
+
+    // Revoked on A while B holds it: denied here.
+    let (id, key) = ca.create("acme", &["mail.send"]).await.expect("create");
+    assert!(cb.allowed(&key, SEND.0, SEND.1).await, "B holds it now");
+    ca.delete(&id).await.expect("revoke on A");
+    converge(&mut cb, &key, SEND, false).await;
+    assert_eq!(reason(&mut cb, &key).await, pb::DenyReason::UnknownKey);
+
+    // Narrowed on A while B holds it: the narrower scopes apply here.
+    let (id, key) = ca
+        .create("acme", &["mail.send", "alerts.read"])
+        .await
+        .expect("create");
+    assert!(cb.allowed(&key, ALERTS.0, ALERTS.1).await);
+    ca.narrow(&id, &["mail.send"]).await.expect("narrow on A");
+    converge(&mut cb, &key, ALERTS, false).await;
+    assert!(cb.allowed(&key, SEND.0, SEND.1).await);
+
+    // Deleted before its first sight here: never allowed, and remembered
+    // as absent (no second read).
+    let (gone_id, gone) = ca.create("acme", &["mail.send"]).await.expect("create");
+    ca.delete(&gone_id).await.expect("delete");
+    let before = first_sight_reads(&scrape(&b).await);
+    assert_eq!(reason(&mut cb, &gone).await, pb::DenyReason::UnknownKey);
+    assert_eq!(reason(&mut cb, &gone).await, pb::DenyReason::UnknownKey);
+    let metrics = scrape(&b).await;
+    assert_eq!(first_sight_reads(&metrics), before + 1, "{metrics}");
+    assert!(
+        metric(
+            &metrics,
+            "keyward_replica_first_sights_total{outcome=\"absent_remembered\"}"
+        ) >= 1
+    );
+
+    // Key management reads the truth: B lists and reads what A wrote.
+    let (listed_id, _) = ca.create("listed", &["mail.send"]).await.expect("create");
+    ca.create("listed", &["alerts.read"]).await.expect("create");
+    assert_eq!(cb.count("listed").await, 2);
+    assert_eq!(cb.count("account-7").await, 40, "seeded keys are listed");
+    cb.rename(&listed_id, "renamed on B").await.expect("rename");
+    assert_eq!(ca.name_of(&listed_id).await, "renamed on B");
+    assert_eq!(cb.name_of(&listed_id).await, "renamed on B");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_on_demand_replica_shares_first_sights_and_with_etcd_away_refuses_what_it_cannot_verify()
+{
+    let _serial = SERIAL.lock().await;
+    let Some(mut cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let a = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let mut b = Sidecar::start(BIN, &cluster.endpoints(), ON_DEMAND);
+    let (mut ca, mut cb) = (Client::of(&a).await, Client::of(&b).await);
+    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+
+    // Concurrent first sights of one key share one etcd read.
+    let (_, shared) = ca.create("acme", &["mail.send"]).await.expect("create");
+    let before = first_sight_reads(&scrape(&b).await);
+    let mut asks = Vec::new();
+    for _ in 0..32 {
+        let mut authorizer = cb.authorizer.clone();
+        let shared = shared.clone();
+        asks.push(tokio::spawn(async move {
+            ask(&mut authorizer, &shared, SEND).await.allowed
+        }));
+    }
+    for ask in asks {
+        assert!(ask.await.expect("asker"), "every concurrent first sight");
+    }
+    assert_eq!(first_sight_reads(&scrape(&b).await), before + 1);
+
+    // etcd away: held keys decide; a key never seen is unverifiable
+    // (distinct from unknown), counted.
+    let (_, unseen) = ca.create("acme", &["mail.send"]).await.expect("create");
+    cluster.kill(0);
+    assert!(cb.allowed(&shared, SEND.0, SEND.1).await, "held: decided");
+    assert_eq!(
+        reason(&mut cb, &unseen).await,
+        pb::DenyReason::KeyUnverifiable
+    );
+    let metrics = scrape(&b).await;
+    assert!(
+        metric(
+            &metrics,
+            "keyward_decisions_total{source=\"authorize\",result=\"deny\",reason=\"key_unverifiable\"}"
+        ) >= 1,
+        "{metrics}"
+    );
+
+    // Restarted while etcd is away: nothing can be verified, so it is not
+    // ready; once etcd is back it is, and fetches again.
+    b.restart(BIN);
+    let mut cb = Client::of(&b).await;
+    assert_eq!(
+        reason(&mut cb, &shared).await,
+        pb::DenyReason::KeyUnverifiable
+    );
+    assert_eq!(
+        cb.status("keyward.v1.Authorizer").await,
+        ServingStatus::NotServing
+    );
+    cluster.restart(0);
+    cluster.wait_writable().await;
+    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    converge(&mut cb, &unseen, SEND, true).await;
+    assert!(cb.allowed(&shared, SEND.0, SEND.1).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_made_up_key_ids_costs_etcd_at_most_the_fetch_rate() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let b = Sidecar::start(
+        BIN,
+        &cluster.endpoints(),
+        &[ON_DEMAND, &["--replica-fetch-rate", "20"]].concat(),
+    );
+    let mut cb = Client::of(&b).await;
+    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    let started = Instant::now();
+    let mut floods = Vec::new();
+    for _ in 0..8 {
+        let mut authorizer = cb.authorizer.clone();
+        floods.push(tokio::spawn(async move {
+            let mut refused = 0;
+            for _ in 0..100 {
+                let reply = ask(&mut authorizer, &made_up_key(), SEND).await;
+                assert!(!reply.allowed, "a made-up key is never allowed");
+                if reply.reason == pb::DenyReason::KeyUnverifiable as i32 {
+                    refused += 1;
+                }
+            }
+            refused
+        }));
+    }
+    let mut unverifiable = 0;
+    for flood in floods {
+        unverifiable += flood.await.expect("flood");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let metrics = scrape(&b).await;
+    let reads = first_sight_reads(&metrics);
+    // The bound: a burst of RATE, then RATE a second (the elapsed time is
+    // measured after the flood, so a slow machine only loosens it).
+    let rate = 20.0;
+    let bound = rate + rate * elapsed;
+    #[allow(clippy::cast_precision_loss)]
+    let reads = reads as f64;
+    println!(
+        "800 made-up ids in {elapsed:.2} s: {reads} etcd reads (bound {bound:.0}), {unverifiable} refused as unverifiable"
+    );
+    assert!(reads <= bound, "{reads} reads over {bound}:\n{metrics}");
+    assert!(unverifiable > 0, "over the rate, refused as unverifiable");
+    assert_eq!(
+        metric(
+            &metrics,
+            "keyward_replica_first_sights_total{outcome=\"over_rate\"}"
+        ),
+        unverifiable
+    );
+    // Memory stays bounded too: absent ids are capped, nothing is held.
+    assert_eq!(metric(&metrics, "keyward_keys "), 0);
 }

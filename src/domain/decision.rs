@@ -29,6 +29,10 @@ pub enum DenyReason {
     IpNotAllowed,
     /// The key's rate limit is exhausted on this sidecar.
     RateLimited,
+    /// An on-demand replica has never seen this key and cannot ask etcd
+    /// now (etcd away, or first sights over their rate): refused, never
+    /// allowed, and distinct from a key known not to exist.
+    KeyUnverifiable,
 }
 
 impl DenyReason {
@@ -46,6 +50,7 @@ impl DenyReason {
             | Self::AmbiguousPath
             | Self::IpNotAllowed => 403,
             Self::RateLimited => 429,
+            Self::KeyUnverifiable => 503,
         }
     }
 
@@ -63,6 +68,9 @@ impl DenyReason {
             Self::KeyDisabled => "the provided API key is disabled",
             Self::IpNotAllowed => "access forbidden: the API key may not be used from this address",
             Self::RateLimited => "too many requests: the API key's rate limit is exhausted",
+            Self::KeyUnverifiable => {
+                "the API key cannot be verified right now: the key store is unreachable; retry later"
+            }
         }
     }
 
@@ -80,6 +88,7 @@ impl DenyReason {
             Self::KeyDisabled => "key_disabled",
             Self::IpNotAllowed => "ip_not_allowed",
             Self::RateLimited => "rate_limited",
+            Self::KeyUnverifiable => "key_unverifiable",
         }
     }
 }

@@ -21,12 +21,15 @@ impl AuthorizeService {
         Self { front }
     }
 
-    fn authorize(&self, request: &pb::AuthorizeRequest) -> Result<pb::AuthorizeResponse, Status> {
+    async fn authorize(
+        &self,
+        request: &pb::AuthorizeRequest,
+    ) -> Result<pb::AuthorizeResponse, Status> {
         let (method, path) = FrontDoor::validate(&request.method, &request.path)
             .map_err(|e| invalid(e.field, e.problem))?;
         let client = crate::domain::allowlist::client(&request.client_ip)
             .map_err(|problem| invalid("client_ip", problem))?;
-        let decision = self.front.decide(&request.key, client, method, path);
+        let decision = self.front.decide(&request.key, client, method, path).await;
         Ok(response(&decision, self.front.catalog()))
     }
 }
@@ -37,7 +40,7 @@ impl pb::authorizer_server::Authorizer for AuthorizeService {
         &self,
         request: Request<pb::AuthorizeRequest>,
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
-        self.authorize(request.get_ref()).map(Response::new)
+        self.authorize(request.get_ref()).await.map(Response::new)
     }
 }
 
@@ -87,5 +90,6 @@ fn deny_reason_pb(reason: Option<DenyReason>) -> pb::DenyReason {
         Some(DenyReason::KeyDisabled) => pb::DenyReason::KeyDisabled,
         Some(DenyReason::IpNotAllowed) => pb::DenyReason::IpNotAllowed,
         Some(DenyReason::RateLimited) => pb::DenyReason::RateLimited,
+        Some(DenyReason::KeyUnverifiable) => pb::DenyReason::KeyUnverifiable,
     }
 }

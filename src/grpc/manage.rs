@@ -31,13 +31,18 @@ impl ManageService {
     /// Authenticates `authorization: Bearer <admin token | API key>`.
     /// The caller, from `authorization` and (for a key's allowlist) the
     /// peer's address.
-    fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+    async fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let header = request
             .metadata()
             .get("authorization")
-            .map(|value| value.to_str().map_err(|_| ()));
+            .map(|value| value.to_str().map(str::to_owned).map_err(|_| ()));
+        let client = request.remote_addr().map(|peer| peer.ip());
         self.access
-            .principal(header, request.remote_addr().map(|peer| peer.ip()))
+            .principal(
+                header.as_ref().map(|h| h.as_deref().map_err(|&()| ())),
+                client,
+            )
+            .await
             .map_err(|Unauthenticated(problem)| unauthenticated(problem))
     }
 }
@@ -56,7 +61,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal(&request).await?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "create")(e);
         let named = self
@@ -92,7 +97,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal(&request).await?;
         self.keys.permit(&principal, Operation::Read)?;
         let id = convert::key_id(&request.get_ref().key_id)?;
         let record = self.keys.get(&principal, &id).await?;
@@ -103,7 +108,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal(&request).await?;
         let request = request.get_ref();
         let account = self.keys.authorize(
             &principal,
@@ -126,7 +131,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal(&request).await?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "update")(e);
         self.keys
@@ -154,7 +159,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::RenameKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal(&request).await?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "rename")(e);
         self.keys
@@ -175,7 +180,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal(&request).await?;
         let fail = |e| refused(&principal, "delete")(e);
         self.keys
             .permit(&principal, Operation::Delete)
@@ -190,7 +195,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetScopesRequest>,
     ) -> Result<Response<pb::GetScopesResponse>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal(&request).await?;
         let scopes = self.keys.held_scopes(&principal);
         Ok(Response::new(pb::GetScopesResponse {
             scopes: self.keys.catalog().names(&scopes),
@@ -201,7 +206,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListCatalogRequest>,
     ) -> Result<Response<pb::ListCatalogResponse>, Status> {
-        self.principal(&request)?;
+        self.principal(&request).await?;
         let catalog = self.keys.catalog();
         let categories = catalog
             .categories()
@@ -275,7 +280,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal(&request).await?;
         let request = request.into_inner();
         let fail = |e| refused(&principal, "rotate")(e);
         self.keys
@@ -344,7 +349,7 @@ impl ManageService {
         key_id: &str,
         state: impl FnOnce() -> Result<StateChange, KeyError>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request)?;
+        let principal = self.principal(request).await?;
         let fail = |e| refused(&principal, operation)(e);
         self.keys
             .permit(&principal, Operation::Update)

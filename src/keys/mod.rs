@@ -3,6 +3,7 @@
 //! to the very next decision.
 
 pub mod change;
+pub mod demand;
 pub mod remote;
 pub mod shared;
 pub mod stage;
@@ -27,6 +28,7 @@ use crate::store::db::{Cursor, Store, StoreError};
 use crate::store::index::Index;
 use change::{Change, Committed};
 pub use change::{Expiry, KeyError, Lifecycle, Operation, Principal, Rotation, StateChange};
+use demand::OnDemand;
 use remote::EtcdRuntime;
 use shared::{Command, FailureKind, Job, Shared};
 pub use shared::{Replication, StoreHealth};
@@ -56,6 +58,8 @@ pub struct Keys {
     index: Arc<Index>,
     catalog: Arc<Catalog>,
     write_timeout: Duration,
+    /// On-demand replica: fetches keys at their first sight.
+    demand: Option<Arc<OnDemand>>,
     /// Replicated mode: the etcd connection (dropped last).
     etcd: Option<EtcdRuntime>,
 }
@@ -76,22 +80,46 @@ impl Keys {
             .as_ref()
             .map(EtcdRuntime::start)
             .transpose()?;
-        let (writer, shared, index) = Writer::open(
+        let (mut writer, shared, index) = Writer::open(
             dir,
             Arc::clone(&catalog),
             settings,
             Arc::clone(&metrics),
             etcd.as_ref().map(EtcdRuntime::remote),
         )?;
+        let demand = match (&etcd, settings.on_demand) {
+            (Some(etcd), Some(demand)) => {
+                let demand = OnDemand::new(
+                    demand,
+                    etcd.etcd().clone(),
+                    etcd.handle(),
+                    Arc::clone(&index),
+                    Arc::clone(&metrics),
+                );
+                writer.hold_on_demand(Arc::clone(&demand));
+                Some(demand)
+            }
+            _ => None,
+        };
         let (commands, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         std::thread::Builder::new()
             .name("keyward-writer".into())
             .spawn(move || writer.run(&queue))
             .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         if let Some(etcd) = &etcd {
-            etcd.follow(commands.clone(), Arc::clone(&shared), metrics);
+            etcd.follow(
+                commands.clone(),
+                Arc::clone(&shared),
+                metrics,
+                demand.is_some(),
+            );
+        }
+        if let (Some(etcd), Some(demand)) = (&etcd, &demand) {
+            demand.connect(commands.clone());
+            etcd.handle().spawn(Arc::clone(demand).sweep());
         }
         let keys = Self {
+            demand,
             etcd,
             commands,
             gates: Gates::default(),
@@ -101,6 +129,12 @@ impl Keys {
             write_timeout: settings.write_timeout,
         };
         Ok((keys, index))
+    }
+
+    /// On-demand replica: what fetches keys the index does not hold.
+    #[must_use]
+    pub fn on_demand(&self) -> Option<Arc<OnDemand>> {
+        self.demand.clone()
     }
 
     /// The catalog in force.
@@ -194,8 +228,12 @@ impl Keys {
 
     /// Reads a key visible to `principal`.
     pub async fn get(&self, principal: &Principal, id: &KeyId) -> Result<KeyRecord, KeyError> {
+        if let Some(demand) = &self.demand {
+            let record = demand.record(*id).await?;
+            return visible(record, principal, id);
+        }
         let (principal, id) = (principal.clone(), *id);
-        self.read(move |store| visible(store, &principal, &id))
+        self.read(move |store| visible(store.get(&id)?, &principal, &id))
             .await
     }
 
@@ -223,9 +261,13 @@ impl Keys {
             )
         };
         let listed = Arc::clone(&account);
-        let (mut records, next) = self
-            .read(move |store| Ok(store.page(&listed, after, limit)?))
-            .await?;
+        let (mut records, next) = match &self.demand {
+            Some(demand) => demand.account_page(listed, after, limit).await?,
+            None => {
+                self.read(move |store| Ok(store.page(&listed, after, limit)?))
+                    .await?
+            }
+        };
         if let Some(unused_for) = unused_for {
             let cutoff = now_nanos()
                 .saturating_sub(i64::try_from(unused_for.as_nanos()).unwrap_or(i64::MAX));
@@ -474,9 +516,13 @@ fn require(catalog: &Catalog, held: &ScopeSet, operation: Operation) -> Result<(
 /// A key the principal may see: any for the admin, same-account for a
 /// key. Other accounts' keys are reported as not found, not forbidden, so a
 /// key cannot probe for ids elsewhere.
-fn visible(store: &Store, principal: &Principal, id: &KeyId) -> Result<KeyRecord, KeyError> {
+fn visible(
+    record: Option<KeyRecord>,
+    principal: &Principal,
+    id: &KeyId,
+) -> Result<KeyRecord, KeyError> {
     let not_found = || KeyError::NotFound(id.to_string());
-    let record = store.get(id)?.ok_or_else(not_found)?;
+    let record = record.ok_or_else(not_found)?;
     match principal {
         Principal::Key { account, .. } if record.account != **account => Err(not_found()),
         _ => Ok(record),

@@ -114,6 +114,7 @@ impl EtcdRuntime {
         commands: SyncSender<Command>,
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
+        on_demand: bool,
     ) {
         let handle = self.handle();
         handle.spawn(report(Arc::clone(&shared), metrics));
@@ -122,11 +123,20 @@ impl EtcdRuntime {
             commands,
             page_keys: self.page_keys,
             pages: Arc::new(tokio::sync::Semaphore::new(PAGES_IN_FLIGHT)),
+            on_demand,
         };
         handle.spawn(follow(reader, shared));
     }
 
-    fn handle(&self) -> Handle {
+    /// The etcd client.
+    #[must_use]
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
+    }
+
+    /// The runtime etcd I/O runs on.
+    #[must_use]
+    pub fn handle(&self) -> Handle {
         // Present until drop.
         self.runtime
             .as_ref()
@@ -435,6 +445,8 @@ struct Reader {
     page_keys: u32,
     /// Turns for pages handed to the writer ([`PAGES_IN_FLIGHT`]).
     pages: Arc<tokio::sync::Semaphore>,
+    /// An on-demand replica: no full read, a watch from now.
+    on_demand: bool,
 }
 
 /// Follows etcd into the writer's queue until the writer is gone:
@@ -594,6 +606,17 @@ async fn follow_once(
 ) -> Result<Followed, EtcdError> {
     let (etcd, commands) = (&reader.etcd, &reader.commands);
     etcd.authenticate().await?;
+    if reader.on_demand && resume.is_none() {
+        // Nothing to read: keys are fetched as presented. Ready once the
+        // watch is up, however many keys etcd holds.
+        let revision = etcd.current_revision().await?;
+        let watch = etcd.watch(revision + 1).await?;
+        if !deliver(commands, Synced::Reset { revision }).await {
+            return Ok(Followed::WriterGone);
+        }
+        *resume = Some(revision);
+        return watch_from(reader, shared, watch, resume).await;
+    }
     let start = if let Some(revision) = *resume {
         revision + 1
     } else {
@@ -603,7 +626,19 @@ async fn follow_once(
         *resume = Some(revision);
         revision + 1
     };
-    let mut watch = etcd.watch(start).await?;
+    let watch = etcd.watch(start).await?;
+    watch_from(reader, shared, watch, resume).await
+}
+
+/// Delivers what `watch` brings until it fails (or the writer is gone),
+/// and proves once a second that it is current.
+async fn watch_from(
+    reader: &Reader,
+    shared: &Shared,
+    mut watch: crate::store::etcd::Watch,
+    resume: &mut Option<i64>,
+) -> Result<Followed, EtcdError> {
+    let (etcd, commands) = (&reader.etcd, &reader.commands);
     // Current means: a linearizable read saw revision R at time T, and the
     // watch then confirmed it had delivered everything through R. A member
     // cut off from its quorum fails the read, so its staleness grows.
@@ -676,7 +711,7 @@ struct Check {
 
 /// Hands `synced` to the writer, waiting while its queue is full; `false`
 /// once the writer is gone.
-async fn deliver(commands: &SyncSender<Command>, synced: Synced) -> bool {
+pub(super) async fn deliver(commands: &SyncSender<Command>, synced: Synced) -> bool {
     let mut command = Command::Sync(synced);
     loop {
         match commands.try_send(command) {

@@ -61,6 +61,16 @@ pub enum Synced {
         /// When the cluster's revision was read.
         read_at: i64,
     },
+    /// On-demand replica: a watch starts at `revision` + 1 with nothing
+    /// held (at start, and after etcd compacted the watch's history).
+    Reset {
+        /// The revision the watch starts after.
+        revision: i64,
+    },
+    /// On-demand replica: a key fetched at its first sight.
+    Fetched(Box<super::demand::Fetch>),
+    /// On-demand replica: the eviction policy dropped keys.
+    Evicted,
 }
 
 /// How current the local replica is (replicated mode).

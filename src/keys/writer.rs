@@ -31,6 +31,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::change::{AccountCounts, KeyError, Operation, Principal, intern};
 use super::change::{Change, Committed};
+use super::demand::{Demand, Fetch, Fetched, OnDemand, Recent};
 use super::remote::{Remote, Revisions};
 use super::shared::{Command, FailureKind, Job, Replication, Shared, StoreHealth, Synced};
 use super::stage::{Rules, Staged, View, Write};
@@ -62,6 +63,8 @@ pub struct Settings {
     pub last_used_every: Duration,
     /// Replicated mode: how to reach etcd (`None`: standalone).
     pub replication: Option<crate::store::etcd::Connection>,
+    /// Replicated mode: hold only the keys presented (`None`: every key).
+    pub on_demand: Option<Demand>,
 }
 
 /// The writer thread's state.
@@ -81,6 +84,9 @@ pub struct Writer {
     remote: Option<Remote>,
     /// Replicated mode: the full read of etcd being applied, if any.
     rebuild: Option<Rebuild>,
+    /// On-demand replica: the held keys' policy, and the ids the watch
+    /// delivered lately (to order fetches against).
+    demand: Option<(Arc<OnDemand>, Recent)>,
 }
 
 /// A full read of etcd, applied page by page.
@@ -138,7 +144,7 @@ impl Writer {
         remote: Option<Remote>,
     ) -> Result<(Self, Arc<Shared>, Arc<Index>), StoreError> {
         let store = Store::open(&dir)?;
-        let replica = store.replica()?;
+        let mut replica = store.replica()?;
         match (&remote, &replica) {
             (Some(_), None) if !store.is_empty() => {
                 return Err(StoreError::Mode(
@@ -158,15 +164,32 @@ impl Writer {
                 store.set_replica(0, 0)?;
                 store.flush()?;
             }
+            (Some(_), Some(held)) if settings.on_demand.is_some() && held.synced_at != 0 => {
+                // A full replica left by an earlier start: an on-demand
+                // replica does not keep it current, so it must not pass for
+                // current if full mode comes back (that start reads etcd
+                // in full first).
+                store.set_replica(0, 0)?;
+                store.flush()?;
+                replica = store.replica()?;
+            }
             _ => {}
         }
         let remote = remote.map(|mut remote| {
-            if let Some(replica) = &replica {
+            if let Some(replica) = &replica
+                && settings.on_demand.is_none()
+            {
                 remote.replica = Revisions::restored(replica.revision, replica.ahead.clone());
             }
             remote
         });
-        let (index, accounts) = load(&store, &catalog)?;
+        // On demand, the index starts empty: keys come from etcd as they
+        // are presented, never from the disk.
+        let (index, accounts) = if settings.on_demand.is_some() {
+            (Index::default(), AccountCounts::new())
+        } else {
+            load(&store, &catalog)?
+        };
         let index = Arc::new(index);
         metrics.set_keys(index.len());
         metrics.set_store_healthy(true);
@@ -200,8 +223,21 @@ impl Writer {
             next_last_used: Instant::now() + settings.last_used_every,
             remote,
             rebuild: None,
+            demand: None,
         };
         Ok((writer, shared, index))
+    }
+
+    /// Makes this an on-demand replica with `demand`'s policy (before it
+    /// runs).
+    pub fn hold_on_demand(&mut self, demand: Arc<OnDemand>) {
+        self.demand = Some((demand, Recent::default()));
+    }
+
+    /// The local store keys are written to: none on demand (the replica is
+    /// the index, and etcd).
+    fn replica_store(&self, store: &Store) -> Option<Store> {
+        self.demand.is_none().then(|| store.clone())
     }
 
     /// Commits changes until closed (or every sender is gone).
@@ -268,7 +304,8 @@ impl Writer {
     /// them in memory for the next run (and starts recovery).
     fn persist_last_used(&mut self) {
         self.next_last_used = Instant::now() + self.last_used_every;
-        let Some(store) = self.store.clone() else {
+        // On demand, last-used times live in memory only (as the keys do).
+        let Some(store) = self.store.clone().filter(|_| self.demand.is_none()) else {
             return;
         };
         let times = self.index.unpersisted_last_used();
@@ -287,7 +324,7 @@ impl Writer {
         self.shared.set_store(None);
         match self.store.take() {
             Some(store) => {
-                if self.remote.is_some() {
+                if self.remote.is_some() && self.demand.is_none() {
                     let replication = *self.shared.replication.borrow();
                     store.set_replica(replication.revision, replication.synced_at)?;
                 }
@@ -340,12 +377,16 @@ impl Writer {
             // the write itself, so a restarted replica that has the write
             // never replays older history over it. (Watched changes need
             // no note: the batch that applies them also raises the floor.)
-            let noted = revision.map_or(Ok(()), |revision| {
-                store.note_revision(&staged.committed.after.id, revision)
-            });
+            let replica = self.replica_store(&store);
+            let noted = match (revision, &replica) {
+                (Some(revision), Some(replica)) => {
+                    replica.note_revision(&staged.committed.after.id, revision)
+                }
+                _ => Ok(()),
+            };
             let applied = Applied::of(&staged.committed.after, staged.write, staged.scopes);
             let stored =
-                noted.and_then(|()| self.apply(Some(&store), applied, revision, &mut changes));
+                noted.and_then(|()| self.apply(replica.as_ref(), applied, revision, &mut changes));
             if let Err(error) = stored {
                 failure.get_or_insert(error);
                 // Standalone, the store is the truth: the change failed.
@@ -484,13 +525,34 @@ impl Writer {
     }
 
     fn change_index(&self, changes: Vec<IndexChange>) {
+        let demand = self.demand.as_ref().map(|(demand, _)| demand);
         for change in changes {
             match change {
-                IndexChange::Put(id, entry) => self.index.replace(id, entry),
-                IndexChange::Remove(id) => self.index.remove(&id),
+                IndexChange::Put(id, entry) => {
+                    self.index.replace(id, entry);
+                    if let Some(demand) = demand {
+                        demand.hold(id);
+                    }
+                }
+                IndexChange::Remove(id) => {
+                    self.index.remove(&id);
+                    if let Some(demand) = demand {
+                        demand.release(&id);
+                    }
+                }
             }
         }
+        self.drop_evicted();
         self.metrics.set_keys(self.index.len());
+    }
+
+    /// On demand: drops from the index what the policy evicted.
+    fn drop_evicted(&self) {
+        if let Some((demand, _)) = &self.demand {
+            for id in demand.take_evicted() {
+                self.index.remove(&id);
+            }
+        }
     }
 
     /// Applies what the etcd watch delivered (replicated mode).
@@ -505,7 +567,70 @@ impl Writer {
                 }
             }
             Synced::Current { read_at } => self.shared.confirmed(read_at),
+            Synced::Reset { revision } => self.reset(revision),
+            Synced::Fetched(fetch) => {
+                let outcome = self.apply_fetched(&fetch);
+                let _ = fetch.reply.send(outcome);
+            }
+            Synced::Evicted => {
+                self.drop_evicted();
+                self.metrics.set_keys(self.index.len());
+            }
         }
+    }
+
+    /// On demand: a watch starts after `revision` with nothing held (at
+    /// start, or after etcd compacted the history a watch needed: what was
+    /// held may have missed changes, so it is fetched again as presented).
+    fn reset(&mut self, revision: i64) {
+        let Some((demand, recent)) = &mut self.demand else {
+            return;
+        };
+        demand.clear();
+        recent.reset(revision);
+        self.index.retain(|_| false);
+        if let Some(remote) = &mut self.remote {
+            remote.replica.reset(revision);
+        }
+        self.metrics.set_keys(0);
+        self.shared.replicated(revision, true);
+        tracing::info!(
+            revision,
+            "on-demand replica following etcd: keys are fetched as they are presented"
+        );
+    }
+
+    /// On demand: applies a key fetched at its first sight, unless the
+    /// watch changed it after the fetch's revision (then it is read again).
+    fn apply_fetched(&mut self, fetch: &Fetch) -> Fetched {
+        let Some((demand, recent)) = &self.demand else {
+            return Fetched::Stale;
+        };
+        if self.index.contains(&fetch.id) {
+            // The watch keeps a held key current.
+            return Fetched::Held;
+        }
+        let floor = self
+            .remote
+            .as_ref()
+            .map_or(0, |remote| remote.replica.floor());
+        if fetch.revision < floor && !recent.unchanged_since(&fetch.id, fetch.revision) {
+            return Fetched::Stale;
+        }
+        let Some((record, written_at)) = &fetch.found else {
+            demand.remember_absent(fetch.id);
+            return Fetched::Absent;
+        };
+        // Noted by revision: the watch's older events for the key (still
+        // on their way) are skipped, never applied over it.
+        if let Some(remote) = &mut self.remote {
+            remote.replica.admit(fetch.id, *written_at);
+        }
+        let scopes = self.catalog.resolve_stored(&record.scopes).0;
+        let mut index = Vec::with_capacity(1);
+        self.index_put(record, scopes, Put::Unchanged, &mut index);
+        self.change_index(index);
+        Fetched::Held
     }
 
     /// Applies watched changes in revision order, then records how far the
@@ -519,7 +644,7 @@ impl Writer {
         // abandoned (its pages stand, each a key's state at one revision,
         // and the watch brings every later change).
         self.rebuild = None;
-        let store = self.store.clone();
+        let store = self.store.clone().filter(|_| self.demand.is_none());
         let mut index = Vec::with_capacity(changes.len());
         let mut failure = None;
         for change in changes {
@@ -531,6 +656,9 @@ impl Writer {
                 Watched::Deleted { id, revision } => (Applied::Remove(*id), *revision),
                 Watched::Progress { .. } | Watched::Compacted { .. } => continue,
             };
+            if !self.held_here(applied, revision) {
+                continue;
+            }
             if let Err(error) = self.apply(store.as_ref(), applied, Some(revision), &mut index) {
                 failure.get_or_insert(error);
             }
@@ -553,6 +681,25 @@ impl Writer {
         if let Err(error) = flushed {
             self.fail(&error);
         }
+    }
+
+    /// Whether a watched change is for this replica: always in full mode;
+    /// on demand, only for held keys (a put of another key ends what was
+    /// remembered of its absence). Noted for ordering fetches either way.
+    fn held_here(&mut self, change: Applied<'_>, revision: i64) -> bool {
+        let Some((demand, recent)) = &mut self.demand else {
+            return true;
+        };
+        let id = match change {
+            Applied::Put(record, _) => record.id,
+            Applied::Remove(id) => id,
+        };
+        recent.note(id, revision);
+        let held = self.index.contains(&id);
+        if !held && matches!(change, Applied::Put(..)) {
+            demand.forget_absent(&id);
+        }
+        held
     }
 
     /// Applies one page of a full read of etcd (at start, after a
@@ -654,6 +801,10 @@ impl Writer {
     /// Rebuilds the replica from a full read of etcd on this thread (the
     /// disk recovered); fails while etcd cannot be read.
     fn reread(&mut self) -> Result<(), StoreError> {
+        if self.demand.is_some() {
+            // Nothing of the replica is on disk.
+            return Ok(());
+        }
         let Some(mut listing) = self.remote.as_ref().map(Remote::list) else {
             return Ok(());
         };

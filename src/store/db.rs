@@ -128,6 +128,24 @@ pub struct Cursor {
 
 impl Cursor {
     const LEN: usize = 24;
+
+    /// The position just after `record`, in its account's creation order.
+    #[must_use]
+    pub fn after(record: &KeyRecord) -> Self {
+        Self {
+            created_nanos: u64::try_from(record.created_at).unwrap_or(0),
+            id: record.id,
+        }
+    }
+
+    /// The creation time and id this position is after.
+    #[must_use]
+    pub fn position(&self) -> (i64, KeyId) {
+        (
+            i64::try_from(self.created_nanos).unwrap_or(i64::MAX),
+            self.id,
+        )
+    }
     /// Bytes of the check that binds a token to its account.
     const CHECK: usize = 8;
 

@@ -11,6 +11,10 @@
 //!   create and delete changes it in the same transaction as the key, with
 //!   a compare on its revision: the per-account limit holds across every
 //!   sidecar, not per process.
+//! - `by-account/<account id>/<created, 16 hex digits><key id>`: empty; an
+//!   account's keys in creation order, for listing one account without
+//!   reading every key (an on-demand replica's ListKeys). Written and
+//!   removed in the same transaction as the key.
 //!
 //! Last-used times are not here: each sidecar keeps its own.
 
@@ -291,6 +295,73 @@ impl Etcd {
         format!("{}keys/{id}", self.prefix).into_bytes()
     }
 
+    /// The etcd key of a key's entry in its account's listing.
+    #[must_use]
+    pub fn listed_path(&self, account: &str, created_at: i64, id: &KeyId) -> Vec<u8> {
+        let mut path = self.listing_prefix(account);
+        path.extend_from_slice(format!("{:016x}{id}", created_at.max(0)).as_bytes());
+        path
+    }
+
+    fn listing_prefix(&self, account: &str) -> Vec<u8> {
+        format!("{}by-account/{account}/", self.prefix).into_bytes()
+    }
+
+    /// Up to `limit` of `account`'s keys in creation order, strictly after
+    /// `after` (creation time, id), and whether there are more.
+    pub async fn account_page(
+        &self,
+        account: &str,
+        after: Option<(i64, KeyId)>,
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, bool), EtcdError> {
+        let prefix = self.listing_prefix(account);
+        let start = match after {
+            Some((created_at, id)) => {
+                let mut start = self.listed_path(account, created_at, &id);
+                start.push(0);
+                start
+            }
+            None => prefix.clone(),
+        };
+        let reply = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: start,
+                range_end: prefix_end(&prefix),
+                limit: i64::try_from(limit).unwrap_or(i64::MAX),
+                keys_only: true,
+                ..RangeRequest::default()
+            })
+            .await?
+            .into_inner();
+        let ids: Vec<KeyId> = reply
+            .kvs
+            .iter()
+            .filter_map(|kv| {
+                let suffix = kv.key.get(prefix.len() + 16..)?;
+                std::str::from_utf8(suffix).ok()?.parse().ok()
+            })
+            .collect();
+        let mut records = Vec::with_capacity(ids.len());
+        // One transaction of reads per chunk, within etcd's op limit.
+        for chunk in ids.chunks(64) {
+            for kv in self
+                .get_many(chunk.iter().map(|id| self.key_path(id)))
+                .await?
+                .into_iter()
+                .flatten()
+            {
+                records.push(record::decode(&kv.value).map_err(|error| EtcdError::Value {
+                    key: String::from_utf8_lossy(&kv.key).into_owned(),
+                    problem: error.to_string(),
+                })?);
+            }
+        }
+        Ok((records, reply.more))
+    }
+
     /// The etcd key of an account's key count.
     #[must_use]
     pub fn account_path(&self, account: &str) -> Vec<u8> {
@@ -410,10 +481,16 @@ impl Etcd {
             Mutation::Remove { record, count } => (record, Some(count.saturating_sub(1))),
         };
         let key = self.key_path(&record.id);
+        let listed = self.listed_path(&record.account, record.created_at, &record.id);
         let mut ops = vec![match mutation {
             Mutation::Remove { .. } => delete(key),
             _ => put(key, record::encode(record)),
         }];
+        match mutation {
+            Mutation::Create { .. } => ops.push(put(listed, Vec::new())),
+            Mutation::Remove { .. } => ops.push(delete(listed)),
+            Mutation::Replace { .. } => {}
+        }
         if let Some(count) = count {
             let account = self.account_path(&record.account);
             ops.push(if count == 0 {
@@ -920,7 +997,15 @@ impl Etcd {
             .collect();
         let mut ops: Vec<RequestOp> = records
             .iter()
-            .map(|record| put(self.key_path(&record.id), record::encode(record)))
+            .flat_map(|record| {
+                [
+                    put(self.key_path(&record.id), record::encode(record)),
+                    put(
+                        self.listed_path(&record.account, record.created_at, &record.id),
+                        Vec::new(),
+                    ),
+                ]
+            })
             .collect();
         for ((account, added), (count, revision)) in accounts.iter().zip(&counts) {
             let path = self.account_path(account);
@@ -950,7 +1035,20 @@ impl Etcd {
         &self,
         paths: impl Iterator<Item = Vec<u8>>,
     ) -> Result<Vec<(u64, i64)>, EtcdError> {
-        let reads = paths
+        self.get_many(paths)
+            .await?
+            .iter()
+            .map(|kv| kv.as_ref().map_or(Ok((0, 0)), parse_count))
+            .collect()
+    }
+
+    /// The key-values at `keys` (each `None` when absent), read in one
+    /// transaction: one revision, one round trip.
+    async fn get_many(
+        &self,
+        keys: impl Iterator<Item = Vec<u8>>,
+    ) -> Result<Vec<Option<KeyValue>>, EtcdError> {
+        let reads = keys
             .map(|key| RequestOp {
                 request: Some(Op::RequestRange(RangeRequest {
                     key,
@@ -973,10 +1071,10 @@ impl Etcd {
             .into_iter()
             .map(|response| match response.response {
                 Some(crate::pb::etcd::response_op::Response::ResponseRange(range)) => {
-                    range.kvs.first().map_or(Ok((0, 0)), parse_count)
+                    Ok(range.kvs.into_iter().next())
                 }
                 _ => Err(EtcdError::Value {
-                    key: "accounts".into(),
+                    key: "keys".into(),
                     problem: "etcd answered a read with something else".into(),
                 }),
             })

@@ -2,7 +2,7 @@
 //! account. sled is never on the hot path.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use rustc_hash::FxBuildHasher;
 
@@ -93,6 +93,9 @@ pub struct Usage {
     last_used: AtomicI64,
     /// The last-used time the store holds (written by the key writer only).
     persisted: AtomicI64,
+    /// A decision used the key since the last sweep (on-demand replica:
+    /// what the eviction policy hears of).
+    seen: AtomicBool,
 }
 
 impl Usage {
@@ -105,6 +108,15 @@ impl Usage {
         if now - self.last_used.load(Ordering::Relaxed) >= LAST_USED_GRANULARITY_NANOS {
             let minute = now - now.rem_euclid(LAST_USED_GRANULARITY_NANOS);
             self.last_used.fetch_max(minute, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks the key used: a load, and a store only the first time after
+    /// each sweep, so hits do not bounce the line between cores.
+    #[inline]
+    pub fn mark_seen(&self) {
+        if !self.seen.load(Ordering::Relaxed) {
+            self.seen.store(true, Ordering::Relaxed);
         }
     }
 
@@ -135,6 +147,7 @@ impl Pinned<'_> {
         let accepted = entry.hash.matches(&presented)
             || (entry.previous_until > now && entry.previous_hash.matches(&presented));
         if accepted {
+            entry.usage.mark_seen();
             Ok(entry)
         } else {
             Err(Rejected::WrongSecret)
@@ -310,6 +323,15 @@ impl Index {
         let gone: Vec<KeyId> = keys.keys().filter(|id| !keep(id)).copied().collect();
         for id in gone {
             keys.remove(&id);
+        }
+    }
+
+    /// Calls `seen` with every key used since the last call.
+    pub fn take_seen(&self, mut seen: impl FnMut(&KeyId)) {
+        for (id, entry) in &self.keys.pin() {
+            if entry.usage.seen.swap(false, Ordering::Relaxed) {
+                seen(id);
+            }
         }
     }
 

@@ -1,0 +1,493 @@
+//! The on-demand replica (`--replica-mode on-demand`): a sidecar holds only
+//! the keys its callers present, fetched from etcd the first time a
+//! decision needs one, and still follows the whole prefix's watch.
+//!
+//! - **The hit path is the full replica's**: a held key is an index entry
+//!   like any other, decided with no lock and no allocation. A decision
+//!   marks the entry seen (one relaxed load, and a store once per sweep);
+//!   a sweep once a second reports the seen keys to the eviction policy.
+//! - **Eviction**: moka's LRU over the held ids, at most
+//!   `--replica-cache-keys`. moka because it is the well-kept concurrent
+//!   cache of the Rust ecosystem (a port of Caffeine), with an eviction
+//!   listener, per-entry expiry for the absent ids, and `try_get_with`,
+//!   which coalesces concurrent loads of one key. LRU rather than its
+//!   default TinyLFU admission: admission can refuse a key just fetched
+//!   (evicting it before the decision that asked for it reads it), and the
+//!   scans TinyLFU guards against cannot reach the held set here: made-up
+//!   ids are never held (they are absent), so only real keys compete. The
+//!   evicted ids go to the key writer, the index's only writer, which drops
+//!   them.
+//! - **Ordering**: a fetch reads one key at etcd revision H and hands it to
+//!   the writer, which applies watched changes in revision order. Applied
+//!   only if no watched change to that key after H has been passed over
+//!   (the writer keeps the last [`RECENT_EVENTS`] ids it saw); otherwise
+//!   fetched again. The fetched version is noted by its revision, so the
+//!   watch's older events for the key are skipped: a fetch never
+//!   resurrects a revoked key or rolls one back.
+//! - **Absent keys** are remembered ([`ABSENT_KEYS`] at most, for
+//!   [`ABSENT_TTL`]); a watched put of the id forgets it.
+//! - **First sights are bounded**: at most `--replica-fetch-rate` etcd
+//!   reads a second (burst the same), however many ids are presented;
+//!   concurrent first sights of one id share one read. Over the rate, or
+//!   with etcd away, a new key is refused as unverifiable (never allowed).
+
+use std::sync::atomic::AtomicI64;
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+use super::change::KeyError;
+use super::shared::{Command, Synced};
+use crate::clock::now_nanos;
+use crate::domain::key::KeyId;
+use crate::domain::rate::{Gcra, RateLimit};
+use crate::metrics::Metrics;
+use crate::store::db::Cursor;
+use crate::store::etcd::Etcd;
+use crate::store::index::Index;
+use crate::store::record::{self, KeyRecord};
+
+/// Default most keys an on-demand replica holds.
+pub const DEFAULT_CACHE_KEYS: u64 = 20_000;
+/// Default most first-sight etcd reads a second.
+pub const DEFAULT_FETCH_RATE: u32 = 1_000;
+/// Most ids remembered as absent (≈ 100 bytes each: ≈ 6.5 MB).
+pub const ABSENT_KEYS: u64 = 65_536;
+/// How long an id is remembered as absent. The watch forgets it sooner if
+/// the id is written; this bounds what a missed event could cost.
+pub const ABSENT_TTL: Duration = Duration::from_secs(60);
+/// Longest wait for one fetch from etcd.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Fetches of one first sight before it is given up as unverifiable (a
+/// fetch is read again when the watch changed the key meanwhile).
+const FETCH_ATTEMPTS: usize = 3;
+/// Longest wait for one page of an account's keys from etcd.
+const LIST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often seen keys are reported to the eviction policy.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Watched key ids the writer remembers, to order fetches against.
+pub const RECENT_EVENTS: usize = 4096;
+
+/// Settings of an on-demand replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand {
+    /// Most keys held.
+    pub cache_keys: u64,
+    /// Most first-sight etcd reads a second.
+    pub fetch_rate: u32,
+}
+
+impl Default for Demand {
+    fn default() -> Self {
+        Self {
+            cache_keys: DEFAULT_CACHE_KEYS,
+            fetch_rate: DEFAULT_FETCH_RATE,
+        }
+    }
+}
+
+/// What a first sight found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// The key is in the index now: decide again.
+    Held,
+    /// etcd has no such key.
+    Absent,
+    /// etcd could not be asked (away, slow, or first sights over their
+    /// rate): the key can be neither allowed nor called unknown.
+    Unverifiable,
+}
+
+/// What the writer made of a fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// The key is held (it was already, or now is).
+    Held,
+    /// Absent, and remembered as such.
+    Absent,
+    /// The watch changed the key after the fetch's revision: read again.
+    Stale,
+}
+
+/// A fetched key for the writer to apply.
+#[derive(Debug)]
+pub struct Fetch {
+    /// The key.
+    pub id: KeyId,
+    /// Its record and the revision it was written at; `None`: absent.
+    pub found: Option<(KeyRecord, i64)>,
+    /// etcd's revision when it answered.
+    pub revision: i64,
+    /// Where the writer answers.
+    pub reply: oneshot::Sender<Fetched>,
+}
+
+/// The on-demand replica's shared state: the eviction policy, absent ids,
+/// and the first-sight path.
+#[derive(Debug)]
+pub struct OnDemand {
+    held: moka::sync::Cache<KeyId, ()>,
+    evicted: Arc<Mutex<Vec<KeyId>>>,
+    absent: moka::sync::Cache<KeyId, ()>,
+    /// Coalesces concurrent first sights of one id (never holds a value).
+    fetching: moka::future::Cache<KeyId, ()>,
+    first_sights: Gcra,
+    first_sight_tat: AtomicI64,
+    etcd: Etcd,
+    runtime: Handle,
+    commands: OnceLock<SyncSender<Command>>,
+    index: Arc<Index>,
+    metrics: Arc<Metrics>,
+}
+
+impl OnDemand {
+    /// The replica's state over `index`, fetching from `etcd` on `runtime`.
+    ///
+    /// # Panics
+    /// If `demand.fetch_rate` is 0 or over a million (the flag's parser
+    /// refuses both).
+    #[must_use]
+    pub fn new(
+        demand: Demand,
+        etcd: Etcd,
+        runtime: Handle,
+        index: Arc<Index>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let evicted = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&evicted);
+        let held = moka::sync::Cache::builder()
+            .max_capacity(demand.cache_keys)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .eviction_listener(move |id: Arc<KeyId>, (), cause| {
+                // Removed for room (not by the writer itself): the writer
+                // drops it from the index.
+                if cause.was_evicted() {
+                    sink.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(*id);
+                }
+            })
+            .build();
+        let first_sights = RateLimit::new(demand.fetch_rate, Duration::from_secs(1), 0)
+            .expect("the flag's parser checks the fetch rate")
+            .gcra(Duration::ZERO);
+        Arc::new(Self {
+            held,
+            evicted,
+            absent: moka::sync::Cache::builder()
+                .max_capacity(ABSENT_KEYS)
+                .time_to_live(ABSENT_TTL)
+                .build(),
+            fetching: moka::future::Cache::builder().max_capacity(1).build(),
+            first_sights,
+            first_sight_tat: AtomicI64::new(0),
+            etcd,
+            runtime,
+            commands: OnceLock::new(),
+            index,
+            metrics,
+        })
+    }
+
+    /// Where fetched keys go: the writer's queue (set once it runs).
+    pub fn connect(&self, commands: SyncSender<Command>) {
+        let _ = self.commands.set(commands);
+    }
+
+    /// A first sight of `id` (the index does not hold it): remembered as
+    /// absent, or fetched from etcd once however many callers ask at once.
+    pub async fn lookup(&self, id: KeyId) -> Lookup {
+        if self.index.contains(&id) {
+            return Lookup::Held;
+        }
+        if self.absent.contains_key(&id) {
+            self.metrics.first_sight("absent_remembered", None);
+            return Lookup::Absent;
+        }
+        // The initializer never succeeds, so nothing is cached here: only
+        // callers that arrive while it runs share its outcome.
+        match self
+            .fetching
+            .try_get_with(id, async { Err::<(), _>(self.fetch(id).await) })
+            .await
+        {
+            Ok(()) => Lookup::Unverifiable,
+            Err(lookup) => *lookup,
+        }
+    }
+
+    /// Reads `id` from etcd and has the writer apply it (again if the watch
+    /// changed the key meanwhile).
+    async fn fetch(&self, id: KeyId) -> Lookup {
+        let started = Instant::now();
+        if self
+            .first_sights
+            .admit(&self.first_sight_tat, now_nanos())
+            .is_err()
+        {
+            self.metrics.first_sight("over_rate", None);
+            return Lookup::Unverifiable;
+        }
+        for _ in 0..FETCH_ATTEMPTS {
+            let Some((found, revision)) = self.read(id).await else {
+                self.metrics.first_sight("etcd_unreachable", None);
+                return Lookup::Unverifiable;
+            };
+            let Some(commands) = self.commands.get() else {
+                return Lookup::Unverifiable;
+            };
+            let (reply, outcome) = oneshot::channel();
+            let fetch = Fetch {
+                id,
+                found,
+                revision,
+                reply,
+            };
+            if !super::remote::deliver(commands, Synced::Fetched(Box::new(fetch))).await {
+                return Lookup::Unverifiable;
+            }
+            match outcome.await {
+                Ok(Fetched::Held) => {
+                    self.metrics.first_sight("held", Some(started.elapsed()));
+                    return Lookup::Held;
+                }
+                Ok(Fetched::Absent) => {
+                    self.metrics.first_sight("absent", Some(started.elapsed()));
+                    return Lookup::Absent;
+                }
+                Ok(Fetched::Stale) => {}
+                Err(_) => return Lookup::Unverifiable,
+            }
+        }
+        self.metrics.first_sight("kept_changing", None);
+        Lookup::Unverifiable
+    }
+
+    /// One read of `id` at etcd, on the etcd runtime: the record and its
+    /// revision if any, and etcd's revision; `None` when etcd did not
+    /// answer in time (or the record cannot be read).
+    async fn read(&self, id: KeyId) -> Option<(Option<(KeyRecord, i64)>, i64)> {
+        let etcd = self.etcd.clone();
+        let read = self.runtime.spawn(async move {
+            let key = etcd.key_path(&id);
+            tokio::time::timeout(FETCH_TIMEOUT, etcd.get_at(&key)).await
+        });
+        let (kv, revision) = match read.await {
+            Ok(Ok(Ok(answer))) => answer,
+            Ok(Ok(Err(error))) => {
+                tracing::debug!(%error, "a first-sight read of etcd failed");
+                return None;
+            }
+            _ => return None,
+        };
+        let found = match kv {
+            None => None,
+            Some(kv) => match record::decode(&kv.value) {
+                Ok(record) if record.id == id => Some((record, kv.mod_revision)),
+                Ok(_) | Err(_) => {
+                    tracing::error!(key_id = %id, "unreadable key record in etcd");
+                    return None;
+                }
+            },
+        };
+        Some((found, revision))
+    }
+
+    /// A key's record, read from etcd (key management on an on-demand
+    /// replica reads the truth: the replica holds only what is presented).
+    pub async fn record(&self, id: KeyId) -> Result<Option<KeyRecord>, KeyError> {
+        match self.read(id).await {
+            Some((found, _)) => Ok(found.map(|(record, _)| record)),
+            None => Err(KeyError::Unavailable),
+        }
+    }
+
+    /// Up to `limit` of `account`'s keys after `after`, in creation order,
+    /// from etcd's per-account listing; the cursor for the next page when
+    /// there may be one.
+    pub async fn account_page(
+        &self,
+        account: Arc<str>,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<KeyRecord>, Option<Cursor>), KeyError> {
+        let etcd = self.etcd.clone();
+        let read = self.runtime.spawn(async move {
+            let after = after.map(|cursor| cursor.position());
+            tokio::time::timeout(LIST_TIMEOUT, etcd.account_page(&account, after, limit)).await
+        });
+        match read.await {
+            Ok(Ok(Ok((records, more)))) => {
+                let next = records.last().filter(|_| more).map(Cursor::after);
+                Ok((records, next))
+            }
+            Ok(Ok(Err(error))) => {
+                tracing::warn!(%error, "listing an account's keys in etcd failed");
+                Err(KeyError::Unavailable)
+            }
+            _ => Err(KeyError::Unavailable),
+        }
+    }
+
+    /// Notes that the index now holds `id` (the writer, after a fetch or
+    /// this sidecar's own write); over the cap, moka picks what goes.
+    pub fn hold(&self, id: KeyId) {
+        self.absent.invalidate(&id);
+        self.held.insert(id, ());
+    }
+
+    /// Whether `id` is held by the policy.
+    #[must_use]
+    pub fn holds(&self, id: &KeyId) -> bool {
+        self.held.contains_key(id)
+    }
+
+    /// `id` was removed from the index (revoked).
+    pub fn release(&self, id: &KeyId) {
+        self.held.invalidate(id);
+    }
+
+    /// etcd has no `id` (checked in revision order by the writer).
+    pub fn remember_absent(&self, id: KeyId) {
+        self.absent.insert(id, ());
+    }
+
+    /// The watch wrote `id`: whatever was remembered of its absence is
+    /// over.
+    pub fn forget_absent(&self, id: &KeyId) {
+        self.absent.invalidate(id);
+    }
+
+    /// Forgets everything (a new watch after a compaction).
+    pub fn clear(&self) {
+        self.held.invalidate_all();
+        self.absent.invalidate_all();
+        self.evicted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The ids the policy evicted since the last call, to drop from the
+    /// index (those held again meanwhile excepted).
+    pub fn take_evicted(&self) -> Vec<KeyId> {
+        self.held.run_pending_tasks();
+        let evicted =
+            std::mem::take(&mut *self.evicted.lock().unwrap_or_else(PoisonError::into_inner));
+        evicted
+            .into_iter()
+            .filter(|id| !self.held.contains_key(id))
+            .collect()
+    }
+
+    /// Reports the keys decisions used since the last sweep to the policy,
+    /// once a second, and nudges the writer when something was evicted.
+    pub async fn sweep(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(SWEEP_EVERY);
+        loop {
+            ticks.tick().await;
+            let this = Arc::clone(&self);
+            // moka's maintenance may take a moment at a million ids: off
+            // the etcd runtime's only worker.
+            let evicted = tokio::task::spawn_blocking(move || {
+                this.index.take_seen(|id| {
+                    this.held.get(id);
+                });
+                this.held.run_pending_tasks();
+                !this
+                    .evicted
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_empty()
+            })
+            .await
+            .unwrap_or(false);
+            if evicted
+                && let Some(commands) = self.commands.get()
+                && !super::remote::deliver(commands, Synced::Evicted).await
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// The last [`RECENT_EVENTS`] key ids the watch delivered, with their
+/// revisions: whether a fetch at some revision may have missed a change.
+#[derive(Debug, Default)]
+pub struct Recent {
+    events: std::collections::VecDeque<(i64, KeyId)>,
+    /// Every watched change after this revision is in `events`.
+    since: i64,
+}
+
+impl Recent {
+    /// Nothing known before `revision` (a new watch from it).
+    pub fn reset(&mut self, revision: i64) {
+        self.events.clear();
+        self.since = revision;
+    }
+
+    /// The watch delivered a change to `id` at `revision`.
+    pub fn note(&mut self, id: KeyId, revision: i64) {
+        if self.events.len() == RECENT_EVENTS
+            && let Some((dropped, _)) = self.events.pop_front()
+        {
+            self.since = self.since.max(dropped);
+        }
+        self.events.push_back((revision, id));
+    }
+
+    /// Whether a fetch of `id` at `revision` is still the key's state: no
+    /// change to it after `revision` was delivered (`false` also when that
+    /// is no longer known).
+    #[must_use]
+    pub fn unchanged_since(&self, id: &KeyId, revision: i64) -> bool {
+        revision >= self.since
+            && !self
+                .events
+                .iter()
+                .any(|(at, changed)| *at > revision && changed == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> KeyId {
+        KeyId::from_bytes([n; 16])
+    }
+
+    #[test]
+    fn a_fetch_is_stale_once_the_key_changed_after_it() {
+        let mut recent = Recent::default();
+        recent.reset(10);
+        recent.note(id(1), 12);
+        recent.note(id(2), 13);
+        assert!(recent.unchanged_since(&id(1), 12), "the change it read");
+        assert!(
+            !recent.unchanged_since(&id(1), 11),
+            "read before the change"
+        );
+        assert!(recent.unchanged_since(&id(3), 11), "another key changed");
+        assert!(!recent.unchanged_since(&id(3), 9), "before what is known");
+    }
+
+    #[test]
+    fn forgotten_history_makes_every_older_fetch_stale() {
+        let mut recent = Recent::default();
+        recent.reset(0);
+        for n in 0..RECENT_EVENTS + 10 {
+            recent.note(id(1), i64::try_from(n).expect("small") + 1);
+        }
+        assert!(!recent.unchanged_since(&id(2), 5), "no longer known");
+        let newest = i64::try_from(RECENT_EVENTS + 10).expect("small");
+        assert!(recent.unchanged_since(&id(2), newest));
+        assert!(recent.events.len() <= RECENT_EVENTS);
+    }
+}
