@@ -1541,8 +1541,16 @@ async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
         };
         if !dir.join("data/db").exists() {
             let store = Store::open(&dir.join("data/db"))?;
+            // Secrets of keys spread over the whole set, for the on-demand
+            // replica's first sights (the store keeps hashes only).
+            let every = (size / replicated::SAMPLE_KEYS).max(1);
+            let mut sample = String::new();
             for i in 0..size {
                 let new_key = key::generate().map_err(|e| anyhow::anyhow!("rng: {e}"))?;
+                if i % every == 0 {
+                    sample.push_str(&new_key.text);
+                    sample.push('\n');
+                }
                 let at = i64::try_from(i).unwrap_or_default();
                 store.put(&KeyRecord {
                     id: new_key.id,
@@ -1556,6 +1564,7 @@ async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
                 })?;
             }
             store.flush()?;
+            std::fs::write(dir.join(replicated::SAMPLE_FILE), sample)?;
         }
         if args.etcd {
             replicated::measure(size, &dir).await?;

@@ -83,7 +83,7 @@ impl Access {
                 "this API key may not be used from this address (its allowlist)",
             )),
             Err(failure) if failure.reason == DenyReason::KeyUnverifiable => Err(Unauthenticated(
-                "this API key cannot be verified right now (etcd unreachable); retry later",
+                "this API key cannot be verified right now; retry later",
             )),
             Err(failure) => {
                 match (failure.wrong_secret, failure.key_id, failure.reason) {

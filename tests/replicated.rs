@@ -1103,11 +1103,65 @@ async fn an_on_demand_replica_fetches_at_first_sight_and_holds_only_its_working_
         ) >= 1
     );
 
+    management_reads_the_truth(&mut ca, &mut cb).await;
+}
+
+/// Key management on an on-demand replica (`cb`) reads etcd: what `ca`
+/// (full) wrote, listed in pages, read and renamed.
+async fn management_reads_the_truth(ca: &mut Client, cb: &mut Client) {
     // Key management reads the truth: B lists and reads what A wrote.
     let (listed_id, _) = ca.create("listed", &["mail.send"]).await.expect("create");
     ca.create("listed", &["alerts.read"]).await.expect("create");
     assert_eq!(cb.count("listed").await, 2);
     assert_eq!(cb.count("account-7").await, 40, "seeded keys are listed");
+    // In pages, through the tokens: every key once.
+    let (mut token, mut ids) = (String::new(), std::collections::HashSet::new());
+    loop {
+        let page = cb
+            .manager
+            .list_keys(bearer(
+                &cb.admin,
+                pb::ListKeysRequest {
+                    account_id: "account-7".into(),
+                    page_size: 7,
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("a page")
+            .into_inner();
+        for key in page.keys {
+            assert!(ids.insert(key.key_id), "listed twice");
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(ids.len(), 40);
+    // Last use is known here only for held keys: not a question for it.
+    let unused = cb
+        .manager
+        .list_keys(bearer(
+            &cb.admin,
+            pb::ListKeysRequest {
+                account_id: "account-7".into(),
+                unused_for: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(unused.code(), Code::InvalidArgument);
+    assert!(
+        unused.message().contains("unused_for"),
+        "{}",
+        unused.message()
+    );
     cb.rename(&listed_id, "renamed on B").await.expect("rename");
     assert_eq!(ca.name_of(&listed_id).await, "renamed on B");
     assert_eq!(cb.name_of(&listed_id).await, "renamed on B");

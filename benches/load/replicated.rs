@@ -1,6 +1,8 @@
 //! `scale --etcd`: replicated mode at scale against a real etcd on
-//! loopback: `keyward migrate` of N keys, then a fresh sidecar's start on
-//! them (time to ready, RSS, bytes etcd sent it), and its decisions.
+//! loopback: `keyward migrate` of N keys, then, in each replica mode, a
+//! fresh sidecar's start on them (time to ready, RSS, bytes etcd sent it),
+//! its decisions (first sight and repeat on demand), revocation reaching
+//! it, and a rolling restart of three.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -13,6 +15,13 @@ use tonic_health::pb::health_client::HealthClient;
 
 use super::envoy_bench::free_port;
 use super::{Call, RunArgs, Server, channel, run};
+
+/// Keys whose secrets the scale store keeps beside it, for first sights.
+pub const SAMPLE_KEYS: usize = 20_000;
+/// Where they are, in the store's directory: one key per line.
+pub const SAMPLE_FILE: &str = "sample-secrets.txt";
+/// Sidecars of each mode, restarted in turn.
+const SIDECARS: usize = 3;
 
 /// One etcd member on loopback ports, killed on drop.
 struct Etcd {
@@ -123,15 +132,34 @@ struct Row {
     read_bytes: f64,
     p50: f64,
     p99: f64,
-    /// Each sidecar's time to ready when restarted on its replica, in turn.
+    /// Each sidecar's time to ready when restarted, in turn.
     restarts: Vec<Duration>,
     /// Revocation on one sidecar until another denies: p50, p99 (ms).
     propagation: (f64, f64),
 }
 
-/// Starts a replicated sidecar on `dir`: it, how long it took from spawn
-/// until ready, and how many bytes etcd sent meanwhile.
-async fn start_ready(etcd: &Etcd, dir: &Path) -> anyhow::Result<(Server, Duration, f64)> {
+/// An on-demand replica's row.
+struct DemandRow {
+    keys: usize,
+    held: usize,
+    ready: Duration,
+    rss: u64,
+    read_bytes: f64,
+    /// First sights (an etcd read each): p50, p99 (ms).
+    first_sight: (f64, f64),
+    /// Repeat decisions of one held key: p50, p99 (ms).
+    repeat: (f64, f64),
+    restarts: Vec<Duration>,
+    propagation: (f64, f64),
+}
+
+/// Starts a replicated sidecar on `dir` with `flags`: it, how long it took
+/// from spawn until ready, and how many bytes etcd sent meanwhile.
+async fn start_ready(
+    etcd: &Etcd,
+    dir: &Path,
+    flags: &[&str],
+) -> anyhow::Result<(Server, Duration, f64)> {
     let before = etcd.sent_bytes()?;
     let started = Instant::now();
     let server = Server::start_listening(
@@ -139,33 +167,15 @@ async fn start_ready(etcd: &Etcd, dir: &Path) -> anyhow::Result<(Server, Duratio
         dir,
         None,
         "127.0.0.1:0",
-        &["--etcd-endpoints", &etcd.url],
+        &[&["--etcd-endpoints", &etcd.url], flags].concat(),
     )?;
     ready(&server).await?;
     let took = started.elapsed();
     Ok((server, took, etcd.sent_bytes()? - before))
 }
 
-/// Migrates the standalone store in `dir` (N keys) into a fresh etcd,
-/// then starts replicated sidecars on it and measures them.
-pub async fn measure(keys: usize, dir: &Path) -> anyhow::Result<()> {
-    let etcd = Etcd::start()?;
-    let started = Instant::now();
-    let migrated = Command::new(super::BIN)
-        .args(["migrate", "--etcd-endpoints", &etcd.url, "--data-dir"])
-        .arg(dir.join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()?;
-    let migrate = started.elapsed();
-    if !migrated.status.success() {
-        bail!("migrate failed: {migrated:?}");
-    }
-    let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
-    let (a, ready_in, read_bytes) = start_ready(&etcd, dirs[0].path()).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss = a.rss_bytes();
-    let key = a.create_key().await?;
+/// Authorize latency of one key, as the load tool measures it (c=1).
+async fn repeat(server: &Server, key: &str) -> anyhow::Result<(f64, f64)> {
     let summary = run(
         &RunArgs {
             call: Call::Authorize,
@@ -180,27 +190,137 @@ pub async fn measure(keys: usize, dir: &Path) -> anyhow::Result<()> {
             json: None,
             expect_ok: true,
         },
-        &a.addr,
-        &key,
+        &server.addr,
+        key,
     )
     .await?;
-    let (b, _, _) = start_ready(&etcd, dirs[1].path()).await?;
-    let propagation = propagation(&a, &b, 100).await?;
-    // A rolling restart: each sidecar in turn, on its own replica.
+    Ok((summary.quantile_ms(0.5), summary.quantile_ms(0.99)))
+}
+
+/// Starts `SIDECARS` sidecars with `flags`, each on its own directory;
+/// the first one's time to ready and bytes read.
+async fn start_all(
+    etcd: &Etcd,
+    flags: &[&str],
+) -> anyhow::Result<(Vec<Server>, Vec<tempfile::TempDir>, Duration, f64)> {
+    let dirs: Vec<tempfile::TempDir> = (0..SIDECARS)
+        .map(|_| tempfile::tempdir())
+        .collect::<Result<_, _>>()?;
+    let mut servers = Vec::new();
+    let (mut first_ready, mut first_read) = (Duration::ZERO, 0.0);
+    for dir in &dirs {
+        let (server, took, read) = start_ready(etcd, dir.path(), flags).await?;
+        if servers.is_empty() {
+            (first_ready, first_read) = (took, read);
+        }
+        servers.push(server);
+    }
+    Ok((servers, dirs, first_ready, first_read))
+}
+
+/// A rolling restart: each sidecar in turn, on its own directory.
+async fn rolling_restart(
+    etcd: &Etcd,
+    servers: Vec<Server>,
+    dirs: &[tempfile::TempDir],
+    flags: &[&str],
+) -> anyhow::Result<Vec<Duration>> {
     let mut restarts = Vec::new();
-    for (server, dir) in [a, b].into_iter().zip(&dirs) {
+    for (server, dir) in servers.into_iter().zip(dirs) {
         drop(server);
-        let (_, took, _) = start_ready(&etcd, dir.path()).await?;
+        let (_, took, _) = start_ready(etcd, dir.path(), flags).await?;
         restarts.push(took);
     }
+    Ok(restarts)
+}
+
+/// Migrates the standalone store in `dir` (N keys) into a fresh etcd,
+/// then starts replicated sidecars on it in each mode and measures them.
+pub async fn measure(keys: usize, dir: &Path) -> anyhow::Result<()> {
+    let etcd = Etcd::start()?;
+    let started = Instant::now();
+    let migrated = Command::new(super::BIN)
+        .args(["migrate", "--etcd-endpoints", &etcd.url, "--data-dir"])
+        .arg(dir.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()?;
+    let migrate = started.elapsed();
+    if !migrated.status.success() {
+        bail!("migrate failed: {migrated:?}");
+    }
+    let (servers, dirs, ready_in, read_bytes) = start_all(&etcd, &[]).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss = servers[0].rss_bytes();
+    let key = servers[0].create_key().await?;
+    let (p50, p99) = repeat(&servers[0], &key).await?;
+    let propagation = propagation(&servers[0], &servers[1], 100).await?;
+    let restarts = rolling_restart(&etcd, servers, &dirs, &[]).await?;
     print(&Row {
         keys,
         migrate,
         ready: ready_in,
         rss,
         read_bytes,
-        p50: summary.quantile_ms(0.5),
-        p99: summary.quantile_ms(0.99),
+        p50,
+        p99,
+        restarts,
+        propagation,
+    });
+    match std::fs::read_to_string(dir.join(SAMPLE_FILE)) {
+        Ok(sample) => on_demand(&etcd, keys, &sample.lines().collect::<Vec<_>>()).await,
+        Err(_) => {
+            println!(
+                "replicated (on-demand): skipped, {} is missing (a store built before it was written: delete the data root)",
+                dir.join(SAMPLE_FILE).display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The on-demand replica over the same etcd: ready, first sights of the
+/// sample keys (all held: the cache is their number), repeat decisions,
+/// revocation of a held key, rolling restart.
+async fn on_demand(etcd: &Etcd, keys: usize, sample: &[&str]) -> anyhow::Result<()> {
+    let held = sample.len().to_string();
+    // The fetch rate is lifted so that the bench measures latency, not the
+    // flood bound (which the tests prove).
+    let flags = [
+        "--replica-mode",
+        "on-demand",
+        "--replica-cache-keys",
+        &held,
+        "--replica-fetch-rate",
+        "1000000",
+    ];
+    let (servers, dirs, ready_in, read_bytes) = start_all(etcd, &flags).await?;
+    let mut asker =
+        keyward::pb::v1::authorizer_client::AuthorizerClient::new(channel(&servers[0].addr).await?);
+    let mut first = Vec::with_capacity(sample.len());
+    for secret in sample {
+        let sent = Instant::now();
+        if !allowed(&mut asker, secret).await? {
+            bail!("a sampled key was not allowed at its first sight");
+        }
+        first.push(u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rss = servers[0].rss_bytes();
+    let repeat = repeat(&servers[0], sample[0]).await?;
+    let propagation = propagation(&servers[1], &servers[0], 100).await?;
+    let restarts = rolling_restart(etcd, servers, &dirs, &flags).await?;
+    print_on_demand(&DemandRow {
+        keys,
+        held: sample.len(),
+        ready: ready_in,
+        rss,
+        read_bytes,
+        first_sight: (
+            super::quantile_ms(&mut first, 0.5),
+            super::quantile_ms(&mut first, 0.99),
+        ),
+        repeat,
         restarts,
         propagation,
     });
@@ -259,12 +379,33 @@ async fn propagation(a: &Server, b: &Server, rounds: usize) -> anyhow::Result<(f
     ))
 }
 
-fn print(row: &Row) {
-    let restarts: Vec<String> = row
-        .restarts
+fn seconds(durations: &[Duration]) -> String {
+    durations
         .iter()
         .map(|d| format!("{:.2} s", d.as_secs_f64()))
-        .collect();
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_on_demand(row: &DemandRow) {
+    println!(
+        "replicated (on-demand) {:>9} keys: ready in {:>6.2} s, read from etcd {:>7.3} MB, first sight p50 {:.3} ms p99 {:.3} ms, holding {} keys RSS {:>6.1} MiB, repeat Authorize p50 {:.3} ms p99 {:.3} ms (c=1), revocation of a held key p50 {:.2} ms p99 {:.2} ms, rolling restart ready in {}",
+        row.keys,
+        row.ready.as_secs_f64(),
+        row.read_bytes / 1e6,
+        row.first_sight.0,
+        row.first_sight.1,
+        row.held,
+        row.rss as f64 / 1_048_576.0,
+        row.repeat.0,
+        row.repeat.1,
+        row.propagation.0,
+        row.propagation.1,
+        seconds(&row.restarts)
+    );
+}
+
+fn print(row: &Row) {
     println!(
         "replicated (full) {:>9} keys: migrate {:>6.1} s ({:>7.0} keys/s), ready in {:>6.2} s, RSS {:>6.1} MiB, read from etcd {:>7.1} MB, Authorize p50 {:.3} ms p99 {:.3} ms (c=1), revocation to another sidecar p50 {:.2} ms p99 {:.2} ms, rolling restart ready in {}",
         row.keys,
@@ -277,6 +418,6 @@ fn print(row: &Row) {
         row.p99,
         row.propagation.0,
         row.propagation.1,
-        restarts.join(", ")
+        seconds(&row.restarts)
     );
 }

@@ -68,9 +68,7 @@ impl DenyReason {
             Self::KeyDisabled => "the provided API key is disabled",
             Self::IpNotAllowed => "access forbidden: the API key may not be used from this address",
             Self::RateLimited => "too many requests: the API key's rate limit is exhausted",
-            Self::KeyUnverifiable => {
-                "the API key cannot be verified right now: the key store is unreachable; retry later"
-            }
+            Self::KeyUnverifiable => "the API key cannot be verified right now; retry later",
         }
     }
 

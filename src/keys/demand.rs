@@ -28,8 +28,10 @@
 //!   [`ABSENT_TTL`]); a watched put of the id forgets it.
 //! - **First sights are bounded**: at most `--replica-fetch-rate` etcd
 //!   reads a second (burst the same), however many ids are presented;
-//!   concurrent first sights of one id share one read. Over the rate, or
-//!   with etcd away, a new key is refused as unverifiable (never allowed).
+//!   concurrent first sights of one id share one read. Ids found in etcd
+//!   before (held, or evicted since) are fetched again outside that rate,
+//!   so a flood cannot keep a known key out. Over the rate, or with etcd
+//!   away, a new key is refused as unverifiable (never allowed).
 
 use std::sync::atomic::AtomicI64;
 use std::sync::mpsc::SyncSender;
@@ -59,6 +61,11 @@ pub const ABSENT_KEYS: u64 = 65_536;
 /// How long an id is remembered as absent. The watch forgets it sooner if
 /// the id is written; this bounds what a missed event could cost.
 pub const ABSENT_TTL: Duration = Duration::from_secs(60);
+/// Known ids remembered per key held (see `OnDemand::known`), at most
+/// [`MAX_KNOWN`] (≈ 100 bytes each).
+const KNOWN_PER_HELD: u64 = 4;
+/// See [`KNOWN_PER_HELD`].
+const MAX_KNOWN: u64 = 1_000_000;
 /// Longest wait for one fetch from etcd.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Fetches of one first sight before it is given up as unverifiable (a
@@ -132,6 +139,10 @@ pub struct OnDemand {
     held: moka::sync::Cache<KeyId, ()>,
     evicted: Arc<Mutex<Vec<KeyId>>>,
     absent: moka::sync::Cache<KeyId, ()>,
+    /// Ids etcd was found to hold here (evicted or not): fetched again
+    /// outside the first-sight rate, so a flood of made-up ids cannot stop
+    /// a known key from being fetched again after an eviction.
+    known: moka::sync::Cache<KeyId, ()>,
     /// Coalesces concurrent first sights of one id (never holds a value).
     fetching: moka::future::Cache<KeyId, ()>,
     first_sights: Gcra,
@@ -182,6 +193,15 @@ impl OnDemand {
                 .max_capacity(ABSENT_KEYS)
                 .time_to_live(ABSENT_TTL)
                 .build(),
+            known: moka::sync::Cache::builder()
+                .max_capacity(
+                    demand
+                        .cache_keys
+                        .saturating_mul(KNOWN_PER_HELD)
+                        .min(MAX_KNOWN),
+                )
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
             fetching: moka::future::Cache::builder().max_capacity(1).build(),
             first_sights,
             first_sight_tat: AtomicI64::new(0),
@@ -224,10 +244,11 @@ impl OnDemand {
     /// changed the key meanwhile).
     async fn fetch(&self, id: KeyId) -> Lookup {
         let started = Instant::now();
-        if self
-            .first_sights
-            .admit(&self.first_sight_tat, now_nanos())
-            .is_err()
+        if !self.known.contains_key(&id)
+            && self
+                .first_sights
+                .admit(&self.first_sight_tat, now_nanos())
+                .is_err()
         {
             self.metrics.first_sight("over_rate", None);
             return Lookup::Unverifiable;
@@ -252,10 +273,12 @@ impl OnDemand {
             }
             match outcome.await {
                 Ok(Fetched::Held) => {
+                    self.known.insert(id, ());
                     self.metrics.first_sight("held", Some(started.elapsed()));
                     return Lookup::Held;
                 }
                 Ok(Fetched::Absent) => {
+                    self.known.invalidate(&id);
                     self.metrics.first_sight("absent", Some(started.elapsed()));
                     return Lookup::Absent;
                 }
@@ -321,10 +344,7 @@ impl OnDemand {
             tokio::time::timeout(LIST_TIMEOUT, etcd.account_page(&account, after, limit)).await
         });
         match read.await {
-            Ok(Ok(Ok((records, more)))) => {
-                let next = records.last().filter(|_| more).map(Cursor::after);
-                Ok((records, next))
-            }
+            Ok(Ok(Ok((records, last)))) => Ok((records, last.map(Cursor::after))),
             Ok(Ok(Err(error))) => {
                 tracing::warn!(%error, "listing an account's keys in etcd failed");
                 Err(KeyError::Unavailable)
@@ -348,6 +368,7 @@ impl OnDemand {
 
     /// `id` was removed from the index (revoked).
     pub fn release(&self, id: &KeyId) {
+        self.known.invalidate(id);
         self.held.invalidate(id);
     }
 

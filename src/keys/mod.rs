@@ -260,6 +260,14 @@ impl Keys {
                 })?,
             )
         };
+        if self.demand.is_some() && unused_for.is_some() {
+            // Last use is known here only for the keys held now: a key busy
+            // elsewhere would be listed as unused.
+            return Err(KeyError::Invalid {
+                field: "unused_for",
+                problem: "an on-demand replica knows the last use only of the keys it holds; ask a full replica".into(),
+            });
+        }
         let listed = Arc::clone(&account);
         let (mut records, next) = match &self.demand {
             Some(demand) => demand.account_page(listed, after, limit).await?,

@@ -164,12 +164,11 @@ impl Writer {
                 store.set_replica(0, 0)?;
                 store.flush()?;
             }
-            (Some(_), Some(held)) if settings.on_demand.is_some() && held.synced_at != 0 => {
+            (Some(_), Some(_)) if settings.on_demand.is_some() && !store.is_empty() => {
                 // A full replica left by an earlier start: an on-demand
                 // replica does not keep it current, so it must not pass for
-                // current if full mode comes back (that start reads etcd
-                // in full first).
-                store.set_replica(0, 0)?;
+                // current (or be decided from) if full mode comes back.
+                store.clear_replica()?;
                 store.flush()?;
                 replica = store.replica()?;
             }
@@ -610,11 +609,18 @@ impl Writer {
             // The watch keeps a held key current.
             return Fetched::Held;
         }
-        let floor = self
-            .remote
-            .as_ref()
-            .map_or(0, |remote| remote.replica.floor());
-        if fetch.revision < floor && !recent.unchanged_since(&fetch.id, fetch.revision) {
+        let (floor, written_here) = self.remote.as_ref().map_or((0, false), |remote| {
+            (
+                remote.replica.floor(),
+                remote.replica.changed_after(&fetch.id, fetch.revision),
+            )
+        });
+        // Changed after the fetch's revision, by the watch (passed over
+        // while the key was not held) or by this sidecar itself (say a
+        // revocation whose event has not come back yet): read it again.
+        if written_here
+            || (fetch.revision < floor && !recent.unchanged_since(&fetch.id, fetch.revision))
+        {
             return Fetched::Stale;
         }
         let Some((record, written_at)) = &fetch.found else {

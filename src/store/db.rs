@@ -129,12 +129,13 @@ pub struct Cursor {
 impl Cursor {
     const LEN: usize = 24;
 
-    /// The position just after `record`, in its account's creation order.
+    /// The position just after the key created at `created_at` with `id`,
+    /// in its account's creation order.
     #[must_use]
-    pub fn after(record: &KeyRecord) -> Self {
+    pub fn after((created_at, id): (i64, KeyId)) -> Self {
         Self {
-            created_nanos: u64::try_from(record.created_at).unwrap_or(0),
-            id: record.id,
+            created_nanos: u64::try_from(created_at).unwrap_or(0),
+            id,
         }
     }
 
@@ -496,6 +497,17 @@ impl Store {
         key.extend_from_slice(id.as_bytes());
         self.replica.insert(key, &revision.to_be_bytes())?;
         Ok(())
+    }
+
+    /// Forgets every key and the replica's progress (an on-demand replica
+    /// keeps nothing on disk: what a full replica left must not pass for
+    /// current later). Durable after [`Self::flush`].
+    pub fn clear_replica(&self) -> Result<(), StoreError> {
+        self.keys.clear()?;
+        self.by_account.clear()?;
+        self.last_used.clear()?;
+        self.replica.clear()?;
+        self.set_replica(0, 0)
     }
 
     /// Marks the store as etcd's replica, holding everything through

@@ -308,13 +308,15 @@ impl Etcd {
     }
 
     /// Up to `limit` of `account`'s keys in creation order, strictly after
-    /// `after` (creation time, id), and whether there are more.
+    /// `after` (creation time, id); when there are more, the position of
+    /// the last listing entry read (a page may hold fewer keys than
+    /// entries: a key deleted meanwhile).
     pub async fn account_page(
         &self,
         account: &str,
         after: Option<(i64, KeyId)>,
         limit: usize,
-    ) -> Result<(Vec<KeyRecord>, bool), EtcdError> {
+    ) -> Result<(Vec<KeyRecord>, Option<(i64, KeyId)>), EtcdError> {
         let prefix = self.listing_prefix(account);
         let start = match after {
             Some((created_at, id)) => {
@@ -336,14 +338,16 @@ impl Etcd {
             })
             .await?
             .into_inner();
-        let ids: Vec<KeyId> = reply
+        let listed: Vec<(i64, KeyId)> = reply
             .kvs
             .iter()
             .filter_map(|kv| {
-                let suffix = kv.key.get(prefix.len() + 16..)?;
-                std::str::from_utf8(suffix).ok()?.parse().ok()
+                let entry = std::str::from_utf8(kv.key.get(prefix.len()..)?).ok()?;
+                let (created, id) = entry.split_at_checked(16)?;
+                Some((i64::from_str_radix(created, 16).ok()?, id.parse().ok()?))
             })
             .collect();
+        let ids: Vec<KeyId> = listed.iter().map(|(_, id)| *id).collect();
         let mut records = Vec::with_capacity(ids.len());
         // One transaction of reads per chunk, within etcd's op limit.
         for chunk in ids.chunks(64) {
@@ -359,7 +363,7 @@ impl Etcd {
                 })?);
             }
         }
-        Ok((records, reply.more))
+        Ok((records, listed.last().copied().filter(|_| reply.more)))
     }
 
     /// The etcd key of an account's key count.
