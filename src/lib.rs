@@ -30,9 +30,12 @@
 //!   which also follows etcd: a paginated read, then the watch), makes the
 //!   change durable, then applies it to the local store and the index
 //!   through one apply function, which also applies what the etcd watch
-//!   delivers. `keys::change` is the vocabulary they share and
-//!   `keys::shared` what passes between the writer thread and the rest;
-//!   arrows point only from writer to remote to stage to change. No storage
+//!   delivers. `keys::demand` is the on-demand replica (keys fetched at
+//!   their first sight, held under an eviction policy), which the writer
+//!   applies and the authorizer asks on a miss. `keys::change` is the
+//!   vocabulary they share and `keys::shared` what passes between the
+//!   writer thread and the rest; arrows point only from writer to remote
+//!   to stage to change, and from writer and authorizer to demand. No storage
 //!   or etcd call runs on an async worker: a failing disk or an unreachable
 //!   etcd costs writes, never decisions.
 //! - [`store`]: sled (standalone truth, or etcd's local replica), versioned

@@ -472,6 +472,24 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_with_etcd() {
     .await;
 }
 
+/// The same with an on-demand replica: nothing on disk, every key fetched
+/// from etcd again after each restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_random_moments_loses_nothing_acknowledged_on_demand() {
+    let Some(cluster) = common::etcd::Cluster::start(1).await else {
+        return;
+    };
+    harness(&[
+        "--data-dir",
+        "data",
+        "--etcd-endpoints",
+        &cluster.endpoints(),
+        "--replica-mode",
+        "on-demand",
+    ])
+    .await;
+}
+
 /// Runs the writers and deciders against `keyward serve <args>`, SIGKILLs
 /// it at random moments, restarts it, and checks the ledger each time.
 async fn harness(args: &[&str]) {

@@ -72,6 +72,8 @@ async fn the_replicated_overlay_settings_start_keyward() {
         "KEYWARD_STORE_TIMEOUT_MS",
         "KEYWARD_REQUEST_TIMEOUT_MS",
         "KEYWARD_MAX_STALENESS",
+        "KEYWARD_REPLICA_MODE",
+        "KEYWARD_REPLICA_CACHE_KEYS",
     ] {
         assert!(names.contains(&expected), "{expected} is set");
     }
@@ -115,6 +117,6 @@ async fn the_replicated_overlay_settings_start_keyward() {
     assert_eq!(
         status,
         tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
-        "not ready before a first full read"
+        "not ready before etcd answers"
     );
 }

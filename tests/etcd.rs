@@ -290,11 +290,11 @@ async fn remove(etcd: &Etcd, id: &keyward::domain::key::KeyId) -> bool {
         };
         let record = keyward::store::record::decode(&kv.value).expect("a record");
         let account = etcd.account_path(&record.account);
-        let (count, revision) = etcd.count(&account).await.expect("count");
-        let read = [(key, kv.mod_revision), (account, revision)];
+        let held = etcd.account(&account).await.expect("account");
+        let read = [(key, kv.mod_revision), (account, held.revision)];
         let removal = Mutation::Remove {
             record: &record,
-            count,
+            account: &held,
         };
         if etcd
             .commit(&read, &removal)

@@ -147,6 +147,8 @@ struct DemandRow {
     read_bytes: f64,
     /// First sights (an etcd read each): p50, p99 (ms).
     first_sight: (f64, f64),
+    /// The same keys read straight from etcd by the bench: p50, p99 (ms).
+    direct: (f64, f64),
     /// Repeat decisions of one held key: p50, p99 (ms).
     repeat: (f64, f64),
     restarts: Vec<Duration>,
@@ -297,6 +299,30 @@ async fn on_demand(etcd: &Etcd, keys: usize, sample: &[&str]) -> anyhow::Result<
     let (servers, dirs, ready_in, read_bytes) = start_all(etcd, &flags).await?;
     let mut asker =
         keyward::pb::v1::authorizer_client::AuthorizerClient::new(channel(&servers[0].addr).await?);
+    // The baseline, in the same run: etcd's own answer to a read of one
+    // key, from this process (what every first sight waits for).
+    let direct = {
+        let client = keyward::store::etcd::Etcd::connect(
+            std::slice::from_ref(&etcd.url),
+            keyward::store::etcd::DEFAULT_PREFIX,
+        )?;
+        let mut took = Vec::with_capacity(sample.len());
+        for secret in sample {
+            let id: keyward::domain::key::KeyId = secret
+                .split('.')
+                .nth(1)
+                .context("a key id")?
+                .parse()
+                .map_err(|_| anyhow::anyhow!("a key id"))?;
+            let sent = Instant::now();
+            client.get_at(&client.key_path(&id)).await?;
+            took.push(u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        }
+        (
+            super::quantile_ms(&mut took, 0.5),
+            super::quantile_ms(&mut took, 0.99),
+        )
+    };
     let mut first = Vec::with_capacity(sample.len());
     for secret in sample {
         let sent = Instant::now();
@@ -320,6 +346,7 @@ async fn on_demand(etcd: &Etcd, keys: usize, sample: &[&str]) -> anyhow::Result<
             super::quantile_ms(&mut first, 0.5),
             super::quantile_ms(&mut first, 0.99),
         ),
+        direct,
         repeat,
         restarts,
         propagation,
@@ -389,12 +416,14 @@ fn seconds(durations: &[Duration]) -> String {
 
 fn print_on_demand(row: &DemandRow) {
     println!(
-        "replicated (on-demand) {:>9} keys: ready in {:>6.2} s, read from etcd {:>7.3} MB, first sight p50 {:.3} ms p99 {:.3} ms, holding {} keys RSS {:>6.1} MiB, repeat Authorize p50 {:.3} ms p99 {:.3} ms (c=1), revocation of a held key p50 {:.2} ms p99 {:.2} ms, rolling restart ready in {}",
+        "replicated (on-demand) {:>9} keys: ready in {:>6.2} s, read from etcd {:>7.3} MB, first sight p50 {:.3} ms p99 {:.3} ms (etcd read alone p50 {:.3} ms p99 {:.3} ms), holding {} keys RSS {:>6.1} MiB, repeat Authorize p50 {:.3} ms p99 {:.3} ms (c=1), revocation of a held key p50 {:.2} ms p99 {:.2} ms, rolling restart ready in {}",
         row.keys,
         row.ready.as_secs_f64(),
         row.read_bytes / 1e6,
         row.first_sight.0,
         row.first_sight.1,
+        row.direct.0,
+        row.direct.1,
         row.held,
         row.rss as f64 / 1_048_576.0,
         row.repeat.0,

@@ -344,7 +344,11 @@ impl OnDemand {
             tokio::time::timeout(LIST_TIMEOUT, etcd.account_page(&account, after, limit)).await
         });
         match read.await {
-            Ok(Ok(Ok((records, last)))) => Ok((records, last.map(Cursor::after))),
+            Ok(Ok(Ok(Some((records, last))))) => Ok((records, last.map(Cursor::after))),
+            Ok(Ok(Ok(None))) => Err(KeyError::Invalid {
+                field: "account_id",
+                problem: "etcd holds this account's key count but not its key ids (written by an earlier keyward): list it through a full replica".into(),
+            }),
             Ok(Ok(Err(error))) => {
                 tracing::warn!(%error, "listing an account's keys in etcd failed");
                 Err(KeyError::Unavailable)

@@ -36,7 +36,7 @@ use crate::clock::now_nanos;
 use crate::domain::key::KeyId;
 use crate::metrics::Metrics;
 use crate::store::db::StoreError;
-use crate::store::etcd::{Connection, Etcd, EtcdError, Listing, Mutation, Page, Watched};
+use crate::store::etcd::{Account, Connection, Etcd, EtcdError, Listing, Mutation, Page, Watched};
 use crate::store::record::{self, KeyRecord};
 
 /// Most times a change is re-run after its transaction lost a race.
@@ -193,23 +193,27 @@ impl Remote {
                 remote: self,
                 deadline,
                 read: Vec::new(),
-                counts: HashMap::new(),
+                accounts: HashMap::new(),
             };
             let staged = rules.stage(&mut view, actor, change.clone())?;
             let record = &staged.committed.after;
+            let account = match staged.write {
+                Write::Create | Write::Remove => view.account(&record.account)?,
+                Write::Replace => Account::default(),
+            };
             let mutation = match staged.write {
                 Write::Create => {
                     // Ids are random; this makes uniqueness a guarantee.
                     view.read.push((view.remote.etcd.key_path(&record.id), 0));
                     Mutation::Create {
                         record,
-                        count: view.count(&record.account)? as u64,
+                        account: &account,
                     }
                 }
                 Write::Replace => Mutation::Replace { record },
                 Write::Remove => Mutation::Remove {
                     record,
-                    count: view.count(&record.account)? as u64,
+                    account: &account,
                 },
             };
             let read = std::mem::take(&mut view.read);
@@ -346,7 +350,7 @@ struct EtcdView<'a> {
     remote: &'a Remote,
     deadline: Instant,
     read: Vec<(Vec<u8>, i64)>,
-    counts: HashMap<String, usize>,
+    accounts: HashMap<String, Account>,
 }
 
 impl View for EtcdView<'_> {
@@ -366,16 +370,23 @@ impl View for EtcdView<'_> {
     }
 
     fn count(&mut self, account: &str) -> Result<usize, KeyError> {
-        if let Some(count) = self.counts.get(account) {
-            return Ok(*count);
+        Ok(usize::try_from(self.account(account)?.count).unwrap_or(usize::MAX))
+    }
+}
+
+impl EtcdView<'_> {
+    /// The account's entry as read for this change (read once, and noted
+    /// for the transaction's compares).
+    fn account(&mut self, account: &str) -> Result<Account, KeyError> {
+        if let Some(held) = self.accounts.get(account) {
+            return Ok(held.clone());
         }
         let path = self.remote.etcd.account_path(account);
         let etcd = &self.remote.etcd;
-        let (count, revision) = self.remote.call(self.deadline, || etcd.count(&path))?;
-        self.read.push((path, revision));
-        let count = usize::try_from(count).unwrap_or(usize::MAX);
-        self.counts.insert(account.to_owned(), count);
-        Ok(count)
+        let held = self.remote.call(self.deadline, || etcd.account(&path))?;
+        self.read.push((path, held.revision));
+        self.accounts.insert(account.to_owned(), held.clone());
+        Ok(held)
     }
 }
 

@@ -536,7 +536,10 @@ impl Writer {
                 IndexChange::Remove(id) => {
                     self.index.remove(&id);
                     if let Some(demand) = demand {
+                        // Revoked: ids are never reused, so its next
+                        // presentations are answered without asking etcd.
                         demand.release(&id);
+                        demand.remember_absent(id);
                     }
                 }
             }

@@ -86,15 +86,14 @@ struct Batch {
 }
 
 impl Batch {
-    /// Whether `record` fits: a key's compare and two puts (its record and
-    /// its entry in the account's listing), and a compare and a put for its
-    /// account's count if it is a new account here.
+    /// Whether `record` fits: a key's compare and put, and one more of
+    /// each for its account's entry if it is a new account here.
     fn fits(&self, record: &KeyRecord) -> bool {
         let new_account = self
             .records
             .last()
             .is_none_or(|last| last.account != record.account);
-        let ops = 2 * (self.records.len() + 1) + self.accounts + usize::from(new_account);
+        let ops = self.records.len() + 1 + self.accounts + usize::from(new_account);
         self.records.is_empty()
             || (ops <= MAX_TXN_OPS && self.bytes + record_bytes(record) <= MAX_TXN_BYTES)
     }

@@ -7,14 +7,13 @@
 //! Layout under the prefix (default `/keyward/`):
 //! - `keys/<key id>`: the key's record, in the same versioned encoding as
 //!   sled ([`super::record`]), so both stores hold byte-identical records;
-//! - `accounts/<account id>`: the account's live key count (decimal). Every
-//!   create and delete changes it in the same transaction as the key, with
-//!   a compare on its revision: the per-account limit holds across every
-//!   sidecar, not per process.
-//! - `by-account/<account id>/<created, 16 hex digits><key id>`: empty; an
-//!   account's keys in creation order, for listing one account without
-//!   reading every key (an on-demand replica's ListKeys). Written and
-//!   removed in the same transaction as the key.
+//! - `accounts/<account id>`: the account's live key count (decimal),
+//!   then its key ids, space-separated ([`Account`]). Every create and
+//!   delete rewrites it in the same transaction as the key, with a compare
+//!   on its revision: the per-account limit holds across every sidecar, not
+//!   per process, and one account's keys are listed without reading every
+//!   key (an on-demand replica's ListKeys). A value of the count alone was
+//!   written by a keyward from before the ids were kept.
 //!
 //! Last-used times are not here: each sidecar keeps its own.
 
@@ -295,62 +294,23 @@ impl Etcd {
         format!("{}keys/{id}", self.prefix).into_bytes()
     }
 
-    /// The etcd key of a key's entry in its account's listing.
-    #[must_use]
-    pub fn listed_path(&self, account: &str, created_at: i64, id: &KeyId) -> Vec<u8> {
-        let mut path = self.listing_prefix(account);
-        path.extend_from_slice(format!("{:016x}{id}", created_at.max(0)).as_bytes());
-        path
-    }
-
-    fn listing_prefix(&self, account: &str) -> Vec<u8> {
-        format!("{}by-account/{account}/", self.prefix).into_bytes()
-    }
-
     /// Up to `limit` of `account`'s keys in creation order, strictly after
-    /// `after` (creation time, id); when there are more, the position of
-    /// the last listing entry read (a page may hold fewer keys than
-    /// entries: a key deleted meanwhile).
+    /// `after` (creation time, id), from the ids its entry holds; when
+    /// there are more, the position of the last one returned. `None` for
+    /// an account whose entry holds a count only ([`Account::listed`]).
     pub async fn account_page(
         &self,
         account: &str,
         after: Option<(i64, KeyId)>,
         limit: usize,
-    ) -> Result<(Vec<KeyRecord>, Option<(i64, KeyId)>), EtcdError> {
-        let prefix = self.listing_prefix(account);
-        let start = match after {
-            Some((created_at, id)) => {
-                let mut start = self.listed_path(account, created_at, &id);
-                start.push(0);
-                start
-            }
-            None => prefix.clone(),
-        };
-        let reply = self
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: start,
-                range_end: prefix_end(&prefix),
-                limit: i64::try_from(limit).unwrap_or(i64::MAX),
-                keys_only: true,
-                ..RangeRequest::default()
-            })
-            .await?
-            .into_inner();
-        let listed: Vec<(i64, KeyId)> = reply
-            .kvs
-            .iter()
-            .filter_map(|kv| {
-                let entry = std::str::from_utf8(kv.key.get(prefix.len()..)?).ok()?;
-                let (created, id) = entry.split_at_checked(16)?;
-                Some((i64::from_str_radix(created, 16).ok()?, id.parse().ok()?))
-            })
-            .collect();
-        let ids: Vec<KeyId> = listed.iter().map(|(_, id)| *id).collect();
-        let mut records = Vec::with_capacity(ids.len());
+    ) -> Result<Option<AccountPage>, EtcdError> {
+        let held = self.account(&self.account_path(account)).await?;
+        if !held.listed {
+            return Ok(None);
+        }
+        let mut records = Vec::with_capacity(held.ids.len());
         // One transaction of reads per chunk, within etcd's op limit.
-        for chunk in ids.chunks(64) {
+        for chunk in held.ids.chunks(64) {
             for kv in self
                 .get_many(chunk.iter().map(|id| self.key_path(id)))
                 .await?
@@ -363,7 +323,15 @@ impl Etcd {
                 })?);
             }
         }
-        Ok((records, listed.last().copied().filter(|_| reply.more)))
+        records.sort_by_key(|record| (record.created_at, record.id));
+        records.retain(|record| after.is_none_or(|after| (record.created_at, record.id) > after));
+        let more = records.len() > limit;
+        records.truncate(limit);
+        let last = records
+            .last()
+            .filter(|_| more)
+            .map(|record| (record.created_at, record.id));
+        Ok(Some((records, last)))
     }
 
     /// The etcd key of an account's key count.
@@ -385,10 +353,14 @@ impl Etcd {
         let key = self.key_path(&record.id);
         let account = self.account_path(&record.account);
         loop {
-            let (count, count_revision) = self.count(&account).await?;
+            let held = self.account(&account).await?;
+            let count = held.count;
             if limit.is_none_or(|limit| count < limit) {
-                let read = [(key.clone(), 0), (account.clone(), count_revision)];
-                let create = Mutation::Create { record, count };
+                let read = [(key.clone(), 0), (account.clone(), held.revision)];
+                let create = Mutation::Create {
+                    record,
+                    account: &held,
+                };
                 if self.commit(&read, &create).await?.is_some() {
                     return Ok(PutNew::Written);
                 }
@@ -479,28 +451,22 @@ impl Etcd {
             .iter()
             .map(|(key, revision)| unchanged(key, *revision))
             .collect();
-        let (record, count) = match mutation {
-            Mutation::Create { record, count } => (record, Some(count + 1)),
+        let (record, account) = match mutation {
+            Mutation::Create { record, account } => (record, Some(account.with(&[record.id]))),
             Mutation::Replace { record } => (record, None),
-            Mutation::Remove { record, count } => (record, Some(count.saturating_sub(1))),
+            Mutation::Remove { record, account } => (record, Some(account.without(&record.id))),
         };
         let key = self.key_path(&record.id);
-        let listed = self.listed_path(&record.account, record.created_at, &record.id);
         let mut ops = vec![match mutation {
             Mutation::Remove { .. } => delete(key),
             _ => put(key, record::encode(record)),
         }];
-        match mutation {
-            Mutation::Create { .. } => ops.push(put(listed, Vec::new())),
-            Mutation::Remove { .. } => ops.push(delete(listed)),
-            Mutation::Replace { .. } => {}
-        }
-        if let Some(count) = count {
-            let account = self.account_path(&record.account);
-            ops.push(if count == 0 {
-                delete(account)
+        if let Some(account) = account {
+            let path = self.account_path(&record.account);
+            ops.push(if account.count == 0 {
+                delete(path)
             } else {
-                put(account, count.to_string().into_bytes())
+                put(path, account.encode())
             });
         }
         self.txn(compare, ops).await
@@ -585,22 +551,113 @@ impl Etcd {
     /// An account's key count and the revision it was last written at (0, 0
     /// when absent).
     pub async fn count(&self, account: &[u8]) -> Result<(u64, i64), EtcdError> {
+        let held = self.account(account).await?;
+        Ok((held.count, held.revision))
+    }
+
+    /// An account's count and key ids, and the revision they were written
+    /// at (empty, 0 when absent).
+    pub async fn account(&self, account: &[u8]) -> Result<Account, EtcdError> {
         self.get_kv(account)
             .await?
-            .map_or(Ok((0, 0)), |kv| parse_count(&kv))
+            .map_or_else(|| Ok(Account::default()), |kv| Account::parse(&kv))
     }
 }
 
-/// An account's key count and its revision.
-fn parse_count(kv: &KeyValue) -> Result<(u64, i64), EtcdError> {
-    let count = std::str::from_utf8(&kv.value)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .ok_or_else(|| EtcdError::Value {
+/// A page of an account's keys, and the position of its last key when
+/// there are more.
+pub type AccountPage = (Vec<KeyRecord>, Option<(i64, KeyId)>);
+
+/// An account's entry: its key count, its key ids, and the revision it
+/// was written at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Live keys.
+    pub count: u64,
+    /// Their ids (when `listed`).
+    pub ids: Vec<KeyId>,
+    /// Whether the ids are kept (a count alone was written by a keyward
+    /// from before they were).
+    pub listed: bool,
+    /// The revision the entry was last written at (0: absent).
+    pub revision: i64,
+}
+
+impl Default for Account {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            ids: Vec::new(),
+            listed: true,
+            revision: 0,
+        }
+    }
+}
+
+impl Account {
+    fn parse(kv: &KeyValue) -> Result<Self, EtcdError> {
+        let invalid = || EtcdError::Value {
             key: String::from_utf8_lossy(&kv.key).into_owned(),
-            problem: "not a key count".into(),
-        })?;
-    Ok((count, kv.mod_revision))
+            problem: "not a key count and key ids".into(),
+        };
+        let text = std::str::from_utf8(&kv.value).map_err(|_| invalid())?;
+        let mut words = text.split(' ');
+        let count: u64 = words
+            .next()
+            .and_then(|count| count.parse().ok())
+            .ok_or_else(invalid)?;
+        let ids = words
+            .map(|id| id.parse().map_err(|_| invalid()))
+            .collect::<Result<Vec<KeyId>, _>>()?;
+        Ok(Self {
+            count,
+            listed: !ids.is_empty() || count == 0,
+            ids,
+            revision: kv.mod_revision,
+        })
+    }
+
+    /// The value to write: the count, then the ids (the count alone for an
+    /// account written before ids were kept: a partial list would pass for
+    /// a whole one).
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut text = self.count.to_string();
+        if self.listed {
+            for id in &self.ids {
+                text.push(' ');
+                text.push_str(&id.to_string());
+            }
+        }
+        text.into_bytes()
+    }
+
+    /// The entry with `added` keys more.
+    #[must_use]
+    pub fn with(&self, added: &[KeyId]) -> Self {
+        let mut ids = self.ids.clone();
+        ids.extend_from_slice(added);
+        Self {
+            count: self.count + added.len() as u64,
+            ids,
+            ..self.clone()
+        }
+    }
+
+    /// The entry without `id`.
+    #[must_use]
+    pub fn without(&self, id: &KeyId) -> Self {
+        Self {
+            count: self.count.saturating_sub(1),
+            ids: self
+                .ids
+                .iter()
+                .filter(|kept| *kept != id)
+                .copied()
+                .collect(),
+            ..self.clone()
+        }
+    }
 }
 
 /// Changes to key records, from [`Etcd::watch`].
@@ -935,8 +992,8 @@ pub enum Mutation<'a> {
     Create {
         /// Its record.
         record: &'a KeyRecord,
-        /// Its account's count before it.
-        count: u64,
+        /// Its account before it.
+        account: &'a Account,
     },
     /// A changed key.
     Replace {
@@ -947,8 +1004,8 @@ pub enum Mutation<'a> {
     Remove {
         /// The record removed.
         record: &'a KeyRecord,
-        /// Its account's count before the removal.
-        count: u64,
+        /// Its account before the removal.
+        account: &'a Account,
     },
 }
 
@@ -981,15 +1038,15 @@ impl Etcd {
     /// keys already there, or a sidecar changed a count meanwhile) each key
     /// goes on its own ([`Self::put_new`]), so the outcome is the same.
     pub async fn put_batch(&self, records: &[KeyRecord]) -> Result<Migrated, EtcdError> {
-        let mut accounts: Vec<(&str, u64)> = Vec::new();
+        let mut accounts: Vec<(&str, Vec<KeyId>)> = Vec::new();
         for record in records {
             match accounts.last_mut() {
-                Some((account, added)) if *account == record.account => *added += 1,
-                _ => accounts.push((&record.account, 1)),
+                Some((account, added)) if *account == record.account => added.push(record.id),
+                _ => accounts.push((&record.account, vec![record.id])),
             }
         }
-        let counts = self
-            .counts(
+        let held = self
+            .accounts(
                 accounts
                     .iter()
                     .map(|(account, _)| self.account_path(account)),
@@ -1001,20 +1058,12 @@ impl Etcd {
             .collect();
         let mut ops: Vec<RequestOp> = records
             .iter()
-            .flat_map(|record| {
-                [
-                    put(self.key_path(&record.id), record::encode(record)),
-                    put(
-                        self.listed_path(&record.account, record.created_at, &record.id),
-                        Vec::new(),
-                    ),
-                ]
-            })
+            .map(|record| put(self.key_path(&record.id), record::encode(record)))
             .collect();
-        for ((account, added), (count, revision)) in accounts.iter().zip(&counts) {
+        for ((account, added), held) in accounts.iter().zip(&held) {
             let path = self.account_path(account);
-            compare.push(unchanged(&path, *revision));
-            ops.push(put(path, (count + added).to_string().into_bytes()));
+            compare.push(unchanged(&path, held.revision));
+            ops.push(put(path, held.with(added).encode()));
         }
         if self.txn(compare, ops).await?.is_some() {
             return Ok(Migrated {
@@ -1033,16 +1082,18 @@ impl Etcd {
         Ok(migrated)
     }
 
-    /// Several accounts' key counts and revisions ([`Self::count`]), read
-    /// in one transaction.
-    async fn counts(
+    /// Several accounts ([`Self::account`]), read in one transaction.
+    async fn accounts(
         &self,
         paths: impl Iterator<Item = Vec<u8>>,
-    ) -> Result<Vec<(u64, i64)>, EtcdError> {
+    ) -> Result<Vec<Account>, EtcdError> {
         self.get_many(paths)
             .await?
             .iter()
-            .map(|kv| kv.as_ref().map_or(Ok((0, 0)), parse_count))
+            .map(|kv| {
+                kv.as_ref()
+                    .map_or_else(|| Ok(Account::default()), Account::parse)
+            })
             .collect()
     }
 
@@ -1140,5 +1191,39 @@ mod tests {
         assert_eq!(prefix_end(b"/keyward/keys/"), b"/keyward/keys0".to_vec());
         assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
         assert_eq!(prefix_end(&[0xff]), vec![0], "everything");
+    }
+
+    fn entry(value: &str) -> KeyValue {
+        KeyValue {
+            key: b"/keyward/accounts/acme".to_vec(),
+            value: value.as_bytes().to_vec(),
+            mod_revision: 7,
+            ..KeyValue::default()
+        }
+    }
+
+    #[test]
+    fn an_account_entry_keeps_its_count_and_its_key_ids() {
+        let (a, b) = (KeyId::from_bytes([1; 16]), KeyId::from_bytes([2; 16]));
+        let held = Account::default().with(&[a, b]);
+        assert_eq!((held.count, held.ids.clone()), (2, vec![a, b]));
+        let read = Account::parse(&entry(std::str::from_utf8(&held.encode()).expect("text")))
+            .expect("parses");
+        assert_eq!(read.ids, vec![a, b]);
+        assert!(read.listed);
+        assert_eq!(read.revision, 7);
+        let fewer = read.without(&a);
+        assert_eq!((fewer.count, fewer.ids), (1, vec![b]));
+    }
+
+    #[test]
+    fn a_count_alone_stays_a_count() {
+        let legacy = Account::parse(&entry("3")).expect("parses");
+        assert!(!legacy.listed, "written before ids were kept");
+        let more = legacy.with(&[KeyId::from_bytes([9; 16])]);
+        assert_eq!(more.encode(), b"4".to_vec(), "never a partial list");
+        assert!(Account::parse(&entry("0")).expect("parses").listed);
+        assert!(Account::parse(&entry("two")).is_err());
+        assert!(Account::parse(&entry("1 not-an-id")).is_err());
     }
 }
