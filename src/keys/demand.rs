@@ -33,7 +33,7 @@
 //!   so a flood cannot keep a known key out. Over the rate, or with etcd
 //!   away, a new key is refused as unverifiable (never allowed).
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -71,6 +71,9 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Fetches of one first sight before it is given up as unverifiable (a
 /// fetch is read again when the watch changed the key meanwhile).
 const FETCH_ATTEMPTS: usize = 3;
+/// Inserts into the held set between forced maintenance runs: how far
+/// past `--replica-cache-keys` it can grow between sweeps.
+const MAINTAIN_EVERY: u64 = 256;
 /// Longest wait for one page of an account's keys from etcd.
 const LIST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often seen keys are reported to the eviction policy.
@@ -147,6 +150,8 @@ pub struct OnDemand {
     fetching: moka::future::Cache<KeyId, ()>,
     first_sights: Gcra,
     first_sight_tat: AtomicI64,
+    /// Keys held so far (see [`MAINTAIN_EVERY`]).
+    inserts: AtomicU64,
     etcd: Etcd,
     runtime: Handle,
     commands: OnceLock<SyncSender<Command>>,
@@ -205,6 +210,7 @@ impl OnDemand {
             fetching: moka::future::Cache::builder().max_capacity(1).build(),
             first_sights,
             first_sight_tat: AtomicI64::new(0),
+            inserts: AtomicU64::new(0),
             etcd,
             runtime,
             commands: OnceLock::new(),
@@ -273,6 +279,7 @@ impl OnDemand {
             }
             match outcome.await {
                 Ok(Fetched::Held) => {
+                    self.hold(id);
                     self.known.insert(id, ());
                     self.metrics.first_sight("held", Some(started.elapsed()));
                     return Lookup::Held;
@@ -294,18 +301,17 @@ impl OnDemand {
     /// revision if any, and etcd's revision; `None` when etcd did not
     /// answer in time (or the record cannot be read).
     async fn read(&self, id: KeyId) -> Option<(Option<(KeyRecord, i64)>, i64)> {
-        let etcd = self.etcd.clone();
-        let read = self.runtime.spawn(async move {
-            let key = etcd.key_path(&id);
-            tokio::time::timeout(FETCH_TIMEOUT, etcd.get_at(&key)).await
-        });
-        let (kv, revision) = match read.await {
-            Ok(Ok(Ok(answer))) => answer,
-            Ok(Ok(Err(error))) => {
+        // Asked from the caller's task: the client's connection tasks run
+        // on the etcd runtime already, and a hop to it costs a wake-up.
+        let key = self.etcd.key_path(&id);
+        let (kv, revision) = match tokio::time::timeout(FETCH_TIMEOUT, self.etcd.get_at(&key)).await
+        {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(error)) => {
                 tracing::debug!(%error, "a first-sight read of etcd failed");
                 return None;
             }
-            _ => return None,
+            Err(_) => return None,
         };
         let found = match kv {
             None => None,
@@ -362,6 +368,17 @@ impl OnDemand {
     pub fn hold(&self, id: KeyId) {
         self.absent.invalidate(&id);
         self.held.insert(id, ());
+        // moka evicts in its maintenance, which it runs on its own now
+        // and then, and the sweep once a second; forced every so many
+        // inserts, the held set stays within the cap plus that many
+        // without paying for maintenance on every first sight.
+        if self
+            .inserts
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(MAINTAIN_EVERY)
+        {
+            self.held.run_pending_tasks();
+        }
     }
 
     /// Whether `id` is held by the policy.
@@ -400,7 +417,6 @@ impl OnDemand {
     /// The ids the policy evicted since the last call, to drop from the
     /// index (those held again meanwhile excepted).
     pub fn take_evicted(&self) -> Vec<KeyId> {
-        self.held.run_pending_tasks();
         let evicted =
             std::mem::take(&mut *self.evicted.lock().unwrap_or_else(PoisonError::into_inner));
         evicted

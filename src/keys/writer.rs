@@ -529,7 +529,11 @@ impl Writer {
             match change {
                 IndexChange::Put(id, entry) => {
                     self.index.replace(id, entry);
-                    if let Some(demand) = demand {
+                    // A held key's update is not a use; a key this sidecar
+                    // created is held from now on.
+                    if let Some(demand) = demand
+                        && !demand.holds(&id)
+                    {
                         demand.hold(id);
                     }
                 }
@@ -638,7 +642,14 @@ impl Writer {
         let scopes = self.catalog.resolve_stored(&record.scopes).0;
         let mut index = Vec::with_capacity(1);
         self.index_put(record, scopes, Put::Unchanged, &mut index);
-        self.change_index(index);
+        // The index only: the fetch's caller tells the eviction policy
+        // (moka's maintenance then runs on its task, not on this thread).
+        for change in index {
+            if let IndexChange::Put(id, entry) = change {
+                self.index.replace(id, entry);
+            }
+        }
+        self.metrics.set_keys(self.index.len());
         Fetched::Held
     }
 
