@@ -34,8 +34,9 @@
 //!   their first sight, held under an eviction policy), which the writer
 //!   applies and the authorizer asks on a miss. `keys::change` is the
 //!   vocabulary they share and `keys::shared` what passes between the
-//!   writer thread and the rest; arrows point only from writer to remote
-//!   to stage to change, and from writer and authorizer to demand. No storage
+//!   writer thread and the rest; arrows point only downward: writer to
+//!   demand, remote and stage; demand and remote to shared; everything to
+//!   change. No storage
 //!   or etcd call runs on an async worker: a failing disk or an unreachable
 //!   etcd costs writes, never decisions.
 //! - [`store`]: sled (standalone truth, or etcd's local replica), versioned

@@ -143,6 +143,8 @@ struct DemandRow {
     keys: usize,
     held: usize,
     ready: Duration,
+    /// RSS once ready, holding nothing.
+    rss_ready: u64,
     rss: u64,
     read_bytes: f64,
     /// First sights (an etcd read each): p50, p99 (ms).
@@ -297,6 +299,7 @@ async fn on_demand(etcd: &Etcd, keys: usize, sample: &[&str]) -> anyhow::Result<
         "1000000",
     ];
     let (servers, dirs, ready_in, read_bytes) = start_all(etcd, &flags).await?;
+    let rss_ready = servers[0].rss_bytes();
     let mut asker =
         keyward::pb::v1::authorizer_client::AuthorizerClient::new(channel(&servers[0].addr).await?);
     // The baseline, in the same run: etcd's own answer to a read of one
@@ -340,6 +343,7 @@ async fn on_demand(etcd: &Etcd, keys: usize, sample: &[&str]) -> anyhow::Result<
         keys,
         held: sample.len(),
         ready: ready_in,
+        rss_ready,
         rss,
         read_bytes,
         first_sight: (
@@ -416,7 +420,7 @@ fn seconds(durations: &[Duration]) -> String {
 
 fn print_on_demand(row: &DemandRow) {
     println!(
-        "replicated (on-demand) {:>9} keys: ready in {:>6.2} s, read from etcd {:>7.3} MB, first sight p50 {:.3} ms p99 {:.3} ms (etcd read alone p50 {:.3} ms p99 {:.3} ms), holding {} keys RSS {:>6.1} MiB, repeat Authorize p50 {:.3} ms p99 {:.3} ms (c=1), revocation of a held key p50 {:.2} ms p99 {:.2} ms, rolling restart ready in {}",
+        "replicated (on-demand) {:>9} keys: ready in {:>6.2} s, read from etcd {:>7.3} MB, first sight p50 {:.3} ms p99 {:.3} ms (etcd read alone p50 {:.3} ms p99 {:.3} ms), RSS {:>6.1} MiB when ready, holding {} keys {:>6.1} MiB, repeat Authorize p50 {:.3} ms p99 {:.3} ms (c=1), revocation of a held key p50 {:.2} ms p99 {:.2} ms, rolling restart ready in {}",
         row.keys,
         row.ready.as_secs_f64(),
         row.read_bytes / 1e6,
@@ -424,6 +428,7 @@ fn print_on_demand(row: &DemandRow) {
         row.first_sight.1,
         row.direct.0,
         row.direct.1,
+        row.rss_ready as f64 / 1_048_576.0,
         row.held,
         row.rss as f64 / 1_048_576.0,
         row.repeat.0,

@@ -42,7 +42,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use super::change::KeyError;
-use super::shared::{Command, Synced};
+use super::shared::{Command, Fetch, Fetched, Synced, deliver};
 use crate::clock::now_nanos;
 use crate::domain::key::KeyId;
 use crate::domain::rate::{Gcra, RateLimit};
@@ -109,30 +109,6 @@ pub enum Lookup {
     /// etcd could not be asked (away, slow, or first sights over their
     /// rate): the key can be neither allowed nor called unknown.
     Unverifiable,
-}
-
-/// What the writer made of a fetch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fetched {
-    /// The key is held (it was already, or now is).
-    Held,
-    /// Absent, and remembered as such.
-    Absent,
-    /// The watch changed the key after the fetch's revision: read again.
-    Stale,
-}
-
-/// A fetched key for the writer to apply.
-#[derive(Debug)]
-pub struct Fetch {
-    /// The key.
-    pub id: KeyId,
-    /// Its record and the revision it was written at; `None`: absent.
-    pub found: Option<(KeyRecord, i64)>,
-    /// etcd's revision when it answered.
-    pub revision: i64,
-    /// Where the writer answers.
-    pub reply: oneshot::Sender<Fetched>,
 }
 
 /// The on-demand replica's shared state: the eviction policy, absent ids,
@@ -274,7 +250,7 @@ impl OnDemand {
                 revision,
                 reply,
             };
-            if !super::remote::deliver(commands, Synced::Fetched(Box::new(fetch))).await {
+            if !deliver(commands, Synced::Fetched(Box::new(fetch))).await {
                 return Lookup::Unverifiable;
             }
             match outcome.await {
@@ -449,7 +425,7 @@ impl OnDemand {
             .unwrap_or(false);
             if evicted
                 && let Some(commands) = self.commands.get()
-                && !super::remote::deliver(commands, Synced::Evicted).await
+                && !deliver(commands, Synced::Evicted).await
             {
                 return;
             }

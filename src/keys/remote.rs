@@ -23,14 +23,14 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use tokio::runtime::{Handle, Runtime};
 
 use super::change::Change;
 use super::change::{KeyError, Principal};
-use super::shared::{Command, Shared, Synced};
+use super::shared::{Command, Shared, Synced, deliver};
 use super::stage::{Rules, Staged, View, Write};
 use crate::clock::now_nanos;
 use crate::domain::key::KeyId;
@@ -718,22 +718,6 @@ struct Check {
     read_at: i64,
     /// When the watch was asked for its progress.
     asked: Instant,
-}
-
-/// Hands `synced` to the writer, waiting while its queue is full; `false`
-/// once the writer is gone.
-pub(super) async fn deliver(commands: &SyncSender<Command>, synced: Synced) -> bool {
-    let mut command = Command::Sync(synced);
-    loop {
-        match commands.try_send(command) {
-            Ok(()) => return true,
-            Err(TrySendError::Full(back)) => {
-                command = back;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err(TrySendError::Disconnected(_)) => return false,
-        }
-    }
 }
 
 /// Keeps the replica metrics current: at every change, and once a second

@@ -1,19 +1,23 @@
 //! What passes between the key writer's thread and everyone else: the
 //! commands it takes ([`Command`]: a change to commit, what the etcd watch
-//! delivered) and what it shares with the async side ([`Shared`]: the
-//! store handle for reads, store health, the replica's state).
+//! delivered, a key fetched at its first sight; [`deliver`] hands them
+//! over) and what it shares with the async side ([`Shared`]: the store
+//! handle for reads, store health, the replica's state).
 
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
 use super::change::{Change, Committed};
 use super::change::{KeyError, Principal};
 use crate::clock::now_nanos;
+use crate::domain::key::KeyId;
 use crate::metrics::Metrics;
 use crate::store::db::{Store, StoreError};
 use crate::store::etcd::{Page, Watched};
+use crate::store::record::KeyRecord;
 
 /// A change waiting for the writer.
 #[derive(Debug)]
@@ -68,9 +72,49 @@ pub enum Synced {
         revision: i64,
     },
     /// On-demand replica: a key fetched at its first sight.
-    Fetched(Box<super::demand::Fetch>),
+    Fetched(Box<Fetch>),
     /// On-demand replica: the eviction policy dropped keys.
     Evicted,
+}
+
+/// What the writer made of a fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// The key is held (it was already, or now is).
+    Held,
+    /// Absent, and remembered as such.
+    Absent,
+    /// The watch changed the key after the fetch's revision: read again.
+    Stale,
+}
+
+/// A fetched key for the writer to apply.
+#[derive(Debug)]
+pub struct Fetch {
+    /// The key.
+    pub id: KeyId,
+    /// Its record and the revision it was written at; `None`: absent.
+    pub found: Option<(KeyRecord, i64)>,
+    /// etcd's revision when it answered.
+    pub revision: i64,
+    /// Where the writer answers.
+    pub reply: oneshot::Sender<Fetched>,
+}
+
+/// Hands `synced` to the writer, waiting while its queue is full; `false`
+/// once the writer is gone.
+pub async fn deliver(commands: &SyncSender<Command>, synced: Synced) -> bool {
+    let mut command = Command::Sync(synced);
+    loop {
+        match commands.try_send(command) {
+            Ok(()) => return true,
+            Err(TrySendError::Full(back)) => {
+                command = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(TrySendError::Disconnected(_)) => return false,
+        }
+    }
 }
 
 /// How current the local replica is (replicated mode).

@@ -31,9 +31,11 @@ use tokio::sync::{oneshot, watch};
 
 use super::change::{AccountCounts, KeyError, Operation, Principal, intern};
 use super::change::{Change, Committed};
-use super::demand::{Demand, Fetch, Fetched, OnDemand, Recent};
+use super::demand::{Demand, OnDemand, Recent};
 use super::remote::{Remote, Revisions};
-use super::shared::{Command, FailureKind, Job, Replication, Shared, StoreHealth, Synced};
+use super::shared::{
+    Command, FailureKind, Fetch, Fetched, Job, Replication, Shared, StoreHealth, Synced,
+};
 use super::stage::{Rules, Staged, View, Write};
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
