@@ -1,16 +1,17 @@
-//! The read path, and the one decision function every adapter calls:
-//! key → index → constant-time verify → route mask → AND → [`Decision`].
+//! The read path every adapter calls: the core's one decision function
+//! ([`Decider`]), and on an on-demand replica the fetch of a key seen for
+//! the first time before it.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::clock::{self, NEVER};
+pub use keyward_core::decide::{AuthFailure, Decider, bearer_credential};
+
 use crate::domain::decision::{Decision, DenyReason};
-use crate::domain::key::{KeyId, PresentedKey};
-use crate::domain::path::canonical_path;
-use crate::domain::route::{Method, RouteMiss, RouteTable};
+use crate::domain::key::KeyId;
+use crate::domain::route::{Method, RouteTable};
 use crate::keys::demand::{Lookup, OnDemand};
-use crate::store::index::{Entry, Index, Rejected, Verified};
+use crate::store::index::{Index, Verified};
 
 /// Fetches of one first sight a decision makes (see
 /// [`Authorizer::decide_fetching`]).
@@ -21,8 +22,7 @@ const FIRST_SIGHT_ATTEMPTS: usize = 2;
 /// first ([`Self::decide_fetching`]); every other decision is the same.
 #[derive(Debug, Clone)]
 pub struct Authorizer {
-    index: Arc<Index>,
-    routes: Arc<RouteTable>,
+    decider: Decider,
     demand: Option<Arc<OnDemand>>,
 }
 
@@ -31,8 +31,7 @@ impl Authorizer {
     #[must_use]
     pub fn new(index: Arc<Index>, routes: Arc<RouteTable>) -> Self {
         Self {
-            index,
-            routes,
+            decider: Decider::new(index, routes),
             demand: None,
         }
     }
@@ -124,34 +123,16 @@ impl Authorizer {
         }
     }
 
-    /// Verifies a credential as an API key, for a caller at `client`:
-    /// `Bearer <key>` or a bare key. In order: format, id, secret, disabled,
-    /// expired, address allowlist. (Routes and the rate limit are for
-    /// decisions: see [`Self::decide`].)
+    /// Verifies a credential as an API key (see [`Decider::authenticate`]).
     pub fn authenticate(
         &self,
         credential: &str,
         client: Option<IpAddr>,
     ) -> Result<Verified, AuthFailure> {
-        let presented = parse(credential)?;
-        let now = clock::recent_now_nanos();
-        let index = self.index.pin();
-        let entry = usable(index.verify(&presented, now), presented.id, now)?;
-        if !entry.allowlist.permits(client) {
-            return Err(AuthFailure::new(
-                DenyReason::IpNotAllowed,
-                Some(presented.id),
-            ));
-        }
-        Ok(entry.verified(presented.id))
+        self.decider.authenticate(credential, client)
     }
 
-    /// Decides one request from `client` (when known). `method` is `None`
-    /// for a valid HTTP method no route can name. The key is checked first,
-    /// so an unauthenticated caller learns nothing about which routes exist.
-    /// Order: key format, id, secret, disabled, expired, address, path,
-    /// route and scopes, rate limit; then an allowed request counts as the
-    /// key's last use.
+    /// Decides one request from `client` (see [`Decider::decide`]).
     #[must_use]
     pub fn decide(
         &self,
@@ -160,149 +141,6 @@ impl Authorizer {
         method: Option<Method>,
         path: &str,
     ) -> Decision {
-        let presented = match parse(credential) {
-            Ok(presented) => presented,
-            Err(failure) => return failure.decision(),
-        };
-        // The cached clock (an atomic load, see `recent_now_nanos`) serves
-        // expiry, the rate limit and last-used alike.
-        let now = clock::recent_now_nanos();
-        let index = self.index.pin();
-        let entry = match usable(index.verify(&presented, now), presented.id, now) {
-            Ok(entry) => entry,
-            Err(failure) => return failure.decision(),
-        };
-        let mut decision = Decision::for_key(presented.id, Arc::clone(&entry.account));
-        if let Err(reason) = self.permits(entry, client, method, path, &mut decision) {
-            decision.deny = Some(reason);
-            return decision;
-        }
-        // Last: only a request that would otherwise pass spends quota.
-        if let Some(limit) = &entry.limit {
-            match limit.admit(&entry.usage.tat, now) {
-                Ok(quota) => decision.quota = Some(quota),
-                Err(quota) => {
-                    decision.quota = Some(quota);
-                    decision.deny = Some(DenyReason::RateLimited);
-                    return decision;
-                }
-            }
-        }
-        entry.usage.touch(now);
-        decision
-    }
-
-    /// The checks after the key: address, path, route and scopes. Fills in
-    /// what the route requires and what the key lacks.
-    fn permits(
-        &self,
-        entry: &Entry,
-        client: Option<IpAddr>,
-        method: Option<Method>,
-        path: &str,
-        decision: &mut Decision,
-    ) -> Result<(), DenyReason> {
-        if !entry.allowlist.permits(client) {
-            return Err(DenyReason::IpNotAllowed);
-        }
-        let path = canonical_path(path).map_err(|_| DenyReason::AmbiguousPath)?;
-        let required = match method.map(|m| self.routes.required(m, path)) {
-            Some(Ok(required)) => required,
-            Some(Err(RouteMiss::Ambiguous)) => return Err(DenyReason::AmbiguousPath),
-            None | Some(Err(RouteMiss::Unknown)) => return Err(DenyReason::UnknownRoute),
-        };
-        decision.required = *required;
-        if entry.scopes.covers(required) {
-            Ok(())
-        } else {
-            decision.missing = entry.scopes.missing(required);
-            Err(DenyReason::InsufficientScope)
-        }
-    }
-}
-
-/// The key in a credential, or why there is none.
-fn parse(credential: &str) -> Result<PresentedKey<'_>, AuthFailure> {
-    let key = bearer_credential(credential);
-    if key.is_empty() {
-        return Err(AuthFailure::new(DenyReason::MissingKey, None));
-    }
-    PresentedKey::parse(key).map_err(|_| AuthFailure::new(DenyReason::MalformedKey, None))
-}
-
-/// A verified key that may act: not disabled, not expired. Checked after
-/// the secret, so only the key's holder learns its state.
-fn usable(found: Result<&Entry, Rejected>, id: KeyId, now: i64) -> Result<&Entry, AuthFailure> {
-    let entry = found.map_err(|rejected| AuthFailure {
-        reason: DenyReason::UnknownKey,
-        key_id: Some(id),
-        wrong_secret: rejected == Rejected::WrongSecret,
-    })?;
-    if entry.disabled {
-        return Err(AuthFailure::new(DenyReason::KeyDisabled, Some(id)));
-    }
-    if entry.expires_at != NEVER && entry.expires_at <= now {
-        return Err(AuthFailure::new(DenyReason::KeyExpired, Some(id)));
-    }
-    Ok(entry)
-}
-
-/// Why a credential did not authenticate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AuthFailure {
-    /// The deny reason to report.
-    pub reason: DenyReason,
-    /// The presented key id, when the key parsed.
-    pub key_id: Option<KeyId>,
-    /// A live key id with a wrong secret.
-    pub wrong_secret: bool,
-}
-
-impl AuthFailure {
-    fn new(reason: DenyReason, key_id: Option<KeyId>) -> Self {
-        Self {
-            reason,
-            key_id,
-            wrong_secret: false,
-        }
-    }
-
-    fn decision(self) -> Decision {
-        let mut decision = Decision::denied(self.reason);
-        decision.key_id = self.key_id;
-        decision.wrong_secret = self.wrong_secret;
-        decision
-    }
-}
-
-/// The credential in an `Authorization` value: what follows a `Bearer `
-/// scheme (any case), or the whole trimmed value when there is no scheme.
-#[must_use]
-pub fn bearer_credential(value: &str) -> &str {
-    let value = value.trim();
-    match value.split_at_checked(6) {
-        Some((scheme, rest))
-            if scheme.eq_ignore_ascii_case("bearer")
-                && (rest.is_empty() || rest.starts_with([' ', '\t'])) =>
-        {
-            rest.trim_start()
-        }
-        _ => value,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_scheme_is_optional_and_case_insensitive() {
-        assert_eq!(bearer_credential("Bearer SG.x"), "SG.x");
-        assert_eq!(bearer_credential("bearer   SG.x "), "SG.x");
-        assert_eq!(bearer_credential("SG.x"), "SG.x");
-        assert_eq!(bearer_credential("  "), "");
-        assert_eq!(bearer_credential("Bearer "), "");
-        assert_eq!(bearer_credential("BearerSG.x"), "BearerSG.x");
-        assert_eq!(bearer_credential("Basic abc"), "Basic abc");
+        self.decider.decide(credential, client, method, path)
     }
 }

@@ -26,16 +26,11 @@ use tonic::{Request, Response, Status};
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::front::{FrontDoor, InvalidRequest};
+use keyward_core::reply::{self, Reply};
 
-/// Header carrying the verified key id to the upstream.
-pub const KEY_ID_HEADER: &str = "x-keyward-key-id";
-/// Header carrying the verified account id to the upstream.
-pub const ACCOUNT_ID_HEADER: &str = "x-keyward-account-id";
-/// On a scope deny: the scopes the key lacks, comma-separated (as GitHub's
-/// `x-accepted-github-permissions` tells clients what to fix).
-pub const MISSING_SCOPES_HEADER: &str = "x-keyward-missing-scopes";
-/// On a deny: the machine-readable reason.
-pub const DENY_REASON_HEADER: &str = "x-keyward-deny-reason";
+pub use keyward_core::reply::{
+    ACCOUNT_ID_HEADER, DENY_REASON_HEADER, KEY_ID_HEADER, MISSING_SCOPES_HEADER,
+};
 
 /// The ext_authz service.
 #[derive(Debug, Clone)]
@@ -100,13 +95,7 @@ impl Authorization for CheckService {
             Ok(decision) => deny(&decision, self.front.catalog()),
             Err(invalid) => {
                 let problem = invalid.to_string();
-                denied_response(
-                    Status::invalid_argument(&problem),
-                    HttpStatusCode::BadRequest,
-                    &problem,
-                    None,
-                    Vec::new(),
-                )
+                denied_response(Status::invalid_argument(&problem), reply::invalid(&problem))
             }
         };
         Ok(Response::new(response))
@@ -139,21 +128,12 @@ fn allow(decision: &Decision) -> CheckResponse {
     let mut ok = OkHttpResponseBuilder::new();
     // Overwrite, never append: a client must not smuggle its own identity.
     let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
-    ok.add_header(
-        KEY_ID_HEADER,
-        decision.key_id.map(|id| id.to_string()).unwrap_or_default(),
-        overwrite,
-        false,
-    )
-    .add_header(
-        ACCOUNT_ID_HEADER,
-        decision.account.as_deref().unwrap_or_default(),
-        overwrite,
-        false,
-    )
-    .remove_header("authorization");
+    for (name, value) in reply::identity_headers(decision) {
+        ok.add_header(name, value, overwrite, false);
+    }
+    ok.remove_header("authorization");
     // A rate-limited key's client sees its budget on every response.
-    for (name, value) in rate_limit_headers(decision) {
+    for (name, value) in reply::rate_limit_headers(decision) {
         ok.add_response_header(name, value, overwrite, false);
     }
     let mut response = CheckResponse::with_status(Status::ok(""));
@@ -161,103 +141,36 @@ fn allow(decision: &Decision) -> CheckResponse {
     response
 }
 
+/// A deny: the gRPC status says why (for Envoy's logs and stats), the
+/// HTTP reply is the one every gateway gives ([`reply::denied`]).
 fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
     let reason = decision.deny.unwrap_or(DenyReason::UnknownRoute);
-    let missing = catalog.names(&decision.missing);
-    let mut headers = vec![(DENY_REASON_HEADER, reason.label().to_owned())];
-    let (grpc, http, message) = match reason {
+    let label = reason.label();
+    let grpc = match reason {
         DenyReason::MissingKey
         | DenyReason::MalformedKey
         | DenyReason::UnknownKey
         | DenyReason::KeyExpired
-        | DenyReason::KeyDisabled => {
-            headers.push(("www-authenticate", "Bearer realm=\"keyward\"".to_owned()));
-            (
-                Status::unauthenticated(reason.label()),
-                HttpStatusCode::Unauthorized,
-                reason.message().to_owned(),
-            )
-        }
-        DenyReason::InsufficientScope => {
-            headers.push((MISSING_SCOPES_HEADER, missing.join(", ")));
-            headers.push((
-                "www-authenticate",
-                format!(
-                    "Bearer realm=\"keyward\", error=\"insufficient_scope\", scope=\"{}\"",
-                    missing.join(" ")
-                ),
-            ));
-            (
-                Status::permission_denied(reason.label()),
-                HttpStatusCode::Forbidden,
-                FrontDoor::message(decision, &missing),
-            )
-        }
-        DenyReason::RateLimited => {
-            headers.extend(rate_limit_headers(decision));
-            (
-                Status::resource_exhausted(reason.label()),
-                HttpStatusCode::TooManyRequests,
-                reason.message().to_owned(),
-            )
-        }
-        DenyReason::KeyUnverifiable => (
-            Status::unavailable(reason.label()),
-            HttpStatusCode::ServiceUnavailable,
-            reason.message().to_owned(),
-        ),
-        DenyReason::UnknownRoute | DenyReason::AmbiguousPath | DenyReason::IpNotAllowed => (
-            Status::permission_denied(reason.label()),
-            HttpStatusCode::Forbidden,
-            reason.message().to_owned(),
-        ),
+        | DenyReason::KeyDisabled => Status::unauthenticated(label),
+        DenyReason::RateLimited => Status::resource_exhausted(label),
+        DenyReason::KeyUnverifiable => Status::unavailable(label),
+        DenyReason::InsufficientScope
+        | DenyReason::UnknownRoute
+        | DenyReason::AmbiguousPath
+        | DenyReason::IpNotAllowed => Status::permission_denied(label),
     };
-    denied_response(grpc, http, &message, Some(reason.label()), headers)
+    denied_response(grpc, reply::denied(decision, catalog))
 }
 
-/// `x-ratelimit-limit`, `-remaining`, `-reset` (seconds until the full
-/// burst is back), and on a refusal `retry-after` (seconds), for a key with
-/// a rate limit. Seconds round up, so a client that waits them succeeds.
-fn rate_limit_headers(decision: &Decision) -> Vec<(&'static str, String)> {
-    let Some(quota) = decision.quota else {
-        return Vec::new();
-    };
-    let seconds = |millis: u32| millis.div_ceil(1000);
-    let mut headers = vec![
-        ("x-ratelimit-limit", quota.limit.to_string()),
-        ("x-ratelimit-remaining", quota.remaining.to_string()),
-        ("x-ratelimit-reset", seconds(quota.reset_ms).to_string()),
-    ];
-    if decision.deny == Some(DenyReason::RateLimited) {
-        headers.push((
-            "retry-after",
-            seconds(quota.retry_after_ms).max(1).to_string(),
-        ));
-    }
-    headers
-}
-
-/// A deny with SendGrid's error body (plus keyward's `reason`, when the
-/// request was decided).
-fn denied_response(
-    grpc: Status,
-    http: HttpStatusCode,
-    message: &str,
-    reason: Option<&str>,
-    headers: Vec<(&str, String)>,
-) -> CheckResponse {
-    let body = match reason {
-        Some(reason) => serde_json::json!({
-            "errors": [{ "field": null, "message": message, "reason": reason }]
-        }),
-        None => serde_json::json!({ "errors": [{ "field": null, "message": message }] }),
-    };
+fn denied_response(grpc: Status, reply: Reply) -> CheckResponse {
+    let status =
+        HttpStatusCode::try_from(i32::from(reply.status)).unwrap_or(HttpStatusCode::Forbidden);
     let mut denied = DeniedHttpResponseBuilder::new();
     denied
-        .set_http_status(http)
+        .set_http_status(status)
         .add_header("content-type", "application/json", None, false)
-        .set_body(body.to_string());
-    for (name, value) in headers {
+        .set_body(reply.body);
+    for (name, value) in reply.headers {
         denied.add_header(name, value, None, false);
     }
     let mut response = CheckResponse::with_status(grpc);

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
-use crate::domain::decision::{Decision, DenyReason};
+use crate::domain::decision::Decision;
 use crate::domain::route::Method;
 use crate::guard::{Failure, FailureGuard};
 
@@ -100,19 +100,6 @@ impl FrontDoor {
             });
         }
         Ok((method, path))
-    }
-
-    /// The human message for a decision, the same through both front
-    /// doors: the reason, and for a scope deny the scopes missing.
-    #[must_use]
-    pub fn message(decision: &Decision, missing: &[String]) -> String {
-        match decision.deny {
-            None => String::new(),
-            Some(reason @ DenyReason::InsufficientScope) => {
-                format!("{}: {}", reason.message(), missing.join(", "))
-            }
-            Some(reason) => reason.message().to_owned(),
-        }
     }
 
     /// Decides one request and records it (a wrong secret for a live key

@@ -23,7 +23,8 @@
 //!   an idle timeout, accept errors that pause instead of spinning.
 //! - [`log`]: log lines through a bounded non-blocking writer; a failing
 //!   destination drops and counts lines, never fails a request.
-//! - [`authorizer`]: the read path: key → index → verify → route mask → AND.
+//! - [`authorizer`]: the read path: the core's decision function, and on
+//!   an on-demand replica the fetch of a key seen for the first time.
 //! - [`keys`]: the write path: a dedicated writer thread (`keys::writer`)
 //!   checks the rules (`keys::stage`) at the commit point over a view of
 //!   the truth (sled standalone; etcd in replicated mode, `keys::remote`,
@@ -40,11 +41,12 @@
 //!   or etcd call runs on an async worker: a failing disk or an unreachable
 //!   etcd costs writes, never decisions.
 //! - [`store`]: sled (standalone truth, or etcd's local replica), versioned
-//!   records, the in-memory index, and etcd's layout and client.
-//! - [`domain`]: scopes, bitsets, catalog, routes, key format, rules,
-//!   decisions. Pure: no I/O.
+//!   records, and etcd's layout and client; `store::index` is the core's.
+//! - [`domain`], [`clock`], `store::index` and the decision itself
+//!   (`keyward_core::decide`, `keyward_core::reply`) live in the workspace
+//!   crate `keyward-core` (`crates/keyward-core`): pure, no I/O, shared
+//!   with the Envoy module so both decide from the same code.
 //! - [`config`]: settings, each a flag and an environment variable.
-//! - [`clock`]: wall-clock time for lifecycle checks, cached for decisions.
 //! - [`tls`]: TLS for the REST listener (HTTP/1.1 and h2 by ALPN).
 //! - [`pb`]: generated protobuf code, fenced off.
 //!
@@ -55,9 +57,9 @@ pub mod access;
 pub mod audit;
 pub mod authorizer;
 pub mod cli;
-pub mod clock;
+pub use keyward_core::clock;
 pub mod config;
-pub mod domain;
+pub use keyward_core::domain;
 pub mod envoy;
 pub mod front;
 pub mod grpc;

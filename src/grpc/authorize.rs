@@ -48,7 +48,7 @@ impl pb::authorizer_server::Authorizer for AuthorizeService {
 #[must_use]
 pub fn response(decision: &Decision, catalog: &Catalog) -> pb::AuthorizeResponse {
     let missing = catalog.names(&decision.missing);
-    let message = FrontDoor::message(decision, &missing);
+    let message = keyward_core::reply::message(decision, &missing);
     pb::AuthorizeResponse {
         allowed: decision.allowed(),
         reason: deny_reason_pb(decision.deny) as i32,

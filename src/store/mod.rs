@@ -7,5 +7,5 @@
 pub mod copy;
 pub mod db;
 pub mod etcd;
-pub mod index;
+pub use keyward_core::index;
 pub mod record;

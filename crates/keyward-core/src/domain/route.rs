@@ -10,7 +10,7 @@ use super::load_error::{LoadError, directives};
 use super::scope_set::ScopeSet;
 
 /// The SendGrid v3 route table shipped inside the binary.
-pub const SENDGRID_ROUTES: &str = include_str!("../../data/sendgrid.routes");
+pub const SENDGRID_ROUTES: &str = include_str!("../../../../data/sendgrid.routes");
 
 /// The HTTP methods a route can name. HEAD is answered by GET routes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use super::load_error::{LoadError, directives};
 use super::scope_set::{MAX_SCOPES, ScopeId, ScopeSet};
 
 /// The SendGrid v3 catalog shipped inside the binary.
-pub const SENDGRID_CATALOG: &str = include_str!("../../data/sendgrid.catalog");
+pub const SENDGRID_CATALOG: &str = include_str!("../../../../data/sendgrid.catalog");
 
 /// An access level a category can be granted at, as SendGrid's UI offers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -102,13 +102,22 @@ impl Usage {
     /// Records an allowed request at `now`: a load and a subtraction on all
     /// but the first request of each minute (the stored time is a minute
     /// boundary, so a minute or more since it means a new minute), and no
-    /// write that would bounce a cache line between cores.
+    /// write that would bounce a cache line between cores. True for the
+    /// request that moved the time to a new minute.
     #[inline]
-    pub fn touch(&self, now: i64) {
+    pub fn touch(&self, now: i64) -> bool {
         if now - self.last_used.load(Ordering::Relaxed) >= LAST_USED_GRANULARITY_NANOS {
             let minute = now - now.rem_euclid(LAST_USED_GRANULARITY_NANOS);
-            self.last_used.fetch_max(minute, Ordering::Relaxed);
+            return self.last_used.fetch_max(minute, Ordering::Relaxed) < minute;
         }
+        false
+    }
+
+    /// Records a use another copy of the key reported (Unix nanos, to the
+    /// minute), as [`Self::touch`] would have.
+    pub fn note_use(&self, at: i64) {
+        let minute = at - at.rem_euclid(LAST_USED_GRANULARITY_NANOS);
+        self.last_used.fetch_max(minute, Ordering::Relaxed);
     }
 
     /// Marks the key used: a load, and a store only the first time after
