@@ -9,7 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(
-        ["keyward/v1/keyward.proto", "keyward/store/v1/record.proto"],
+        [
+            "keyward/v1/keyward.proto",
+            "keyward/v1/feed.proto",
+            "keyward/store/v1/record.proto",
+        ],
         ["proto"],
     )?;
     std::fs::write(

@@ -14,6 +14,9 @@
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
 //! - [`rest`]: SendGrid's key-management REST API, through the same key
 //!   service as KeyManager.
+//! - [`feed`]: the index's changes, numbered and broadcast to the decision
+//!   feed (`grpc::feed`, `keyward.v1.DecisionFeed`) that the Envoy module
+//!   reads.
 //! - [`front`]: what `Authorize` and `Check` share: validate, decide, count.
 //! - [`access`], [`audit`]: what the two key-management front doors (gRPC
 //!   KeyManager, SendGrid's REST) share: who is calling, and the audit log.
@@ -61,6 +64,7 @@ pub use keyward_core::clock;
 pub mod config;
 pub use keyward_core::domain;
 pub mod envoy;
+pub mod feed;
 pub mod front;
 pub mod grpc;
 pub mod guard;

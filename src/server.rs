@@ -20,8 +20,10 @@ use crate::domain::key::SecretHash;
 use crate::domain::load_error::LoadError;
 use crate::domain::route::{RouteTable, SENDGRID_ROUTES};
 use crate::envoy::CheckService;
+use crate::feed::Feed;
 use crate::front::FrontDoor;
 use crate::grpc::authorize::AuthorizeService;
+use crate::grpc::feed::{FeedService, Tables};
 use crate::grpc::manage::ManageService;
 use crate::guard::FailureGuard;
 use crate::keys::StoreHealth;
@@ -30,6 +32,7 @@ use crate::listen::{Bounds, Incoming};
 use crate::metrics::{Metrics, Source};
 use crate::pb;
 use crate::store::db::StoreError;
+use crate::store::index::Index;
 
 /// Why keyward could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,12 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Guessing detection shared by every front door.
     pub guard: Arc<FailureGuard>,
+    /// The live index decisions read.
+    index: Arc<Index>,
+    /// Its changes, for the decision feed (`None` on an on-demand replica).
+    feed: Option<Arc<Feed>>,
+    /// The catalog and routes as loaded, for the decision feed.
+    tables: Arc<Tables>,
     admin: SecretHash,
     limits: Limits,
     tls: Option<ServerTlsConfig>,
@@ -143,14 +152,7 @@ impl App {
     /// Loads catalog and routes, opens the store, loads the index and the
     /// admin token (creating the data directory and token if missing).
     pub fn open(config: &ServeConfig) -> Result<Self, ServerError> {
-        let catalog = Arc::new(match &config.catalog {
-            Some(path) => Catalog::parse(&path.display().to_string(), &read(path)?)?,
-            None => Catalog::parse("<bundled sendgrid.catalog>", SENDGRID_CATALOG)?,
-        });
-        let routes = Arc::new(match &config.routes {
-            Some(path) => RouteTable::parse(&path.display().to_string(), &read(path)?, &catalog)?,
-            None => RouteTable::parse("<bundled sendgrid.routes>", SENDGRID_ROUTES, &catalog)?,
-        });
+        let (catalog, routes, tables) = load_tables(config)?;
         if config.max_streams_per_connection > (config.max_concurrent_requests / 2).max(1) {
             // One connection must never take the whole in-flight budget.
             return Err(ServerError::Settings(
@@ -210,6 +212,12 @@ impl App {
             load_ms = opening.elapsed().as_millis(),
             "loaded"
         );
+        // Every change to a whole key set, for the decision feed.
+        let feed = keys.on_demand().is_none().then(|| {
+            let feed = Arc::new(Feed::default());
+            index.observe(Arc::clone(&feed) as Arc<dyn crate::store::index::Observer>);
+            feed
+        });
         let guard = FailureGuard::new(
             config.failed_auth_limit,
             Duration::from_secs(60),
@@ -217,7 +225,11 @@ impl App {
             metrics.guessing_detected(),
         );
         Ok(Self {
-            authorizer: Authorizer::new(index, routes).with_on_demand(keys.on_demand()),
+            authorizer: Authorizer::new(Arc::clone(&index), routes)
+                .with_on_demand(keys.on_demand()),
+            index,
+            feed,
+            tables,
             keys: Arc::new(keys),
             catalog,
             metrics,
@@ -561,6 +573,16 @@ fn grpc_servers(
         .add_service(reflection().build_v1alpha()?)
         .add_service(authorize)
         .add_service(check);
+    router = router.add_service(
+        pb::v1::decision_feed_server::DecisionFeedServer::new(FeedService::new(
+            Arc::clone(&app.index),
+            app.feed.clone(),
+            Arc::clone(&app.tables),
+            app.access(),
+            stop.tx.subscribe(),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes),
+    );
     if echo_enabled {
         router = router.add_service(pb::v1::diagnostics_server::DiagnosticsServer::new(
             crate::grpc::echo::EchoService,
@@ -780,6 +802,37 @@ fn load_tls(config: &ServeConfig) -> Result<Option<ServerTlsConfig>, ServerError
     }
     tracing::info!(mutual = config.tls_client_ca.is_some(), "TLS enabled");
     Ok(Some(tls))
+}
+
+/// A compiled catalog, routes against it, and both texts.
+type Loaded = (Arc<Catalog>, Arc<RouteTable>, Arc<Tables>);
+
+/// The catalog and routes (configured files, or the bundled SendGrid
+/// ones), compiled, and their text for the decision feed.
+fn load_tables(config: &ServeConfig) -> Result<Loaded, ServerError> {
+    let (catalog_source, catalog_text) = match &config.catalog {
+        Some(path) => (path.display().to_string(), read(path)?),
+        None => (
+            "<bundled sendgrid.catalog>".to_owned(),
+            SENDGRID_CATALOG.to_owned(),
+        ),
+    };
+    let (routes_source, routes_text) = match &config.routes {
+        Some(path) => (path.display().to_string(), read(path)?),
+        None => (
+            "<bundled sendgrid.routes>".to_owned(),
+            SENDGRID_ROUTES.to_owned(),
+        ),
+    };
+    let catalog = Arc::new(Catalog::parse(&catalog_source, &catalog_text)?);
+    let routes = Arc::new(RouteTable::parse(&routes_source, &routes_text, &catalog)?);
+    let tables = Arc::new(Tables {
+        catalog_source,
+        catalog: catalog_text,
+        routes_source,
+        routes: routes_text,
+    });
+    Ok((catalog, routes, tables))
 }
 
 fn read(path: &Path) -> Result<String, ServerError> {

@@ -29,22 +29,29 @@ impl ManageService {
     }
 
     /// Authenticates `authorization: Bearer <admin token | API key>`.
-    /// The caller, from `authorization` and (for a key's allowlist) the
-    /// peer's address.
     async fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.to_str().map(str::to_owned).map_err(|_| ()));
-        let client = request.remote_addr().map(|peer| peer.ip());
-        self.access
-            .principal(
-                header.as_ref().map(|h| h.as_deref().map_err(|&()| ())),
-                client,
-            )
-            .await
-            .map_err(|Unauthenticated(problem)| unauthenticated(problem))
+        principal_of(&self.access, request).await
     }
+}
+
+/// The caller, from `authorization` and (for a key's allowlist) the
+/// peer's address.
+pub(crate) async fn principal_of<T>(
+    access: &Access,
+    request: &Request<T>,
+) -> Result<Principal, Status> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .map(|value| value.to_str().map(str::to_owned).map_err(|_| ()));
+    let client = request.remote_addr().map(|peer| peer.ip());
+    access
+        .principal(
+            header.as_ref().map(|h| h.as_deref().map_err(|&()| ())),
+            client,
+        )
+        .await
+        .map_err(|Unauthenticated(problem)| unauthenticated(problem))
 }
 
 /// Logs a refused change to the audit log, then converts it.

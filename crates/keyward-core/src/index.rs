@@ -190,9 +190,27 @@ pub enum Rejected {
 /// reader. (A verify does clone the account's `Arc`, one atomic increment
 /// on a line shared by the account's keys.) Ids are random bytes chosen by keyward, so a fast
 /// non-keyed hash is safe.
-#[derive(Debug)]
 pub struct Index {
     keys: papaya::HashMap<KeyId, Entry, FxBuildHasher>,
+    observer: std::sync::OnceLock<Arc<dyn Observer>>,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index")
+            .field("keys", &self.keys.len())
+            .field("observed", &self.observer.get().is_some())
+            .finish()
+    }
+}
+
+/// Hears every change to an index, right after it is made (after: so a
+/// reader that starts listening, then reads the map, misses nothing) and in
+/// the order it was made (writes come from one writer at a time): what a
+/// change feed to another decision point is built on.
+pub trait Observer: Send + Sync {
+    /// `id` is now `entry` (`None`: no longer live).
+    fn changed(&self, id: &KeyId, entry: Option<&Entry>);
 }
 
 impl Default for Index {
@@ -207,6 +225,27 @@ impl Index {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
             keys: papaya::HashMap::with_capacity_and_hasher(capacity, FxBuildHasher),
+            observer: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Tells `observer` of every change from now on (one observer per
+    /// index; false if it already has one).
+    pub fn observe(&self, observer: Arc<dyn Observer>) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    fn changed(&self, id: &KeyId, entry: Option<&Entry>) {
+        if let Some(observer) = self.observer.get() {
+            observer.changed(id, entry);
+        }
+    }
+
+    /// Calls `each` with every live key id (a moment's view: keys added or
+    /// removed meanwhile may or may not be seen).
+    pub fn for_each_id(&self, mut each: impl FnMut(&KeyId)) {
+        for id in self.keys.pin().keys() {
+            each(id);
         }
     }
 
@@ -223,7 +262,7 @@ impl Index {
     /// Adds a key to an index being built (start-up, recovery), where no
     /// earlier version of it can have usage to keep.
     pub fn insert(&self, id: KeyId, entry: Entry) {
-        self.keys.pin().insert(id, entry);
+        self.put(id, entry);
     }
 
     /// Adds or replaces a live key. A replaced key keeps its usage
@@ -233,7 +272,18 @@ impl Index {
         if let Some(current) = keys.get(&id) {
             entry.usage = Arc::clone(&current.usage);
         }
+        drop(keys);
+        self.put(id, entry);
+    }
+
+    /// Inserts, then tells the observer: a reader that starts listening
+    /// before it reads the map misses no change (see [`Observer`]).
+    fn put(&self, id: KeyId, entry: Entry) {
+        let keys = self.keys.pin();
         keys.insert(id, entry);
+        if let (Some(observer), Some(entry)) = (self.observer.get(), keys.get(&id)) {
+            observer.changed(&id, Some(entry));
+        }
     }
 
     /// When a key was last used (Unix nanos, to the minute; 0: never or
@@ -258,6 +308,16 @@ impl Index {
                     .then_some((*id, last_used))
             })
             .collect()
+    }
+
+    /// Records a use of `id` at `at` (Unix nanos) that another decision
+    /// point made; false if no such key is live.
+    pub fn note_use(&self, id: &KeyId, at: i64) -> bool {
+        self.keys
+            .pin()
+            .get(id)
+            .map(|entry| entry.usage.note_use(at))
+            .is_some()
     }
 
     /// Notes that the store now holds these last-used times.
@@ -304,7 +364,9 @@ impl Index {
 
     /// Removes a key; the next verify of it fails.
     pub fn remove(&self, id: &KeyId) {
-        self.keys.pin().remove(id);
+        if self.keys.pin().remove(id).is_some() {
+            self.changed(id, None);
+        }
     }
 
     /// Makes this index hold exactly the keys of `fresh` (after the store
@@ -322,7 +384,7 @@ impl Index {
             .copied()
             .collect();
         for id in gone {
-            live.remove(&id);
+            self.remove(&id);
         }
     }
 
@@ -331,7 +393,7 @@ impl Index {
         let keys = self.keys.pin();
         let gone: Vec<KeyId> = keys.keys().filter(|id| !keep(id)).copied().collect();
         for id in gone {
-            keys.remove(&id);
+            self.remove(&id);
         }
     }
 

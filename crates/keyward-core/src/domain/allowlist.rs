@@ -28,6 +28,25 @@ impl Allowlist {
         }
     }
 
+    /// The ranges, and whether the key is restricted at all (a restricted
+    /// key whose every range was dropped admits nobody).
+    #[must_use]
+    pub fn ranges(&self) -> (Vec<String>, bool) {
+        (
+            self.nets.iter().map(ToString::to_string).collect(),
+            self.restricted,
+        )
+    }
+
+    /// The allowlist [`Self::ranges`] described (in another process).
+    #[must_use]
+    pub fn from_ranges(cidrs: &[String], restricted: bool) -> Self {
+        Self {
+            nets: cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+            restricted: restricted || !cidrs.is_empty(),
+        }
+    }
+
     /// Whether a request from `client` may use the key. Allocation-free.
     #[must_use]
     pub fn permits(&self, client: Option<IpAddr>) -> bool {

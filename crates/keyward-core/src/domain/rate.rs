@@ -137,7 +137,47 @@ fn millis(nanos: i64) -> u32 {
     u32::try_from((nanos.max(0) + 999_999) / 1_000_000).unwrap_or(u32::MAX)
 }
 
+/// The numbers a [`Gcra`] enforces, to hand to another process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GcraParts {
+    /// Nanoseconds between requests at the configured rate.
+    pub interval: i64,
+    /// How far ahead of now the TAT may run (the burst).
+    pub tolerance: i64,
+    /// Requests per period (reported in quotas).
+    pub requests: u32,
+    /// The burst (reported in quotas).
+    pub burst: u32,
+}
+
 impl Gcra {
+    /// Its numbers, for [`Self::from_parts`] elsewhere.
+    #[must_use]
+    pub fn parts(&self) -> GcraParts {
+        GcraParts {
+            interval: self.interval,
+            tolerance: self.tolerance,
+            requests: self.requests,
+            burst: self.burst,
+        }
+    }
+
+    /// A limiter from another process's [`Self::parts`], if they are ones
+    /// [`RateLimit::gcra`] can make.
+    #[must_use]
+    pub fn from_parts(parts: GcraParts) -> Option<Self> {
+        let valid = parts.interval >= MIN_INTERVAL_NANOS
+            && (0..=MAX_TOLERANCE_NANOS).contains(&parts.tolerance)
+            && (1..=MAX_REQUESTS).contains(&parts.requests)
+            && (1..=MAX_BURST).contains(&parts.burst);
+        valid.then_some(Self {
+            interval: parts.interval,
+            tolerance: parts.tolerance,
+            requests: parts.requests,
+            burst: parts.burst,
+        })
+    }
+
     /// Admits one request at `now` (Unix nanos) against the key's TAT, or
     /// refuses it (changing nothing). Lock-free: concurrent requests of the
     /// same key retry the compare-and-swap, and each admission moves the

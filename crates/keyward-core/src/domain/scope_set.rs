@@ -37,6 +37,33 @@ impl ScopeSet {
     /// The empty set.
     pub const EMPTY: Self = Self([0; WORDS]);
 
+    /// Bytes of [`Self::to_le_bytes`].
+    pub const BYTES: usize = WORDS * 8;
+
+    /// The bits as little-endian words: a form another process with the
+    /// same catalog reads back with [`Self::from_le_bytes`].
+    #[must_use]
+    pub fn to_le_bytes(&self) -> [u8; Self::BYTES] {
+        let mut bytes = [0; Self::BYTES];
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(self.0) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        bytes
+    }
+
+    /// The set [`Self::to_le_bytes`] wrote; `None` for any other length.
+    #[must_use]
+    pub fn from_le_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::BYTES {
+            return None;
+        }
+        let mut words = [0; WORDS];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            *word = u64::from_le_bytes(chunk.try_into().ok()?);
+        }
+        Some(Self(words))
+    }
+
     /// Adds one scope.
     pub fn insert(&mut self, id: ScopeId) {
         self.0[id.index() / 64] |= 1 << (id.index() % 64);
@@ -133,6 +160,17 @@ impl fmt::Debug for ScopeSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_round_trip_and_refuse_other_lengths() {
+        let set: ScopeSet = [0, 63, 64, 200, 255]
+            .into_iter()
+            .filter_map(ScopeId::new)
+            .collect();
+        assert_eq!(ScopeSet::from_le_bytes(&set.to_le_bytes()), Some(set));
+        assert_eq!(ScopeSet::from_le_bytes(&[0; 31]), None);
+        assert_eq!(ScopeSet::from_le_bytes(&[]), None);
+    }
 
     fn set(ids: &[usize]) -> ScopeSet {
         ids.iter().filter_map(|i| ScopeId::new(*i)).collect()

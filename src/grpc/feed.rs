@@ -1,0 +1,332 @@
+//! `keyward.v1.DecisionFeed`: the key set as decisions see it, then every
+//! change, for a decision point outside this process (the Envoy module,
+//! `keyward-envoy`), and the uses it reports back. Admin only.
+//!
+//! Bounds: at most [`MAX_WATCHERS`] streams at once; each holds the ids of
+//! the snapshot it is sending (16 bytes a key), at most [`STREAM_BUFFER`]
+//! events not yet taken by its reader, and its place in the change
+//! broadcast ([`crate::feed::FEED_BUFFER`] changes shared by all); a reader
+//! that falls further behind is cut off (ABORTED) and reads again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::access::Access;
+use crate::domain::key::KeyId;
+use crate::feed::{Change, Feed};
+use crate::grpc::manage::principal_of;
+use crate::grpc::status::invalid;
+use crate::keys::Principal;
+use crate::pb::v1 as pb;
+use crate::pb::v1::feed_event::Event;
+use crate::store::index::{Entry, Index};
+
+/// Feed streams open at once (each is a whole snapshot's read).
+pub const MAX_WATCHERS: usize = 16;
+/// Events queued for one reader before the sender waits for it.
+pub const STREAM_BUFFER: usize = 256;
+/// Uses one report may carry.
+pub const MAX_USES_PER_REPORT: usize = 10_000;
+/// How often an idle stream says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Keys read from the index per step of a snapshot.
+const SNAPSHOT_STEP: usize = 256;
+/// How far in the future a reported use may be (clock skew).
+const USE_SKEW_NANOS: i64 = 60_000_000_000;
+
+/// The catalog and routes as loaded, sent first on every stream.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    /// Where the catalog came from (a path, or the bundled name).
+    pub catalog_source: String,
+    /// Its text.
+    pub catalog: String,
+    /// Where the routes came from.
+    pub routes_source: String,
+    /// Their text.
+    pub routes: String,
+}
+
+/// The service. `feed` is `None` on an on-demand replica (its index holds
+/// only the keys it has seen, so it has no key set to send).
+#[derive(Debug, Clone)]
+pub struct FeedService {
+    index: Arc<Index>,
+    feed: Option<Arc<Feed>>,
+    tables: Arc<Tables>,
+    access: Access,
+    watchers: Arc<Semaphore>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl FeedService {
+    /// The feed of `index` (with its change `feed`), refusing callers that
+    /// are not the admin; streams end when `stop` turns true.
+    #[must_use]
+    pub fn new(
+        index: Arc<Index>,
+        feed: Option<Arc<Feed>>,
+        tables: Arc<Tables>,
+        access: Access,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            index,
+            feed,
+            tables,
+            access,
+            watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
+            stop,
+        }
+    }
+
+    async fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        match principal_of(&self.access, request).await? {
+            Principal::Admin => Ok(()),
+            Principal::Key { .. } => Err(Status::permission_denied(
+                "the decision feed is for the admin token only",
+            )),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::decision_feed_server::DecisionFeed for FeedService {
+    type WatchStream = ReceiverStream<Result<pb::FeedEvent, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.admin(&request).await?;
+        let Some(feed) = self.feed.clone() else {
+            return Err(Status::failed_precondition(
+                "an on-demand replica holds only the keys it has seen: watch a standalone sidecar or a full replica",
+            ));
+        };
+        let permit = Arc::clone(&self.watchers)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "at most {MAX_WATCHERS} decision feed streams at once"
+                ))
+            })?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let stream = Stream {
+            index: Arc::clone(&self.index),
+            feed,
+            tables: Arc::clone(&self.tables),
+            tx,
+            stop: self.stop.clone(),
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let outcome = stream.run().await;
+            tracing::debug!(?outcome, "decision feed stream ended");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report_use(
+        &self,
+        request: Request<pb::ReportUseRequest>,
+    ) -> Result<Response<pb::ReportUseResponse>, Status> {
+        self.admin(&request).await?;
+        let uses = request.into_inner().uses;
+        if uses.len() > MAX_USES_PER_REPORT {
+            return Err(invalid(
+                "uses",
+                format!("at most {MAX_USES_PER_REPORT} per report"),
+            ));
+        }
+        let mut parsed = Vec::with_capacity(uses.len());
+        let latest = crate::clock::now_nanos() + USE_SKEW_NANOS;
+        for (at, used) in uses.iter().enumerate() {
+            let id = <[u8; 16]>::try_from(used.id.as_slice())
+                .map_err(|_| invalid("uses.id", format!("entry {at}: must be 16 bytes")))?;
+            if !(1..=latest).contains(&used.at_unix_nanos) {
+                return Err(invalid(
+                    "uses.at_unix_nanos",
+                    format!("entry {at}: must be after 1970 and not in the future"),
+                ));
+            }
+            parsed.push((KeyId::from_bytes(id), used.at_unix_nanos));
+        }
+        let applied = parsed
+            .iter()
+            .filter(|(id, at)| self.index.note_use(id, *at))
+            .count();
+        Ok(Response::new(pb::ReportUseResponse {
+            applied: u32::try_from(applied).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+/// Why a stream ended (for the debug log).
+#[derive(Debug)]
+enum Ended {
+    ReaderGone,
+    FellBehind,
+    Stopped,
+}
+
+/// One reader's stream.
+struct Stream {
+    index: Arc<Index>,
+    feed: Arc<Feed>,
+    tables: Arc<Tables>,
+    tx: mpsc::Sender<Result<pb::FeedEvent, Status>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Stream {
+    async fn send(&self, event: Event) -> Result<(), Ended> {
+        self.tx
+            .send(Ok(pb::FeedEvent { event: Some(event) }))
+            .await
+            .map_err(|_| Ended::ReaderGone)
+    }
+
+    async fn fail(&self, status: Status, ended: Ended) -> Ended {
+        let _ = self.tx.send(Err(status)).await;
+        ended
+    }
+
+    /// Tables, snapshot, `synced` once the changes made during the
+    /// snapshot have been sent, then changes and heartbeats.
+    async fn run(self) -> Ended {
+        let (start, mut changes) = self.feed.subscribe();
+        let tables = &self.tables;
+        let sent = self
+            .send(Event::Tables(pb::Tables {
+                catalog_source: tables.catalog_source.clone(),
+                catalog: tables.catalog.clone(),
+                routes_source: tables.routes_source.clone(),
+                routes: tables.routes.clone(),
+            }))
+            .await;
+        if let Err(ended) = sent {
+            return ended;
+        }
+        let keys = match self.snapshot().await {
+            Ok(keys) => keys,
+            Err(ended) => return ended,
+        };
+        let end = self.feed.last();
+        let mut synced = false;
+        if end <= start {
+            if let Err(ended) = self.send(Event::Synced(pb::Synced { keys })).await {
+                return ended;
+            }
+            synced = true;
+        }
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut stop = self.stop.clone();
+        let stopped = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(change) => {
+                        if let Err(ended) = self.send(event_of(&change)).await {
+                            return ended;
+                        }
+                        if !synced && change.seq >= end {
+                            if let Err(ended) = self.send(Event::Synced(pb::Synced { keys })).await {
+                                return ended;
+                            }
+                            synced = true;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        return self
+                            .fail(
+                                Status::aborted("this reader fell behind the changes: watch again"),
+                                Ended::FellBehind,
+                            )
+                            .await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ended::Stopped,
+                },
+                _ = heartbeat.tick() => {
+                    let at = crate::clock::now_nanos();
+                    if let Err(ended) = self.send(Event::Heartbeat(pb::Heartbeat { at_unix_nanos: at })).await {
+                        return ended;
+                    }
+                }
+                () = &mut stopped => {
+                    return self
+                        .fail(Status::unavailable("keyward is shutting down"), Ended::Stopped)
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Every live key, read a step at a time (no index guard is held
+    /// across an await); returns how many were sent.
+    async fn snapshot(&self) -> Result<u64, Ended> {
+        let mut ids = Vec::with_capacity(self.index.len());
+        self.index.for_each_id(|id| ids.push(*id));
+        let mut keys = 0;
+        for step in ids.chunks(SNAPSHOT_STEP) {
+            let events: Vec<Event> = step
+                .iter()
+                .filter_map(|id| self.index.entry(id).map(|entry| put(id, &entry)))
+                .collect();
+            for event in events {
+                self.send(event).await?;
+                keys += 1;
+            }
+        }
+        Ok(keys)
+    }
+}
+
+fn event_of(change: &Change) -> Event {
+    match &change.entry {
+        Some(entry) => put(&change.id, entry),
+        None => Event::Delete(change.id.as_bytes().to_vec()),
+    }
+}
+
+/// A key's decision fields. Never a secret: hashes only.
+fn put(id: &KeyId, entry: &Entry) -> Event {
+    let (allowed_cidrs, allowlist_restricted) = entry.allowlist.ranges();
+    let open = entry.previous_until > 0;
+    Event::Put(pb::KeyState {
+        id: id.as_bytes().to_vec(),
+        secret_hash: entry.hash.as_bytes().to_vec(),
+        scopes: entry.scopes.to_le_bytes().to_vec(),
+        account: entry.account.to_string(),
+        disabled: entry.disabled,
+        expires_at_unix_nanos: if entry.expires_at == crate::clock::NEVER {
+            0
+        } else {
+            entry.expires_at
+        },
+        previous_hash: if open {
+            entry.previous_hash.as_bytes().to_vec()
+        } else {
+            Vec::new()
+        },
+        previous_until_unix_nanos: if open { entry.previous_until } else { 0 },
+        allowed_cidrs,
+        allowlist_restricted,
+        rate_limit: entry.limit.map(|limit| {
+            let parts = limit.parts();
+            pb::FeedRateLimit {
+                interval_nanos: parts.interval,
+                tolerance_nanos: parts.tolerance,
+                requests: parts.requests,
+                burst: parts.burst,
+            }
+        }),
+    })
+}

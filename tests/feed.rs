@@ -1,0 +1,305 @@
+//! The decision feed (`keyward.v1.DecisionFeed`) on a real server: the
+//! snapshot is the key set, every change follows in order, nothing carries
+//! a secret, only the admin may read it, and its bounds hold.
+
+mod common;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::{TestServer, assert_status, bearer};
+use keyward::domain::key::KeyId;
+use keyward::pb::v1 as pb;
+use keyward::pb::v1::decision_feed_client::DecisionFeedClient;
+use keyward::pb::v1::feed_event::Event;
+use tonic::Code;
+use tonic::codec::Streaming;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn id_bytes(key_id: &str) -> Vec<u8> {
+    KeyId::from_str(key_id).expect("key id").as_bytes().to_vec()
+}
+
+async fn watch(server: &TestServer) -> Streaming<pb::FeedEvent> {
+    DecisionFeedClient::new(server.channel().await)
+        .watch(bearer(&server.admin, pb::WatchRequest {}))
+        .await
+        .expect("admin watches")
+        .into_inner()
+}
+
+/// The next event that is not a heartbeat.
+async fn next(stream: &mut Streaming<pb::FeedEvent>) -> Event {
+    loop {
+        let event = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("an event in time")
+            .expect("stream healthy")
+            .expect("stream open")
+            .event
+            .expect("event set");
+        if !matches!(event, Event::Heartbeat(_)) {
+            return event;
+        }
+    }
+}
+
+#[tokio::test]
+async fn snapshot_then_changes_in_order_and_no_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let mut secrets = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let (id, secret) = server
+            .create_key(&format!("acct-{}", i % 3), &["mail.send"])
+            .await;
+        ids.push(id_bytes(&id));
+        secrets.push(secret);
+    }
+    let mut stream = watch(&server).await;
+    let Event::Tables(tables) = next(&mut stream).await else {
+        panic!("tables first");
+    };
+    assert!(tables.catalog.contains("mail.send"), "the catalog's text");
+    assert!(tables.routes.contains("/v3/mail/send"), "the routes' text");
+    let mut seen = Vec::new();
+    let synced = loop {
+        match next(&mut stream).await {
+            Event::Put(key) => {
+                assert_eq!(key.secret_hash.len(), 32);
+                let encoded = prost::Message::encode_to_vec(&key);
+                for secret in &secrets {
+                    let tail = secret.rsplit('.').next().expect("secret part");
+                    assert!(
+                        !encoded.windows(tail.len()).any(|w| w == tail.as_bytes()),
+                        "a secret in the feed"
+                    );
+                }
+                seen.push(key.id);
+            }
+            Event::Synced(synced) => break synced,
+            other => panic!("unexpected before synced: {other:?}"),
+        }
+    };
+    assert_eq!(synced.keys, 300);
+    seen.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(seen, expected, "the snapshot is exactly the key set");
+
+    // Changes follow, in order: a revocation, then a scope change.
+    let mut manager = server.manager().await;
+    let (revoked, kept) = (ids[0].clone(), ids[1].clone());
+    let revoked_text = KeyId::from_bytes(revoked.clone().try_into().expect("16")).to_string();
+    let kept_text = KeyId::from_bytes(kept.clone().try_into().expect("16")).to_string();
+    manager
+        .delete_key(bearer(
+            &server.admin,
+            pb::DeleteKeyRequest {
+                key_id: revoked_text,
+            },
+        ))
+        .await
+        .expect("revoke");
+    manager
+        .update_key(bearer(
+            &server.admin,
+            pb::UpdateKeyRequest {
+                key_id: kept_text,
+                name: "narrowed".into(),
+                scopes: vec!["alerts.read".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("update");
+    assert_eq!(next(&mut stream).await, Event::Delete(revoked));
+    let Event::Put(updated) = next(&mut stream).await else {
+        panic!("the update");
+    };
+    assert_eq!(updated.id, kept);
+}
+
+#[tokio::test]
+async fn only_the_admin_reads_the_feed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (_, secret) = server
+        .create_key("acct", &["api_keys.read", "api_keys.create"])
+        .await;
+    let mut client = DecisionFeedClient::new(server.channel().await);
+    let anonymous = client.watch(pb::WatchRequest {}).await;
+    assert_status(
+        anonymous.map(|_| ()),
+        Code::Unauthenticated,
+        "authorization",
+    );
+    let key = client.watch(bearer(&secret, pb::WatchRequest {})).await;
+    assert_status(key.map(|_| ()), Code::PermissionDenied, "admin token only");
+    let report = client
+        .report_use(bearer(&secret, pb::ReportUseRequest::default()))
+        .await;
+    assert_status(
+        report.map(|_| ()),
+        Code::PermissionDenied,
+        "admin token only",
+    );
+}
+
+#[tokio::test]
+async fn reported_uses_become_last_used() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (id, _) = server.create_key("acct", &["mail.send"]).await;
+    let mut client = DecisionFeedClient::new(server.channel().await);
+    let at = keyward::clock::now_nanos();
+    let applied = client
+        .report_use(bearer(
+            &server.admin,
+            pb::ReportUseRequest {
+                uses: vec![
+                    pb::KeyUse {
+                        id: id_bytes(&id),
+                        at_unix_nanos: at,
+                    },
+                    pb::KeyUse {
+                        id: vec![7; 16],
+                        at_unix_nanos: at,
+                    },
+                ],
+            },
+        ))
+        .await
+        .expect("report")
+        .into_inner();
+    assert_eq!(applied.applied, 1, "a key that does not exist is dropped");
+    let key = server
+        .manager()
+        .await
+        .get_key(bearer(&server.admin, pb::GetKeyRequest { key_id: id }))
+        .await
+        .expect("get")
+        .into_inner();
+    let used = key.last_used_at.expect("last used set").seconds;
+    let at_seconds = at / 1_000_000_000;
+    assert!(
+        (at_seconds - 60..=at_seconds).contains(&used),
+        "{used} vs {at_seconds}"
+    );
+
+    for (uses, field) in [
+        (
+            vec![pb::KeyUse {
+                id: vec![1; 3],
+                at_unix_nanos: at,
+            }],
+            "uses.id",
+        ),
+        (
+            vec![pb::KeyUse {
+                id: vec![1; 16],
+                at_unix_nanos: at + 3_600_000_000_000,
+            }],
+            "uses.at_unix_nanos",
+        ),
+    ] {
+        let refused = client
+            .report_use(bearer(&server.admin, pb::ReportUseRequest { uses }))
+            .await;
+        assert_status(refused.map(|_| ()), Code::InvalidArgument, field);
+    }
+}
+
+#[tokio::test]
+async fn streams_at_once_are_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let mut open = Vec::new();
+    for _ in 0..keyward::grpc::feed::MAX_WATCHERS {
+        let mut stream = watch(&server).await;
+        assert!(matches!(next(&mut stream).await, Event::Tables(_)));
+        open.push(stream);
+    }
+    let refused = DecisionFeedClient::new(server.channel().await)
+        .watch(bearer(&server.admin, pb::WatchRequest {}))
+        .await;
+    assert_status(refused.map(|_| ()), Code::ResourceExhausted, "at most");
+    // A reader that leaves frees its place.
+    drop(open.pop());
+    let reopened = tokio::time::timeout(WAIT, async {
+        loop {
+            let attempt = DecisionFeedClient::new(server.channel().await)
+                .watch(bearer(&server.admin, pb::WatchRequest {}))
+                .await;
+            if attempt.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(reopened.is_ok(), "a freed place is taken again");
+}
+
+/// A snapshot read while keys are created and revoked, stitched to the
+/// changes after it, is the key set: nothing lost, nothing resurrected.
+#[tokio::test]
+async fn a_snapshot_during_writes_converges_to_the_key_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = std::sync::Arc::new(TestServer::start(&dir).await);
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        let account = format!("busy-{}", i % 8);
+        ids.push((server.create_key(&account, &["mail.send"]).await.0, account));
+    }
+    let writer = {
+        let server = std::sync::Arc::clone(&server);
+        let doomed: Vec<(String, String)> = ids.iter().step_by(2).cloned().collect();
+        tokio::spawn(async move {
+            let mut manager = server.manager().await;
+            for (id, account) in doomed {
+                manager
+                    .delete_key(bearer(&server.admin, pb::DeleteKeyRequest { key_id: id }))
+                    .await
+                    .expect("revoke");
+                server.create_key(&account, &["alerts.read"]).await;
+            }
+        })
+    };
+    let mut stream = watch(&server).await;
+    let mut copy = std::collections::HashSet::new();
+    let mut synced = false;
+    let mut writes_done = false;
+    let mut marker = None;
+    loop {
+        match next(&mut stream).await {
+            Event::Tables(_) | Event::Heartbeat(_) => {}
+            Event::Put(key) => {
+                if marker.as_ref() == Some(&key.id) {
+                    break;
+                }
+                copy.insert(key.id);
+            }
+            Event::Delete(id) => {
+                copy.remove(&id);
+            }
+            Event::Synced(_) => synced = true,
+        }
+        if !writes_done && writer.is_finished() {
+            writes_done = true;
+            let (id, _) = server.create_key("marker", &["mail.send"]).await;
+            marker = Some(id_bytes(&id));
+        }
+    }
+    assert!(synced);
+    let mut live = std::collections::HashSet::new();
+    for account in 0..8 {
+        for key in server.list(&format!("busy-{account}")).await {
+            live.insert(id_bytes(&key.key_id));
+        }
+    }
+    assert_eq!(live.len(), 400);
+    assert_eq!(copy, live, "the copy is the key set");
+}
