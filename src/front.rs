@@ -34,18 +34,7 @@ fn sample_this_decision() -> bool {
     })
 }
 
-/// Longest path accepted; longer is a broken request, not a deny.
-pub const MAX_PATH_BYTES: usize = 8192;
-
-/// A request a front door cannot decide: which field, and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {problem}")]
-pub struct InvalidRequest {
-    /// The offending field.
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub problem: String,
-}
+pub use keyward_core::decide::{InvalidRequest, MAX_PATH_BYTES};
 
 /// Decides and records, on behalf of one front door.
 #[derive(Debug, Clone)]
@@ -76,30 +65,13 @@ impl FrontDoor {
         }
     }
 
-    /// Checks what both front doors take from a request, the same way for
-    /// both: the method, and a path that is present and not over
-    /// [`MAX_PATH_BYTES`]. `Ok(None)` for a valid method no route can name.
+    /// Checks what both front doors take from a request (see
+    /// [`keyward_core::decide::validate`]).
     pub fn validate<'a>(
         method: &str,
         path: &'a str,
     ) -> Result<(Option<Method>, &'a str), InvalidRequest> {
-        let method = Method::parse(method).map_err(|e| InvalidRequest {
-            field: "method",
-            problem: e.to_string(),
-        })?;
-        if path.is_empty() {
-            return Err(InvalidRequest {
-                field: "path",
-                problem: "required".into(),
-            });
-        }
-        if path.len() > MAX_PATH_BYTES {
-            return Err(InvalidRequest {
-                field: "path",
-                problem: format!("at most {MAX_PATH_BYTES} bytes"),
-            });
-        }
-        Ok((method, path))
+        keyward_core::decide::validate(method, path)
     }
 
     /// Decides one request and records it (a wrong secret for a live key

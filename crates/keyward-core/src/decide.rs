@@ -143,6 +143,45 @@ impl Decider {
     }
 }
 
+/// Longest path accepted; longer is a broken request, not a deny.
+pub const MAX_PATH_BYTES: usize = 8192;
+
+/// A request a front door cannot decide: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct InvalidRequest {
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Checks what every front door takes from a request, the same way for
+/// all: the method, and a path that is present and not over
+/// [`MAX_PATH_BYTES`]. `Ok(None)` for a valid method no route can name.
+pub fn validate<'a>(
+    method: &str,
+    path: &'a str,
+) -> Result<(Option<Method>, &'a str), InvalidRequest> {
+    let method = Method::parse(method).map_err(|e| InvalidRequest {
+        field: "method",
+        problem: e.to_string(),
+    })?;
+    if path.is_empty() {
+        return Err(InvalidRequest {
+            field: "path",
+            problem: "required".into(),
+        });
+    }
+    if path.len() > MAX_PATH_BYTES {
+        return Err(InvalidRequest {
+            field: "path",
+            problem: format!("at most {MAX_PATH_BYTES} bytes"),
+        });
+    }
+    Ok((method, path))
+}
+
 /// The key in a credential, or why there is none.
 fn parse(credential: &str) -> Result<PresentedKey<'_>, AuthFailure> {
     let key = bearer_credential(credential);

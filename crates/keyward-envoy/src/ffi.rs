@@ -1,0 +1,513 @@
+//! The Envoy dynamic-module ABI (v0.2.0, Envoy 1.40), by hand: the hooks
+//! Envoy calls, and the few callbacks into Envoy this module uses. The only
+//! `unsafe` in the crate lives here; each block says why it is sound.
+//!
+//! Declared callbacks must exist in the Envoy that loads the module (the
+//! library is linked with `-z now`), and an ABI mismatch only warns, so a
+//! wrong signature would crash Envoy instead of failing to load: every
+//! callback declared here is exercised by keyward's tests/envoy_module.rs
+//! in a real Envoy 1.40. Signatures are copied from Envoy's
+//! `source/extensions/dynamic_modules/abi/abi.h` (frozen since v0.1.0).
+//!
+//! Every hook catches panics: a panic crossing into C++ would abort Envoy.
+//! A request whose hook panicked is answered 500 (fail closed).
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_void};
+use std::net::IpAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use keyward_core::reply::Reply;
+
+use crate::copy::{Shared, Verdict};
+use crate::filter;
+
+// ---- ABI types --------------------------------------------------------
+
+/// A buffer Envoy owns (`envoy_dynamic_module_type_envoy_buffer`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EnvoyBuffer {
+    ptr: *const c_char,
+    length: usize,
+}
+
+/// A buffer the module owns (`envoy_dynamic_module_type_module_buffer`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ModuleBuffer {
+    ptr: *const c_char,
+    length: usize,
+}
+
+impl ModuleBuffer {
+    fn of(bytes: &[u8]) -> Self {
+        Self {
+            ptr: bytes.as_ptr().cast(),
+            length: bytes.len(),
+        }
+    }
+
+    const NULL: Self = Self {
+        ptr: std::ptr::null(),
+        length: 0,
+    };
+}
+
+/// A header the module owns (`envoy_dynamic_module_type_module_http_header`).
+#[repr(C)]
+struct ModuleHeader {
+    key_ptr: *const c_char,
+    key_length: usize,
+    value_ptr: *const c_char,
+    value_length: usize,
+}
+
+/// `envoy_dynamic_module_type_http_header_type`.
+const REQUEST_HEADER: u32 = 0;
+const RESPONSE_HEADER: u32 = 2;
+/// `envoy_dynamic_module_type_attribute_id::SourceAddress`.
+const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
+/// Header, body and trailer statuses: Continue.
+const CONTINUE: u32 = 0;
+/// Request headers status: StopIteration (after a local reply).
+const STOP_ITERATION: u32 = 1;
+
+/// The ABI this module was written against; Envoy 1.40 reports v0.2.0.
+static ABI_VERSION: &[u8] = b"v0.2.0\0";
+
+unsafe extern "C" {
+    fn envoy_dynamic_module_callback_http_get_header(
+        filter_envoy_ptr: *mut c_void,
+        header_type: u32,
+        key: ModuleBuffer,
+        result: *mut EnvoyBuffer,
+        index: usize,
+        optional_size: *mut usize,
+    ) -> bool;
+
+    fn envoy_dynamic_module_callback_http_set_header(
+        filter_envoy_ptr: *mut c_void,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+
+    fn envoy_dynamic_module_callback_http_send_response(
+        filter_envoy_ptr: *mut c_void,
+        status_code: u32,
+        headers: *mut ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        details: ModuleBuffer,
+    );
+
+    fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        filter_envoy_ptr: *mut c_void,
+        attribute_id: u32,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+}
+
+// ---- Safe wrappers around the callbacks -------------------------------
+
+/// The stream a hook was called for, valid for that hook's duration.
+struct Stream(*mut c_void);
+
+impl Stream {
+    /// Every value of a request header, joined with `,` (as Envoy's
+    /// ext_authz joins them); `None` if absent or not UTF-8.
+    fn request_header(&self, name: &str) -> Option<String> {
+        let mut count = 0usize;
+        let first = self.header_value(name, 0, &mut count)?;
+        if count <= 1 {
+            return Some(first);
+        }
+        let mut joined = first;
+        for index in 1..count {
+            joined.push(',');
+            joined.push_str(&self.header_value(name, index, &mut 0)?);
+        }
+        Some(joined)
+    }
+
+    fn header_value(&self, name: &str, index: usize, count: &mut usize) -> Option<String> {
+        let mut result = EnvoyBuffer {
+            ptr: std::ptr::null(),
+            length: 0,
+        };
+        // SAFETY: `self.0` is the filter pointer Envoy passed to the
+        // running hook (valid until the hook returns); `name` outlives the
+        // call; `result` and `count` are live locals Envoy writes to.
+        let found = unsafe {
+            envoy_dynamic_module_callback_http_get_header(
+                self.0,
+                REQUEST_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                &raw mut result,
+                index,
+                std::ptr::from_mut(count),
+            )
+        };
+        if !found {
+            return None;
+        }
+        // SAFETY: Envoy owns the bytes and keeps them until the hook ends
+        // or a header is set; they are copied out before either.
+        let bytes = unsafe { envoy_bytes(result) };
+        std::str::from_utf8(bytes).ok().map(str::to_owned)
+    }
+
+    fn set_header(&self, kind: u32, name: &str, value: Option<&str>) {
+        let value = value.map_or(ModuleBuffer::NULL, |v| ModuleBuffer::of(v.as_bytes()));
+        // SAFETY: as in `header_value`; Envoy copies both buffers, and a
+        // NULL value removes the header.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                kind,
+                ModuleBuffer::of(name.as_bytes()),
+                value,
+            );
+        }
+    }
+
+    /// The downstream address (`ip:port`, or `[v6]:port`), as an address.
+    fn client(&self) -> Option<IpAddr> {
+        let mut result = EnvoyBuffer {
+            ptr: std::ptr::null(),
+            length: 0,
+        };
+        // SAFETY: as in `header_value`.
+        let found = unsafe {
+            envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                self.0,
+                ATTRIBUTE_SOURCE_ADDRESS,
+                &raw mut result,
+            )
+        };
+        if !found {
+            return None;
+        }
+        // SAFETY: as in `header_value`.
+        let text = std::str::from_utf8(unsafe { envoy_bytes(result) }).ok()?;
+        filter::client_address(text)
+    }
+
+    fn send(&self, reply: &Reply, details: &str) {
+        let mut headers: Vec<ModuleHeader> = std::iter::once(("content-type", "application/json"))
+            .chain(reply.headers.iter().map(|(k, v)| (*k, v.as_str())))
+            .map(|(key, value)| ModuleHeader {
+                key_ptr: key.as_ptr().cast(),
+                key_length: key.len(),
+                value_ptr: value.as_ptr().cast(),
+                value_length: value.len(),
+            })
+            .collect();
+        // SAFETY: as in `header_value`; every buffer (headers, body,
+        // details) lives until the call returns and Envoy copies them.
+        unsafe {
+            envoy_dynamic_module_callback_http_send_response(
+                self.0,
+                u32::from(reply.status),
+                headers.as_mut_ptr(),
+                headers.len(),
+                ModuleBuffer::of(reply.body.as_bytes()),
+                ModuleBuffer::of(details.as_bytes()),
+            );
+        }
+    }
+}
+
+/// The bytes of an Envoy buffer (`{NULL, 0}` is empty).
+///
+/// # Safety
+/// `buffer` must point at `length` readable bytes that stay valid for the
+/// returned borrow, or be NULL.
+unsafe fn envoy_bytes<'a>(buffer: EnvoyBuffer) -> &'a [u8] {
+    if buffer.ptr.is_null() || buffer.length == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(buffer.ptr.cast(), buffer.length) }
+}
+
+// ---- Module objects ---------------------------------------------------
+
+/// One stream's state: the response headers an allow owes the client.
+struct Filter {
+    shared: Arc<Shared>,
+    response_headers: Vec<(&'static str, String)>,
+}
+
+/// Runs a hook body; a panic is caught (Envoy would abort) and `fallback`
+/// is returned instead.
+fn guarded<T>(fallback: T, body: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|_| {
+        crate::sync::log("a hook panicked; the request is refused");
+        fallback
+    })
+}
+
+// ---- Hooks ------------------------------------------------------------
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    guarded(std::ptr::null(), || {
+        keyward_core::clock::start_clock();
+        ABI_VERSION.as_ptr().cast()
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    _config_envoy_ptr: *mut c_void,
+    _name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> *const c_void {
+    guarded(std::ptr::null(), || {
+        // SAFETY: Envoy passes the config bytes for this call's duration;
+        // they are parsed (copied) before it returns.
+        let config = unsafe { envoy_bytes(config) };
+        match filter::new_config(config) {
+            Ok(shared) => Arc::into_raw(shared).cast(),
+            Err(problem) => {
+                crate::sync::log(&format!("configuration refused: {problem}"));
+                std::ptr::null()
+            }
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
+    guarded((), || {
+        // SAFETY: `config` came from `Arc::into_raw` in `config_new`, and
+        // Envoy destroys each config once, after its last filter.
+        let shared = unsafe { Arc::from_raw(config.cast::<Shared>()) };
+        shared
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    config: *const c_void,
+    _filter_envoy_ptr: *mut c_void,
+) -> *const c_void {
+    guarded(std::ptr::null(), || {
+        // SAFETY: `config` is live (Envoy destroys it after its filters);
+        // the count is raised before a second `Arc` is made from it.
+        let shared = unsafe {
+            Arc::increment_strong_count(config.cast::<Shared>());
+            Arc::from_raw(config.cast::<Shared>())
+        };
+        let filter = Box::new(Filter {
+            shared,
+            response_headers: Vec::new(),
+        });
+        Box::into_raw(filter).cast_const().cast()
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    let stream = Stream(filter_envoy_ptr);
+    let decided = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the pointer is the `Filter` made in `filter_new`, used
+        // on this worker only, until `filter_destroy`.
+        let filter = unsafe { &mut *filter_module_ptr.cast::<Filter>().cast_mut() };
+        request_headers(&stream, filter)
+    }));
+    decided.unwrap_or_else(|_| {
+        crate::sync::log("a hook panicked; the request is refused");
+        stream.send(
+            &keyward_core::reply::unavailable("keyward failed to decide", "internal"),
+            "keyward_internal",
+        );
+        STOP_ITERATION
+    })
+}
+
+fn request_headers(stream: &Stream, filter: &mut Filter) -> u32 {
+    let method = stream.request_header(":method").unwrap_or_default();
+    let path = stream.request_header(":path").unwrap_or_default();
+    let authorization = stream.request_header("authorization").unwrap_or_default();
+    match filter
+        .shared
+        .verdict(&method, &path, &authorization, stream.client())
+    {
+        Verdict::Allow { request, response } => {
+            for (name, value) in &request {
+                stream.set_header(REQUEST_HEADER, name, Some(value));
+            }
+            stream.set_header(REQUEST_HEADER, "authorization", None);
+            filter.response_headers = response;
+            CONTINUE
+        }
+        Verdict::Deny(reply) => {
+            let details = filter::details(&reply);
+            stream.send(&reply, &details);
+            STOP_ITERATION
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    guarded(CONTINUE, || {
+        // SAFETY: as in `request_headers`.
+        let filter = unsafe { &mut *filter_module_ptr.cast::<Filter>().cast_mut() };
+        let stream = Stream(filter_envoy_ptr);
+        for (name, value) in std::mem::take(&mut filter.response_headers) {
+            stream.set_header(RESPONSE_HEADER, name, Some(&value));
+        }
+        CONTINUE
+    })
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module_ptr: *const c_void) {
+    guarded((), || {
+        // SAFETY: made by `Box::into_raw` in `filter_new`; Envoy destroys
+        // each filter once.
+        drop(unsafe { Box::from_raw(filter_module_ptr.cast::<Filter>().cast_mut()) });
+    });
+}
+
+// Hooks Envoy requires that this filter has no use for.
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _: *mut c_void,
+    _: *const c_void,
+    _: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _: *mut c_void,
+    _: *const c_void,
+) -> u32 {
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _: *mut c_void,
+    _: *const c_void,
+    _: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _: *mut c_void,
+    _: *const c_void,
+) -> u32 {
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    _: *mut c_void,
+    _: *const c_void,
+) {
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+    _: u32,
+    _: *mut c_void,
+    _: usize,
+    _: *mut c_void,
+    _: usize,
+) {
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+    _: *mut c_void,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+    _: *const c_void,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+    _: *mut c_void,
+    _: usize,
+) {
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+) {
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+    _: u32,
+) {
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    _: *mut c_void,
+    _: *const c_void,
+    _: u64,
+) {
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _: *mut c_void,
+    _: *const c_void,
+) {
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _: *mut c_void,
+    _: *const c_void,
+) {
+}

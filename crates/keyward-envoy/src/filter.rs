@@ -1,0 +1,54 @@
+//! What the hooks need besides Envoy: a filter config from its JSON, the
+//! downstream address from Envoy's `ip:port` text, and the details string
+//! Envoy logs for a local reply.
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
+
+use arc_swap::ArcSwapOption;
+use keyward_core::reply::{DENY_REASON_HEADER, Reply};
+
+use crate::copy::{Shared, USES_BUFFER};
+use crate::settings::Settings;
+
+/// A filter config: its settings, and the sync thread that keeps its copy.
+pub fn new_config(config: &[u8]) -> Result<Arc<Shared>, String> {
+    let settings = Settings::parse(config)?;
+    let (uses, reports) = std::sync::mpsc::sync_channel(USES_BUFFER);
+    let shared = Arc::new(Shared {
+        copy: ArcSwapOption::empty(),
+        heard: AtomicI64::new(0),
+        live: AtomicBool::new(false),
+        uses,
+        uses_dropped: AtomicU64::new(0),
+        settings,
+        stop: AtomicBool::new(false),
+    });
+    crate::sync::start(Arc::clone(&shared), reports)
+        .map_err(|e| format!("cannot start the sync thread: {e}"))?;
+    Ok(shared)
+}
+
+/// The client address in Envoy's `SourceAddress` attribute (`ip:port`,
+/// `[v6]:port`, or a bare address), with IPv4-mapped IPv6 as IPv4.
+#[must_use]
+pub fn client_address(text: &str) -> Option<IpAddr> {
+    text.parse::<SocketAddr>()
+        .map(|socket| socket.ip())
+        .or_else(|_| text.parse::<IpAddr>())
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
+/// Envoy's response-code details for a local reply: `keyward_<reason>`.
+#[must_use]
+pub fn details(reply: &Reply) -> String {
+    let reason = reply
+        .headers
+        .iter()
+        .find(|(name, _)| *name == DENY_REASON_HEADER)
+        .map_or("invalid_request", |(_, value)| value.as_str());
+    format!("keyward_{reason}")
+}

@@ -1,0 +1,301 @@
+//! The thread that keeps the copy: reads the sidecar's decision feed
+//! (tables, snapshot, `synced`, then changes), builds a fresh copy on every
+//! (re)connect and swaps it in whole at `synced` (the old copy decides
+//! until then), applies changes to the live copy, and reports uses back.
+//! It owns a small single-threaded tokio runtime; Envoy's workers never
+//! wait for it.
+#![forbid(unsafe_code)]
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use keyward_core::clock;
+use keyward_core::decide::Decider;
+use keyward_core::domain::allowlist::Allowlist;
+use keyward_core::domain::catalog::Catalog;
+use keyward_core::domain::key::{KeyId, SecretHash};
+use keyward_core::domain::rate::{Gcra, GcraParts};
+use keyward_core::domain::route::RouteTable;
+use keyward_core::domain::scope_set::ScopeSet;
+use keyward_core::index::{Entry, Index, Usage};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::copy::{Copy, Shared};
+use crate::pb::decision_feed_client::DecisionFeedClient;
+use crate::pb::feed_event::Event;
+use crate::pb::{FeedEvent, KeyState, KeyUse, ReportUseRequest, WatchRequest};
+
+/// Longest wait between attempts to reach the sidecar.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// While the sidecar is away, how often the log says how stale the copy is.
+const STALE_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Uses sent per report at most (the sidecar's limit).
+const MAX_USES_PER_REPORT: usize = 10_000;
+
+/// One line on Envoy's stderr, marked as the module's. (Envoy's log
+/// callback is for worker threads; this runs on the module's own.)
+pub fn log(message: &str) {
+    eprintln!("keyward-envoy: {message}");
+}
+
+/// Starts the sync thread for `shared`; `uses` is the receiving end of its
+/// use reports.
+pub fn start(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("keyward-sync".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => return log(&format!("cannot start: {error}")),
+            };
+            runtime.block_on(run(shared, uses));
+        })
+        .map(drop)
+}
+
+async fn run(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) {
+    let reporter = tokio::spawn(report_uses(Arc::clone(&shared), uses));
+    let mut backoff = Duration::from_millis(50);
+    let mut last_stale_log: Option<Instant> = None;
+    while !shared.stop.load(Ordering::Relaxed) {
+        if let Err(problem) = follow(&shared).await {
+            let was_live = shared.live.swap(false, Ordering::Relaxed);
+            if was_live {
+                // A stream that synced: try again at once, then back off.
+                backoff = Duration::from_millis(50);
+            }
+            if was_live || last_stale_log.is_none_or(|at| at.elapsed() >= STALE_LOG_EVERY) {
+                last_stale_log = Some(Instant::now());
+                log_staleness(&shared, &problem);
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    reporter.abort();
+}
+
+/// Says what decisions are made from while the sidecar is away.
+fn log_staleness(shared: &Shared, problem: &str) {
+    let heard = shared.heard.load(Ordering::Relaxed);
+    let silent_ms = if heard == 0 {
+        0
+    } else {
+        (clock::now_nanos() - heard) / 1_000_000
+    };
+    match shared.copy.load().as_ref() {
+        Some(copy) => log(&format!(
+            "sidecar feed lost ({problem}): deciding from the copy of {} keys, last heard from {silent_ms} ms ago",
+            copy.decider.index().len()
+        )),
+        None => log(&format!(
+            "sidecar feed unavailable ({problem}): refusing every request until the first sync"
+        )),
+    }
+}
+
+async fn connect(shared: &Shared) -> Result<Channel, String> {
+    Endpoint::from_str(&shared.settings.sidecar)
+        .map_err(|e| format!("sidecar address: {e}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        // The sidecar closes connections it reads nothing from: pings
+        // keep a quiet feed open.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))
+}
+
+fn bearer<T>(shared: &Shared, message: T) -> Result<tonic::Request<T>, String> {
+    let path = &shared.settings.token_file;
+    let token =
+        std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    let value = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        .map_err(|_| format!("token file {}: not a token", path.display()))?;
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// One stream, from connect to its end (always an error: the feed never
+/// ends on its own).
+async fn follow(shared: &Shared) -> Result<(), String> {
+    let channel = connect(shared).await?;
+    let mut stream = DecisionFeedClient::new(channel)
+        .max_decoding_message_size(16 << 20)
+        .watch(bearer(shared, WatchRequest {})?)
+        .await
+        .map_err(|status| format!("watch: {}", status.message()))?
+        .into_inner();
+    let started = Instant::now();
+    let mut building: Option<Building> = None;
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let event = match stream.message().await {
+            Ok(Some(FeedEvent { event: Some(event) })) => event,
+            Ok(Some(FeedEvent { event: None })) => continue,
+            Ok(None) => return Err("the sidecar ended the feed".into()),
+            Err(status) => return Err(format!("feed: {}", status.message())),
+        };
+        shared.heard.store(clock::now_nanos(), Ordering::Relaxed);
+        match event {
+            Event::Tables(tables) => {
+                let catalog = Catalog::parse(&tables.catalog_source, &tables.catalog)
+                    .map_err(|e| format!("the sidecar's catalog: {e}"))?;
+                let routes = RouteTable::parse(&tables.routes_source, &tables.routes, &catalog)
+                    .map_err(|e| format!("the sidecar's routes: {e}"))?;
+                building = Some(Building {
+                    catalog: Arc::new(catalog),
+                    routes: Arc::new(routes),
+                    index: Arc::new(Index::default()),
+                });
+            }
+            Event::Put(key) => {
+                let (id, entry) = entry_of(&key)?;
+                match &building {
+                    Some(building) => building.index.insert(id, entry),
+                    None => live_index(shared)?.replace(id, entry),
+                }
+            }
+            Event::Delete(id) => {
+                let id = key_id(&id)?;
+                match &building {
+                    Some(building) => building.index.remove(&id),
+                    None => live_index(shared)?.remove(&id),
+                }
+            }
+            Event::Synced(synced) => {
+                let Some(built) = building.take() else {
+                    return Err("synced before the tables".into());
+                };
+                let keys = built.index.len();
+                shared.copy.store(Some(Arc::new(Copy {
+                    decider: Decider::new(built.index, built.routes),
+                    catalog: built.catalog,
+                })));
+                shared.live.store(true, Ordering::Relaxed);
+                log(&format!(
+                    "synced {keys} keys (snapshot said {}) in {} ms",
+                    synced.keys,
+                    started.elapsed().as_millis()
+                ));
+            }
+            Event::Heartbeat(_) => {}
+        }
+    }
+}
+
+/// A copy being read, not yet deciding.
+struct Building {
+    catalog: Arc<Catalog>,
+    routes: Arc<RouteTable>,
+    index: Arc<Index>,
+}
+
+fn live_index(shared: &Shared) -> Result<Arc<Index>, String> {
+    shared
+        .copy
+        .load()
+        .as_ref()
+        .map(|copy| Arc::clone(copy.decider.index()))
+        .ok_or_else(|| "a change before the first sync".to_owned())
+}
+
+fn key_id(bytes: &[u8]) -> Result<KeyId, String> {
+    <[u8; 16]>::try_from(bytes)
+        .map(KeyId::from_bytes)
+        .map_err(|_| "a key id that is not 16 bytes".to_owned())
+}
+
+fn hash(bytes: &[u8], what: &str) -> Result<SecretHash, String> {
+    <[u8; 32]>::try_from(bytes)
+        .map(SecretHash::from_bytes)
+        .map_err(|_| format!("{what} is not 32 bytes"))
+}
+
+/// A key from the feed, checked: anything malformed ends the stream (and
+/// the copy being built), never a key half-read.
+fn entry_of(key: &KeyState) -> Result<(KeyId, Entry), String> {
+    let id = key_id(&key.id)?;
+    let (previous_hash, previous_until) = if key.previous_hash.is_empty() {
+        (SecretHash::from_bytes([0; 32]), 0)
+    } else {
+        (
+            hash(&key.previous_hash, "a previous secret hash")?,
+            key.previous_until_unix_nanos,
+        )
+    };
+    let limit = match &key.rate_limit {
+        None => None,
+        Some(limit) => Some(
+            Gcra::from_parts(GcraParts {
+                interval: limit.interval_nanos,
+                tolerance: limit.tolerance_nanos,
+                requests: limit.requests,
+                burst: limit.burst,
+            })
+            .ok_or("a rate limit out of range")?,
+        ),
+    };
+    let entry = Entry {
+        hash: hash(&key.secret_hash, "a secret hash")?,
+        scopes: ScopeSet::from_le_bytes(&key.scopes).ok_or("a scope set of the wrong width")?,
+        account: Arc::from(key.account.as_str()),
+        disabled: key.disabled,
+        expires_at: if key.expires_at_unix_nanos == 0 {
+            clock::NEVER
+        } else {
+            key.expires_at_unix_nanos
+        },
+        previous_hash,
+        previous_until,
+        allowlist: Allowlist::from_ranges(&key.allowed_cidrs, key.allowlist_restricted),
+        limit,
+        usage: Arc::new(Usage::default()),
+    };
+    Ok((id, entry))
+}
+
+/// Every `report_use_every_ms`, sends the uses waiting (a failed report
+/// is dropped: the next minute's use reports again).
+async fn report_uses(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) {
+    let every = Duration::from_millis(shared.settings.report_use_every_ms);
+    let mut client: Option<DecisionFeedClient<Channel>> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let batch: Vec<KeyUse> = uses
+            .try_iter()
+            .take(MAX_USES_PER_REPORT)
+            .map(|(id, at)| KeyUse {
+                id: id.as_bytes().to_vec(),
+                at_unix_nanos: at,
+            })
+            .collect();
+        if batch.is_empty() {
+            continue;
+        }
+        if client.is_none() {
+            client = connect(&shared).await.ok().map(DecisionFeedClient::new);
+        }
+        let (Some(feed), Ok(request)) = (
+            client.as_mut(),
+            bearer(&shared, ReportUseRequest { uses: batch }),
+        ) else {
+            continue;
+        };
+        if feed.report_use(request).await.is_err() {
+            client = None;
+        }
+    }
+}
