@@ -3,6 +3,7 @@
 
 pub mod etcd;
 pub mod pki;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::sync::Arc;
