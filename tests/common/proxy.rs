@@ -225,7 +225,7 @@ pub async fn http(
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    Some((status, headers, body.to_owned()))
+    Some((status, headers, body))
 }
 
 pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
