@@ -204,6 +204,10 @@ struct EnvoyArgs {
     connections: u32,
     #[arg(long, default_value_t = 16)]
     streams: u32,
+    /// Keys added afterwards to measure the module's memory per key in
+    /// Envoy (0: skip).
+    #[arg(long, default_value_t = 20_000)]
+    module_keys: usize,
 }
 
 // --- the server under test ---------------------------------------------------
@@ -1119,7 +1123,7 @@ mod external {
 
 mod envoy_bench {
     use super::external::cpu_seconds;
-    use super::{EnvoyArgs, Server};
+    use super::{EnvoyArgs, KeyManagerClient, Server, bearer, channel, pb};
     use anyhow::{Context, ensure};
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
@@ -1220,6 +1224,7 @@ mod envoy_bench {
         std::fs::write(&path, config)?;
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         let child = Command::new("envoy")
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir())
             .arg("-c")
             .arg(&path)
             .args([
@@ -1276,6 +1281,7 @@ mod envoy_bench {
               - header: x-api-key
 "
         );
+        let module = module_filter(keyward_port, &server.dir.join("data/admin.token"))?;
         let tcp = (server.child.id(), key.as_str());
         let uds = (uds_server.child.id(), uds_key.as_str());
         let mut variants = Vec::new();
@@ -1286,6 +1292,7 @@ mod envoy_bench {
             ("ext_authz all headers", None, ALL_HEADERS, tcp),
             ("ext_authz raw headers", None, RAW_HEADERS, tcp),
             ("ext_authz over UDS", None, "", uds),
+            ("keyward module", Some(module), "", tcp),
         ] {
             let (port, admin) = (free_port()?, free_port()?);
             let mut config = config(port, admin, keyward_port, filter.as_deref())?;
@@ -1301,6 +1308,10 @@ mod envoy_bench {
                 );
             }
             variants.push(start(name, &config, dir.path(), port, keyward)?);
+        }
+        // The module decides once its copy has synced.
+        for variant in &variants {
+            wait_allowed(variant.port, &variant.key)?;
         }
         let body = dir.path().join("body.json");
         std::fs::write(
@@ -1350,7 +1361,122 @@ mod envoy_bench {
                 envoy + keyward
             );
         }
+        let module = variants.iter().find(|v| v.name == "keyward module");
+        if let (Some(module), true) = (module, args.module_keys > 0) {
+            module_memory(&server, module, args.module_keys).await?;
+        }
         Ok(())
+    }
+
+    /// Adds `keys` keys through the sidecar, waits until the module's copy
+    /// holds the last, and reports what they cost in Envoy's memory.
+    async fn module_memory(server: &Server, module: &Variant, keys: usize) -> anyhow::Result<()> {
+        const WRITERS: usize = 8;
+        let before = rss(module.child.id());
+        let admin = std::fs::read_to_string(server.dir.join("data/admin.token"))?;
+        let client = KeyManagerClient::new(channel(&server.addr).await?);
+        let mut writers = tokio::task::JoinSet::new();
+        for writer in 0..WRITERS {
+            let (mut client, admin) = (client.clone(), admin.trim().to_owned());
+            writers.spawn(async move {
+                let mut last = String::new();
+                for i in (writer..keys).step_by(WRITERS) {
+                    let request = bearer(
+                        &admin,
+                        pb::CreateKeyRequest {
+                            name: "memory".into(),
+                            scopes: vec!["mail.send".into()],
+                            account_id: format!("memory-{}", i / 100),
+                            ..Default::default()
+                        },
+                    )?;
+                    last = client.create_key(request).await?.into_inner().secret;
+                }
+                anyhow::Ok(last)
+            });
+        }
+        let mut last = Vec::new();
+        while let Some(done) = writers.join_next().await {
+            last.push(done??);
+        }
+        for key in &last {
+            wait_allowed(module.port, key)?;
+        }
+        let after = rss(module.child.id());
+        let per_key = after.saturating_sub(before) as f64 / keys as f64;
+        println!(
+            "\nkeyward module in Envoy: RSS {:.1} MiB before, {:.1} MiB with {keys} more keys: {per_key:.0} bytes a key, {:.1} MiB per 100k keys",
+            before as f64 / 1_048_576.0,
+            after as f64 / 1_048_576.0,
+            per_key * 100_000.0 / 1_048_576.0
+        );
+        Ok(())
+    }
+
+    fn rss(pid: u32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// The shipped module config's filter (k8s/overlays/envoy-module), fed
+    /// by the keyward on `keyward_port` with the admin token at `token`.
+    fn module_filter(keyward_port: u16, token: &std::path::Path) -> anyhow::Result<String> {
+        const MODULE: &str = include_str!("../k8s/overlays/envoy-module/envoy.yaml");
+        let start = MODULE
+            .find("          - name: envoy.extensions.filters.http.dynamic_modules")
+            .context("the module filter in the shipped config")?;
+        let end = MODULE.find(ROUTER).context("the router")?;
+        build_module()?;
+        Ok(MODULE[start..end]
+            .replace("127.0.0.1:50051", &format!("127.0.0.1:{keyward_port}"))
+            .replace("/etc/keyward/feed/token", &token.display().to_string()))
+    }
+
+    /// Where `cargo build --release -p keyward-envoy` puts the module.
+    fn module_dir() -> std::path::PathBuf {
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(
+                || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"),
+                std::path::PathBuf::from,
+            )
+            .join("release")
+    }
+
+    fn build_module() -> anyhow::Result<()> {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--quiet", "-p", "keyward-envoy"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()?;
+        ensure!(status.success(), "building keyward-envoy");
+        Ok(())
+    }
+
+    /// Waits until the variant on `port` allows the bench's request (the
+    /// module: once its copy synced).
+    fn wait_allowed(port: u16, key: &str) -> anyhow::Result<()> {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            write!(
+                stream,
+                "POST /v3/mail/send HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\nx-api-key: {key}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )?;
+            let mut reply = String::new();
+            let _ = stream.read_to_string(&mut reply);
+            if reply.starts_with("HTTP/1.1 200") {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "never allowed at {port}: {reply}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// h2load over h2c with the key in both places the variants read it;

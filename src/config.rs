@@ -141,6 +141,13 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_HTTP_LISTEN", conflicts_with = "disable_manage")]
     pub http_listen: Option<SocketAddr>,
 
+    /// A token that reads the decision feed (`keyward.v1.DecisionFeed`,
+    /// what the Envoy module follows) and nothing else: give the module
+    /// this file instead of the admin token. Created (mode 0600) on first
+    /// start if missing. Unset: only the admin token reads the feed.
+    #[arg(long, env = "KEYWARD_FEED_TOKEN_FILE")]
+    pub feed_token_file: Option<PathBuf>,
+
     /// Do not serve KeyManager at all: this sidecar only decides, on the
     /// keys its data directory holds (sled locks the directory, so no other
     /// process can manage them while it runs).
@@ -301,6 +308,7 @@ impl ServeConfig {
             routes: None,
             max_keys_per_account: 100,
             manage_listen: None,
+            feed_token_file: None,
             http_listen: None,
             disable_manage: false,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -110,6 +110,8 @@ pub struct App {
     feed: Option<Arc<Feed>>,
     /// The catalog and routes as loaded, for the decision feed.
     tables: Arc<Tables>,
+    /// The feed reader token's hash, when one is configured.
+    feed_reader: Option<SecretHash>,
     admin: SecretHash,
     limits: Limits,
     tls: Option<ServerTlsConfig>,
@@ -170,7 +172,11 @@ impl App {
         create_private_dir(data_dir)?;
         // Settings that can be refused go first: a refusal then leaves no
         // store open.
-        let admin = load_or_create_admin_token(&config.data.admin_token_path())?;
+        let admin = load_or_create_token(&config.data.admin_token_path(), Token::Admin)?;
+        let feed_reader = match &config.feed_token_file {
+            Some(path) => Some(load_or_create_token(path, Token::FeedReader)?),
+            None => None,
+        };
         let tls = load_tls(config)?;
         let rest_tls = match (&config.tls_cert, &config.tls_key, config.http_listen) {
             (Some(cert), Some(key), Some(_)) => Some(crate::tls::server_config(
@@ -230,6 +236,7 @@ impl App {
             index,
             feed,
             tables,
+            feed_reader,
             keys: Arc::new(keys),
             catalog,
             metrics,
@@ -579,6 +586,7 @@ fn grpc_servers(
             app.feed.clone(),
             Arc::clone(&app.tables),
             app.access(),
+            app.feed_reader,
             stop.tx.subscribe(),
         ))
         .max_decoding_message_size(limits.max_message_bytes),
@@ -874,7 +882,22 @@ fn strong_enough(token: &str) -> bool {
 
 /// Reads the admin token, or creates one (mode 0600) on first start. Only
 /// its hash is kept in memory; the token itself is never logged.
-fn load_or_create_admin_token(path: &Path) -> Result<SecretHash, ServerError> {
+/// Which token a file holds.
+#[derive(Debug, Clone, Copy)]
+enum Token {
+    /// The operator's: every management call.
+    Admin,
+    /// The decision feed's reader: the feed only.
+    FeedReader,
+}
+
+/// Reads a token file (refusing a world-readable or weak one), or creates
+/// it with a fresh random token, mode 0600.
+fn load_or_create_token(path: &Path, kind: Token) -> Result<SecretHash, ServerError> {
+    let (what, prefix) = match kind {
+        Token::Admin => ("admin", "kwadmin"),
+        Token::FeedReader => ("feed reader", "kwfeed"),
+    };
     match std::fs::read_to_string(path) {
         Ok(text) => {
             #[cfg(unix)]
@@ -896,7 +919,7 @@ fn load_or_create_admin_token(path: &Path) -> Result<SecretHash, ServerError> {
             if !strong_enough(token) {
                 return Err(ServerError::WeakAdminToken(path.to_owned()));
             }
-            tracing::info!(path = %path.display(), "using the admin token file");
+            tracing::info!(path = %path.display(), token = what, "using the token file");
             Ok(SecretHash::of(token.as_bytes()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -908,7 +931,7 @@ fn load_or_create_admin_token(path: &Path) -> Result<SecretHash, ServerError> {
                 path: path.to_owned(),
                 source: std::io::Error::other(e.to_string()),
             })?;
-            let token = format!("kwadmin_{}", URL_SAFE_NO_PAD.encode(raw));
+            let token = format!("{prefix}_{}", URL_SAFE_NO_PAD.encode(raw));
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create_new(true);
             #[cfg(unix)]

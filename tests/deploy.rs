@@ -120,3 +120,42 @@ async fn the_replicated_overlay_settings_start_keyward() {
         "not ready before etcd answers"
     );
 }
+
+/// The Envoy-module overlay agrees with itself: the module reads the feed
+/// token keyward is told to accept, from the sidecar's port, and Envoy
+/// looks for the module where the Containerfile puts it.
+#[test]
+fn the_envoy_module_overlay_is_consistent() {
+    let patch = include_str!("../k8s/overlays/envoy-module/deployment-patch.yaml");
+    let envoy = include_str!("../k8s/overlays/envoy-module/envoy.yaml");
+    let containerfile = include_str!("../k8s/overlays/envoy-module/Containerfile");
+    let base = include_str!("../k8s/base/deployment.yaml");
+    let value_after = |text: &str, name: &str| -> String {
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        lines
+            .windows(2)
+            .find_map(|pair| {
+                (pair[0] == format!("- name: {name}"))
+                    .then(|| pair[1].strip_prefix("value: ").map(str::to_owned))
+                    .flatten()
+            })
+            .unwrap_or_else(|| panic!("{name} is set"))
+    };
+    let token = value_after(patch, "KEYWARD_FEED_TOKEN_FILE");
+    assert!(
+        envoy.contains(&format!(r#""token_file": "{token}""#)),
+        "the module reads {token}"
+    );
+    let port = value_after(base, "KEYWARD_LISTEN");
+    let port = port.rsplit(':').next().expect("a port");
+    assert!(
+        envoy.contains(&format!(r#""sidecar": "http://127.0.0.1:{port}""#)),
+        "the module dials the sidecar's port {port}"
+    );
+    let search = value_after(patch, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH");
+    assert!(
+        containerfile.contains(&format!("{search}/libkeyward_envoy.so")),
+        "the image holds the module in {search}"
+    );
+    assert!(envoy.contains("dynamic_module_config: { name: keyward_envoy"));
+}

@@ -66,7 +66,7 @@ async fn module_envoy(
         SHIPPED,
         "k8s/overlays/envoy-module/envoy.yaml",
         &[(
-            r#"'{"sidecar": "http://127.0.0.1:50051", "token_file": "/var/lib/keyward/admin.token"}'"#
+            r#"'{"sidecar": "http://127.0.0.1:50051", "token_file": "/etc/keyward/feed/token"}'"#
                 .into(),
             settings,
         )],
@@ -327,6 +327,8 @@ impl Sidecar {
             .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--data-dir", &self.dir.join("data").display().to_string()])
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .arg("--feed-token-file")
+            .arg(self.dir.join("feed.token"))
             .env_remove("KEYWARD_DATA_DIR")
             .stdout(Stdio::null())
             .stderr(log)
@@ -397,7 +399,9 @@ async fn fail_closed_until_synced_then_the_last_copy_decides_while_the_sidecar_i
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
-    let token = dir.path().join("data/admin.token");
+    // The module reads with the feed reader token, as deployed; the file
+    // appears when the sidecar first starts.
+    let token = dir.path().join("feed.token");
     let (up, _seen) = upstream().await;
     // Envoy first: no sidecar yet, nothing to decide from.
     let envoy = module_envoy(&binary, port, &token, "", up).await;

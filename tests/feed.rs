@@ -137,15 +137,45 @@ async fn only_the_admin_reads_the_feed() {
         "authorization",
     );
     let key = client.watch(bearer(&secret, pb::WatchRequest {})).await;
-    assert_status(key.map(|_| ()), Code::PermissionDenied, "admin token only");
+    assert_status(key.map(|_| ()), Code::PermissionDenied, "admin tokens only");
     let report = client
         .report_use(bearer(&secret, pb::ReportUseRequest::default()))
         .await;
     assert_status(
         report.map(|_| ()),
         Code::PermissionDenied,
-        "admin token only",
+        "admin tokens only",
     );
+}
+
+#[tokio::test]
+async fn the_feed_reader_token_reads_the_feed_and_manages_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = keyward::config::ServeConfig::with_data_dir(dir.path().join("data"));
+    let token_file = dir.path().join("feed/token");
+    config.feed_token_file = Some(token_file.clone());
+    let server = TestServer::start_with(config).await;
+    let reader = std::fs::read_to_string(&token_file).expect("the token file was created");
+    let reader = reader.trim();
+    assert!(reader.starts_with("kwfeed_"), "{reader}");
+    let mut stream = DecisionFeedClient::new(server.channel().await)
+        .watch(bearer(reader, pb::WatchRequest {}))
+        .await
+        .expect("the reader watches")
+        .into_inner();
+    assert!(matches!(next(&mut stream).await, Event::Tables(_)));
+    let manage = server
+        .manager()
+        .await
+        .list_keys(bearer(
+            reader,
+            pb::ListKeysRequest {
+                account_id: "acct".into(),
+                ..Default::default()
+            },
+        ))
+        .await;
+    assert_status(manage.map(|_| ()), Code::Unauthenticated, "authorization");
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! `keyward.v1.DecisionFeed`: the key set as decisions see it, then every
 //! change, for a decision point outside this process (the Envoy module,
-//! `keyward-envoy`), and the uses it reports back. Admin only.
+//! `keyward-envoy`), and the uses it reports back. For the feed reader
+//! token (`--feed-token-file`, nothing else) and the admin token.
 //!
 //! Bounds: at most [`MAX_WATCHERS`] streams at once; each holds the ids of
 //! the snapshot it is sending (16 bytes a key), at most [`STREAM_BUFFER`]
@@ -16,7 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::access::Access;
-use crate::domain::key::KeyId;
+use crate::authorizer::bearer_credential;
+use crate::domain::key::{KeyId, SecretHash};
 use crate::feed::{Change, Feed};
 use crate::grpc::manage::principal_of;
 use crate::grpc::status::invalid;
@@ -59,19 +61,22 @@ pub struct FeedService {
     feed: Option<Arc<Feed>>,
     tables: Arc<Tables>,
     access: Access,
+    /// The feed reader token's hash: reads the feed, nothing else.
+    reader: Option<SecretHash>,
     watchers: Arc<Semaphore>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl FeedService {
-    /// The feed of `index` (with its change `feed`), refusing callers that
-    /// are not the admin; streams end when `stop` turns true.
+    /// The feed of `index` (with its change `feed`), for the admin and the
+    /// holder of the `reader` token; streams end when `stop` turns true.
     #[must_use]
     pub fn new(
         index: Arc<Index>,
         feed: Option<Arc<Feed>>,
         tables: Arc<Tables>,
         access: Access,
+        reader: Option<SecretHash>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -79,16 +84,27 @@ impl FeedService {
             feed,
             tables,
             access,
+            reader,
             watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
             stop,
         }
     }
 
+    /// Admits the feed reader token (compared as hashes, in constant
+    /// time) or the admin token; refuses API keys.
     async fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if let (Some(reader), Some(header)) =
+            (&self.reader, request.metadata().get("authorization"))
+        {
+            let credential = bearer_credential(header.to_str().unwrap_or_default());
+            if SecretHash::of(credential.as_bytes()).matches(reader) {
+                return Ok(());
+            }
+        }
         match principal_of(&self.access, request).await? {
             Principal::Admin => Ok(()),
             Principal::Key { .. } => Err(Status::permission_denied(
-                "the decision feed is for the admin token only",
+                "the decision feed is for the feed reader and admin tokens only",
             )),
         }
     }

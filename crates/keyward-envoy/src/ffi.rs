@@ -13,6 +13,7 @@
 //! A request whose hook panicked is answered 500 (fail closed).
 #![allow(unsafe_code)]
 
+use std::borrow::Cow;
 use std::ffi::{c_char, c_void};
 use std::net::IpAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -117,22 +118,23 @@ struct Stream(*mut c_void);
 
 impl Stream {
     /// Every value of a request header, joined with `,` (as Envoy's
-    /// ext_authz joins them); `None` if absent or not UTF-8.
-    fn request_header(&self, name: &str) -> Option<String> {
+    /// ext_authz joins them); `None` if absent or not UTF-8. Borrowed from
+    /// Envoy (one value, the usual case) until a header is set.
+    fn request_header(&self, name: &str) -> Option<Cow<'_, str>> {
         let mut count = 0usize;
         let first = self.header_value(name, 0, &mut count)?;
         if count <= 1 {
-            return Some(first);
+            return Some(Cow::Borrowed(first));
         }
-        let mut joined = first;
+        let mut joined = first.to_owned();
         for index in 1..count {
             joined.push(',');
-            joined.push_str(&self.header_value(name, index, &mut 0)?);
+            joined.push_str(self.header_value(name, index, &mut 0)?);
         }
-        Some(joined)
+        Some(Cow::Owned(joined))
     }
 
-    fn header_value(&self, name: &str, index: usize, count: &mut usize) -> Option<String> {
+    fn header_value(&self, name: &str, index: usize, count: &mut usize) -> Option<&str> {
         let mut result = EnvoyBuffer {
             ptr: std::ptr::null(),
             length: 0,
@@ -154,9 +156,11 @@ impl Stream {
             return None;
         }
         // SAFETY: Envoy owns the bytes and keeps them until the hook ends
-        // or a header is set; they are copied out before either.
+        // or a header is set. The borrow is tied to `self`, which lives
+        // only inside the hook, and `request_headers` drops every borrow
+        // before it sets a header.
         let bytes = unsafe { envoy_bytes(result) };
-        std::str::from_utf8(bytes).ok().map(str::to_owned)
+        std::str::from_utf8(bytes).ok()
     }
 
     fn set_header(&self, kind: u32, name: &str, value: Option<&str>) {
@@ -336,13 +340,14 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
 }
 
 fn request_headers(stream: &Stream, filter: &mut Filter) -> u32 {
-    let method = stream.request_header(":method").unwrap_or_default();
-    let path = stream.request_header(":path").unwrap_or_default();
-    let authorization = stream.request_header("authorization").unwrap_or_default();
-    match filter
-        .shared
-        .verdict(&method, &path, &authorization, stream.client())
-    {
+    // The header borrows end with this statement: headers are set after.
+    let verdict = filter.shared.verdict(
+        &stream.request_header(":method").unwrap_or_default(),
+        &stream.request_header(":path").unwrap_or_default(),
+        &stream.request_header("authorization").unwrap_or_default(),
+        stream.client(),
+    );
+    match verdict {
         Verdict::Allow { request, response } => {
             for (name, value) in &request {
                 stream.set_header(REQUEST_HEADER, name, Some(value));

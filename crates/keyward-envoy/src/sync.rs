@@ -6,6 +6,7 @@
 //! wait for it.
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -138,6 +139,8 @@ async fn follow(shared: &Shared) -> Result<(), String> {
         .into_inner();
     let started = Instant::now();
     let mut building: Option<Building> = None;
+    // One shared name per account, as the sidecar's index keeps them.
+    let mut accounts: HashMap<String, Arc<str>> = HashMap::new();
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -162,7 +165,12 @@ async fn follow(shared: &Shared) -> Result<(), String> {
                 });
             }
             Event::Put(key) => {
-                let (id, entry) = entry_of(&key)?;
+                let account = Arc::clone(
+                    accounts
+                        .entry(key.account.clone())
+                        .or_insert_with(|| Arc::from(key.account.as_str())),
+                );
+                let (id, entry) = entry_of(&key, account)?;
                 match &building {
                     Some(building) => building.index.insert(id, entry),
                     None => live_index(shared)?.replace(id, entry),
@@ -226,7 +234,7 @@ fn hash(bytes: &[u8], what: &str) -> Result<SecretHash, String> {
 
 /// A key from the feed, checked: anything malformed ends the stream (and
 /// the copy being built), never a key half-read.
-fn entry_of(key: &KeyState) -> Result<(KeyId, Entry), String> {
+fn entry_of(key: &KeyState, account: Arc<str>) -> Result<(KeyId, Entry), String> {
     let id = key_id(&key.id)?;
     let (previous_hash, previous_until) = if key.previous_hash.is_empty() {
         (SecretHash::from_bytes([0; 32]), 0)
@@ -251,7 +259,7 @@ fn entry_of(key: &KeyState) -> Result<(KeyId, Entry), String> {
     let entry = Entry {
         hash: hash(&key.secret_hash, "a secret hash")?,
         scopes: ScopeSet::from_le_bytes(&key.scopes).ok_or("a scope set of the wrong width")?,
-        account: Arc::from(key.account.as_str()),
+        account,
         disabled: key.disabled,
         expires_at: if key.expires_at_unix_nanos == 0 {
             clock::NEVER
