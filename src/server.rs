@@ -587,6 +587,7 @@ fn grpc_servers(
             Arc::clone(&app.tables),
             app.access(),
             app.feed_reader,
+            app.keys.replication(),
             stop.tx.subscribe(),
         ))
         .max_decoding_message_size(limits.max_message_bytes),

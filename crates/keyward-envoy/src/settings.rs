@@ -10,12 +10,13 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// The sidecar's gRPC address, `http://127.0.0.1:50051`.
+    /// The sidecar's gRPC address on loopback, `http://127.0.0.1:50051`
+    /// (the sidecar runs beside Envoy: the feed carries key hashes and a
+    /// token in plain HTTP/2, so it never leaves the host).
     pub sidecar: String,
-    /// The sidecar's admin token file (the feed is admin only); default
-    /// `keyward-data/admin.token`, the sidecar's own default, relative to
-    /// Envoy's working directory.
-    #[serde(default = "default_token_file")]
+    /// The file holding the token the feed is read with: the sidecar's
+    /// `--feed-token-file` (reads the feed and nothing else), or its admin
+    /// token.
     pub token_file: PathBuf,
     /// Refuse every request (503) once the copy has heard nothing from the
     /// sidecar for this long; 0 (the default): decide from the last copy
@@ -25,10 +26,6 @@ pub struct Settings {
     /// How often uses are reported to the sidecar (`last_used_at`).
     #[serde(default = "default_report_every_ms")]
     pub report_use_every_ms: u64,
-}
-
-fn default_token_file() -> PathBuf {
-    PathBuf::from("keyward-data/admin.token")
 }
 
 fn default_report_every_ms() -> u64 {
@@ -41,9 +38,13 @@ impl Settings {
         let settings: Self =
             serde_json::from_slice(text).map_err(|e| format!("filter_config: {e}"))?;
         let url = settings.sidecar.as_str();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        let host = url
+            .strip_prefix("http://")
+            .map(|rest| rest.split('/').next().unwrap_or_default())
+            .and_then(|authority| authority.rsplit_once(':').map(|(host, _)| host));
+        if !matches!(host, Some("127.0.0.1" | "[::1]" | "localhost")) {
             return Err(format!(
-                "filter_config.sidecar: {url:?} must be an http:// or https:// URL"
+                "filter_config.sidecar: {url:?} must be http://<loopback>:<port> (127.0.0.1, [::1] or localhost): the sidecar runs beside Envoy"
             ));
         }
         if settings.report_use_every_ms == 0 {

@@ -32,6 +32,11 @@ use crate::pb::{FeedEvent, KeyState, KeyUse, ReportUseRequest, WatchRequest};
 
 /// Longest wait between attempts to reach the sidecar.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A stream up this long was healthy: the next attempt starts at once.
+const STEADY: Duration = Duration::from_secs(30);
+/// The sidecar sends a heartbeat each second: this long without a word
+/// means the stream is dead, however alive the connection looks.
+const SILENCE: Duration = Duration::from_secs(5);
 /// While the sidecar is away, how often the log says how stale the copy is.
 const STALE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Uses sent per report at most (the sidecar's limit).
@@ -66,10 +71,12 @@ async fn run(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) {
     let mut backoff = Duration::from_millis(50);
     let mut last_stale_log: Option<Instant> = None;
     while !shared.stop.load(Ordering::Relaxed) {
-        if let Err(problem) = follow(&shared).await {
+        let mut synced_at = None;
+        if let Err(problem) = follow(&shared, &mut synced_at).await {
             let was_live = shared.live.swap(false, Ordering::Relaxed);
-            if was_live {
-                // A stream that synced: try again at once, then back off.
+            // A stream that stayed up a while: try again at once. One that
+            // synced and broke at once keeps backing off (no snapshot storm).
+            if synced_at.is_some_and(|at: Instant| at.elapsed() >= STEADY) {
                 backoff = Duration::from_millis(50);
             }
             if was_live || last_stale_log.is_none_or(|at| at.elapsed() >= STALE_LOG_EVERY) {
@@ -129,7 +136,7 @@ fn bearer<T>(shared: &Shared, message: T) -> Result<tonic::Request<T>, String> {
 
 /// One stream, from connect to its end (always an error: the feed never
 /// ends on its own).
-async fn follow(shared: &Shared) -> Result<(), String> {
+async fn follow(shared: &Shared, synced_at: &mut Option<Instant>) -> Result<(), String> {
     let channel = connect(shared).await?;
     let mut stream = DecisionFeedClient::new(channel)
         .max_decoding_message_size(16 << 20)
@@ -145,13 +152,20 @@ async fn follow(shared: &Shared) -> Result<(), String> {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let event = match stream.message().await {
+        let message = tokio::time::timeout(SILENCE, stream.message())
+            .await
+            .map_err(|_| format!("no word from the sidecar for {SILENCE:?}"))?;
+        let event = match message {
             Ok(Some(FeedEvent { event: Some(event) })) => event,
             Ok(Some(FeedEvent { event: None })) => continue,
             Ok(None) => return Err("the sidecar ended the feed".into()),
             Err(status) => return Err(format!("feed: {}", status.message())),
         };
-        shared.heard.store(clock::now_nanos(), Ordering::Relaxed);
+        // The copy deciding is current only while it takes this stream's
+        // changes: a resync that never completes must not look fresh.
+        if building.is_none() {
+            shared.heard.store(clock::now_nanos(), Ordering::Relaxed);
+        }
         match event {
             Event::Tables(tables) => {
                 let catalog = Catalog::parse(&tables.catalog_source, &tables.catalog)
@@ -171,16 +185,28 @@ async fn follow(shared: &Shared) -> Result<(), String> {
                         .or_insert_with(|| Arc::from(key.account.as_str())),
                 );
                 let (id, entry) = entry_of(&key, account)?;
-                match &building {
-                    Some(building) => building.index.insert(id, entry),
-                    None => live_index(shared)?.replace(id, entry),
+                // While a new copy is read, the old one decides: it takes
+                // every key state too (a revocation reaches it at once).
+                match (&building, live_index(shared)) {
+                    (Some(building), live) => {
+                        if let Ok(live) = live {
+                            live.replace(id, entry.clone());
+                        }
+                        building.index.insert(id, entry);
+                    }
+                    (None, live) => live?.replace(id, entry),
                 }
             }
             Event::Delete(id) => {
                 let id = key_id(&id)?;
-                match &building {
-                    Some(building) => building.index.remove(&id),
-                    None => live_index(shared)?.remove(&id),
+                match (&building, live_index(shared)) {
+                    (Some(building), live) => {
+                        if let Ok(live) = live {
+                            live.remove(&id);
+                        }
+                        building.index.remove(&id);
+                    }
+                    (None, live) => live?.remove(&id),
                 }
             }
             Event::Synced(synced) => {
@@ -193,6 +219,8 @@ async fn follow(shared: &Shared) -> Result<(), String> {
                     catalog: built.catalog,
                 })));
                 shared.live.store(true, Ordering::Relaxed);
+                shared.heard.store(clock::now_nanos(), Ordering::Relaxed);
+                *synced_at = Some(Instant::now());
                 log(&format!(
                     "synced {keys} keys (snapshot said {}) in {} ms",
                     synced.keys,
