@@ -314,13 +314,7 @@ impl Server {
     }
 
     fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        rss_of(self.child.id())
     }
 
     /// Creates a key allowed to `POST /v3/mail/send`.
@@ -354,6 +348,16 @@ impl Server {
         let admin = std::fs::read_to_string(self.dir.join("data/admin.token"))?;
         bearer(admin.trim(), message)
     }
+}
+
+/// A process's resident memory (bytes; 0 when it cannot be read).
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// `message` with `token` as its credential.
@@ -1372,7 +1376,7 @@ mod envoy_bench {
     /// holds the last, and reports what they cost in Envoy's memory.
     async fn module_memory(server: &Server, module: &Variant, keys: usize) -> anyhow::Result<()> {
         const WRITERS: usize = 8;
-        let before = rss(module.child.id());
+        let before = super::rss_of(module.child.id());
         let admin = std::fs::read_to_string(server.dir.join("data/admin.token"))?;
         let client = KeyManagerClient::new(channel(&server.addr).await?);
         let mut writers = tokio::task::JoinSet::new();
@@ -1402,7 +1406,7 @@ mod envoy_bench {
         for key in &last {
             wait_allowed(module.port, key)?;
         }
-        let after = rss(module.child.id());
+        let after = super::rss_of(module.child.id());
         let per_key = after.saturating_sub(before) as f64 / keys as f64;
         println!(
             "\nkeyward module in Envoy: RSS {:.1} MiB before, {:.1} MiB with {keys} more keys: {per_key:.0} bytes a key, {:.1} MiB per 100k keys",
@@ -1411,15 +1415,6 @@ mod envoy_bench {
             per_key * 100_000.0 / 1_048_576.0
         );
         Ok(())
-    }
-
-    fn rss(pid: u32) -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
     }
 
     /// The shipped module config's filter (k8s/overlays/envoy-module), fed

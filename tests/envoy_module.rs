@@ -269,7 +269,6 @@ async fn the_module_answers_as_ext_authz_does() {
         ("GET", "/v3//alerts"),
         ("OPTIONS", "/v3/alerts"),
     ];
-    let mut compared = 0;
     for (name, credential) in &credentials {
         for (method, path) in requests {
             let mut headers = vec![("x-keyward-account-id", "smuggled")];
@@ -307,10 +306,8 @@ async fn the_module_answers_as_ext_authz_does() {
                 );
                 assert!(!b.2, "the credential never reaches the upstream");
             }
-            compared += 1;
         }
     }
-    assert_eq!(compared, credentials.len() * requests.len());
     drop((ext_authz, module));
 }
 

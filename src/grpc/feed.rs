@@ -176,7 +176,8 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
             ));
         }
         let mut parsed = Vec::with_capacity(uses.len());
-        let latest = crate::clock::now_nanos() + USE_SKEW_NANOS;
+        let now = crate::clock::now_nanos();
+        let latest = now + USE_SKEW_NANOS;
         for (at, used) in uses.iter().enumerate() {
             let id = <[u8; 16]>::try_from(used.id.as_slice())
                 .map_err(|_| invalid("uses.id", format!("entry {at}: must be 16 bytes")))?;
@@ -188,10 +189,7 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
             }
             // Within the skew, a clock ahead of ours counts as now: a
             // report can never make a key look used later than it was.
-            parsed.push((
-                KeyId::from_bytes(id),
-                used.at_unix_nanos.min(latest - USE_SKEW_NANOS),
-            ));
+            parsed.push((KeyId::from_bytes(id), used.at_unix_nanos.min(now)));
         }
         let applied = parsed
             .iter()

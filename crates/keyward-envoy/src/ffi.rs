@@ -34,6 +34,14 @@ pub struct EnvoyBuffer {
     length: usize,
 }
 
+impl EnvoyBuffer {
+    /// What Envoy fills in (and leaves so when there is nothing).
+    const EMPTY: Self = Self {
+        ptr: std::ptr::null(),
+        length: 0,
+    };
+}
+
 /// A buffer the module owns (`envoy_dynamic_module_type_module_buffer`).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -135,10 +143,7 @@ impl Stream {
     }
 
     fn header_value(&self, name: &str, index: usize, count: &mut usize) -> Option<&str> {
-        let mut result = EnvoyBuffer {
-            ptr: std::ptr::null(),
-            length: 0,
-        };
+        let mut result = EnvoyBuffer::EMPTY;
         // SAFETY: `self.0` is the filter pointer Envoy passed to the
         // running hook (valid until the hook returns); `name` outlives the
         // call; `result` and `count` are live locals Envoy writes to.
@@ -179,10 +184,7 @@ impl Stream {
 
     /// The downstream address (`ip:port`, or `[v6]:port`), as an address.
     fn client(&self) -> Option<IpAddr> {
-        let mut result = EnvoyBuffer {
-            ptr: std::ptr::null(),
-            length: 0,
-        };
+        let mut result = EnvoyBuffer::EMPTY;
         // SAFETY: as in `header_value`.
         let found = unsafe {
             envoy_dynamic_module_callback_http_filter_get_attribute_string(

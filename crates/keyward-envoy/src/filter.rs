@@ -3,11 +3,12 @@
 //! Envoy logs for a local reply.
 #![forbid(unsafe_code)]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 
 use arc_swap::ArcSwapOption;
+use keyward_core::domain::allowlist;
 use keyward_core::reply::{DENY_REASON_HEADER, Reply};
 
 use crate::copy::{Shared, USES_BUFFER};
@@ -31,15 +32,23 @@ pub fn new_config(config: &[u8]) -> Result<Arc<Shared>, String> {
     Ok(shared)
 }
 
-/// The client address in Envoy's `SourceAddress` attribute (`ip:port`,
-/// `[v6]:port`, or a bare address), with IPv4-mapped IPv6 as IPv4.
+/// The client address in Envoy's `SourceAddress` attribute (`ip:port` or
+/// `[v6]:port`): the port dropped, then read as ext_authz reads
+/// `attributes.source.address` ([`allowlist::client`]: IPv4-mapped IPv6
+/// as IPv4), so both paths see the same client.
 #[must_use]
 pub fn client_address(text: &str) -> Option<IpAddr> {
-    text.parse::<SocketAddr>()
-        .map(|socket| socket.ip())
-        .or_else(|_| text.parse::<IpAddr>())
-        .ok()
-        .map(|ip| ip.to_canonical())
+    let host = match text.rsplit_once(':') {
+        Some((host, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (host.starts_with('[') || !host.contains(':')) =>
+        {
+            host.trim_start_matches('[').trim_end_matches(']')
+        }
+        _ => text,
+    };
+    allowlist::client(host).ok().flatten()
 }
 
 /// Envoy's response-code details for a local reply: `keyward_<reason>`.
