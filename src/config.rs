@@ -107,6 +107,10 @@ impl EtcdArgs {
 
 /// `keyward serve` settings.
 #[derive(Debug, Clone, clap::Args)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "command-line switches, each its own flag"
+)]
 pub struct ServeConfig {
     /// Data directory and admin token.
     #[command(flatten)]
@@ -137,9 +141,15 @@ pub struct ServeConfig {
     pub manage_listen: Option<SocketAddr>,
 
     /// Serve SendGrid's key-management REST API (`/v3/api_keys`,
-    /// `/v3/scopes`) on this address, e.g. `127.0.0.1:8081`. Off unless set.
+    /// `/v3/scopes`), its OpenAPI document (`/openapi.json`) and the web
+    /// console (`/`) on this address, e.g. `127.0.0.1:8081`. Off unless set.
     #[arg(long, env = "KEYWARD_HTTP_LISTEN", conflicts_with = "disable_manage")]
     pub http_listen: Option<SocketAddr>,
+
+    /// Do not serve the web console on `--http-listen` (the REST API and
+    /// its OpenAPI document stay).
+    #[arg(long, env = "KEYWARD_DISABLE_UI")]
+    pub disable_ui: bool,
 
     /// A token that reads the decision feed (`keyward.v1.DecisionFeed`,
     /// what the Envoy module follows) and nothing else: give the module
@@ -310,6 +320,7 @@ impl ServeConfig {
             manage_listen: None,
             feed_token_file: None,
             http_listen: None,
+            disable_ui: false,
             disable_manage: false,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             disable_metrics: false,

@@ -62,6 +62,7 @@ pub mod authorizer;
 pub mod cli;
 pub use keyward_core::clock;
 pub mod config;
+pub mod console;
 pub use keyward_core::domain;
 pub mod envoy;
 pub mod feed;

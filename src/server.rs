@@ -117,6 +117,8 @@ pub struct App {
     tls: Option<ServerTlsConfig>,
     /// TLS for the REST listener, when both are configured.
     rest_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether the REST listener serves the web console.
+    console: bool,
 }
 
 impl App {
@@ -244,6 +246,7 @@ impl App {
             admin,
             tls,
             rest_tls,
+            console: !config.disable_ui,
             max_staleness: config.max_staleness,
             limits: Limits {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
@@ -629,7 +632,7 @@ fn grpc_servers(
 /// `--store-timeout-ms`. TLS is terminated by [`crate::tls`] (see there why).
 fn rest_server(app: &App, listener: Incoming<TcpListener>, stop: &Stop) -> Serving {
     if let Ok(local) = listener.get_ref().local_addr() {
-        tracing::info!(%local, tls = app.rest_tls.is_some(), "serving SendGrid's REST key API");
+        tracing::info!(%local, tls = app.rest_tls.is_some(), console = app.console, "serving SendGrid's REST key API");
     }
     let router = crate::rest::router(
         Arc::clone(&app.keys),
@@ -638,6 +641,7 @@ fn rest_server(app: &App, listener: Incoming<TcpListener>, stop: &Stop) -> Servi
             max_bytes: app.limits.max_message_bytes,
             read_timeout: app.limits.request_timeout,
         },
+        app.console,
     );
     let server = bounded_server(app.limits)
         .accept_http1(true)

@@ -232,6 +232,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
                     .map(|id| catalog.name(*id).to_owned())
                     .collect(),
                 exclusive: c.exclusive,
+                description: c.description.clone(),
             })
             .collect();
         Ok(Response::new(pb::ListCatalogResponse {

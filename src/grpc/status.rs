@@ -14,7 +14,7 @@ impl From<KeyError> for Status {
     fn from(error: KeyError) -> Self {
         let code = match &error {
             KeyError::Invalid { .. } => Code::InvalidArgument,
-            KeyError::PermissionDenied(_) => Code::PermissionDenied,
+            KeyError::PermissionDenied(_) | KeyError::Beyond { .. } => Code::PermissionDenied,
             KeyError::NotFound(_) => Code::NotFound,
             KeyError::LimitReached { .. } => Code::ResourceExhausted,
             KeyError::Store(error) => {

@@ -158,6 +158,17 @@ pub enum KeyError {
     /// The caller may not do this; nothing changed.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The caller may not give a request field this value: it grants
+    /// more than the caller holds or loosens a limit (least privilege);
+    /// nothing changed. gRPC's PERMISSION_DENIED, naming the field for the
+    /// REST API and the console.
+    #[error("{problem}")]
+    Beyond {
+        /// The request field whose value was refused.
+        field: &'static str,
+        /// Why.
+        problem: String,
+    },
     /// No such key visible to the caller.
     #[error("key {0} not found")]
     NotFound(String),

@@ -235,9 +235,10 @@ impl Rules<'_> {
                 (caller.limits(), "the calling key"),
             ] {
                 if let Some(limit) = after.loosens(&bound, &changed) {
-                    return Err(KeyError::PermissionDenied(rules::loosening_refused(
-                        limit, than,
-                    )));
+                    return Err(KeyError::Beyond {
+                        field: limit.field(),
+                        problem: rules::loosening_refused(limit, than),
+                    });
                 }
             }
         }
@@ -314,10 +315,13 @@ impl Rules<'_> {
     fn no_escalation(&self, held: &ScopeSet, grant: &ScopeSet) -> Result<(), KeyError> {
         match rules::escalation(held, grant) {
             None => Ok(()),
-            Some(missing) => Err(KeyError::PermissionDenied(format!(
-                "cannot grant scopes the caller does not hold: {}",
-                super::summarize(&self.catalog.names(&missing))
-            ))),
+            Some(missing) => Err(KeyError::Beyond {
+                field: "scopes",
+                problem: format!(
+                    "cannot grant scopes the caller does not hold: {}",
+                    super::summarize(&self.catalog.names(&missing))
+                ),
+            }),
         }
     }
 }
@@ -341,10 +345,10 @@ fn inherit(mut lifecycle: Lifecycle, caller: Option<&Access>) -> Result<Lifecycl
     };
     match child.loosens(&caller.limits(), &Limit::ALL) {
         None => Ok(lifecycle),
-        Some(limit) => Err(KeyError::PermissionDenied(rules::loosening_refused(
-            limit,
-            "the calling key",
-        ))),
+        Some(limit) => Err(KeyError::Beyond {
+            field: limit.field(),
+            problem: rules::loosening_refused(limit, "the calling key"),
+        }),
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Category {
     pub id: String,
     /// Display name, e.g. `Mail Send`.
     pub title: String,
+    /// What its scopes reach, one sentence (empty if the file gives none).
+    pub description: String,
     /// Levels the category offers, in order.
     pub levels: Vec<AccessLevel>,
     /// Member scopes, in the order the file lists them.
@@ -161,12 +163,20 @@ impl Catalog {
                 categories.push(Category {
                     id: id.to_owned(),
                     title: title.trim().to_owned(),
+                    description: String::new(),
                     levels: vec![AccessLevel::None, AccessLevel::Read, AccessLevel::Full],
                     scopes: Vec::new(),
                     exclusive: false,
                     read: ScopeSet::EMPTY,
                     all: ScopeSet::EMPTY,
                 });
+                continue;
+            }
+            if let Some(description) = text.strip_prefix("description ") {
+                let category = categories.last_mut().ok_or_else(|| {
+                    err(line, "\"description\" appears before any [category]".into())
+                })?;
+                description.trim().clone_into(&mut category.description);
                 continue;
             }
             let mut words = text.split_whitespace();
@@ -515,6 +525,22 @@ mod tests {
     }
 
     #[test]
+    fn every_bundled_category_describes_itself() {
+        let catalog = Catalog::sendgrid();
+        for category in catalog.categories() {
+            assert!(
+                category.description.ends_with('.') && category.description.len() > 20,
+                "[{}] {:?}",
+                category.id,
+                category.description
+            );
+        }
+        let custom =
+            Catalog::parse("t", "[a] A\ndescription What a reaches.\nx.read\n").expect("parses");
+        assert_eq!(custom.categories()[0].description, "What a reaches.");
+    }
+
+    #[test]
     fn bad_files_name_line_and_problem() {
         let cases = [
             ("mail.send\n", 1, "before any [category]"),
@@ -525,6 +551,11 @@ mod tests {
             ("[a] A\nBAD\n", 2, "bad scope name"),
             ("[a] A\nx.read\nalias y.read z.read\n", 3, "is not a scope"),
             ("# nothing\n", 0, "no scope"),
+            (
+                "description Early\n[a] A\nx.read\n",
+                1,
+                "before any [category]",
+            ),
         ];
         for (text, line, problem) in cases {
             let err = Catalog::parse("test.catalog", text).expect_err(text);

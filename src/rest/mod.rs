@@ -1,9 +1,12 @@
 //! SendGrid's key-management REST surface (`/v3/api_keys`, `/v3/scopes`),
 //! so SendGrid's own client libraries work against keyward unchanged but
-//! for the host. A thin adapter, like the gRPC KeyManager: the same
-//! authentication ([`crate::access`]), field validation
-//! ([`crate::grpc::convert`]), rules and writes ([`crate::keys`]) and audit
-//! log ([`crate::audit`]); only the shapes are SendGrid's.
+//! for the host, plus keyward's lifecycle actions and catalog in the same
+//! style, the OpenAPI document describing all of it (`GET /openapi.json`)
+//! and the web console ([`crate::console`]). A thin adapter, like the gRPC
+//! KeyManager: the same authentication ([`crate::access`]), field
+//! validation ([`crate::grpc::convert`]), rules and writes
+//! ([`crate::keys`]) and audit log ([`crate::audit`]); only the shapes are
+//! SendGrid's.
 //!
 //! - `Authorization: Bearer <api key>` acts in the key's own account with its
 //!   `api_keys.*` scopes; the operator's admin token acts as the parent
@@ -12,27 +15,48 @@
 //! - Errors are SendGrid's `{"errors": [{"field", "message"}]}` with its
 //!   statuses (400, 401, 403, 404; 503 while storage is failing), never an
 //!   internal detail.
+//! - Every response carries the console's security headers ([`SECURITY_HEADERS`]):
+//!   key data is never cached, sniffed, framed or sent as a referrer.
+
+mod handlers;
+pub mod shapes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Extension, Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use crate::access::{Access, Unauthenticated};
 use crate::audit;
-use crate::domain::record::KeyRecord;
 use crate::grpc::convert;
-use crate::keys::{KeyError, Keys, Lifecycle, Operation, Principal};
+use crate::keys::{KeyError, Keys, Operation, Principal};
+use shapes::{ErrorEntry, ErrorReply};
 
 /// SendGrid's header naming the account (subuser) the parent acts for.
 pub const ON_BEHALF_OF: &str = "on-behalf-of";
+
+/// The Content-Security-Policy of every response: the console's own
+/// scripts, styles and images and nothing else; no inline script or
+/// style, no eval, no frames, no `<base>`, forms only to itself.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+
+/// Headers set on every response of the REST listener.
+pub const SECURITY_HEADERS: [(&str, &str); 7] = [
+    ("content-security-policy", CONTENT_SECURITY_POLICY),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    // Every response may show key data (the console's page too, once
+    // scripts fill it): none is stored by a browser or proxy.
+    ("cache-control", "no-store"),
+    ("x-frame-options", "DENY"),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+];
 
 /// What every handler shares.
 #[derive(Debug, Clone)]
@@ -51,22 +75,39 @@ pub struct BodyLimits {
     pub read_timeout: std::time::Duration,
 }
 
-/// The REST routes over the shared key service. Every route authenticates
-/// the caller from its headers before a byte of the body is read (see
-/// [`authenticated`]).
-pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits) -> Router {
+/// The REST routes over the shared key service, the OpenAPI document, and
+/// with `console` the web console. Every API route authenticates the
+/// caller from its headers before a byte of the body is read (see
+/// [`authenticated`]); the document and the console's files are public
+/// (they hold no key data).
+pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, console: bool) -> Router {
     let rest = Rest { keys, access, body };
-    Router::new()
-        .route("/v3/api_keys", get(list).post(create))
-        .route(
-            "/v3/api_keys/{api_key_id}",
-            get(read).put(replace).patch(rename).delete(delete),
-        )
-        .route("/v3/scopes", get(scopes))
+    let (api, document) = handlers::routes();
+    let document: Arc<str> = document
+        .to_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+        .into();
+    let mut router = api
         .route_layer(axum::middleware::from_fn_with_state(
             rest.clone(),
             authenticated,
         ))
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let document = Arc::clone(&document);
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        document.to_string(),
+                    )
+                }
+            }),
+        );
+    if console {
+        router = router.merge(crate::console::routes());
+    }
+    router
         .method_not_allowed_fallback(|| async {
             Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -77,7 +118,28 @@ pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits) -> Router {
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, None, "no such endpoint") })
         // `authenticated` has read and bounded the body already.
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(secured))
         .with_state(rest)
+}
+
+/// The OpenAPI document of every REST route, as `GET /openapi.json` serves
+/// it. Built from the same calls that route the requests, so the two
+/// cannot drift apart.
+#[must_use]
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    handlers::routes().1
+}
+
+/// Adds [`SECURITY_HEADERS`] to a response.
+async fn secured(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    response
 }
 
 /// The peer's address, as the listener recorded it (plain or TLS).
@@ -173,11 +235,24 @@ impl Problem {
     fn bad_request(field: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, Some(field), message)
     }
+
+    fn storage_failing() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "storage is failing or not responding; the change was not acknowledged (read the key to see whether it was applied) and can be retried later",
+        )
+    }
 }
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = json!({ "errors": [{ "field": self.field, "message": self.message }] });
+        let body = ErrorReply {
+            errors: vec![ErrorEntry {
+                field: self.field,
+                message: self.message,
+            }],
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }
@@ -192,6 +267,18 @@ impl From<Unauthenticated> for Problem {
     }
 }
 
+/// A field's name in the REST API (the domain names it as gRPC does).
+fn rest_field(field: &'static str) -> &'static str {
+    match field {
+        "key_id" => "api_key_id",
+        "account_id" => ON_BEHALF_OF,
+        "page_size" => "limit",
+        "overlap" => "overlap_seconds",
+        "rate_limit.period" => "rate_limit.period_ms",
+        other => other,
+    }
+}
+
 /// The same meaning as the gRPC status of the same error
 /// ([`crate::grpc::status`]), in SendGrid's statuses; fields carry their
 /// REST names.
@@ -199,15 +286,13 @@ impl From<KeyError> for Problem {
     fn from(error: KeyError) -> Self {
         match error {
             KeyError::Invalid { field, problem } => {
-                let field = match field {
-                    "key_id" => "api_key_id",
-                    "account_id" => ON_BEHALF_OF,
-                    "page_size" => "limit",
-                    other => other,
-                };
+                let field = rest_field(field);
                 Self::bad_request(field, format!("{field}: {problem}"))
             }
             KeyError::PermissionDenied(message) => Self::new(StatusCode::FORBIDDEN, None, message),
+            KeyError::Beyond { field, problem } => {
+                Self::new(StatusCode::FORBIDDEN, Some(rest_field(field)), problem)
+            }
             KeyError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, None, "resource not found"),
             // SendGrid answers a full account with 403.
             error @ KeyError::LimitReached { .. } => {
@@ -227,20 +312,24 @@ impl From<KeyError> for Problem {
     }
 }
 
-impl Problem {
-    fn storage_failing() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            None,
-            "storage is failing or not responding; the change was not acknowledged (read the key to see whether it was applied) and can be retried later",
-        )
+/// Audits a refusal, then turns it into SendGrid's error.
+fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> Problem {
+    move |error| {
+        audit::refused(principal, operation, &error);
+        error.into()
     }
 }
 
 // --- requests ---------------------------------------------------------------------
 
-/// A JSON body, or SendGrid's 400 naming what is wrong with it.
+/// A JSON body, or SendGrid's 400 naming what is wrong with it. An empty
+/// body reads as `{}` where the endpoint takes one (`POST …/rotate`).
 fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, Problem> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
     serde_json::from_slice(bytes).map_err(|e| {
         Problem::bad_request(
             "body",
@@ -249,74 +338,7 @@ fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, Problem> {
     })
 }
 
-#[derive(Debug, Deserialize)]
-struct CreateBody {
-    #[serde(default)]
-    name: String,
-    scopes: Option<Vec<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ReplaceBody {
-    #[serde(default)]
-    name: String,
-    scopes: Option<Vec<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct RenameBody {
-    #[serde(default)]
-    name: String,
-}
-
-/// What an update does to a key's scopes.
-enum Scopes<'a> {
-    /// PATCH: keeps them.
-    Keep,
-    /// PUT: replaces every one with the body's (absent: refused).
-    Replace(Option<&'a [String]>),
-}
-
 impl Rest {
-    /// PUT and PATCH: a new name, and with `scopes` (PUT) every scope
-    /// replaced; audited either way. Returns the key as changed.
-    async fn update(
-        &self,
-        principal: &Principal,
-        headers: &HeaderMap,
-        operation: &'static str,
-        (id, name): (&str, &str),
-        scopes: Scopes<'_>,
-    ) -> Result<KeyRecord, Problem> {
-        let fail = |e| refused(principal, operation)(e);
-        self.keys
-            .permit(principal, Operation::Update)
-            .map_err(fail)?;
-        let id = convert::key_id(id).map_err(fail)?;
-        self.confine(principal, headers, &id).await.map_err(fail)?;
-        let name = convert::name(name).map_err(fail)?;
-        let grant = match scopes {
-            Scopes::Keep => None,
-            Scopes::Replace(scopes) => Some(
-                self.grant(scopes)
-                    .map_err(fail)?
-                    .ok_or_else(|| KeyError::Invalid {
-                        field: "scopes",
-                        problem: "required: PUT replaces every scope (PATCH changes only the name)"
-                            .into(),
-                    })
-                    .map_err(fail)?,
-            ),
-        };
-        let (before, record) = self
-            .keys
-            .update(principal, &id, name, grant)
-            .await
-            .map_err(fail)?;
-        audit::changed(principal, operation, Some(&before), &record);
-        Ok(record)
-    }
-
     /// The caller, from `Authorization` and its address.
     async fn principal(
         &self,
@@ -358,6 +380,29 @@ impl Rest {
         self.access.screen_account(named)
     }
 
+    /// What every operation on one key does first: the caller may do
+    /// `operation`, the id parses, and the key is in the account
+    /// `on-behalf-of` names (see [`Self::confine`]). Then `change` runs;
+    /// any refusal is audited under `label`.
+    async fn on_key<T, F>(
+        &self,
+        (principal, headers): (&Principal, &HeaderMap),
+        (label, operation): (&'static str, Operation),
+        id: &str,
+        change: impl FnOnce(crate::domain::key::KeyId) -> F,
+    ) -> Result<T, Problem>
+    where
+        F: Future<Output = Result<T, KeyError>>,
+    {
+        let steps = async {
+            self.keys.permit(principal, operation)?;
+            let id = convert::key_id(id)?;
+            self.confine(principal, headers, &id).await?;
+            change(id).await
+        };
+        steps.await.map_err(refused(principal, label))
+    }
+
     /// Confines an operation on one key to the account `on-behalf-of`
     /// names: the admin acting for `globex` finds no key of `acme` (404),
     /// and a key cannot name another account. A key's account never
@@ -387,6 +432,7 @@ impl Rest {
         }
     }
 
+    /// The scopes a request names: `None` when it names none (absent).
     fn grant(
         &self,
         scopes: Option<&[String]>,
@@ -404,174 +450,4 @@ impl Rest {
             }
         }
     }
-}
-
-/// Audits a refusal, then turns it into SendGrid's error.
-fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> Problem {
-    move |error| {
-        audit::refused(principal, operation, &error);
-        error.into()
-    }
-}
-
-fn summary(record: &KeyRecord) -> Value {
-    json!({ "name": record.name, "api_key_id": record.id.to_string() })
-}
-
-/// A key as SendGrid shows it, plus keyward's lifecycle fields (SendGrid's
-/// clients ignore fields they do not know): `enabled`, and `expires_at` in
-/// Unix seconds (null: never).
-fn detail(record: &KeyRecord) -> Value {
-    json!({
-        "name": record.name,
-        "api_key_id": record.id.to_string(),
-        "scopes": record.scopes,
-        "enabled": !record.access.disabled,
-        "expires_at": record.access.expires_at.map(|at| at.div_euclid(1_000_000_000)),
-    })
-}
-
-// --- handlers ---------------------------------------------------------------------
-
-/// `POST /v3/api_keys {"name", "scopes"?}`: no scopes is Full Access.
-async fn create(
-    State(rest): State<Rest>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
-    bytes: Bytes,
-) -> Result<Response, Problem> {
-    let fail = |e| refused(&principal, "create")(e);
-    let request: CreateBody = body(&bytes)?;
-    let account = rest
-        .account(&principal, Operation::Create, &headers)
-        .map_err(fail)?;
-    let name = convert::name(&request.name).map_err(fail)?;
-    let grant = rest
-        .grant(request.scopes.as_deref())
-        .map_err(fail)?
-        .unwrap_or_else(|| rest.keys.catalog().full_access());
-    let (record, secret) = rest
-        .keys
-        .create(&principal, account, name, grant, Lifecycle::default())
-        .await
-        .map_err(fail)?;
-    audit::changed(&principal, "create", None, &record);
-    let reply = json!({
-        "api_key": secret,
-        "api_key_id": record.id.to_string(),
-        "name": record.name,
-        "scopes": record.scopes,
-    });
-    Ok((StatusCode::CREATED, axum::Json(reply)).into_response())
-}
-
-/// `GET /v3/api_keys?limit=N`: the account's keys, names and ids.
-async fn list(
-    State(rest): State<Rest>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Result<Response, Problem> {
-    let account = rest.account(&principal, Operation::Read, &headers)?;
-    let limit = match query
-        .as_deref()
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("limit="))
-    {
-        None => convert::DEFAULT_PAGE_SIZE,
-        Some(text) => {
-            let size = text.parse::<i32>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                Problem::bad_request("limit", "limit: must be a positive integer")
-            })?;
-            convert::page_size(size)?
-        }
-    };
-    let (records, _) = rest.keys.list(account, "", limit, None).await?;
-    let result: Vec<Value> = records.iter().map(summary).collect();
-    Ok(axum::Json(json!({ "result": result })).into_response())
-}
-
-/// `GET /v3/api_keys/{api_key_id}`.
-async fn read(
-    State(rest): State<Rest>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, Problem> {
-    rest.keys.permit(&principal, Operation::Read)?;
-    let id = convert::key_id(&id)?;
-    rest.confine(&principal, &headers, &id).await?;
-    let record = rest.keys.get(&principal, &id).await?;
-    Ok(axum::Json(json!({ "result": [detail(&record)] })).into_response())
-}
-
-/// `PUT /v3/api_keys/{api_key_id} {"name", "scopes"}`: replaces the name
-/// and every scope.
-async fn replace(
-    State(rest): State<Rest>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    bytes: Bytes,
-) -> Result<Response, Problem> {
-    let request: ReplaceBody = body(&bytes)?;
-    let scopes = Scopes::Replace(request.scopes.as_deref());
-    let record = rest
-        .update(&principal, &headers, "update", (&id, &request.name), scopes)
-        .await?;
-    Ok(axum::Json(detail(&record)).into_response())
-}
-
-/// `PATCH /v3/api_keys/{api_key_id} {"name"}`.
-async fn rename(
-    State(rest): State<Rest>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    bytes: Bytes,
-) -> Result<Response, Problem> {
-    let request: RenameBody = body(&bytes)?;
-    let record = rest
-        .update(
-            &principal,
-            &headers,
-            "rename",
-            (&id, &request.name),
-            Scopes::Keep,
-        )
-        .await?;
-    Ok(axum::Json(summary(&record)).into_response())
-}
-
-/// `DELETE /v3/api_keys/{api_key_id}`: 204 once revoked.
-async fn delete(
-    State(rest): State<Rest>,
-    Extension(principal): Extension<Principal>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, Problem> {
-    let fail = |e| refused(&principal, "delete")(e);
-    rest.keys
-        .permit(&principal, Operation::Delete)
-        .map_err(fail)?;
-    let id = convert::key_id(&id).map_err(fail)?;
-    rest.confine(&principal, &headers, &id)
-        .await
-        .map_err(fail)?;
-    let record = rest.keys.delete(&principal, &id).await.map_err(fail)?;
-    audit::changed(&principal, "delete", Some(&record), &record);
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// `GET /v3/scopes`: the calling credential's own scopes.
-async fn scopes(
-    State(rest): State<Rest>,
-    Extension(principal): Extension<Principal>,
-) -> Result<Response, Problem> {
-    let scopes = rest
-        .keys
-        .catalog()
-        .names(&rest.keys.held_scopes(&principal));
-    Ok(axum::Json(json!({ "scopes": scopes })).into_response())
 }
