@@ -633,6 +633,10 @@ fn grpc_servers(
 fn rest_server(app: &App, listener: Incoming<TcpListener>, stop: &Stop) -> Serving {
     if let Ok(local) = listener.get_ref().local_addr() {
         tracing::info!(%local, tls = app.rest_tls.is_some(), console = app.console, "serving SendGrid's REST key API");
+        if app.rest_tls.is_none() && !local.ip().is_loopback() {
+            // Credentials (the admin token, API keys) cross this listener.
+            tracing::warn!(%local, "the REST listener and console are plain HTTP on a non-loopback address: serve them with --tls-cert and --tls-key, or on loopback");
+        }
     }
     let router = crate::rest::router(
         Arc::clone(&app.keys),
@@ -641,7 +645,10 @@ fn rest_server(app: &App, listener: Incoming<TcpListener>, stop: &Stop) -> Servi
             max_bytes: app.limits.max_message_bytes,
             read_timeout: app.limits.request_timeout,
         },
-        app.console,
+        crate::rest::Surface {
+            console: app.console,
+            tls: app.rest_tls.is_some(),
+        },
     );
     let server = bounded_server(app.limits)
         .accept_http1(true)

@@ -247,6 +247,7 @@ impl Browser {
 
     /// Clicks the radio input labelled `label` in the fieldset `legend`.
     async fn choose(&self, legend: &str, label: &str) {
+        self.settled().await;
         self.labelled(Some(legend), label)
             .await
             .click()
@@ -263,10 +264,12 @@ impl Browser {
     }
 
     async fn click(&self, name: &str) {
+        self.settled().await;
         self.button(name).await.click().await.expect("click");
     }
 
     async fn fill(&self, label: &str, text: &str) {
+        self.settled().await;
         let input = self.labelled(None, label).await;
         input.clear().await.expect("clear");
         input.send_keys(text).await.expect("type");
@@ -280,8 +283,16 @@ impl Browser {
         .await;
     }
 
+    /// Waits until the screen is drawn (`<main aria-busy>` is cleared once
+    /// a screen's data has arrived): a control found earlier could be
+    /// replaced under the click.
+    async fn settled(&self) {
+        self.wait_for("//main[not(@aria-busy)]").await;
+    }
+
     /// Opens the Actions menu of the row named `key` and picks `item`.
     async fn action(&self, key: &str, item: &str) {
+        self.settled().await;
         let row = format!("//tr[td[1][normalize-space()={}]]", quote(key));
         self.wait_for(&format!("{row}//button[normalize-space()='Actions']"))
             .await
@@ -377,6 +388,25 @@ async fn shown_secret(browser: &Browser) -> String {
     secret
 }
 
+/// The key named `name` in `acme`, as REST reads it.
+async fn detail(sidecar: &Sidecar, name: &str) -> serde_json::Value {
+    let (_, list) = sidecar.admin_rest("GET", "/v3/api_keys", "").await;
+    let id = list["result"]
+        .as_array()
+        .expect("result")
+        .iter()
+        .find(|key| key["name"] == name)
+        .unwrap_or_else(|| panic!("no key {name}"))["api_key_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (status, read) = sidecar
+        .admin_rest("GET", &format!("/v3/api_keys/{id}"), "")
+        .await;
+    assert_eq!(status, 200, "{read}");
+    read["result"][0].clone()
+}
+
 /// What the page's storage holds: nothing, ever.
 async fn assert_nothing_stored(browser: &Browser, secrets: &[&str]) {
     let stored = browser
@@ -414,31 +444,7 @@ async fn an_admin_manages_a_key_through_every_screen() {
     let secret = create_a_restricted_key(&browser, &sidecar).await;
     edit_its_levels(&browser, &sidecar, &secret).await;
     let rotated = its_lifecycle(&browser, &sidecar, &secret).await;
-    // A key named with markup is shown as text and runs nothing.
-    let markup = "<img src=x onerror=document.title='owned'>";
-    let (status, _) = sidecar
-        .admin_rest(
-            "POST",
-            "/v3/api_keys",
-            &serde_json::json!({ "name": markup, "scopes": ["alerts.read"] }).to_string(),
-        )
-        .await;
-    assert_eq!(status, 201);
-    browser.click("Create API Key").await;
-    browser.click("Cancel").await;
-    browser.heading("API Keys").await;
-    let rendered = browser
-        .script(&format!(
-            "const cells = [...document.querySelectorAll('td')].filter(td => td.textContent === {});
-             return [cells.length, document.querySelectorAll('main img').length, document.title];",
-            serde_json::to_string(markup).expect("json")
-        ))
-        .await;
-    assert_eq!(
-        rendered,
-        serde_json::json!([1, 0, "API Keys · keyward"]),
-        "the name is text, no element was made of it"
-    );
+    markup_stays_text(&browser, &sidecar).await;
 
     // Delete, confirmed: the key is refused from then on.
     browser.action("mail sender", "Delete").await;
@@ -457,6 +463,42 @@ async fn an_admin_manages_a_key_through_every_screen() {
     browser.wait_for("//h1[normalize-space()='Sign in']").await;
     assert_nothing_stored(&browser, &[&secret, &rotated, &sidecar.admin]).await;
     browser.stop().await;
+}
+
+/// A key named with markup is shown as text everywhere it appears (the
+/// list, its menu, a dialog) and makes no element.
+async fn markup_stays_text(browser: &Browser, sidecar: &Sidecar) {
+    let markup = "<img src=x onerror=document.title='owned'>";
+    let (status, _) = sidecar
+        .admin_rest(
+            "POST",
+            "/v3/api_keys",
+            &serde_json::json!({ "name": markup, "scopes": ["alerts.read"] }).to_string(),
+        )
+        .await;
+    assert_eq!(status, 201);
+    browser.click("Create API Key").await;
+    browser.click("Cancel").await;
+    browser.heading("API Keys").await;
+    browser.action(markup, "Delete").await;
+    browser.wait_for("//dialog[@open]").await;
+    let rendered = browser
+        .script(&format!(
+            "const name = {};
+             const cells = [...document.querySelectorAll('td')].filter(td => td.textContent === name);
+             const shown = [...document.querySelectorAll('dialog strong')].filter(s => s.textContent === name);
+             const labelled = document.querySelectorAll('[aria-label]').length;
+             return [cells.length, shown.length, document.querySelectorAll('img').length, labelled > 0, document.title];",
+            serde_json::to_string(markup).expect("json")
+        ))
+        .await;
+    assert_eq!(
+        rendered,
+        serde_json::json!([1, 1, 0, true, "API Keys · keyward"]),
+        "the name is text in the list and the dialog, and no element was made of it"
+    );
+    browser.click("Cancel").await;
+    browser.wait_gone("//dialog").await;
 }
 
 /// Create: Restricted, Mail Send = Full, Alerts = Read; the secret shown once.
@@ -565,7 +607,43 @@ async fn its_lifecycle(browser: &Browser, sidecar: &Sidecar, secret: &str) -> St
     assert_ne!(rotated, secret);
     browser.screenshot("rotate").await;
     browser.click("Close").await;
+    browser.wait_gone("//dialog").await;
+    let page = browser.client.source().await.expect("source");
+    assert!(
+        !page.contains(&rotated),
+        "the rotated secret stays in the page"
+    );
     assert!(sidecar.allows(secret, "GET", "/v3/alerts").await);
+    assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
+
+    // Expiry: entering a time unticks "Never expires"; the key gets it.
+    browser.action("mail sender", "Expiry").await;
+    let at = browser.labelled(None, "Expires at (UTC)").await;
+    browser
+        .client
+        .execute(
+            "arguments[0].value = '2099-01-01T00:00:00'; arguments[0].dispatchEvent(new Event('input'));",
+            vec![serde_json::to_value(&at).expect("element")],
+        )
+        .await
+        .expect("a time entered");
+    browser.click("Save expiry").await;
+    browser.wait_gone("//dialog").await;
+    assert_eq!(
+        detail(sidecar, "mail sender").await["expires_at"],
+        4_070_908_800_i64
+    );
+
+    // Allowlist: a range the caller is not in refuses it; empty allows again.
+    browser.action("mail sender", "Allowlist").await;
+    browser.fill("Allowed addresses", "10.0.0.0/8").await;
+    browser.click("Save allowlist").await;
+    browser.wait_gone("//dialog").await;
+    assert!(!sidecar.allows(&rotated, "GET", "/v3/alerts").await);
+    browser.action("mail sender", "Allowlist").await;
+    browser.fill("Allowed addresses", "").await;
+    browser.click("Save allowlist").await;
+    browser.wait_gone("//dialog").await;
     assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
 
     rotated
@@ -713,6 +791,79 @@ async fn the_console_works_from_the_keyboard_alone() {
     let secret = shown_secret(&browser).await;
     assert!(sidecar.allows(&secret, "GET", "/v3/alerts").await);
     assert!(!sidecar.allows(&secret, "POST", "/v3/alerts").await);
+    browser.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_list_pages_through_an_account_with_many_keys() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let sidecar = Sidecar::start(&[]);
+    for n in 0..23 {
+        let body = serde_json::json!({ "name": format!("key {n:02}"), "scopes": ["alerts.read"] });
+        let (status, reply) = sidecar
+            .admin_rest("POST", "/v3/api_keys", &body.to_string())
+            .await;
+        assert_eq!(status, 201, "{reply}");
+    }
+    browser.goto(&sidecar.url("/")).await;
+    browser.sign_in(&sidecar.admin, "acme").await;
+    let rows = "return [...document.querySelectorAll('tbody tr td:first-child')].map(td => td.textContent);";
+    let names = |from: usize, to: usize| -> serde_json::Value {
+        (from..to).map(|n| format!("key {n:02}")).collect()
+    };
+    browser.button("Next page").await;
+    assert_eq!(browser.script(rows).await, names(0, 20));
+    assert!(
+        browser
+            .client
+            .find_all(Locator::XPath(
+                "//button[normalize-space()='Previous page']"
+            ))
+            .await
+            .expect("query")
+            .is_empty()
+    );
+    browser.click("Next page").await;
+    browser.wait_for("//caption[contains(., 'page 2')]").await;
+    assert_eq!(browser.script(rows).await, names(20, 23));
+    assert!(
+        browser
+            .client
+            .find_all(Locator::XPath("//button[normalize-space()='Next page']"))
+            .await
+            .expect("query")
+            .is_empty(),
+        "the last page offers no next"
+    );
+    browser.click("Previous page").await;
+    browser.wait_gone("//caption[contains(., 'page 2')]").await;
+    assert_eq!(browser.script(rows).await, names(0, 20));
+
+    // A scope in two categories (Clients' stats are Stats' too) moves in
+    // both: Stats = Read, then Clients = No Access grants no clients scope.
+    browser.click("Create API Key").await;
+    browser.fill("API Key Name", "stats only").await;
+    browser.choose("Stats", "Read Access").await;
+    browser.choose("Clients", "No Access").await;
+    browser
+        .wait_for("//fieldset[legend='Stats']//span[contains(., 'Custom') and not(@hidden)]")
+        .await;
+    browser.click("Create & View").await;
+    shown_secret(&browser).await;
+    let scopes = detail(&sidecar, "stats only").await["scopes"].clone();
+    let scopes: Vec<&str> = scopes
+        .as_array()
+        .expect("scopes")
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    assert!(scopes.contains(&"stats.read"), "{scopes:?}");
+    assert!(
+        !scopes.iter().any(|s| s.starts_with("clients.")),
+        "Clients shows No Access, so no clients scope: {scopes:?}"
+    );
     browser.stop().await;
 }
 

@@ -1,7 +1,8 @@
 //! The documentation's links: every relative link and image in README.md
 //! and docs/*.md points at a file that exists, every `#anchor` at a heading
 //! of its target (GitHub's anchor rules), every page of docs/ is reachable
-//! from README.md, and every screenshot is shown somewhere. External links
+//! from README.md by following links, and every screenshot is shown
+//! somewhere. External links
 //! cannot be fetched here (CI has no network beyond package registries);
 //! they must at least be absolute `https://` URLs (or the loopback server
 //! a walk-through starts).
@@ -89,7 +90,9 @@ fn every_link_in_the_documentation_resolves() {
         })
         .collect();
     let mut problems = Vec::new();
+    // Every file some page links to, and each page's links (resolved).
     let mut reached = BTreeSet::new();
+    let mut edges: BTreeMap<PathBuf, BTreeSet<PathBuf>> = BTreeMap::new();
     for (path, page) in &parsed {
         let dir = path.parent().expect("dir");
         for link in &page.links {
@@ -115,6 +118,12 @@ fn every_link_in_the_documentation_resolves() {
                 target
             };
             reached.insert(target.clone());
+            if &target != path {
+                edges
+                    .entry(path.clone())
+                    .or_default()
+                    .insert(target.clone());
+            }
             if anchor.is_empty() {
                 continue;
             }
@@ -128,9 +137,20 @@ fn every_link_in_the_documentation_resolves() {
             }
         }
     }
+    // Pages a newcomer can reach by following links from README.md.
+    let readme = root().join("README.md").canonicalize().expect("README");
+    let mut from_readme = BTreeSet::from([readme.clone()]);
+    let mut frontier = vec![readme];
+    while let Some(page) = frontier.pop() {
+        for next in edges.get(&page).into_iter().flatten() {
+            if parsed.contains_key(next) && from_readme.insert(next.clone()) {
+                frontier.push(next.clone());
+            }
+        }
+    }
     for path in parsed.keys() {
-        if !path.ends_with("README.md") && !reached.contains(path) {
-            problems.push(format!("{}: no page links to it", path.display()));
+        if !from_readme.contains(path) {
+            problems.push(format!("{}: not reachable from README.md", path.display()));
         }
     }
     let shots = root().join("docs/screenshots");

@@ -60,14 +60,47 @@ function nextId(prefix) {
 
 const main = () => document.getElementById('main');
 
+// A status message survives the one navigation that follows it (a save
+// that returns to the list), then clears.
+let statusFresh = false;
 function say(message) {
   document.getElementById('status').textContent = message;
+  statusFresh = true;
 }
 
-function show(...nodes) {
+function present(...nodes) {
   const m = main();
   m.replaceChildren(...nodes);
+  m.removeAttribute('aria-busy');
   m.focus();
+}
+
+// Renders a screen of the signed-in console; a late answer arriving after
+// sign-out (or after the user moved on: see `current`) draws nothing.
+function show(...nodes) {
+  if (session.who) present(...nodes);
+}
+
+// Each rendering's number: an asynchronous screen draws only while it is
+// still the newest.
+let renderSeq = 0;
+function current(seq) {
+  return seq === renderSeq && !!session.who;
+}
+
+// Runs `action` with `button` disabled, so a double click sends it once.
+async function busy(button, action) {
+  if (button.disabled) return;
+  button.disabled = true;
+  try {
+    await action();
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function closeDialogs() {
+  document.querySelectorAll('dialog').forEach((d) => d.remove());
 }
 
 // A labelled input. Returns { wrap, input, error }.
@@ -97,6 +130,9 @@ function showError(slots, fallback, err) {
   const slot = (err.field && slots[err.field]) || (err.field && slots[err.field.split('.')[0]]) || fallback;
   slot.error.textContent = err.message;
   slot.error.hidden = false;
+  // An error inside a closed disclosure would not be seen.
+  const details = slot.error.closest('details');
+  if (details) details.open = true;
   if (slot.input) {
     slot.input.setAttribute('aria-invalid', 'true');
     const ids = (slot.input.getAttribute('aria-describedby') || '').split(' ').filter(Boolean);
@@ -225,6 +261,7 @@ function signOut(message) {
   session.catalog = null;
   shownSecret = null;
   pages = [''];
+  closeDialogs();
   document.getElementById('who').textContent = '';
   document.getElementById('sign-out').hidden = true;
   if (location.hash !== '' && location.hash !== '#/') {
@@ -267,7 +304,7 @@ function signInScreen() {
     general.error,
     h('div', { class: 'actions' }, submit),
   );
-  show(form);
+  present(form);
   credential.input.focus();
 }
 
@@ -300,14 +337,13 @@ async function signIn(credential, account, slots, general) {
   document.getElementById('who').textContent = whoText;
   document.getElementById('sign-out').hidden = false;
   pages = [''];
-  say('Signed in.');
   if (location.hash === '#/' || location.hash === '') render();
   else location.hash = '#/';
 }
 
 // --- the list --------------------------------------------------------------
 
-async function listScreen() {
+async function listScreen(seq) {
   const title = h('h1', {}, 'API Keys');
   const create = h(
     'button',
@@ -324,9 +360,10 @@ async function listScreen() {
   try {
     page = await api('GET', `/v3/api_keys?limit=20${token ? `&page_token=${encodeURIComponent(token)}` : ''}`);
   } catch (err) {
-    show(title, h('p', { class: 'error', role: 'alert' }, err.message));
+    if (current(seq)) show(title, h('p', { class: 'error', role: 'alert' }, err.message));
     return;
   }
+  if (!current(seq)) return;
   const rows = page.result.map((key) => keyRow(key));
   const table = h(
     'table',
@@ -338,8 +375,8 @@ async function listScreen() {
   const pager = h(
     'div',
     { class: 'pager' },
-    pages.length > 1 ? h('button', { type: 'button', onclick: () => { pages.pop(); render(); } }, 'Previous page') : null,
-    page.next_page_token ? h('button', { type: 'button', onclick: () => { pages.push(page.next_page_token); render(); } }, 'Next page') : null,
+    pages.length > 1 ? h('button', { type: 'button', onclick: (e) => { e.currentTarget.disabled = true; pages.pop(); render(); } }, 'Previous page') : null,
+    page.next_page_token ? h('button', { type: 'button', onclick: (e) => { e.currentTarget.disabled = true; pages.push(page.next_page_token); render(); } }, 'Next page') : null,
   );
   show(title, h('div', { class: 'actions' }, create, why), h('div', { class: 'panel' }, table, pager));
 }
@@ -459,7 +496,7 @@ function deleteDialog(key) {
     general.error,
     h('div', { class: 'actions' }, confirm, h('button', { type: 'button', onclick: () => dlg.close() }, 'Cancel')),
   );
-  confirm.addEventListener('click', async () => {
+  confirm.addEventListener('click', () => busy(confirm, async () => {
     try {
       await api('DELETE', `/v3/api_keys/${encodeURIComponent(key.api_key_id)}`);
       say(`Deleted ${key.name}.`);
@@ -467,7 +504,7 @@ function deleteDialog(key) {
     } catch (err) {
       showError({}, general, err);
     }
-  });
+  }));
   confirm.focus();
 }
 
@@ -502,8 +539,12 @@ function rotateDialog(key) {
   const rotate = h('button', { type: 'submit', class: 'primary' }, 'Rotate');
   const form = h('form', {
     novalidate: true,
-    onsubmit: async (event) => {
+    onsubmit: (event) => {
       event.preventDefault();
+      busy(rotate, () => doRotate());
+    },
+  }, overlap.wrap, general.error, h('div', { class: 'actions' }, rotate, h('button', { type: 'button', onclick: () => dlg.close() }, 'Cancel')));
+  async function doRotate() {
       try {
         const reply = await api('POST', `/v3/api_keys/${encodeURIComponent(key.api_key_id)}/rotate`, { overlap_seconds: Number(overlap.input.value || 0) });
         const until = reply.previous_secret_valid_until ? `The previous secret works until ${when(reply.previous_secret_valid_until)}.` : 'The previous secret no longer works.';
@@ -512,8 +553,7 @@ function rotateDialog(key) {
       } catch (err) {
         showError(slots, general, err);
       }
-    },
-  }, overlap.wrap, general.error, h('div', { class: 'actions' }, rotate, h('button', { type: 'button', onclick: () => dlg.close() }, 'Cancel')));
+  }
   const dlg = dialog(`Rotate ${key.name}`, form);
   overlap.input.focus();
 }
@@ -531,6 +571,9 @@ function lifecycleForm(kind, id, detail, done) {
     const never = h('input', { type: 'checkbox', id: nextId('never') });
     if (detail && detail.expires_at) at.input.value = new Date(detail.expires_at * 1000).toISOString().slice(0, 19);
     else never.checked = true;
+    // Entering a time means the key expires; "Never" clears the time.
+    at.input.addEventListener('input', () => { never.checked = !at.input.value; });
+    never.addEventListener('change', () => { if (never.checked) at.input.value = ''; });
     fields = [at.wrap, h('label', { class: 'radio', for: never.id }, never, h('span', {}, 'Never expires'))];
     slots = { expires_at: at };
     path = 'expiry';
@@ -566,17 +609,19 @@ function lifecycleForm(kind, id, detail, done) {
   const form = h('form', {
     'aria-label': kind,
     novalidate: true,
-    onsubmit: async (event) => {
+    onsubmit: (event) => {
       event.preventDefault();
-      try {
-        await api('PUT', `/v3/api_keys/${encodeURIComponent(id)}/${path}`, payload());
-        for (const slot of Object.values(slots)) clearError(slot);
-        clearError(general);
-        say(`Saved the ${kind.toLowerCase()}.`);
-        if (done) done();
-      } catch (err) {
-        showError(slots, general, err);
-      }
+      busy(save, async () => {
+        try {
+          await api('PUT', `/v3/api_keys/${encodeURIComponent(id)}/${path}`, payload());
+          for (const slot of Object.values(slots)) clearError(slot);
+          clearError(general);
+          say(`Saved the ${kind.toLowerCase()}.`);
+          if (done) done();
+        } catch (err) {
+          showError(slots, general, err);
+        }
+      });
     },
   }, ...fields, general.error, h('div', { class: 'actions' }, save));
   return form;
@@ -591,6 +636,7 @@ async function lifecycleDialog(key, kind) {
       say(err.message);
     }
   }
+  if (!session.who) return;
   const form = lifecycleForm(kind, key.api_key_id, detail, () => dlg.close());
   const dlg = dialog(`${kind}: ${key.name}`, form, h('div', { class: 'actions' }, h('button', { type: 'button', onclick: () => dlg.close() }, 'Cancel')));
   const first = form.querySelector('input, textarea');
@@ -620,8 +666,22 @@ function permissions(initial) {
 
   const general = h('div', { class: 'categories' });
   const billingBox = h('div', { class: 'categories' });
+  // A scope may sit in several categories (Clients' stats are Stats' too):
+  // its checkboxes move together, and every category's level follows.
+  const reflectors = [];
+  const shared = {
+    set(container, name, on) {
+      for (const box of container.querySelectorAll(`input[type=checkbox][data-scope="${CSS.escape(name)}"]`)) box.checked = on;
+    },
+    reflectAll() {
+      for (const reflect of reflectors) reflect();
+    },
+    add(reflect) {
+      reflectors.push(reflect);
+    },
+  };
   for (const category of catalog.categories) {
-    (category.exclusive ? billingBox : general).append(categoryFieldset(category, chosen));
+    (category.exclusive ? billingBox : general).append(categoryFieldset(category, chosen, shared));
   }
   const error = h('p', { class: 'error', id: nextId('perm-err'), hidden: true });
   const fieldset = h(
@@ -656,7 +716,7 @@ function permissions(initial) {
   };
 }
 
-function categoryFieldset(category, chosen) {
+function categoryFieldset(category, chosen, shared) {
   const group = nextId(`level-${category.id}`);
   const descId = nextId('desc');
   const boxes = category.scopes.map((scope) => {
@@ -675,8 +735,8 @@ function categoryFieldset(category, chosen) {
     }
     r.input.addEventListener('change', () => {
       const set = new Set(scopes);
-      for (const { box } of boxes) box.checked = set.has(box.dataset.scope);
-      custom.hidden = true;
+      for (const { box } of boxes) shared.set(fieldset.parentElement, box.dataset.scope, set.has(box.dataset.scope));
+      shared.reflectAll();
     });
     return { level, scopes, r };
   });
@@ -687,9 +747,15 @@ function categoryFieldset(category, chosen) {
     for (const { r } of levels) r.input.checked = match ? r === match.r : false;
     custom.hidden = !!match;
   }
-  for (const { box } of boxes) box.addEventListener('change', reflect);
+  for (const { box } of boxes) {
+    box.addEventListener('change', () => {
+      shared.set(fieldset.parentElement, box.dataset.scope, box.checked);
+      shared.reflectAll();
+    });
+  }
   reflect();
-  return h(
+  shared.add(reflect);
+  const fieldset = h(
     'fieldset',
     { 'data-category': category.id, 'aria-describedby': descId },
     h('legend', {}, category.title),
@@ -698,6 +764,7 @@ function categoryFieldset(category, chosen) {
     custom,
     h('details', {}, h('summary', {}, `Choose individual ${category.title} scopes`), h('div', { class: 'scopes' }, boxes.map(({ label }) => label))),
   );
+  return fieldset;
 }
 
 function keyForm({ title, initial, submitLabel, submit, extra, after }) {
@@ -774,14 +841,15 @@ function createdScreen(secret) {
   );
 }
 
-async function editScreen(id) {
+async function editScreen(id, seq) {
   let key;
   try {
     key = (await api('GET', `/v3/api_keys/${encodeURIComponent(id)}`)).result[0];
   } catch (err) {
-    show(h('h1', {}, 'Edit API Key'), h('p', { class: 'error', role: 'alert' }, err.message));
+    if (current(seq)) show(h('h1', {}, 'Edit API Key'), h('p', { class: 'error', role: 'alert' }, err.message));
     return;
   }
+  if (!current(seq)) return;
   keyForm({
     title: `Edit API Key: ${key.name}`,
     initial: key,
@@ -812,6 +880,10 @@ function render() {
     const secret = route === '#/created' ? shownSecret : null;
     shownSecret = null;
     rendered = route;
+    // A dialog (and any secret in it) belongs to the screen it opened on.
+    closeDialogs();
+    if (statusFresh) statusFresh = false;
+    else document.getElementById('status').textContent = '';
     renderRoute(route, secret);
     return;
   }
@@ -819,6 +891,10 @@ function render() {
 }
 
 function renderRoute(route, secret) {
+  renderSeq += 1;
+  const seq = renderSeq;
+  // Loading until the screen is drawn (assistive technology announces it).
+  main().setAttribute('aria-busy', 'true');
   if (!session.credential || !session.who) {
     signInScreen();
     return;
@@ -826,8 +902,8 @@ function renderRoute(route, secret) {
   const edit = route.match(/^#\/keys\/([^/]+)\/edit$/);
   if (route === '#/create') createScreen();
   else if (route === '#/created') createdScreen(secret);
-  else if (edit) editScreen(decodeURIComponent(edit[1]));
-  else listScreen();
+  else if (edit) editScreen(decodeURIComponent(edit[1]), seq);
+  else listScreen(seq);
 }
 
 window.addEventListener('hashchange', render);

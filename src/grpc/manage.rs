@@ -79,13 +79,16 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .keys
             .authorize(&principal, Operation::Create, named)
             .map_err(fail)?;
-        let name = convert::name(&request.name).map_err(fail)?;
+        let name = self.access.name(&request.name).map_err(fail)?;
         let grant = convert::grant(self.keys.catalog(), &request.scopes, &request.access)
             .map_err(fail)?
             .unwrap_or_else(|| self.keys.catalog().full_access());
         let lifecycle = Lifecycle {
             expires_at: convert::expires_at(request.expires_at.as_ref()).map_err(fail)?,
-            allowed_cidrs: convert::allowed_cidrs(&request.allowed_cidrs).map_err(fail)?,
+            allowed_cidrs: self
+                .access
+                .allowed_cidrs(&request.allowed_cidrs)
+                .map_err(fail)?,
             rate_limit: convert::rate_limit(request.rate_limit.as_ref()).map_err(fail)?,
         };
         let (record, secret) = self
@@ -145,7 +148,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .permit(&principal, Operation::Update)
             .map_err(fail)?;
         let id = convert::key_id(&request.key_id).map_err(fail)?;
-        let name = convert::name(&request.name).map_err(fail)?;
+        let name = self.access.name(&request.name).map_err(fail)?;
         let grant = convert::grant(self.keys.catalog(), &request.scopes, &request.access)
             .map_err(fail)?
             .ok_or_else(|| KeyError::Invalid {
@@ -173,7 +176,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             .permit(&principal, Operation::Update)
             .map_err(fail)?;
         let id = convert::key_id(&request.key_id).map_err(fail)?;
-        let name = convert::name(&request.name).map_err(fail)?;
+        let name = self.access.name(&request.name).map_err(fail)?;
         let (before, record) = self
             .keys
             .update(&principal, &id, name, None)
@@ -277,7 +280,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         let cidrs = &request.get_ref().allowed_cidrs;
         self.set_state(&request, "set_allowlist", key_id, || {
             Ok(StateChange {
-                allowed_cidrs: Some(convert::allowed_cidrs(cidrs)?),
+                allowed_cidrs: Some(self.access.allowed_cidrs(cidrs)?),
                 ..StateChange::default()
             })
         })

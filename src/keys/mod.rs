@@ -181,9 +181,10 @@ impl Keys {
             }
             Principal::Key { account, .. } => {
                 if !requested_account.is_empty() && requested_account != &**account {
-                    return Err(KeyError::PermissionDenied(
-                        "account_id: an API key acts only in its own account".into(),
-                    ));
+                    return Err(KeyError::Beyond {
+                        field: "account_id",
+                        problem: "account_id: an API key acts only in its own account".into(),
+                    });
                 }
                 Ok(Arc::clone(account))
             }

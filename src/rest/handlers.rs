@@ -3,7 +3,7 @@
 //! handler's `#[utoipa::path]`: the document and the router are one list.
 
 use axum::body::Bytes;
-use axum::extract::{Extension, Path, RawQuery, State};
+use axum::extract::{Extension, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -16,7 +16,7 @@ use super::shapes::{
     KeyListed, KeySummary, ListReply, RateLimitBody, RateLimitChange, ReadReply, RenameBody,
     ReplaceBody, RotateBody, RotatedKey, ScopesReply,
 };
-use super::{ON_BEHALF_OF, Problem, Rest, body, refused};
+use super::{ON_BEHALF_OF, Problem, Rest, body, body_or_default, refused};
 use crate::audit;
 use crate::domain::record::KeyRecord;
 use crate::grpc::convert;
@@ -127,6 +127,19 @@ impl utoipa::Modify for Common {
                     "503".into(),
                     error("Storage is failing or not responding; nothing was acknowledged"),
                 );
+                if operation.request_body.is_some() {
+                    responses.entry("400".into()).or_insert_with(|| {
+                        error("The body or a field is invalid (named in `field`)")
+                    });
+                    responses.insert(
+                        "408".into(),
+                        error("The body did not arrive within the request timeout"),
+                    );
+                    responses.insert(
+                        "413".into(),
+                        error("The body is larger than --max-message-bytes"),
+                    );
+                }
             }
         }
         components
@@ -163,10 +176,12 @@ impl Rest {
         id: &str,
         disabled: bool,
     ) -> Result<Response, Problem> {
-        let state = Ok(StateChange {
-            disabled: Some(disabled),
-            ..StateChange::default()
-        });
+        let state = || {
+            Ok(StateChange {
+                disabled: Some(disabled),
+                ..StateChange::default()
+            })
+        };
         let label = if disabled { "disable" } else { "enable" };
         self.set_state(caller, label, id, state).await
     }
@@ -177,7 +192,7 @@ impl Rest {
         (principal, headers): (&Principal, &HeaderMap),
         label: &'static str,
         id: &str,
-        state: Result<StateChange, KeyError>,
+        state: impl FnOnce() -> Result<StateChange, KeyError>,
     ) -> Result<Response, Problem> {
         let record = self
             .on_key(
@@ -185,7 +200,7 @@ impl Rest {
                 (label, Operation::Update),
                 id,
                 |id| async move {
-                    let (before, record) = self.keys.set_state(principal, &id, state?).await?;
+                    let (before, record) = self.keys.set_state(principal, &id, state()?).await?;
                     audit::changed(principal, label, Some(&before), &record);
                     Ok(record)
                 },
@@ -221,6 +236,26 @@ fn rate_limit(
     convert::rate_limit(limit.as_ref())
 }
 
+/// The `{api_key_id}` of a path, refused in SendGrid's error format (axum's
+/// own refusal is plain text) when it is not UTF-8.
+struct KeyIdPath(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for KeyIdPath {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Problem> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(id)| Self(id))
+            .map_err(|_| {
+                Problem::bad_request("api_key_id", "api_key_id: must be a 22-character key id")
+            })
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct ListQuery {
     limit: Option<String>,
@@ -244,18 +279,20 @@ async fn create(
     bytes: Bytes,
 ) -> Result<Response, Problem> {
     let fail = |e| refused(&principal, "create")(e);
-    let request: CreateBody = body(&bytes)?;
     let account = rest
         .account(&principal, Operation::Create, &headers)
         .map_err(fail)?;
-    let name = convert::name(&request.name).map_err(fail)?;
+    let request: CreateBody = body(&bytes).map_err(fail)?;
+    let name = rest.access.name(&request.name).map_err(fail)?;
     let grant = rest
         .grant(request.scopes.as_deref())
         .map_err(fail)?
         .unwrap_or_else(|| rest.keys.catalog().full_access());
     let lifecycle = Lifecycle {
         expires_at: expires_at(request.expires_at).map_err(fail)?,
-        allowed_cidrs: convert::allowed_cidrs(request.allowed_cidrs.as_deref().unwrap_or_default())
+        allowed_cidrs: rest
+            .access
+            .allowed_cidrs(request.allowed_cidrs.as_deref().unwrap_or_default())
             .map_err(fail)?,
         rate_limit: rate_limit(request.rate_limit).map_err(fail)?,
     };
@@ -297,10 +334,11 @@ async fn list(
     let limit = match query.limit {
         None => convert::DEFAULT_PAGE_SIZE,
         Some(text) => {
-            let size = text.parse::<i32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            let size = text.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
                 Problem::bad_request("limit", "limit: must be a positive integer")
             })?;
-            convert::page_size(size)?
+            // Larger pages are capped, as gRPC caps them.
+            convert::page_size(i32::try_from(size).unwrap_or(i32::MAX))?
         }
     };
     let (records, next) = rest
@@ -337,7 +375,7 @@ async fn read(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
 ) -> Result<Response, Problem> {
     rest.keys.permit(&principal, Operation::Read)?;
     let id = convert::key_id(&id)?;
@@ -362,18 +400,18 @@ async fn replace(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let request: ReplaceBody = body(&bytes)?;
-    let (rest, principal, request) = (&rest, &principal, &request);
+    let (rest, principal) = (&rest, &principal);
     let record = rest
         .on_key(
             (principal, &headers),
             ("update", Operation::Update),
             &id,
             |id| async move {
-                let name = convert::name(&request.name)?;
+                let request: ReplaceBody = body(&bytes)?;
+                let name = rest.access.name(&request.name)?;
                 let grant =
                     rest.grant(request.scopes.as_deref())?
                         .ok_or_else(|| KeyError::Invalid {
@@ -404,18 +442,18 @@ async fn rename(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let request: RenameBody = body(&bytes)?;
-    let (rest, principal, request) = (&rest, &principal, &request);
+    let (rest, principal) = (&rest, &principal);
     let record = rest
         .on_key(
             (principal, &headers),
             ("rename", Operation::Update),
             &id,
             |id| async move {
-                let name = convert::name(&request.name)?;
+                let request: RenameBody = body(&bytes)?;
+                let name = rest.access.name(&request.name)?;
                 let (before, record) = rest.keys.update(principal, &id, name, None).await?;
                 audit::changed(principal, "rename", Some(&before), &record);
                 Ok(record)
@@ -438,7 +476,7 @@ async fn delete(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
 ) -> Result<Response, Problem> {
     let (rest, principal) = (&rest, &principal);
     rest.on_key(
@@ -469,7 +507,7 @@ async fn disable(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
 ) -> Result<Response, Problem> {
     rest.set_disabled((&principal, &headers), &id, true).await
 }
@@ -486,14 +524,15 @@ async fn enable(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
 ) -> Result<Response, Problem> {
     rest.set_disabled((&principal, &headers), &id, false).await
 }
 
 /// Rotate a key's secret: the new one is in this reply only; the previous
 /// one keeps working for `overlap_seconds`.
-#[utoipa::path(post, path = "/v3/api_keys/{api_key_id}/rotate", tag = "lifecycle", request_body = RotateBody,
+#[utoipa::path(post, path = "/v3/api_keys/{api_key_id}/rotate", tag = "lifecycle",
+    request_body(content = Option<RotateBody>, description = "Optional: an empty body is no overlap"),
     params(("api_key_id" = String, Path, description = "The key's id")),
     responses(
         (status = 200, description = "Rotated; `api_key` is the new secret, shown once", body = RotatedKey),
@@ -505,17 +544,17 @@ async fn rotate(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let request: RotateBody = body(&bytes)?;
-    let (rest, principal, request) = (&rest, &principal, &request);
+    let (rest, principal) = (&rest, &principal);
     let (record, secret) = rest
         .on_key(
             (principal, &headers),
             ("rotate", Operation::Rotate),
             &id,
             |id| async move {
+                let request: RotateBody = body_or_default(&bytes)?;
                 let seconds = i64::try_from(request.overlap_seconds).unwrap_or(i64::MAX);
                 let overlap = convert::overlap(Some(&prost_types::Duration { seconds, nanos: 0 }))?;
                 let (before, record, secret) = rest.keys.rotate(principal, &id, overlap).await?;
@@ -549,14 +588,19 @@ async fn set_expiry(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let request: ExpiryBody = body(&bytes)?;
-    let state = expires_at(request.expires_at).map(|at| StateChange {
-        expires_at: Some(at.map_or(Expiry::Never, Expiry::At)),
-        ..StateChange::default()
-    });
+    let state = || {
+        let request: ExpiryBody = body(&bytes)?;
+        let at = request
+            .expires_at
+            .required("expires_at", "a time in Unix seconds, or null for never")?;
+        Ok(StateChange {
+            expires_at: Some(expires_at(at)?.map_or(Expiry::Never, Expiry::At)),
+            ..StateChange::default()
+        })
+    };
     rest.set_state((&principal, &headers), "set_expiry", &id, state)
         .await
 }
@@ -574,14 +618,16 @@ async fn set_allowlist(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let request: AllowlistBody = body(&bytes)?;
-    let state = convert::allowed_cidrs(&request.allowed_cidrs).map(|cidrs| StateChange {
-        allowed_cidrs: Some(cidrs),
-        ..StateChange::default()
-    });
+    let state = || {
+        let request: AllowlistBody = body(&bytes)?;
+        Ok(StateChange {
+            allowed_cidrs: Some(rest.access.allowed_cidrs(&request.allowed_cidrs)?),
+            ..StateChange::default()
+        })
+    };
     rest.set_state((&principal, &headers), "set_allowlist", &id, state)
         .await
 }
@@ -599,14 +645,19 @@ async fn set_rate_limit(
     State(rest): State<Rest>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let request: RateLimitChange = body(&bytes)?;
-    let state = rate_limit(request.rate_limit).map(|limit| StateChange {
-        rate_limit: Some(limit),
-        ..StateChange::default()
-    });
+    let state = || {
+        let request: RateLimitChange = body(&bytes)?;
+        let limit = request
+            .rate_limit
+            .required("rate_limit", "a limit, or null for none")?;
+        Ok(StateChange {
+            rate_limit: Some(rate_limit(limit)?),
+            ..StateChange::default()
+        })
+    };
     rest.set_state((&principal, &headers), "set_rate_limit", &id, state)
         .await
 }

@@ -25,7 +25,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -43,7 +42,9 @@ pub const ON_BEHALF_OF: &str = "on-behalf-of";
 /// The Content-Security-Policy of every response: the console's own
 /// scripts, styles and images and nothing else; no inline script or
 /// style, no eval, no frames, no `<base>`, forms only to itself.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+/// Trusted Types are required and no policy may be made: the script can
+/// never hand a string to an HTML or script sink, even by mistake.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'; require-trusted-types-for 'script'; trusted-types 'none'";
 
 /// Headers set on every response of the REST listener.
 pub const SECURITY_HEADERS: [(&str, &str); 7] = [
@@ -75,12 +76,21 @@ pub struct BodyLimits {
     pub read_timeout: std::time::Duration,
 }
 
+/// What the listener serves besides the API.
+#[derive(Debug, Clone, Copy)]
+pub struct Surface {
+    /// The web console at `/`.
+    pub console: bool,
+    /// Whether the listener is HTTPS (then every response carries HSTS).
+    pub tls: bool,
+}
+
 /// The REST routes over the shared key service, the OpenAPI document, and
-/// with `console` the web console. Every API route authenticates the
+/// with `surface.console` the web console. Every API route authenticates the
 /// caller from its headers before a byte of the body is read (see
 /// [`authenticated`]); the document and the console's files are public
 /// (they hold no key data).
-pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, console: bool) -> Router {
+pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, surface: Surface) -> Router {
     let rest = Rest { keys, access, body };
     let (api, document) = handlers::routes();
     let document: Arc<str> = document
@@ -104,7 +114,7 @@ pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, console: bool) 
                 }
             }),
         );
-    if console {
+    if surface.console {
         router = router.merge(crate::console::routes());
     }
     router
@@ -119,6 +129,17 @@ pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, console: bool) 
         // `authenticated` has read and bounded the body already.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(axum::middleware::map_response(secured))
+        .layer(axum::middleware::map_response(
+            move |mut response: Response| async move {
+                if surface.tls {
+                    response.headers_mut().insert(
+                        axum::http::header::STRICT_TRANSPORT_SECURITY,
+                        HeaderValue::from_static("max-age=31536000"),
+                    );
+                }
+                response
+            },
+        ))
         .with_state(rest)
 }
 
@@ -291,7 +312,15 @@ impl From<KeyError> for Problem {
             }
             KeyError::PermissionDenied(message) => Self::new(StatusCode::FORBIDDEN, None, message),
             KeyError::Beyond { field, problem } => {
-                Self::new(StatusCode::FORBIDDEN, Some(rest_field(field)), problem)
+                let named = rest_field(field);
+                let message = match problem
+                    .strip_prefix(field)
+                    .and_then(|p| p.strip_prefix(": "))
+                {
+                    Some(rest) => format!("{named}: {rest}"),
+                    None => problem,
+                };
+                Self::new(StatusCode::FORBIDDEN, Some(named), message)
             }
             KeyError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, None, "resource not found"),
             // SendGrid answers a full account with 403.
@@ -322,20 +351,37 @@ fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> P
 
 // --- requests ---------------------------------------------------------------------
 
-/// A JSON body, or SendGrid's 400 naming what is wrong with it. An empty
-/// body reads as `{}` where the endpoint takes one (`POST …/rotate`).
-fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> Result<T, Problem> {
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        bytes
-    };
+/// A JSON body, or the 400 naming what is wrong with it by position, never
+/// by quoting it: serde's own messages echo the offending value, which may
+/// be a secret pasted into the wrong field.
+fn body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, KeyError> {
     serde_json::from_slice(bytes).map_err(|e| {
-        Problem::bad_request(
-            "body",
-            format!("the request body is not valid JSON for this endpoint: {e}"),
-        )
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax => "malformed JSON",
+            serde_json::error::Category::Eof => "the JSON ends early",
+            serde_json::error::Category::Data | serde_json::error::Category::Io => {
+                "a field of the wrong type or value, a required field missing, or a field this endpoint does not take"
+            }
+        };
+        KeyError::Invalid {
+            field: "body",
+            problem: format!(
+                "not a valid body for this endpoint: {what} (line {}, column {}); see /openapi.json",
+                e.line(),
+                e.column()
+            ),
+        }
     })
+}
+
+/// [`body`], where an empty body means every field's default
+/// (`POST …/rotate` without an overlap).
+fn body_or_default<T: for<'de> Deserialize<'de> + Default>(bytes: &[u8]) -> Result<T, KeyError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        body(bytes)
+    }
 }
 
 impl Rest {
@@ -425,9 +471,10 @@ impl Rest {
                 }
                 Ok(())
             }
-            Principal::Key { account, .. } if &**account != named => Err(
-                KeyError::PermissionDenied("an API key acts only in its own account".into()),
-            ),
+            Principal::Key { account, .. } if &**account != named => Err(KeyError::Beyond {
+                field: "account_id",
+                problem: "account_id: an API key acts only in its own account".into(),
+            }),
             Principal::Key { .. } => Ok(()),
         }
     }

@@ -15,6 +15,40 @@ fn seconds(nanos: i64) -> i64 {
 
 // --- requests ---------------------------------------------------------------
 
+/// A field that must be given but may be `null` (`null` clears it): an
+/// absent one is refused, so an empty body never clears a limit.
+#[derive(Debug, Default)]
+pub enum Nullable<T> {
+    /// Not in the body.
+    #[default]
+    Missing,
+    /// Given: a value, or `null`.
+    Given(Option<T>),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Nullable<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Option::<T>::deserialize(deserializer).map(Self::Given)
+    }
+}
+
+impl<T> Nullable<T> {
+    /// The value given (`None`: `null`), or the refusal naming `field`.
+    pub fn required(
+        self,
+        field: &'static str,
+        what: &str,
+    ) -> Result<Option<T>, crate::keys::KeyError> {
+        match self {
+            Self::Given(value) => Ok(value),
+            Self::Missing => Err(crate::keys::KeyError::Invalid {
+                field,
+                problem: format!("required: {what}"),
+            }),
+        }
+    }
+}
+
 /// `POST /v3/api_keys`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -68,8 +102,11 @@ pub struct RotateBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExpiryBody {
-    /// Unix seconds in the future; `null` never expires.
-    pub expires_at: Option<i64>,
+    /// Unix seconds in the future; `null` never expires. Required: an
+    /// empty body does not clear an expiry by accident.
+    #[serde(default)]
+    #[schema(value_type = Option<i64>, required = true)]
+    pub expires_at: Nullable<i64>,
 }
 
 /// `PUT /v3/api_keys/{api_key_id}/allowlist`.
@@ -84,8 +121,10 @@ pub struct AllowlistBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitChange {
-    /// The new limit; `null` removes it.
-    pub rate_limit: Option<RateLimitBody>,
+    /// The new limit; `null` removes it. Required, like `expires_at`.
+    #[serde(default)]
+    #[schema(value_type = Option<RateLimitBody>, required = true)]
+    pub rate_limit: Nullable<RateLimitBody>,
 }
 
 /// A key's rate limit: `requests` per `period_ms`, at most `burst` at once.

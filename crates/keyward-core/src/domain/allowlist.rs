@@ -68,12 +68,17 @@ pub fn canonical(cidrs: &[String]) -> Result<Vec<String>, String> {
         return Err(format!("at most {MAX_CIDRS} ranges"));
     }
     let mut out: Vec<String> = Vec::with_capacity(cidrs.len());
-    for text in cidrs {
+    for (n, text) in cidrs.iter().enumerate() {
         let net: IpNet = match text.parse::<IpNet>() {
             Ok(net) => net,
             Err(_) => match text.parse::<IpAddr>() {
                 Ok(ip) => IpNet::from(ip),
-                Err(_) => return Err(format!("{text:?} is not an address or a CIDR range")),
+                Err(_) => {
+                    return Err(format!(
+                        "{} is not an address or a CIDR range",
+                        shown(n, text)
+                    ));
+                }
             },
         };
         if net.trunc() != net {
@@ -89,6 +94,21 @@ pub fn canonical(cidrs: &[String]) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+/// An entry as an error may quote it: itself when it is shaped like an
+/// address (hex digits, `.`, `:`, `/`; at most 49 characters), else only
+/// its position: a secret pasted into the list is never echoed or logged.
+fn shown(n: usize, text: &str) -> String {
+    let address_shaped = text.len() <= 49
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b".:/".contains(&b));
+    if address_shaped {
+        format!("{text:?}")
+    } else {
+        format!("entry {} (not shown)", n + 1)
+    }
 }
 
 /// `::ffff:a.b.c.d/n` (n ≥ 96) as the IPv4 range it means.
@@ -145,6 +165,19 @@ mod tests {
                 .contains("10.0.0.0/8")
         );
         assert!(canonical(&strings(&["nope"])).is_err());
+        // An entry is quoted only when it is shaped like an address: a
+        // secret pasted here is never echoed.
+        let secret = "SG.aaaaaaaaaaaaaaaaaaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+        let refused = canonical(&strings(&["10.0.0.0/8", secret])).expect_err("not an address");
+        assert!(
+            refused.starts_with("entry 2 (not shown)") && !refused.contains("SG."),
+            "{refused}"
+        );
+        assert!(
+            canonical(&strings(&["10.0.0.300"]))
+                .expect_err("bad")
+                .contains("\"10.0.0.300\"")
+        );
         assert!(canonical(&strings(&["10.0.0.0/33"])).is_err());
         assert!(canonical(&vec!["10.0.0.0/8".to_owned(); 17]).is_err());
     }

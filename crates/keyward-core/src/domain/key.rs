@@ -60,18 +60,24 @@ impl fmt::Debug for KeyId {
 #[error("must be a 22-character key id")]
 pub struct BadKeyId;
 
-/// Whether `text` holds something shaped like a keyward API key (`SG.`
-/// followed by a key id): such a value pasted into a name, scope or
-/// account field is refused without being echoed, logged or stored.
+/// Whether `text` holds something shaped like a keyward credential: an API
+/// key (`SG.` followed by a key id) or a token keyward generated (`kwadmin_`
+/// or `kwfeed_` followed by at least 20 token characters). Such a value
+/// pasted into a name, scope, account or address field is refused without
+/// being echoed, logged or stored.
 #[must_use]
 pub fn looks_like_secret(text: &str) -> bool {
+    let token_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
     let bytes = text.as_bytes();
-    bytes.windows(3 + ID_LEN).any(|window| {
-        window.starts_with(b"SG.")
-            && window[3..]
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
-    })
+    let api_key = bytes
+        .windows(3 + ID_LEN)
+        .any(|window| window.starts_with(b"SG.") && window[3..].iter().all(token_byte));
+    api_key
+        || [&b"kwadmin_"[..], b"kwfeed_"].iter().any(|prefix| {
+            bytes.windows(prefix.len() + 20).any(|window| {
+                window.starts_with(prefix) && window[prefix.len()..].iter().all(token_byte)
+            })
+        })
 }
 
 impl FromStr for KeyId {
@@ -264,6 +270,28 @@ fn decode_exact<const N: usize, const B: usize>(text: &[u8], len: usize) -> Opti
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn credentials_keyward_makes_look_like_secrets() {
+        let key = "SG.aaaaaaaaaaaaaaaaaaaaaa.bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+        for text in [
+            key,
+            &format!("prod {key}"),
+            "kwadmin_3q2-7wAbYz9XkLmN0pQrStUvWx",
+            "token: kwfeed_Zq8vN1xW4mK7pR2tY5uB9cE3",
+        ] {
+            assert!(looks_like_secret(text), "{text}");
+        }
+        for text in [
+            "mailer",
+            "kwadmin_short",
+            "SG.short",
+            "alerts.read",
+            "kwfeed_",
+        ] {
+            assert!(!looks_like_secret(text), "{text}");
+        }
+    }
     use super::*;
 
     #[test]

@@ -1,0 +1,214 @@
+//! The REST API's refusals, as a stranger probes them: no credential is
+//! ever echoed (the audit log records the same refusal text), permission is checked before
+//! a body is read, a lifecycle PUT without its field changes nothing, a bad
+//! path id is SendGrid's JSON error, and every refusal names the field the
+//! console shows it beside.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{TestServer, rest_call};
+use keyward::config::ServeConfig;
+
+async fn server() -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
+    config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    (TestServer::start_with(config).await, dir)
+}
+
+struct Caller<'a> {
+    addr: SocketAddr,
+    auth: String,
+    account: Option<&'a str>,
+}
+
+impl Caller<'_> {
+    /// The admin, acting for `acme`.
+    fn admin(server: &TestServer) -> Self {
+        Self {
+            addr: server.http_addr.expect("REST"),
+            auth: format!("Bearer {}", server.admin),
+            account: Some("acme"),
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let mut headers = vec![("authorization", self.auth.as_str())];
+        if let Some(account) = self.account {
+            headers.push(("on-behalf-of", account));
+        }
+        rest_call(self.addr, method, path, &headers, body).await
+    }
+}
+
+fn field(reply: &serde_json::Value) -> &serde_json::Value {
+    &reply["errors"][0]["field"]
+}
+
+#[tokio::test]
+async fn no_credential_is_echoed_in_a_refusal() {
+    let (server, _dir) = server().await;
+    let admin = Caller::admin(&server);
+    let (key_id, key) = server.create_key("acme", &["alerts.read"]).await;
+    let token = server.admin.clone();
+    let probes = [
+        // The admin token as a name (a custom token would not be refused by
+        // its shape), as an allowlist entry, and inside a JSON type error.
+        (
+            "PATCH",
+            format!("/v3/api_keys/{key_id}"),
+            serde_json::json!({ "name": token }).to_string(),
+            "name",
+        ),
+        (
+            "PATCH",
+            format!("/v3/api_keys/{key_id}"),
+            serde_json::json!({ "name": format!("prod {token}") }).to_string(),
+            "name",
+        ),
+        (
+            "PUT",
+            format!("/v3/api_keys/{key_id}/allowlist"),
+            serde_json::json!({ "allowed_cidrs": [token] }).to_string(),
+            "allowed_cidrs",
+        ),
+        (
+            "PUT",
+            format!("/v3/api_keys/{key_id}/allowlist"),
+            serde_json::json!({ "allowed_cidrs": ["10.0.0.0/8", key] }).to_string(),
+            "allowed_cidrs",
+        ),
+        (
+            "POST",
+            "/v3/api_keys".to_owned(),
+            serde_json::json!({ "name": "x", "scopes": ["alerts.read"], "expires_at": key })
+                .to_string(),
+            "body",
+        ),
+        (
+            "POST",
+            format!("/v3/api_keys/{key_id}/rotate"),
+            serde_json::json!({ "overlap_seconds": token }).to_string(),
+            "body",
+        ),
+    ];
+    for (method, path, body, named) in probes {
+        let (status, reply) = admin.call(method, &path, &body).await;
+        assert_eq!(status, 400, "{method} {path}: {reply}");
+        assert_eq!(field(&reply), named, "{method} {path}: {reply}");
+        let text = reply.to_string();
+        assert!(
+            !text.contains(&token) && !text.contains(&key),
+            "echoed: {text}"
+        );
+    }
+    let (_, read) = admin
+        .call("GET", &format!("/v3/api_keys/{key_id}"), "")
+        .await;
+    assert_eq!(read["result"][0]["allowed_cidrs"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn lifecycle_puts_need_their_field_and_permission_comes_before_the_body() {
+    let (server, _dir) = server().await;
+    let addr = server.http_addr.expect("REST");
+    let admin = Caller::admin(&server);
+    let (status, created) = admin
+        .call(
+            "POST",
+            "/v3/api_keys",
+            r#"{"name": "limited", "scopes": ["alerts.read"], "expires_at": 4102444800, "rate_limit": {"requests": 5, "period_ms": 1000}}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["api_key_id"].as_str().expect("id").to_owned();
+
+    // An empty body or `{}` does not clear the expiry or the rate limit.
+    for body in ["", "{}"] {
+        for (path, named) in [("expiry", "expires_at"), ("rate_limit", "rate_limit")] {
+            let (status, reply) = admin
+                .call("PUT", &format!("/v3/api_keys/{id}/{path}"), body)
+                .await;
+            assert_eq!(status, 400, "{path} {body:?}: {reply}");
+            let expected = if body.is_empty() { "body" } else { named };
+            assert_eq!(field(&reply), expected, "{path} {body:?}: {reply}");
+        }
+    }
+    let (_, read) = admin.call("GET", &format!("/v3/api_keys/{id}"), "").await;
+    assert_eq!(read["result"][0]["expires_at"], 4_102_444_800_i64);
+    assert_eq!(read["result"][0]["rate_limit"]["requests"], 5);
+    // An explicit null clears them.
+    let (status, _) = admin
+        .call(
+            "PUT",
+            &format!("/v3/api_keys/{id}/expiry"),
+            r#"{"expires_at": null}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, read) = admin.call("GET", &format!("/v3/api_keys/{id}"), "").await;
+    assert_eq!(read["result"][0]["expires_at"], serde_json::Value::Null);
+
+    // A key without api_keys.update learns it lacks the scope, not what is
+    // wrong with its body.
+    let (_, reader) = server
+        .create_key("acme", &["api_keys.read", "alerts.read"])
+        .await;
+    let reader = Caller {
+        addr,
+        auth: format!("Bearer {reader}"),
+        account: None,
+    };
+    for (method, path) in [
+        ("PUT", format!("/v3/api_keys/{id}")),
+        ("PATCH", format!("/v3/api_keys/{id}")),
+        ("PUT", format!("/v3/api_keys/{id}/expiry")),
+        ("PUT", format!("/v3/api_keys/{id}/allowlist")),
+        ("PUT", format!("/v3/api_keys/{id}/rate_limit")),
+        ("POST", format!("/v3/api_keys/{id}/rotate")),
+        ("POST", "/v3/api_keys".to_owned()),
+    ] {
+        let (status, reply) = reader.call(method, &path, "not json").await;
+        assert_eq!(status, 403, "{method} {path}: {reply}");
+    }
+    // Naming another account is refused by the field that names it.
+    let other = Caller {
+        addr,
+        auth: reader.auth.clone(),
+        account: Some("globex"),
+    };
+    let (status, reply) = other.call("GET", "/v3/api_keys", "").await;
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(field(&reply), "on-behalf-of", "{reply}");
+    let (status, reply) = other.call("GET", &format!("/v3/api_keys/{id}"), "").await;
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(field(&reply), "on-behalf-of", "{reply}");
+}
+
+#[tokio::test]
+async fn odd_paths_and_limits_get_sendgrids_errors() {
+    let (server, _dir) = server().await;
+    let admin = Caller::admin(&server);
+    let (status, reply) = admin.call("GET", "/v3/api_keys/%FF", "").await;
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(field(&reply), "api_key_id");
+    let (status, reply) = admin
+        .call("GET", "/v3/api_keys?limit=99999999999", "")
+        .await;
+    assert_eq!(status, 200, "a large page is capped: {reply}");
+    let (status, reply) = admin.call("GET", "/v3/api_keys?limit=0", "").await;
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(field(&reply), "limit");
+    // A rotation without a body rotates with no overlap.
+    let (id, _) = server.create_key("acme", &["alerts.read"]).await;
+    let (status, reply) = admin
+        .call("POST", &format!("/v3/api_keys/{id}/rotate"), "")
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        reply["previous_secret_valid_until"],
+        serde_json::Value::Null
+    );
+}
