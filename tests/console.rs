@@ -563,11 +563,27 @@ async fn edit_its_levels(browser: &Browser, sidecar: &Sidecar, secret: &str) {
         .wait_for("//tr[td[1]='production']/td[normalize-space()='Full Access']")
         .await;
     browser.screenshot("list").await;
+    browser.settled().await;
+    browser
+        .wait_for("//tr[td[1]='mail sender']//button[normalize-space()='Actions']")
+        .await
+        .click()
+        .await
+        .expect("open the menu");
+    browser
+        .wait_for("//tr[td[1]='mail sender']//*[@role='menu' and not(@hidden)]")
+        .await;
+    browser.screenshot("actions").await;
+    browser.press(&Key::Escape.to_string()).await;
     browser.action("mail sender", "Edit").await;
     browser.heading("Edit API Key").await;
     browser.choose("Alerts", "Full Access").await;
     browser.choose("Mail Send", "No Access").await;
     browser.screenshot_top("edit").await;
+    browser
+        .script("document.querySelector('main h2').scrollIntoView(); return null;")
+        .await;
+    browser.screenshot("edit-lifecycle").await;
     browser.click("Save").await;
     browser.heading("API Keys").await;
     assert!(sidecar.allows(secret, "POST", "/v3/alerts").await);
@@ -627,6 +643,7 @@ async fn its_lifecycle(browser: &Browser, sidecar: &Sidecar, secret: &str) -> St
         )
         .await
         .expect("a time entered");
+    browser.screenshot("expiry").await;
     browser.click("Save expiry").await;
     browser.wait_gone("//dialog").await;
     assert_eq!(

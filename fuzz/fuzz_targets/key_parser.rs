@@ -2,7 +2,7 @@
 //! the exact SendGrid shape and round-trips its id.
 #![no_main]
 
-use keyward::domain::key::{KEY_LEN, KeyId, PresentedKey};
+use keyward_core::domain::key::{KEY_LEN, KeyId, PresentedKey};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 //! encoded separators or double encoding), with the query removed.
 #![no_main]
 
-use keyward::domain::path::canonical_path;
+use keyward_core::domain::path::canonical_path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
