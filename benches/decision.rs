@@ -27,7 +27,7 @@ use keyward::domain::rate::RateLimit;
 use keyward::domain::record::{Access, PreviousSecret};
 use keyward::domain::route::{Method, RouteTable};
 use keyward::domain::scope_set::ScopeSet;
-use keyward::store::index::{Entry, Index, Usage};
+use keyward::store::index::{Entry, Index, SecretUse, Usage};
 use rustc_hash::FxBuildHasher;
 use sha2::{Digest, Sha256};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
@@ -186,6 +186,7 @@ fn bench(c: &mut Criterion) {
                 .verify(
                     black_box(&one_presented),
                     keyward::clock::recent_now_nanos(),
+                    SecretUse::Decision,
                 )
                 .is_ok()
         });

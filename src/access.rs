@@ -113,6 +113,10 @@ impl Access {
             Err(failure) if failure.reason == DenyReason::KeyUnverifiable => Err(Unauthenticated(
                 "this API key cannot be verified right now; retry later",
             )),
+            Err(failure) if failure.superseded => Err(Unauthenticated(
+                "this secret was replaced by a rotation: until the overlap ends it still \
+                 authorizes requests, but it cannot manage keys; use the new secret",
+            )),
             Err(failure) => {
                 match (failure.wrong_secret, failure.key_id, failure.reason) {
                     (true, Some(id), _) => self.guard.record(Failure::WrongSecret(id)),

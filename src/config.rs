@@ -253,6 +253,17 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_FAILED_AUTH_LIMIT", default_value_t = 20)]
     pub failed_auth_limit: u32,
 
+    /// ext_authz: how many proxies in front of Envoy append the address
+    /// they saw to `X-Forwarded-For` and are trusted to (a load balancer:
+    /// 1). Must equal Envoy's `xff_num_trusted_hops` (with
+    /// `use_remote_address: true`), so that allowlists are checked against
+    /// the address Envoy and the module see. 0: the direct peer, and
+    /// `X-Forwarded-For` is never read. See docs/security.md, "Which
+    /// client address".
+    #[arg(long, env = "KEYWARD_XFF_TRUSTED_HOPS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub xff_trusted_hops: u32,
+
     /// Serve `keyward.v1.Diagnostics/Echo` (a no-op RPC for load tests).
     #[arg(long, env = "KEYWARD_ENABLE_ECHO")]
     pub enable_echo: bool,
@@ -335,6 +346,7 @@ impl ServeConfig {
             shutdown_grace_ms: 0,
             drain_timeout_ms: 5000,
             enable_echo: false,
+            xff_trusted_hops: 0,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,

@@ -21,6 +21,9 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::ext_authz::v3::{
     CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
 };
+use std::borrow::Cow;
+
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use tonic::{Request, Response, Status};
 
 use crate::domain::catalog::Catalog;
@@ -36,13 +39,19 @@ pub use keyward_core::reply::{
 #[derive(Debug, Clone)]
 pub struct CheckService {
     front: FrontDoor,
+    trusted_hops: u32,
 }
 
 impl CheckService {
-    /// The service over the shared decision path.
+    /// The service over the shared decision path. `trusted_hops` is
+    /// `--xff-trusted-hops`: Envoy's `xff_num_trusted_hops`, so that the
+    /// client address is the one Envoy (and the module) computes.
     #[must_use]
-    pub fn new(front: FrontDoor) -> Self {
-        Self { front }
+    pub fn new(front: FrontDoor, trusted_hops: u32) -> Self {
+        Self {
+            front,
+            trusted_hops,
+        }
     }
 
     /// Decides a `CheckRequest`; `Err` for a request that is not an HTTP
@@ -58,29 +67,46 @@ impl CheckService {
                 problem: "required: the check request carries no HTTP request".into(),
             })?;
         let (method, path) = FrontDoor::validate(&http.method, &http.path)?;
-        let credential = http
-            .headers
-            .get("authorization")
-            .map(String::as_str)
-            .or_else(|| {
-                http.header_map.as_ref().and_then(|map| {
-                    map.headers
-                        .iter()
-                        .find(|h| h.key.eq_ignore_ascii_case("authorization"))
-                        .and_then(|h| {
-                            if h.raw_value.is_empty() {
-                                Some(h.value.as_str())
-                            } else {
-                                std::str::from_utf8(&h.raw_value).ok()
-                            }
-                        })
-                })
-            })
-            .unwrap_or_default();
-        Ok(self
-            .front
-            .decide(credential, source_address(request), method, path)
-            .await)
+        let credential = header(http, "authorization").unwrap_or_default();
+        let client = crate::domain::allowlist::forwarded_client(
+            source_address(request),
+            header(http, "x-forwarded-for").as_deref(),
+            self.trusted_hops,
+        );
+        Ok(self.front.decide(&credential, client, method, path).await)
+    }
+}
+
+/// A request header as Envoy sent it: in `headers` (lower-cased names,
+/// repeated values joined with `,`), or in `header_map` when Envoy sends
+/// raw headers (every value, joined the same way).
+fn header<'a>(http: &'a HttpRequest, name: &str) -> Option<Cow<'a, str>> {
+    if let Some(value) = http.headers.get(name) {
+        return Some(Cow::Borrowed(value));
+    }
+    let map = http.header_map.as_ref()?;
+    let mut values = map
+        .headers
+        .iter()
+        .filter(|h| h.key.eq_ignore_ascii_case(name))
+        .filter_map(|h| {
+            if h.raw_value.is_empty() {
+                Some(h.value.as_str())
+            } else {
+                std::str::from_utf8(&h.raw_value).ok()
+            }
+        });
+    let first = values.next()?;
+    match values.next() {
+        None => Some(Cow::Borrowed(first)),
+        Some(second) => {
+            let mut joined = format!("{first},{second}");
+            for value in values {
+                joined.push(',');
+                joined.push_str(value);
+            }
+            Some(Cow::Owned(joined))
+        }
     }
 }
 
@@ -102,9 +128,8 @@ impl Authorization for CheckService {
     }
 }
 
-/// The downstream address Envoy reports (`attributes.source.address`): the
-/// real client when Envoy is configured to trust its load balancer's
-/// `X-Forwarded-For` (see README).
+/// The direct peer Envoy reports (`attributes.source.address`: the TCP
+/// connection's remote address, never derived from `X-Forwarded-For`).
 fn source_address(request: &CheckRequest) -> Option<std::net::IpAddr> {
     use envoy_types::pb::envoy::config::core::v3::address::Address;
     let address = request

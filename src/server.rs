@@ -119,6 +119,8 @@ pub struct App {
     rest_tls: Option<Arc<rustls::ServerConfig>>,
     /// Whether the REST listener serves the web console.
     console: bool,
+    /// `--xff-trusted-hops`, for ext_authz's client address.
+    xff_trusted_hops: u32,
 }
 
 impl App {
@@ -248,6 +250,7 @@ impl App {
             rest_tls,
             console: !config.disable_ui,
             max_staleness: config.max_staleness,
+            xff_trusted_hops: config.xff_trusted_hops,
             limits: Limits {
                 max_concurrent_requests: config.max_concurrent_requests as usize,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
@@ -566,8 +569,11 @@ fn grpc_servers(
     };
     let authorize = AuthorizerServer::new(AuthorizeService::new(front(Source::Authorize)))
         .max_decoding_message_size(limits.max_message_bytes);
-    let check = AuthorizationServer::new(CheckService::new(front(Source::Check)))
-        .max_decoding_message_size(limits.max_message_bytes);
+    let check = AuthorizationServer::new(CheckService::new(
+        front(Source::Check),
+        app.xff_trusted_hops,
+    ))
+    .max_decoding_message_size(limits.max_message_bytes);
     let manage = manage_enabled.then(|| {
         KeyManagerServer::new(ManageService::new(Arc::clone(&app.keys), app.access()))
             .max_decoding_message_size(limits.max_message_bytes)

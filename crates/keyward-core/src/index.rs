@@ -144,23 +144,35 @@ pub struct Pinned<'a> {
 impl Pinned<'_> {
     /// Looks the key up and compares its secret hash in constant time. The
     /// hash is computed before the lookup, so unknown ids cost the same.
-    /// `now` (Unix nanos) closes a rotation overlap that has ended.
+    /// `now` (Unix nanos) closes a rotation overlap that has ended; `use_`
+    /// says whether a previous secret still in its overlap is enough.
     #[inline]
-    pub fn verify(&self, key: &PresentedKey<'_>, now: i64) -> Result<&Entry, Rejected> {
+    pub fn verify(
+        &self,
+        key: &PresentedKey<'_>,
+        now: i64,
+        use_: SecretUse,
+    ) -> Result<&Entry, Rejected> {
         let presented = key.secret_hash();
         let entry = self.keys.get(&key.id).ok_or(Rejected::UnknownId)?;
         // Each secret is compared in constant time. The previous one only
         // while a rotation overlap is open (key metadata, not a function of
         // the presented secret): a second compare costs as much as the
         // first (~30 ns).
-        let accepted = entry.hash.matches(&presented)
-            || (entry.previous_until > now && entry.previous_hash.matches(&presented));
-        if accepted {
+        if entry.hash.matches(&presented) {
             entry.usage.mark_seen();
-            Ok(entry)
-        } else {
-            Err(Rejected::WrongSecret)
+            return Ok(entry);
         }
+        if entry.previous_until > now && entry.previous_hash.matches(&presented) {
+            return match use_ {
+                SecretUse::Decision => {
+                    entry.usage.mark_seen();
+                    Ok(entry)
+                }
+                SecretUse::Management => Err(Rejected::Superseded),
+            };
+        }
+        Err(Rejected::WrongSecret)
     }
 }
 
@@ -175,14 +187,30 @@ pub struct Verified {
     pub account: Arc<str>,
 }
 
-/// Why a presented key did not verify. Callers answer both the same way;
-/// the distinction feeds guessing detection.
+/// What a verified secret may do. A rotation's previous secret, during its
+/// overlap, keeps requests passing while clients move to the new one; it
+/// never manages keys, or whoever holds an old secret (a leaked one, the
+/// reason to rotate) could rotate again and take the key over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretUse {
+    /// A request decision: the current secret, or the previous one while
+    /// its overlap is open.
+    Decision,
+    /// Key management: the current secret only.
+    Management,
+}
+
+/// Why a presented key did not verify. Callers answer the first two the
+/// same way; the distinction feeds guessing detection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejected {
     /// No live key has this id.
     UnknownId,
     /// A live key has this id, but not this secret.
     WrongSecret,
+    /// The key's previous secret, still in its rotation overlap, presented
+    /// for [`SecretUse::Management`]: only its holder can learn this.
+    Superseded,
 }
 
 /// Live keys by id, in a lock-free map: a read takes no lock, so decisions

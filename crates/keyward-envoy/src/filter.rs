@@ -33,9 +33,13 @@ pub fn new_config(config: &[u8]) -> Result<Arc<Shared>, String> {
 }
 
 /// The client address in Envoy's `SourceAddress` attribute (`ip:port` or
-/// `[v6]:port`): the port dropped, then read as ext_authz reads
-/// `attributes.source.address` ([`allowlist::client`]: IPv4-mapped IPv6
-/// as IPv4), so both paths see the same client.
+/// `[v6]:port`): the port dropped, then read as ext_authz reads addresses
+/// ([`allowlist::client`]: IPv4-mapped IPv6 as IPv4). The attribute is
+/// Envoy's trusted client address: the TCP peer with `use_remote_address:
+/// true` (the shipped config), or the entry `xff_num_trusted_hops` names;
+/// ext_authz computes the same with `--xff-trusted-hops`
+/// ([`allowlist::forwarded_client`]). Without `use_remote_address` Envoy
+/// takes it from a client's own `X-Forwarded-For`.
 #[must_use]
 pub fn client_address(text: &str) -> Option<IpAddr> {
     let host = match text.rsplit_once(':') {

@@ -134,6 +134,46 @@ pub fn client(text: &str) -> Result<Option<IpAddr>, String> {
         .map_err(|_| format!("{text:?} is not an IPv4 or IPv6 address"))
 }
 
+/// Most proxies in front of Envoy that may be trusted to append the
+/// address they saw to `X-Forwarded-For`.
+pub const MAX_TRUSTED_HOPS: u32 = 16;
+
+/// The client address Envoy computes with `use_remote_address: true` and
+/// `xff_num_trusted_hops: hops`, from what ext_authz receives: the direct
+/// peer (`attributes.source.address`) and `X-Forwarded-For` as Envoy
+/// forwards it (with the peer appended by Envoy itself).
+///
+/// - `hops` 0: the peer. `X-Forwarded-For` is the client's to write, so
+///   it is never read.
+/// - `hops` N: the N-th entry from the right of the header as it reached
+///   Envoy (each trusted proxy appended the address it saw, so that entry
+///   was written by the outermost trusted proxy); the peer when there are
+///   fewer entries or that entry is not an address, as Envoy does.
+/// - `hops` N with no header at all: `None` (fail closed). Envoy appends
+///   the peer whenever it forwards one, so a missing header means the
+///   ext_authz filter was not given it (`allowed_headers`): deciding on
+///   the balancer's address instead is the mistake this guards against.
+#[must_use]
+pub fn forwarded_client(
+    peer: Option<IpAddr>,
+    forwarded_for: Option<&str>,
+    hops: u32,
+) -> Option<IpAddr> {
+    if hops == 0 {
+        return peer;
+    }
+    let header = forwarded_for?;
+    let mut entries = header.rsplit(',').map(str::trim).peekable();
+    // Envoy's own append: the direct peer, last. Dropped only when it is
+    // the peer, so a header Envoy did not append to loses nothing.
+    let last = entries.peek().and_then(|text| client(text).ok().flatten());
+    if last.is_some() && last == peer {
+        entries.next();
+    }
+    let chosen = entries.nth(usize::try_from(hops - 1).ok()?);
+    chosen.and_then(|text| client(text).ok().flatten()).or(peer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +237,46 @@ mod tests {
             !broken.permits(ip("10.0.0.1")),
             "an unreadable list fails closed"
         );
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("address")
+    }
+
+    #[test]
+    fn the_forwarded_client_is_envoys_trusted_client_address() {
+        let balancer = Some(ip("127.0.0.2"));
+        // No trusted hop: the peer, whatever the client wrote.
+        assert_eq!(
+            forwarded_client(balancer, Some("10.1.1.1, 127.0.0.2"), 0),
+            balancer
+        );
+        // One trusted hop: what the balancer appended, after Envoy's own
+        // append of the balancer is set aside.
+        assert_eq!(
+            forwarded_client(balancer, Some("10.1.1.1, 127.0.0.1, 127.0.0.2"), 1),
+            Some(ip("127.0.0.1"))
+        );
+        // A header Envoy did not append to (skip_xff_append).
+        assert_eq!(
+            forwarded_client(balancer, Some("10.1.1.1,127.0.0.1"), 1),
+            Some(ip("127.0.0.1"))
+        );
+        assert_eq!(
+            forwarded_client(balancer, Some("8.8.8.8, 10.0.0.1, 192.0.2.1, 127.0.0.2"), 2),
+            Some(ip("10.0.0.1"))
+        );
+        // Fewer entries than hops, or not an address: the peer, as Envoy.
+        assert_eq!(forwarded_client(balancer, Some("127.0.0.2"), 1), balancer);
+        assert_eq!(
+            forwarded_client(balancer, Some("unknown, 127.0.0.2"), 1),
+            balancer
+        );
+        assert_eq!(
+            forwarded_client(balancer, Some("::ffff:10.1.2.3, 127.0.0.2"), 1),
+            Some(ip("10.1.2.3"))
+        );
+        // Trusted hops but no header at all: fail closed.
+        assert_eq!(forwarded_client(balancer, None, 1), None);
     }
 }
