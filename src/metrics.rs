@@ -230,6 +230,14 @@ impl Metrics {
         }
     }
 
+    /// On demand: the membership filter holds `count` ids from a complete
+    /// listing.
+    pub fn set_member_ids(&self, count: u64) {
+        self.replica
+            .member_ids
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     /// Counts one decision by source and outcome.
     #[inline]
     pub fn decision(&self, source: Source, decision: &Decision) {
@@ -444,6 +452,7 @@ struct ReplicaMetrics {
     revision: Gauge,
     first_sights: Family<OutcomeLabels, Counter>,
     first_sight_seconds: Histogram,
+    member_ids: Gauge,
 }
 
 impl ReplicaMetrics {
@@ -469,7 +478,7 @@ impl ReplicaMetrics {
         let first_sights = registered(
             registry,
             "replica_first_sights",
-            "On-demand replica: keys presented that the replica did not hold, by outcome (held: fetched from etcd; absent: etcd has none; absent_remembered: known absent, no etcd read; over_rate: refused, first sights over --replica-fetch-rate; etcd_unreachable: refused, etcd did not answer; kept_changing: refused, the key changed under every fetch)",
+            "On-demand replica: keys presented that the replica did not hold, by outcome (held: fetched from etcd; absent: etcd has none; absent_remembered: known absent, no etcd read; over_rate: refused, first sights of listed ids over --replica-fetch-rate; over_rate_unlisted: refused, first sights of ids etcd did not list over a tenth of it; etcd_unreachable: refused, etcd did not answer; kept_changing: refused, the key changed under every fetch)",
             Family::<OutcomeLabels, Counter>::default(),
         );
         let first_sight_seconds = registered(
@@ -478,12 +487,20 @@ impl ReplicaMetrics {
             "On-demand replica: time from a first sight to the key held (or known absent), etcd read included",
             Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
         );
+        let member_ids = registered(
+            registry,
+            "replica_member_ids",
+            "On-demand replica: key ids listed from etcd into the membership filter at its last build (-1 until a build completes); first sights of ids it does not hold never spend the budget of ids it does",
+            Gauge::default(),
+        );
+        member_ids.set(-1);
         Self {
             staleness: replica_staleness,
             connected: replica_connected,
             revision: replica_revision,
             first_sights,
             first_sight_seconds,
+            member_ids,
         }
     }
 }

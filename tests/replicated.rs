@@ -1279,13 +1279,109 @@ async fn a_flood_of_made_up_key_ids_costs_etcd_at_most_the_fetch_rate() {
     );
     assert!(reads <= bound, "{reads} reads over {bound}:\n{metrics}");
     assert!(unverifiable > 0, "over the rate, refused as unverifiable");
-    assert_eq!(
+    let over = |outcome: &str| {
         metric(
             &metrics,
-            "keyward_replica_first_sights_total{outcome=\"over_rate\"}"
-        ),
-        unverifiable
-    );
+            &format!("keyward_replica_first_sights_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(over("over_rate") + over("over_rate_unlisted"), unverifiable);
     // Memory stays bounded too: absent ids are capped, nothing is held.
     assert_eq!(metric(&metrics, "keyward_keys "), 0);
+}
+
+/// Issue 29 (4): a flood of made-up key ids, as fast as 8 clients can send
+/// them, never takes the first sights of keys that exist: a fresh
+/// on-demand sidecar (it holds none of them, as after a restart or an
+/// eviction) allows every real key presented during the flood, while the
+/// flood's own ids are refused over their small budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_made_up_ids_never_starves_the_first_sights_of_real_keys() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let a = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let mut ca = Client::of(&a).await;
+    let mut real = Vec::new();
+    for _ in 0..40 {
+        real.push(ca.create("acme", &["mail.send"]).await.expect("create").1);
+    }
+    let b = Sidecar::start(
+        BIN,
+        &cluster.endpoints(),
+        &[ON_DEMAND, &["--replica-fetch-rate", "50"]].concat(),
+    );
+    let mut cb = Client::of(&b).await;
+    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    let started = Instant::now();
+    while metric(&scrape(&b).await, "keyward_replica_member_ids ") < 40 {
+        assert!(
+            started.elapsed() < CONVERGE,
+            "the membership filter was never built"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut floods = Vec::new();
+    for _ in 0..8 {
+        let mut authorizer = cb.authorizer.clone();
+        let stop = std::sync::Arc::clone(&stop);
+        floods.push(tokio::spawn(async move {
+            let mut sent = 0_u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = ask(&mut authorizer, &made_up_key(), SEND).await;
+                assert!(!reply.allowed, "a made-up key is never allowed");
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    // Let the flood spend every budget it can reach first.
+    let refusals = |metrics: &str| {
+        metric(
+            metrics,
+            "keyward_replica_first_sights_total{outcome=\"over_rate_unlisted\"}",
+        ) + metric(
+            metrics,
+            "keyward_replica_first_sights_total{outcome=\"over_rate\"}",
+        )
+    };
+    while refusals(&scrape(&b).await) < 50 {
+        assert!(
+            started.elapsed() < CONVERGE * 3,
+            "the flood never reached its budget"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut refused = Vec::new();
+    for (n, key) in real.iter().enumerate() {
+        let reply = ask(&mut cb.authorizer, key, SEND).await;
+        if !reply.allowed {
+            refused.push((n, pb::DenyReason::try_from(reply.reason)));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for flood in floods {
+        sent += flood.await.expect("flood");
+    }
+    let metrics = scrape(&b).await;
+    println!(
+        "{sent} made-up ids during the flood; {} of {} real keys refused",
+        refused.len(),
+        real.len()
+    );
+    assert!(
+        refused.is_empty(),
+        "real keys refused during the flood: {refused:?}\n{metrics}"
+    );
+    assert!(
+        metric(
+            &metrics,
+            "keyward_replica_first_sights_total{outcome=\"over_rate_unlisted\"}"
+        ) > 0,
+        "the flood was refused over its own budget"
+    );
 }

@@ -27,11 +27,19 @@
 //! - **Absent keys** are remembered ([`ABSENT_KEYS`] at most, for
 //!   [`ABSENT_TTL`]); a watched put of the id forgets it.
 //! - **First sights are bounded**: at most `--replica-fetch-rate` etcd
-//!   reads a second (burst the same), however many ids are presented;
-//!   concurrent first sights of one id share one read. Ids found in etcd
-//!   before (held, or evicted since) are fetched again outside that rate,
-//!   so a flood cannot keep a known key out. Over the rate, or with etcd
-//!   away, a new key is refused as unverifiable (never allowed).
+//!   reads a second (burst the same) for ids the members' filter lists
+//!   ([`super::members`]: every id etcd holds, kept current by the watch),
+//!   and a tenth of that for ids it does not, however many ids are
+//!   presented; concurrent first sights of one id share one read. So a
+//!   flood of made-up ids spends the small budget, and the ids that exist
+//!   keep theirs. Ids found in etcd before (held, or evicted since) are
+//!   fetched again outside both, so a flood cannot keep a known key out.
+//!   Over its budget, or with etcd away, a new key is refused as
+//!   unverifiable (never allowed).
+//! - **Key management's reads are bounded too**: reading one key's record
+//!   or a page of an account's keys spends a budget of its own
+//!   (`--replica-fetch-rate` a second; over it, UNAVAILABLE), and an id
+//!   the members' filter does not list is not found without a read.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
@@ -42,6 +50,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
 use super::change::KeyError;
+use super::members::{Members, Membership};
 use super::shared::{Command, Fetch, Fetched, Synced, deliver};
 use crate::clock::now_nanos;
 use crate::domain::key::KeyId;
@@ -78,6 +87,9 @@ const MAINTAIN_EVERY: u64 = 256;
 const LIST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often seen keys are reported to the eviction policy.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// The share of `--replica-fetch-rate` first sights of ids the members'
+/// filter does not list get: 1/10.
+const STRANGER_SHARE: u32 = 10;
 /// Watched key ids the writer remembers, to order fetches against.
 pub const RECENT_EVENTS: usize = 4096;
 
@@ -124,8 +136,18 @@ pub struct OnDemand {
     known: moka::sync::Cache<KeyId, ()>,
     /// Coalesces concurrent first sights of one id (never holds a value).
     fetching: moka::future::Cache<KeyId, ()>,
+    /// Which ids etcd holds: first sights of ids it does not list spend
+    /// their own, smaller budget ([`super::members`]).
+    members: Arc<Members>,
     first_sights: Gcra,
     first_sight_tat: AtomicI64,
+    /// First sights of ids the members' filter does not list.
+    stranger_sights: Gcra,
+    stranger_sight_tat: AtomicI64,
+    /// etcd reads key management makes (a key's record, an account's
+    /// page), apart from decisions' first sights.
+    manage_reads: Gcra,
+    manage_read_tat: AtomicI64,
     /// Keys held so far (see [`MAINTAIN_EVERY`]).
     inserts: AtomicU64,
     etcd: Etcd,
@@ -164,9 +186,11 @@ impl OnDemand {
                 }
             })
             .build();
-        let first_sights = RateLimit::new(demand.fetch_rate, Duration::from_secs(1), 0)
-            .expect("the flag's parser checks the fetch rate")
-            .gcra(Duration::ZERO);
+        let per_second = |rate: u32| {
+            RateLimit::new(rate.max(1), Duration::from_secs(1), 0)
+                .expect("the flag's parser checks the fetch rate")
+                .gcra(Duration::ZERO)
+        };
         Arc::new(Self {
             held,
             evicted,
@@ -184,8 +208,13 @@ impl OnDemand {
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
             fetching: moka::future::Cache::builder().max_capacity(1).build(),
-            first_sights,
+            members: Arc::new(Members::default()),
+            first_sights: per_second(demand.fetch_rate),
             first_sight_tat: AtomicI64::new(0),
+            stranger_sights: per_second(demand.fetch_rate / STRANGER_SHARE),
+            stranger_sight_tat: AtomicI64::new(0),
+            manage_reads: per_second(demand.fetch_rate),
+            manage_read_tat: AtomicI64::new(0),
             inserts: AtomicU64::new(0),
             etcd,
             runtime,
@@ -222,17 +251,57 @@ impl OnDemand {
         }
     }
 
+    /// Builds the members' filter, and again when it must be.
+    pub async fn maintain_members(self: Arc<Self>) {
+        Arc::clone(&self.members)
+            .maintain(self.etcd.clone(), Arc::clone(&self.metrics))
+            .await;
+    }
+
+    /// Whether a first sight of `id` may read etcd: ids found before
+    /// always; ids the members' filter lists within `--replica-fetch-rate`;
+    /// others within a tenth of it, so that made-up ids never take the
+    /// budget of ids that exist.
+    fn admit_first_sight(&self, id: &KeyId) -> bool {
+        if self.known.contains_key(id) {
+            return true;
+        }
+        let now = now_nanos();
+        match self.members.of(id) {
+            Membership::Member => {
+                let admitted = self.first_sights.admit(&self.first_sight_tat, now).is_ok();
+                if !admitted {
+                    self.metrics.first_sight("over_rate", None);
+                }
+                admitted
+            }
+            Membership::Stranger => {
+                let admitted = self
+                    .stranger_sights
+                    .admit(&self.stranger_sight_tat, now)
+                    .is_ok();
+                if !admitted {
+                    self.metrics.first_sight("over_rate_unlisted", None);
+                }
+                admitted
+            }
+        }
+    }
+
+    /// Whether key management may read etcd now (its own budget:
+    /// `--replica-fetch-rate` a second).
+    fn admit_manage_read(&self) -> Result<(), KeyError> {
+        self.manage_reads
+            .admit(&self.manage_read_tat, now_nanos())
+            .map(|_| ())
+            .map_err(|_| KeyError::Unavailable)
+    }
+
     /// Reads `id` from etcd and has the writer apply it (again if the watch
     /// changed the key meanwhile).
     async fn fetch(&self, id: KeyId) -> Lookup {
         let started = Instant::now();
-        if !self.known.contains_key(&id)
-            && self
-                .first_sights
-                .admit(&self.first_sight_tat, now_nanos())
-                .is_err()
-        {
-            self.metrics.first_sight("over_rate", None);
+        if !self.admit_first_sight(&id) {
             return Lookup::Unverifiable;
         }
         for _ in 0..FETCH_ATTEMPTS {
@@ -305,6 +374,12 @@ impl OnDemand {
     /// A key's record, read from etcd (key management on an on-demand
     /// replica reads the truth: the replica holds only what is presented).
     pub async fn record(&self, id: KeyId) -> Result<Option<KeyRecord>, KeyError> {
+        if self.members.of(&id) == Membership::Stranger {
+            // Not in etcd as of the watch (or written moments ago
+            // elsewhere): a made-up id costs no read.
+            return Ok(None);
+        }
+        self.admit_manage_read()?;
         match self.read(id).await {
             Some((found, _)) => Ok(found.map(|(record, _)| record)),
             None => Err(KeyError::Unavailable),
@@ -320,6 +395,7 @@ impl OnDemand {
         after: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<KeyRecord>, Option<Cursor>), KeyError> {
+        self.admit_manage_read()?;
         let etcd = self.etcd.clone();
         let read = self.runtime.spawn(async move {
             let after = after.map(|cursor| cursor.position());
@@ -342,6 +418,7 @@ impl OnDemand {
     /// Notes that the index now holds `id` (the writer, after a fetch or
     /// this sidecar's own write); over the cap, moka picks what goes.
     pub fn hold(&self, id: KeyId) {
+        self.members.insert(&id);
         self.absent.invalidate(&id);
         self.held.insert(id, ());
         // moka evicts in its maintenance, which it runs on its own now
@@ -374,14 +451,16 @@ impl OnDemand {
         self.absent.insert(id, ());
     }
 
-    /// The watch wrote `id`: whatever was remembered of its absence is
-    /// over.
-    pub fn forget_absent(&self, id: &KeyId) {
+    /// The watch saw `id` put: etcd holds it (whatever was remembered of
+    /// its absence is over).
+    pub fn watched_put(&self, id: &KeyId) {
+        self.members.insert(id);
         self.absent.invalidate(id);
     }
 
     /// Forgets everything (a new watch after a compaction).
     pub fn clear(&self) {
+        self.members.invalidate();
         self.held.invalidate_all();
         self.absent.invalidate_all();
         self.evicted

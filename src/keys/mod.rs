@@ -4,6 +4,7 @@
 
 pub mod change;
 pub mod demand;
+pub mod members;
 pub mod remote;
 pub mod shared;
 pub mod stage;
@@ -117,6 +118,7 @@ impl Keys {
         if let (Some(etcd), Some(demand)) = (&etcd, &demand) {
             demand.connect(commands.clone());
             etcd.handle().spawn(Arc::clone(demand).sweep());
+            etcd.handle().spawn(Arc::clone(demand).maintain_members());
         }
         let keys = Self {
             demand,

@@ -717,11 +717,10 @@ impl Writer {
             Applied::Remove(id) => id,
         };
         recent.note(id, revision);
-        let held = self.index.contains(&id);
-        if !held && matches!(change, Applied::Put(..)) {
-            demand.forget_absent(&id);
+        if matches!(change, Applied::Put(..)) {
+            demand.watched_put(&id);
         }
-        held
+        self.index.contains(&id)
     }
 
     /// Applies one page of a full read of etcd (at start, after a

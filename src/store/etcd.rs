@@ -548,6 +548,70 @@ impl Etcd {
         format!("{}keys/", self.prefix).into_bytes()
     }
 
+    /// How many key records etcd holds (one `count_only` range: etcd
+    /// counts the range, no value is sent).
+    pub async fn count_keys(&self) -> Result<u64, EtcdError> {
+        let start = self.keys_prefix();
+        let reply = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                range_end: prefix_end(&start),
+                key: start,
+                count_only: true,
+                ..RangeRequest::default()
+            })
+            .await?
+            .into_inner();
+        Ok(u64::try_from(reply.count).unwrap_or_default())
+    }
+
+    /// Up to `limit` key ids after `after` (from the start when `None`),
+    /// read keys-only (no record is sent) at `revision` (0: now); the
+    /// revision read at, and whether there are more.
+    pub async fn key_ids_page(
+        &self,
+        after: Option<&KeyId>,
+        limit: u32,
+        revision: i64,
+    ) -> Result<(Vec<KeyId>, i64, bool), EtcdError> {
+        let start = self.keys_prefix();
+        let key = match after {
+            Some(id) => {
+                let mut key = self.key_path(id);
+                key.push(0);
+                key
+            }
+            None => start.clone(),
+        };
+        let reply = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key,
+                range_end: prefix_end(&start),
+                limit: i64::from(limit),
+                revision,
+                keys_only: true,
+                ..RangeRequest::default()
+            })
+            .await?
+            .into_inner();
+        let ids = reply
+            .kvs
+            .iter()
+            .filter_map(|kv| {
+                let id = kv.key.get(start.len()..)?;
+                std::str::from_utf8(id).ok()?.parse().ok()
+            })
+            .collect();
+        Ok((
+            ids,
+            reply.header.map_or(revision, |h| h.revision),
+            reply.more,
+        ))
+    }
+
     /// An account's key count and the revision it was last written at (0, 0
     /// when absent).
     pub async fn count(&self, account: &[u8]) -> Result<(u64, i64), EtcdError> {
