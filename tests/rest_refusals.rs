@@ -212,3 +212,55 @@ async fn odd_paths_and_limits_get_sendgrids_errors() {
         serde_json::Value::Null
     );
 }
+
+/// A key without a route's `api_keys.*` scope is refused from the request's
+/// head: the 403 arrives while the declared body is still unsent, on every
+/// route that can carry a body. (The body deadline is set far beyond the
+/// exchange's hang guard, so a server that waited for the body would fail
+/// this test by not answering, not by answering late.)
+#[tokio::test]
+async fn permission_is_refused_before_a_byte_of_the_body_arrives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
+    config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.request_timeout_ms = 600_000;
+    let server = TestServer::start_with(config).await;
+    let addr = server.http_addr.expect("REST");
+    let (id, _) = server.create_key("acme", &["alerts.read"]).await;
+    let (_, sender) = server.create_key("acme", &["mail.send"]).await;
+    let key = format!("/v3/api_keys/{id}");
+    let routes = [
+        ("POST", "/v3/api_keys".to_owned()),
+        ("GET", "/v3/api_keys".to_owned()),
+        ("GET", key.clone()),
+        ("PUT", key.clone()),
+        ("PATCH", key.clone()),
+        ("DELETE", key.clone()),
+        ("POST", format!("{key}/disable")),
+        ("POST", format!("{key}/enable")),
+        ("POST", format!("{key}/rotate")),
+        ("PUT", format!("{key}/expiry")),
+        ("PUT", format!("{key}/allowlist")),
+        ("PUT", format!("{key}/rate_limit")),
+    ];
+    for (method, path) in routes {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {sender}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+        );
+        // The head only: the 100 bytes it announces are never sent.
+        let response = common::http_exchange(addr, &head, b"").await;
+        assert!(
+            response.starts_with("HTTP/1.1 403"),
+            "{method} {path}: {response}"
+        );
+        assert!(
+            response.contains("lacks the scope api_keys."),
+            "{method} {path}: {response}"
+        );
+    }
+    // Nothing was changed on the way.
+    let admin = Caller::admin(&server);
+    let (status, read) = admin.call("GET", &key, "").await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["result"][0]["enabled"], true, "{read}");
+}
