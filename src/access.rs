@@ -118,10 +118,14 @@ impl Access {
                  authorizes requests, but it cannot manage keys; use the new secret",
             )),
             Err(failure) => {
-                match (failure.wrong_secret, failure.key_id, failure.reason) {
-                    (true, Some(id), _) => self.guard.record(Failure::WrongSecret(id)),
+                match (failure.key_id, failure.reason) {
+                    // Live id or not, counted alike (see `crate::guard`).
+                    (Some(id), DenyReason::UnknownKey) => self.guard.record(Failure::Unverified {
+                        id,
+                        live: failure.wrong_secret,
+                    }),
                     // Not an API key at all: an admin token attempt.
-                    (_, _, DenyReason::MalformedKey) => self.guard.record(Failure::AdminToken),
+                    (_, DenyReason::MalformedKey) => self.guard.record(Failure::AdminToken),
                     _ => {}
                 }
                 Err(Unauthenticated("invalid, expired or revoked credential"))

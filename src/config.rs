@@ -247,8 +247,8 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// Wrong secrets per live key id (and invalid credentials at
-    /// KeyManager) per minute before keyward warns and counts a detection
+    /// Failed verifications per key id, live or not (and invalid
+    /// credentials at KeyManager) per minute before keyward warns and counts a detection
     /// (0: off). Replies are never delayed: see `guard`.
     #[arg(long, env = "KEYWARD_FAILED_AUTH_LIMIT", default_value_t = 20)]
     pub failed_auth_limit: u32,

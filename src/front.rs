@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
-use crate::domain::decision::Decision;
+use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::route::Method;
 use crate::guard::{Failure, FailureGuard};
 
@@ -74,8 +74,9 @@ impl FrontDoor {
         keyward_core::decide::validate(method, path)
     }
 
-    /// Decides one request and records it (a wrong secret for a live key
-    /// id also feeds guessing detection; the reply is never delayed). On
+    /// Decides one request and records it (a key id whose secret did not
+    /// verify also feeds guessing detection, whether or not the id is live;
+    /// the reply is never delayed). On
     /// an on-demand replica, a key it does not hold is fetched first.
     pub async fn decide(
         &self,
@@ -98,8 +99,13 @@ impl FrontDoor {
                 .await
         };
         self.metrics.decision(self.source, &decision);
-        if let (true, Some(id)) = (decision.wrong_secret, decision.key_id) {
-            self.guard.record(Failure::WrongSecret(id));
+        // Every well-formed key that did not verify counts, live id or not:
+        // counting only live ids would make the guard's metric an oracle.
+        if let (Some(DenyReason::UnknownKey), Some(id)) = (decision.deny, decision.key_id) {
+            self.guard.record(Failure::Unverified {
+                id,
+                live: decision.wrong_secret,
+            });
         }
         decision
     }

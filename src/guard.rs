@@ -1,5 +1,6 @@
-//! Detection of credential guessing: repeated wrong secrets for one live key
-//! id, and repeated wrong admin tokens.
+//! Detection of credential guessing: repeated failed verifications for one
+//! key id (a wrong secret for a live id, or any secret for an id no live key
+//! has), and repeated wrong admin tokens.
 //!
 //! Detection, not delay. Secrets carry 256 bits (admin tokens are checked
 //! for strength at start-up), so online guessing is hopeless and delaying
@@ -7,13 +8,18 @@
 //! whether a leaked id is live; applied to every id, it needs a table that
 //! random ids can fill. So every failure is answered at once and the same
 //! way as an unknown key, and what matters is reported instead: someone
-//! holds a live key id without its secret (a partly leaked key: rotate it),
-//! or someone is trying admin tokens. Each id (and the admin token) crossing
+//! holds a key id without its secret (a partly leaked key: rotate it), or
+//! someone is trying admin tokens. Each id (and the admin token) crossing
 //! `limit` failures in a window gives one warning and one count in
 //! `keyward_guessing_detected_total`.
 //!
-//! Memory is bounded and every failure costs O(1): ids are tracked in a
-//! fixed table of `capacity` slots, each id in the one slot a keyed hash
+//! Live and unknown ids are counted alike, in the same table, so the metric
+//! moves the same way for both: counting only live ids made it an oracle
+//! (25 wrong secrets moved it for a live id and not for a random one). Only
+//! the warning, which the operator alone reads, says whether the id is live.
+//!
+//! Memory is bounded and every failure costs O(1): ids (live or not) are
+//! tracked in a fixed table of `capacity` slots, each id in the one slot a keyed hash
 //! (random per process, so ids cannot be chosen to collide) picks. An id
 //! whose slot holds another id's live window is not tracked alone: its
 //! failures count in one shared window for every such id, which warns and
@@ -59,8 +65,15 @@ impl Window {
 /// What a failed verification was for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// A wrong secret for a live key id.
-    WrongSecret(KeyId),
+    /// A well-formed key whose secret did not verify: a wrong secret for a
+    /// live id (`live`), or an id no live key has. Counted the same way
+    /// either way; `live` only words the operator's warning.
+    Unverified {
+        /// The presented key id.
+        id: KeyId,
+        /// Whether a live key has this id.
+        live: bool,
+    },
     /// A credential that is neither an API key nor the admin token.
     AdminToken,
 }
@@ -118,7 +131,7 @@ impl FailureGuard {
         // the shared one for ids without a slot (`None`).
         let (failures, tracked) = match failure {
             Failure::AdminToken => (self.admin.fail(now, window_ms), Some(failure)),
-            Failure::WrongSecret(id) => self.fail_tracked(id, now, window_ms).map_or_else(
+            Failure::Unverified { id, .. } => self.fail_tracked(id, now, window_ms).map_or_else(
                 || (self.untracked.fail(now, window_ms), None),
                 |failures| (failures, Some(failure)),
             ),
@@ -129,11 +142,17 @@ impl FailureGuard {
         self.detected.inc();
         let (limit, seconds) = (self.limit, self.window.as_secs());
         match tracked {
-            Some(Failure::WrongSecret(id)) => tracing::warn!(
+            Some(Failure::Unverified { id, live: true }) => tracing::warn!(
                 key_id = %id,
                 limit,
                 window_s = seconds,
                 "repeated wrong secrets for a live key id: someone holds this id without its secret; consider replacing the key"
+            ),
+            Some(Failure::Unverified { id, live: false }) => tracing::warn!(
+                key_id = %id,
+                limit,
+                window_s = seconds,
+                "repeated failed verifications for a key id no live key has: someone is guessing keys"
             ),
             Some(Failure::AdminToken) => tracing::warn!(
                 limit,
@@ -143,7 +162,7 @@ impl FailureGuard {
             None => tracing::warn!(
                 limit,
                 window_s = seconds,
-                "repeated wrong secrets for live key ids beyond the guard's table: someone holds ids without their secrets"
+                "repeated failed verifications for key ids beyond the guard's table: someone is guessing keys, or holds ids without their secrets"
             ),
         }
     }
@@ -206,10 +225,10 @@ mod tests {
         let (guard, detected) = guard(3, Duration::from_secs(60), 100);
         let id = KeyId::from_bytes([1; 16]);
         for _ in 0..10 {
-            guard.record(Failure::WrongSecret(id));
+            guard.record(unverified(id));
         }
         assert_eq!(detected.get(), 1, "one detection, not one per failure");
-        guard.record(Failure::WrongSecret(KeyId::from_bytes([2; 16])));
+        guard.record(unverified(KeyId::from_bytes([2; 16])));
         assert_eq!(detected.get(), 1, "ids are counted separately");
         for _ in 0..4 {
             guard.record(Failure::AdminToken);
@@ -221,12 +240,30 @@ mod tests {
     fn windows_reset() {
         let (guard, detected) = guard(1, Duration::from_millis(20), 100);
         let id = KeyId::from_bytes([3; 16]);
-        guard.record(Failure::WrongSecret(id));
+        guard.record(unverified(id));
         std::thread::sleep(Duration::from_millis(30));
-        guard.record(Failure::WrongSecret(id));
+        guard.record(unverified(id));
         assert_eq!(detected.get(), 0, "a new window starts clean");
-        guard.record(Failure::WrongSecret(id));
+        guard.record(unverified(id));
         assert_eq!(detected.get(), 1);
+    }
+
+    fn unverified(id: KeyId) -> Failure {
+        Failure::Unverified { id, live: true }
+    }
+
+    /// A live id and one no key has move the count identically.
+    #[test]
+    fn live_and_unknown_ids_are_counted_alike() {
+        for live in [true, false] {
+            let (guard, detected) = guard(3, Duration::from_secs(60), 100);
+            let id = KeyId::from_bytes([7; 16]);
+            for _ in 0..10 {
+                guard.record(Failure::Unverified { id, live });
+            }
+            assert_eq!(detected.get(), 1, "live: {live}");
+            assert_eq!(guard.tracked(), 1, "live: {live}");
+        }
     }
 
     fn id(i: u16) -> KeyId {
@@ -239,11 +276,11 @@ mod tests {
     fn memory_is_bounded_and_ended_windows_make_room() {
         let (guard, _) = guard(5, Duration::from_millis(20), 64);
         for i in 0..1_000u16 {
-            guard.record(Failure::WrongSecret(id(i)));
+            guard.record(unverified(id(i)));
         }
         assert!(guard.tracked() <= 64, "never more than the capacity");
         std::thread::sleep(Duration::from_millis(30));
-        guard.record(Failure::WrongSecret(id(5000)));
+        guard.record(unverified(id(5000)));
         assert!(
             guard.fail_tracked(id(5000), 31, 20).is_some(),
             "an ended window gives its slot up"
@@ -255,7 +292,7 @@ mod tests {
         let (guard, detected) = guard(3, Duration::from_secs(60), 8);
         // Far more live ids than slots: every slot is held by a live window.
         for i in 0..1_000u16 {
-            guard.record(Failure::WrongSecret(id(i)));
+            guard.record(unverified(id(i)));
         }
         assert_eq!(guard.tracked(), 8);
         assert_eq!(
@@ -275,7 +312,7 @@ mod tests {
             .expect("an id without a slot");
         let before = guard.untracked.failures.load(Ordering::Relaxed);
         for _ in 0..10 {
-            guard.record(Failure::WrongSecret(untracked));
+            guard.record(unverified(untracked));
         }
         let after = guard.untracked.failures.load(Ordering::Relaxed);
         assert_eq!(after, before + 10, "counted, never dropped");

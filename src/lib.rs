@@ -25,7 +25,9 @@
 //! - [`listen`]: accepted connections within bounds: a cap per listener,
 //!   an idle timeout, accept errors that pause instead of spinning.
 //! - [`log`]: log lines through a bounded non-blocking writer; a failing
-//!   destination drops and counts lines, never fails a request.
+//!   destination drops and counts lines, never fails a request. Human
+//!   lines quote and escape every text value, so none forges a field or
+//!   a line.
 //! - [`authorizer`]: the read path: the core's decision function, and on
 //!   an on-demand replica the fetch of a key seen for the first time.
 //! - [`keys`]: the write path: a dedicated writer thread (`keys::writer`)

@@ -8,13 +8,24 @@
 //! panic. The audit trail is these lines, so it shares their guarantee: best
 //! effort, with every loss counted; the store, not the log, is the record of
 //! what changed.
+//!
+//! In the human format every value is written so that it cannot pass for
+//! another field or another line ([`EscapedFields`]): text values are
+//! quoted and escaped, numbers and booleans are bare. A key name or an
+//! error is text a caller chose; written bare, `x" operation=delete` and a
+//! U+2028 would forge a field and a line in the audit trail. The JSON
+//! format escapes by construction.
 
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tracing::field::{Field, Visit};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::Writer;
 
 use crate::config::LogFormat;
 
@@ -56,7 +67,7 @@ pub fn init(format: LogFormat) -> WorkerGuard {
         // `eprintln!`, which panics when stderr is what failed.
         .log_internal_errors(false);
     match format {
-        LogFormat::Human => builder.init(),
+        LogFormat::Human => builder.fmt_fields(EscapedFields).init(),
         LogFormat::Json => builder.json().init(),
     }
     guard
@@ -67,6 +78,172 @@ pub fn init(format: LogFormat) -> WorkerGuard {
 /// plain text.
 fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
     terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+/// Formats an event's (or span's) fields for the human format as
+/// `name="text"` or `name=123`: every text value (strings, `%` and `?`
+/// values, errors) is quoted and escaped by [`Escaper`], so no value can
+/// close its quotes, start a field, or start a line. The message, written
+/// first and bare as usual, is escaped the same way but not quoted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EscapedFields;
+
+impl<'w> MakeVisitor<Writer<'w>> for EscapedFields {
+    type Visitor = EscapingVisitor<'w>;
+
+    fn make_visitor(&self, target: Writer<'w>) -> Self::Visitor {
+        EscapingVisitor {
+            writer: target,
+            delimit: false,
+            result: Ok(()),
+        }
+    }
+}
+
+/// Writes one event's fields; see [`EscapedFields`].
+#[derive(Debug)]
+pub struct EscapingVisitor<'w> {
+    writer: Writer<'w>,
+    /// Whether a field was written already (so the next needs a space).
+    delimit: bool,
+    result: std::fmt::Result,
+}
+
+impl EscapingVisitor<'_> {
+    /// Writes the separator and, but for the message, `name=`.
+    fn start(&mut self, field: &Field) -> std::fmt::Result {
+        if std::mem::replace(&mut self.delimit, true) {
+            self.writer.write_char(' ')?;
+        }
+        if field.name() == "message" {
+            return Ok(());
+        }
+        write!(self.writer, "{}=", field.name())
+    }
+
+    /// A text value: quoted and escaped (the message: escaped only).
+    fn text(&mut self, field: &Field, value: std::fmt::Arguments<'_>) {
+        if self.result.is_err() {
+            return;
+        }
+        let quoted = field.name() != "message";
+        self.result = self.start(field).and_then(|()| {
+            let mut escaper = Escaper {
+                out: &mut self.writer,
+                quoted,
+            };
+            if quoted {
+                escaper.out.write_char('"')?;
+            }
+            escaper.write_fmt(value)?;
+            if quoted {
+                escaper.out.write_char('"')?;
+            }
+            Ok(())
+        });
+    }
+
+    /// A number or a boolean: nothing in it to escape.
+    fn bare(&mut self, field: &Field, value: &dyn std::fmt::Display) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = self
+            .start(field)
+            .and_then(|()| write!(self.writer, "{value}"));
+    }
+}
+
+impl Visit for EscapingVisitor<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.bare(field, &value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.bare(field, &value);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.bare(field, &value);
+    }
+
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        self.bare(field, &value);
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        self.bare(field, &value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.bare(field, &value);
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.text(field, format_args!("{value}"));
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.text(field, format_args!("{value}"));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.text(field, format_args!("{value:?}"));
+    }
+}
+
+impl VisitOutput<std::fmt::Result> for EscapingVisitor<'_> {
+    fn finish(self) -> std::fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for EscapingVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn std::fmt::Write {
+        &mut self.writer
+    }
+}
+
+/// Passes text through, escaping (as `char::escape_debug` writes them)
+/// every character that could end a line or disguise what follows
+/// ([`hazardous`]) and, in a quoted value, `"` and `\`.
+struct Escaper<'a, W: ?Sized> {
+    out: &'a mut W,
+    quoted: bool,
+}
+
+impl<W: std::fmt::Write + ?Sized> std::fmt::Write for Escaper<'_, W> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        for c in text.chars() {
+            if hazardous(c) || (self.quoted && matches!(c, '"' | '\\')) {
+                write!(self.out, "{}", c.escape_debug())?;
+            } else {
+                self.out.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `c` may not appear raw in a log line: C0/C1 controls (line
+/// feeds, U+0085 NEXT LINE, escape), the line and paragraph separators
+/// (U+2028, U+2029), bidirectional controls (U+061C, U+200E, U+200F,
+/// U+202A–U+202E, U+2066–U+2069), and whatever else `char::escape_debug`
+/// would escape (other format characters, unassigned and private-use code
+/// points, combining marks standing where they could attach to a quote).
+fn hazardous(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}'
+                | '\u{2029}'
+                | '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+        || (!matches!(c, '"' | '\'' | '\\') && c.escape_debug().len() > 1)
 }
 
 /// The real destination: a write it refuses counts one dropped line and
@@ -91,6 +268,30 @@ impl<W: Write> Write for Destination<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every character the review named, and the quote, come out escaped;
+    /// ordinary text in any script stays as it is.
+    #[test]
+    fn hazardous_characters_are_escaped() {
+        for c in [
+            '\n', '\r', '\u{0}', '\u{1b}', '\u{85}', '\u{2028}', '\u{2029}', '\u{202a}',
+            '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', '\u{2066}', '\u{2067}', '\u{2068}',
+            '\u{2069}', '\u{200b}', '\u{200e}', '\u{feff}',
+        ] {
+            assert!(hazardous(c), "{c:?}");
+        }
+        for c in ['a', ' ', '=', '\'', 'é', '日', 'ж', '"', '\\'] {
+            assert!(!hazardous(c), "{c:?}");
+        }
+        let mut out = String::new();
+        Escaper {
+            out: &mut out,
+            quoted: true,
+        }
+        .write_str("x\" operation=delete\u{2028} INFO \\ \u{202e}é")
+        .expect("a string takes any write");
+        assert_eq!(out, r#"x\" operation=delete\u{2028} INFO \\ \u{202e}é"#);
+    }
 
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {

@@ -58,6 +58,17 @@ pub enum ServerError {
         "{0}: the admin token file is readable by every user (mode {1:o}); make it 0600 or 0440 (chmod o-rwx)"
     )]
     ExposedAdminToken(PathBuf, u32),
+    /// The decision feed's token file (`--feed-token-file`) holds no
+    /// usable token.
+    #[error(
+        "{0}: the feed reader token (--feed-token-file) is too weak: it needs at least 32 characters and about 128 bits of randomness (e.g. `openssl rand -base64 32`)"
+    )]
+    WeakFeedToken(PathBuf),
+    /// The decision feed's token file can be read by any local user.
+    #[error(
+        "{0}: the feed reader token file (--feed-token-file) is readable by every user (mode {1:o}); make it 0600 or 0440 (chmod o-rwx)"
+    )]
+    ExposedFeedToken(PathBuf, u32),
     /// The store could not be opened or loaded.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -898,8 +909,6 @@ fn strong_enough(token: &str) -> bool {
     token.len() >= 32 && bits_per_char * len >= MIN_TOKEN_BITS
 }
 
-/// Reads the admin token, or creates one (mode 0600) on first start. Only
-/// its hash is kept in memory; the token itself is never logged.
 /// Which token a file holds.
 #[derive(Debug, Clone, Copy)]
 enum Token {
@@ -909,13 +918,38 @@ enum Token {
     FeedReader,
 }
 
+impl Token {
+    /// Its name in the log, and the prefix of a token keyward makes.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Admin => ("admin", "kwadmin"),
+            Self::FeedReader => ("feed reader", "kwfeed"),
+        }
+    }
+
+    /// The refusal of a token file any local user can read: each file its
+    /// own error, so the operator knows which flag's file to fix.
+    fn exposed(self, path: &Path, mode: u32) -> ServerError {
+        match self {
+            Self::Admin => ServerError::ExposedAdminToken(path.to_owned(), mode),
+            Self::FeedReader => ServerError::ExposedFeedToken(path.to_owned(), mode),
+        }
+    }
+
+    /// The refusal of a weak token.
+    fn weak(self, path: &Path) -> ServerError {
+        match self {
+            Self::Admin => ServerError::WeakAdminToken(path.to_owned()),
+            Self::FeedReader => ServerError::WeakFeedToken(path.to_owned()),
+        }
+    }
+}
+
 /// Reads a token file (refusing a world-readable or weak one), or creates
-/// it with a fresh random token, mode 0600.
+/// it with a fresh random token, mode 0600. Only its hash is kept in
+/// memory; the token itself is never logged.
 fn load_or_create_token(path: &Path, kind: Token) -> Result<SecretHash, ServerError> {
-    let (what, prefix) = match kind {
-        Token::Admin => ("admin", "kwadmin"),
-        Token::FeedReader => ("feed reader", "kwfeed"),
-    };
+    let (what, prefix) = kind.names();
     match std::fs::read_to_string(path) {
         Ok(text) => {
             #[cfg(unix)]
@@ -927,15 +961,12 @@ fn load_or_create_token(path: &Path, kind: Token) -> Result<SecretHash, ServerEr
                     .permissions()
                     .mode();
                 if mode & 0o004 != 0 {
-                    return Err(ServerError::ExposedAdminToken(
-                        path.to_owned(),
-                        mode & 0o777,
-                    ));
+                    return Err(kind.exposed(path, mode & 0o777));
                 }
             }
             let token = text.trim();
             if !strong_enough(token) {
-                return Err(ServerError::WeakAdminToken(path.to_owned()));
+                return Err(kind.weak(path));
             }
             tracing::info!(path = %path.display(), token = what, "using the token file");
             Ok(SecretHash::of(token.as_bytes()))
@@ -959,7 +990,15 @@ fn load_or_create_token(path: &Path, kind: Token) -> Result<SecretHash, ServerEr
                 .and_then(|()| file.write_all(b"\n"))
                 .and_then(|()| file.sync_all())
                 .map_err(io_error(path))?;
-            tracing::info!(path = %path.display(), "created the admin token file (mode 0600)");
+            match kind {
+                Token::Admin => {
+                    tracing::info!(path = %path.display(), "created the admin token file (mode 0600)");
+                }
+                Token::FeedReader => tracing::info!(
+                    path = %path.display(),
+                    "created the feed reader token file (mode 0600): give it to the Envoy module's token_file"
+                ),
+            }
             Ok(SecretHash::of(token.as_bytes()))
         }
         Err(e) => Err(io_error(path)(e)),
@@ -968,7 +1007,36 @@ fn load_or_create_token(path: &Path, kind: Token) -> Result<SecretHash, ServerEr
 
 #[cfg(test)]
 mod tests {
-    use super::strong_enough;
+    use super::{ServerError, Token, load_or_create_token, strong_enough};
+
+    /// A feed token file is refused as the feed's, never as the admin
+    /// token: the operator is told which flag's file to fix.
+    #[test]
+    fn a_bad_feed_token_file_is_named_as_such() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("feed.token");
+        std::fs::write(&path, "short\n").expect("write");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let error = load_or_create_token(&path, Token::FeedReader).expect_err("weak");
+        assert!(matches!(error, ServerError::WeakFeedToken(_)), "{error:?}");
+        assert!(error.to_string().contains("--feed-token-file"), "{error}");
+        let error = load_or_create_token(&path, Token::Admin).expect_err("weak");
+        assert!(matches!(error, ServerError::WeakAdminToken(_)), "{error:?}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            let error = load_or_create_token(&path, Token::FeedReader).expect_err("exposed");
+            assert!(
+                matches!(error, ServerError::ExposedFeedToken(_, 0o644)),
+                "{error:?}"
+            );
+        }
+    }
 
     #[test]
     fn obviously_weak_tokens_are_refused() {

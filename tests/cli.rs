@@ -507,3 +507,130 @@ fn a_key_id_that_starts_with_a_hyphen_is_an_id_not_a_flag() {
         );
     }
 }
+
+/// The fields of one human-format line after `target: `, read as a log
+/// parser would: `name=value`, a value either bare (to the next space) or
+/// quoted with backslash escapes.
+fn human_fields(line: &str, target: &str) -> Vec<(String, String)> {
+    let rest = line
+        .split_once(&format!("{target}: "))
+        .map_or("", |(_, rest)| rest);
+    let mut fields = Vec::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek() == Some(&' ') {
+            chars.next();
+        }
+        let name: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if name.is_empty() {
+            return fields;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => value.extend(chars.next()),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            value.extend(chars.by_ref().take_while(|c| *c != ' '));
+        }
+        fields.push((name, value));
+    }
+}
+
+/// A key name crafted to forge audit fields and a line in the default
+/// (human) log format is written quoted and escaped: the log holds exactly
+/// one audit line for the create, with the name as one field, no forged
+/// `operation=delete` field, and no raw line or paragraph separator.
+#[tokio::test]
+async fn a_key_name_cannot_forge_audit_fields_or_lines_in_the_human_log() {
+    use keyward::pb::v1 as pb;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("serve.log");
+    let data = dir.path().join("data");
+    let port = common::free_port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--shutdown-grace-ms",
+            "0",
+        ])
+        .args(["--log-format", "human", "--data-dir"])
+        .arg(&data)
+        .current_dir(dir.path())
+        .env_remove("KEYWARD_DATA_DIR")
+        .env_remove("KEYWARD_LOG_FORMAT")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("serve starts");
+    let url = format!("http://127.0.0.1:{port}");
+    common::await_ready(&url).await;
+    let forged = "x\" operation=delete actor=admin result=ok\u{2028} INFO keyward::audit: forged\u{2029}y=z\\";
+    let admin = common::admin_token(&data);
+    let created =
+        keyward::pb::v1::key_manager_client::KeyManagerClient::new(common::connect(&url).await)
+            .create_key(common::bearer(
+                &admin,
+                pb::CreateKeyRequest {
+                    name: forged.into(),
+                    scopes: vec!["mail.send".into()],
+                    account_id: "acme".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("the name is accepted")
+            .into_inner();
+    let id = created.key.expect("key").key_id;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+
+    let text = std::fs::read_to_string(&log).expect("log");
+    for separator in ['\u{2028}', '\u{2029}', '\u{85}'] {
+        assert!(!text.contains(separator), "a raw {separator:?} in:\n{text}");
+    }
+    let audit: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("keyward::audit"))
+        .collect();
+    assert_eq!(audit.len(), 1, "one audit line, no forged one:\n{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|line| line.contains("forged") && line != audit[0]),
+        "the name spilled onto another line:\n{text}"
+    );
+    let fields = human_fields(audit[0], "keyward::audit");
+    let values = |name: &str| -> Vec<&str> {
+        fields
+            .iter()
+            .filter(|(field, _)| field == name)
+            .map(|(_, value)| value.as_str())
+            .collect()
+    };
+    assert_eq!(values("operation"), ["create"], "{}", audit[0]);
+    assert_eq!(values("actor"), ["admin"], "{}", audit[0]);
+    assert_eq!(values("result"), ["ok"], "{}", audit[0]);
+    assert_eq!(values("key_id"), [id.as_str()], "{}", audit[0]);
+    assert!(values("y").is_empty(), "{}", audit[0]);
+    // The name is one field, its hazards escaped as \u{…}.
+    assert_eq!(
+        values("name"),
+        [forged
+            .replace('\u{2028}', "u{2028}")
+            .replace('\u{2029}', "u{2029}")
+            .as_str()],
+        "{}",
+        audit[0]
+    );
+}

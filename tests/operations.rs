@@ -382,13 +382,87 @@ async fn guessing_is_detected_but_live_and_unknown_ids_are_indistinguishable() {
             assert_eq!(refused.expect_err("wrong").code(), Code::Unauthenticated);
         }
     }
-    // One detection for the live id, one for the admin-token attempts;
-    // none for the unknown id.
+    // One detection for the live id, one for the unknown id (counted alike:
+    // see below), one for the admin-token attempts.
     let metrics = server.scrape().await;
     assert!(
-        metrics.contains("keyward_guessing_detected_total 2"),
+        metrics.contains("keyward_guessing_detected_total 3"),
         "{metrics}"
     );
+}
+
+/// The counters a guessing run can move: detections and decisions.
+fn guessing_counters(scrape: &str) -> Vec<(String, u64)> {
+    scrape
+        .lines()
+        .filter(|line| {
+            line.starts_with("keyward_guessing_detected_total")
+                || line.starts_with("keyward_decisions_total")
+        })
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// How each counter moved from `before` to `after`.
+fn movement(before: &[(String, u64)], after: &[(String, u64)]) -> Vec<(String, u64)> {
+    assert_eq!(before.len(), after.len(), "the same counters");
+    before
+        .iter()
+        .zip(after)
+        .map(|((name, was), (same, now))| {
+            assert_eq!(name, same);
+            (name.clone(), now - was)
+        })
+        .collect()
+}
+
+/// The metrics are no liveness oracle either: 25 wrong secrets for a live
+/// key id and 25 for a random well-formed id (past the default limit of
+/// 20) move every guessing and decision counter identically, through the
+/// decision service and through key management alike.
+#[tokio::test]
+async fn metrics_move_alike_for_live_and_random_key_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let mut live = Vec::new();
+    for _ in 0..2 {
+        let (_, secret) = server.create_key("acme", &["mail.send"]).await;
+        // The id of a live key with a secret that is not its own.
+        live.push(format!("{}{}", &secret[..26], "A".repeat(43)));
+    }
+    let random = |first: char| format!("SG.{first}{}.{}", "Q".repeat(21), "A".repeat(43));
+    let mut manager = server.manager().await;
+    // Each pair through one front door: (live id, random id).
+    let mut moved = Vec::new();
+    for (door, pair) in [(0, [&live[0], &random('Q')]), (1, [&live[1], &random('g')])] {
+        for key in pair {
+            let before = guessing_counters(&server.scrape().await);
+            for _ in 0..25 {
+                if door == 0 {
+                    let reply = server.authorize(key, "POST", "/v3/mail/send").await;
+                    assert_eq!(reply.reason, pb::DenyReason::UnknownKey as i32);
+                } else {
+                    let refused = manager
+                        .get_scopes(bearer(key, pb::GetScopesRequest {}))
+                        .await;
+                    assert_eq!(refused.expect_err("refused").code(), Code::Unauthenticated);
+                }
+            }
+            let after = guessing_counters(&server.scrape().await);
+            moved.push(movement(&before, &after));
+        }
+    }
+    for (door, pair) in moved.chunks(2).enumerate() {
+        assert_eq!(pair[0], pair[1], "front door {door}: live vs random id");
+        let detected = pair[0]
+            .iter()
+            .find(|(name, _)| name == "keyward_guessing_detected_total")
+            .map(|(_, moved)| *moved);
+        assert_eq!(detected, Some(1), "front door {door}: {:?}", pair[0]);
+    }
 }
 
 /// Every RPC the services define is counted under its own name, derived

@@ -324,3 +324,148 @@ async fn a_previous_secret_cannot_take_over_a_rotated_key() {
         "the owner still holds it: {reply}"
     );
 }
+
+/// A key without a route's `api_keys.*` scope is refused from the request's
+/// head: the 403 arrives while the declared body is still unsent, on every
+/// route that can carry a body. (The body deadline is set far beyond the
+/// exchange's hang guard, so a server that waited for the body would fail
+/// this test by not answering, not by answering late.)
+#[tokio::test]
+async fn permission_is_refused_before_a_byte_of_the_body_arrives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
+    config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.request_timeout_ms = 600_000;
+    let server = TestServer::start_with(config).await;
+    let addr = server.http_addr.expect("REST");
+    let (id, _) = server.create_key("acme", &["alerts.read"]).await;
+    let (_, sender) = server.create_key("acme", &["mail.send"]).await;
+    let key = format!("/v3/api_keys/{id}");
+    let routes = [
+        ("POST", "/v3/api_keys".to_owned()),
+        ("GET", "/v3/api_keys".to_owned()),
+        ("GET", key.clone()),
+        ("PUT", key.clone()),
+        ("PATCH", key.clone()),
+        ("DELETE", key.clone()),
+        ("POST", format!("{key}/disable")),
+        ("POST", format!("{key}/enable")),
+        ("POST", format!("{key}/rotate")),
+        ("PUT", format!("{key}/expiry")),
+        ("PUT", format!("{key}/allowlist")),
+        ("PUT", format!("{key}/rate_limit")),
+    ];
+    for (method, path) in routes {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {sender}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+        );
+        // The head only: the 100 bytes it announces are never sent.
+        let response = common::http_exchange(addr, &head, b"").await;
+        assert!(
+            response.starts_with("HTTP/1.1 403"),
+            "{method} {path}: {response}"
+        );
+        assert!(
+            response.contains("lacks the scope api_keys."),
+            "{method} {path}: {response}"
+        );
+    }
+    // Nothing was changed on the way.
+    let admin = Caller::admin(&server);
+    let (status, read) = admin.call("GET", &key, "").await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["result"][0]["enabled"], true, "{read}");
+}
+
+/// A page token is accepted only as this server issued it: one forged the
+/// way an unkeyed check could be forged (SHA-256 over account and
+/// position), one of the right length with a made-up tag, an issued one
+/// edited, and an issued one presented for another account are each
+/// refused naming `page_token`, through REST (400) and gRPC
+/// (INVALID_ARGUMENT); the issued one pages on.
+#[tokio::test]
+async fn made_up_or_edited_page_tokens_are_refused() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use sha2::Digest;
+
+    let (server, _dir) = server().await;
+    let admin = Caller::admin(&server);
+    for _ in 0..3 {
+        server.create_key("acme", &["alerts.read"]).await;
+    }
+    let (status, first) = admin.call("GET", "/v3/api_keys?limit=1", "").await;
+    assert_eq!(status, 200, "{first}");
+    let issued = first["next_page_token"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let (status, second) = admin
+        .call(
+            "GET",
+            &format!("/v3/api_keys?limit=1&page_token={issued}"),
+            "",
+        )
+        .await;
+    assert_eq!(status, 200, "the issued token pages on: {second}");
+    assert_ne!(second["result"][0], first["result"][0]);
+
+    // The position "from the start" (created at 0, id all zeros).
+    let position = [0u8; 24];
+    let unkeyed = {
+        let digest = sha2::Sha256::new()
+            .chain_update(b"keyward page token\0acme\0")
+            .chain_update(position)
+            .finalize();
+        let mut raw = position.to_vec();
+        raw.extend_from_slice(&digest[..8]);
+        URL_SAFE_NO_PAD.encode(raw)
+    };
+    let made_up_tag = {
+        let mut raw = position.to_vec();
+        raw.extend_from_slice(&[0x5a; 16]);
+        URL_SAFE_NO_PAD.encode(raw)
+    };
+    let edited = {
+        let mut raw = URL_SAFE_NO_PAD.decode(&issued).expect("base64");
+        raw[7] ^= 1;
+        URL_SAFE_NO_PAD.encode(raw)
+    };
+    let mut manager = server.manager().await;
+    for (account, token) in [
+        ("acme", unkeyed.as_str()),
+        ("acme", made_up_tag.as_str()),
+        ("acme", edited.as_str()),
+        ("globex", issued.as_str()),
+    ] {
+        let caller = Caller {
+            addr: admin.addr,
+            auth: admin.auth.clone(),
+            account: Some(account),
+        };
+        let (status, reply) = caller
+            .call(
+                "GET",
+                &format!("/v3/api_keys?limit=1&page_token={token}"),
+                "",
+            )
+            .await;
+        assert_eq!(status, 400, "{account} {token}: {reply}");
+        assert_eq!(field(&reply), "page_token", "{reply}");
+        common::assert_status(
+            manager
+                .list_keys(common::bearer(
+                    &server.admin,
+                    keyward::pb::v1::ListKeysRequest {
+                        account_id: account.into(),
+                        page_size: 1,
+                        page_token: token.into(),
+                        unused_for: None,
+                    },
+                ))
+                .await,
+            tonic::Code::InvalidArgument,
+            "page_token",
+        );
+    }
+}

@@ -25,7 +25,7 @@ use crate::domain::key::{self, KeyId};
 use crate::domain::record::KeyRecord;
 use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
-use crate::store::db::{Cursor, Store, StoreError};
+use crate::store::db::{Cursor, PageKey, Store, StoreError};
 use crate::store::index::Index;
 use change::{Change, Committed};
 pub use change::{Expiry, KeyError, Lifecycle, Operation, Principal, Rotation, StateChange};
@@ -61,6 +61,8 @@ pub struct Keys {
     write_timeout: Duration,
     /// On-demand replica: fetches keys at their first sight.
     demand: Option<Arc<OnDemand>>,
+    /// Keys ListKeys' page tokens (per process: see [`PageKey`]).
+    page_key: PageKey,
     /// Replicated mode: the etcd connection (dropped last).
     etcd: Option<EtcdRuntime>,
 }
@@ -76,6 +78,7 @@ impl Keys {
         settings: &Settings,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Arc<Index>), StoreError> {
+        let page_key = PageKey::random()?;
         let etcd = settings
             .replication
             .as_ref()
@@ -122,6 +125,7 @@ impl Keys {
         }
         let keys = Self {
             demand,
+            page_key,
             etcd,
             commands,
             gates: Gates::default(),
@@ -242,8 +246,10 @@ impl Keys {
 
     /// Lists `account`'s keys in creation order: up to `limit` after
     /// `page_token` (empty: from the start), with the token for the next
-    /// page (empty on the last). Tokens are opaque to callers; a token not
-    /// from a previous page is `Invalid` on `page_token`. With `unused_for`,
+    /// page (empty on the last). Tokens are opaque to callers and keyed to
+    /// this process; a token it did not issue (made up, edited, another
+    /// account's, or from before a restart) is `Invalid` on `page_token`.
+    /// With `unused_for`,
     /// only keys unused that long (never used: counted from creation);
     /// such a page may hold fewer keys.
     pub async fn list(
@@ -257,9 +263,11 @@ impl Keys {
             None
         } else {
             Some(
-                Cursor::parse(page_token, &account).ok_or_else(|| KeyError::Invalid {
-                    field: "page_token",
-                    problem: "not a token from a previous ListKeys response".into(),
+                Cursor::parse(page_token, &account, &self.page_key).ok_or_else(|| {
+                    KeyError::Invalid {
+                        field: "page_token",
+                        problem: "not a token this server issued for this account's listing (tokens do not survive a restart: list again from the start)".into(),
+                    }
                 })?,
             )
         };
@@ -286,7 +294,7 @@ impl Keys {
         }
         Ok((
             records,
-            next.map(|cursor| cursor.token(&account))
+            next.map(|cursor| cursor.token(&account, &self.page_key))
                 .unwrap_or_default(),
         ))
     }

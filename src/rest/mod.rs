@@ -87,8 +87,8 @@ pub struct Surface {
 
 /// The REST routes over the shared key service, the OpenAPI document, and
 /// with `surface.console` the web console. Every API route authenticates the
-/// caller from its headers before a byte of the body is read (see
-/// [`authenticated`]); the document and the console's files are public
+/// caller and checks its permission from the headers before a byte of the
+/// body is read (see [`authenticated`]); the document and the console's files are public
 /// (they hold no key data).
 pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, surface: Surface) -> Router {
     let rest = Rest { keys, access, body };
@@ -177,11 +177,13 @@ fn peer(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
         .map(|addr| addr.ip())
 }
 
-/// Authenticates first, then reads the body: a caller without a valid
-/// credential gets 401 and keyward holds none of its body; a declared
-/// length over the limit is 413 at once; a body that does not arrive
-/// within the deadline is 408. The handler gets the caller as an
-/// extension and the body in memory.
+/// Authenticates and checks the caller's permission first, then reads the
+/// body: a caller without a valid credential gets 401, and one without the
+/// route's `api_keys.*` scopes 403, at once, and keyward holds none of its
+/// body; a declared length over the limit is 413 at once; a body that does
+/// not arrive within the deadline is 408. The handler gets the caller as
+/// an extension and the body in memory (and checks again what needs the
+/// body or the key: least privilege, the account).
 async fn authenticated(
     State(rest): State<Rest>,
     request: axum::extract::Request,
@@ -195,6 +197,9 @@ async fn authenticated(
         Ok(principal) => principal,
         Err(problem) => return problem.into_response(),
     };
+    if let Err(problem) = rest.permitted(&principal, &parts) {
+        return problem.into_response();
+    }
     let too_large = || {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -395,6 +400,38 @@ impl Rest {
             .get(axum::http::header::AUTHORIZATION)
             .map(|v| v.to_str().map_err(|_| ()));
         Ok(self.access.principal(header, client).await?)
+    }
+
+    /// Whether `principal` may do what the matched route does, from the
+    /// request's head alone ([`handlers::required`]), so a key without the
+    /// scope is refused before a byte of its body is read or awaited. A
+    /// refused change is audited as the handler would audit it.
+    fn permitted(
+        &self,
+        principal: &Principal,
+        parts: &axum::http::request::Parts,
+    ) -> Result<(), Problem> {
+        let route = parts
+            .extensions
+            .get::<axum::extract::MatchedPath>()
+            .map(axum::extract::MatchedPath::as_str);
+        match route.and_then(|route| handlers::required(&parts.method, route)) {
+            Some(handlers::Required::Credential) => Ok(()),
+            Some(handlers::Required::Read) => Ok(self.keys.permit(principal, Operation::Read)?),
+            Some(handlers::Required::Change(label, operation)) => self
+                .keys
+                .permit(principal, operation)
+                .map_err(refused(principal, label)),
+            // Fail closed: a route nobody said the requirement of.
+            None => {
+                tracing::error!(method = %parts.method, route = ?route, "a REST route without a stated permission; refused");
+                Err(Problem::new(
+                    StatusCode::FORBIDDEN,
+                    None,
+                    "this endpoint's permission is not stated; refused",
+                ))
+            }
+        }
     }
 
     /// The account to act in: the admin names it with `on-behalf-of`; a

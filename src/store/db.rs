@@ -61,6 +61,9 @@ pub enum StoreError {
     /// etcd could not be set up (replicated mode).
     #[error(transparent)]
     Etcd(#[from] super::etcd::EtcdError),
+    /// The OS random source failed while making the page-token key.
+    #[error("page_token key: the OS random source failed: {0}")]
+    Random(getrandom::Error),
 }
 
 impl From<TransactionError<()>> for StoreError {
@@ -147,50 +150,77 @@ impl Cursor {
             self.id,
         )
     }
-    /// Bytes of the check that binds a token to its account.
-    const CHECK: usize = 8;
+    /// Bytes of the tag that binds a token to its account and to the key
+    /// of the process that issued it (128 bits: forging one means guessing).
+    const TAG: usize = 16;
+    /// Characters of a token: base64 (no padding) of the position and tag.
+    const TOKEN_CHARS: usize = ((Self::LEN + Self::TAG) * 4).div_ceil(3);
 
-    /// Encodes as a page token for `account`'s listing: the position and a
-    /// check over it and the account, so a token that no listing issued (a
-    /// typo, a made-up string, another account's token) is refused.
+    /// Encodes as a page token for `account`'s listing: the position and an
+    /// HMAC-SHA256 tag over it and the account under `key`, so a token that
+    /// no listing of this process issued (a typo, a made-up or edited
+    /// string, another account's token) is refused.
     #[must_use]
-    pub fn token(&self, account: &str) -> String {
-        let mut raw = [0u8; Self::LEN + Self::CHECK];
+    pub fn token(&self, account: &str, key: &PageKey) -> String {
+        use hmac::Mac;
+        let mut raw = [0u8; Self::LEN + Self::TAG];
         raw[..8].copy_from_slice(&self.created_nanos.to_be_bytes());
         raw[8..Self::LEN].copy_from_slice(self.id.as_bytes());
-        let check = Self::check(account, &raw[..Self::LEN]);
-        raw[Self::LEN..].copy_from_slice(&check);
+        let tag = key.mac(account, &raw[..Self::LEN]).finalize().into_bytes();
+        raw[Self::LEN..].copy_from_slice(&tag[..Self::TAG]);
         URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// Decodes a page token of `account`'s listing; `None` if no listing
-    /// of it issued the token.
+    /// Decodes a page token of `account`'s listing; `None` unless a listing
+    /// of it issued the token under `key` (the tag is compared in constant
+    /// time).
     #[must_use]
-    pub fn parse(token: &str, account: &str) -> Option<Self> {
-        if token.len() != 43 {
+    pub fn parse(token: &str, account: &str, key: &PageKey) -> Option<Self> {
+        use hmac::Mac;
+        if token.len() != Self::TOKEN_CHARS {
             return None;
         }
         let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
-        let (position, check) = raw.split_at_checked(Self::LEN)?;
-        if check != Self::check(account, position) {
-            return None;
-        }
+        let (position, tag) = raw.split_at_checked(Self::LEN)?;
+        key.mac(account, position).verify_truncated_left(tag).ok()?;
         let created_nanos = u64::from_be_bytes(position.get(..8)?.try_into().ok()?);
         let id = KeyId::from_bytes(position.get(8..)?.try_into().ok()?);
         Some(Self { created_nanos, id })
     }
+}
 
-    fn check(account: &str, position: &[u8]) -> [u8; Self::CHECK] {
-        use sha2::Digest;
-        let digest = sha2::Sha256::new()
-            .chain_update(b"keyward page token\0")
-            .chain_update(account.as_bytes())
-            .chain_update(b"\0")
-            .chain_update(position)
-            .finalize();
-        let mut check = [0u8; Self::CHECK];
-        check.copy_from_slice(&digest[..Self::CHECK]);
-        check
+/// The secret that keys page tokens' tags: random per process, never
+/// stored, so only tokens this process issued are accepted, and none
+/// survives a restart (a client then lists again from the start). One
+/// SHA-256 block long, HMAC's own key size.
+#[derive(Clone)]
+pub struct PageKey([u8; 64]);
+
+impl PageKey {
+    /// A fresh key from the OS random source.
+    pub fn random() -> Result<Self, StoreError> {
+        let mut key = [0u8; 64];
+        getrandom::fill(&mut key).map_err(StoreError::Random)?;
+        Ok(Self(key))
+    }
+
+    /// The MAC over `account` and `position`, domain-separated from any
+    /// other use of the key.
+    fn mac(&self, account: &str, position: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        use hmac::digest::KeyInit;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new(&self.0.into());
+        mac.update(b"keyward page token\0");
+        mac.update(account.as_bytes());
+        mac.update(b"\0");
+        mac.update(position);
+        mac
+    }
+}
+
+impl std::fmt::Debug for PageKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PageKey(..)")
     }
 }
 
@@ -591,18 +621,31 @@ mod tests {
 
     #[test]
     fn cursor_tokens_round_trip_and_reject_garbage() {
+        let key = PageKey::random().expect("random");
         let cursor = Cursor {
             created_nanos: 1_700_000_000_000_000_000,
             id: KeyId::from_bytes([3; 16]),
         };
-        let token = cursor.token("acme");
-        assert_eq!(Cursor::parse(&token, "acme"), Some(cursor));
-        assert_eq!(Cursor::parse(&token, "globex"), None, "another account's");
+        let token = cursor.token("acme", &key);
+        assert_eq!(token.len(), Cursor::TOKEN_CHARS);
+        assert_eq!(Cursor::parse(&token, "acme", &key), Some(cursor));
+        assert_eq!(
+            Cursor::parse(&token, "globex", &key),
+            None,
+            "another account's"
+        );
+        let other = PageKey::random().expect("random");
+        assert_eq!(
+            Cursor::parse(&token, "acme", &other),
+            None,
+            "another process's"
+        );
         let mut forged = token.into_bytes();
         forged[3] = if forged[3] == b'A' { b'B' } else { b'A' };
         let forged = String::from_utf8(forged).expect("ascii");
-        for bad in ["", "x", &"!".repeat(43), &"A".repeat(43), &forged] {
-            assert_eq!(Cursor::parse(bad, "acme"), None, "{bad:?}");
+        let chars = Cursor::TOKEN_CHARS;
+        for bad in ["", "x", &"!".repeat(chars), &"A".repeat(chars), &forged] {
+            assert_eq!(Cursor::parse(bad, "acme", &key), None, "{bad:?}");
         }
     }
 
