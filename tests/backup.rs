@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use common::{TestServer, assert_status, bearer};
 use keyward::config::ServeConfig;
 use keyward::pb::v1 as pb;
-use keyward::store::backup::{Reader, verify_checksum};
+use keyward::store::backup::{Header, Reader, verify_checksum};
 use tonic::Code;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyward");
@@ -122,18 +122,16 @@ async fn stored_ids(server: &TestServer) -> HashSet<String> {
     ids
 }
 
-/// The key ids and the header count of a backup file, read as restore does.
-fn backup_contents(file: &Path) -> (u64, HashSet<String>) {
+/// The header and the key ids of a backup file, read as restore does.
+fn backup_contents(file: &Path) -> (Header, HashSet<String>) {
     let mut opened = std::fs::File::open(file).expect("open");
     verify_checksum(&mut opened).expect("checksum");
     let mut reader = Reader::open(std::io::BufReader::new(opened)).expect("header");
-    let keys = reader.header().keys;
-    assert_eq!(reader.header().source, "standalone");
     let mut ids = HashSet::new();
     while let Some(entry) = reader.next_entry().expect("entry") {
         ids.insert(entry.record.id.to_string());
     }
-    (keys, ids)
+    (reader.header().clone(), ids)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -205,9 +203,10 @@ async fn a_backup_under_writes_is_one_point_in_time_and_restores_every_key() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 
-    let (header_keys, in_backup) = backup_contents(&file);
+    let (header, in_backup) = backup_contents(&file);
+    assert_eq!(header.source, "standalone");
     assert_eq!(
-        usize::try_from(header_keys).expect("fits"),
+        usize::try_from(header.keys).expect("fits"),
         in_backup.len(),
         "the header counts it"
     );
@@ -349,4 +348,56 @@ async fn damaged_files_are_refused_before_anything_is_written() {
     let target = dir.path().join("target");
     assert_succeeded(&keyward(restore_args(&target, &file)).await);
     assert!(target.join("db").is_dir());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_sidecar_backs_up_etcd_at_one_revision() {
+    let Some(cluster) = common::etcd::Cluster::start(1).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ServeConfig::with_data_dir(dir.path().join("data"));
+    config.etcd.etcd_endpoints = cluster.endpoints().split(',').map(str::to_owned).collect();
+    let server = TestServer::start_with(config).await;
+    let secrets: Secrets = Arc::default();
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        ids.push(create(&server, &secrets, n).await);
+    }
+    let revoked = ids.pop().expect("a key");
+    server
+        .manager()
+        .await
+        .delete_key(bearer(
+            &server.admin,
+            pb::DeleteKeyRequest {
+                key_id: revoked.clone(),
+            },
+        ))
+        .await
+        .expect("deletes");
+    let file = dir.path().join("etcd.kwbackup");
+    assert_succeeded(&keyward(backup_args(&server, &server.admin, &file)).await);
+    let (header, in_backup) = backup_contents(&file);
+    assert_eq!(header.source, "etcd");
+    assert!(header.etcd_revision > 0, "the revision read");
+    assert_eq!(in_backup, ids.iter().cloned().collect::<HashSet<_>>());
+    assert_eq!(header.keys, 7);
+
+    // Restored as a standalone directory: every key decides as before.
+    let restored = dir.path().join("restored");
+    assert_succeeded(&keyward(restore_args(&restored, &file)).await);
+    let standalone = TestServer::start_with(ServeConfig::with_data_dir(restored)).await;
+    let secrets = secrets.lock().expect("lock").clone();
+    for id in &ids {
+        let reply = standalone
+            .authorize(&secrets[id], "POST", "/v3/mail/send")
+            .await;
+        assert!(reply.allowed, "key {id}");
+    }
+    let reply = standalone
+        .authorize(&secrets[&revoked], "POST", "/v3/mail/send")
+        .await;
+    assert!(!reply.allowed, "the revoked key stays revoked");
+    standalone.stop().await;
 }
