@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyward/v1/keyward.proto",
             "keyward/v1/feed.proto",
             "keyward/store/v1/record.proto",
+            "keyward/store/v1/backup.proto",
         ],
         ["proto"],
     )?;

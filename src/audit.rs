@@ -62,3 +62,14 @@ pub fn refused(principal: &Principal, operation: &str, error: &KeyError) {
         result = "refused",
     );
 }
+
+/// A backup started: every key's record (hashes, never a secret) leaves
+/// the sidecar.
+pub fn backup(principal: &Principal) {
+    tracing::info!(
+        target: "keyward::audit",
+        actor = %principal.label(),
+        operation = "backup",
+        result = "started",
+    );
+}

@@ -82,9 +82,10 @@ struct Shown {
     json: serde_json::Value,
 }
 
-/// `keyward keys` arguments.
+/// How a client command (`keyward keys`, `keyward backup`) reaches a
+/// running sidecar and which credential it sends.
 #[derive(Debug, clap::Args)]
-pub struct KeysArgs {
+pub struct ClientArgs {
     /// The keyward server (`http://host:port`, `https://…`, or `unix:///path`).
     #[arg(
         long,
@@ -121,14 +122,22 @@ pub struct KeysArgs {
     )]
     pub tls_client_key: Option<PathBuf>,
 
+    /// Where the admin token lives.
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+/// `keyward keys` arguments.
+#[derive(Debug, clap::Args)]
+pub struct KeysArgs {
+    /// The server and the credential.
+    #[command(flatten)]
+    pub client: ClientArgs,
+
     /// Output: `text` for people, `json` for scripts (one JSON document on
     /// stdout; field names in README).
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text, global = true)]
     pub output: OutputFormat,
-
-    /// Where the admin token lives.
-    #[command(flatten)]
-    pub data: DataArgs,
 
     /// What to do.
     #[command(subcommand)]
@@ -302,7 +311,7 @@ pub enum KeysCommand {
     reason = "one arm per subcommand reads best in one place"
 )]
 pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
-    let (mut client, bearer) = connect(&args).await?;
+    let (mut client, bearer) = connect(&args.client).await?;
     let out = match args.command {
         KeysCommand::Create {
             name,
@@ -567,8 +576,8 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
 }
 
 /// The KeyManager client `args` point at, and the credential to send.
-async fn connect(
-    args: &KeysArgs,
+pub async fn connect(
+    args: &ClientArgs,
 ) -> anyhow::Result<(
     KeyManagerClient<tonic::transport::Channel>,
     MetadataValue<Ascii>,
@@ -614,7 +623,8 @@ async fn connect(
     Ok((KeyManagerClient::new(channel), bearer))
 }
 
-fn authed<T>(bearer: &MetadataValue<Ascii>, message: T) -> Request<T> {
+/// `message` with the credential.
+pub fn authed<T>(bearer: &MetadataValue<Ascii>, message: T) -> Request<T> {
     let mut request = Request::new(message);
     request
         .metadata_mut()

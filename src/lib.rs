@@ -7,6 +7,9 @@
 //! # Layout
 //! Each layer imports only the ones below it.
 //! - [`cli`]: `keyward keys …`, the operator's client for KeyManager.
+//! - [`backup`]: `keyward backup` and `keyward restore`: an online,
+//!   consistent backup of a running sidecar (taken by `keys::snapshot`,
+//!   in the file format of `store::backup`), and a data directory from one.
 //! - [`migrate`]: `keyward migrate`, a standalone store's keys into etcd.
 //! - [`server`]: wiring: config, store, services, health, reflection, serve.
 //! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`), errors →
@@ -42,7 +45,9 @@
 //!   vocabulary they share and `keys::shared` what passes between the
 //!   writer thread and the rest; arrows point only downward: writer to
 //!   demand, remote and stage; demand and remote to shared; everything to
-//!   change. No storage
+//!   change. `keys::snapshot` takes online backups: the writer fixes
+//!   their point in time and saves what they have yet to read before
+//!   changing it. No storage
 //!   or etcd call runs on an async worker: a failing disk or an unreachable
 //!   etcd costs writes, never decisions.
 //! - [`store`]: sled (standalone truth, or etcd's local replica), versioned
@@ -61,6 +66,7 @@
 pub mod access;
 pub mod audit;
 pub mod authorizer;
+pub mod backup;
 pub mod cli;
 pub use keyward_core::clock;
 pub mod config;

@@ -1,7 +1,10 @@
 //! The `keyward` binary: `keyward serve` (the sidecar), `keyward keys …`
-//! (the operator's client) and `keyward migrate` (standalone → etcd).
+//! (the operator's client), `keyward backup` and `keyward restore` (an
+//! online backup, a data directory from one) and `keyward migrate`
+//! (standalone → etcd).
 
 use clap::{Parser, Subcommand};
+use keyward::backup::{self, BackupArgs, RestoreArgs};
 use keyward::cli::{self, KeysArgs};
 use keyward::config::ServeConfig;
 use keyward::migrate::{self, MigrateArgs};
@@ -24,6 +27,11 @@ enum Command {
     Serve(Box<ServeConfig>),
     /// Manage keys on a running sidecar.
     Keys(KeysArgs),
+    /// Take an online, consistent backup of a running sidecar's keys
+    /// (admin token).
+    Backup(BackupArgs),
+    /// Create a data directory from a backup file (checked whole first).
+    Restore(RestoreArgs),
     /// Copy a stopped standalone sidecar's keys into etcd (idempotent).
     Migrate(MigrateArgs),
     /// Print a shell completion script (e.g. `keyward completions bash >
@@ -41,7 +49,8 @@ async fn main() {
     let command = Cli::parse().command;
     // What an "unreachable" error names.
     let peer = match &command {
-        Command::Keys(args) => args.server.clone(),
+        Command::Keys(args) => args.client.server.clone(),
+        Command::Backup(args) => args.client.server.clone(),
         Command::Migrate(_) => "etcd".to_owned(),
         _ => "the server".to_owned(),
     };
@@ -72,6 +81,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             std::process::exit(code);
         }
         Command::Keys(args) => cli::run(args).await?,
+        Command::Backup(args) => backup::backup(args).await?,
+        Command::Restore(args) => backup::restore(&args)?,
         Command::Migrate(args) => migrate::run(args).await?,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

@@ -586,8 +586,12 @@ fn grpc_servers(
     ))
     .max_decoding_message_size(limits.max_message_bytes);
     let manage = manage_enabled.then(|| {
-        KeyManagerServer::new(ManageService::new(Arc::clone(&app.keys), app.access()))
-            .max_decoding_message_size(limits.max_message_bytes)
+        KeyManagerServer::new(ManageService::new(
+            Arc::clone(&app.keys),
+            app.access(),
+            crate::keys::snapshot::Origin::new(&app.tables.catalog_source, &app.tables.catalog),
+        ))
+        .max_decoding_message_size(limits.max_message_bytes)
     });
     let reflection = || {
         tonic_reflection::server::Builder::configure()

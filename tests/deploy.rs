@@ -159,3 +159,31 @@ fn the_envoy_module_overlay_is_consistent() {
     );
     assert!(envoy.contains("dynamic_module_config: { name: keyward_envoy"));
 }
+
+/// The backup CronJob reaches what it needs: the keyward container of the
+/// shipped Deployment, its binary where the image puts it, and KeyManager
+/// on the loopback address the Deployment gives it.
+#[test]
+fn the_backup_cronjob_reaches_key_management() {
+    let cronjob = include_str!("../k8s/backup/cronjob.yaml");
+    let deployment = include_str!("../k8s/base/deployment.yaml");
+    let dockerfile = include_str!("../Dockerfile");
+    let manage = deployment
+        .lines()
+        .skip_while(|line| !line.contains("name: KEYWARD_MANAGE_LISTEN"))
+        .nth(1)
+        .and_then(|line| line.trim().strip_prefix("value: "))
+        .expect("KEYWARD_MANAGE_LISTEN is set");
+    assert!(
+        cronjob.contains(&format!("backup --server http://{manage} --out -")),
+        "the job dials KeyManager at {manage}"
+    );
+    assert!(deployment.contains("  name: app\n") && deployment.contains("- name: keyward\n"));
+    assert!(cronjob.contains("kubectl exec deploy/app -c keyward --"));
+    assert!(dockerfile.contains("/out/usr/local/bin/keyward"));
+    assert!(cronjob.contains("/usr/local/bin/keyward backup"));
+    assert!(
+        deployment.contains("name: KEYWARD_ADMIN_TOKEN_FILE"),
+        "the sidecar's environment names the admin token for the CLI"
+    );
+}

@@ -497,6 +497,7 @@ async fn every_rpc_is_counted_under_its_own_name() {
         "RotateKey",
         "SetKeyAllowlist",
         "SetKeyRateLimit",
+        "Backup",
         "Check",
         "HealthCheck",
         "ServerReflectionInfo",

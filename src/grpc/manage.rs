@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::convert;
@@ -10,6 +11,7 @@ use super::status::unauthenticated;
 use crate::access::{Access, Unauthenticated};
 use crate::audit;
 use crate::domain::record::KeyRecord;
+use crate::keys::snapshot::Origin;
 use crate::keys::{Expiry, KeyError, Keys, Lifecycle, Operation, Principal, StateChange};
 use crate::pb::v1 as pb;
 
@@ -18,14 +20,20 @@ use crate::pb::v1 as pb;
 pub struct ManageService {
     keys: Arc<Keys>,
     access: Access,
+    /// What backups say of this sidecar.
+    origin: Arc<Origin>,
 }
 
 impl ManageService {
     /// The service over the shared key store, authenticating callers with
-    /// `access`.
+    /// `access`; backups describe the sidecar as `origin`.
     #[must_use]
-    pub fn new(keys: Arc<Keys>, access: Access) -> Self {
-        Self { keys, access }
+    pub fn new(keys: Arc<Keys>, access: Access, origin: Origin) -> Self {
+        Self {
+            keys,
+            access,
+            origin: Arc::new(origin),
+        }
     }
 
     /// Authenticates `authorization: Bearer <admin token | API key>`.
@@ -64,6 +72,28 @@ fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> S
 
 #[tonic::async_trait]
 impl pb::key_manager_server::KeyManager for ManageService {
+    type BackupStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::BackupChunk, Status>> + Send>>;
+
+    async fn backup(
+        &self,
+        request: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let principal = self.principal(&request).await?;
+        if !matches!(principal, Principal::Admin) {
+            let error = KeyError::PermissionDenied("backups are for the admin token only".into());
+            return Err(refused(&principal, "backup")(error));
+        }
+        let chunks = self.keys.backup((*self.origin).clone()).await?;
+        audit::backup(&principal);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).map(|chunk| {
+            chunk
+                .map(|data| pb::BackupChunk { data })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn create_key(
         &self,
         request: Request<pb::CreateKeyRequest>,

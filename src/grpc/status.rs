@@ -3,6 +3,7 @@
 use tonic::{Code, Status};
 
 use crate::keys::KeyError;
+use crate::keys::snapshot::SnapshotError;
 
 /// What a caller learns when storage fails: the change was not
 /// acknowledged. It is usually not applied either, but a change whose flush
@@ -24,6 +25,26 @@ impl From<KeyError> for Status {
             }
             KeyError::Unavailable => return Status::unavailable(STORAGE_FAILING),
             KeyError::Rng => Code::Internal,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+impl From<SnapshotError> for Status {
+    fn from(error: SnapshotError) -> Self {
+        let code = match &error {
+            SnapshotError::Busy => Code::ResourceExhausted,
+            SnapshotError::Overrun => Code::Aborted,
+            SnapshotError::Inconsistent(_) => Code::Internal,
+            SnapshotError::Abandoned => Code::Cancelled,
+            SnapshotError::Store(_) | SnapshotError::Etcd(_) => {
+                // Details (paths, OS messages) stay in the server log.
+                tracing::error!(%error, "backup failed reading the store");
+                return Status::unavailable(
+                    "storage could not be read; no backup was taken (retry later)",
+                );
+            }
+            SnapshotError::Unavailable => Code::Unavailable,
         };
         Status::new(code, error.to_string())
     }

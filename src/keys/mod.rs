@@ -7,6 +7,7 @@ pub mod demand;
 pub mod members;
 pub mod remote;
 pub mod shared;
+pub mod snapshot;
 pub mod stage;
 pub mod writer;
 
@@ -63,6 +64,8 @@ pub struct Keys {
     demand: Option<Arc<OnDemand>>,
     /// Keys ListKeys' page tokens (per process: see [`PageKey`]).
     page_key: PageKey,
+    /// One backup at a time.
+    backups: Arc<tokio::sync::Semaphore>,
     /// Replicated mode: the etcd connection (dropped last).
     etcd: Option<EtcdRuntime>,
 }
@@ -133,6 +136,7 @@ impl Keys {
             index: Arc::clone(&index),
             catalog,
             write_timeout: settings.write_timeout,
+            backups: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         Ok((keys, index))
     }
@@ -368,6 +372,44 @@ impl Keys {
             .submit(principal, Change::Delete { id: *id })
             .await?
             .after)
+    }
+
+    /// Starts an online backup of every key at one point in time
+    /// ([`snapshot`]): the backup file's chunks, in order. Standalone, the
+    /// writer fixes the point between two batches (waiting at most the
+    /// write timeout for it); replicated, etcd's current revision is the
+    /// point. Writes go on meanwhile. The caller checks that the admin asks.
+    pub async fn backup(
+        &self,
+        origin: snapshot::Origin,
+    ) -> Result<snapshot::Chunks, snapshot::SnapshotError> {
+        use snapshot::SnapshotError;
+        let turn = Arc::clone(&self.backups)
+            .try_acquire_owned()
+            .map_err(|_| SnapshotError::Busy)?;
+        let source = if let Some(etcd) = &self.etcd {
+            snapshot::Source::Etcd(Box::new(etcd.remote()))
+        } else {
+            let (reply, begun) = oneshot::channel();
+            self.commands
+                .try_send(Command::Snapshot(reply))
+                .map_err(|_| SnapshotError::Unavailable)?;
+            match tokio::time::timeout(self.write_timeout, begun).await {
+                Ok(Ok(begun)) => snapshot::Source::Store(begun?),
+                Ok(Err(_)) | Err(_) => return Err(SnapshotError::Unavailable),
+            }
+        };
+        let (chunks, receiver) = tokio::sync::mpsc::channel(snapshot::CHUNKS_IN_FLIGHT);
+        let sink = snapshot::Sink {
+            chunks,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let index = Arc::clone(&self.index);
+        tokio::task::spawn_blocking(move || {
+            snapshot::take(source, &index, &origin, &sink);
+            drop(turn);
+        });
+        Ok(receiver)
     }
 
     /// When a stored key last authorized a request, to the minute (Unix

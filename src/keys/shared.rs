@@ -2,7 +2,8 @@
 //! commands it takes ([`Command`]: a change to commit, what the etcd watch
 //! delivered, a key fetched at its first sight; [`deliver`] hands them
 //! over) and what it shares with the async side ([`Shared`]: the store
-//! handle for reads, store health, the replica's state).
+//! handle for reads, store health, the replica's state, the backup in
+//! progress).
 
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -40,6 +41,8 @@ pub enum Command {
     Commit(Box<Job>),
     /// Apply what the etcd watch delivered (replicated mode).
     Sync(Synced),
+    /// Fix a backup's point in time (standalone): between two batches.
+    Snapshot(oneshot::Sender<Result<super::snapshot::Begun, super::snapshot::SnapshotError>>),
     /// Flush, release the store (and sled's directory lock) and stop.
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
@@ -190,6 +193,8 @@ pub struct Shared {
     pub(super) health: watch::Sender<StoreHealth>,
     pub(super) replication: watch::Sender<Replication>,
     pub(super) metrics: Arc<Metrics>,
+    /// The backup in progress, if any (standalone).
+    pub(super) snapshots: super::snapshot::Tracker,
 }
 
 impl Shared {

@@ -209,6 +209,7 @@ impl Writer {
                 },
             )),
             metrics: Arc::clone(&metrics),
+            snapshots: super::snapshot::Tracker::default(),
         });
         let writer = Self {
             dir,
@@ -279,6 +280,12 @@ impl Writer {
                         self.commit(std::mem::take(&mut batch));
                         self.sync(synced);
                     }
+                    Command::Snapshot(reply) => {
+                        // A point in time: what was queued before it is
+                        // committed (and flushed) first.
+                        self.commit(std::mem::take(&mut batch));
+                        let _ = reply.send(self.begin_snapshot());
+                    }
                     Command::Close(reply) => {
                         self.commit(batch);
                         self.persist_last_used();
@@ -297,6 +304,23 @@ impl Writer {
         }
         self.persist_last_used();
         let _ = self.close();
+    }
+
+    /// Fixes a standalone backup's point in time: now, between batches,
+    /// with everything acknowledged flushed and the index matching the
+    /// store. From here on [`Self::apply`] saves what the backup has yet
+    /// to read before changing it.
+    fn begin_snapshot(&self) -> Result<super::snapshot::Begun, super::snapshot::SnapshotError> {
+        let store = self
+            .store
+            .clone()
+            .filter(|_| self.remote.is_none())
+            .ok_or(super::snapshot::SnapshotError::Unavailable)?;
+        Ok(super::snapshot::Begun {
+            saved: self.shared.snapshots.begin(),
+            keys: self.index.len() as u64,
+            store,
+        })
     }
 
     /// Writes the last-used times decisions recorded since the previous
@@ -481,6 +505,10 @@ impl Writer {
             && !remote.replica.admit(id, revision)
         {
             return Ok(());
+        }
+        if let (Some(store), None) = (store, &self.remote) {
+            // Standalone, a backup may be reading the store.
+            self.shared.snapshots.before_write(store, &id);
         }
         match change {
             Applied::Put(record, scopes) => {

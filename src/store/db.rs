@@ -120,6 +120,20 @@ impl RawRecord {
     pub fn record(&self) -> Result<KeyRecord, StoreError> {
         decode(&self.key, &self.value)
     }
+
+    /// The key id it is stored under (`None`: not a key id).
+    #[must_use]
+    pub fn id(&self) -> Option<KeyId> {
+        <[u8; 16]>::try_from(self.key.as_ref())
+            .ok()
+            .map(KeyId::from_bytes)
+    }
+
+    /// The record's bytes as stored (see [`super::record`]).
+    #[must_use]
+    pub fn bytes(&self) -> &[u8] {
+        &self.value
+    }
 }
 
 /// A position in an account's key listing, opaque to clients.
@@ -310,6 +324,15 @@ impl Store {
             .get(id.as_bytes())?
             .map(|value| decode(id.as_bytes(), &value))
             .transpose()
+    }
+
+    /// One record, still encoded (what a backup saves of a key about to
+    /// change).
+    pub fn get_raw(&self, id: &KeyId) -> Result<Option<RawRecord>, StoreError> {
+        Ok(self.keys.get(id.as_bytes())?.map(|value| RawRecord {
+            key: sled::IVec::from(id.as_bytes().as_slice()),
+            value,
+        }))
     }
 
     /// Stages `record`, new or in place of the stored one (account and

@@ -2,8 +2,10 @@
 //! in-memory index that serves decisions. `record` is the one encoding
 //! both stores hold; `db` is sled; `etcd` is the etcd layout, client,
 //! paginated read and watch; `copy` moves a sled store into etcd (it uses
-//! both, neither uses it); `index` serves decisions.
+//! both, neither uses it); `backup` is the backup file (records at one
+//! point in time, checksummed); `index` serves decisions.
 
+pub mod backup;
 pub mod copy;
 pub mod db;
 pub mod etcd;
