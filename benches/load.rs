@@ -1427,7 +1427,7 @@ mod envoy_bench {
         let end = MODULE.find(ROUTER).context("the router")?;
         build_module()?;
         Ok(MODULE[start..end]
-            .replace("127.0.0.1:50051", &format!("127.0.0.1:{keyward_port}"))
+            .replace("127.0.0.1:50052", &format!("127.0.0.1:{keyward_port}"))
             .replace("/etc/keyward/feed/token", &token.display().to_string()))
     }
 

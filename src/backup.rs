@@ -236,11 +236,14 @@ impl Partial {
         let mut partial = name.to_os_string();
         partial.push(format!(".partial-{}", std::process::id()));
         let path = out.with_file_name(partial);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        // Owner-only, like the store it copies: it holds every key's hash,
+        // name, account and allowlist.
+        let file = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().write(true).create_new(true),
+            0o600,
+        )
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
         Ok(Self {
             path,
             file,

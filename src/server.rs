@@ -604,36 +604,34 @@ fn grpc_servers(
         .add_service(reflection().build_v1alpha()?)
         .add_service(authorize)
         .add_service(check);
-    router = router.add_service(
-        pb::v1::decision_feed_server::DecisionFeedServer::new(FeedService::new(
-            Arc::clone(&app.index),
-            app.feed.clone(),
-            Arc::clone(&app.tables),
-            app.access(),
-            app.feed_reader,
-            app.keys.replication(),
-            stop.tx.subscribe(),
-        ))
-        .max_decoding_message_size(limits.max_message_bytes),
-    );
+    // The decision feed carries every key's decision fields: it is served
+    // with key management (on `--manage-listen`, loopback in the shipped
+    // manifests) when that has its own listener, never beside decisions on
+    // a port the pod network reaches.
+    let feed = feed_service(app, stop);
     if echo_enabled {
         router = router.add_service(pb::v1::diagnostics_server::DiagnosticsServer::new(
             crate::grpc::echo::EchoService,
         ));
     }
+    if manage.is_none() {
+        tracing::info!("KeyManager disabled");
+    }
     let mut separate_manage: Option<Serving> = None;
     match (manage, manage_listener) {
-        (Some(manage), None) => router = router.add_service(manage),
-        (Some(manage), Some(listener)) => {
-            tracing::info!(local = %local_addr(&listener)?, "serving KeyManager on its own listener");
+        (manage, None) => {
+            router = router.add_service(feed).add_optional_service(manage);
+        }
+        (manage, Some(listener)) => {
+            tracing::info!(local = %local_addr(&listener)?, manage = manage.is_some(), "serving key management and the decision feed on their own listener");
+            let manage_router = base_server()?
+                .add_service(health)
+                .add_service(feed)
+                .add_optional_service(manage);
             separate_manage = Some(Box::pin(
-                base_server()?
-                    .add_service(health)
-                    .add_service(manage)
-                    .serve_with_incoming_shutdown(listener, stop.stopped()),
+                manage_router.serve_with_incoming_shutdown(listener, stop.stopped()),
             ));
         }
-        (None, _) => tracing::info!("KeyManager disabled"),
     }
     tracing::info!(local = %grpc.describe(), "serving gRPC");
     let grpc: Serving = match grpc {
@@ -645,6 +643,23 @@ fn grpc_servers(
         ),
     };
     Ok((grpc, separate_manage))
+}
+
+/// The decision feed's service.
+fn feed_service(
+    app: &App,
+    stop: &Stop,
+) -> pb::v1::decision_feed_server::DecisionFeedServer<FeedService> {
+    pb::v1::decision_feed_server::DecisionFeedServer::new(FeedService::new(
+        Arc::clone(&app.index),
+        app.feed.clone(),
+        Arc::clone(&app.tables),
+        app.access(),
+        app.feed_reader,
+        app.keys.replication(),
+        stop.tx.subscribe(),
+    ))
+    .max_decoding_message_size(app.limits.max_message_bytes)
 }
 
 /// SendGrid's REST API, on tonic's server too (HTTP/1.1 accepted). Not

@@ -66,7 +66,7 @@ async fn module_envoy(
         SHIPPED,
         "k8s/overlays/envoy-module/envoy.yaml",
         &[(
-            r#"'{"sidecar": "http://127.0.0.1:50051", "token_file": "/etc/keyward/feed/token"}'"#
+            r#"'{"sidecar": "http://127.0.0.1:50052", "token_file": "/etc/keyward/feed/token"}'"#
                 .into(),
             settings,
         )],
@@ -312,7 +312,7 @@ async fn the_module_answers_as_ext_authz_does() {
     // Headers a client writes to pose as another address or another
     // request (issue 29): both gateways decide on the TCP peer and the real
     // method and path, identically, and the app never sees an override.
-    let spoofs: [&[(&str, &str)]; 5] = [
+    let spoofs: [&[(&str, &str)]; 6] = [
         &[("x-forwarded-for", "10.1.1.1")],
         &[("x-forwarded-for", "8.8.8.8, 10.1.1.1")],
         &[("x-forwarded-for", "8.8.8.8")],
@@ -323,6 +323,10 @@ async fn the_module_answers_as_ext_authz_does() {
         &[
             ("x-envoy-original-path", "/v3/api_keys"),
             ("x-http-method", "DELETE"),
+        ],
+        &[
+            ("x-original-url", "/v3/api_keys"),
+            ("x-rewrite-url", "/v3/api_keys"),
         ],
     ];
     for (name, credential) in &credentials {
@@ -360,6 +364,8 @@ async fn the_module_answers_as_ext_authz_does() {
                             "x-method-override",
                             "x-http-method",
                             "x-envoy-original-path",
+                            "x-original-url",
+                            "x-rewrite-url",
                         ] {
                             assert!(
                                 header(request, dropped).is_none(),
@@ -433,7 +439,7 @@ async fn behind_a_balancer_both_gateways_decide_on_the_address_it_saw() {
         "k8s/overlays/envoy-module/envoy.yaml",
         &[
             (
-                r#"'{"sidecar": "http://127.0.0.1:50051", "token_file": "/etc/keyward/feed/token"}'"#
+                r#"'{"sidecar": "http://127.0.0.1:50052", "token_file": "/etc/keyward/feed/token"}'"#
                     .into(),
                 settings,
             ),
@@ -447,18 +453,20 @@ async fn behind_a_balancer_both_gateways_decide_on_the_address_it_saw() {
     )
     .await;
     let balancer = Some(std::net::IpAddr::from([127, 0, 0, 2]));
-    let via = |port: u16, secret: String, xff: &'static str| async move {
-        let auth = format!("Bearer {secret}");
-        http_from(
-            balancer,
-            port,
-            "POST",
-            "/v3/mail/send",
-            &[("authorization", auth.as_str()), ("x-forwarded-for", xff)],
-        )
-        .await
-        .expect("envoy answers")
-    };
+    let via_from =
+        |from: Option<std::net::IpAddr>, port: u16, secret: String, xff: &'static str| async move {
+            let auth = format!("Bearer {secret}");
+            http_from(
+                from,
+                port,
+                "POST",
+                "/v3/mail/send",
+                &[("authorization", auth.as_str()), ("x-forwarded-for", xff)],
+            )
+            .await
+            .expect("envoy answers")
+        };
+    let via = |port: u16, secret: String, xff: &'static str| via_from(balancer, port, secret, xff);
     // The module's copy is synced once a key it holds passes.
     let started = Instant::now();
     while via(module.port, office.clone(), "10.1.1.1").await.0 != 200 {
@@ -512,6 +520,26 @@ async fn behind_a_balancer_both_gateways_decide_on_the_address_it_saw() {
         let b = via(module.port, secret.clone(), xff).await;
         assert_eq!(a.0, expected, "ext_authz: {name} (XFF {xff})");
         assert_eq!(answer(a), answer(b), "module: {name} (XFF {xff})");
+    }
+    // A balancer on exact loopback (127.0.0.1): Envoy appends its own node
+    // address instead of the peer, and both paths still take the entry
+    // the balancer wrote (whatever the node's address is).
+    for (xff, expected) in [
+        ("10.1.1.1", 200),
+        ("8.8.8.8", 403),
+        ("8.8.8.8, 10.1.1.1", 200),
+    ] {
+        let a = via_from(None, ext_authz.port, office.clone(), xff).await;
+        let b = via_from(None, module.port, office.clone(), xff).await;
+        assert_eq!(
+            a.0, expected,
+            "ext_authz, balancer on 127.0.0.1 (XFF {xff})"
+        );
+        assert_eq!(
+            answer(a),
+            answer(b),
+            "module, balancer on 127.0.0.1 (XFF {xff})"
+        );
     }
 }
 
@@ -921,7 +949,7 @@ fn envoy_refuses_a_module_config_the_module_refuses() {
         return;
     };
     let shipped_value =
-        r#"'{"sidecar": "http://127.0.0.1:50051", "token_file": "/etc/keyward/feed/token"}'"#;
+        r#"'{"sidecar": "http://127.0.0.1:50052", "token_file": "/etc/keyward/feed/token"}'"#;
     let validate = |value: &str| {
         let file = tempfile::Builder::new()
             .suffix(".yaml")

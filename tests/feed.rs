@@ -242,35 +242,134 @@ async fn reported_uses_become_last_used() {
     }
 }
 
+/// Issue 29 (7): streams at once stay bounded, but idle ones cannot lock
+/// a live reader out: a new reader at the cap displaces the oldest (told
+/// ABORTED), so 16 idle streams never stop a module from syncing.
 #[tokio::test]
-async fn streams_at_once_are_bounded() {
+async fn streams_at_once_are_bounded_and_idle_ones_never_lock_a_reader_out() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(&dir).await;
-    let mut open = Vec::new();
+    server.create_key("acct", &["mail.send"]).await;
+    // Idle readers: each took its first event, then reads nothing more.
+    let mut idle = Vec::new();
     for _ in 0..keyward::grpc::feed::MAX_WATCHERS {
         let mut stream = watch(&server).await;
         assert!(matches!(next(&mut stream).await, Event::Tables(_)));
-        open.push(stream);
+        idle.push(stream);
     }
-    let refused = DecisionFeedClient::new(server.channel().await)
+    let mut live = watch(&server).await;
+    assert!(matches!(next(&mut live).await, Event::Tables(_)));
+    let mut synced = false;
+    while !synced {
+        synced = matches!(next(&mut live).await, Event::Synced(_));
+    }
+    // The oldest idle reader was told why it ended; the others stay.
+    let oldest = loop {
+        match tokio::time::timeout(WAIT, idle[0].message())
+            .await
+            .expect("the oldest stream ends in time")
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(oldest.code(), Code::Aborted, "{oldest:?}");
+    assert!(oldest.message().contains("displaced"), "{oldest:?}");
+    // Another sixteen newcomers: every one gets its stream.
+    for _ in 0..keyward::grpc::feed::MAX_WATCHERS {
+        let mut stream = watch(&server).await;
+        assert!(matches!(next(&mut stream).await, Event::Tables(_)));
+    }
+}
+
+/// Issue 29 (7): uses are noted only for keys the reporter could have
+/// decided on: not a disabled key, not one expired by the time reported,
+/// so a report can never hide a dead key from `--unused-for`.
+#[tokio::test]
+async fn reported_uses_of_keys_that_could_not_decide_are_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (disabled, _) = server.create_key("acct", &["mail.send"]).await;
+    let (expiring, _) = server.create_key("acct", &["mail.send"]).await;
+    let mut manager = server.manager().await;
+    manager
+        .disable_key(bearer(
+            &server.admin,
+            pb::DisableKeyRequest {
+                key_id: disabled.clone(),
+            },
+        ))
+        .await
+        .expect("disable");
+    let expires = keyward::clock::now_nanos() + 2_000_000_000;
+    manager
+        .set_key_expiry(bearer(
+            &server.admin,
+            pb::SetKeyExpiryRequest {
+                key_id: expiring.clone(),
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: expires / 1_000_000_000,
+                    nanos: 0,
+                }),
+            },
+        ))
+        .await
+        .expect("expiry");
+    let mut client = DecisionFeedClient::new(server.channel().await);
+    // A use "reported" after the expiry (within the allowed clock skew).
+    let after_expiry = expires + 10_000_000_000;
+    let applied = client
+        .report_use(bearer(
+            &server.admin,
+            pb::ReportUseRequest {
+                uses: vec![
+                    pb::KeyUse {
+                        id: id_bytes(&disabled),
+                        at_unix_nanos: keyward::clock::now_nanos(),
+                    },
+                    pb::KeyUse {
+                        id: id_bytes(&expiring),
+                        at_unix_nanos: after_expiry,
+                    },
+                ],
+            },
+        ))
+        .await
+        .expect("report")
+        .into_inner();
+    assert_eq!(applied.applied, 0, "neither could have been used");
+    for id in [disabled, expiring] {
+        let key = manager
+            .get_key(bearer(&server.admin, pb::GetKeyRequest { key_id: id }))
+            .await
+            .expect("get")
+            .into_inner();
+        assert!(key.last_used_at.is_none(), "never used: {key:?}");
+    }
+}
+
+/// Issue 29 (7): with key management on its own listener (loopback in the
+/// shipped manifests), the decision feed is served there, never on the
+/// decision port that faces the pod network.
+#[tokio::test]
+async fn the_feed_is_served_with_key_management() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = keyward::config::ServeConfig::with_data_dir(dir.path().join("data"));
+    config.manage_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let server = TestServer::start_with(config).await;
+    let on_decisions = DecisionFeedClient::new(server.channel().await)
         .watch(bearer(&server.admin, pb::WatchRequest {}))
         .await;
-    assert_status(refused.map(|_| ()), Code::ResourceExhausted, "at most");
-    // A reader that leaves frees its place.
-    drop(open.pop());
-    let reopened = tokio::time::timeout(WAIT, async {
-        loop {
-            let attempt = DecisionFeedClient::new(server.channel().await)
-                .watch(bearer(&server.admin, pb::WatchRequest {}))
-                .await;
-            if attempt.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(reopened.is_ok(), "a freed place is taken again");
+    assert_status(on_decisions.map(|_| ()), Code::Unimplemented, "");
+    let manage = server.manage_addr.expect("manage listener");
+    let channel = common::connect(&format!("http://{manage}")).await;
+    let mut stream = DecisionFeedClient::new(channel)
+        .watch(bearer(&server.admin, pb::WatchRequest {}))
+        .await
+        .expect("the feed, with key management")
+        .into_inner();
+    assert!(matches!(next(&mut stream).await, Event::Tables(_)));
 }
 
 /// A snapshot read while keys are created and revoked, stitched to the
@@ -290,11 +389,16 @@ async fn a_snapshot_during_writes_converges_to_the_key_set() {
         tokio::spawn(async move {
             let mut manager = server.manager().await;
             for (id, account) in doomed {
-                manager
-                    .delete_key(bearer(&server.admin, pb::DeleteKeyRequest { key_id: id }))
+                tokio::time::timeout(
+                    WAIT,
+                    manager.delete_key(bearer(&server.admin, pb::DeleteKeyRequest { key_id: id })),
+                )
+                .await
+                .expect("a revocation answered in time")
+                .expect("revoke");
+                tokio::time::timeout(WAIT, server.create_key(&account, &["alerts.read"]))
                     .await
-                    .expect("revoke");
-                server.create_key(&account, &["alerts.read"]).await;
+                    .expect("a creation answered in time");
             }
         })
     };
@@ -319,7 +423,9 @@ async fn a_snapshot_during_writes_converges_to_the_key_set() {
         }
         if !writes_done && writer.is_finished() {
             writes_done = true;
-            let (id, _) = server.create_key("marker", &["mail.send"]).await;
+            let (id, _) = tokio::time::timeout(WAIT, server.create_key("marker", &["mail.send"]))
+                .await
+                .expect("the marker created in time");
             marker = Some(id_bytes(&id));
         }
     }

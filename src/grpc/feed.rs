@@ -7,13 +7,24 @@
 //! the snapshot it is sending (16 bytes a key), at most [`STREAM_BUFFER`]
 //! events not yet taken by its reader, and its place in the change
 //! broadcast ([`crate::feed::FEED_BUFFER`] changes shared by all); a reader
-//! that falls further behind is cut off (ABORTED) and reads again.
+//! that falls further behind is cut off (ABORTED) and reads again, as is
+//! one that has taken nothing for [`STALL_LIMIT`] while events wait.
+//!
+//! Idle readers cannot lock live ones out: at the cap, a new stream
+//! displaces the oldest (told ABORTED; a module reconnects, its last copy
+//! deciding meanwhile). Streams that hold a slot without reading are thus
+//! pushed out by every newer reader, and a reader that keeps reconnecting
+//! to push others out spends a snapshot each time it does.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::access::Access;
@@ -36,6 +47,9 @@ pub const STREAM_BUFFER: usize = 256;
 pub const MAX_USES_PER_REPORT: usize = 10_000;
 /// How often an idle stream says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Longest a stream waits for its reader to take an event while its
+/// buffer is full, before it is cut off.
+pub const STALL_LIMIT: Duration = Duration::from_secs(30);
 /// Keys read from the index per step of a snapshot.
 const SNAPSHOT_STEP: usize = 256;
 /// How far in the future a reported use may be (clock skew).
@@ -66,8 +80,41 @@ pub struct FeedService {
     reader: Option<SecretHash>,
     /// Replicated mode: whether the replica has caught up with etcd.
     replication: Option<tokio::sync::watch::Receiver<Replication>>,
-    watchers: Arc<Semaphore>,
+    watchers: Arc<Watchers>,
     stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The streams open now, oldest first, each with the token that displaces
+/// it.
+#[derive(Debug, Default)]
+struct Watchers {
+    open: Mutex<VecDeque<(u64, CancellationToken)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Watchers {
+    /// A slot for a new stream: its id and displacement token. At the cap,
+    /// the oldest stream is told to end.
+    fn admit(&self) -> (u64, CancellationToken) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = CancellationToken::new();
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.len() >= MAX_WATCHERS
+            && let Some((_, oldest)) = open.pop_front()
+        {
+            oldest.cancel();
+        }
+        open.push_back((id, token.clone()));
+        (id, token)
+    }
+
+    /// Stream `id` ended.
+    fn release(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(open, _)| *open != id);
+    }
 }
 
 impl FeedService {
@@ -90,7 +137,7 @@ impl FeedService {
             access,
             reader,
             replication,
-            watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
+            watchers: Arc::default(),
             stop,
         }
     }
@@ -117,7 +164,7 @@ impl FeedService {
 
 #[tonic::async_trait]
 impl pb::decision_feed_server::DecisionFeed for FeedService {
-    type WatchStream = ReceiverStream<Result<pb::FeedEvent, Status>>;
+    type WatchStream = Events;
 
     async fn watch(
         &self,
@@ -140,27 +187,28 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
                 "the replica has not caught up with etcd yet: watch again shortly",
             ));
         }
-        let permit = Arc::clone(&self.watchers)
-            .try_acquire_owned()
-            .map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "at most {MAX_WATCHERS} decision feed streams at once"
-                ))
-            })?;
+        let (slot, displaced) = self.watchers.admit();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let events = Events {
+            queued: ReceiverStream::new(rx),
+            displaced: displaced.clone().cancelled_owned(),
+            ended: false,
+        };
         let stream = Stream {
             index: Arc::clone(&self.index),
             feed,
             tables: Arc::clone(&self.tables),
             tx,
             stop: self.stop.clone(),
+            displaced,
         };
+        let watchers = Arc::clone(&self.watchers);
         tokio::spawn(async move {
-            let _permit = permit;
             let outcome = stream.run().await;
+            watchers.release(slot);
             tracing::debug!(?outcome, "decision feed stream ended");
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(events))
     }
 
     async fn report_use(
@@ -187,13 +235,13 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
                     format!("entry {at}: must be after 1970 and not in the future"),
                 ));
             }
-            // Within the skew, a clock ahead of ours counts as now: a
-            // report can never make a key look used later than it was.
-            parsed.push((KeyId::from_bytes(id), used.at_unix_nanos.min(now)));
+            parsed.push((KeyId::from_bytes(id), used.at_unix_nanos));
         }
+        // Only uses the reporter could have decided: the key enabled and
+        // not expired at the reported time (within the skew, noted as now).
         let applied = parsed
             .iter()
-            .filter(|(id, at)| self.index.note_use(id, *at))
+            .filter(|(id, at)| self.index.note_use(id, *at, now))
             .count();
         Ok(Response::new(pb::ReportUseResponse {
             applied: u32::try_from(applied).unwrap_or(u32::MAX),
@@ -201,11 +249,52 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// What a reader receives: the stream's queued events, until it is
+    /// displaced; then ABORTED at once, and the events still queued are
+    /// dropped with it (a displaced reader holds nothing of keyward's).
+    pub struct Events {
+        #[pin]
+        queued: ReceiverStream<Result<pb::FeedEvent, Status>>,
+        #[pin]
+        displaced: tokio_util::sync::WaitForCancellationFutureOwned,
+        ended: bool,
+    }
+}
+
+impl tokio_stream::Stream for Events {
+    type Item = Result<pb::FeedEvent, Status>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = self.project();
+        if *this.ended {
+            return std::task::Poll::Ready(None);
+        }
+        if this.displaced.poll(cx).is_ready() {
+            *this.ended = true;
+            return std::task::Poll::Ready(Some(Err(displaced_status())));
+        }
+        this.queued.poll_next(cx)
+    }
+}
+
+/// What a displaced reader is told.
+fn displaced_status() -> Status {
+    Status::aborted(format!(
+        "displaced by a newer reader (at most {MAX_WATCHERS} decision feed streams at once): watch again"
+    ))
+}
+
 /// Why a stream ended (for the debug log).
 #[derive(Debug)]
 enum Ended {
     ReaderGone,
     FellBehind,
+    Stalled,
+    Displaced,
     Stopped,
 }
 
@@ -216,18 +305,34 @@ struct Stream {
     tables: Arc<Tables>,
     tx: mpsc::Sender<Result<pb::FeedEvent, Status>>,
     stop: tokio::sync::watch::Receiver<bool>,
+    /// Cancelled when a newer stream takes this one's slot.
+    displaced: CancellationToken,
 }
 
 impl Stream {
+    /// Queues one event for the reader: at once while the reader keeps up;
+    /// otherwise waits for room, until the reader has taken nothing for
+    /// [`STALL_LIMIT`] or the stream is displaced.
     async fn send(&self, event: Event) -> Result<(), Ended> {
-        self.tx
-            .send(Ok(pb::FeedEvent { event: Some(event) }))
-            .await
-            .map_err(|_| Ended::ReaderGone)
+        let event = Ok(pb::FeedEvent { event: Some(event) });
+        let event = match self.tx.try_send(event) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Ended::ReaderGone),
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
+        tokio::select! {
+            sent = tokio::time::timeout(STALL_LIMIT, self.tx.send(event)) => match sent {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(Ended::ReaderGone),
+                Err(_) => Err(self
+                    .fail(Status::aborted("this reader took nothing for too long: watch again"), Ended::Stalled)),
+            },
+            () = self.displaced.cancelled() => Err(Ended::Displaced),
+        }
     }
 
-    async fn fail(&self, status: Status, ended: Ended) -> Ended {
-        let _ = self.tx.send(Err(status)).await;
+    fn fail(&self, status: Status, ended: Ended) -> Ended {
+        let _ = self.tx.try_send(Err(status));
         ended
     }
 
@@ -284,8 +389,7 @@ impl Stream {
                             .fail(
                                 Status::aborted("this reader fell behind the changes: watch again"),
                                 Ended::FellBehind,
-                            )
-                            .await;
+                            );
                     }
                     Err(broadcast::error::RecvError::Closed) => return Ended::Stopped,
                 },
@@ -297,9 +401,9 @@ impl Stream {
                 }
                 () = &mut stopped => {
                     return self
-                        .fail(Status::unavailable("keyward is shutting down"), Ended::Stopped)
-                        .await;
+                        .fail(Status::unavailable("keyward is shutting down"), Ended::Stopped);
                 }
+                () = self.displaced.cancelled() => return Ended::Displaced,
             }
         }
     }

@@ -33,9 +33,11 @@
 //!   presented; concurrent first sights of one id share one read. So a
 //!   flood of made-up ids spends the small budget, and the ids that exist
 //!   keep theirs. Ids found in etcd before (held, or evicted since) are
-//!   fetched again outside both, so a flood cannot keep a known key out.
-//!   Over its budget, or with etcd away, a new key is refused as
-//!   unverifiable (never allowed).
+//!   fetched again within a budget of their own (the same rate), then the
+//!   listed ids'. Over its budget, or with etcd away, a listed id is
+//!   refused as unverifiable; an unlisted id over its budget is answered
+//!   as unknown, as made-up ids are (never allowed either way). In all:
+//!   at most 2.1 × `--replica-fetch-rate` first-sight reads a second.
 //! - **Key management's reads are bounded too**: reading one key's record
 //!   or a page of an account's keys spends a budget of its own
 //!   (`--replica-fetch-rate` a second; over it, UNAVAILABLE), and an id
@@ -144,6 +146,9 @@ pub struct OnDemand {
     /// First sights of ids the members' filter does not list.
     stranger_sights: Gcra,
     stranger_sight_tat: AtomicI64,
+    /// Fetches of ids found before (held, or evicted since).
+    refetches: Gcra,
+    refetch_tat: AtomicI64,
     /// etcd reads key management makes (a key's record, an account's
     /// page), apart from decisions' first sights.
     manage_reads: Gcra,
@@ -213,6 +218,8 @@ impl OnDemand {
             first_sight_tat: AtomicI64::new(0),
             stranger_sights: per_second(demand.fetch_rate / STRANGER_SHARE),
             stranger_sight_tat: AtomicI64::new(0),
+            refetches: per_second(demand.fetch_rate),
+            refetch_tat: AtomicI64::new(0),
             manage_reads: per_second(demand.fetch_rate),
             manage_read_tat: AtomicI64::new(0),
             inserts: AtomicU64::new(0),
@@ -258,32 +265,36 @@ impl OnDemand {
             .await;
     }
 
-    /// Whether a first sight of `id` may read etcd: ids found before
-    /// always; ids the members' filter lists within `--replica-fetch-rate`;
-    /// others within a tenth of it, so that made-up ids never take the
-    /// budget of ids that exist.
-    fn admit_first_sight(&self, id: &KeyId) -> bool {
-        if self.known.contains_key(id) {
-            return true;
-        }
+    /// Whether a first sight of `id` may read etcd, and if not, what to
+    /// answer. Ids found before (evicted since) have a budget of their own,
+    /// then share the listed ids'; ids the members' filter lists have
+    /// `--replica-fetch-rate`; others a tenth of it, and past it they are
+    /// answered as unknown (what etcd's listing and the watch say of them),
+    /// never as unverifiable: a different answer for live and made-up ids
+    /// would tell anyone which ids are live.
+    fn admit_first_sight(&self, id: &KeyId) -> Result<(), Lookup> {
         let now = now_nanos();
+        if self.known.contains_key(id) && self.refetches.admit(&self.refetch_tat, now).is_ok() {
+            return Ok(());
+        }
         match self.members.of(id) {
             Membership::Member => {
-                let admitted = self.first_sights.admit(&self.first_sight_tat, now).is_ok();
-                if !admitted {
-                    self.metrics.first_sight("over_rate", None);
+                if self.first_sights.admit(&self.first_sight_tat, now).is_ok() {
+                    return Ok(());
                 }
-                admitted
+                self.metrics.first_sight("over_rate", None);
+                Err(Lookup::Unverifiable)
             }
             Membership::Stranger => {
-                let admitted = self
+                if self
                     .stranger_sights
                     .admit(&self.stranger_sight_tat, now)
-                    .is_ok();
-                if !admitted {
-                    self.metrics.first_sight("over_rate_unlisted", None);
+                    .is_ok()
+                {
+                    return Ok(());
                 }
-                admitted
+                self.metrics.first_sight("over_rate_unlisted", None);
+                Err(Lookup::Absent)
             }
         }
     }
@@ -301,8 +312,8 @@ impl OnDemand {
     /// changed the key meanwhile).
     async fn fetch(&self, id: KeyId) -> Lookup {
         let started = Instant::now();
-        if !self.admit_first_sight(&id) {
-            return Lookup::Unverifiable;
+        if let Err(answer) = self.admit_first_sight(&id) {
+            return answer;
         }
         for _ in 0..FETCH_ATTEMPTS {
             let Some((found, revision)) = self.read(id).await else {

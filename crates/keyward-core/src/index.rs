@@ -45,6 +45,13 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Whether a decision at `at` (Unix nanos) could have allowed this key:
+    /// enabled, and not expired by then.
+    #[must_use]
+    pub fn could_decide_at(&self, at: i64) -> bool {
+        !self.disabled && (self.expires_at == crate::clock::NEVER || at < self.expires_at)
+    }
+
     /// What the key holds, as `id`.
     #[must_use]
     pub fn verified(&self, id: KeyId) -> Verified {
@@ -339,12 +346,17 @@ impl Index {
     }
 
     /// Records a use of `id` at `at` (Unix nanos) that another decision
-    /// point made; false if no such key is live.
-    pub fn note_use(&self, id: &KeyId, at: i64) -> bool {
+    /// point made; false (and nothing noted) if no such key is live, or it
+    /// could not have been used then (disabled, or expired by then): a
+    /// report must not make a key that decides nothing look in use.
+    /// The use is noted at `at` or `now`, whichever is earlier: a clock
+    /// ahead of ours never makes a key look used later than it was.
+    pub fn note_use(&self, id: &KeyId, at: i64, now: i64) -> bool {
         self.keys
             .pin()
             .get(id)
-            .map(|entry| entry.usage.note_use(at))
+            .filter(|entry| entry.could_decide_at(at))
+            .map(|entry| entry.usage.note_use(at.min(now)))
             .is_some()
     }
 

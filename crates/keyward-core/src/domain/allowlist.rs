@@ -141,18 +141,21 @@ pub const MAX_TRUSTED_HOPS: u32 = 16;
 /// The client address Envoy computes with `use_remote_address: true` and
 /// `xff_num_trusted_hops: hops`, from what ext_authz receives: the direct
 /// peer (`attributes.source.address`) and `X-Forwarded-For` as Envoy
-/// forwards it (with the peer appended by Envoy itself).
+/// forwards it, that is with one entry appended by Envoy itself (the peer,
+/// or Envoy's own node address when the peer is 127.0.0.1 or ::1).
 ///
 /// - `hops` 0: the peer. `X-Forwarded-For` is the client's to write, so
 ///   it is never read.
-/// - `hops` N: the N-th entry from the right of the header as it reached
-///   Envoy (each trusted proxy appended the address it saw, so that entry
-///   was written by the outermost trusted proxy); the peer when there are
-///   fewer entries or that entry is not an address, as Envoy does.
+/// - `hops` N: Envoy's own entry set aside, the N-th entry from the right
+///   of the header as it reached Envoy (each trusted proxy appended the
+///   address it saw, so that entry was written by the outermost trusted
+///   proxy); the peer when there are fewer entries or that entry is not an
+///   address, as Envoy does.
 /// - `hops` N with no header at all: `None` (fail closed). Envoy appends
-///   the peer whenever it forwards one, so a missing header means the
-///   ext_authz filter was not given it (`allowed_headers`): deciding on
-///   the balancer's address instead is the mistake this guards against.
+///   an entry whenever `use_remote_address` is on, so a missing header
+///   means the ext_authz filter was not given it (`allowed_headers`):
+///   deciding on the balancer's address instead is the mistake this
+///   guards against.
 #[must_use]
 pub fn forwarded_client(
     peer: Option<IpAddr>,
@@ -163,14 +166,11 @@ pub fn forwarded_client(
         return peer;
     }
     let header = forwarded_for?;
-    let mut entries = header.rsplit(',').map(str::trim).peekable();
-    // Envoy's own append: the direct peer, last. Dropped only when it is
-    // the peer, so a header Envoy did not append to loses nothing.
-    let last = entries.peek().and_then(|text| client(text).ok().flatten());
-    if last.is_some() && last == peer {
-        entries.next();
-    }
-    let chosen = entries.nth(usize::try_from(hops - 1).ok()?);
+    // Skip Envoy's own entry, then `hops - 1` trusted ones.
+    let chosen = header
+        .rsplit(',')
+        .map(str::trim)
+        .nth(usize::try_from(hops).ok()?);
     chosen.and_then(|text| client(text).ok().flatten()).or(peer)
 }
 
@@ -252,15 +252,16 @@ mod tests {
             balancer
         );
         // One trusted hop: what the balancer appended, after Envoy's own
-        // append of the balancer is set aside.
+        // entry (the balancer) is set aside.
         assert_eq!(
             forwarded_client(balancer, Some("10.1.1.1, 127.0.0.1, 127.0.0.2"), 1),
             Some(ip("127.0.0.1"))
         );
-        // A header Envoy did not append to (skip_xff_append).
+        // A balancer on exact loopback: Envoy appends its own node address
+        // instead, which is set aside all the same.
         assert_eq!(
-            forwarded_client(balancer, Some("10.1.1.1,127.0.0.1"), 1),
-            Some(ip("127.0.0.1"))
+            forwarded_client(Some(ip("127.0.0.1")), Some("8.8.8.8,192.0.2.2"), 1),
+            Some(ip("8.8.8.8"))
         );
         assert_eq!(
             forwarded_client(balancer, Some("8.8.8.8, 10.0.0.1, 192.0.2.1, 127.0.0.2"), 2),
