@@ -24,6 +24,7 @@ use crate::grpc::manage::principal_of;
 use crate::grpc::status::invalid;
 use crate::keys::Principal;
 use crate::keys::Replication;
+use crate::metrics::FeedCounters;
 use crate::pb::v1 as pb;
 use crate::pb::v1::feed_event::Event;
 use crate::store::index::{Entry, Index};
@@ -68,12 +69,15 @@ pub struct FeedService {
     replication: Option<tokio::sync::watch::Receiver<Replication>>,
     watchers: Arc<Semaphore>,
     stop: tokio::sync::watch::Receiver<bool>,
+    counters: FeedCounters,
 }
 
 impl FeedService {
     /// The feed of `index` (with its change `feed`), for the admin and the
     /// holder of the `reader` token; streams end when `stop` turns true.
+    /// Readers are counted in `counters`.
     #[must_use]
+    #[allow(clippy::too_many_arguments, reason = "wiring, called once")]
     pub fn new(
         index: Arc<Index>,
         feed: Option<Arc<Feed>>,
@@ -82,6 +86,7 @@ impl FeedService {
         reader: Option<SecretHash>,
         replication: Option<tokio::sync::watch::Receiver<Replication>>,
         stop: tokio::sync::watch::Receiver<bool>,
+        counters: FeedCounters,
     ) -> Self {
         Self {
             index,
@@ -92,6 +97,7 @@ impl FeedService {
             replication,
             watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
             stop,
+            counters,
         }
     }
 
@@ -155,9 +161,15 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
             tx,
             stop: self.stop.clone(),
         };
+        let counters = self.counters.clone();
+        counters.readers.inc();
         tokio::spawn(async move {
             let _permit = permit;
             let outcome = stream.run().await;
+            counters.readers.dec();
+            if matches!(outcome, Ended::FellBehind) {
+                counters.cut_off.inc();
+            }
             tracing::debug!(?outcome, "decision feed stream ended");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
