@@ -256,6 +256,15 @@ async fn streams_at_once_are_bounded() {
         .watch(bearer(&server.admin, pb::WatchRequest {}))
         .await;
     assert_status(refused.map(|_| ()), Code::ResourceExhausted, "at most");
+    // Every open stream is a reader in the metrics (the refused one is not).
+    let metrics = server.scrape().await;
+    assert!(
+        metrics.contains(&format!(
+            "\nkeyward_feed_readers {}\n",
+            keyward::grpc::feed::MAX_WATCHERS
+        )),
+        "{metrics}"
+    );
     // A reader that leaves frees its place.
     drop(open.pop());
     let reopened = tokio::time::timeout(WAIT, async {

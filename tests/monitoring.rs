@@ -306,6 +306,72 @@ async fn traffic(url: &str, admin: &str, round: usize) {
     }
 }
 
+/// Prometheus: its own TSDB in `dir`, a free loopback port, scraping
+/// `metrics` every second under the job and labels the rules and the
+/// dashboard expect (in Kubernetes the operator adds namespace and pod),
+/// with the shipped rules loaded.
+fn start_prometheus(prometheus: &str, dir: &std::path::Path, metrics: &str) -> (Killed, Api) {
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/monitoring/rules.yaml");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n- {rules}\n\
+             scrape_configs:\n- job_name: keyward\n  static_configs:\n  - targets: ['{metrics}']\n    labels:\n      namespace: monitoring-test\n      pod: keyward-0\n",
+            rules = rules.display()
+        ),
+    )
+    .expect("prometheus.yml");
+    let web = common::free_port();
+    let prometheus_log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
+    let child = std::process::Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(prometheus_log)
+        .spawn()
+        .expect("prometheus starts");
+    (Killed(child), Api::new(web))
+}
+
+/// The rules loaded, every one evaluates without error, and no alert but
+/// the guessing one fires for a healthy sidecar.
+async fn rules_loaded_and_healthy(api: &Api) {
+    let groups = api.data("rules").await;
+    let mut alerting = BTreeSet::new();
+    for group in groups["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            assert_eq!(rule["health"], "ok", "{rule}");
+            if rule["type"] == "alerting" {
+                alerting.insert(rule["name"].as_str().expect("name").to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        alerting,
+        alerts().into_iter().map(str::to_owned).collect(),
+        "every alert in rules.yaml is loaded"
+    );
+    let active = api
+        .query(r#"ALERTS{alertstate="firing"}"#)
+        .await
+        .expect("ALERTS");
+    let names: BTreeSet<&str> = active
+        .iter()
+        .filter_map(|alert| alert["metric"]["alertname"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["KeywardGuessingDetected"]),
+        "{active:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_real_prometheus_scrapes_keyward_and_answers_every_dashboard_query() {
     let Some(prometheus) = common::tool(
@@ -334,36 +400,7 @@ async fn a_real_prometheus_scrapes_keyward_and_answers_every_dashboard_query() {
     let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
     let metrics = common::logged_address(&log, "serving metrics at /metrics");
 
-    // Prometheus: its own TSDB in the temp dir, a free loopback port,
-    // scraping every second under the job and labels the rules and the
-    // dashboard expect (in Kubernetes the operator adds namespace and pod).
-    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/monitoring/rules.yaml");
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             rule_files:\n- {rules}\n\
-             scrape_configs:\n- job_name: keyward\n  static_configs:\n  - targets: ['{metrics}']\n    labels:\n      namespace: monitoring-test\n      pod: keyward-0\n",
-            rules = rules.display()
-        ),
-    )
-    .expect("prometheus.yml");
-    let web = common::free_port();
-    let prometheus_log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
-    let child = std::process::Command::new(prometheus)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{web}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(prometheus_log)
-        .spawn()
-        .expect("prometheus starts");
-    let _prometheus = Killed(child);
-    let api = Api::new(web);
+    let (_prometheus, api) = start_prometheus(&prometheus, dir.path(), &metrics);
     let prometheus_log =
         || std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
 
@@ -417,36 +454,7 @@ async fn a_real_prometheus_scrapes_keyward_and_answers_every_dashboard_query() {
         "KeywardGuessingDetected fires for the guessed key: {firing:?}"
     );
 
-    // The rules loaded, and every one evaluates without error.
-    let groups = api.data("rules").await;
-    let mut alerting = BTreeSet::new();
-    for group in groups["groups"].as_array().expect("groups") {
-        for rule in group["rules"].as_array().expect("rules") {
-            assert_eq!(rule["health"], "ok", "{rule}");
-            if rule["type"] == "alerting" {
-                alerting.insert(rule["name"].as_str().expect("name").to_owned());
-            }
-        }
-    }
-    assert_eq!(
-        alerting,
-        alerts().into_iter().map(str::to_owned).collect(),
-        "every alert in rules.yaml is loaded"
-    );
-    // No alert but the guessing one fires for a healthy sidecar.
-    let active = api
-        .query(r#"ALERTS{alertstate="firing"}"#)
-        .await
-        .expect("ALERTS");
-    let names: BTreeSet<&str> = active
-        .iter()
-        .filter_map(|alert| alert["metric"]["alertname"].as_str())
-        .collect();
-    assert_eq!(
-        names,
-        BTreeSet::from(["KeywardGuessingDetected"]),
-        "{active:?}"
-    );
+    rules_loaded_and_healthy(&api).await;
 
     // The dashboard's variables: Grafana's label_values(metric, label),
     // through the same API Grafana calls.

@@ -162,6 +162,14 @@ async fn a_traceparent_reaches_the_requests_log_and_audit_lines() {
         .expect("kill");
     assert!(child.wait().expect("exit").success());
     let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
+    assert_traced(&log);
+}
+
+/// The audit lines of traced requests carry their trace (as a field and
+/// in their span), the untraced one none; the guessing warning of the
+/// Check carries the client request's trace; the invalid header is
+/// nowhere.
+fn assert_traced(log: &str) {
     let events: Vec<serde_json::Value> = log
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
