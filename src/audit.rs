@@ -1,6 +1,7 @@
 //! The audit log (target `keyward::audit`): one event for every key change
 //! and every refused change, whichever front door (gRPC or REST) it came
-//! through. Never a secret.
+//! through. Never a secret. A request that came with a valid W3C
+//! `traceparent` has its `trace_id` in its audit line ([`crate::trace`]).
 
 use crate::domain::record::KeyRecord;
 use crate::keys::{KeyError, Principal};
@@ -28,6 +29,7 @@ pub fn changed(
         )
     };
     let access = &after.access;
+    let trace = crate::trace::current();
     tracing::info!(
         target: "keyward::audit",
         actor = %principal.label(),
@@ -48,17 +50,20 @@ pub fn changed(
             limit.burst()
         )),
         rotated = before.is_some_and(|b| b.access.secret != access.secret),
+        trace_id = trace.as_ref().map(crate::trace::TraceParent::trace_id),
         result = "ok",
     );
 }
 
 /// A refused change, with why.
 pub fn refused(principal: &Principal, operation: &str, error: &KeyError) {
+    let trace = crate::trace::current();
     tracing::info!(
         target: "keyward::audit",
         actor = %principal.label(),
         operation,
         error = %error,
+        trace_id = trace.as_ref().map(crate::trace::TraceParent::trace_id),
         result = "refused",
     );
 }
@@ -66,10 +71,12 @@ pub fn refused(principal: &Principal, operation: &str, error: &KeyError) {
 /// A backup started: every key's record (hashes, never a secret) leaves
 /// the sidecar.
 pub fn backup(principal: &Principal) {
+    let trace = crate::trace::current();
     tracing::info!(
         target: "keyward::audit",
         actor = %principal.label(),
         operation = "backup",
+        trace_id = trace.as_ref().map(crate::trace::TraceParent::trace_id),
         result = "started",
     );
 }

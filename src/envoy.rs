@@ -57,15 +57,10 @@ impl CheckService {
     /// Decides a `CheckRequest`; `Err` for a request that is not an HTTP
     /// request keyward can decide (validated as `Authorize` validates).
     async fn decide(&self, request: &CheckRequest) -> Result<Decision, InvalidRequest> {
-        let http = request
-            .attributes
-            .as_ref()
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref())
-            .ok_or_else(|| InvalidRequest {
-                field: "attributes.request.http",
-                problem: "required: the check request carries no HTTP request".into(),
-            })?;
+        let http = http_request(request).ok_or_else(|| InvalidRequest {
+            field: "attributes.request.http",
+            problem: "required: the check request carries no HTTP request".into(),
+        })?;
         let (method, path) = FrontDoor::validate(&http.method, &http.path)?;
         let credential = header(http, "authorization").unwrap_or_default();
         let client = crate::domain::allowlist::forwarded_client(
@@ -80,6 +75,15 @@ impl CheckService {
 /// A request header as Envoy sent it: in `headers` (lower-cased names,
 /// repeated values joined with `,`), or in `header_map` when Envoy sends
 /// raw headers (every value, joined the same way).
+/// The client's HTTP request a check is about.
+fn http_request(request: &CheckRequest) -> Option<&HttpRequest> {
+    request
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref())
+}
+
 fn header<'a>(http: &'a HttpRequest, name: &str) -> Option<Cow<'a, str>> {
     if let Some(value) = http.headers.get(name) {
         return Some(Cow::Borrowed(value));
@@ -116,7 +120,13 @@ impl Authorization for CheckService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let response = match self.decide(request.get_ref()).await {
+        // The client request's trace, as Envoy forwards it (its access log
+        // shows the same `traceparent`): a header lookup when absent.
+        let trace = http_request(request.get_ref())
+            .and_then(|http| header(http, crate::trace::HEADER))
+            .and_then(|value| crate::trace::TraceParent::parse(value.as_bytes()));
+        let decided = crate::trace::traced(trace, self.decide(request.get_ref())).await;
+        let response = match decided {
             Ok(decision) if decision.allowed() => allow(&decision),
             Ok(decision) => deny(&decision, self.front.catalog()),
             Err(invalid) => {

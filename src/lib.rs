@@ -25,6 +25,8 @@
 //!   KeyManager, SendGrid's REST) share: who is calling, and the audit log.
 //! - [`guard`]: guessing detection: repeated wrong secrets per key id.
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
+//! - [`trace`]: W3C `traceparent` on a request, carried into its log lines
+//!   and audit line as `trace_id` (no tracing backend).
 //! - [`listen`]: accepted connections within bounds: a cap per listener,
 //!   an idle timeout, accept errors that pause instead of spinning.
 //! - [`log`]: log lines through a bounded non-blocking writer; a failing
@@ -87,3 +89,4 @@ pub mod rest;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod trace;

@@ -72,6 +72,21 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FileLabels {
+    file: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     operation: &'static str,
 }
@@ -90,6 +105,70 @@ pub struct Metrics {
     guessing_detected: Counter,
     replica: ReplicaMetrics,
     listeners: ListenerFamilies,
+    operations: Operations,
+}
+
+/// What an operator's alerts watch beyond decisions and the store: health
+/// as served, the decision feed's readers, the TLS certificate's expiry,
+/// and the storage mode (which tells replica alerts where they apply).
+#[derive(Debug)]
+struct Operations {
+    serving: Family<ServiceLabels, Gauge>,
+    feed: FeedCounters,
+    certificate_expiry: Family<FileLabels, Gauge>,
+    mode: Family<ModeLabels, Gauge>,
+}
+
+impl Operations {
+    fn register(registry: &mut Registry) -> Self {
+        let serving = registered(
+            registry,
+            "serving",
+            "What grpc.health.v1 reports for each service: 1 SERVING, 0 NOT_SERVING (a failing store, a replica not caught up or too stale, shutting down)",
+            Family::<ServiceLabels, Gauge>::default(),
+        );
+        let feed = FeedCounters {
+            readers: registered(
+                registry,
+                "feed_readers",
+                "Decision feed streams open now (an Envoy module keeps its copy current through one)",
+                Gauge::default(),
+            ),
+            cut_off: registered(
+                registry,
+                "feed_readers_cut_off",
+                "Decision feed streams ended with ABORTED because their reader fell more than 4096 changes behind (it reads again from a snapshot)",
+                Counter::default(),
+            ),
+        };
+        let certificate_expiry = registered(
+            registry,
+            "tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the TLS certificate loaded at start-up from `file` (--tls-cert; read once, so a renewed file takes effect at the next restart), as Unix seconds; no sample without TLS",
+            Family::<FileLabels, Gauge>::default(),
+        );
+        let mode = registered(
+            registry,
+            "mode",
+            "1 for the storage mode this sidecar runs in: standalone (sled is the truth), full (a full replica of etcd) or on_demand (an on-demand replica of etcd)",
+            Family::<ModeLabels, Gauge>::default(),
+        );
+        Self {
+            serving,
+            feed,
+            certificate_expiry,
+            mode,
+        }
+    }
+}
+
+/// The decision feed's readers, for [`crate::grpc::feed`].
+#[derive(Debug, Clone, Default)]
+pub struct FeedCounters {
+    /// Streams open now (each an Envoy module's copy being kept current).
+    pub readers: Gauge,
+    /// Streams cut off because their reader fell behind the changes.
+    pub cut_off: Counter,
 }
 
 /// Connections by listener.
@@ -202,6 +281,7 @@ impl Metrics {
         );
         let replica = ReplicaMetrics::register(&mut registry);
         let listeners = ListenerFamilies::register(&mut registry);
+        let operations = Operations::register(&mut registry);
         registry.register_collector(Box::new(DroppedLogLines));
         Self {
             registry,
@@ -215,7 +295,42 @@ impl Metrics {
             guessing_detected,
             replica,
             listeners,
+            operations,
         }
+    }
+
+    /// Records the storage mode: `standalone`, `full` or `on_demand`.
+    pub fn set_mode(&self, mode: &'static str) {
+        self.operations
+            .mode
+            .get_or_create(&ModeLabels { mode })
+            .set(1);
+    }
+
+    /// Records what health reports for `service` (`""` is the server as a
+    /// whole).
+    pub fn set_serving(&self, service: &'static str, serving: bool) {
+        self.operations
+            .serving
+            .get_or_create(&ServiceLabels { service })
+            .set(i64::from(serving));
+    }
+
+    /// The decision feed's reader gauge and cut-off counter.
+    #[must_use]
+    pub fn feed(&self) -> FeedCounters {
+        self.operations.feed.clone()
+    }
+
+    /// Exports the TLS certificate's notAfter (Unix seconds), so an alert
+    /// can fire weeks before clients start refusing the handshake.
+    pub fn set_certificate_expiry(&self, file: &std::path::Path, not_after_unix: i64) {
+        self.operations
+            .certificate_expiry
+            .get_or_create(&FileLabels {
+                file: file.display().to_string(),
+            })
+            .set(not_after_unix);
     }
 
     /// Counts a first sight on an on-demand replica, and times it when it

@@ -202,6 +202,7 @@ impl App {
             _ => None,
         };
         let metrics = Arc::new(Metrics::new());
+        describe(&metrics, config);
         // Decisions read the cached clock (expiry, rate limits, last use).
         crate::clock::start_clock();
         let opening = std::time::Instant::now();
@@ -278,6 +279,30 @@ impl App {
     }
 }
 
+/// Exports what the configuration says about this sidecar that alerts
+/// need: its storage mode, and when its TLS certificate expires (read
+/// once: it is served until the next restart, so that is the expiry that
+/// matters).
+fn describe(metrics: &Metrics, config: &ServeConfig) {
+    metrics.set_mode(
+        match (config.etcd.etcd_endpoints.is_empty(), config.replica_mode) {
+            (true, _) => "standalone",
+            (false, crate::config::ReplicaMode::Full) => "full",
+            (false, crate::config::ReplicaMode::OnDemand) => "on_demand",
+        },
+    );
+    if let Some(cert) = &config.tls_cert {
+        if let Some(not_after) = crate::tls::not_after(cert) {
+            metrics.set_certificate_expiry(cert, not_after);
+        } else {
+            tracing::warn!(
+                file = %cert.display(),
+                "cannot read the TLS certificate's expiry; keyward_tls_certificate_expiry_timestamp_seconds is not exported"
+            );
+        }
+    }
+}
+
 /// The sockets keyward serves on, bound before serving so that tests (and
 /// the log) learn the real ports. Their connections are served within the
 /// bounds of [`crate::listen`] (cap, idle timeout, TCP_NODELAY and
@@ -336,7 +361,7 @@ pub async fn run(
     app: App,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let (reporter, health) = health_service(listeners.manage_enabled).await;
+    let (reporter, health) = health_service(listeners.manage_enabled, &app.metrics).await;
     // KeyManager follows the store; Authorizer and Check never follow the
     // disk (decisions are served from memory whatever it does), only the
     // replica's sync in replicated mode.
@@ -346,6 +371,7 @@ pub async fn run(
         app.max_staleness,
         reporter.clone(),
         listeners.manage_enabled,
+        Arc::clone(&app.metrics),
     ));
     let stop = Stop::new();
     // Ends when the servers do, so a server that fails on its own is
@@ -355,6 +381,7 @@ pub async fn run(
         shutdown,
         ended_rx,
         (reporter, store_health.abort_handle()),
+        &app.metrics,
         app.limits.shutdown_grace,
         &stop,
     );
@@ -419,9 +446,11 @@ pub async fn run(
     Ok(())
 }
 
-/// Health for every service, SERVING to start with.
+/// Health for every service, SERVING to start with (and so in
+/// `keyward_serving`).
 async fn health_service(
     manage_enabled: bool,
+    metrics: &Metrics,
 ) -> (
     tonic_health::server::HealthReporter,
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
@@ -441,8 +470,24 @@ async fn health_service(
             .set_serving::<KeyManagerServer<ManageService>>()
             .await;
     }
+    for service in SERVICES {
+        if manage_enabled || service != MANAGE_SERVICE {
+            metrics.set_serving(service, true);
+        }
+    }
     (reporter, health)
 }
+
+/// KeyManager's health service name.
+const MANAGE_SERVICE: &str = "keyward.v1.KeyManager";
+
+/// Every name health answers for (`""`: the server as a whole).
+const SERVICES: [&str; 4] = [
+    "",
+    "keyward.v1.Authorizer",
+    MANAGE_SERVICE,
+    "envoy.service.auth.v3.Authorization",
+];
 
 /// One stop signal that fans out to every listener.
 struct Stop {
@@ -476,6 +521,7 @@ async fn coordinate(
         tonic_health::server::HealthReporter,
         tokio::task::AbortHandle,
     ),
+    metrics: &Metrics,
     grace: Duration,
     stop: &Stop,
 ) {
@@ -488,17 +534,11 @@ async fn coordinate(
         grace_ms = grace.as_millis(),
         "shutdown: reporting NOT_SERVING, then draining"
     );
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    for service in [
-        "keyward.v1.Authorizer",
-        "keyward.v1.KeyManager",
-        "envoy.service.auth.v3.Authorization",
-    ] {
+    for service in SERVICES {
         reporter
             .set_service_status(service, ServingStatus::NotServing)
             .await;
+        metrics.set_serving(service, false);
     }
     tokio::time::sleep(grace).await;
     let _ = stop.tx.send(true);
@@ -564,6 +604,7 @@ fn grpc_servers(
         Ok(builder.timeout(limits.request_timeout).layer(
             tower::ServiceBuilder::new()
                 .layer(count_rpcs.clone())
+                .layer(crate::trace::TraceLayer)
                 .load_shed()
                 .layer(concurrency.clone())
                 .into_inner(),
@@ -658,6 +699,7 @@ fn feed_service(
         app.feed_reader,
         app.keys.replication(),
         stop.tx.subscribe(),
+        app.metrics.feed(),
     ))
     .max_decoding_message_size(app.limits.max_message_bytes)
 }
@@ -772,6 +814,7 @@ async fn follow_store_health(
     max_staleness: Duration,
     reporter: tonic_health::server::HealthReporter,
     manage_enabled: bool,
+    metrics: Arc<Metrics>,
 ) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     let mut shown = None;
@@ -804,8 +847,9 @@ async fn follow_store_health(
             };
             if manage_enabled {
                 reporter
-                    .set_service_status("keyward.v1.KeyManager", status(writes))
+                    .set_service_status(MANAGE_SERVICE, status(writes))
                     .await;
+                metrics.set_serving(MANAGE_SERVICE, writes);
             }
             for service in [
                 "keyward.v1.Authorizer",
@@ -814,6 +858,7 @@ async fn follow_store_health(
                 reporter
                     .set_service_status(service, status(decisions))
                     .await;
+                metrics.set_serving(service, decisions);
             }
             shown = Some((writes, decisions));
         }

@@ -104,3 +104,13 @@ pub fn incoming(
     });
     ReceiverStream::new(handshaken).map(Ok)
 }
+
+/// When the (first) certificate in the PEM file `cert` stops being valid,
+/// as Unix seconds; `None` if the file holds no certificate x509-parser
+/// can read (rustls, which loaded it, is the judge of whether it serves).
+#[must_use]
+pub fn not_after(cert: &Path) -> Option<i64> {
+    let first = CertificateDer::pem_file_iter(cert).ok()?.next()?.ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(first.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}

@@ -276,6 +276,19 @@ async fn streams_at_once_are_bounded_and_idle_ones_never_lock_a_reader_out() {
     };
     assert_eq!(oldest.code(), Code::Aborted, "{oldest:?}");
     assert!(oldest.message().contains("displaced"), "{oldest:?}");
+    // Every open stream is a reader in the metrics (the displaced one is
+    // not, once its task has ended).
+    let readers = format!(
+        "\nkeyward_feed_readers {}\n",
+        keyward::grpc::feed::MAX_WATCHERS
+    );
+    tokio::time::timeout(WAIT, async {
+        while !server.scrape().await.contains(&readers) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("sixteen readers in the metrics");
     // Another sixteen newcomers: every one gets its stream.
     for _ in 0..keyward::grpc::feed::MAX_WATCHERS {
         let mut stream = watch(&server).await;

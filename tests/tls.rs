@@ -59,6 +59,21 @@ async fn mutual_tls_admits_only_clients_with_a_trusted_certificate() {
         .expect("handshake");
     let reply = authorize(trusted).await.expect("served over mTLS");
     assert_eq!(reply.http_status, 401, "a real decision came back");
+    // The served certificate's notAfter is exported, for expiry alerts.
+    let metrics = server.scrape().await;
+    let expiry: i64 = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("keyward_tls_certificate_expiry_timestamp_seconds{file=\"")
+                .filter(|rest| rest.contains("server.pem\"}"))
+                .and_then(|rest| rest.rsplit(' ').next()?.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no certificate expiry in\n{metrics}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    assert!(u64::try_from(expiry).expect("positive") > now, "{expiry}");
 
     for identity in [None, Some(&pki.stranger)] {
         let refused = match tls_channel(&server, &pki.ca, identity).await {

@@ -35,6 +35,7 @@ use crate::grpc::manage::principal_of;
 use crate::grpc::status::invalid;
 use crate::keys::Principal;
 use crate::keys::Replication;
+use crate::metrics::FeedCounters;
 use crate::pb::v1 as pb;
 use crate::pb::v1::feed_event::Event;
 use crate::store::index::{Entry, Index};
@@ -82,6 +83,7 @@ pub struct FeedService {
     replication: Option<tokio::sync::watch::Receiver<Replication>>,
     watchers: Arc<Watchers>,
     stop: tokio::sync::watch::Receiver<bool>,
+    counters: FeedCounters,
 }
 
 /// The streams open now, oldest first, each with the token that displaces
@@ -120,7 +122,9 @@ impl Watchers {
 impl FeedService {
     /// The feed of `index` (with its change `feed`), for the admin and the
     /// holder of the `reader` token; streams end when `stop` turns true.
+    /// Readers are counted in `counters`.
     #[must_use]
+    #[allow(clippy::too_many_arguments, reason = "wiring, called once")]
     pub fn new(
         index: Arc<Index>,
         feed: Option<Arc<Feed>>,
@@ -129,6 +133,7 @@ impl FeedService {
         reader: Option<SecretHash>,
         replication: Option<tokio::sync::watch::Receiver<Replication>>,
         stop: tokio::sync::watch::Receiver<bool>,
+        counters: FeedCounters,
     ) -> Self {
         Self {
             index,
@@ -139,6 +144,7 @@ impl FeedService {
             replication,
             watchers: Arc::default(),
             stop,
+            counters,
         }
     }
 
@@ -203,9 +209,15 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
             displaced,
         };
         let watchers = Arc::clone(&self.watchers);
+        let counters = self.counters.clone();
+        counters.readers.inc();
         tokio::spawn(async move {
             let outcome = stream.run().await;
             watchers.release(slot);
+            counters.readers.dec();
+            if matches!(outcome, Ended::FellBehind | Ended::Stalled) {
+                counters.cut_off.inc();
+            }
             tracing::debug!(?outcome, "decision feed stream ended");
         });
         Ok(Response::new(events))

@@ -140,6 +140,9 @@ pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, surface: Surfac
                 response
             },
         ))
+        // Outermost: authentication refusals and audit lines alike are
+        // logged within the request's trace.
+        .layer(axum::middleware::from_fn(crate::trace::rest_layer))
         .with_state(rest)
 }
 
