@@ -687,6 +687,7 @@ async fn seed(cluster: &Cluster, n: usize) -> Vec<String> {
                 created_at: 1,
                 updated_at: 1,
                 access: Access::new(key.hash),
+                leak: None,
             }
         })
         .collect();
