@@ -9,83 +9,13 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
+use common::github::{GITHUB_URL, PATH, Signer256, post, post_signed, report, write_document};
 use common::{TestServer, bearer, rest_call};
 use keyward::config::ServeConfig;
 use keyward::keys::LeakAction;
 use keyward::pb::v1 as pb;
-use p256::ecdsa::signature::Signer;
-use p256::ecdsa::{Signature, SigningKey};
-use p256::pkcs8::EncodePublicKey;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-
-const PATH: &str = "/secret-scanning/github";
-const GITHUB_URL: &str =
-    "https://github.com/octocat/Hello-World/blob/12345600b9cbe38a219f39a9941c9319b600c002/.env";
-
-/// A GitHub-like signer: a fresh P-256 key pair and the identifier the
-/// key document names it by.
-struct Signer256 {
-    identifier: String,
-    key: SigningKey,
-}
-
-impl Signer256 {
-    fn new(identifier: &str) -> Self {
-        loop {
-            let mut bytes = [0u8; 32];
-            getrandom::fill(&mut bytes).expect("randomness");
-            if let Ok(key) = SigningKey::from_bytes(&bytes.into()) {
-                return Self {
-                    identifier: identifier.to_owned(),
-                    key,
-                };
-            }
-        }
-    }
-
-    /// The key's entry in GitHub's document.
-    fn listed(&self) -> Value {
-        json!({
-            "key_identifier": self.identifier,
-            "key": self.key
-                .verifying_key()
-                .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-                .expect("PEM"),
-            "is_current": true,
-        })
-    }
-
-    /// Base64 of the DER signature over `body`, as GitHub sends it.
-    fn sign(&self, body: &[u8]) -> String {
-        let signature: Signature = self.key.sign(body);
-        STANDARD.encode(signature.to_der().as_bytes())
-    }
-}
-
-/// GitHub's public key document listing `signers`.
-fn write_document(path: &Path, signers: &[&Signer256]) {
-    let document = json!({ "public_keys": signers.iter().map(|s| s.listed()).collect::<Vec<_>>() });
-    std::fs::write(path, serde_json::to_vec_pretty(&document).expect("json")).expect("written");
-}
-
-/// A report body in GitHub's shape.
-fn report(tokens: &[&str]) -> String {
-    let matches: Vec<Value> = tokens
-        .iter()
-        .map(|token| {
-            json!({
-                "token": token,
-                "type": "keyward_api_key",
-                "url": GITHUB_URL,
-                "source": "content",
-            })
-        })
-        .collect();
-    serde_json::to_string(&matches).expect("json")
-}
 
 fn sha256_hex(text: &str) -> String {
     use std::fmt::Write as _;
@@ -95,29 +25,6 @@ fn sha256_hex(text: &str) -> String {
             let _ = write!(hex, "{b:02x}");
             hex
         })
-}
-
-/// POSTs `body` with GitHub's headers (those given).
-async fn post(
-    addr: SocketAddr,
-    identifier: Option<&str>,
-    signature: Option<&str>,
-    body: &str,
-) -> (u16, Value) {
-    let mut headers = Vec::new();
-    if let Some(identifier) = identifier {
-        headers.push(("Github-Public-Key-Identifier", identifier));
-    }
-    if let Some(signature) = signature {
-        headers.push(("Github-Public-Key-Signature", signature));
-    }
-    rest_call(addr, "POST", PATH, &headers, body).await
-}
-
-/// Posts `body` signed by `signer`.
-async fn post_signed(addr: SocketAddr, signer: &Signer256, body: &str) -> (u16, Value) {
-    let signature = signer.sign(body.as_bytes());
-    post(addr, Some(&signer.identifier), Some(&signature), body).await
 }
 
 async fn start(dir: &tempfile::TempDir, keys: &Path, action: LeakAction) -> TestServer {
@@ -250,6 +157,27 @@ async fn a_genuine_report_disables_only_the_live_key_it_names() {
         "{metrics}"
     );
     assert!(!metrics.contains(&leaked[26..]));
+}
+
+/// Every refusal was counted by why, and no key was acted on.
+async fn assert_refusals_counted(server: &TestServer) {
+    let metrics = server.scrape().await;
+    assert!(!metrics.contains("keyward_leaked_keys_total{"), "{metrics}");
+    for result in [
+        "missing_identifier",
+        "missing_signature",
+        "unknown_identifier",
+        "wrong_signature",
+        "malformed_signature",
+        "too_large",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "keyward_secret_scanning_reports_total{{result=\"{result}\"}}"
+            )),
+            "{result}: {metrics}"
+        );
+    }
 }
 
 /// A refused report: (case, identifier, signature, body, status, what the
@@ -400,23 +328,7 @@ async fn forged_unsigned_tampered_and_oversized_reports_change_nothing() {
     let (status, key) = rest_key(&server, &id).await;
     assert_eq!(status, 200);
     assert_eq!(key["leak"], Value::Null);
-    let metrics = server.scrape().await;
-    assert!(!metrics.contains("keyward_leaked_keys_total{"), "{metrics}");
-    for result in [
-        "missing_identifier",
-        "missing_signature",
-        "unknown_identifier",
-        "wrong_signature",
-        "malformed_signature",
-        "too_large",
-    ] {
-        assert!(
-            metrics.contains(&format!(
-                "keyward_secret_scanning_reports_total{{result=\"{result}\"}}"
-            )),
-            "{result}: {metrics}"
-        );
-    }
+    assert_refusals_counted(&server).await;
 
     // The genuine report revokes it (--leaked-key-action revoke).
     let (status, feedback) = post(addr, Some("github-key-1"), Some(&genuine), &body).await;
