@@ -1682,6 +1682,7 @@ async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
                     created_at: at,
                     updated_at: at,
                     access: Access::new(new_key.hash),
+                    leak: None,
                 })?;
             }
             store.flush()?;

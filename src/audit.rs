@@ -51,6 +51,28 @@ pub fn changed(
         )),
         rotated = before.is_some_and(|b| b.access.secret != access.secret),
         trace_id = trace.as_ref().map(crate::trace::TraceParent::trace_id),
+        leaked_at_url = after.leak.as_ref().map(|leak| leak.url.as_str()),
+        result = "ok",
+    );
+}
+
+/// A key's secret found in public, as a verified secret scanning report
+/// said, and what was done (`taken`): never the token.
+pub fn leaked(after: &KeyRecord, taken: &str) {
+    let leak = after.leak.as_ref();
+    tracing::warn!(
+        target: "keyward::audit",
+        actor = "github-secret-scanning",
+        operation = "leaked",
+        key_id = %after.id,
+        account = %after.account,
+        name = %after.name,
+        taken,
+        url = leak.map(|leak| leak.url.as_str()),
+        source = leak.map(|leak| leak.source.as_str()),
+        token_type = leak.map(|leak| leak.kind.as_str()),
+        previous_secret = leak.is_some_and(|leak| leak.previous_secret),
+        enabled = !after.access.disabled,
         result = "ok",
     );
 }

@@ -684,6 +684,13 @@ fn key_json(key: &pb::ApiKey) -> serde_json::Value {
                 .map(|p| p.as_secs_f64()),
             "burst": limit.burst,
         })),
+        "leak": key.leak.as_ref().map(|leak| serde_json::json!({
+            "reported_at": time(leak.reported_at.as_ref()),
+            "url": leak.url,
+            "source": leak.source,
+            "type": leak.r#type,
+            "previous_secret": leak.previous_secret,
+        })),
     })
 }
 
@@ -737,6 +744,38 @@ fn key_text(key: &pb::ApiKey) -> String {
     }
     if let Some(until) = &key.previous_secret_valid_until {
         let _ = writeln!(out, "previous secret valid until: {until}");
+    }
+    if let Some(leak) = &key.leak {
+        let _ = writeln!(
+            out,
+            "leaked:     {} secret found in public at {} ({}, {}), reported {}; {}",
+            if leak.previous_secret {
+                "its previous"
+            } else {
+                "its"
+            },
+            if leak.url.is_empty() {
+                "an unknown URL"
+            } else {
+                &leak.url
+            },
+            if leak.source.is_empty() {
+                "unknown source"
+            } else {
+                &leak.source
+            },
+            leak.r#type,
+            leak.reported_at
+                .as_ref()
+                .map_or_else(|| "at an unknown time".to_owned(), ToString::to_string),
+            if leak.previous_secret {
+                "its rotation overlap was ended"
+            } else if key.enabled {
+                "rotate it: `keyward keys rotate`"
+            } else {
+                "disabled: rotate it, then the admin enables it"
+            }
+        );
     }
     out
 }

@@ -151,6 +151,21 @@ pub struct ServeConfig {
     #[arg(long, env = "KEYWARD_DISABLE_UI")]
     pub disable_ui: bool,
 
+    /// GitHub's secret scanning public keys, saved as GitHub serves them
+    /// (`https://api.github.com/meta/public_keys/secret_scanning`): serves
+    /// `POST /secret-scanning/github` on `--http-listen`, where GitHub
+    /// reports keys found in public. keyward never fetches the file:
+    /// refresh it (docs/secret-scanning.md); changes are picked up within
+    /// seconds, and an unusable file keeps the keys in force.
+    #[arg(long, env = "KEYWARD_SECRET_SCANNING_KEYS", requires = "http_listen")]
+    pub secret_scanning_keys: Option<PathBuf>,
+
+    /// What a verified report of a live key found in public does: disable
+    /// it (reversible by the admin only), revoke (delete) it, or only
+    /// report it (mark, log, count).
+    #[arg(long, env = "KEYWARD_LEAKED_KEY_ACTION", value_enum, default_value_t = crate::keys::LeakAction::Disable)]
+    pub leaked_key_action: crate::keys::LeakAction,
+
     /// A token that reads the decision feed (`keyward.v1.DecisionFeed`,
     /// what the Envoy module follows) and nothing else: give the module
     /// this file instead of the admin token. Created (mode 0600) on first
@@ -332,6 +347,8 @@ impl ServeConfig {
             feed_token_file: None,
             http_listen: None,
             disable_ui: false,
+            secret_scanning_keys: None,
+            leaked_key_action: crate::keys::LeakAction::Disable,
             disable_manage: false,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             disable_metrics: false,

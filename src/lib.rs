@@ -17,6 +17,10 @@
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
 //! - [`rest`]: SendGrid's key-management REST API, through the same key
 //!   service as KeyManager.
+//! - [`scanning`]: GitHub's secret scanning partner protocol: its public
+//!   keys (a file the operator refreshes, reloaded when it changes) and
+//!   report signatures; `rest::scanning` is the endpoint, which acts on
+//!   leaked keys through the same key writer.
 //! - [`feed`]: the index's changes, numbered and broadcast to the decision
 //!   feed (`grpc::feed`, `keyward.v1.DecisionFeed`) that the Envoy module
 //!   reads.
@@ -86,6 +90,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod pb;
 pub mod rest;
+pub mod scanning;
 pub mod server;
 pub mod store;
 pub mod tls;

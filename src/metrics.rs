@@ -87,6 +87,16 @@ struct FileLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
     operation: &'static str,
 }
@@ -106,6 +116,8 @@ pub struct Metrics {
     replica: ReplicaMetrics,
     listeners: ListenerFamilies,
     operations: Operations,
+    scanning_reports: Family<ResultLabels, Counter>,
+    leaked_keys: Family<ActionLabels, Counter>,
 }
 
 /// What an operator's alerts watch beyond decisions and the store: health
@@ -279,6 +291,18 @@ impl Metrics {
             "Key ids (or the admin token) that crossed --failed-auth-limit wrong credentials in a minute",
             Counter::default(),
         );
+        let scanning_reports = registered(
+            &mut registry,
+            "secret_scanning_reports",
+            "GitHub secret scanning reports by result: accepted; refused for their signature (missing_identifier, missing_signature, unknown_identifier, malformed_signature, wrong_signature), too_large, timeout or malformed (nothing in them was acted on); failed (storage failed part-way: GitHub sends it again)",
+            Family::<ResultLabels, Counter>::default(),
+        );
+        let leaked_keys = registered(
+            &mut registry,
+            "leaked_keys",
+            "Live keys whose secret a verified secret scanning report found in public, by what was done (disabled, revoked, reported, overlap_ended: its previous secret was found and its rotation overlap ended)",
+            Family::<ActionLabels, Counter>::default(),
+        );
         let replica = ReplicaMetrics::register(&mut registry);
         let listeners = ListenerFamilies::register(&mut registry);
         let operations = Operations::register(&mut registry);
@@ -296,7 +320,23 @@ impl Metrics {
             replica,
             listeners,
             operations,
+            scanning_reports,
+            leaked_keys,
         }
+    }
+
+    /// Counts one secret scanning report by its result.
+    pub fn scanning_report(&self, result: &'static str) {
+        self.scanning_reports
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Counts one leaked key by what was done to it.
+    pub fn leaked_key(&self, action: &'static str) {
+        self.leaked_keys
+            .get_or_create(&ActionLabels { action })
+            .inc();
     }
 
     /// Records the storage mode: `standalone`, `full` or `on_demand`.

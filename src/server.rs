@@ -87,6 +87,10 @@ pub enum ServerError {
         "the final store flush could not complete (storage failing or not responding); every acknowledged change was already durable"
     )]
     FinalFlush,
+    /// GitHub's secret scanning key file (`--secret-scanning-keys`) is
+    /// unusable.
+    #[error("--secret-scanning-keys: {0}")]
+    ScanningKeys(#[from] crate::scanning::KeysError),
     /// Reflection descriptors are invalid (a build problem).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -130,6 +134,9 @@ pub struct App {
     rest_tls: Option<Arc<rustls::ServerConfig>>,
     /// Whether the REST listener serves the web console.
     console: bool,
+    /// GitHub's secret scanning keys, and what a verified leak does, when
+    /// `--secret-scanning-keys` is set.
+    scanning: Option<(Arc<crate::scanning::KeyFile>, crate::keys::LeakAction)>,
     /// `--xff-trusted-hops`, for ext_authz's client address.
     xff_trusted_hops: u32,
 }
@@ -170,19 +177,7 @@ impl App {
     /// admin token (creating the data directory and token if missing).
     pub fn open(config: &ServeConfig) -> Result<Self, ServerError> {
         let (catalog, routes, tables) = load_tables(config)?;
-        if config.max_streams_per_connection > (config.max_concurrent_requests / 2).max(1) {
-            // One connection must never take the whole in-flight budget.
-            return Err(ServerError::Settings(
-                "--max-streams-per-connection must be at most half of --max-concurrent-requests",
-            ));
-        }
-        if config.store_timeout_ms >= config.request_timeout_ms {
-            // Otherwise a slow write is cut off as CANCELLED by the request
-            // timeout instead of answering UNAVAILABLE.
-            return Err(ServerError::Settings(
-                "--store-timeout-ms must be below --request-timeout-ms",
-            ));
-        }
+        refuse_contradictions(config)?;
         let data_dir = &config.data.data_dir;
         create_private_dir(data_dir)?;
         // Settings that can be refused go first: a refusal then leaves no
@@ -201,6 +196,12 @@ impl App {
             )?),
             _ => None,
         };
+        let scanning = config
+            .secret_scanning_keys
+            .as_deref()
+            .map(crate::scanning::KeyFile::load)
+            .transpose()?
+            .map(|file| (Arc::new(file), config.leaked_key_action));
         let metrics = Arc::new(Metrics::new());
         describe(&metrics, config);
         // Decisions read the cached clock (expiry, rate limits, last use).
@@ -261,6 +262,7 @@ impl App {
             tls,
             rest_tls,
             console: !config.disable_ui,
+            scanning,
             max_staleness: config.max_staleness,
             xff_trusted_hops: config.xff_trusted_hops,
             limits: Limits {
@@ -301,6 +303,24 @@ fn describe(metrics: &Metrics, config: &ServeConfig) {
             );
         }
     }
+}
+
+/// Settings that contradict each other, refused before anything opens.
+fn refuse_contradictions(config: &ServeConfig) -> Result<(), ServerError> {
+    if config.max_streams_per_connection > (config.max_concurrent_requests / 2).max(1) {
+        // One connection must never take the whole in-flight budget.
+        return Err(ServerError::Settings(
+            "--max-streams-per-connection must be at most half of --max-concurrent-requests",
+        ));
+    }
+    if config.store_timeout_ms >= config.request_timeout_ms {
+        // Otherwise a slow write is cut off as CANCELLED by the request
+        // timeout instead of answering UNAVAILABLE.
+        return Err(ServerError::Settings(
+            "--store-timeout-ms must be below --request-timeout-ms",
+        ));
+    }
+    Ok(())
 }
 
 /// The sockets keyward serves on, bound before serving so that tests (and
@@ -726,6 +746,19 @@ fn rest_server(app: &App, listener: Incoming<TcpListener>, stop: &Stop) -> Servi
         crate::rest::Surface {
             console: app.console,
             tls: app.rest_tls.is_some(),
+            scanning: app.scanning.as_ref().map(|(file, action)| {
+                tokio::spawn(Arc::clone(file).follow(crate::scanning::RELOAD_EVERY));
+                tracing::info!(
+                    path = crate::rest::scanning::PATH,
+                    action = action.label(),
+                    "serving GitHub's secret scanning reports"
+                );
+                Arc::new(crate::rest::scanning::Scanning {
+                    file: Arc::clone(file),
+                    action: *action,
+                    metrics: Arc::clone(&app.metrics),
+                })
+            }),
         },
     );
     let server = bounded_server(app.limits)

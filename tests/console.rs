@@ -1056,3 +1056,52 @@ async fn the_openapi_document_describes_exactly_the_live_routes() {
         assert!(status == 404 || status == 405, "{method} {path}: {status}");
     }
 }
+
+/// A key GitHub's secret scanning found in public: the list says it was
+/// disabled because it leaked, and where; its edit screen says so too.
+#[tokio::test]
+async fn a_key_disabled_for_a_leak_says_where_it_was_found() {
+    use common::github::{GITHUB_URL, Signer256, post_signed, report, write_document};
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let github = Signer256::new("github-key-1");
+    let keys_file = keys_dir.path().join("github-keys.json");
+    write_document(&keys_file, &[&github]);
+    let keys_arg = keys_file.display().to_string();
+    let sidecar = Sidecar::start(&["--secret-scanning-keys", &keys_arg]);
+    let (status, created) = sidecar
+        .admin_rest(
+            "POST",
+            "/v3/api_keys",
+            r#"{"name": "pasted in public", "scopes": ["mail.send"]}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let secret = created["api_key"].as_str().expect("secret");
+    let (status, feedback) = post_signed(sidecar.http, &github, &report(&[secret])).await;
+    assert_eq!(status, 200, "{feedback}");
+    assert!(!sidecar.allows(secret, "POST", "/v3/mail/send").await);
+
+    browser.goto(&sidecar.url("/")).await;
+    browser.sign_in(&sidecar.admin, "acme").await;
+    let row = "//tr[td[1][normalize-space()='pasted in public']]";
+    browser
+        .wait_for(&format!(
+            "{row}//span[contains(@class, 'badge') and normalize-space()='disabled: leaked']"
+        ))
+        .await;
+    browser
+        .wait_for(&format!(
+            "{row}//*[contains(., 'Disabled because its secret was found at {GITHUB_URL}')]"
+        ))
+        .await;
+    browser.action("pasted in public", "Edit").await;
+    browser
+        .wait_for(&format!(
+            "//p[@role='alert' and contains(., 'found at {GITHUB_URL}')]"
+        ))
+        .await;
+    browser.stop().await;
+}

@@ -204,6 +204,7 @@ fn record(account: &str, name: &str) -> KeyRecord {
         created_at: 1,
         updated_at: 1,
         access: Access::new(key.hash),
+        leak: None,
     }
 }
 

@@ -687,6 +687,7 @@ async fn seed(cluster: &Cluster, n: usize) -> Vec<String> {
                 created_at: 1,
                 updated_at: 1,
                 access: Access::new(key.hash),
+                leak: None,
             }
         })
         .collect();
@@ -1401,4 +1402,67 @@ async fn a_flood_of_made_up_ids_never_starves_the_first_sights_of_real_keys() {
         ) > 0,
         "the flood was refused over its own budget"
     );
+}
+
+/// A leak GitHub reports to one sidecar is denied on every other: the leak
+/// mark and the disable are one record in etcd, written through the same
+/// path as DisableKey. The reporting sidecar is an on-demand replica that
+/// has never seen the key (the report reads etcd); the creating one is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leak_reported_on_one_sidecar_is_denied_on_every_other() {
+    use common::github::{GITHUB_URL, Signer256, post_signed, report, write_document};
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let github = Signer256::new("github-key-1");
+    let keys_file = keys_dir.path().join("github-keys.json");
+    write_document(&keys_file, &[&github]);
+    let keys_arg = keys_file.display().to_string();
+    let reporting = Sidecar::start(
+        BIN,
+        &cluster.endpoints(),
+        &[
+            "--replica-mode",
+            "on-demand",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--secret-scanning-keys",
+            &keys_arg,
+        ],
+    );
+    let full = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let mut r = Client::of(&reporting).await;
+    let mut f = Client::of(&full).await;
+    converge_status(&mut r, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    converge_status(&mut f, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    let (id, key) = f.create("acme", &["mail.send"]).await.expect("create");
+    let (_, bystander) = f.create("acme", &["mail.send"]).await.expect("create");
+    assert!(f.allowed(&key, SEND.0, SEND.1).await);
+
+    await_log(&reporting, "serving SendGrid's REST key API").await;
+    let rest: std::net::SocketAddr =
+        common::logged_address(&reporting.log(), "serving SendGrid's REST key API")
+            .parse()
+            .expect("address");
+    let (status, feedback) = post_signed(rest, &github, &report(&[&key, &bystander[..60]])).await;
+    assert_eq!(status, 200, "{feedback}");
+    assert_eq!(feedback[0]["label"], "true_positive");
+    assert_eq!(feedback[1]["label"], "false_positive");
+
+    for client in [&mut f, &mut r] {
+        converge(client, &key, SEND, false).await;
+        let reply = ask(&mut client.authorizer, &key, SEND).await;
+        assert_eq!(reply.reason, pb::DenyReason::KeyDisabled as i32);
+        assert!(client.allowed(&bystander, SEND.0, SEND.1).await);
+    }
+    let stored = f
+        .manager
+        .get_key(bearer(&f.admin, pb::GetKeyRequest { key_id: id }))
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(!stored.enabled);
+    assert_eq!(stored.leak.expect("the mark is in etcd").url, GITHUB_URL);
 }

@@ -381,8 +381,23 @@ async function listScreen(seq) {
   show(title, h('div', { class: 'actions' }, create, why), h('div', { class: 'panel' }, table, pager));
 }
 
+// Where a key's secret was found in public (GitHub's secret scanning), in
+// words; null when never. The URL stays text: it is the finder's, not ours.
+function leakNote(key) {
+  const leak = key.leak;
+  if (!leak) return null;
+  const where = leak.url ? `at ${leak.url}` : 'in public';
+  const on = `on ${when(leak.reported_at)}`;
+  if (leak.previous_secret) return `Its previous secret was found ${where} ${on}; that secret was stopped at once.`;
+  if (key.enabled) return `Its secret was found ${where} ${on}: rotate it.`;
+  return `Disabled because its secret was found ${where} ${on}. Rotate it; then the admin can enable it.`;
+}
+
 function statusOf(key) {
   if (key.expired) return h('span', { class: 'badge expired' }, 'expired');
+  if (key.leak && !key.leak.previous_secret) {
+    return h('span', { class: 'leak' }, h('span', { class: 'badge leaked' }, key.enabled ? 'leaked' : 'disabled: leaked'), h('span', { class: 'hint' }, ` ${leakNote(key)}`));
+  }
   if (!key.enabled) return h('span', { class: 'badge disabled' }, 'disabled');
   return h('span', { class: 'badge' }, 'enabled');
 }
@@ -857,6 +872,7 @@ async function editScreen(id, seq) {
     after: [
       h('h2', {}, 'Lifecycle'),
       h('p', { class: 'hint' }, `Status: ${key.expired ? 'expired' : key.enabled ? 'enabled' : 'disabled'}. Created ${when(key.created_at)}; last used ${key.last_used_at ? when(key.last_used_at) : 'never'}.`),
+      key.leak ? h('p', { class: 'error', role: 'alert' }, leakNote(key)) : null,
       h('div', { class: 'panel' }, h('h2', {}, 'Expiry'), lifecycleForm('Expiry', key.api_key_id, key, null)),
       h('div', { class: 'panel' }, h('h2', {}, 'Allowlist'), lifecycleForm('Allowlist', key.api_key_id, key, null)),
       h('div', { class: 'panel' }, h('h2', {}, 'Rate limit'), lifecycleForm('Rate limit', key.api_key_id, key, null)),

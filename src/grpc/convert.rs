@@ -157,6 +157,13 @@ pub fn api_key(record: &KeyRecord, last_used: i64) -> pb::ApiKey {
             burst: limit.burst(),
         }),
         last_used_at: (last_used != 0).then(|| timestamp(last_used)),
+        leak: record.leak.as_ref().map(|leak| pb::KeyLeak {
+            reported_at: Some(timestamp(leak.reported_at)),
+            url: leak.url.clone(),
+            source: leak.source.clone(),
+            r#type: leak.kind.clone(),
+            previous_secret: leak.previous_secret,
+        }),
     }
 }
 

@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::domain::key::{KeyId, NewKey};
+use crate::domain::key::{KeyId, NewKey, SecretHash};
 use crate::domain::rate::RateLimit;
-use crate::domain::record::KeyRecord;
+use crate::domain::record::{KeyRecord, Leak};
 use crate::domain::scope_set::ScopeSet;
 use crate::store::db::StoreError;
 
@@ -56,6 +56,45 @@ pub enum Change {
         /// What to change.
         state: StateChange,
     },
+    /// A secret found in public (a verified secret scanning report): acted
+    /// on only if it is the key's current secret, or its previous one in
+    /// an open rotation overlap, as the truth says at the commit point.
+    Leaked {
+        /// The key the found token names.
+        id: KeyId,
+        /// SHA-256 of the found secret (never the secret).
+        found: SecretHash,
+        /// What the report said.
+        leak: Leak,
+        /// What to do about it.
+        action: LeakAction,
+    },
+}
+
+/// What a verified report of a live key's secret found in public does
+/// (`--leaked-key-action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LeakAction {
+    /// Disable the key, as the admin would: every decision denies it
+    /// (`DENY_REASON_KEY_DISABLED`) until the admin enables it again.
+    /// Reversible, and the default.
+    Disable,
+    /// Delete the key: irreversible.
+    Revoke,
+    /// Only mark the key with where it was found (and log and count it).
+    Report,
+}
+
+impl LeakAction {
+    /// Its name in metrics, logs and flags.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Revoke => "revoke",
+            Self::Report => "report",
+        }
+    }
 }
 
 /// A rotation: the new secret for the same id, and how long the previous
@@ -83,9 +122,13 @@ impl Change {
     pub fn operation(&self) -> Operation {
         match self {
             Self::Create { .. } => Operation::Create,
-            Self::Update { .. } | Self::SetState { .. } => Operation::Update,
             Self::Rotate { .. } => Operation::Rotate,
-            Self::Delete { .. } => Operation::Delete,
+            Self::Delete { .. }
+            | Self::Leaked {
+                action: LeakAction::Revoke,
+                ..
+            } => Operation::Delete,
+            Self::Update { .. } | Self::SetState { .. } | Self::Leaked { .. } => Operation::Update,
         }
     }
 }

@@ -29,7 +29,9 @@ use crate::metrics::Metrics;
 use crate::store::db::{Cursor, PageKey, Store, StoreError};
 use crate::store::index::Index;
 use change::{Change, Committed};
-pub use change::{Expiry, KeyError, Lifecycle, Operation, Principal, Rotation, StateChange};
+pub use change::{
+    Expiry, KeyError, LeakAction, Lifecycle, Operation, Principal, Rotation, StateChange,
+};
 use demand::OnDemand;
 use remote::EtcdRuntime;
 use shared::{Command, FailureKind, Job, Shared};
@@ -364,6 +366,41 @@ impl Keys {
         let secret = committed.secret.take().expect("a rotation issues a secret");
         let (before, after) = committed.changed();
         Ok((before, after, secret))
+    }
+
+    /// Acts on a key's secret found in public (a verified secret scanning
+    /// report; see [`change::Change::Leaked`]): the record before and
+    /// after (after: the removed record, marked, when revoked), or `None`
+    /// when `found` is no live key's secret. A full index holds every live
+    /// key, so a token it does not verify (both secrets compared in
+    /// constant time) costs no write; an on-demand replica asks the writer,
+    /// which reads etcd. The writer checks again at the commit point.
+    pub async fn leaked(
+        &self,
+        found: &key::PresentedKey<'_>,
+        leak: crate::domain::record::Leak,
+        action: LeakAction,
+    ) -> Result<Option<(KeyRecord, KeyRecord)>, KeyError> {
+        if self.demand.is_none()
+            && self
+                .index
+                .pin()
+                .verify(found, now_nanos(), crate::store::index::SecretUse::Decision)
+                .is_err()
+        {
+            return Ok(None);
+        }
+        let change = Change::Leaked {
+            id: found.id,
+            found: found.secret_hash(),
+            leak,
+            action,
+        };
+        match self.submit(&Principal::Admin, change).await {
+            Ok(committed) => Ok(Some(committed.changed())),
+            Err(KeyError::NotFound(_)) => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     /// Revokes a key: removed from disk, then from the index.

@@ -380,6 +380,7 @@ mod tests {
             created_at: i64::from(byte),
             updated_at: 0,
             access: Access::new(SecretHash::from_bytes([byte; 32])),
+            leak: None,
         }
     }
 

@@ -11,12 +11,12 @@
 
 use std::sync::Arc;
 
-use super::change::{Change, Committed, Expiry, Rotation};
+use super::change::{Change, Committed, Expiry, LeakAction, Rotation};
 use super::change::{KeyError, Lifecycle, Principal, StateChange};
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
-use crate::domain::key::{KeyId, NewKey};
-use crate::domain::record::{Access, KeyRecord, PreviousSecret};
+use crate::domain::key::{KeyId, NewKey, SecretHash};
+use crate::domain::record::{Access, KeyRecord, Leak, PreviousSecret};
 use crate::domain::rules::{self, Limit, Limits};
 use crate::domain::scope_set::ScopeSet;
 
@@ -120,7 +120,73 @@ impl Rules<'_> {
                 }
                 Ok(self.rotate(before, rotation))
             }
+            Change::Leaked {
+                id,
+                found,
+                leak,
+                action,
+            } => {
+                let before = view
+                    .get(&id)?
+                    .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
+                self.leaked(before, found, leak, action)
+            }
         }
+    }
+
+    /// Acts on a secret found in public, if it is `before`'s current
+    /// secret or its previous one in an open overlap (both compared in
+    /// constant time); otherwise the found token is not this key (a
+    /// matching id with another secret proves nothing) and nothing
+    /// changes. The current secret: `action` (disable, revoke, or only
+    /// mark). The previous one: its overlap ends at once (unless only
+    /// reporting); the current secret was not found, so the key stays.
+    /// A key reported again keeps the mark of its first report.
+    fn leaked(
+        &self,
+        before: KeyRecord,
+        found: SecretHash,
+        mut leak: Leak,
+        action: LeakAction,
+    ) -> Result<Staged, KeyError> {
+        let now = now_nanos();
+        let access = &before.access;
+        let current = access.secret.matches(&found);
+        let previous = access
+            .previous
+            .is_some_and(|previous| previous.valid_until > now && previous.hash.matches(&found));
+        if !current && !previous {
+            return Err(KeyError::NotFound(before.id.to_string()));
+        }
+        leak.previous_secret = !current;
+        let mut record = before.clone();
+        record.leak = Some(match before.leak.clone() {
+            Some(first) if first.previous_secret == leak.previous_secret => first,
+            _ => leak,
+        });
+        let access = &mut record.access;
+        match action {
+            LeakAction::Report => {}
+            _ if !current => access.previous = None,
+            LeakAction::Disable => {
+                access.disabled = true;
+                // Only the admin enables it again, whatever the key holds.
+                access.disabled_by_admin = true;
+            }
+            LeakAction::Revoke => {
+                return Ok(Staged {
+                    committed: Committed {
+                        before: Some(before),
+                        after: record,
+                        secret: None,
+                    },
+                    write: Write::Remove,
+                    scopes: ScopeSet::default(),
+                });
+            }
+        }
+        let scopes = self.catalog.resolve_stored(&record.scopes).0;
+        Ok(replaced(before, record, scopes, None))
     }
 
     fn create(
@@ -153,6 +219,7 @@ impl Rules<'_> {
                 rate_limit: lifecycle.rate_limit,
                 ..Access::new(key.hash)
             },
+            leak: None,
         };
         Ok(Staged {
             committed: Committed {
@@ -199,6 +266,20 @@ impl Rules<'_> {
         let mut record = before.clone();
         let access = &mut record.access;
         if let Some(disabled) = state.disabled {
+            if let Some(leak) = &before.leak
+                && caller.is_some()
+                && !disabled
+                && access.disabled
+            {
+                return Err(KeyError::PermissionDenied(format!(
+                    "this key was disabled because its secret was found in public{}; only the admin can enable it (rotate it first: the found secret keeps working otherwise)",
+                    if leak.url.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" at {}", leak.url)
+                    }
+                )));
+            }
             if caller.is_some() && !disabled && access.disabled_by_admin {
                 return Err(KeyError::PermissionDenied(
                     "the admin disabled this key; only the admin can enable it".into(),
@@ -246,12 +327,18 @@ impl Rules<'_> {
         Ok(replaced(before, record, scopes, None))
     }
 
+    /// Issues the new secret. A key whose current secret was found in
+    /// public gets no overlap (the found secret stops at once, whatever
+    /// the caller asked), and loses its leak mark: the mark is about a
+    /// secret that no longer works. A key disabled for the leak stays
+    /// disabled: enabling it is the admin's act.
     fn rotate(&self, before: KeyRecord, rotation: Rotation) -> Staged {
         let mut record = before.clone();
+        let leaked_current = record.leak.take().is_some_and(|leak| !leak.previous_secret);
         let access = &mut record.access;
         // The current secret becomes the previous one (ending any earlier
         // overlap), unless the overlap is zero.
-        access.previous = (rotation.overlap_nanos > 0).then(|| PreviousSecret {
+        access.previous = (rotation.overlap_nanos > 0 && !leaked_current).then(|| PreviousSecret {
             hash: access.secret,
             valid_until: now_nanos().saturating_add(rotation.overlap_nanos),
         });

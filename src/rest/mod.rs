@@ -19,6 +19,7 @@
 //!   key data is never cached, sniffed, framed or sent as a referrer.
 
 mod handlers;
+pub mod scanning;
 pub mod shapes;
 
 use std::collections::HashMap;
@@ -65,6 +66,8 @@ struct Rest {
     keys: Arc<Keys>,
     access: Access,
     body: BodyLimits,
+    /// GitHub's secret scanning reports, when `--secret-scanning-keys` is set.
+    scanning: Option<Arc<scanning::Scanning>>,
 }
 
 /// What a request body may cost before it is refused.
@@ -77,21 +80,35 @@ pub struct BodyLimits {
 }
 
 /// What the listener serves besides the API.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Surface {
     /// The web console at `/`.
     pub console: bool,
     /// Whether the listener is HTTPS (then every response carries HSTS).
     pub tls: bool,
+    /// GitHub's secret scanning reports at [`scanning::PATH`].
+    pub scanning: Option<Arc<scanning::Scanning>>,
 }
 
 /// The REST routes over the shared key service, the OpenAPI document, and
 /// with `surface.console` the web console. Every API route authenticates the
 /// caller and checks its permission from the headers before a byte of the
 /// body is read (see [`authenticated`]); the document and the console's files are public
-/// (they hold no key data).
+/// (they hold no key data). GitHub's secret scanning endpoint, when on, is
+/// the one route outside that authentication: it is added after it, and
+/// its reports authenticate by their signature ([`scanning`]).
 pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, surface: Surface) -> Router {
-    let rest = Rest { keys, access, body };
+    let Surface {
+        console,
+        tls,
+        scanning,
+    } = surface;
+    let rest = Rest {
+        keys,
+        access,
+        body,
+        scanning,
+    };
     let (api, document) = handlers::routes();
     let document: Arc<str> = document
         .to_json()
@@ -114,7 +131,10 @@ pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, surface: Surfac
                 }
             }),
         );
-    if surface.console {
+    if rest.scanning.is_some() {
+        router = router.route(scanning::PATH, axum::routing::post(scanning::report));
+    }
+    if console {
         router = router.merge(crate::console::routes());
     }
     router
@@ -131,7 +151,7 @@ pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, surface: Surfac
         .layer(axum::middleware::map_response(secured))
         .layer(axum::middleware::map_response(
             move |mut response: Response| async move {
-                if surface.tls {
+                if tls {
                     response.headers_mut().insert(
                         axum::http::header::STRICT_TRANSPORT_SECURITY,
                         HeaderValue::from_static("max-age=31536000"),

@@ -218,6 +218,39 @@ pub struct KeyListed {
     /// keyward: Unix seconds of its last allowed decision on this
     /// sidecar (minute resolution); `null` never.
     pub last_used_at: Option<i64>,
+    /// keyward: where its secret was found in public; `null` never.
+    pub leak: Option<LeakShape>,
+}
+
+/// Where a key's secret was found in public, as a verified secret scanning
+/// report (GitHub's) said. Cleared by a rotation; kept by enabling.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeakShape {
+    /// Unix seconds when keyward received the report.
+    pub reported_at: i64,
+    /// The public URL where it was found (may be empty).
+    pub url: String,
+    /// Where the scanner found it (GitHub's `source`: `content`, `commit`,
+    /// `npm`, …; may be empty).
+    pub source: String,
+    /// The token type the scanner matched.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The key's previous secret (in a rotation overlap, which the report
+    /// ended) was found, not its current one.
+    pub previous_secret: bool,
+}
+
+impl LeakShape {
+    fn of(record: &KeyRecord) -> Option<Self> {
+        record.leak.as_ref().map(|leak| Self {
+            reported_at: seconds(leak.reported_at),
+            url: leak.url.clone(),
+            source: leak.source.clone(),
+            kind: leak.kind.clone(),
+            previous_secret: leak.previous_secret,
+        })
+    }
 }
 
 impl KeyListed {
@@ -230,6 +263,7 @@ impl KeyListed {
             expired: record.access.expired_at(now),
             expires_at: record.access.expires_at.map(seconds),
             last_used_at: (last_used != 0).then(|| seconds(last_used)),
+            leak: LeakShape::of(record),
         }
     }
 }
@@ -276,6 +310,8 @@ pub struct KeyDetail {
     /// keyward: Unix seconds of its last allowed decision on this sidecar;
     /// `null` never.
     pub last_used_at: Option<i64>,
+    /// keyward: where its secret was found in public; `null` never.
+    pub leak: Option<LeakShape>,
 }
 
 impl KeyDetail {
@@ -300,6 +336,7 @@ impl KeyDetail {
             created_at: seconds(record.created_at),
             updated_at: seconds(record.updated_at),
             last_used_at: (last_used != 0).then(|| seconds(last_used)),
+            leak: LeakShape::of(record),
         }
     }
 }

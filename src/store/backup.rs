@@ -395,6 +395,7 @@ mod tests {
             created_at: 1,
             updated_at: 2,
             access: Access::new(SecretHash::from_bytes([byte; 32])),
+            leak: None,
         }
     }
 

@@ -9,8 +9,10 @@ use prost::Message;
 use crate::domain::catalog::KeyKind;
 use crate::domain::key::{KeyId, SecretHash};
 use crate::domain::rate::RateLimit;
-pub use crate::domain::record::{Access, KeyRecord, PreviousSecret};
-use crate::pb::store::{KeyRecord as Stored, KeyRecordIndexView as StoredIndexView};
+pub use crate::domain::record::{Access, KeyRecord, Leak, PreviousSecret};
+use crate::pb::store::{
+    KeyRecord as Stored, KeyRecordIndexView as StoredIndexView, LeakMark as StoredLeak,
+};
 
 const FORMAT_V1: u8 = 1;
 
@@ -78,6 +80,13 @@ pub fn encode(record: &KeyRecord) -> Vec<u8> {
         rate_period_nanos,
         rate_burst,
         disabled_by_admin: access.disabled_by_admin,
+        leak: record.leak.as_ref().map(|leak| StoredLeak {
+            reported_at_unix_nanos: leak.reported_at,
+            url: leak.url.clone(),
+            source: leak.source.clone(),
+            r#type: leak.kind.clone(),
+            previous_secret: leak.previous_secret,
+        }),
     };
     let mut out = Vec::with_capacity(1 + stored.encoded_len());
     out.push(FORMAT_V1);
@@ -89,8 +98,10 @@ pub fn encode(record: &KeyRecord) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Result<KeyRecord, RecordError> {
     let stored: Stored = body(bytes)?;
     let access = access(&stored)?;
+    let leak = stored.leak.map(leak).transpose()?;
     Ok(KeyRecord {
         id: id(&stored.key_id)?,
+        leak,
         kind: kind(stored.kind)?,
         account: stored.account_id,
         name: stored.name,
@@ -109,6 +120,20 @@ pub fn decode_indexed(bytes: &[u8]) -> Result<Indexed, RecordError> {
         access: access(&stored)?,
         account: stored.account_id,
         scopes: stored.scopes,
+    })
+}
+
+/// A stored leak mark; keyward writes one only with the time of its report.
+fn leak(stored: StoredLeak) -> Result<Leak, RecordError> {
+    if stored.reported_at_unix_nanos <= 0 {
+        return Err(RecordError::FieldRange("leak.reported_at_unix_nanos"));
+    }
+    Ok(Leak {
+        reported_at: stored.reported_at_unix_nanos,
+        url: stored.url,
+        source: stored.source,
+        kind: stored.r#type,
+        previous_secret: stored.previous_secret,
     })
 }
 
@@ -262,6 +287,13 @@ mod tests {
                 allowed_cidrs: vec!["10.0.0.0/8".into()],
                 rate_limit: Some(RateLimit::new(100, Duration::from_secs(1), 10).expect("valid")),
             },
+            leak: Some(Leak {
+                reported_at: 5,
+                url: "https://github.com/octocat/Hello-World/blob/main/.env".into(),
+                source: "content".into(),
+                kind: "keyward_api_key".into(),
+                previous_secret: false,
+            }),
         }
     }
 
@@ -283,9 +315,25 @@ mod tests {
         assert_eq!(decode(&encode(&record)).expect("decodes"), record);
         let fresh = KeyRecord {
             access: Access::new(SecretHash::from_bytes([1; 32])),
+            leak: None,
             ..sample()
         };
         assert_eq!(decode(&encode(&fresh)).expect("decodes"), fresh);
+    }
+
+    /// A record written before leak marks existed (no field 18) still
+    /// decodes, unmarked; and the index view skips the mark.
+    #[test]
+    fn records_without_a_leak_mark_still_decode() {
+        let older = Stored {
+            leak: None,
+            ..stored_sample()
+        };
+        let decoded = decode(&raw(&older)).expect("decodes");
+        assert_eq!(decoded.leak, None);
+        assert_eq!(decoded.access, sample().access);
+        let view = decode_indexed(&encode(&sample())).expect("decodes");
+        assert_eq!(view.access, sample().access);
     }
 
     #[test]
@@ -304,7 +352,14 @@ mod tests {
         let mut bytes = encode(&sample());
         bytes[0] = 2;
         assert!(matches!(decode(&bytes), Err(RecordError::Format(Some(2)))));
-        let cases: [(Stored, &str); 6] = [
+        let cases: [(Stored, &str); 7] = [
+            (
+                Stored {
+                    leak: Some(StoredLeak::default()),
+                    ..stored_sample()
+                },
+                "leak.reported_at_unix_nanos",
+            ),
             (
                 Stored {
                     key_id: vec![1; 3],

@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::missing_panics_doc)]
 
 pub mod etcd;
+pub mod github;
 pub mod pki;
 pub mod proxy;
 

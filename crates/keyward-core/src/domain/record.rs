@@ -27,6 +27,31 @@ pub struct KeyRecord {
     pub updated_at: i64,
     /// What admits a request besides its scopes.
     pub access: Access,
+    /// Where its secret was found in public, as a signed secret scanning
+    /// report said; `None` when never reported (and in older records).
+    /// Kept through enabling (the secret is still the one found), cleared
+    /// by a rotation (the found secret stops working then).
+    pub leak: Option<Leak>,
+}
+
+/// A secret of the key found in public: what a secret scanning partner
+/// report (GitHub's) said, so the owner learns where to clean up. Never
+/// holds the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leak {
+    /// Unix nanos when keyward received the report.
+    pub reported_at: i64,
+    /// The public URL where it was found (may be empty: the scanner does
+    /// not always have one).
+    pub url: String,
+    /// Where the scanner found it (GitHub's `source`: `content`,
+    /// `commit`, `npm`, …; may be empty).
+    pub source: String,
+    /// The token type the scanner matched (the pattern's name).
+    pub kind: String,
+    /// The secret found was the key's previous one, in its rotation
+    /// overlap (which the report ended), not the current one.
+    pub previous_secret: bool,
 }
 
 /// What a decision checks of a key besides its scopes: the secret and the
