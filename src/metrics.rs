@@ -385,6 +385,14 @@ impl Metrics {
         }
     }
 
+    /// On demand: one etcd read key management asked for, by outcome.
+    pub fn manage_read(&self, outcome: &'static str) {
+        self.replica
+            .manage_reads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
     /// On demand: the membership filter holds `count` ids from a complete
     /// listing.
     pub fn set_member_ids(&self, count: u64) {
@@ -608,6 +616,7 @@ struct ReplicaMetrics {
     first_sights: Family<OutcomeLabels, Counter>,
     first_sight_seconds: Histogram,
     member_ids: Gauge,
+    manage_reads: Family<OutcomeLabels, Counter>,
 }
 
 impl ReplicaMetrics {
@@ -649,6 +658,12 @@ impl ReplicaMetrics {
             Gauge::default(),
         );
         member_ids.set(-1);
+        let manage_reads = registered(
+            registry,
+            "replica_manage_reads",
+            "On-demand replica: etcd reads key management asked for (a key's record, a page of an account's keys), by outcome (read; over_rate: refused UNAVAILABLE, over --replica-fetch-rate; unlisted: an id the membership filter does not list, not found without a read)",
+            Family::<OutcomeLabels, Counter>::default(),
+        );
         Self {
             staleness: replica_staleness,
             connected: replica_connected,
@@ -656,6 +671,7 @@ impl ReplicaMetrics {
             first_sights,
             first_sight_seconds,
             member_ids,
+            manage_reads,
         }
     }
 }

@@ -122,7 +122,8 @@ async fn the_replicated_overlay_settings_start_keyward() {
 }
 
 /// The Envoy-module overlay agrees with itself: the module reads the feed
-/// token keyward is told to accept, from the sidecar's port, and Envoy
+/// token keyward is told to accept, from the sidecar's loopback management
+/// listener (where the feed is served), and Envoy
 /// looks for the module where the Containerfile puts it.
 #[test]
 fn the_envoy_module_overlay_is_consistent() {
@@ -146,11 +147,12 @@ fn the_envoy_module_overlay_is_consistent() {
         envoy.contains(&format!(r#""token_file": "{token}""#)),
         "the module reads {token}"
     );
-    let port = value_after(base, "KEYWARD_LISTEN");
-    let port = port.rsplit(':').next().expect("a port");
+    // The feed is served with key management, on its loopback listener.
+    let manage = value_after(base, "KEYWARD_MANAGE_LISTEN");
+    assert!(manage.starts_with("127.0.0.1:"), "{manage}");
     assert!(
-        envoy.contains(&format!(r#""sidecar": "http://127.0.0.1:{port}""#)),
-        "the module dials the sidecar's port {port}"
+        envoy.contains(&format!(r#""sidecar": "http://{manage}""#)),
+        "the module dials the sidecar's management listener {manage}"
     );
     let search = value_after(patch, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH");
     assert!(

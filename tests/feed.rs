@@ -420,8 +420,28 @@ async fn a_snapshot_during_writes_converges_to_the_key_set() {
     let mut synced = false;
     let mut writes_done = false;
     let mut marker = None;
+    let (mut puts, mut deletes, mut heartbeats) = (0, 0, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        match next(&mut stream).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stuck: synced {synced}, writes done {writes_done}, writer finished {}, marker {marker:?}, {puts} puts, {deletes} deletes, {heartbeats} heartbeats",
+            writer.is_finished()
+        );
+        let event = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("an event in time")
+            .expect("stream healthy")
+            .expect("stream open")
+            .event
+            .expect("event set");
+        match &event {
+            Event::Put(_) => puts += 1,
+            Event::Delete(_) => deletes += 1,
+            Event::Heartbeat(_) => heartbeats += 1,
+            _ => {}
+        }
+        match event {
             Event::Tables(_) | Event::Heartbeat(_) => {}
             Event::Put(key) => {
                 if marker.as_ref() == Some(&key.id) {

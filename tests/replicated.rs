@@ -1466,3 +1466,91 @@ async fn a_leak_reported_on_one_sidecar_is_denied_on_every_other() {
     assert!(!stored.enabled);
     assert_eq!(stored.leak.expect("the mark is in etcd").url, GITHUB_URL);
 }
+
+/// Issue 29 (5): every etcd read key management can cause on an on-demand
+/// replica is bounded. Reading made-up ids costs no read at all (the
+/// membership filter does not list them); listing an account spends a
+/// budget of its own, `--replica-fetch-rate` a second, past which the
+/// caller is told to retry (UNAVAILABLE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_management_reads_of_etcd_are_bounded_on_demand() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let a = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let mut ca = Client::of(&a).await;
+    let (_, reader) = ca
+        .create("acme", &["api_keys.read", "mail.send"])
+        .await
+        .expect("create");
+    let b = Sidecar::start(
+        BIN,
+        &cluster.endpoints(),
+        &[ON_DEMAND, &["--replica-fetch-rate", "20"]].concat(),
+    );
+    let mut cb = Client::of(&b).await;
+    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    let started = Instant::now();
+    while metric(&scrape(&b).await, "keyward_replica_member_ids ") < 1 {
+        assert!(
+            started.elapsed() < CONVERGE,
+            "the membership filter was never built"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcome = |metrics: &str, outcome: &str| {
+        metric(
+            metrics,
+            &format!("keyward_replica_manage_reads_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+
+    for _ in 0..200 {
+        let made_up = keyward::domain::key::generate()
+            .expect("rng")
+            .id
+            .to_string();
+        let refused = cb
+            .manager
+            .get_key(bearer(&reader, pb::GetKeyRequest { key_id: made_up }))
+            .await;
+        assert_eq!(refused.expect_err("no such key").code(), Code::NotFound);
+    }
+    let metrics = scrape(&b).await;
+    assert_eq!(outcome(&metrics, "unlisted"), 200, "{metrics}");
+    assert_eq!(outcome(&metrics, "read"), 0, "no etcd read for made-up ids");
+
+    let started = Instant::now();
+    let mut unavailable = 0;
+    for _ in 0..200 {
+        let listed = cb
+            .manager
+            .list_keys(bearer(
+                &reader,
+                pb::ListKeysRequest {
+                    account_id: "acme".into(),
+                    ..Default::default()
+                },
+            ))
+            .await;
+        match listed {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                unavailable += 1;
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let metrics = scrape(&b).await;
+    #[allow(clippy::cast_precision_loss)]
+    let reads = outcome(&metrics, "read") as f64;
+    let bound = 20.0 + 20.0 * elapsed;
+    println!(
+        "200 listings in {elapsed:.2} s: {reads} etcd reads (bound {bound:.0}), {unavailable} refused"
+    );
+    assert!(reads <= bound, "{reads} reads over {bound}");
+    assert!(unavailable > 0, "over the budget, refused");
+    assert_eq!(outcome(&metrics, "over_rate"), unavailable);
+}

@@ -302,10 +302,13 @@ impl OnDemand {
     /// Whether key management may read etcd now (its own budget:
     /// `--replica-fetch-rate` a second).
     fn admit_manage_read(&self) -> Result<(), KeyError> {
-        self.manage_reads
+        let admitted = self
+            .manage_reads
             .admit(&self.manage_read_tat, now_nanos())
-            .map(|_| ())
-            .map_err(|_| KeyError::Unavailable)
+            .is_ok();
+        self.metrics
+            .manage_read(if admitted { "read" } else { "over_rate" });
+        admitted.then_some(()).ok_or(KeyError::Unavailable)
     }
 
     /// Reads `id` from etcd and has the writer apply it (again if the watch
@@ -388,6 +391,7 @@ impl OnDemand {
         if self.members.of(&id) == Membership::Stranger {
             // Not in etcd as of the watch (or written moments ago
             // elsewhere): a made-up id costs no read.
+            self.metrics.manage_read("unlisted");
             return Ok(None);
         }
         self.admit_manage_read()?;
