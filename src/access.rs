@@ -71,7 +71,7 @@ impl Access {
         if is_admin(value) || value.split_whitespace().any(is_admin) {
             return Err(KeyError::Invalid {
                 field,
-                problem: crate::grpc::convert::CREDENTIAL_REFUSED.into(),
+                problem: crate::domain::key::CREDENTIAL_REFUSED.into(),
             });
         }
         Ok(())

@@ -12,8 +12,7 @@
 //!   in the file format of `store::backup`), and a data directory from one.
 //! - [`migrate`]: `keyward migrate`, a standalone store's keys into etcd.
 //! - [`server`]: wiring: config, store, services, health, reflection, serve.
-//! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`), errors →
-//!   status codes in one place.
+//! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`).
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
 //! - [`rest`]: SendGrid's key-management REST API, through the same key
 //!   service as KeyManager.
@@ -64,6 +63,9 @@
 //!   with the Envoy module so both decide from the same code.
 //! - [`config`]: settings, each a flag and an environment variable.
 //! - [`tls`]: TLS for the REST listener (HTTP/1.1 and h2 by ALPN).
+//! - [`refusal`]: the one place refusals take their outward forms: a
+//!   `KeyError` as a gRPC status and SendGrid's HTTP status and body, a
+//!   deny reason as ext_authz's status, the wire enum and its counter.
 //! - [`pb`]: generated protobuf code, fenced off.
 //!
 //! The read path and the write path meet only at the index: decisions never
@@ -89,6 +91,7 @@ pub mod log;
 pub mod metrics;
 pub mod migrate;
 pub mod pb;
+pub mod refusal;
 pub mod rest;
 pub mod scanning;
 pub mod server;

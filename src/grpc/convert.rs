@@ -11,8 +11,7 @@ use crate::domain::scope_set::ScopeSet;
 use crate::keys::KeyError;
 use crate::pb::v1 as pb;
 
-/// Why a value shaped like a credential was refused (it is never echoed).
-pub const CREDENTIAL_REFUSED: &str = "looks like a credential (an API key or the admin token); refused, not recorded or logged: revoke it if it was exposed";
+use crate::domain::key::CREDENTIAL_REFUSED;
 
 /// Longest key name accepted, in characters.
 pub const MAX_NAME_CHARS: usize = 100;

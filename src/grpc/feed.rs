@@ -32,12 +32,12 @@ use crate::authorizer::bearer_credential;
 use crate::domain::key::{KeyId, SecretHash};
 use crate::feed::{Change, Feed};
 use crate::grpc::manage::principal_of;
-use crate::grpc::status::invalid;
 use crate::keys::Principal;
 use crate::keys::Replication;
 use crate::metrics::FeedCounters;
 use crate::pb::v1 as pb;
 use crate::pb::v1::feed_event::Event;
+use crate::refusal::invalid;
 use crate::store::index::{Entry, Index};
 
 /// Feed streams open at once (each is a whole snapshot's read).

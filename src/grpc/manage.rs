@@ -7,8 +7,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::status::unauthenticated;
-use crate::access::{Access, Unauthenticated};
+use crate::access::Access;
 use crate::audit;
 use crate::domain::record::KeyRecord;
 use crate::keys::snapshot::Origin;
@@ -59,7 +58,7 @@ pub(crate) async fn principal_of<T>(
             client,
         )
         .await
-        .map_err(|Unauthenticated(problem)| unauthenticated(problem))
+        .map_err(Status::from)
 }
 
 /// Logs a refused change to the audit log, then converts it.

@@ -7,4 +7,3 @@ pub mod echo;
 pub mod edge;
 pub mod feed;
 pub mod manage;
-pub mod status;

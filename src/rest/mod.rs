@@ -31,14 +31,14 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use crate::access::{Access, Unauthenticated};
+use crate::access::Access;
 use crate::audit;
 use crate::grpc::convert;
 use crate::keys::{KeyError, Keys, Operation, Principal};
+use crate::refusal::Refusal;
 use shapes::{ErrorEntry, ErrorReply};
 
-/// SendGrid's header naming the account (subuser) the parent acts for.
-pub const ON_BEHALF_OF: &str = "on-behalf-of";
+pub use crate::refusal::ON_BEHALF_OF;
 
 /// The Content-Security-Policy of every response: the console's own
 /// scripts, styles and images and nothing else; no inline script or
@@ -284,14 +284,6 @@ impl Problem {
     fn bad_request(field: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, Some(field), message)
     }
-
-    fn storage_failing() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            None,
-            "storage is failing or not responding; the change was not acknowledged (read the key to see whether it was applied) and can be retried later",
-        )
-    }
 }
 
 impl IntoResponse for Problem {
@@ -306,66 +298,22 @@ impl IntoResponse for Problem {
     }
 }
 
-impl From<Unauthenticated> for Problem {
-    fn from(Unauthenticated(problem): Unauthenticated) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            None,
-            format!("authorization: {problem}"),
-        )
+/// SendGrid's form of a refusal ([`crate::refusal`]).
+impl From<Refusal> for Problem {
+    fn from(refusal: Refusal) -> Self {
+        Self::new(refusal.http, refusal.field, refusal.body)
     }
 }
 
-/// A field's name in the REST API (the domain names it as gRPC does).
-fn rest_field(field: &'static str) -> &'static str {
-    match field {
-        "key_id" => "api_key_id",
-        "account_id" => ON_BEHALF_OF,
-        "page_size" => "limit",
-        "overlap" => "overlap_seconds",
-        "rate_limit.period" => "rate_limit.period_ms",
-        other => other,
-    }
-}
-
-/// The same meaning as the gRPC status of the same error
-/// ([`crate::grpc::status`]), in SendGrid's statuses; fields carry their
-/// REST names.
 impl From<KeyError> for Problem {
     fn from(error: KeyError) -> Self {
-        match error {
-            KeyError::Invalid { field, problem } => {
-                let field = rest_field(field);
-                Self::bad_request(field, format!("{field}: {problem}"))
-            }
-            KeyError::PermissionDenied(message) => Self::new(StatusCode::FORBIDDEN, None, message),
-            KeyError::Beyond { field, problem } => {
-                let named = rest_field(field);
-                let message = match problem
-                    .strip_prefix(field)
-                    .and_then(|p| p.strip_prefix(": "))
-                {
-                    Some(rest) => format!("{named}: {rest}"),
-                    None => problem,
-                };
-                Self::new(StatusCode::FORBIDDEN, Some(named), message)
-            }
-            KeyError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, None, "resource not found"),
-            // SendGrid answers a full account with 403.
-            error @ KeyError::LimitReached { .. } => {
-                Self::new(StatusCode::FORBIDDEN, None, error.to_string())
-            }
-            KeyError::Store(error) => {
-                tracing::error!(%error, "store failure");
-                Self::storage_failing()
-            }
-            KeyError::Unavailable => Self::storage_failing(),
-            KeyError::Rng => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                None,
-                "internal error; nothing was changed",
-            ),
-        }
+        Refusal::from(error).into()
+    }
+}
+
+impl From<crate::access::Unauthenticated> for Problem {
+    fn from(error: crate::access::Unauthenticated) -> Self {
+        Refusal::from(error).into()
     }
 }
 
