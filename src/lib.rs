@@ -24,8 +24,11 @@
 //!   feed (`grpc::feed`, `keyward.v1.DecisionFeed`) that the Envoy module
 //!   reads.
 //! - [`front`]: what `Authorize` and `Check` share: validate, decide, count.
-//! - [`access`], [`audit`]: what the two key-management front doors (gRPC
-//!   KeyManager, SendGrid's REST) share: who is calling, and the audit log.
+//! - [`manage`]: key management, one service for both front doors (gRPC
+//!   KeyManager, SendGrid's REST): field checks on plain values, then each
+//!   operation's flow (permit, check, change, audit) written once.
+//! - [`access`], [`audit`]: who is calling (both front doors authenticate
+//!   through it, as a layer), and the audit log.
 //! - [`guard`]: guessing detection: repeated wrong secrets per key id.
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
 //! - [`trace`]: W3C `traceparent` on a request, carried into its log lines
@@ -88,6 +91,7 @@ pub mod guard;
 pub mod keys;
 pub mod listen;
 pub mod log;
+pub mod manage;
 pub mod metrics;
 pub mod migrate;
 pub mod pb;

@@ -648,7 +648,7 @@ fn grpc_servers(
     .max_decoding_message_size(limits.max_message_bytes);
     let manage = manage_enabled.then(|| {
         KeyManagerServer::new(ManageService::new(
-            Arc::clone(&app.keys),
+            crate::manage::Manager::new(Arc::clone(&app.keys), app.access()),
             app.access(),
             crate::keys::snapshot::Origin::new(&app.tables.catalog_source, &app.tables.catalog),
         ))

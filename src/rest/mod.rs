@@ -3,10 +3,9 @@
 //! for the host, plus keyward's lifecycle actions and catalog in the same
 //! style, the OpenAPI document describing all of it (`GET /openapi.json`)
 //! and the web console ([`crate::console`]). A thin adapter, like the gRPC
-//! KeyManager: the same authentication ([`crate::access`]), field
-//! validation ([`crate::grpc::convert`]), rules and writes
-//! ([`crate::keys`]) and audit log ([`crate::audit`]); only the shapes are
-//! SendGrid's.
+//! KeyManager: the same authentication ([`crate::access`]) and the same
+//! management service ([`crate::manage`]: field checks, rules, writes and
+//! the audit log); only the shapes are SendGrid's.
 //!
 //! - `Authorization: Bearer <api key>` acts in the key's own account with its
 //!   `api_keys.*` scopes; the operator's admin token acts as the parent
@@ -22,7 +21,6 @@ mod handlers;
 pub mod scanning;
 pub mod shapes;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -32,9 +30,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::access::Access;
-use crate::audit;
-use crate::grpc::convert;
-use crate::keys::{KeyError, Keys, Operation, Principal};
+use crate::keys::{KeyError, Keys, Principal};
+use crate::manage::Manager;
 use crate::refusal::Refusal;
 use shapes::{ErrorEntry, ErrorReply};
 
@@ -63,6 +60,8 @@ pub const SECURITY_HEADERS: [(&str, &str); 7] = [
 /// What every handler shares.
 #[derive(Debug, Clone)]
 struct Rest {
+    manager: Manager,
+    /// The key store itself, for secret scanning's reports.
     keys: Arc<Keys>,
     access: Access,
     body: BodyLimits,
@@ -104,6 +103,7 @@ pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, surface: Surfac
         scanning,
     } = surface;
     let rest = Rest {
+        manager: Manager::new(Arc::clone(&keys), access.clone()),
         keys,
         access,
         body,
@@ -317,14 +317,6 @@ impl From<crate::access::Unauthenticated> for Problem {
     }
 }
 
-/// Audits a refusal, then turns it into SendGrid's error.
-fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> Problem {
-    move |error| {
-        audit::refused(principal, operation, &error);
-        error.into()
-    }
-}
-
 // --- requests ---------------------------------------------------------------------
 
 /// A JSON body, or the 400 naming what is wrong with it by position, never
@@ -388,11 +380,10 @@ impl Rest {
             .map(axum::extract::MatchedPath::as_str);
         match route.and_then(|route| handlers::required(&parts.method, route)) {
             Some(handlers::Required::Credential) => Ok(()),
-            Some(handlers::Required::Read) => Ok(self.keys.permit(principal, Operation::Read)?),
-            Some(handlers::Required::Change(label, operation)) => self
-                .keys
-                .permit(principal, operation)
-                .map_err(refused(principal, label)),
+            Some(handlers::Required::Read) => Ok(self.manager.permit_read(principal)?),
+            Some(handlers::Required::Change(action)) => {
+                Ok(self.manager.permit(principal, action)?)
+            }
             // Fail closed: a route nobody said the requirement of.
             None => {
                 tracing::error!(method = %parts.method, route = ?route, "a REST route without a stated permission; refused");
@@ -405,21 +396,9 @@ impl Rest {
         }
     }
 
-    /// The account to act in: the admin names it with `on-behalf-of`; a
-    /// key acts in its own (and may not name another).
-    fn account(
-        &self,
-        principal: &Principal,
-        operation: Operation,
-        headers: &HeaderMap,
-    ) -> Result<Arc<str>, KeyError> {
-        self.keys
-            .authorize(principal, operation, self.named_account(headers)?)
-    }
-
     /// The account `on-behalf-of` names ("" without it); given twice, it
     /// is refused rather than guessed.
-    fn named_account<'h>(&self, headers: &'h HeaderMap) -> Result<&'h str, KeyError> {
+    fn named_account(headers: &HeaderMap) -> Result<&str, KeyError> {
         let mut values = headers.get_all(ON_BEHALF_OF).iter();
         let named = match (values.next(), values.next()) {
             (None, _) => "",
@@ -431,78 +410,6 @@ impl Rest {
             }
             (Some(value), None) => value.to_str().unwrap_or("\u{fffd}"),
         };
-        self.access.screen_account(named)
-    }
-
-    /// What every operation on one key does first: the caller may do
-    /// `operation`, the id parses, and the key is in the account
-    /// `on-behalf-of` names (see [`Self::confine`]). Then `change` runs;
-    /// any refusal is audited under `label`.
-    async fn on_key<T, F>(
-        &self,
-        (principal, headers): (&Principal, &HeaderMap),
-        (label, operation): (&'static str, Operation),
-        id: &str,
-        change: impl FnOnce(crate::domain::key::KeyId) -> F,
-    ) -> Result<T, Problem>
-    where
-        F: Future<Output = Result<T, KeyError>>,
-    {
-        let steps = async {
-            self.keys.permit(principal, operation)?;
-            let id = convert::key_id(id)?;
-            self.confine(principal, headers, &id).await?;
-            change(id).await
-        };
-        steps.await.map_err(refused(principal, label))
-    }
-
-    /// Confines an operation on one key to the account `on-behalf-of`
-    /// names: the admin acting for `globex` finds no key of `acme` (404),
-    /// and a key cannot name another account. A key's account never
-    /// changes, so checking before the change is as good as during it.
-    async fn confine(
-        &self,
-        principal: &Principal,
-        headers: &HeaderMap,
-        id: &crate::domain::key::KeyId,
-    ) -> Result<(), KeyError> {
-        let named = self.named_account(headers)?;
-        if named.is_empty() {
-            return Ok(());
-        }
-        match principal {
-            Principal::Admin => {
-                let record = self.keys.get(principal, id).await?;
-                if record.account != named {
-                    return Err(KeyError::NotFound(id.to_string()));
-                }
-                Ok(())
-            }
-            Principal::Key { account, .. } if &**account != named => Err(KeyError::Beyond {
-                field: "account_id",
-                problem: "account_id: an API key acts only in its own account".into(),
-            }),
-            Principal::Key { .. } => Ok(()),
-        }
-    }
-
-    /// The scopes a request names: `None` when it names none (absent).
-    fn grant(
-        &self,
-        scopes: Option<&[String]>,
-    ) -> Result<Option<crate::domain::scope_set::ScopeSet>, KeyError> {
-        match scopes {
-            None => Ok(None),
-            // `"scopes": []` asks for nothing; granting everything for it
-            // would fail open.
-            Some([]) => Err(KeyError::Invalid {
-                field: "scopes",
-                problem: "an empty list grants no scope (omit scopes for a Full Access key)".into(),
-            }),
-            Some(scopes) => {
-                convert::grant(self.keys.catalog(), scopes, &HashMap::<String, i32>::new())
-            }
-        }
+        Ok(named)
     }
 }
