@@ -103,3 +103,17 @@ impl Access {
         }
     }
 }
+
+/// The peer's address, as the listener recorded it (plain or TLS).
+pub fn peer(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
+        .map(|addr| addr.ip())
+}

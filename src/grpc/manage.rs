@@ -1,14 +1,15 @@
 //! `keyward.v1.KeyManager`: SendGrid's /v3/api_keys and /v3/scopes as gRPC,
 //! a thin adapter over the management service ([`crate::manage`]):
-//! protobuf in and out, nothing else.
+//! protobuf in and out, nothing else. Its callers are authenticated by
+//! a layer around it ([`super::caller`]).
 
 use std::sync::Arc;
 
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use super::caller::caller;
 use super::convert;
-use crate::access::Access;
 use crate::domain::record::KeyRecord;
 use crate::keys::Principal;
 use crate::keys::snapshot::Origin;
@@ -19,26 +20,20 @@ use crate::pb::v1 as pb;
 #[derive(Debug, Clone)]
 pub struct ManageService {
     manager: Manager,
-    access: Access,
     /// What backups say of this sidecar.
     origin: Arc<Origin>,
 }
 
 impl ManageService {
-    /// The service over the management service, authenticating callers
-    /// with `access`; backups describe the sidecar as `origin`.
+    /// The RPCs over the management service; backups describe the sidecar
+    /// as `origin`. Callers are authenticated by
+    /// [`super::caller::AuthenticateLayer`] around it.
     #[must_use]
-    pub fn new(manager: Manager, access: Access, origin: Origin) -> Self {
+    pub fn new(manager: Manager, origin: Origin) -> Self {
         Self {
             manager,
-            access,
             origin: Arc::new(origin),
         }
-    }
-
-    /// Authenticates `authorization: Bearer <admin token | API key>`.
-    async fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        principal_of(&self.access, request).await
     }
 
     /// A record as the API shows it, with this sidecar's last-used time.
@@ -62,20 +57,6 @@ impl ManageService {
     }
 }
 
-/// The caller, from `authorization` and (for a key's allowlist) the
-/// peer's address.
-pub(crate) async fn principal_of<T>(
-    access: &Access,
-    request: &Request<T>,
-) -> Result<Principal, Status> {
-    let header = request
-        .metadata()
-        .get("authorization")
-        .map(|value| value.to_str().map_err(|_| ()));
-    let client = request.remote_addr().map(|peer| peer.ip());
-    Ok(access.principal(header, client).await?)
-}
-
 #[tonic::async_trait]
 impl pb::key_manager_server::KeyManager for ManageService {
     type BackupStream =
@@ -85,7 +66,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let chunks = self
             .manager
             .backup(&principal, (*self.origin).clone())
@@ -106,7 +87,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
         let key = NewKey {
             name: request.name,
@@ -129,7 +110,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let id = &request.get_ref().key_id;
         let record = self.manager.get(&principal, id, Ok("")).await?;
         Ok(Response::new(self.show(&record)))
@@ -139,7 +120,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
         let page = PageRequest {
             token: request.page_token,
@@ -160,7 +141,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
         let replacement = Replacement {
             name: request.name,
@@ -178,7 +159,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::RenameKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
         let record = self
             .manager
@@ -191,7 +172,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let id = &request.get_ref().key_id;
         self.manager.delete(&principal, (id, Ok(""))).await?;
         Ok(Response::new(pb::DeleteKeyResponse {}))
@@ -201,7 +182,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetScopesRequest>,
     ) -> Result<Response<pb::GetScopesResponse>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let scopes = self.manager.held_scopes(&principal);
         Ok(Response::new(pb::GetScopesResponse {
             scopes: self.manager.catalog().names(&scopes),
@@ -212,7 +193,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListCatalogRequest>,
     ) -> Result<Response<pb::ListCatalogResponse>, Status> {
-        self.principal(&request).await?;
+        caller(&request)?;
         let catalog = self.manager.catalog();
         let categories = catalog
             .categories()
@@ -244,7 +225,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::DisableKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let id = &request.get_ref().key_id;
         let record = self
             .manager
@@ -257,7 +238,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::EnableKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let id = &request.get_ref().key_id;
         let record = self
             .manager
@@ -270,7 +251,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::SetKeyAllowlistRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
         let record = self
             .manager
@@ -287,7 +268,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
         let overlap = convert::duration(request.overlap.as_ref());
         let (record, secret) = self
@@ -304,7 +285,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::SetKeyRateLimitRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
         let limit = convert::rate_limit(request.rate_limit.as_ref());
         let record = self
@@ -318,7 +299,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::SetKeyExpiryRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
         let at = convert::time(request.expires_at.as_ref());
         let record = self

@@ -1,6 +1,7 @@
 //! gRPC adapters: protobuf in, domain calls, protobuf out. Thin by design.
 
 pub mod authorize;
+pub mod caller;
 pub mod codec;
 pub mod convert;
 pub mod echo;

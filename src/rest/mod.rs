@@ -186,20 +186,6 @@ async fn secured(mut response: Response) -> Response {
     response
 }
 
-/// The peer's address, as the listener recorded it (plain or TLS).
-fn peer(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    extensions
-        .get::<TcpConnectInfo>()
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .map(TlsConnectInfo::get_ref)
-        })
-        .and_then(TcpConnectInfo::remote_addr)
-        .map(|addr| addr.ip())
-}
-
 /// Authenticates and checks the caller's permission first, then reads the
 /// body: a caller without a valid credential gets 401, and one without the
 /// route's `api_keys.*` scopes 403, at once, and keyward holds none of its
@@ -214,7 +200,7 @@ async fn authenticated(
 ) -> Response {
     let (mut parts, body) = request.into_parts();
     let principal = match rest
-        .principal(&parts.headers, peer(&parts.extensions))
+        .principal(&parts.headers, crate::access::peer(&parts.extensions))
         .await
     {
         Ok(principal) => principal,
