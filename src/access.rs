@@ -8,7 +8,7 @@ use crate::authorizer::{Authorizer, bearer_credential};
 use crate::domain::decision::DenyReason;
 use crate::domain::key::SecretHash;
 use crate::guard::{Failure, FailureGuard};
-use crate::keys::{KeyError, Principal};
+use crate::keys::Principal;
 
 /// Why a management caller was not authenticated. The message never
 /// echoes the credential.
@@ -36,45 +36,15 @@ impl Access {
         }
     }
 
-    /// Refuses an account named with the admin token itself (pasted into
-    /// the wrong field it would be stored, logged, and sent upstream as the
-    /// account header), without echoing it.
-    pub fn screen_account<'a>(&self, named: &'a str) -> Result<&'a str, KeyError> {
-        self.screen("account_id", named)?;
-        Ok(named)
-    }
-
-    /// A key name, checked ([`crate::grpc::convert::name`]) and screened
-    /// for the admin token.
-    pub fn name(&self, name: &str) -> Result<String, KeyError> {
-        let name = crate::grpc::convert::name(name)?;
-        self.screen("name", &name)?;
-        Ok(name)
-    }
-
-    /// Address ranges ([`crate::grpc::convert::allowed_cidrs`]), none of
-    /// them the admin token.
-    pub fn allowed_cidrs(&self, cidrs: &[String]) -> Result<Vec<String>, KeyError> {
-        for cidr in cidrs {
-            self.screen("allowed_cidrs", cidr)?;
-        }
-        crate::grpc::convert::allowed_cidrs(cidrs)
-    }
-
-    /// Refuses a free-text value that is, or holds as a word, the admin
-    /// token (whatever its shape: an operator may bring their own), without
-    /// echoing it. Credentials keyward generates are refused by shape
-    /// already ([`crate::domain::key::looks_like_secret`]).
-    fn screen(&self, field: &'static str, value: &str) -> Result<(), KeyError> {
+    /// Whether a free-text value is, or holds as a word, the admin token
+    /// (whatever its shape: an operator may bring their own). Credentials
+    /// keyward generates are refused by shape already
+    /// ([`crate::domain::key::looks_like_secret`]).
+    #[must_use]
+    pub fn holds_admin_token(&self, value: &str) -> bool {
         let is_admin =
             |text: &str| !text.is_empty() && SecretHash::of(text.as_bytes()).matches(&self.admin);
-        if is_admin(value) || value.split_whitespace().any(is_admin) {
-            return Err(KeyError::Invalid {
-                field,
-                problem: crate::grpc::convert::CREDENTIAL_REFUSED.into(),
-            });
-        }
-        Ok(())
+        is_admin(value) || value.split_whitespace().any(is_admin)
     }
 
     /// The caller behind an `Authorization` header value (`None`: absent;
@@ -132,4 +102,18 @@ impl Access {
             }
         }
     }
+}
+
+/// The peer's address, as the listener recorded it (plain or TLS).
+pub fn peer(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
+        .map(|addr| addr.ip())
 }

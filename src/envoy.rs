@@ -180,20 +180,7 @@ fn allow(decision: &Decision) -> CheckResponse {
 /// HTTP reply is the one every gateway gives ([`reply::denied`]).
 fn deny(decision: &Decision, catalog: &Catalog) -> CheckResponse {
     let reason = decision.deny.unwrap_or(DenyReason::UnknownRoute);
-    let label = reason.label();
-    let grpc = match reason {
-        DenyReason::MissingKey
-        | DenyReason::MalformedKey
-        | DenyReason::UnknownKey
-        | DenyReason::KeyExpired
-        | DenyReason::KeyDisabled => Status::unauthenticated(label),
-        DenyReason::RateLimited => Status::resource_exhausted(label),
-        DenyReason::KeyUnverifiable => Status::unavailable(label),
-        DenyReason::InsufficientScope
-        | DenyReason::UnknownRoute
-        | DenyReason::AmbiguousPath
-        | DenyReason::IpNotAllowed => Status::permission_denied(label),
-    };
+    let grpc = Status::new(crate::refusal::ext_authz_code(reason), reason.label());
     denied_response(grpc, reply::denied(decision, catalog))
 }
 

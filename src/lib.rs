@@ -12,8 +12,7 @@
 //!   in the file format of `store::backup`), and a data directory from one.
 //! - [`migrate`]: `keyward migrate`, a standalone store's keys into etcd.
 //! - [`server`]: wiring: config, store, services, health, reflection, serve.
-//! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`), errors →
-//!   status codes in one place.
+//! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`).
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
 //! - [`rest`]: SendGrid's key-management REST API, through the same key
 //!   service as KeyManager.
@@ -25,8 +24,11 @@
 //!   feed (`grpc::feed`, `keyward.v1.DecisionFeed`) that the Envoy module
 //!   reads.
 //! - [`front`]: what `Authorize` and `Check` share: validate, decide, count.
-//! - [`access`], [`audit`]: what the two key-management front doors (gRPC
-//!   KeyManager, SendGrid's REST) share: who is calling, and the audit log.
+//! - [`manage`]: key management, one service for both front doors (gRPC
+//!   KeyManager, SendGrid's REST): field checks on plain values, then each
+//!   operation's flow (permit, check, change, audit) written once.
+//! - [`access`], [`audit`]: who is calling (both front doors authenticate
+//!   through it, as a layer), and the audit log.
 //! - [`guard`]: guessing detection: repeated wrong secrets per key id.
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
 //! - [`trace`]: W3C `traceparent` on a request, carried into its log lines
@@ -64,6 +66,9 @@
 //!   with the Envoy module so both decide from the same code.
 //! - [`config`]: settings, each a flag and an environment variable.
 //! - [`tls`]: TLS for the REST listener (HTTP/1.1 and h2 by ALPN).
+//! - [`refusal`]: the one place refusals take their outward forms: a
+//!   `KeyError` as a gRPC status and SendGrid's HTTP status and body, a
+//!   deny reason as ext_authz's status, the wire enum and its counter.
 //! - [`pb`]: generated protobuf code, fenced off.
 //!
 //! The read path and the write path meet only at the index: decisions never
@@ -86,9 +91,11 @@ pub mod guard;
 pub mod keys;
 pub mod listen;
 pub mod log;
+pub mod manage;
 pub mod metrics;
 pub mod migrate;
 pub mod pb;
+pub mod refusal;
 pub mod rest;
 pub mod scanning;
 pub mod server;

@@ -23,6 +23,7 @@ use std::sync::atomic::AtomicU64;
 use tokio_stream::StreamExt;
 
 use crate::domain::decision::{Decision, DenyReason};
+use crate::refusal::{DECISION_SLOTS, decision_slot, slot_reason};
 
 /// Which front door a decision came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,21 +33,6 @@ pub enum Source {
     /// Envoy's `Authorization/Check`.
     Check = 1,
 }
-
-const REASONS: [Option<DenyReason>; 12] = [
-    None,
-    Some(DenyReason::MissingKey),
-    Some(DenyReason::MalformedKey),
-    Some(DenyReason::UnknownKey),
-    Some(DenyReason::InsufficientScope),
-    Some(DenyReason::UnknownRoute),
-    Some(DenyReason::AmbiguousPath),
-    Some(DenyReason::KeyExpired),
-    Some(DenyReason::KeyDisabled),
-    Some(DenyReason::IpNotAllowed),
-    Some(DenyReason::RateLimited),
-    Some(DenyReason::KeyUnverifiable),
-];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -105,7 +91,7 @@ struct OperationLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    decisions: [[Counter; REASONS.len()]; 2],
+    decisions: [[Counter; DECISION_SLOTS]; 2],
     decision_seconds: Histogram,
     rpcs: Family<RpcLabels, Counter>,
     keys: Gauge,
@@ -234,7 +220,8 @@ impl Metrics {
             Family::<DecisionLabels, Counter>::default(),
         );
         let decisions = [Source::Authorize, Source::Check].map(|source| {
-            REASONS.map(|reason| {
+            std::array::from_fn(|slot| {
+                let reason = slot_reason(slot);
                 decision_family
                     .get_or_create(&DecisionLabels {
                         source: match source {
@@ -404,11 +391,7 @@ impl Metrics {
     /// Counts one decision by source and outcome.
     #[inline]
     pub fn decision(&self, source: Source, decision: &Decision) {
-        let slot = REASONS
-            .iter()
-            .position(|r| *r == decision.deny)
-            .unwrap_or_default();
-        self.decisions[source as usize][slot].inc();
+        self.decisions[source as usize][decision_slot(decision.deny)].inc();
     }
 
     /// Records how long one sampled decision took. prometheus-client's

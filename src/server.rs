@@ -647,12 +647,15 @@ fn grpc_servers(
     ))
     .max_decoding_message_size(limits.max_message_bytes);
     let manage = manage_enabled.then(|| {
-        KeyManagerServer::new(ManageService::new(
-            Arc::clone(&app.keys),
-            app.access(),
+        let server = KeyManagerServer::new(ManageService::new(
+            crate::manage::Manager::new(Arc::clone(&app.keys), app.access()),
             crate::keys::snapshot::Origin::new(&app.tables.catalog_source, &app.tables.catalog),
         ))
-        .max_decoding_message_size(limits.max_message_bytes)
+        .max_decoding_message_size(limits.max_message_bytes);
+        tower::Layer::layer(
+            &crate::grpc::caller::AuthenticateLayer::new(app.access()),
+            server,
+        )
     });
     let reflection = || {
         tonic_reflection::server::Builder::configure()

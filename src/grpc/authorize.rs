@@ -2,11 +2,11 @@
 
 use tonic::{Request, Response, Status};
 
-use super::status::invalid;
 use crate::domain::catalog::Catalog;
-use crate::domain::decision::{Decision, DenyReason};
+use crate::domain::decision::Decision;
 use crate::front::FrontDoor;
 use crate::pb::v1 as pb;
+use crate::refusal::invalid;
 
 /// Serves `Authorize` through the shared front door.
 #[derive(Debug, Clone)]
@@ -51,7 +51,7 @@ pub fn response(decision: &Decision, catalog: &Catalog) -> pb::AuthorizeResponse
     let message = keyward_core::reply::message(decision, &missing);
     pb::AuthorizeResponse {
         allowed: decision.allowed(),
-        reason: deny_reason_pb(decision.deny) as i32,
+        reason: crate::refusal::wire(decision.deny) as i32,
         key_id: decision.key_id.map(|id| id.to_string()).unwrap_or_default(),
         account_id: decision.account.as_deref().unwrap_or_default().to_owned(),
         required_scopes: catalog.names(&decision.required),
@@ -74,22 +74,5 @@ fn duration(millis: u32) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::from(millis / 1000),
         nanos: i32::try_from(millis % 1000).unwrap_or_default() * 1_000_000,
-    }
-}
-
-fn deny_reason_pb(reason: Option<DenyReason>) -> pb::DenyReason {
-    match reason {
-        None => pb::DenyReason::Unspecified,
-        Some(DenyReason::MissingKey) => pb::DenyReason::MissingKey,
-        Some(DenyReason::MalformedKey) => pb::DenyReason::MalformedKey,
-        Some(DenyReason::UnknownKey) => pb::DenyReason::UnknownKey,
-        Some(DenyReason::InsufficientScope) => pb::DenyReason::InsufficientScope,
-        Some(DenyReason::UnknownRoute) => pb::DenyReason::UnknownRoute,
-        Some(DenyReason::AmbiguousPath) => pb::DenyReason::AmbiguousPath,
-        Some(DenyReason::KeyExpired) => pb::DenyReason::KeyExpired,
-        Some(DenyReason::KeyDisabled) => pb::DenyReason::KeyDisabled,
-        Some(DenyReason::IpNotAllowed) => pb::DenyReason::IpNotAllowed,
-        Some(DenyReason::RateLimited) => pb::DenyReason::RateLimited,
-        Some(DenyReason::KeyUnverifiable) => pb::DenyReason::KeyUnverifiable,
     }
 }

@@ -31,13 +31,13 @@ use crate::access::Access;
 use crate::authorizer::bearer_credential;
 use crate::domain::key::{KeyId, SecretHash};
 use crate::feed::{Change, Feed};
-use crate::grpc::manage::principal_of;
-use crate::grpc::status::invalid;
+use crate::grpc::caller::authenticate;
 use crate::keys::Principal;
 use crate::keys::Replication;
 use crate::metrics::FeedCounters;
 use crate::pb::v1 as pb;
 use crate::pb::v1::feed_event::Event;
+use crate::refusal::invalid;
 use crate::store::index::{Entry, Index};
 
 /// Feed streams open at once (each is a whole snapshot's read).
@@ -159,7 +159,7 @@ impl FeedService {
                 return Ok(());
             }
         }
-        match principal_of(&self.access, request).await? {
+        match authenticate(&self.access, request).await? {
             Principal::Admin => Ok(()),
             Principal::Key { .. } => Err(Status::permission_denied(
                 "the decision feed is for the feed reader and admin tokens only",

@@ -1,72 +1,59 @@
-//! `keyward.v1.KeyManager`: SendGrid's /v3/api_keys and /v3/scopes as gRPC.
-//! Every change is written to the audit log (target `keyward::audit`).
+//! `keyward.v1.KeyManager`: SendGrid's /v3/api_keys and /v3/scopes as gRPC,
+//! a thin adapter over the management service ([`crate::manage`]):
+//! protobuf in and out, nothing else. Its callers are authenticated by
+//! a layer around it ([`super::caller`]).
 
 use std::sync::Arc;
 
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use super::caller::caller;
 use super::convert;
-use super::status::unauthenticated;
-use crate::access::{Access, Unauthenticated};
-use crate::audit;
 use crate::domain::record::KeyRecord;
+use crate::keys::Principal;
 use crate::keys::snapshot::Origin;
-use crate::keys::{Expiry, KeyError, Keys, Lifecycle, Operation, Principal, StateChange};
+use crate::manage::{BackupError, Manager, NewKey, PageRequest, Replacement};
 use crate::pb::v1 as pb;
 
 /// Serves the management RPCs.
 #[derive(Debug, Clone)]
 pub struct ManageService {
-    keys: Arc<Keys>,
-    access: Access,
+    manager: Manager,
     /// What backups say of this sidecar.
     origin: Arc<Origin>,
 }
 
 impl ManageService {
-    /// The service over the shared key store, authenticating callers with
-    /// `access`; backups describe the sidecar as `origin`.
+    /// The RPCs over the management service; backups describe the sidecar
+    /// as `origin`. Callers are authenticated by
+    /// [`super::caller::AuthenticateLayer`] around it.
     #[must_use]
-    pub fn new(keys: Arc<Keys>, access: Access, origin: Origin) -> Self {
+    pub fn new(manager: Manager, origin: Origin) -> Self {
         Self {
-            keys,
-            access,
+            manager,
             origin: Arc::new(origin),
         }
     }
 
-    /// Authenticates `authorization: Bearer <admin token | API key>`.
-    async fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        principal_of(&self.access, request).await
+    /// A record as the API shows it, with this sidecar's last-used time.
+    fn show(&self, record: &KeyRecord) -> pb::ApiKey {
+        convert::api_key(record, self.manager.last_used(record))
     }
-}
 
-/// The caller, from `authorization` and (for a key's allowlist) the
-/// peer's address.
-pub(crate) async fn principal_of<T>(
-    access: &Access,
-    request: &Request<T>,
-) -> Result<Principal, Status> {
-    let header = request
-        .metadata()
-        .get("authorization")
-        .map(|value| value.to_str().map(str::to_owned).map_err(|_| ()));
-    let client = request.remote_addr().map(|peer| peer.ip());
-    access
-        .principal(
-            header.as_ref().map(|h| h.as_deref().map_err(|&()| ())),
-            client,
-        )
-        .await
-        .map_err(|Unauthenticated(problem)| unauthenticated(problem))
-}
-
-/// Logs a refused change to the audit log, then converts it.
-fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> Status {
-    move |error| {
-        audit::refused(principal, operation, &error);
-        error.into()
+    /// A changed key as its changer may see it: all of it to a caller that
+    /// could read the key anyway, else its id and name (SendGrid's PATCH
+    /// answer), never its scopes, account or limits.
+    fn show_to(&self, principal: &Principal, record: &KeyRecord) -> pb::ApiKey {
+        if self.manager.may_read(principal) {
+            self.show(record)
+        } else {
+            pb::ApiKey {
+                key_id: record.id.to_string(),
+                name: record.name.clone(),
+                ..pb::ApiKey::default()
+            }
+        }
     }
 }
 
@@ -79,13 +66,15 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
-        let principal = self.principal(&request).await?;
-        if !matches!(principal, Principal::Admin) {
-            let error = KeyError::PermissionDenied("backups are for the admin token only".into());
-            return Err(refused(&principal, "backup")(error));
-        }
-        let chunks = self.keys.backup((*self.origin).clone()).await?;
-        audit::backup(&principal);
+        let principal = caller(&request)?;
+        let chunks = self
+            .manager
+            .backup(&principal, (*self.origin).clone())
+            .await
+            .map_err(|error| match error {
+                BackupError::Refused(error) => Status::from(error),
+                BackupError::Failed(error) => Status::from(error),
+            })?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).map(|chunk| {
             chunk
                 .map(|data| pb::BackupChunk { data })
@@ -98,35 +87,19 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
-        let fail = |e| refused(&principal, "create")(e);
-        let named = self
-            .access
-            .screen_account(&request.account_id)
-            .map_err(fail)?;
-        let account = self
-            .keys
-            .authorize(&principal, Operation::Create, named)
-            .map_err(fail)?;
-        let name = self.access.name(&request.name).map_err(fail)?;
-        let grant = convert::grant(self.keys.catalog(), &request.scopes, &request.access)
-            .map_err(fail)?
-            .unwrap_or_else(|| self.keys.catalog().full_access());
-        let lifecycle = Lifecycle {
-            expires_at: convert::expires_at(request.expires_at.as_ref()).map_err(fail)?,
-            allowed_cidrs: self
-                .access
-                .allowed_cidrs(&request.allowed_cidrs)
-                .map_err(fail)?,
-            rate_limit: convert::rate_limit(request.rate_limit.as_ref()).map_err(fail)?,
+        let key = NewKey {
+            name: request.name,
+            grant: convert::grant(&request.scopes, &request.access),
+            expires_at: convert::time(request.expires_at.as_ref()),
+            allowed_cidrs: request.allowed_cidrs,
+            rate_limit: convert::rate_limit(request.rate_limit.as_ref()),
         };
         let (record, secret) = self
-            .keys
-            .create(&principal, account, name, grant, lifecycle)
-            .await
-            .map_err(fail)?;
-        audit::changed(&principal, "create", None, &record);
+            .manager
+            .create(&principal, Ok(&request.account_id), Ok(key))
+            .await?;
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(self.show(&record)),
             secret,
@@ -137,10 +110,9 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
-        self.keys.permit(&principal, Operation::Read)?;
-        let id = convert::key_id(&request.get_ref().key_id)?;
-        let record = self.keys.get(&principal, &id).await?;
+        let principal = caller(&request)?;
+        let id = &request.get_ref().key_id;
+        let record = self.manager.get(&principal, id, Ok("")).await?;
         Ok(Response::new(self.show(&record)))
     }
 
@@ -148,18 +120,16 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let principal = self.principal(&request).await?;
-        let request = request.get_ref();
-        let account = self.keys.authorize(
-            &principal,
-            Operation::Read,
-            self.access.screen_account(&request.account_id)?,
-        )?;
-        let limit = convert::page_size(request.page_size)?;
-        let unused_for = convert::unused_for(request.unused_for.as_ref())?;
+        let principal = caller(&request)?;
+        let request = request.into_inner();
+        let page = PageRequest {
+            token: request.page_token,
+            size: i64::from(request.page_size),
+            unused_for: convert::duration(request.unused_for.as_ref()),
+        };
         let (records, next_page_token) = self
-            .keys
-            .list(account, &request.page_token, limit, unused_for)
+            .manager
+            .list(&principal, Ok(&request.account_id), Ok(page))
             .await?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: records.iter().map(|record| self.show(record)).collect(),
@@ -171,27 +141,17 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::UpdateKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
-        let fail = |e| refused(&principal, "update")(e);
-        self.keys
-            .permit(&principal, Operation::Update)
-            .map_err(fail)?;
-        let id = convert::key_id(&request.key_id).map_err(fail)?;
-        let name = self.access.name(&request.name).map_err(fail)?;
-        let grant = convert::grant(self.keys.catalog(), &request.scopes, &request.access)
-            .map_err(fail)?
-            .ok_or_else(|| KeyError::Invalid {
-                field: "scopes",
-                problem: "required: UpdateKey replaces the scopes (set scopes or access); use RenameKey to change only the name".into(),
-            })
-            .map_err(fail)?;
-        let (before, record) = self
-            .keys
-            .update(&principal, &id, name, Some(grant))
-            .await
-            .map_err(fail)?;
-        audit::changed(&principal, "update", Some(&before), &record);
+        let replacement = Replacement {
+            name: request.name,
+            grant: convert::grant(&request.scopes, &request.access),
+            grant_required: "required: UpdateKey replaces the scopes (set scopes or access); use RenameKey to change only the name",
+        };
+        let record = self
+            .manager
+            .update(&principal, (&request.key_id, Ok("")), Ok(replacement))
+            .await?;
         Ok(Response::new(self.show(&record)))
     }
 
@@ -199,20 +159,12 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::RenameKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
-        let fail = |e| refused(&principal, "rename")(e);
-        self.keys
-            .permit(&principal, Operation::Update)
-            .map_err(fail)?;
-        let id = convert::key_id(&request.key_id).map_err(fail)?;
-        let name = self.access.name(&request.name).map_err(fail)?;
-        let (before, record) = self
-            .keys
-            .update(&principal, &id, name, None)
-            .await
-            .map_err(fail)?;
-        audit::changed(&principal, "rename", Some(&before), &record);
+        let record = self
+            .manager
+            .rename(&principal, (&request.key_id, Ok("")), Ok(request.name))
+            .await?;
         Ok(Response::new(self.show_to(&principal, &record)))
     }
 
@@ -220,14 +172,9 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
-        let principal = self.principal(&request).await?;
-        let fail = |e| refused(&principal, "delete")(e);
-        self.keys
-            .permit(&principal, Operation::Delete)
-            .map_err(fail)?;
-        let id = convert::key_id(&request.get_ref().key_id).map_err(fail)?;
-        let record = self.keys.delete(&principal, &id).await.map_err(fail)?;
-        audit::changed(&principal, "delete", Some(&record), &record);
+        let principal = caller(&request)?;
+        let id = &request.get_ref().key_id;
+        self.manager.delete(&principal, (id, Ok(""))).await?;
         Ok(Response::new(pb::DeleteKeyResponse {}))
     }
 
@@ -235,10 +182,10 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::GetScopesRequest>,
     ) -> Result<Response<pb::GetScopesResponse>, Status> {
-        let principal = self.principal(&request).await?;
-        let scopes = self.keys.held_scopes(&principal);
+        let principal = caller(&request)?;
+        let scopes = self.manager.held_scopes(&principal);
         Ok(Response::new(pb::GetScopesResponse {
-            scopes: self.keys.catalog().names(&scopes),
+            scopes: self.manager.catalog().names(&scopes),
         }))
     }
 
@@ -246,8 +193,8 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::ListCatalogRequest>,
     ) -> Result<Response<pb::ListCatalogResponse>, Status> {
-        self.principal(&request).await?;
-        let catalog = self.keys.catalog();
+        caller(&request)?;
+        let catalog = self.manager.catalog();
         let categories = catalog
             .categories()
             .iter()
@@ -278,63 +225,56 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::DisableKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let key_id = &request.get_ref().key_id;
-        self.set_state(&request, "disable", key_id, || {
-            Ok(StateChange {
-                disabled: Some(true),
-                ..StateChange::default()
-            })
-        })
-        .await
+        let principal = caller(&request)?;
+        let id = &request.get_ref().key_id;
+        let record = self
+            .manager
+            .set_disabled(&principal, (id, Ok("")), true)
+            .await?;
+        Ok(Response::new(self.show_to(&principal, &record)))
     }
 
     async fn enable_key(
         &self,
         request: Request<pb::EnableKeyRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let key_id = &request.get_ref().key_id;
-        self.set_state(&request, "enable", key_id, || {
-            Ok(StateChange {
-                disabled: Some(false),
-                ..StateChange::default()
-            })
-        })
-        .await
+        let principal = caller(&request)?;
+        let id = &request.get_ref().key_id;
+        let record = self
+            .manager
+            .set_disabled(&principal, (id, Ok("")), false)
+            .await?;
+        Ok(Response::new(self.show_to(&principal, &record)))
     }
 
     async fn set_key_allowlist(
         &self,
         request: Request<pb::SetKeyAllowlistRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let key_id = &request.get_ref().key_id;
-        let cidrs = &request.get_ref().allowed_cidrs;
-        self.set_state(&request, "set_allowlist", key_id, || {
-            Ok(StateChange {
-                allowed_cidrs: Some(self.access.allowed_cidrs(cidrs)?),
-                ..StateChange::default()
-            })
-        })
-        .await
+        let principal = caller(&request)?;
+        let request = request.into_inner();
+        let record = self
+            .manager
+            .set_allowlist(
+                &principal,
+                (&request.key_id, Ok("")),
+                Ok(request.allowed_cidrs),
+            )
+            .await?;
+        Ok(Response::new(self.show_to(&principal, &record)))
     }
 
     async fn rotate_key(
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
-        let principal = self.principal(&request).await?;
+        let principal = caller(&request)?;
         let request = request.into_inner();
-        let fail = |e| refused(&principal, "rotate")(e);
-        self.keys
-            .permit(&principal, Operation::Rotate)
-            .map_err(fail)?;
-        let id = convert::key_id(&request.key_id).map_err(fail)?;
-        let overlap = convert::overlap(request.overlap.as_ref()).map_err(fail)?;
-        let (before, record, secret) = self
-            .keys
-            .rotate(&principal, &id, overlap)
-            .await
-            .map_err(fail)?;
-        audit::changed(&principal, "rotate", Some(&before), &record);
+        let overlap = convert::duration(request.overlap.as_ref());
+        let (record, secret) = self
+            .manager
+            .rotate(&principal, (&request.key_id, Ok("")), Ok(overlap))
+            .await?;
         Ok(Response::new(pb::RotateKeyResponse {
             key: Some(self.show_to(&principal, &record)),
             secret,
@@ -345,80 +285,27 @@ impl pb::key_manager_server::KeyManager for ManageService {
         &self,
         request: Request<pb::SetKeyRateLimitRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let key_id = &request.get_ref().key_id;
-        let limit = request.get_ref().rate_limit.as_ref();
-        self.set_state(&request, "set_rate_limit", key_id, || {
-            Ok(StateChange {
-                rate_limit: Some(convert::rate_limit(limit)?),
-                ..StateChange::default()
-            })
-        })
-        .await
+        let principal = caller(&request)?;
+        let request = request.into_inner();
+        let limit = convert::rate_limit(request.rate_limit.as_ref());
+        let record = self
+            .manager
+            .set_rate_limit(&principal, (&request.key_id, Ok("")), Ok(limit))
+            .await?;
+        Ok(Response::new(self.show_to(&principal, &record)))
     }
 
     async fn set_key_expiry(
         &self,
         request: Request<pb::SetKeyExpiryRequest>,
     ) -> Result<Response<pb::ApiKey>, Status> {
-        let key_id = &request.get_ref().key_id;
-        let expires_at = request.get_ref().expires_at.as_ref();
-        self.set_state(&request, "set_expiry", key_id, || {
-            Ok(StateChange {
-                expires_at: Some(
-                    convert::expires_at(expires_at)?.map_or(Expiry::Never, Expiry::At),
-                ),
-                ..StateChange::default()
-            })
-        })
-        .await
-    }
-}
-
-impl ManageService {
-    /// A record as the API shows it, with this sidecar's last-used time.
-    fn show(&self, record: &KeyRecord) -> pb::ApiKey {
-        convert::api_key(record, self.keys.last_used(record))
-    }
-
-    /// The lifecycle RPCs (disable, enable, expiry, allowlist, rate limit):
-    /// the same rules as UpdateKey. The caller is authenticated once, then
-    /// `state` reads the request's values (refused values are audited too).
-    async fn set_state<T>(
-        &self,
-        request: &Request<T>,
-        operation: &str,
-        key_id: &str,
-        state: impl FnOnce() -> Result<StateChange, KeyError>,
-    ) -> Result<Response<pb::ApiKey>, Status> {
-        let principal = self.principal(request).await?;
-        let fail = |e| refused(&principal, operation)(e);
-        self.keys
-            .permit(&principal, Operation::Update)
-            .map_err(fail)?;
-        let id = convert::key_id(key_id).map_err(fail)?;
-        let state = state().map_err(fail)?;
-        let (before, record) = self
-            .keys
-            .set_state(&principal, &id, state)
-            .await
-            .map_err(fail)?;
-        audit::changed(&principal, operation, Some(&before), &record);
+        let principal = caller(&request)?;
+        let request = request.into_inner();
+        let at = convert::time(request.expires_at.as_ref());
+        let record = self
+            .manager
+            .set_expiry(&principal, (&request.key_id, Ok("")), Ok(at))
+            .await?;
         Ok(Response::new(self.show_to(&principal, &record)))
-    }
-
-    /// A changed key as its changer may see it: all of it to a caller that
-    /// could read the key anyway, else its id and name (SendGrid's PATCH
-    /// answer), never its scopes, account or limits.
-    fn show_to(&self, principal: &Principal, record: &KeyRecord) -> pb::ApiKey {
-        let key = self.show(record);
-        if self.keys.permit(principal, Operation::Read).is_ok() {
-            key
-        } else {
-            pb::ApiKey {
-                key_id: key.key_id,
-                name: key.name,
-                ..pb::ApiKey::default()
-            }
-        }
     }
 }

@@ -1,10 +1,10 @@
 //! gRPC adapters: protobuf in, domain calls, protobuf out. Thin by design.
 
 pub mod authorize;
+pub mod caller;
 pub mod codec;
 pub mod convert;
 pub mod echo;
 pub mod edge;
 pub mod feed;
 pub mod manage;
-pub mod status;

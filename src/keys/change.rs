@@ -186,8 +186,8 @@ impl Principal {
     }
 }
 
-/// Why a management operation failed. Mapped to gRPC codes in one place
-/// (`grpc::status`).
+/// Why a management operation failed. Mapped to its gRPC and HTTP forms
+/// in one place (`crate::refusal`).
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// A request field is invalid; nothing changed.

@@ -632,7 +632,7 @@ pub fn validate_account(account: &str) -> Result<(), KeyError> {
     if crate::domain::key::looks_like_secret(account) {
         return Err(KeyError::Invalid {
             field: "account_id",
-            problem: crate::grpc::convert::CREDENTIAL_REFUSED.into(),
+            problem: crate::domain::key::CREDENTIAL_REFUSED.into(),
         });
     }
     let ok = !account.is_empty()

@@ -58,7 +58,7 @@ pub const MAX_SAVED: usize = 100_000;
 pub type Chunks = mpsc::Receiver<Result<Vec<u8>, SnapshotError>>;
 
 /// Why a backup was not taken. Mapped to gRPC codes in
-/// [`crate::grpc::status`].
+/// [`crate::refusal`].
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// Another backup is running.

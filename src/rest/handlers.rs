@@ -2,6 +2,8 @@
 //! registered with `routes!`, which takes its path and method from the
 //! handler's `#[utoipa::path]`: the document and the router are one list.
 
+use std::time::Duration;
+
 use axum::body::Bytes;
 use axum::extract::{Extension, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -16,12 +18,11 @@ use super::shapes::{
     KeyListed, KeySummary, ListReply, RateLimitBody, RateLimitChange, ReadReply, RenameBody,
     ReplaceBody, RotateBody, RotatedKey, ScopesReply,
 };
-use super::{ON_BEHALF_OF, Problem, Rest, body, body_or_default, refused};
-use crate::audit;
+use super::{ON_BEHALF_OF, Problem, Rest, body, body_or_default};
 use crate::domain::record::KeyRecord;
-use crate::grpc::convert;
-use crate::keys::{Expiry, KeyError, Lifecycle, Operation, Principal, StateChange};
-use crate::pb::v1 as pb;
+use crate::keys::{KeyError, Principal};
+use crate::manage::fields::{GrantInput, RateLimitInput, UnixTime};
+use crate::manage::{Action, NewKey, PageRequest, Replacement};
 
 /// Every route, and the document describing them.
 pub(super) fn routes() -> (axum::Router<Rest>, utoipa::openapi::OpenApi) {
@@ -51,8 +52,8 @@ pub(super) enum Required {
     Credential,
     /// `api_keys.read`; refused without an audit event, as reads are.
     Read,
-    /// A change: the operation's scopes, a refusal audited under its label.
-    Change(&'static str, Operation),
+    /// A change: the action's scopes, a refusal audited under its label.
+    Change(Action),
 }
 
 /// What the route `template` (as matched) asks of its caller for `method`;
@@ -62,28 +63,20 @@ pub(super) enum Required {
 pub(super) fn required(method: &axum::http::Method, template: &str) -> Option<Required> {
     use axum::http::Method;
     let read = *method == Method::GET || *method == Method::HEAD;
-    let change = |label, operation| Some(Required::Change(label, operation));
+    let change = |action| Some(Required::Change(action));
     match (template, method) {
         ("/v3/scopes" | "/v3/scopes/catalog", _) if read => Some(Required::Credential),
         ("/v3/api_keys" | "/v3/api_keys/{api_key_id}", _) if read => Some(Required::Read),
-        ("/v3/api_keys", &Method::POST) => change("create", Operation::Create),
-        ("/v3/api_keys/{api_key_id}", &Method::PUT) => change("update", Operation::Update),
-        ("/v3/api_keys/{api_key_id}", &Method::PATCH) => change("rename", Operation::Update),
-        ("/v3/api_keys/{api_key_id}", &Method::DELETE) => change("delete", Operation::Delete),
-        ("/v3/api_keys/{api_key_id}/disable", &Method::POST) => {
-            change("disable", Operation::Update)
-        }
-        ("/v3/api_keys/{api_key_id}/enable", &Method::POST) => change("enable", Operation::Update),
-        ("/v3/api_keys/{api_key_id}/rotate", &Method::POST) => change("rotate", Operation::Rotate),
-        ("/v3/api_keys/{api_key_id}/expiry", &Method::PUT) => {
-            change("set_expiry", Operation::Update)
-        }
-        ("/v3/api_keys/{api_key_id}/allowlist", &Method::PUT) => {
-            change("set_allowlist", Operation::Update)
-        }
-        ("/v3/api_keys/{api_key_id}/rate_limit", &Method::PUT) => {
-            change("set_rate_limit", Operation::Update)
-        }
+        ("/v3/api_keys", &Method::POST) => change(Action::Create),
+        ("/v3/api_keys/{api_key_id}", &Method::PUT) => change(Action::Update),
+        ("/v3/api_keys/{api_key_id}", &Method::PATCH) => change(Action::Rename),
+        ("/v3/api_keys/{api_key_id}", &Method::DELETE) => change(Action::Delete),
+        ("/v3/api_keys/{api_key_id}/disable", &Method::POST) => change(Action::Disable),
+        ("/v3/api_keys/{api_key_id}/enable", &Method::POST) => change(Action::Enable),
+        ("/v3/api_keys/{api_key_id}/rotate", &Method::POST) => change(Action::Rotate),
+        ("/v3/api_keys/{api_key_id}/expiry", &Method::PUT) => change(Action::SetExpiry),
+        ("/v3/api_keys/{api_key_id}/allowlist", &Method::PUT) => change(Action::SetAllowlist),
+        ("/v3/api_keys/{api_key_id}/rate_limit", &Method::PUT) => change(Action::SetRateLimit),
         _ => None,
     }
 }
@@ -200,84 +193,42 @@ fn now() -> i64 {
 
 impl Rest {
     fn detail(&self, record: &KeyRecord) -> KeyDetail {
-        KeyDetail::of(record, self.keys.last_used(record), now())
+        KeyDetail::of(record, self.manager.last_used(record), now())
     }
 
     /// A changed key as its changer may see it: all of it to a caller that
     /// could read the key anyway, else SendGrid's PATCH answer.
     fn shown_to(&self, principal: &Principal, record: &KeyRecord) -> Response {
-        if self.keys.permit(principal, Operation::Read).is_ok() {
+        if self.manager.may_read(principal) {
             axum::Json(self.detail(record)).into_response()
         } else {
             axum::Json(KeySummary::of(record)).into_response()
         }
     }
-
-    /// Disables or enables a key.
-    async fn set_disabled(
-        &self,
-        caller: (&Principal, &HeaderMap),
-        id: &str,
-        disabled: bool,
-    ) -> Result<Response, Problem> {
-        let state = || {
-            Ok(StateChange {
-                disabled: Some(disabled),
-                ..StateChange::default()
-            })
-        };
-        let label = if disabled { "disable" } else { "enable" };
-        self.set_state(caller, label, id, state).await
-    }
-
-    /// The lifecycle actions: one state change, with UpdateKey's rules.
-    async fn set_state(
-        &self,
-        (principal, headers): (&Principal, &HeaderMap),
-        label: &'static str,
-        id: &str,
-        state: impl FnOnce() -> Result<StateChange, KeyError>,
-    ) -> Result<Response, Problem> {
-        let record = self
-            .on_key(
-                (principal, headers),
-                (label, Operation::Update),
-                id,
-                |id| async move {
-                    let (before, record) = self.keys.set_state(principal, &id, state()?).await?;
-                    audit::changed(principal, label, Some(&before), &record);
-                    Ok(record)
-                },
-            )
-            .await?;
-        Ok(self.shown_to(principal, &record))
-    }
 }
 
 // --- request values ---------------------------------------------------------------
 
-/// An expiry in Unix seconds, checked as gRPC checks it.
-fn expires_at(seconds: Option<i64>) -> Result<Option<i64>, KeyError> {
-    convert::expires_at(
-        seconds
-            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 })
-            .as_ref(),
-    )
+/// An expiry in Unix seconds.
+fn time(seconds: Option<i64>) -> Option<UnixTime> {
+    seconds.map(|seconds| UnixTime { seconds, nanos: 0 })
 }
 
-/// A rate limit, checked as gRPC checks it.
-fn rate_limit(
-    limit: Option<RateLimitBody>,
-) -> Result<Option<crate::domain::rate::RateLimit>, KeyError> {
-    let limit = limit.map(|limit| pb::RateLimit {
+/// A rate limit as the body gives it.
+fn rate_limit(limit: Option<RateLimitBody>) -> Option<RateLimitInput> {
+    limit.map(|limit| RateLimitInput {
         requests: limit.requests,
-        period: Some(prost_types::Duration {
-            seconds: i64::try_from(limit.period_ms / 1000).unwrap_or(i64::MAX),
-            nanos: i32::try_from(limit.period_ms % 1000).unwrap_or(0) * 1_000_000,
-        }),
+        period: Some(Some(Duration::from_millis(limit.period_ms))),
         burst: limit.burst,
-    });
-    convert::rate_limit(limit.as_ref())
+    })
+}
+
+/// Scopes by name, as the body gives them (SendGrid has no levels).
+fn grant(scopes: Option<Vec<String>>) -> GrantInput {
+    GrantInput {
+        scopes,
+        access: Vec::new(),
+    }
 }
 
 /// The `{api_key_id}` of a path, refused in SendGrid's error format (axum's
@@ -322,30 +273,17 @@ async fn create(
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let fail = |e| refused(&principal, "create")(e);
-    let account = rest
-        .account(&principal, Operation::Create, &headers)
-        .map_err(fail)?;
-    let request: CreateBody = body(&bytes).map_err(fail)?;
-    let name = rest.access.name(&request.name).map_err(fail)?;
-    let grant = rest
-        .grant(request.scopes.as_deref())
-        .map_err(fail)?
-        .unwrap_or_else(|| rest.keys.catalog().full_access());
-    let lifecycle = Lifecycle {
-        expires_at: expires_at(request.expires_at).map_err(fail)?,
-        allowed_cidrs: rest
-            .access
-            .allowed_cidrs(request.allowed_cidrs.as_deref().unwrap_or_default())
-            .map_err(fail)?,
-        rate_limit: rate_limit(request.rate_limit).map_err(fail)?,
-    };
+    let key = body(&bytes).map(|request: CreateBody| NewKey {
+        name: request.name,
+        grant: grant(request.scopes),
+        expires_at: time(request.expires_at),
+        allowed_cidrs: request.allowed_cidrs.unwrap_or_default(),
+        rate_limit: rate_limit(request.rate_limit),
+    });
     let (record, secret) = rest
-        .keys
-        .create(&principal, account, name, grant, lifecycle)
-        .await
-        .map_err(fail)?;
-    audit::changed(&principal, "create", None, &record);
+        .manager
+        .create(&principal, Rest::named_account(&headers), key)
+        .await?;
     let reply = CreatedKey {
         api_key: secret,
         api_key_id: record.id.to_string(),
@@ -372,38 +310,47 @@ async fn list(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
-    let account = rest.account(&principal, Operation::Read, &headers)?;
-    let query: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or_default())
-        .map_err(|e| Problem::bad_request("query", format!("query: {e}")))?;
-    let limit = match query.limit {
-        None => convert::DEFAULT_PAGE_SIZE,
-        Some(text) => {
-            let size = text.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                Problem::bad_request("limit", "limit: must be a positive integer")
-            })?;
-            // Larger pages are capped, as gRPC caps them.
-            convert::page_size(i32::try_from(size).unwrap_or(i32::MAX))?
-        }
-    };
+    let page = page(query.as_deref().unwrap_or_default());
     let (records, next) = rest
-        .keys
-        .list(
-            account,
-            query.page_token.as_deref().unwrap_or_default(),
-            limit,
-            None,
-        )
+        .manager
+        .list(&principal, Rest::named_account(&headers), page)
         .await?;
     let now = now();
     let result = records
         .iter()
-        .map(|record| KeyListed::of(record, rest.keys.last_used(record), now))
+        .map(|record| KeyListed::of(record, rest.manager.last_used(record), now))
         .collect();
     let reply = ListReply {
         result,
         next_page_token: (!next.is_empty()).then_some(next),
     };
     Ok(axum::Json(reply).into_response())
+}
+
+/// The page a listing's query asks for.
+fn page(query: &str) -> Result<PageRequest, KeyError> {
+    let query: ListQuery = serde_urlencoded::from_str(query).map_err(|e| KeyError::Invalid {
+        field: "query",
+        problem: e.to_string(),
+    })?;
+    let size = match query.limit {
+        None => 0,
+        Some(text) => {
+            text.parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| KeyError::Invalid {
+                    field: "limit",
+                    problem: "must be a positive integer".into(),
+                })?
+        }
+    };
+    Ok(PageRequest {
+        token: query.page_token.unwrap_or_default(),
+        // Larger pages are capped, as gRPC caps them.
+        size: i64::try_from(size).unwrap_or(i64::MAX),
+        unused_for: None,
+    })
 }
 
 /// Read one key: its scopes and lifecycle state.
@@ -421,10 +368,10 @@ async fn read(
     headers: HeaderMap,
     KeyIdPath(id): KeyIdPath,
 ) -> Result<Response, Problem> {
-    rest.keys.permit(&principal, Operation::Read)?;
-    let id = convert::key_id(&id)?;
-    rest.confine(&principal, &headers, &id).await?;
-    let record = rest.keys.get(&principal, &id).await?;
+    let record = rest
+        .manager
+        .get(&principal, &id, Rest::named_account(&headers))
+        .await?;
     let reply = ReadReply {
         result: vec![rest.detail(&record)],
     };
@@ -447,29 +394,13 @@ async fn replace(
     KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let (rest, principal) = (&rest, &principal);
-    let record = rest
-        .on_key(
-            (principal, &headers),
-            ("update", Operation::Update),
-            &id,
-            |id| async move {
-                let request: ReplaceBody = body(&bytes)?;
-                let name = rest.access.name(&request.name)?;
-                let grant =
-                    rest.grant(request.scopes.as_deref())?
-                        .ok_or_else(|| KeyError::Invalid {
-                            field: "scopes",
-                            problem:
-                                "required: PUT replaces every scope (PATCH changes only the name)"
-                                    .into(),
-                        })?;
-                let (before, record) = rest.keys.update(principal, &id, name, Some(grant)).await?;
-                audit::changed(principal, "update", Some(&before), &record);
-                Ok(record)
-            },
-        )
-        .await?;
+    let replacement = body(&bytes).map(|request: ReplaceBody| Replacement {
+        name: request.name,
+        grant: grant(request.scopes),
+        grant_required: "required: PUT replaces every scope (PATCH changes only the name)",
+    });
+    let key = (id.as_str(), Rest::named_account(&headers));
+    let record = rest.manager.update(&principal, key, replacement).await?;
     Ok(axum::Json(rest.detail(&record)).into_response())
 }
 
@@ -489,21 +420,9 @@ async fn rename(
     KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let (rest, principal) = (&rest, &principal);
-    let record = rest
-        .on_key(
-            (principal, &headers),
-            ("rename", Operation::Update),
-            &id,
-            |id| async move {
-                let request: RenameBody = body(&bytes)?;
-                let name = rest.access.name(&request.name)?;
-                let (before, record) = rest.keys.update(principal, &id, name, None).await?;
-                audit::changed(principal, "rename", Some(&before), &record);
-                Ok(record)
-            },
-        )
-        .await?;
+    let name = body(&bytes).map(|request: RenameBody| request.name);
+    let key = (id.as_str(), Rest::named_account(&headers));
+    let record = rest.manager.rename(&principal, key, name).await?;
     Ok(axum::Json(KeySummary::of(&record)).into_response())
 }
 
@@ -522,18 +441,8 @@ async fn delete(
     headers: HeaderMap,
     KeyIdPath(id): KeyIdPath,
 ) -> Result<Response, Problem> {
-    let (rest, principal) = (&rest, &principal);
-    rest.on_key(
-        (principal, &headers),
-        ("delete", Operation::Delete),
-        &id,
-        |id| async move {
-            let record = rest.keys.delete(principal, &id).await?;
-            audit::changed(principal, "delete", Some(&record), &record);
-            Ok(())
-        },
-    )
-    .await?;
+    let key = (id.as_str(), Rest::named_account(&headers));
+    rest.manager.delete(&principal, key).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -553,7 +462,9 @@ async fn disable(
     headers: HeaderMap,
     KeyIdPath(id): KeyIdPath,
 ) -> Result<Response, Problem> {
-    rest.set_disabled((&principal, &headers), &id, true).await
+    let key = (id.as_str(), Rest::named_account(&headers));
+    let record = rest.manager.set_disabled(&principal, key, true).await?;
+    Ok(rest.shown_to(&principal, &record))
 }
 
 /// Enable a disabled key (one the admin disabled only the admin can).
@@ -570,7 +481,9 @@ async fn enable(
     headers: HeaderMap,
     KeyIdPath(id): KeyIdPath,
 ) -> Result<Response, Problem> {
-    rest.set_disabled((&principal, &headers), &id, false).await
+    let key = (id.as_str(), Rest::named_account(&headers));
+    let record = rest.manager.set_disabled(&principal, key, false).await?;
+    Ok(rest.shown_to(&principal, &record))
 }
 
 /// Rotate a key's secret: the new one is in this reply only; the previous
@@ -591,22 +504,10 @@ async fn rotate(
     KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let (rest, principal) = (&rest, &principal);
-    let (record, secret) = rest
-        .on_key(
-            (principal, &headers),
-            ("rotate", Operation::Rotate),
-            &id,
-            |id| async move {
-                let request: RotateBody = body_or_default(&bytes)?;
-                let seconds = i64::try_from(request.overlap_seconds).unwrap_or(i64::MAX);
-                let overlap = convert::overlap(Some(&prost_types::Duration { seconds, nanos: 0 }))?;
-                let (before, record, secret) = rest.keys.rotate(principal, &id, overlap).await?;
-                audit::changed(principal, "rotate", Some(&before), &record);
-                Ok((record, secret))
-            },
-        )
-        .await?;
+    let overlap = body_or_default(&bytes)
+        .map(|request: RotateBody| Some(Some(Duration::from_secs(request.overlap_seconds))));
+    let key = (id.as_str(), Rest::named_account(&headers));
+    let (record, secret) = rest.manager.rotate(&principal, key, overlap).await?;
     let reply = RotatedKey {
         api_key: secret,
         api_key_id: record.id.to_string(),
@@ -635,18 +536,15 @@ async fn set_expiry(
     KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let state = || {
-        let request: ExpiryBody = body(&bytes)?;
+    let at = body(&bytes).and_then(|request: ExpiryBody| {
         let at = request
             .expires_at
             .required("expires_at", "a time in Unix seconds, or null for never")?;
-        Ok(StateChange {
-            expires_at: Some(expires_at(at)?.map_or(Expiry::Never, Expiry::At)),
-            ..StateChange::default()
-        })
-    };
-    rest.set_state((&principal, &headers), "set_expiry", &id, state)
-        .await
+        Ok(time(at))
+    });
+    let key = (id.as_str(), Rest::named_account(&headers));
+    let record = rest.manager.set_expiry(&principal, key, at).await?;
+    Ok(rest.shown_to(&principal, &record))
 }
 
 /// Replace the addresses a key works from (empty: any).
@@ -665,15 +563,10 @@ async fn set_allowlist(
     KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let state = || {
-        let request: AllowlistBody = body(&bytes)?;
-        Ok(StateChange {
-            allowed_cidrs: Some(rest.access.allowed_cidrs(&request.allowed_cidrs)?),
-            ..StateChange::default()
-        })
-    };
-    rest.set_state((&principal, &headers), "set_allowlist", &id, state)
-        .await
+    let cidrs = body(&bytes).map(|request: AllowlistBody| request.allowed_cidrs);
+    let key = (id.as_str(), Rest::named_account(&headers));
+    let record = rest.manager.set_allowlist(&principal, key, cidrs).await?;
+    Ok(rest.shown_to(&principal, &record))
 }
 
 /// Set or remove a key's rate limit.
@@ -692,18 +585,15 @@ async fn set_rate_limit(
     KeyIdPath(id): KeyIdPath,
     bytes: Bytes,
 ) -> Result<Response, Problem> {
-    let state = || {
-        let request: RateLimitChange = body(&bytes)?;
+    let limit = body(&bytes).and_then(|request: RateLimitChange| {
         let limit = request
             .rate_limit
             .required("rate_limit", "a limit, or null for none")?;
-        Ok(StateChange {
-            rate_limit: Some(rate_limit(limit)?),
-            ..StateChange::default()
-        })
-    };
-    rest.set_state((&principal, &headers), "set_rate_limit", &id, state)
-        .await
+        Ok(rate_limit(limit))
+    });
+    let key = (id.as_str(), Rest::named_account(&headers));
+    let record = rest.manager.set_rate_limit(&principal, key, limit).await?;
+    Ok(rest.shown_to(&principal, &record))
 }
 
 // --- scopes -------------------------------------------------------------------------
@@ -716,9 +606,9 @@ async fn scopes(
     Extension(principal): Extension<Principal>,
 ) -> Result<Response, Problem> {
     let scopes = rest
-        .keys
+        .manager
         .catalog()
-        .names(&rest.keys.held_scopes(&principal));
+        .names(&rest.manager.held_scopes(&principal));
     let reply = match &principal {
         Principal::Admin => ScopesReply {
             scopes,
@@ -740,7 +630,7 @@ async fn scopes(
 #[utoipa::path(get, path = "/v3/scopes/catalog", tag = "scopes",
     responses((status = 200, description = "The catalog", body = CatalogReply)))]
 async fn catalog(State(rest): State<Rest>) -> Result<Response, Problem> {
-    Ok(axum::Json(CatalogReply::of(rest.keys.catalog())).into_response())
+    Ok(axum::Json(CatalogReply::of(rest.manager.catalog())).into_response())
 }
 
 #[cfg(test)]

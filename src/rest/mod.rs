@@ -3,10 +3,9 @@
 //! for the host, plus keyward's lifecycle actions and catalog in the same
 //! style, the OpenAPI document describing all of it (`GET /openapi.json`)
 //! and the web console ([`crate::console`]). A thin adapter, like the gRPC
-//! KeyManager: the same authentication ([`crate::access`]), field
-//! validation ([`crate::grpc::convert`]), rules and writes
-//! ([`crate::keys`]) and audit log ([`crate::audit`]); only the shapes are
-//! SendGrid's.
+//! KeyManager: the same authentication ([`crate::access`]) and the same
+//! management service ([`crate::manage`]: field checks, rules, writes and
+//! the audit log); only the shapes are SendGrid's.
 //!
 //! - `Authorization: Bearer <api key>` acts in the key's own account with its
 //!   `api_keys.*` scopes; the operator's admin token acts as the parent
@@ -22,7 +21,6 @@ mod handlers;
 pub mod scanning;
 pub mod shapes;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
@@ -31,14 +29,13 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use crate::access::{Access, Unauthenticated};
-use crate::audit;
-use crate::grpc::convert;
-use crate::keys::{KeyError, Keys, Operation, Principal};
+use crate::access::Access;
+use crate::keys::{KeyError, Keys, Principal};
+use crate::manage::Manager;
+use crate::refusal::Refusal;
 use shapes::{ErrorEntry, ErrorReply};
 
-/// SendGrid's header naming the account (subuser) the parent acts for.
-pub const ON_BEHALF_OF: &str = "on-behalf-of";
+pub use crate::refusal::ON_BEHALF_OF;
 
 /// The Content-Security-Policy of every response: the console's own
 /// scripts, styles and images and nothing else; no inline script or
@@ -63,6 +60,8 @@ pub const SECURITY_HEADERS: [(&str, &str); 7] = [
 /// What every handler shares.
 #[derive(Debug, Clone)]
 struct Rest {
+    manager: Manager,
+    /// The key store itself, for secret scanning's reports.
     keys: Arc<Keys>,
     access: Access,
     body: BodyLimits,
@@ -104,6 +103,7 @@ pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, surface: Surfac
         scanning,
     } = surface;
     let rest = Rest {
+        manager: Manager::new(Arc::clone(&keys), access.clone()),
         keys,
         access,
         body,
@@ -186,20 +186,6 @@ async fn secured(mut response: Response) -> Response {
     response
 }
 
-/// The peer's address, as the listener recorded it (plain or TLS).
-fn peer(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    extensions
-        .get::<TcpConnectInfo>()
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .map(TlsConnectInfo::get_ref)
-        })
-        .and_then(TcpConnectInfo::remote_addr)
-        .map(|addr| addr.ip())
-}
-
 /// Authenticates and checks the caller's permission first, then reads the
 /// body: a caller without a valid credential gets 401, and one without the
 /// route's `api_keys.*` scopes 403, at once, and keyward holds none of its
@@ -214,7 +200,7 @@ async fn authenticated(
 ) -> Response {
     let (mut parts, body) = request.into_parts();
     let principal = match rest
-        .principal(&parts.headers, peer(&parts.extensions))
+        .principal(&parts.headers, crate::access::peer(&parts.extensions))
         .await
     {
         Ok(principal) => principal,
@@ -284,14 +270,6 @@ impl Problem {
     fn bad_request(field: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, Some(field), message)
     }
-
-    fn storage_failing() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            None,
-            "storage is failing or not responding; the change was not acknowledged (read the key to see whether it was applied) and can be retried later",
-        )
-    }
 }
 
 impl IntoResponse for Problem {
@@ -306,74 +284,22 @@ impl IntoResponse for Problem {
     }
 }
 
-impl From<Unauthenticated> for Problem {
-    fn from(Unauthenticated(problem): Unauthenticated) -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            None,
-            format!("authorization: {problem}"),
-        )
+/// SendGrid's form of a refusal ([`crate::refusal`]).
+impl From<Refusal> for Problem {
+    fn from(refusal: Refusal) -> Self {
+        Self::new(refusal.http, refusal.field, refusal.body)
     }
 }
 
-/// A field's name in the REST API (the domain names it as gRPC does).
-fn rest_field(field: &'static str) -> &'static str {
-    match field {
-        "key_id" => "api_key_id",
-        "account_id" => ON_BEHALF_OF,
-        "page_size" => "limit",
-        "overlap" => "overlap_seconds",
-        "rate_limit.period" => "rate_limit.period_ms",
-        other => other,
-    }
-}
-
-/// The same meaning as the gRPC status of the same error
-/// ([`crate::grpc::status`]), in SendGrid's statuses; fields carry their
-/// REST names.
 impl From<KeyError> for Problem {
     fn from(error: KeyError) -> Self {
-        match error {
-            KeyError::Invalid { field, problem } => {
-                let field = rest_field(field);
-                Self::bad_request(field, format!("{field}: {problem}"))
-            }
-            KeyError::PermissionDenied(message) => Self::new(StatusCode::FORBIDDEN, None, message),
-            KeyError::Beyond { field, problem } => {
-                let named = rest_field(field);
-                let message = match problem
-                    .strip_prefix(field)
-                    .and_then(|p| p.strip_prefix(": "))
-                {
-                    Some(rest) => format!("{named}: {rest}"),
-                    None => problem,
-                };
-                Self::new(StatusCode::FORBIDDEN, Some(named), message)
-            }
-            KeyError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, None, "resource not found"),
-            // SendGrid answers a full account with 403.
-            error @ KeyError::LimitReached { .. } => {
-                Self::new(StatusCode::FORBIDDEN, None, error.to_string())
-            }
-            KeyError::Store(error) => {
-                tracing::error!(%error, "store failure");
-                Self::storage_failing()
-            }
-            KeyError::Unavailable => Self::storage_failing(),
-            KeyError::Rng => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                None,
-                "internal error; nothing was changed",
-            ),
-        }
+        Refusal::from(error).into()
     }
 }
 
-/// Audits a refusal, then turns it into SendGrid's error.
-fn refused(principal: &Principal, operation: &str) -> impl FnOnce(KeyError) -> Problem {
-    move |error| {
-        audit::refused(principal, operation, &error);
-        error.into()
+impl From<crate::access::Unauthenticated> for Problem {
+    fn from(error: crate::access::Unauthenticated) -> Self {
+        Refusal::from(error).into()
     }
 }
 
@@ -440,11 +366,10 @@ impl Rest {
             .map(axum::extract::MatchedPath::as_str);
         match route.and_then(|route| handlers::required(&parts.method, route)) {
             Some(handlers::Required::Credential) => Ok(()),
-            Some(handlers::Required::Read) => Ok(self.keys.permit(principal, Operation::Read)?),
-            Some(handlers::Required::Change(label, operation)) => self
-                .keys
-                .permit(principal, operation)
-                .map_err(refused(principal, label)),
+            Some(handlers::Required::Read) => Ok(self.manager.permit_read(principal)?),
+            Some(handlers::Required::Change(action)) => {
+                Ok(self.manager.permit(principal, action)?)
+            }
             // Fail closed: a route nobody said the requirement of.
             None => {
                 tracing::error!(method = %parts.method, route = ?route, "a REST route without a stated permission; refused");
@@ -457,21 +382,9 @@ impl Rest {
         }
     }
 
-    /// The account to act in: the admin names it with `on-behalf-of`; a
-    /// key acts in its own (and may not name another).
-    fn account(
-        &self,
-        principal: &Principal,
-        operation: Operation,
-        headers: &HeaderMap,
-    ) -> Result<Arc<str>, KeyError> {
-        self.keys
-            .authorize(principal, operation, self.named_account(headers)?)
-    }
-
     /// The account `on-behalf-of` names ("" without it); given twice, it
     /// is refused rather than guessed.
-    fn named_account<'h>(&self, headers: &'h HeaderMap) -> Result<&'h str, KeyError> {
+    fn named_account(headers: &HeaderMap) -> Result<&str, KeyError> {
         let mut values = headers.get_all(ON_BEHALF_OF).iter();
         let named = match (values.next(), values.next()) {
             (None, _) => "",
@@ -483,78 +396,6 @@ impl Rest {
             }
             (Some(value), None) => value.to_str().unwrap_or("\u{fffd}"),
         };
-        self.access.screen_account(named)
-    }
-
-    /// What every operation on one key does first: the caller may do
-    /// `operation`, the id parses, and the key is in the account
-    /// `on-behalf-of` names (see [`Self::confine`]). Then `change` runs;
-    /// any refusal is audited under `label`.
-    async fn on_key<T, F>(
-        &self,
-        (principal, headers): (&Principal, &HeaderMap),
-        (label, operation): (&'static str, Operation),
-        id: &str,
-        change: impl FnOnce(crate::domain::key::KeyId) -> F,
-    ) -> Result<T, Problem>
-    where
-        F: Future<Output = Result<T, KeyError>>,
-    {
-        let steps = async {
-            self.keys.permit(principal, operation)?;
-            let id = convert::key_id(id)?;
-            self.confine(principal, headers, &id).await?;
-            change(id).await
-        };
-        steps.await.map_err(refused(principal, label))
-    }
-
-    /// Confines an operation on one key to the account `on-behalf-of`
-    /// names: the admin acting for `globex` finds no key of `acme` (404),
-    /// and a key cannot name another account. A key's account never
-    /// changes, so checking before the change is as good as during it.
-    async fn confine(
-        &self,
-        principal: &Principal,
-        headers: &HeaderMap,
-        id: &crate::domain::key::KeyId,
-    ) -> Result<(), KeyError> {
-        let named = self.named_account(headers)?;
-        if named.is_empty() {
-            return Ok(());
-        }
-        match principal {
-            Principal::Admin => {
-                let record = self.keys.get(principal, id).await?;
-                if record.account != named {
-                    return Err(KeyError::NotFound(id.to_string()));
-                }
-                Ok(())
-            }
-            Principal::Key { account, .. } if &**account != named => Err(KeyError::Beyond {
-                field: "account_id",
-                problem: "account_id: an API key acts only in its own account".into(),
-            }),
-            Principal::Key { .. } => Ok(()),
-        }
-    }
-
-    /// The scopes a request names: `None` when it names none (absent).
-    fn grant(
-        &self,
-        scopes: Option<&[String]>,
-    ) -> Result<Option<crate::domain::scope_set::ScopeSet>, KeyError> {
-        match scopes {
-            None => Ok(None),
-            // `"scopes": []` asks for nothing; granting everything for it
-            // would fail open.
-            Some([]) => Err(KeyError::Invalid {
-                field: "scopes",
-                problem: "an empty list grants no scope (omit scopes for a Full Access key)".into(),
-            }),
-            Some(scopes) => {
-                convert::grant(self.keys.catalog(), scopes, &HashMap::<String, i32>::new())
-            }
-        }
+        Ok(named)
     }
 }

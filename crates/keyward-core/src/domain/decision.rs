@@ -36,6 +36,45 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
+    /// How many reasons there are.
+    pub const COUNT: usize = 11;
+
+    /// Every reason, in [`Self::index`] order (metrics keep one counter
+    /// per reason).
+    pub const ALL: [Self; Self::COUNT] = [
+        Self::MissingKey,
+        Self::MalformedKey,
+        Self::UnknownKey,
+        Self::InsufficientScope,
+        Self::UnknownRoute,
+        Self::AmbiguousPath,
+        Self::KeyExpired,
+        Self::KeyDisabled,
+        Self::IpNotAllowed,
+        Self::RateLimited,
+        Self::KeyUnverifiable,
+    ];
+
+    /// The reason's place in [`Self::ALL`], below [`Self::COUNT`]. An
+    /// exhaustive match: a new reason does not compile until it has one
+    /// (and a compile-time check below holds `ALL` to it).
+    #[must_use]
+    pub const fn index(self) -> usize {
+        match self {
+            Self::MissingKey => 0,
+            Self::MalformedKey => 1,
+            Self::UnknownKey => 2,
+            Self::InsufficientScope => 3,
+            Self::UnknownRoute => 4,
+            Self::AmbiguousPath => 5,
+            Self::KeyExpired => 6,
+            Self::KeyDisabled => 7,
+            Self::IpNotAllowed => 8,
+            Self::RateLimited => 9,
+            Self::KeyUnverifiable => 10,
+        }
+    }
+
     /// The HTTP status a gateway should answer with.
     #[must_use]
     pub fn http_status(self) -> u16 {
@@ -90,6 +129,15 @@ impl DenyReason {
         }
     }
 }
+
+// `ALL` lists each reason once, at its index.
+const _: () = {
+    let mut i = 0;
+    while i < DenyReason::COUNT {
+        assert!(DenyReason::ALL[i].index() == i);
+        i += 1;
+    }
+};
 
 /// What the authorizer decided, with everything a caller needs to explain it.
 /// Holds no heap data of its own (the account is a shared `Arc`).

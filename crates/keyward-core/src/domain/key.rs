@@ -60,6 +60,10 @@ impl fmt::Debug for KeyId {
 #[error("must be a 22-character key id")]
 pub struct BadKeyId;
 
+/// Why a value shaped like a credential ([`looks_like_secret`], or the
+/// operator's admin token) was refused (it is never echoed).
+pub const CREDENTIAL_REFUSED: &str = "looks like a credential (an API key or the admin token); refused, not recorded or logged: revoke it if it was exposed";
+
 /// Whether `text` holds something shaped like a keyward credential: an API
 /// key (`SG.` followed by a key id) or a token keyward generated (`kwadmin_`
 /// or `kwfeed_` followed by at least 20 token characters). Such a value
