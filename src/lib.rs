@@ -41,23 +41,26 @@
 //!   a line.
 //! - [`authorizer`]: the read path: the core's decision function, and on
 //!   an on-demand replica the fetch of a key seen for the first time.
-//! - [`keys`]: the write path: a dedicated writer thread (`keys::writer`)
-//!   checks the rules (`keys::stage`) at the commit point over a view of
-//!   the truth (sled standalone; etcd in replicated mode, `keys::remote`,
-//!   which also follows etcd: a paginated read, then the watch), makes the
-//!   change durable, then applies it to the local store and the index
-//!   through one apply function, which also applies what the etcd watch
-//!   delivers. `keys::demand` is the on-demand replica (keys fetched at
-//!   their first sight, held under an eviction policy), which the writer
-//!   applies and the authorizer asks on a miss. `keys::change` is the
-//!   vocabulary they share and `keys::shared` what passes between the
-//!   writer thread and the rest; arrows point only downward: writer to
-//!   demand, remote and stage; demand and remote to shared; everything to
-//!   change. `keys::snapshot` takes online backups: the writer fixes
-//!   their point in time and saves what they have yet to read before
-//!   changing it. No storage
-//!   or etcd call runs on an async worker: a failing disk or an unreachable
-//!   etcd costs writes, never decisions.
+//! - [`keys`]: the write path. One writer thread (`keys::writer`: queue,
+//!   batching, group commit, replies, recovery) commits through a storage
+//!   seam (`keys::backend`): sled as the standalone truth
+//!   (`keys::standalone`), or etcd as the replicated truth with a local
+//!   replica (`keys::replicated`; its transactions in `keys::remote`). The
+//!   rules (`keys::stage`) run at the commit point over the backend's view
+//!   of the truth; decisions see a change (`keys::mirror`) only once its
+//!   batch stands. The replica follows etcd as kube-rs's runtime does:
+//!   `keys::watcher` turns etcd into a stream of events (a paged read at
+//!   one revision, then the watch; backoff a wrapper), `keys::follow`
+//!   drives it into the writer's queue, and `keys::reflector` applies each
+//!   event on the writer thread, once by revision. `keys::demand` is the
+//!   on-demand replica (keys fetched at their first sight, held under an
+//!   eviction policy, asked by the authorizer on a miss) and
+//!   `keys::cache` its side on the writer thread. `keys::change` is the
+//!   vocabulary they share, `keys::shared` what passes between the writer
+//!   thread and the rest. `keys::snapshot` takes online backups: the
+//!   writer fixes their point in time and saves what they have yet to read
+//!   before changing it. No storage or etcd call runs on an async worker:
+//!   a failing disk or an unreachable etcd costs writes, never decisions.
 //! - [`store`]: sled (standalone truth, or etcd's local replica), versioned
 //!   records, and etcd's layout and client; `store::index` is the core's.
 //! - [`domain`], [`clock`], `store::index` and the decision itself

@@ -20,7 +20,7 @@
 //! - **Ordering**: a fetch reads one key at etcd revision H and hands it to
 //!   the writer, which applies watched changes in revision order. Applied
 //!   only if no watched change to that key after H has been passed over
-//!   (the writer keeps the last [`RECENT_EVENTS`] ids it saw); otherwise
+//!   (the writer keeps the last `cache::RECENT_EVENTS` ids it saw); otherwise
 //!   fetched again. The fetched version is noted by its revision, so the
 //!   watch's older events for the key are skipped: a fetch never
 //!   resurrects a revoked key or rolls one back.
@@ -53,7 +53,7 @@ use tokio::sync::oneshot;
 
 use super::change::KeyError;
 use super::members::{Members, Membership};
-use super::shared::{Command, Fetch, Fetched, Synced, deliver};
+use super::shared::{Command, Fetch, Fetched, Inbound, deliver};
 use crate::clock::now_nanos;
 use crate::domain::key::KeyId;
 use crate::domain::rate::{Gcra, RateLimit};
@@ -92,8 +92,6 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The share of `--replica-fetch-rate` first sights of ids the members'
 /// filter does not list get: 1/10.
 const STRANGER_SHARE: u32 = 10;
-/// Watched key ids the writer remembers, to order fetches against.
-pub const RECENT_EVENTS: usize = 4096;
 
 /// Settings of an on-demand replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,7 +331,7 @@ impl OnDemand {
                 revision,
                 reply,
             };
-            if !deliver(commands, Synced::Fetched(Box::new(fetch))).await {
+            if !deliver(commands, Inbound::Fetched(Box::new(fetch))).await {
                 return Lookup::Unverifiable;
             }
             match outcome.await {
@@ -519,86 +517,10 @@ impl OnDemand {
             .unwrap_or(false);
             if evicted
                 && let Some(commands) = self.commands.get()
-                && !deliver(commands, Synced::Evicted).await
+                && !deliver(commands, Inbound::Evicted).await
             {
                 return;
             }
         }
-    }
-}
-
-/// The last [`RECENT_EVENTS`] key ids the watch delivered, with their
-/// revisions: whether a fetch at some revision may have missed a change.
-#[derive(Debug, Default)]
-pub struct Recent {
-    events: std::collections::VecDeque<(i64, KeyId)>,
-    /// Every watched change after this revision is in `events`.
-    since: i64,
-}
-
-impl Recent {
-    /// Nothing known before `revision` (a new watch from it).
-    pub fn reset(&mut self, revision: i64) {
-        self.events.clear();
-        self.since = revision;
-    }
-
-    /// The watch delivered a change to `id` at `revision`.
-    pub fn note(&mut self, id: KeyId, revision: i64) {
-        if self.events.len() == RECENT_EVENTS
-            && let Some((dropped, _)) = self.events.pop_front()
-        {
-            self.since = self.since.max(dropped);
-        }
-        self.events.push_back((revision, id));
-    }
-
-    /// Whether a fetch of `id` at `revision` is still the key's state: no
-    /// change to it after `revision` was delivered (`false` also when that
-    /// is no longer known).
-    #[must_use]
-    pub fn unchanged_since(&self, id: &KeyId, revision: i64) -> bool {
-        revision >= self.since
-            && !self
-                .events
-                .iter()
-                .any(|(at, changed)| *at > revision && changed == id)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn id(n: u8) -> KeyId {
-        KeyId::from_bytes([n; 16])
-    }
-
-    #[test]
-    fn a_fetch_is_stale_once_the_key_changed_after_it() {
-        let mut recent = Recent::default();
-        recent.reset(10);
-        recent.note(id(1), 12);
-        recent.note(id(2), 13);
-        assert!(recent.unchanged_since(&id(1), 12), "the change it read");
-        assert!(
-            !recent.unchanged_since(&id(1), 11),
-            "read before the change"
-        );
-        assert!(recent.unchanged_since(&id(3), 11), "another key changed");
-        assert!(!recent.unchanged_since(&id(3), 9), "before what is known");
-    }
-
-    #[test]
-    fn forgotten_history_makes_every_older_fetch_stale() {
-        let mut recent = Recent::default();
-        recent.reset(0);
-        for n in 0..RECENT_EVENTS + 10 {
-            recent.note(id(1), i64::try_from(n).expect("small") + 1);
-        }
-        assert!(!recent.unchanged_since(&id(2), 5), "no longer known");
-        let newest = i64::try_from(RECENT_EVENTS + 10).expect("small");
-        assert!(recent.unchanged_since(&id(2), newest));
-        assert!(recent.events.len() <= RECENT_EVENTS);
     }
 }

@@ -1,18 +1,39 @@
-//! The write path and key management: rules, then a durable store write,
-//! then the index update. Every acknowledged change is on disk and visible
-//! to the very next decision.
+//! The write path and key management: rules, then a durable write, then
+//! the index update. Every acknowledged change is durable and visible to
+//! the very next decision.
+//!
+//! Layers, each importing only those below it:
+//! - [`Keys`] (this module): the async face; opens the backend the
+//!   settings pick and starts the writer thread and the replica's tasks.
+//! - [`writer`]: queue, batching, group commit, replies, recovery, over a
+//!   [`backend::Backend`]; it names no storage.
+//! - [`standalone`] (sled), [`replicated`] (etcd and a local replica): the
+//!   backends; [`remote`] is etcd's transactions, [`reflector`] applies
+//!   what the replica's [`watcher`] delivers (driven by [`follow`]), and
+//!   [`cache`] the on-demand cache's fetches and evictions ([`demand`]).
+//! - [`mirror`] (the index and account counts), [`stage`] (the rules),
+//!   [`shared`] (what crosses threads), [`change`] (the vocabulary).
 
+pub mod backend;
+pub mod cache;
 pub mod change;
 pub mod demand;
+pub mod follow;
+mod gates;
 pub mod members;
+#[cfg(test)]
+mod memory;
+pub mod mirror;
+pub mod reflector;
 pub mod remote;
+pub mod replicated;
 pub mod shared;
 pub mod snapshot;
 pub mod stage;
+pub mod standalone;
+pub mod watcher;
 pub mod writer;
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
@@ -28,27 +49,38 @@ use crate::domain::scope_set::ScopeSet;
 use crate::metrics::Metrics;
 use crate::store::db::{Cursor, PageKey, Store, StoreError};
 use crate::store::index::Index;
+use backend::Backend;
 use change::{Change, Committed};
 pub use change::{
     Expiry, KeyError, LeakAction, Lifecycle, Operation, Principal, Rotation, StateChange,
 };
-use demand::OnDemand;
-use remote::EtcdRuntime;
+use demand::{Demand, OnDemand};
+use follow::EtcdRuntime;
+use gates::Gates;
+use replicated::Replicated;
 use shared::{Command, FailureKind, Job, Shared};
 pub use shared::{Replication, StoreHealth};
-pub use writer::Settings;
+use standalone::Standalone;
 use writer::Writer;
 
 /// Changes that may wait for the writer at once; past that, writes are
 /// refused at once instead of queueing behind a stuck disk.
 const QUEUE_CAPACITY: usize = 1024;
 
-/// Changes one account (or the admin token) may have waiting for the writer
-/// at once. The writer's queue is first come, first served: without a cap,
-/// one tenant's burst queues ahead of every other tenant's write. With it,
-/// another account's write waits behind at most this many of each busy
-/// account's changes; the rest of a burst waits its turn outside the queue.
-const MAX_QUEUED_PER_ACCOUNT: usize = 16;
+/// How the key writer runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Most keys per account.
+    pub max_per_account: usize,
+    /// Longest a caller waits for a change (or a read).
+    pub write_timeout: Duration,
+    /// How often last-used times are written to the store.
+    pub last_used_every: Duration,
+    /// Replicated mode: how to reach etcd (`None`: standalone).
+    pub replication: Option<crate::store::etcd::Connection>,
+    /// Replicated mode: hold only the keys presented (`None`: every key).
+    pub on_demand: Option<Demand>,
+}
 
 /// Key management: the async face of the key writer. Changes go to the
 /// writer thread ([`writer`]) and are awaited for at most the write timeout;
@@ -89,27 +121,15 @@ impl Keys {
             .as_ref()
             .map(EtcdRuntime::start)
             .transpose()?;
-        let (mut writer, shared, index) = Writer::open(
-            dir,
+        let (backend, shared, index, demand) =
+            open_backend(dir, &catalog, settings, &metrics, etcd.as_ref())?;
+        let writer = Writer::new(
+            backend,
+            Arc::clone(&shared),
             Arc::clone(&catalog),
-            settings,
             Arc::clone(&metrics),
-            etcd.as_ref().map(EtcdRuntime::remote),
-        )?;
-        let demand = match (&etcd, settings.on_demand) {
-            (Some(etcd), Some(demand)) => {
-                let demand = OnDemand::new(
-                    demand,
-                    etcd.etcd().clone(),
-                    etcd.handle(),
-                    Arc::clone(&index),
-                    Arc::clone(&metrics),
-                );
-                writer.hold_on_demand(Arc::clone(&demand));
-                Some(demand)
-            }
-            _ => None,
-        };
+            (settings.max_per_account, settings.last_used_every),
+        );
         let (commands, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         std::thread::Builder::new()
             .name("keyward-writer".into())
@@ -173,7 +193,7 @@ impl Keys {
     pub fn permit(&self, principal: &Principal, operation: Operation) -> Result<(), KeyError> {
         match principal {
             Principal::Admin => Ok(()),
-            Principal::Key { scopes, .. } => require(&self.catalog, scopes, operation),
+            Principal::Key { scopes, .. } => stage::require(&self.catalog, scopes, operation),
         }
     }
 
@@ -542,73 +562,48 @@ impl Keys {
     }
 }
 
-/// Per-account turns at the writer's queue (see [`MAX_QUEUED_PER_ACCOUNT`]);
-/// `None` is the admin token. An account's entry lives while it has changes
-/// in flight.
-#[derive(Debug, Default)]
-struct Gates {
-    by_account: std::sync::Mutex<HashMap<Option<Arc<str>>, Arc<tokio::sync::Semaphore>>>,
-}
+/// What a backend opens to: itself, what it shares with the async side,
+/// the live index, and the on-demand policy if any.
+type Opened = (
+    Box<dyn Backend>,
+    Arc<Shared>,
+    Arc<Index>,
+    Option<Arc<OnDemand>>,
+);
 
-/// A turn at the writer's queue; gives it back when dropped.
-struct Turn<'a> {
-    gates: &'a Gates,
-    domain: Option<Arc<str>>,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Gates {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Option<Arc<str>>, Arc<tokio::sync::Semaphore>>> {
-        self.by_account
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    async fn enter(&self, domain: Option<&Arc<str>>) -> Turn<'_> {
-        let domain = domain.cloned();
-        let semaphore = Arc::clone(
-            self.lock()
-                .entry(domain.clone())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_PER_ACCOUNT))),
+/// Opens the backend `settings` pick: sled as the truth standalone, etcd
+/// through `etcd` replicated (holding every key, or those presented).
+fn open_backend(
+    dir: PathBuf,
+    catalog: &Arc<Catalog>,
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+    etcd: Option<&EtcdRuntime>,
+) -> Result<Opened, StoreError> {
+    let Some(etcd) = etcd else {
+        let (backend, shared, index) =
+            Standalone::open(dir, Arc::clone(catalog), Arc::clone(metrics))?;
+        return Ok((Box::new(backend), shared, index, None));
+    };
+    let (mut backend, shared, index) = Replicated::open(
+        dir,
+        Arc::clone(catalog),
+        Arc::clone(metrics),
+        etcd.remote(),
+        settings.on_demand.is_some(),
+    )?;
+    let demand = settings.on_demand.map(|demand| {
+        let demand = OnDemand::new(
+            demand,
+            etcd.etcd().clone(),
+            etcd.handle(),
+            Arc::clone(&index),
+            Arc::clone(metrics),
         );
-        // The semaphore is never closed, so acquiring cannot fail.
-        let permit = semaphore.acquire_owned().await.ok();
-        Turn {
-            gates: self,
-            domain,
-            permit,
-        }
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        drop(self.permit.take());
-        let mut gates = self.gates.lock();
-        // Forget an account with nothing in flight (only the map holds it).
-        if let Some(semaphore) = gates.get(&self.domain)
-            && Arc::strong_count(semaphore) == 1
-            && semaphore.available_permits() == MAX_QUEUED_PER_ACCOUNT
-        {
-            gates.remove(&self.domain);
-        }
-    }
-}
-
-/// A key needs the `api_keys.*` scopes of the operation.
-fn require(catalog: &Catalog, held: &ScopeSet, operation: Operation) -> Result<(), KeyError> {
-    match operation
-        .scopes()
-        .iter()
-        .find(|scope| !catalog.lookup(scope).is_some_and(|id| held.contains(id)))
-    {
-        None => Ok(()),
-        Some(scope) => Err(KeyError::PermissionDenied(format!(
-            "this API key lacks the scope {scope}"
-        ))),
-    }
+        backend.hold_on_demand(Arc::clone(&demand));
+        demand
+    });
+    Ok((Box::new(backend), shared, index, demand))
 }
 
 /// A key the principal may see: any for the admin, same-account for a
@@ -652,47 +647,5 @@ pub fn validate_account(account: &str) -> Result<(), KeyError> {
             field: "account_id",
             problem: "must be 1 to 64 characters of A-Z a-z 0-9 . _ - @".into(),
         })
-    }
-}
-
-/// At most ten names, then a count: errors stay readable.
-pub(crate) fn summarize(names: &[String]) -> String {
-    const SHOWN: usize = 10;
-    let mut text = names
-        .iter()
-        .take(SHOWN)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if names.len() > SHOWN {
-        let _ = write!(text, " and {} more", names.len() - SHOWN);
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn one_account_holds_at_most_its_share_of_turns() {
-        let gates = Gates::default();
-        let noisy: Arc<str> = Arc::from("noisy");
-        let quiet: Arc<str> = Arc::from("quiet");
-        let mut held = Vec::new();
-        for _ in 0..MAX_QUEUED_PER_ACCOUNT {
-            held.push(gates.enter(Some(&noisy)).await);
-        }
-        let waiting = tokio::time::timeout(Duration::from_millis(50), gates.enter(Some(&noisy)));
-        assert!(waiting.await.is_err(), "the next turn waits");
-        // Other accounts and the admin are not held up.
-        let other = tokio::time::timeout(Duration::from_millis(50), gates.enter(Some(&quiet)));
-        drop(other.await.expect("another account enters at once"));
-        drop(gates.enter(None).await);
-        held.pop();
-        let next = tokio::time::timeout(Duration::from_millis(50), gates.enter(Some(&noisy)));
-        drop(next.await.expect("a returned turn is reused"));
-        drop(held);
-        assert!(gates.lock().is_empty(), "idle accounts are forgotten");
     }
 }

@@ -1,7 +1,7 @@
 //! What passes between the key writer's thread and everyone else: the
-//! commands it takes ([`Command`]: a change to commit, what the etcd watch
-//! delivered, a key fetched at its first sight; [`deliver`] hands them
-//! over) and what it shares with the async side ([`Shared`]: the store
+//! commands it takes ([`Command`]: a change to commit, what a replica's
+//! watcher delivered, a key its on-demand cache fetched; [`deliver`] hands
+//! them over) and what it shares with the async side ([`Shared`]: the store
 //! handle for reads, store health, the replica's state, the backup in
 //! progress).
 
@@ -13,11 +13,11 @@ use tokio::sync::{oneshot, watch};
 
 use super::change::{Change, Committed};
 use super::change::{KeyError, Principal};
+use super::watcher::Event;
 use crate::clock::now_nanos;
 use crate::domain::key::KeyId;
 use crate::metrics::Metrics;
 use crate::store::db::{Store, StoreError};
-use crate::store::etcd::{Page, Watched};
 use crate::store::record::KeyRecord;
 
 /// A change waiting for the writer.
@@ -39,44 +39,29 @@ pub struct Job {
 pub enum Command {
     /// Commit a change.
     Commit(Box<Job>),
-    /// Apply what the etcd watch delivered (replicated mode).
-    Sync(Synced),
+    /// Hand what reached the replica to the backend (replicated mode).
+    Replica(Inbound),
     /// Fix a backup's point in time (standalone): between two batches.
     Snapshot(oneshot::Sender<Result<super::snapshot::Begun, super::snapshot::SnapshotError>>),
     /// Flush, release the store (and sled's directory lock) and stop.
     Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
-/// What the etcd watch delivered, for the writer to apply.
+/// What reaches a replica from outside the write path, for the writer to
+/// hand its backend in arrival order.
 #[derive(Debug)]
-pub enum Synced {
-    /// Puts and deletes in revision order: everything through the last
-    /// one's revision has been delivered.
-    Events(Vec<Watched>),
-    /// A page of a full read: the first starts a rebuild of the replica,
-    /// the last completes it (only then is the replica ready).
-    Page {
-        /// The page.
-        page: Page,
-        /// The reader's turn, returned once the page is applied.
-        permit: tokio::sync::OwnedSemaphorePermit,
+pub enum Inbound {
+    /// What the replica's watcher delivered.
+    Watched {
+        /// The event.
+        event: Event,
+        /// A page's turn among those the writer has yet to apply,
+        /// returned once it is applied.
+        turn: Option<tokio::sync::OwnedSemaphorePermit>,
     },
-    /// Everything the cluster held at `read_at` (Unix nanos, a
-    /// linearizable read) was delivered before this: once the writer
-    /// reaches it, the replica has applied it all and is current.
-    Current {
-        /// When the cluster's revision was read.
-        read_at: i64,
-    },
-    /// On-demand replica: a watch starts at `revision` + 1 with nothing
-    /// held (at start, and after etcd compacted the watch's history).
-    Reset {
-        /// The revision the watch starts after.
-        revision: i64,
-    },
-    /// On-demand replica: a key fetched at its first sight.
+    /// On-demand cache: a key fetched at its first sight.
     Fetched(Box<Fetch>),
-    /// On-demand replica: the eviction policy dropped keys.
+    /// On-demand cache: the eviction policy dropped keys.
     Evicted,
 }
 
@@ -104,10 +89,10 @@ pub struct Fetch {
     pub reply: oneshot::Sender<Fetched>,
 }
 
-/// Hands `synced` to the writer, waiting while its queue is full; `false`
+/// Hands `inbound` to the writer, waiting while its queue is full; `false`
 /// once the writer is gone.
-pub async fn deliver(commands: &SyncSender<Command>, synced: Synced) -> bool {
-    let mut command = Command::Sync(synced);
+pub async fn deliver(commands: &SyncSender<Command>, inbound: Inbound) -> bool {
+    let mut command = Command::Replica(inbound);
     loop {
         match commands.try_send(command) {
             Ok(()) => return true,
@@ -198,6 +183,22 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// What a writer over `store` shares, the replica in `replication`.
+    #[must_use]
+    pub fn new(
+        store: Option<Store>,
+        replication: Replication,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store: RwLock::new(store),
+            health: watch::Sender::new(StoreHealth::Healthy),
+            replication: watch::Sender::new(replication),
+            metrics: Arc::clone(metrics),
+            snapshots: super::snapshot::Tracker::default(),
+        })
+    }
+
     /// The current store for a read, unless it is being reopened.
     pub fn store(&self) -> Option<Store> {
         self.store

@@ -9,9 +9,10 @@
 //! Either way a key revoked or narrowed a moment ago on any sidecar cannot
 //! act on what it held before, and the per-account limit holds.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
-use super::change::{Change, Committed, Expiry, LeakAction, Rotation};
+use super::change::{Change, Committed, Expiry, LeakAction, Operation, Rotation};
 use super::change::{KeyError, Lifecycle, Principal, StateChange};
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
@@ -70,7 +71,7 @@ impl Rules<'_> {
     ) -> Result<Staged, KeyError> {
         let (held, caller) = self.held_now(view, actor)?;
         if let Principal::Key { .. } = actor {
-            super::require(self.catalog, &held, change.operation())?;
+            require(self.catalog, &held, change.operation())?;
         }
         let caller = caller.as_ref().map(|record| &record.access);
         match change {
@@ -392,7 +393,7 @@ impl Rules<'_> {
             if let Some(missing) = rules::escalation(held, &target) {
                 return Err(KeyError::PermissionDenied(format!(
                     "cannot change a key holding scopes the caller lacks: {}",
-                    super::summarize(&self.catalog.names(&missing))
+                    summarize(&self.catalog.names(&missing))
                 )));
             }
         }
@@ -406,7 +407,7 @@ impl Rules<'_> {
                 field: "scopes",
                 problem: format!(
                     "cannot grant scopes the caller does not hold: {}",
-                    super::summarize(&self.catalog.names(&missing))
+                    summarize(&self.catalog.names(&missing))
                 ),
             }),
         }
@@ -456,4 +457,33 @@ fn replaced(
         write: Write::Replace,
         scopes,
     }
+}
+
+/// A key needs the `api_keys.*` scopes of the operation.
+pub fn require(catalog: &Catalog, held: &ScopeSet, operation: Operation) -> Result<(), KeyError> {
+    match operation
+        .scopes()
+        .iter()
+        .find(|scope| !catalog.lookup(scope).is_some_and(|id| held.contains(id)))
+    {
+        None => Ok(()),
+        Some(scope) => Err(KeyError::PermissionDenied(format!(
+            "this API key lacks the scope {scope}"
+        ))),
+    }
+}
+
+/// At most ten names, then a count: errors stay readable.
+pub(crate) fn summarize(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        let _ = write!(text, " and {} more", names.len() - SHOWN);
+    }
+    text
 }
