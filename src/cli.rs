@@ -1,11 +1,16 @@
 //! `keyward keys …`: the operator's client for the KeyManager RPCs, so daily
 //! work needs no grpcurl. Uses the local admin token unless given a key.
+//!
+//! This file holds the command line (its arguments, [`run`]'s dispatch,
+//! the connection); `cli/commands.rs` has one function per subcommand and
+//! `cli/show.rs` how results are printed.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
+mod commands;
+mod show;
+
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tonic::Request;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -13,6 +18,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use crate::config::DataArgs;
 use crate::pb::v1 as pb;
 use crate::pb::v1::key_manager_client::KeyManagerClient;
+use commands::Session;
 
 /// Exit codes of `keyward keys`, by what went wrong (2, a usage error, is
 /// clap's).
@@ -148,36 +154,7 @@ pub struct KeysArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
     /// Create a key and print its secret (shown this once only).
-    Create {
-        /// The key's name.
-        #[arg(long)]
-        name: String,
-        /// A scope to grant (repeatable). With neither --scope nor --access:
-        /// Full Access.
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-        /// A category access level, `category=none|read|write|full` (repeatable).
-        #[arg(long = "access")]
-        access: Vec<String>,
-        /// Account to create in (admin token only).
-        #[arg(long, default_value = "")]
-        account: String,
-        /// Expire the key after this long, e.g. `30d`, `12h`, `90m`.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        expires_in: Option<std::time::Duration>,
-        /// Allow the key only from this address range (repeatable), e.g.
-        /// `10.0.0.0/8`. Default: any address.
-        #[arg(long = "allow-cidr")]
-        allowed_cidrs: Vec<String>,
-        /// A rate limit per sidecar, `requests/period`: `100/s`, `5000/h`,
-        /// `10/30s`.
-        #[arg(long, value_parser = parse_rate)]
-        rate: Option<Rate>,
-        /// How many requests may pass at once (default: the rate's
-        /// requests).
-        #[arg(long, requires = "rate")]
-        burst: Option<u32>,
-    },
+    Create(CreateArgs),
     /// List an account's keys.
     List {
         /// Account to list (required with the admin token).
@@ -305,268 +282,80 @@ pub enum KeysCommand {
     Catalog,
 }
 
+/// What `keyward keys create` asks for.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// The key's name.
+    #[arg(long)]
+    pub name: String,
+    /// A scope to grant (repeatable). With neither --scope nor --access:
+    /// Full Access.
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// A category access level, `category=none|read|write|full` (repeatable).
+    #[arg(long = "access")]
+    pub access: Vec<String>,
+    /// Account to create in (admin token only).
+    #[arg(long, default_value = "")]
+    pub account: String,
+    /// Expire the key after this long, e.g. `30d`, `12h`, `90m`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub expires_in: Option<std::time::Duration>,
+    /// Allow the key only from this address range (repeatable), e.g.
+    /// `10.0.0.0/8`. Default: any address.
+    #[arg(long = "allow-cidr")]
+    pub allowed_cidrs: Vec<String>,
+    /// A rate limit per sidecar, `requests/period`: `100/s`, `5000/h`,
+    /// `10/30s`.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<Rate>,
+    /// How many requests may pass at once (default: the rate's
+    /// requests).
+    #[arg(long, requires = "rate")]
+    pub burst: Option<u32>,
+}
+
 /// Runs one `keyward keys` command, printing its result to stdout.
-#[allow(
-    clippy::too_many_lines,
-    reason = "one arm per subcommand reads best in one place"
-)]
 pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
-    let (mut client, bearer) = connect(&args.client).await?;
+    let (client, bearer) = connect(&args.client).await?;
+    let mut session = Session { client, bearer };
     let out = match args.command {
-        KeysCommand::Create {
-            name,
-            scopes,
-            access,
-            account,
-            expires_in,
-            allowed_cidrs,
-            rate,
-            burst,
-        } => {
-            let response = client
-                .create_key(authed(
-                    &bearer,
-                    pb::CreateKeyRequest {
-                        name,
-                        scopes,
-                        access: parse_access(&access)?,
-                        account_id: account,
-                        expires_at: expires_in.map(from_now),
-                        allowed_cidrs,
-                        rate_limit: rate.map(|rate| rate.with_burst(burst)),
-                    },
-                ))
-                .await?
-                .into_inner();
-            show_new_secret(response.key.as_ref(), &response.secret)
-        }
+        KeysCommand::Create(create) => session.create(create).await?,
         KeysCommand::List {
             account,
             page_size,
             unused_for,
-        } => {
-            let unused_for = unused_for
-                .map(prost_types::Duration::try_from)
-                .transpose()
-                .context("--unused-for is too long")?;
-            let mut out = String::new();
-            let mut keys = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_keys(authed(
-                        &bearer,
-                        pb::ListKeysRequest {
-                            account_id: account.clone(),
-                            page_size,
-                            page_token,
-                            unused_for,
-                        },
-                    ))
-                    .await?
-                    .into_inner();
-                for key in &page.keys {
-                    keys.push(key_json(key));
-                    let state = match (key.enabled, key.expired) {
-                        (_, true) => "expired",
-                        (false, false) => "disabled",
-                        (true, false) => "enabled",
-                    };
-                    let _ = writeln!(
-                        out,
-                        "{}  {:<18}  {:<8}  {:<17}  {}",
-                        key.key_id,
-                        kind_name(key.kind),
-                        state,
-                        key.last_used_at
-                            .as_ref()
-                            .map_or_else(|| "never used".to_owned(), to_the_minute),
-                        key.name
-                    );
-                }
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
-            Shown {
-                text: out,
-                json: serde_json::json!({ "keys": keys }),
-            }
-        }
-        KeysCommand::Get { key_id } => show_key(
-            &client
-                .get_key(authed(&bearer, pb::GetKeyRequest { key_id }))
-                .await?
-                .into_inner(),
-        ),
+        } => session.list(account, page_size, unused_for).await?,
+        KeysCommand::Get { key_id } => session.get(key_id).await?,
         KeysCommand::Update {
             key_id,
             name,
             scopes,
             access,
-        } => show_key(
-            &client
-                .update_key(authed(
-                    &bearer,
-                    pb::UpdateKeyRequest {
-                        key_id,
-                        name,
-                        scopes,
-                        access: parse_access(&access)?,
-                    },
-                ))
-                .await?
-                .into_inner(),
-        ),
-        KeysCommand::Rename { key_id, name } => show_key(
-            &client
-                .rename_key(authed(&bearer, pb::RenameKeyRequest { key_id, name }))
-                .await?
-                .into_inner(),
-        ),
-        KeysCommand::Delete { key_id } => {
-            client
-                .delete_key(authed(
-                    &bearer,
-                    pb::DeleteKeyRequest {
-                        key_id: key_id.clone(),
-                    },
-                ))
-                .await?;
-            Shown {
-                text: format!("revoked {key_id}\n"),
-                json: serde_json::json!({ "revoked": key_id }),
-            }
-        }
-        KeysCommand::Rotate { key_id, overlap } => {
-            let response = client
-                .rotate_key(authed(
-                    &bearer,
-                    pb::RotateKeyRequest {
-                        key_id,
-                        overlap: Some(
-                            prost_types::Duration::try_from(overlap)
-                                .context("--overlap is too long")?,
-                        ),
-                    },
-                ))
-                .await?
-                .into_inner();
-            show_new_secret(response.key.as_ref(), &response.secret)
-        }
+        } => session.update(key_id, name, scopes, &access).await?,
+        KeysCommand::Rename { key_id, name } => session.rename(key_id, name).await?,
+        KeysCommand::Delete { key_id } => session.delete(key_id).await?,
+        KeysCommand::Rotate { key_id, overlap } => session.rotate(key_id, overlap).await?,
         KeysCommand::Allow {
             key_id,
             cidrs,
             any: _,
-        } => show_key(
-            &client
-                .set_key_allowlist(authed(
-                    &bearer,
-                    pb::SetKeyAllowlistRequest {
-                        key_id,
-                        allowed_cidrs: cidrs,
-                    },
-                ))
-                .await?
-                .into_inner(),
-        ),
+        } => session.allow(key_id, cidrs).await?,
         KeysCommand::Limit {
             key_id,
             rate,
             burst,
             none: _,
-        } => show_key(
-            &client
-                .set_key_rate_limit(authed(
-                    &bearer,
-                    pb::SetKeyRateLimitRequest {
-                        key_id,
-                        rate_limit: rate.map(|rate| rate.with_burst(burst)),
-                    },
-                ))
-                .await?
-                .into_inner(),
-        ),
-        KeysCommand::Disable { key_id } => show_key(
-            &client
-                .disable_key(authed(&bearer, pb::DisableKeyRequest { key_id }))
-                .await?
-                .into_inner(),
-        ),
-        KeysCommand::Enable { key_id } => show_key(
-            &client
-                .enable_key(authed(&bearer, pb::EnableKeyRequest { key_id }))
-                .await?
-                .into_inner(),
-        ),
+        } => session.limit(key_id, rate, burst).await?,
+        KeysCommand::Disable { key_id } => session.disable(key_id).await?,
+        KeysCommand::Enable { key_id } => session.enable(key_id).await?,
         KeysCommand::Expire {
             key_id,
             after,
             never: _,
-        } => show_key(
-            &client
-                .set_key_expiry(authed(
-                    &bearer,
-                    pb::SetKeyExpiryRequest {
-                        key_id,
-                        expires_at: after.map(from_now),
-                    },
-                ))
-                .await?
-                .into_inner(),
-        ),
-        KeysCommand::Scopes => {
-            let scopes = client
-                .get_scopes(authed(&bearer, pb::GetScopesRequest {}))
-                .await?
-                .into_inner()
-                .scopes;
-            Shown {
-                text: scopes.iter().fold(String::new(), |mut out, s| {
-                    let _ = writeln!(out, "{s}");
-                    out
-                }),
-                json: serde_json::json!({ "scopes": scopes }),
-            }
-        }
-        KeysCommand::Catalog => {
-            let catalog = client
-                .list_catalog(authed(&bearer, pb::ListCatalogRequest {}))
-                .await?
-                .into_inner();
-            let mut out = String::new();
-            let mut categories = Vec::new();
-            for category in catalog.categories {
-                let levels: Vec<&str> = category.levels.iter().map(|l| level_name(*l)).collect();
-                categories.push(serde_json::json!({
-                    "id": category.id,
-                    "title": category.title,
-                    "levels": levels,
-                    "exclusive": category.exclusive,
-                    "scopes": category.scopes,
-                }));
-                let _ = writeln!(
-                    out,
-                    "[{}] {} (levels: {}{})",
-                    category.id,
-                    category.title,
-                    levels.join(", "),
-                    if category.exclusive {
-                        "; exclusive"
-                    } else {
-                        ""
-                    }
-                );
-                for scope in category.scopes {
-                    let _ = writeln!(out, "  {scope}");
-                }
-            }
-            Shown {
-                text: out,
-                json: serde_json::json!({ "categories": categories }),
-            }
-        }
+        } => session.expire(key_id, after).await?,
+        KeysCommand::Scopes => session.scopes().await?,
+        KeysCommand::Catalog => session.catalog().await?,
     };
     match args.output {
         OutputFormat::Text => print!("{}", out.text),
@@ -632,165 +421,6 @@ pub fn authed<T>(bearer: &MetadataValue<Ascii>, message: T) -> Request<T> {
     request
 }
 
-fn parse_access(pairs: &[String]) -> anyhow::Result<HashMap<String, i32>> {
-    pairs
-        .iter()
-        .map(|pair| {
-            let Some((category, level)) = pair.split_once('=') else {
-                bail!("--access {pair:?}: expected category=level");
-            };
-            let level = match level.to_ascii_lowercase().as_str() {
-                "none" => pb::AccessLevel::None,
-                "read" => pb::AccessLevel::Read,
-                "write" => pb::AccessLevel::Write,
-                "full" => pb::AccessLevel::Full,
-                other => {
-                    bail!("--access {pair:?}: unknown level {other:?} (none, read, write, full)")
-                }
-            };
-            Ok((category.to_owned(), level as i32))
-        })
-        .collect()
-}
-
-fn show_key(key: &pb::ApiKey) -> Shown {
-    Shown {
-        text: key_text(key),
-        json: key_json(key),
-    }
-}
-
-/// A key for scripts: stable field names (README, "Output for scripts").
-fn key_json(key: &pb::ApiKey) -> serde_json::Value {
-    let time = |t: Option<&prost_types::Timestamp>| t.map(ToString::to_string);
-    serde_json::json!({
-        "key_id": key.key_id,
-        "name": key.name,
-        "kind": kind_name(key.kind),
-        "account_id": key.account_id,
-        "scopes": key.scopes,
-        "enabled": key.enabled,
-        "expired": key.expired,
-        "created_at": time(key.created_at.as_ref()),
-        "expires_at": time(key.expires_at.as_ref()),
-        "last_used_at": time(key.last_used_at.as_ref()),
-        "previous_secret_valid_until": time(key.previous_secret_valid_until.as_ref()),
-        "allowed_cidrs": key.allowed_cidrs,
-        "rate_limit": key.rate_limit.as_ref().map(|limit| serde_json::json!({
-            "requests": limit.requests,
-            "period_seconds": limit
-                .period
-                .and_then(|p| std::time::Duration::try_from(p).ok())
-                .map(|p| p.as_secs_f64()),
-            "burst": limit.burst,
-        })),
-        "leak": key.leak.as_ref().map(|leak| serde_json::json!({
-            "reported_at": time(leak.reported_at.as_ref()),
-            "url": leak.url,
-            "source": leak.source,
-            "type": leak.r#type,
-            "previous_secret": leak.previous_secret,
-        })),
-    })
-}
-
-fn key_text(key: &pb::ApiKey) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "key_id:     {}", key.key_id);
-    let _ = writeln!(out, "name:       {}", key.name);
-    let _ = writeln!(out, "kind:       {}", kind_name(key.kind));
-    let _ = writeln!(out, "account_id: {}", key.account_id);
-    if let Some(created) = &key.created_at {
-        let _ = writeln!(out, "created_at: {created}");
-    }
-    let _ = writeln!(out, "scopes:     {}", key.scopes.join(" "));
-    let _ = writeln!(out, "enabled:    {}", key.enabled);
-    match &key.expires_at {
-        Some(at) => {
-            let _ = writeln!(
-                out,
-                "expires_at: {at}{}",
-                if key.expired { " (expired)" } else { "" }
-            );
-        }
-        None => out.push_str("expires_at: never\n"),
-    }
-    if key.allowed_cidrs.is_empty() {
-        out.push_str("allowed_from: any address\n");
-    } else {
-        let _ = writeln!(out, "allowed_from: {}", key.allowed_cidrs.join(" "));
-    }
-    match &key.rate_limit {
-        Some(limit) => {
-            let period = limit
-                .period
-                .and_then(|p| std::time::Duration::try_from(p).ok())
-                .unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "rate_limit: {}/{} per sidecar, burst {}",
-                limit.requests,
-                humantime::format_duration(period),
-                limit.burst
-            );
-        }
-        None => out.push_str("rate_limit: none\n"),
-    }
-    match &key.last_used_at {
-        Some(at) => {
-            let _ = writeln!(out, "last_used:  {}", to_the_minute(at));
-        }
-        None => out.push_str("last_used:  never\n"),
-    }
-    if let Some(until) = &key.previous_secret_valid_until {
-        let _ = writeln!(out, "previous secret valid until: {until}");
-    }
-    if let Some(leak) = &key.leak {
-        let _ = writeln!(
-            out,
-            "leaked:     {} secret found in public at {} ({}, {}), reported {}; {}",
-            if leak.previous_secret {
-                "its previous"
-            } else {
-                "its"
-            },
-            if leak.url.is_empty() {
-                "an unknown URL"
-            } else {
-                &leak.url
-            },
-            if leak.source.is_empty() {
-                "unknown source"
-            } else {
-                &leak.source
-            },
-            leak.r#type,
-            leak.reported_at
-                .as_ref()
-                .map_or_else(|| "at an unknown time".to_owned(), ToString::to_string),
-            if leak.previous_secret {
-                "its rotation overlap was ended"
-            } else if key.enabled {
-                "rotate it: `keyward keys rotate`"
-            } else {
-                "disabled: rotate it, then the admin enables it"
-            }
-        );
-    }
-    out
-}
-
-/// A key with its new secret, which is shown this once (create, rotate).
-fn show_new_secret(key: Option<&pb::ApiKey>, secret: &str) -> Shown {
-    let mut out = key.map(key_text).unwrap_or_default();
-    let _ = writeln!(out, "secret:     {secret}");
-    out.push_str("Store the secret now: keyward keeps only its hash and cannot show it again.\n");
-    Shown {
-        text: out,
-        json: serde_json::json!({ "key": key.map(key_json), "secret": secret }),
-    }
-}
-
 /// A rate limit as given on the command line, before its burst.
 #[derive(Debug, Clone, Copy)]
 pub struct Rate {
@@ -826,37 +456,4 @@ fn parse_rate(text: &str) -> Result<Rate, String> {
         other => humantime::parse_duration(other).map_err(|e| format!("{other:?}: {e}"))?,
     };
     Ok(Rate { requests, period })
-}
-
-/// A timestamp as `2026-11-23T17:42Z` (last-used times are kept to the
-/// minute).
-fn to_the_minute(at: &prost_types::Timestamp) -> String {
-    let text = at.to_string();
-    text.get(..16)
-        .map_or(text.clone(), |minute| format!("{minute}Z"))
-}
-
-/// `now + after` as a protobuf timestamp.
-fn from_now(after: std::time::Duration) -> prost_types::Timestamp {
-    let at = std::time::SystemTime::now() + after;
-    prost_types::Timestamp::from(at)
-}
-
-fn kind_name(kind: i32) -> &'static str {
-    match pb::KeyKind::try_from(kind) {
-        Ok(pb::KeyKind::FullAccess) => "full_access",
-        Ok(pb::KeyKind::RestrictedAccess) => "restricted_access",
-        Ok(pb::KeyKind::Billing) => "billing",
-        _ => "unspecified",
-    }
-}
-
-fn level_name(level: i32) -> &'static str {
-    match pb::AccessLevel::try_from(level) {
-        Ok(pb::AccessLevel::None) => "none",
-        Ok(pb::AccessLevel::Read) => "read",
-        Ok(pb::AccessLevel::Write) => "write",
-        Ok(pb::AccessLevel::Full) => "full",
-        _ => "unspecified",
-    }
 }

@@ -6,12 +6,21 @@
 //!
 //! # Layout
 //! Each layer imports only the ones below it.
-//! - [`cli`]: `keyward keys …`, the operator's client for KeyManager.
+//! - [`cli`]: `keyward keys …`, the operator's client for KeyManager: the
+//!   command line and its dispatch (`cli.rs`), one function per
+//!   subcommand (`cli/commands.rs`), how results are shown (`cli/show.rs`).
 //! - [`backup`]: `keyward backup` and `keyward restore`: an online,
 //!   consistent backup of a running sidecar (taken by `keys::snapshot`,
 //!   in the file format of `store::backup`), and a data directory from one.
 //! - [`migrate`]: `keyward migrate`, a standalone store's keys into etcd.
-//! - [`server`]: wiring: config, store, services, health, reflection, serve.
+//! - [`server`]: wiring: what a running keyward is (`App`, opened from the
+//!   configuration) and `run`, which serves it until shutdown (`server.rs`);
+//!   each job of the wiring in its own file: `server/tokens.rs` (the admin
+//!   and feed reader token files), `server/tables.rs` (catalog and route
+//!   loading), `server/listeners.rs` (the sockets, bound before serving),
+//!   `server/servers.rs` (what each listener serves, behind which layers,
+//!   with which TLS), `server/health.rs` (health and `keyward_serving`,
+//!   kept current), `server/shutdown.rs` (grace, stop, drain).
 //! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`).
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
 //! - [`rest`]: SendGrid's key-management REST API, through the same key

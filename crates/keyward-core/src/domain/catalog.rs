@@ -136,141 +136,21 @@ impl Catalog {
             .expect("the bundled catalog is checked by unit tests")
     }
 
-    /// Parses a catalog file (format in `data/sendgrid.catalog`).
-    #[allow(
-        clippy::too_many_lines,
-        reason = "a flat directive parser reads best in one place"
-    )]
+    /// Parses a catalog file (format in `data/sendgrid.catalog`): each
+    /// directive in turn ([`Reader`]), then the aliases against every scope
+    /// the file defines, then the sets the decision needs.
     pub fn parse(file: &str, text: &str) -> Result<Self, LoadError> {
-        let mut names: Vec<String> = Vec::new();
-        let mut by_name: HashMap<String, ScopeId> = HashMap::new();
-        let mut alias_lines: Vec<(usize, String, String)> = Vec::new();
-        let mut categories: Vec<Category> = Vec::new();
-        let err = |line, problem: String| LoadError::new(file, line, problem);
-
+        let mut reader = Reader {
+            file,
+            names: Vec::new(),
+            by_name: HashMap::new(),
+            alias_lines: Vec::new(),
+            categories: Vec::new(),
+        };
         for (line, text) in directives(text) {
-            if let Some(rest) = text.strip_prefix('[') {
-                let (id, title) = rest
-                    .split_once(']')
-                    .ok_or_else(|| err(line, "category header needs `[id] Title`".into()))?;
-                let id = id.trim();
-                if !is_identifier(id) {
-                    return Err(err(line, format!("bad category id {id:?}")));
-                }
-                if categories.iter().any(|c| c.id == id) {
-                    return Err(err(line, format!("duplicate category {id:?}")));
-                }
-                categories.push(Category {
-                    id: id.to_owned(),
-                    title: title.trim().to_owned(),
-                    description: String::new(),
-                    levels: vec![AccessLevel::None, AccessLevel::Read, AccessLevel::Full],
-                    scopes: Vec::new(),
-                    exclusive: false,
-                    read: ScopeSet::EMPTY,
-                    all: ScopeSet::EMPTY,
-                });
-                continue;
-            }
-            if let Some(description) = text.strip_prefix("description ") {
-                let category = categories.last_mut().ok_or_else(|| {
-                    err(line, "\"description\" appears before any [category]".into())
-                })?;
-                description.trim().clone_into(&mut category.description);
-                continue;
-            }
-            let mut words = text.split_whitespace();
-            let first = words.next().unwrap_or_default();
-            if first == "alias" {
-                match (words.next(), words.next(), words.next()) {
-                    (Some(legacy), Some(canonical), None) => {
-                        alias_lines.push((line, legacy.to_owned(), canonical.to_owned()));
-                    }
-                    _ => return Err(err(line, "alias needs `alias <legacy> <canonical>`".into())),
-                }
-                continue;
-            }
-            let category = categories
-                .last_mut()
-                .ok_or_else(|| err(line, format!("{first:?} appears before any [category]")))?;
-            match first {
-                "levels" => {
-                    let levels = words
-                        .map(|w| {
-                            AccessLevel::parse(w)
-                                .ok_or_else(|| err(line, format!("unknown access level {w:?}")))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    if levels.is_empty() {
-                        return Err(err(line, "levels needs at least one level".into()));
-                    }
-                    category.levels = levels;
-                }
-                "exclusive" => category.exclusive = true,
-                scope => {
-                    if words.next().is_some() {
-                        return Err(err(line, "one scope per line".into()));
-                    }
-                    if !is_scope_name(scope) {
-                        return Err(err(line, format!("bad scope name {scope:?}")));
-                    }
-                    let id = if let Some(id) = by_name.get(scope) {
-                        *id
-                    } else {
-                        let id = ScopeId::new(names.len())
-                            .ok_or_else(|| err(line, format!("more than {MAX_SCOPES} scopes")))?;
-                        names.push(scope.to_owned());
-                        by_name.insert(scope.to_owned(), id);
-                        id
-                    };
-                    if category.all.contains(id) {
-                        return Err(err(
-                            line,
-                            format!("duplicate scope {scope:?} in [{}]", category.id),
-                        ));
-                    }
-                    category.scopes.push(id);
-                    category.all.insert(id);
-                    if scope.rsplit('.').next() == Some("read") {
-                        category.read.insert(id);
-                    }
-                }
-            }
+            reader.directive(line, text)?;
         }
-
-        if names.is_empty() {
-            return Err(err(0, "the catalog defines no scope".into()));
-        }
-        let mut aliases = BTreeMap::new();
-        for (line, legacy, canonical) in alias_lines {
-            if !is_scope_name(&legacy) {
-                return Err(err(line, format!("bad alias name {legacy:?}")));
-            }
-            let id = *by_name
-                .get(&canonical)
-                .ok_or_else(|| err(line, format!("alias target {canonical:?} is not a scope")))?;
-            if by_name.insert(legacy.clone(), id).is_some() {
-                return Err(err(
-                    line,
-                    format!("alias {legacy:?} is already a scope or alias"),
-                ));
-            }
-            aliases.insert(legacy, canonical);
-        }
-
-        let all: ScopeSet = (0..names.len()).filter_map(ScopeId::new).collect();
-        let exclusive = categories
-            .iter()
-            .filter(|c| c.exclusive)
-            .fold(ScopeSet::EMPTY, |acc, c| acc.union(&c.all));
-        Ok(Self {
-            names,
-            by_name,
-            aliases,
-            categories,
-            exclusive,
-            all,
-        })
+        reader.finish()
     }
 
     /// The id of a canonical or legacy scope name.
@@ -410,6 +290,197 @@ impl Catalog {
         } else {
             KeyKind::RestrictedAccess
         }
+    }
+}
+
+/// A catalog file being read, one directive at a time: what it has
+/// defined so far.
+struct Reader<'a> {
+    /// The file's name, for errors.
+    file: &'a str,
+    names: Vec<String>,
+    by_name: HashMap<String, ScopeId>,
+    /// `alias` lines, resolved once every scope is known.
+    alias_lines: Vec<(usize, String, String)>,
+    categories: Vec<Category>,
+}
+
+impl Reader<'_> {
+    /// An error at `line` of the file.
+    fn err(&self, line: usize, problem: String) -> LoadError {
+        LoadError::new(self.file, line, problem)
+    }
+
+    /// One directive: a `[category]` header, its description, an alias, or
+    /// a line of the current category.
+    fn directive(&mut self, line: usize, text: &str) -> Result<(), LoadError> {
+        if let Some(rest) = text.strip_prefix('[') {
+            return self.header(line, rest);
+        }
+        if let Some(description) = text.strip_prefix("description ") {
+            let category = self.categories.last_mut().ok_or_else(|| {
+                LoadError::new(
+                    self.file,
+                    line,
+                    "\"description\" appears before any [category]",
+                )
+            })?;
+            description.trim().clone_into(&mut category.description);
+            return Ok(());
+        }
+        let mut words = text.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first == "alias" {
+            return match (words.next(), words.next(), words.next()) {
+                (Some(legacy), Some(canonical), None) => {
+                    self.alias_lines
+                        .push((line, legacy.to_owned(), canonical.to_owned()));
+                    Ok(())
+                }
+                _ => Err(self.err(line, "alias needs `alias <legacy> <canonical>`".into())),
+            };
+        }
+        if self.categories.is_empty() {
+            return Err(self.err(line, format!("{first:?} appears before any [category]")));
+        }
+        match first {
+            "levels" => self.levels(line, words),
+            "exclusive" => {
+                self.current().exclusive = true;
+                Ok(())
+            }
+            scope => {
+                if words.next().is_some() {
+                    return Err(self.err(line, "one scope per line".into()));
+                }
+                self.scope(line, scope)
+            }
+        }
+    }
+
+    /// The category the next lines belong to (there is one: checked
+    /// before).
+    fn current(&mut self) -> &mut Category {
+        self.categories
+            .last_mut()
+            .expect("a category line follows a [category] header")
+    }
+
+    /// `[id] Title`: a new category, at levels none, read and full until
+    /// its `levels` line says otherwise.
+    fn header(&mut self, line: usize, rest: &str) -> Result<(), LoadError> {
+        let (id, title) = rest
+            .split_once(']')
+            .ok_or_else(|| self.err(line, "category header needs `[id] Title`".into()))?;
+        let id = id.trim();
+        if !is_identifier(id) {
+            return Err(self.err(line, format!("bad category id {id:?}")));
+        }
+        if self.categories.iter().any(|c| c.id == id) {
+            return Err(self.err(line, format!("duplicate category {id:?}")));
+        }
+        self.categories.push(Category {
+            id: id.to_owned(),
+            title: title.trim().to_owned(),
+            description: String::new(),
+            levels: vec![AccessLevel::None, AccessLevel::Read, AccessLevel::Full],
+            scopes: Vec::new(),
+            exclusive: false,
+            read: ScopeSet::EMPTY,
+            all: ScopeSet::EMPTY,
+        });
+        Ok(())
+    }
+
+    /// `levels read full …`: the levels the current category offers.
+    fn levels<'w>(
+        &mut self,
+        line: usize,
+        words: impl Iterator<Item = &'w str>,
+    ) -> Result<(), LoadError> {
+        let levels = words
+            .map(|w| {
+                AccessLevel::parse(w)
+                    .ok_or_else(|| self.err(line, format!("unknown access level {w:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if levels.is_empty() {
+            return Err(self.err(line, "levels needs at least one level".into()));
+        }
+        self.current().levels = levels;
+        Ok(())
+    }
+
+    /// A scope of the current category: numbered at its first sight in the
+    /// file (a scope may belong to several categories), at most once per
+    /// category; a `….read` scope is granted at the read level.
+    fn scope(&mut self, line: usize, scope: &str) -> Result<(), LoadError> {
+        if !is_scope_name(scope) {
+            return Err(self.err(line, format!("bad scope name {scope:?}")));
+        }
+        let id = if let Some(id) = self.by_name.get(scope) {
+            *id
+        } else {
+            let id = ScopeId::new(self.names.len())
+                .ok_or_else(|| self.err(line, format!("more than {MAX_SCOPES} scopes")))?;
+            self.names.push(scope.to_owned());
+            self.by_name.insert(scope.to_owned(), id);
+            id
+        };
+        let file = self.file;
+        let category = self.current();
+        if category.all.contains(id) {
+            return Err(LoadError::new(
+                file,
+                line,
+                format!("duplicate scope {scope:?} in [{}]", category.id),
+            ));
+        }
+        category.scopes.push(id);
+        category.all.insert(id);
+        if scope.rsplit('.').next() == Some("read") {
+            category.read.insert(id);
+        }
+        Ok(())
+    }
+
+    /// The catalog: at least one scope, every alias naming a scope and
+    /// taking no name already in use, and the sets of every scope and of
+    /// the exclusive ones.
+    fn finish(mut self) -> Result<Catalog, LoadError> {
+        if self.names.is_empty() {
+            return Err(self.err(0, "the catalog defines no scope".into()));
+        }
+        let mut aliases = BTreeMap::new();
+        for (line, legacy, canonical) in std::mem::take(&mut self.alias_lines) {
+            if !is_scope_name(&legacy) {
+                return Err(self.err(line, format!("bad alias name {legacy:?}")));
+            }
+            let id = *self.by_name.get(&canonical).ok_or_else(|| {
+                self.err(line, format!("alias target {canonical:?} is not a scope"))
+            })?;
+            if self.by_name.insert(legacy.clone(), id).is_some() {
+                return Err(self.err(
+                    line,
+                    format!("alias {legacy:?} is already a scope or alias"),
+                ));
+            }
+            aliases.insert(legacy, canonical);
+        }
+        let all: ScopeSet = (0..self.names.len()).filter_map(ScopeId::new).collect();
+        let exclusive = self
+            .categories
+            .iter()
+            .filter(|c| c.exclusive)
+            .fold(ScopeSet::EMPTY, |acc, c| acc.union(&c.all));
+        Ok(Catalog {
+            names: self.names,
+            by_name: self.by_name,
+            aliases,
+            categories: self.categories,
+            exclusive,
+            all,
+        })
     }
 }
 
