@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::authorizer::{Authorizer, bearer_credential};
 use crate::domain::decision::DenyReason;
 use crate::domain::key::SecretHash;
-use crate::guard::{Failure, FailureGuard};
+use crate::guessing::{Failure, FailureGuard};
 use crate::keys::Principal;
 
 /// Why a management caller was not authenticated. The message never
@@ -18,13 +18,13 @@ pub struct Unauthenticated(pub &'static str);
 
 /// Authenticates management callers.
 #[derive(Debug, Clone)]
-pub struct Access {
+pub struct Authenticator {
     authorizer: Authorizer,
     admin: SecretHash,
     guard: Arc<FailureGuard>,
 }
 
-impl Access {
+impl Authenticator {
     /// Checks credentials against the live keys and the hash of the
     /// operator's admin token; failures feed guessing detection.
     #[must_use]
@@ -89,7 +89,7 @@ impl Access {
             )),
             Err(failure) => {
                 match (failure.key_id, failure.reason) {
-                    // Live id or not, counted alike (see `crate::guard`).
+                    // Live id or not, counted alike (see `crate::guessing`).
                     (Some(id), DenyReason::UnknownKey) => self.guard.record(Failure::Unverified {
                         id,
                         live: failure.wrong_secret,

@@ -26,9 +26,9 @@ use std::borrow::Cow;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use tonic::{Request, Response, Status};
 
+use crate::decisions::{FrontDoor, InvalidRequest};
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
-use crate::front::{FrontDoor, InvalidRequest};
 use keyward_core::reply::{self, Reply};
 
 pub use keyward_core::reply::{

@@ -21,7 +21,8 @@
 //!   `server/servers.rs` (what each listener serves, behind which layers,
 //!   with which TLS), `server/health.rs` (health and `keyward_serving`,
 //!   kept current), `server/shutdown.rs` (grace, stop, drain).
-//! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`).
+//! - [`grpc`]: thin protobuf adapters (`Authorizer`, `KeyManager`, the
+//!   decision feed), every RPC counted at the edge (`grpc::rpc_counts`).
 //! - [`envoy`]: Envoy's ext_authz `Check`, through the same authorizer.
 //! - [`rest`]: SendGrid's key-management REST API, through the same key
 //!   service as KeyManager.
@@ -29,16 +30,17 @@
 //!   keys (a file the operator refreshes, reloaded when it changes) and
 //!   report signatures; `rest::scanning` is the endpoint, which acts on
 //!   leaked keys through the same key writer.
-//! - [`feed`]: the index's changes, numbered and broadcast to the decision
+//! - [`change_log`]: the index's changes, numbered and broadcast to the decision
 //!   feed (`grpc::feed`, `keyward.v1.DecisionFeed`) that the Envoy module
 //!   reads.
-//! - [`front`]: what `Authorize` and `Check` share: validate, decide, count.
+//! - [`decisions`]: the front door `Authorize` and `Check` share: validate,
+//!   decide, count.
 //! - [`manage`]: key management, one service for both front doors (gRPC
 //!   KeyManager, SendGrid's REST): field checks on plain values, then each
 //!   operation's flow (permit, check, change, audit) written once.
-//! - [`access`], [`audit`]: who is calling (both front doors authenticate
+//! - [`access`] (its `Authenticator`), [`audit`]: who is calling (both front doors authenticate
 //!   through it, as a layer), and the audit log.
-//! - [`guard`]: guessing detection: repeated wrong secrets per key id.
+//! - [`guessing`]: guessing detection: repeated wrong secrets per key id.
 //! - [`metrics`]: Prometheus metrics and their loopback endpoint.
 //! - [`trace`]: W3C `traceparent` on a request, carried into its log lines
 //!   and audit line as `trace_id` (no tracing backend).
@@ -95,11 +97,11 @@ pub use keyward_core::clock;
 pub mod config;
 pub mod console;
 pub use keyward_core::domain;
+pub mod change_log;
+pub mod decisions;
 pub mod envoy;
-pub mod feed;
-pub mod front;
 pub mod grpc;
-pub mod guard;
+pub mod guessing;
 pub mod keys;
 pub mod listen;
 pub mod log;

@@ -25,15 +25,15 @@ use std::time::Duration;
 
 use tonic::transport::ServerTlsConfig;
 
-use crate::access::Access;
+use crate::access::Authenticator;
 use crate::authorizer::Authorizer;
+use crate::change_log::ChangeLog;
 use crate::config::ServeConfig;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::SecretHash;
 use crate::domain::load_error::LoadError;
-use crate::feed::Feed;
 use crate::grpc::feed::Tables;
-use crate::guard::FailureGuard;
+use crate::guessing::FailureGuard;
 use crate::keys::{Keys, Settings};
 use crate::listen::{Bounds, Incoming};
 use crate::metrics::Metrics;
@@ -131,7 +131,7 @@ pub struct App {
     /// The live index decisions read.
     index: Arc<Index>,
     /// Its changes, for the decision feed (`None` on an on-demand replica).
-    feed: Option<Arc<Feed>>,
+    feed: Option<Arc<ChangeLog>>,
     /// The catalog and routes as loaded, for the decision feed.
     tables: Arc<Tables>,
     /// The feed reader token's hash, when one is configured.
@@ -164,8 +164,8 @@ impl App {
 
     /// How management callers are authenticated (gRPC and REST alike).
     #[must_use]
-    pub fn access(&self) -> Access {
-        Access::new(self.authorizer.clone(), self.admin, Arc::clone(&self.guard))
+    pub fn access(&self) -> Authenticator {
+        Authenticator::new(self.authorizer.clone(), self.admin, Arc::clone(&self.guard))
     }
 }
 
@@ -229,14 +229,14 @@ impl App {
         );
         // Every change to a whole key set, for the decision feed.
         let feed = keys.on_demand().is_none().then(|| {
-            let feed = Arc::new(Feed::default());
+            let feed = Arc::new(ChangeLog::default());
             index.observe(Arc::clone(&feed) as Arc<dyn crate::store::index::Observer>);
             feed
         });
         let guard = FailureGuard::new(
             config.failed_auth_limit,
             Duration::from_secs(60),
-            crate::guard::DEFAULT_CAPACITY,
+            crate::guessing::DEFAULT_CAPACITY,
             metrics.guessing_detected(),
         );
         Ok(Self {

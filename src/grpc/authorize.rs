@@ -2,9 +2,9 @@
 
 use tonic::{Request, Response, Status};
 
+use crate::decisions::FrontDoor;
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::Decision;
-use crate::front::FrontDoor;
 use crate::pb::v1 as pb;
 use crate::refusal::invalid;
 

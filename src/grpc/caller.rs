@@ -13,19 +13,19 @@ use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::{Request, Status};
 
-use crate::access::Access;
+use crate::access::Authenticator;
 use crate::keys::Principal;
 
 /// Authenticates every request before the service sees it.
 #[derive(Debug, Clone)]
 pub struct AuthenticateLayer {
-    access: Access,
+    access: Authenticator,
 }
 
 impl AuthenticateLayer {
     /// Authenticates with `access`.
     #[must_use]
-    pub fn new(access: Access) -> Self {
+    pub fn new(access: Authenticator) -> Self {
         Self { access }
     }
 }
@@ -45,7 +45,7 @@ impl<S> tower::Layer<S> for AuthenticateLayer {
 #[derive(Debug, Clone)]
 pub struct Authenticated<S> {
     inner: S,
-    access: Access,
+    access: Authenticator,
 }
 
 impl<S: NamedService> NamedService for Authenticated<S> {
@@ -102,7 +102,10 @@ pub fn caller<T>(request: &Request<T>) -> Result<Principal, Status> {
 
 /// Authenticates one request's caller (for a service that admits other
 /// credentials first, as the decision feed does).
-pub async fn authenticate<T>(access: &Access, request: &Request<T>) -> Result<Principal, Status> {
+pub async fn authenticate<T>(
+    access: &Authenticator,
+    request: &Request<T>,
+) -> Result<Principal, Status> {
     let header = request
         .metadata()
         .get("authorization")

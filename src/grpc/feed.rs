@@ -6,7 +6,7 @@
 //! Bounds: at most [`MAX_WATCHERS`] streams at once; each holds the ids of
 //! the snapshot it is sending (16 bytes a key), at most [`STREAM_BUFFER`]
 //! events not yet taken by its reader, and its place in the change
-//! broadcast ([`crate::feed::FEED_BUFFER`] changes shared by all); a reader
+//! broadcast ([`crate::change_log::CHANGE_LOG_BUFFER`] changes shared by all); a reader
 //! that falls further behind is cut off (ABORTED) and reads again, as is
 //! one that has taken nothing for [`STALL_LIMIT`] while events wait.
 //!
@@ -27,10 +27,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::access::Access;
+use crate::access::Authenticator;
 use crate::authorizer::bearer_credential;
+use crate::change_log::{Change, ChangeLog};
 use crate::domain::key::{KeyId, SecretHash};
-use crate::feed::{Change, Feed};
 use crate::grpc::caller::authenticate;
 use crate::keys::Principal;
 use crate::keys::Replication;
@@ -74,9 +74,9 @@ pub struct Tables {
 #[derive(Debug, Clone)]
 pub struct FeedService {
     index: Arc<Index>,
-    feed: Option<Arc<Feed>>,
+    feed: Option<Arc<ChangeLog>>,
     tables: Arc<Tables>,
-    access: Access,
+    access: Authenticator,
     /// The feed reader token's hash: reads the feed, nothing else.
     reader: Option<SecretHash>,
     /// Replicated mode: whether the replica has caught up with etcd.
@@ -127,9 +127,9 @@ impl FeedService {
     #[allow(clippy::too_many_arguments, reason = "wiring, called once")]
     pub fn new(
         index: Arc<Index>,
-        feed: Option<Arc<Feed>>,
+        feed: Option<Arc<ChangeLog>>,
         tables: Arc<Tables>,
-        access: Access,
+        access: Authenticator,
         reader: Option<SecretHash>,
         replication: Option<tokio::sync::watch::Receiver<Replication>>,
         stop: tokio::sync::watch::Receiver<bool>,
@@ -313,7 +313,7 @@ enum Ended {
 /// One reader's stream.
 struct Stream {
     index: Arc<Index>,
-    feed: Arc<Feed>,
+    feed: Arc<ChangeLog>,
     tables: Arc<Tables>,
     tx: mpsc::Sender<Result<pb::FeedEvent, Status>>,
     stop: tokio::sync::watch::Receiver<bool>,

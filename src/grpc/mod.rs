@@ -5,6 +5,6 @@ pub mod caller;
 pub mod codec;
 pub mod convert;
 pub mod echo;
-pub mod edge;
 pub mod feed;
 pub mod manage;
+pub mod rpc_counts;

@@ -15,7 +15,7 @@ mod tests;
 
 use std::sync::Arc;
 
-use crate::access::Access;
+use crate::access::Authenticator;
 use crate::audit;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{CREDENTIAL_REFUSED, KeyId};
@@ -145,14 +145,14 @@ pub enum BackupError {
 #[derive(Debug, Clone)]
 pub struct Manager {
     keys: Arc<Keys>,
-    access: Access,
+    access: Authenticator,
 }
 
 impl Manager {
     /// The service over the shared key store; `access` recognizes the
     /// admin token pasted into a field.
     #[must_use]
-    pub fn new(keys: Arc<Keys>, access: Access) -> Self {
+    pub fn new(keys: Arc<Keys>, access: Authenticator) -> Self {
         Self { keys, access }
     }
 

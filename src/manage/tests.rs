@@ -8,7 +8,7 @@ use super::*;
 use crate::authorizer::Authorizer;
 use crate::domain::key::SecretHash;
 use crate::domain::route::RouteTable;
-use crate::guard::FailureGuard;
+use crate::guessing::FailureGuard;
 use crate::keys::Settings;
 use crate::metrics::Metrics;
 
@@ -37,7 +37,7 @@ fn manager(dir: &std::path::Path) -> Manager {
         100,
         prometheus_client::metrics::counter::Counter::default(),
     );
-    let access = Access::new(
+    let access = Authenticator::new(
         authorizer,
         SecretHash::of(ADMIN_TOKEN.as_bytes()),
         Arc::new(guard),

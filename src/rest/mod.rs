@@ -29,7 +29,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use crate::access::Access;
+use crate::access::Authenticator;
 use crate::keys::{KeyError, Keys, Principal};
 use crate::manage::Manager;
 use crate::refusal::Refusal;
@@ -63,7 +63,7 @@ struct Rest {
     manager: Manager,
     /// The key store itself, for secret scanning's reports.
     keys: Arc<Keys>,
-    access: Access,
+    access: Authenticator,
     body: BodyLimits,
     /// GitHub's secret scanning reports, when `--secret-scanning-keys` is set.
     scanning: Option<Arc<scanning::Scanning>>,
@@ -96,7 +96,12 @@ pub struct Surface {
 /// (they hold no key data). GitHub's secret scanning endpoint, when on, is
 /// the one route outside that authentication: it is added after it, and
 /// its reports authenticate by their signature ([`scanning`]).
-pub fn router(keys: Arc<Keys>, access: Access, body: BodyLimits, surface: Surface) -> Router {
+pub fn router(
+    keys: Arc<Keys>,
+    access: Authenticator,
+    body: BodyLimits,
+    surface: Surface,
+) -> Router {
     let Surface {
         console,
         tls,

@@ -18,8 +18,8 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use pb::v1::authorizer_server::AuthorizerServer;
 use pb::v1::key_manager_server::KeyManagerServer;
 
+use crate::decisions::FrontDoor;
 use crate::envoy::CheckService;
-use crate::front::FrontDoor;
 use crate::grpc::authorize::AuthorizeService;
 use crate::grpc::caller::Authenticated;
 use crate::grpc::feed::FeedService;
@@ -102,7 +102,7 @@ fn grpc_servers(
     let concurrency =
         tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests);
     // Outermost, so shed requests are counted as sent.
-    let count_rpcs = crate::grpc::edge::CountRpcsLayer::new(&app.metrics);
+    let count_rpcs = crate::grpc::rpc_counts::CountRpcsLayer::new(&app.metrics);
     let base_server = || -> Result<_, ServerError> {
         let mut builder = bounded_server(limits);
         if let Some(tls) = &app.tls {

@@ -18,7 +18,7 @@ use crate::store::index::{Entry, Observer};
 
 /// Changes a reader may fall behind by before it must read again. A change
 /// is an entry (~200 bytes), so the buffer holds at most ~1 MiB.
-pub const FEED_BUFFER: usize = 4096;
+pub const CHANGE_LOG_BUFFER: usize = 4096;
 
 /// One change: `id` became `entry` (`None`: no longer live).
 #[derive(Debug)]
@@ -33,23 +33,23 @@ pub struct Change {
 
 /// Numbers and broadcasts the index's changes.
 #[derive(Debug)]
-pub struct Feed {
+pub struct ChangeLog {
     /// The last number given; held while sending, so that numbers and
     /// subscriptions are ordered.
     last: Mutex<u64>,
     sender: broadcast::Sender<Arc<Change>>,
 }
 
-impl Default for Feed {
+impl Default for ChangeLog {
     fn default() -> Self {
         Self {
             last: Mutex::new(0),
-            sender: broadcast::Sender::new(FEED_BUFFER),
+            sender: broadcast::Sender::new(CHANGE_LOG_BUFFER),
         }
     }
 }
 
-impl Feed {
+impl ChangeLog {
     /// The last change's number, and every change after it.
     pub fn subscribe(&self) -> (u64, broadcast::Receiver<Arc<Change>>) {
         let last = self
@@ -68,7 +68,7 @@ impl Feed {
     }
 }
 
-impl Observer for Feed {
+impl Observer for ChangeLog {
     fn changed(&self, id: &KeyId, entry: Option<&Entry>) {
         let mut last = self
             .last

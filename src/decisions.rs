@@ -9,7 +9,7 @@ use crate::authorizer::Authorizer;
 use crate::domain::catalog::Catalog;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::route::Method;
-use crate::guard::{Failure, FailureGuard};
+use crate::guessing::{Failure, FailureGuard};
 
 use crate::metrics::{Metrics, Source};
 
