@@ -64,6 +64,19 @@ pub enum StoreError {
     /// The OS random source failed while making the page-token key.
     #[error("page_token key: the OS random source failed: {0}")]
     Random(getrandom::Error),
+    /// A thread the store needs could not be started (the key writer,
+    /// the etcd runtime's worker).
+    #[error("could not start {what}: {source}")]
+    Thread {
+        /// What was being started.
+        what: &'static str,
+        /// Why the OS refused.
+        source: std::io::Error,
+    },
+    /// Closing found the store already failing: there was nothing left to
+    /// flush.
+    #[error("the store was already failing when it was closed")]
+    FailingAtClose,
 }
 
 impl From<TransactionError<()>> for StoreError {

@@ -38,6 +38,8 @@ pub use listing::{Listing, Page};
 pub use txn::{Migrated, Mutation, PutNew};
 pub use watch::{Watch, Watched};
 
+use std::time::Duration;
+
 use tonic::transport::Channel;
 
 use super::record::{self, KeyRecord};
@@ -91,6 +93,18 @@ pub enum EtcdError {
         /// What is wrong.
         problem: String,
     },
+    /// etcd answered in a form keyward cannot use (not a stored value).
+    #[error("unexpected answer from etcd: {0}")]
+    Unexpected(&'static str),
+    /// The watch's stream ended: etcd (or the connection to it) closed it.
+    #[error("etcd closed the watch")]
+    WatchClosed,
+    /// etcd canceled the watch, for the reason it gave.
+    #[error("etcd canceled the watch: {0}")]
+    WatchCanceled(String),
+    /// A progress request on the watch went unanswered for this long.
+    #[error("etcd did not confirm the watch's progress within {0:?}")]
+    NoProgress(Duration),
 }
 
 impl From<tonic::Status> for EtcdError {
@@ -128,9 +142,16 @@ impl EtcdError {
                     | Code::Internal
                     | Code::Cancelled
             ),
-            Self::Endpoint(_) | Self::Value { .. } | Self::TooLarge(_) | Self::Compacted(_) => {
-                false
-            }
+            // A lost or stalled watch is started again all the same; these
+            // stay apart from an unreachable etcd as they always were.
+            Self::Endpoint(_)
+            | Self::Value { .. }
+            | Self::Unexpected(_)
+            | Self::WatchClosed
+            | Self::WatchCanceled(_)
+            | Self::NoProgress(_)
+            | Self::TooLarge(_)
+            | Self::Compacted(_) => false,
         }
     }
 }
@@ -299,10 +320,9 @@ impl Etcd {
                 Some(crate::pb::etcd::response_op::Response::ResponseRange(range)) => {
                     Ok(range.kvs.into_iter().next())
                 }
-                _ => Err(EtcdError::Value {
-                    key: "keys".into(),
-                    problem: "etcd answered a read with something else".into(),
-                }),
+                _ => Err(EtcdError::Unexpected(
+                    "a read in a transaction answered with something else",
+                )),
             })
             .collect()
     }
@@ -339,5 +359,17 @@ mod tests {
         assert_eq!(prefix_end(b"/keyward/keys/"), b"/keyward/keys0".to_vec());
         assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
         assert_eq!(prefix_end(&[0xff]), vec![0], "everything");
+    }
+
+    #[test]
+    fn a_lost_watch_says_so_and_is_not_a_bad_value() {
+        let closed = EtcdError::WatchClosed;
+        let stalled = EtcdError::NoProgress(Duration::from_secs(5));
+        assert_eq!(closed.to_string(), "etcd closed the watch");
+        assert_eq!(
+            stalled.to_string(),
+            "etcd did not confirm the watch's progress within 5s"
+        );
+        assert!(!closed.is_transient() && !stalled.is_transient());
     }
 }

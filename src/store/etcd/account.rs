@@ -1,8 +1,8 @@
 //! The per-account entries under `accounts/`: an account's key count and
 //! key ids ([`Account`]), and reading an account's keys a page at a time.
 
-use super::record::{self, KeyRecord};
-use super::{Etcd, EtcdError};
+use super::record::KeyRecord;
+use super::{Etcd, EtcdError, decode_value};
 use crate::domain::key::KeyId;
 use crate::pb::mvccpb::KeyValue;
 
@@ -30,10 +30,7 @@ impl Etcd {
                 .into_iter()
                 .flatten()
             {
-                records.push(record::decode(&kv.value).map_err(|error| EtcdError::Value {
-                    key: String::from_utf8_lossy(&kv.key).into_owned(),
-                    problem: error.to_string(),
-                })?);
+                records.push(decode_value(&kv.key, &kv.value)?);
             }
         }
         records.sort_by_key(|record| (record.created_at, record.id));

@@ -149,10 +149,8 @@ impl Etcd {
             })
             .await?
             .into_inner();
-        let token = MetadataValue::try_from(reply.token).map_err(|_| EtcdError::Value {
-            key: "auth".into(),
-            problem: "etcd issued a token that is not a header value".into(),
-        })?;
+        let token = MetadataValue::try_from(reply.token)
+            .map_err(|_| EtcdError::Unexpected("etcd issued a token that is not a header value"))?;
         *self.token.0.write().unwrap_or_else(PoisonError::into_inner) = Some(token);
         Ok(())
     }

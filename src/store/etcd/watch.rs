@@ -105,10 +105,7 @@ impl Watch {
         self.requests
             .send(request)
             .await
-            .map_err(|_| EtcdError::Value {
-                key: "watch".into(),
-                problem: "the watch stream is closed".into(),
-            })
+            .map_err(|_| EtcdError::WatchClosed)
     }
 
     /// The next batch of changes (one etcd revision may carry several);
@@ -126,10 +123,7 @@ impl Watch {
                 }]));
             }
             if response.canceled {
-                return Err(EtcdError::Value {
-                    key: "watch".into(),
-                    problem: format!("canceled by etcd: {}", response.cancel_reason),
-                });
+                return Err(EtcdError::WatchCanceled(response.cancel_reason));
             }
             events.extend(response.events);
             if response.fragment {
