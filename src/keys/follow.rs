@@ -49,7 +49,10 @@ impl EtcdRuntime {
             .thread_name("keyward-etcd")
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+            .map_err(|source| StoreError::Thread {
+                what: "the etcd runtime",
+                source,
+            })?;
         let etcd = {
             let _entered = runtime.enter();
             Etcd::open(connection)?

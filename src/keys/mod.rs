@@ -134,7 +134,10 @@ impl Keys {
         std::thread::Builder::new()
             .name("keyward-writer".into())
             .spawn(move || writer.run(&queue))
-            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+            .map_err(|source| StoreError::Thread {
+                what: "the key writer thread",
+                source,
+            })?;
         if let Some(etcd) = &etcd {
             etcd.follow(
                 commands.clone(),

@@ -283,9 +283,7 @@ impl Backend for Replicated {
     fn close(&mut self) -> Result<(), StoreError> {
         self.shared.set_store(None);
         let Some(store) = self.store.take() else {
-            return Err(StoreError::Sled(sled::Error::Unsupported(
-                "the store was failing at close".into(),
-            )));
+            return Err(StoreError::FailingAtClose);
         };
         if self.full {
             let replication = *self.shared.replication.borrow();

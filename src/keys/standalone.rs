@@ -138,9 +138,7 @@ impl Backend for Standalone {
         self.shared.set_store(None);
         match self.store.take() {
             Some(store) => store.flush(),
-            None => Err(StoreError::Sled(sled::Error::Unsupported(
-                "the store was failing at close".into(),
-            ))),
+            None => Err(StoreError::FailingAtClose),
         }
     }
 }

@@ -266,10 +266,9 @@ impl Watcher {
     async fn read(&mut self, mut read: Box<Read>) -> Result<(), EtcdError> {
         let Some(page) = next_page(&mut read.listing).await? else {
             // A listing ends with a page marked last.
-            return Err(EtcdError::Value {
-                key: "keys".into(),
-                problem: "the full read ended without its last page".into(),
-            });
+            return Err(EtcdError::Unexpected(
+                "the full read ended without its last page",
+            ));
         };
         let (revision, last) = (page.revision, page.last);
         if page.first {
@@ -314,7 +313,7 @@ impl Watcher {
         tokio::select! {
             batch = following.watch.next() => {
                 let Some(batch) = batch? else {
-                    return Err(EtcdError::Value { key: "watch".into(), problem: "etcd closed the watch".into() });
+                    return Err(EtcdError::WatchClosed);
                 };
                 if self.delivered(batch, &mut following.check) {
                     self.state = State::Watching(Box::new(following));
@@ -373,10 +372,7 @@ impl Watcher {
     async fn check(&mut self, following: &mut Following) -> Result<(), EtcdError> {
         if let Some(pending) = &following.check {
             if pending.asked.elapsed() >= PROGRESS_TIMEOUT {
-                return Err(EtcdError::Value {
-                    key: "watch".into(),
-                    problem: "no progress from etcd".into(),
-                });
+                return Err(EtcdError::NoProgress(PROGRESS_TIMEOUT));
             }
             return Ok(());
         }
