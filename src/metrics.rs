@@ -211,6 +211,10 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric.
     #[must_use]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "a data table: one registration (name, help) per metric"
+    )]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("keyward");
         let decision_family = registered(

@@ -3,6 +3,10 @@
 //! created and revoked is one point in time, a sidecar started on its
 //! restore decides every key in it with the key's original secret, and
 //! every refusal is one line, a non-zero exit, and nothing left behind.
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
 
 mod common;
 

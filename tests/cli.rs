@@ -1,4 +1,8 @@
 //! The real `keyward` binary: `serve` with defaults, and `keyward keys …`.
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
 
 mod common;
 

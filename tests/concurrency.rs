@@ -1,5 +1,9 @@
 //! Writes racing decisions: once a write is acknowledged, no decision that
 //! starts later may see the old state.
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
 
 mod common;
 

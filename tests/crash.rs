@@ -100,6 +100,10 @@ type Shared = Arc<Mutex<Ledger>>;
 
 /// Creates, updates, disables or enables, rotates and deletes keys of one
 /// account, recording each acknowledgement; stops at the first lost reply.
+#[allow(
+    clippy::too_many_lines,
+    reason = "one writer story: create, revoke, record what was acknowledged"
+)]
 async fn writer(
     url: String,
     admin: String,

@@ -6,6 +6,10 @@
 //! cannot be fetched here (CI has no network beyond package registries);
 //! they must at least be absolute `https://` URLs (or the loopback server
 //! a walk-through starts).
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -1,5 +1,9 @@
 //! Key lifecycle: disable/enable and expiry, through Authorize and Check,
 //! under the same least-privilege rules as every change, across a restart.
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
 
 mod common;
 

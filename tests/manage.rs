@@ -1,4 +1,8 @@
 //! KeyManager over a real loopback server: every rule and bad input.
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
 
 mod common;
 

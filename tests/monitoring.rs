@@ -4,6 +4,10 @@
 //! checks that need no Prometheus: the PrometheusRule is rules.yaml, every
 //! alert has its annotations, a runbook section and a promtool test, and
 //! every dashboard panel is described in the docs.
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
 
 mod common;
 

@@ -3,6 +3,10 @@
 //! a body is read, a lifecycle PUT without its field changes nothing, a bad
 //! path id is SendGrid's JSON error, and every refusal names the field the
 //! console shows it beside.
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
 
 mod common;
 

@@ -3,6 +3,10 @@
 //! made here, in GitHub's request shape (headers, body) and feedback shape.
 //! Forged, unsigned, tampered and unknown-key reports change nothing; a
 //! genuine one acts on exactly the live key it names.
+#![allow(
+    clippy::too_many_lines,
+    reason = "one end-to-end story reads best in one test"
+)]
 
 mod common;
 

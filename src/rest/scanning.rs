@@ -111,6 +111,32 @@ fn too_large(scanning: &Scanning, message: String) -> Response {
 }
 
 /// The handler: verify, then act, then answer with feedback.
+/// The report's raw body, within [`MAX_BODY_BYTES`] (refused from its
+/// declared length before any of it is read) and [`BODY_TIMEOUT`].
+async fn read_body(
+    scanning: &Scanning,
+    declared: Option<u64>,
+    body: axum::body::Body,
+) -> Result<axum::body::Bytes, Response> {
+    let limit = || format!("body: larger than the {MAX_BODY_BYTES} bytes a report may have");
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large(scanning, limit()));
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(too_large(scanning, limit())),
+        Err(_) => Err(refused(
+            scanning,
+            "timeout",
+            Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                Some("body"),
+                "body: did not arrive in time",
+            ),
+        )),
+    }
+}
+
 pub(super) async fn report(State(rest): State<Rest>, request: axum::extract::Request) -> Response {
     let Some(scanning) = rest.scanning.clone() else {
         return Problem::new(StatusCode::NOT_FOUND, None, "no such endpoint").into_response();
@@ -131,28 +157,11 @@ pub(super) async fn report(State(rest): State<Rest>, request: axum::extract::Req
         Ok(signer) => signer,
         Err(refusal) => return refused_signature(&scanning, refusal),
     };
-    let limit = || format!("body: larger than the {MAX_BODY_BYTES} bytes a report may have");
     let declared = header(axum::http::header::CONTENT_LENGTH.as_str())
         .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return too_large(&scanning, limit());
-    }
-    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES))
-        .await
-    {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => return too_large(&scanning, limit()),
-        Err(_) => {
-            return refused(
-                &scanning,
-                "timeout",
-                Problem::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    Some("body"),
-                    "body: did not arrive in time",
-                ),
-            );
-        }
+    let bytes = match read_body(&scanning, declared, body).await {
+        Ok(bytes) => bytes,
+        Err(refusal) => return refusal,
     };
     if let Err(refusal) = crate::scanning::verify(&key, &signature, &bytes) {
         return refused_signature(&scanning, refusal);

@@ -185,30 +185,9 @@ async fn follow(shared: &Shared, synced_at: &mut Option<Instant>) -> Result<(), 
                         .or_insert_with(|| Arc::from(key.account.as_str())),
                 );
                 let (id, entry) = entry_of(&key, account)?;
-                // While a new copy is read, the old one decides: it takes
-                // every key state too (a revocation reaches it at once).
-                match (&building, live_index(shared)) {
-                    (Some(building), live) => {
-                        if let Ok(live) = live {
-                            live.replace(id, entry.clone());
-                        }
-                        building.index.insert(id, entry);
-                    }
-                    (None, live) => live?.replace(id, entry),
-                }
+                apply(shared, building.as_ref(), id, Some(entry))?;
             }
-            Event::Delete(id) => {
-                let id = key_id(&id)?;
-                match (&building, live_index(shared)) {
-                    (Some(building), live) => {
-                        if let Ok(live) = live {
-                            live.remove(&id);
-                        }
-                        building.index.remove(&id);
-                    }
-                    (None, live) => live?.remove(&id),
-                }
-            }
+            Event::Delete(id) => apply(shared, building.as_ref(), key_id(&id)?, None)?,
             Event::Synced(synced) => {
                 let Some(built) = building.take() else {
                     return Err("synced before the tables".into());
@@ -230,6 +209,37 @@ async fn follow(shared: &Shared, synced_at: &mut Option<Instant>) -> Result<(), 
             Event::Heartbeat(_) => {}
         }
     }
+}
+
+/// A key's new state (`None`: no longer live) into the copy deciding, and
+/// into the one being read if any: while a new copy is read, the old one
+/// decides and takes every key state too (a revocation reaches it at once).
+fn apply(
+    shared: &Shared,
+    building: Option<&Building>,
+    id: KeyId,
+    entry: Option<Entry>,
+) -> Result<(), String> {
+    let live = live_index(shared);
+    let Some(building) = building else {
+        let live = live?;
+        match entry {
+            Some(entry) => live.replace(id, entry),
+            None => live.remove(&id),
+        }
+        return Ok(());
+    };
+    if let Ok(live) = live {
+        match &entry {
+            Some(entry) => live.replace(id, entry.clone()),
+            None => live.remove(&id),
+        }
+    }
+    match entry {
+        Some(entry) => building.index.insert(id, entry),
+        None => building.index.remove(&id),
+    }
+    Ok(())
 }
 
 /// A copy being read, not yet deciding.
