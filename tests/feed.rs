@@ -16,8 +16,10 @@ use keyward::domain::key::KeyId;
 use keyward::pb::v1 as pb;
 use keyward::pb::v1::decision_feed_client::DecisionFeedClient;
 use keyward::pb::v1::feed_event::Event;
+use keyward::pb::v1::key_manager_client::KeyManagerClient;
 use tonic::Code;
 use tonic::codec::Streaming;
+use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -395,27 +397,56 @@ async fn the_feed_is_served_with_key_management() {
 async fn a_snapshot_during_writes_converges_to_the_key_set() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = std::sync::Arc::new(TestServer::start(&dir).await);
+    // One connection for all the writes (a connection a call would make
+    // the test about connection churn, not the feed).
+    let create = |manager: &mut KeyManagerClient<Channel>, account: &str, scope: &str| {
+        let request = bearer(
+            &server.admin,
+            pb::CreateKeyRequest {
+                name: "busy".into(),
+                account_id: account.to_owned(),
+                scopes: vec![scope.to_owned()],
+                ..Default::default()
+            },
+        );
+        let mut manager = manager.clone();
+        async move {
+            tokio::time::timeout(WAIT, manager.create_key(request))
+                .await
+                .expect("a creation answered in time")
+                .expect("create")
+                .into_inner()
+                .key
+                .expect("key")
+                .key_id
+        }
+    };
+    let mut manager = tokio::time::timeout(WAIT, server.manager())
+        .await
+        .expect("connected in time");
     let mut ids = Vec::new();
     for i in 0..400 {
         let account = format!("busy-{}", i % 8);
-        ids.push((server.create_key(&account, &["mail.send"]).await.0, account));
+        ids.push((create(&mut manager, &account, "mail.send").await, account));
     }
     let writer = {
-        let server = std::sync::Arc::clone(&server);
+        let admin = server.admin.clone();
         let doomed: Vec<(String, String)> = ids.iter().step_by(2).cloned().collect();
+        let creates: Vec<_> = doomed
+            .iter()
+            .map(|(_, account)| create(&mut manager, account, "alerts.read"))
+            .collect();
+        let mut manager = manager.clone();
         tokio::spawn(async move {
-            let mut manager = server.manager().await;
-            for (id, account) in doomed {
+            for ((id, _), created) in doomed.into_iter().zip(creates) {
                 tokio::time::timeout(
                     WAIT,
-                    manager.delete_key(bearer(&server.admin, pb::DeleteKeyRequest { key_id: id })),
+                    manager.delete_key(bearer(&admin, pb::DeleteKeyRequest { key_id: id })),
                 )
                 .await
                 .expect("a revocation answered in time")
                 .expect("revoke");
-                tokio::time::timeout(WAIT, server.create_key(&account, &["alerts.read"]))
-                    .await
-                    .expect("a creation answered in time");
+                created.await;
             }
         })
     };
