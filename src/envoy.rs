@@ -72,9 +72,6 @@ impl CheckService {
     }
 }
 
-/// A request header as Envoy sent it: in `headers` (lower-cased names,
-/// repeated values joined with `,`), or in `header_map` when Envoy sends
-/// raw headers (every value, joined the same way).
 /// The client's HTTP request a check is about.
 fn http_request(request: &CheckRequest) -> Option<&HttpRequest> {
     request
@@ -84,6 +81,9 @@ fn http_request(request: &CheckRequest) -> Option<&HttpRequest> {
         .and_then(|r| r.http.as_ref())
 }
 
+/// A request header as Envoy sent it: in `headers` (lower-cased names,
+/// repeated values joined with `,`), or in `header_map` when Envoy sends
+/// raw headers (every value, joined the same way).
 fn header<'a>(http: &'a HttpRequest, name: &str) -> Option<Cow<'a, str>> {
     if let Some(value) = http.headers.get(name) {
         return Some(Cow::Borrowed(value));

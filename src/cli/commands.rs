@@ -78,14 +78,19 @@ impl Session {
             let page = self.client.list_keys(request).await?.into_inner();
             for key in &page.keys {
                 keys.push(key_json(key));
-                let state = match (key.enabled, key.expired) {
-                    (_, true) => "expired",
-                    (false, false) => "disabled",
-                    (true, false) => "enabled",
+                // A leaked current secret is the state that matters most
+                // (a previous one found ended its overlap and is harmless).
+                let leaked = key.leak.as_ref().is_some_and(|leak| !leak.previous_secret);
+                let state = match (key.enabled, key.expired, leaked) {
+                    (false, _, true) => "disabled:leaked",
+                    (true, _, true) => "leaked",
+                    (_, true, false) => "expired",
+                    (false, false, false) => "disabled",
+                    (true, false, false) => "enabled",
                 };
                 let _ = writeln!(
                     out,
-                    "{}  {:<18}  {:<8}  {:<17}  {}",
+                    "{}  {:<18}  {:<15}  {:<17}  {}",
                     key.key_id,
                     kind_name(key.kind),
                     state,

@@ -93,6 +93,32 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// filter does not list get: 1/10.
 const STRANGER_SHARE: u32 = 10;
 
+/// A rate of etcd reads a second (burst the same): the limit and its
+/// state, together so that one is never checked against another's.
+#[derive(Debug)]
+struct Budget {
+    gcra: Gcra,
+    tat: AtomicI64,
+}
+
+impl Budget {
+    /// # Panics
+    /// Never for a rate the flag's parser admits (1 to a million).
+    fn per_second(rate: u32) -> Self {
+        Self {
+            gcra: RateLimit::new(rate.max(1), Duration::from_secs(1), 0)
+                .expect("the flag's parser checks the fetch rate")
+                .gcra(Duration::ZERO),
+            tat: AtomicI64::new(0),
+        }
+    }
+
+    /// Spends one read at `now` (Unix nanos) if the budget has one.
+    fn admit(&self, now: i64) -> bool {
+        self.gcra.admit(&self.tat, now).is_ok()
+    }
+}
+
 /// Settings of an on-demand replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Demand {
@@ -139,18 +165,14 @@ pub struct OnDemand {
     /// Which ids etcd holds: first sights of ids it does not list spend
     /// their own, smaller budget ([`super::members`]).
     members: Arc<Members>,
-    first_sights: Gcra,
-    first_sight_tat: AtomicI64,
+    first_sights: Budget,
     /// First sights of ids the members' filter does not list.
-    stranger_sights: Gcra,
-    stranger_sight_tat: AtomicI64,
+    stranger_sights: Budget,
     /// Fetches of ids found before (held, or evicted since).
-    refetches: Gcra,
-    refetch_tat: AtomicI64,
+    refetches: Budget,
     /// etcd reads key management makes (a key's record, an account's
     /// page), apart from decisions' first sights.
-    manage_reads: Gcra,
-    manage_read_tat: AtomicI64,
+    manage_reads: Budget,
     /// Keys held so far (see [`MAINTAIN_EVERY`]).
     inserts: AtomicU64,
     etcd: Etcd,
@@ -189,11 +211,6 @@ impl OnDemand {
                 }
             })
             .build();
-        let per_second = |rate: u32| {
-            RateLimit::new(rate.max(1), Duration::from_secs(1), 0)
-                .expect("the flag's parser checks the fetch rate")
-                .gcra(Duration::ZERO)
-        };
         Arc::new(Self {
             held,
             evicted,
@@ -212,14 +229,10 @@ impl OnDemand {
                 .build(),
             fetching: moka::future::Cache::builder().max_capacity(1).build(),
             members: Arc::new(Members::default()),
-            first_sights: per_second(demand.fetch_rate),
-            first_sight_tat: AtomicI64::new(0),
-            stranger_sights: per_second(demand.fetch_rate / STRANGER_SHARE),
-            stranger_sight_tat: AtomicI64::new(0),
-            refetches: per_second(demand.fetch_rate),
-            refetch_tat: AtomicI64::new(0),
-            manage_reads: per_second(demand.fetch_rate),
-            manage_read_tat: AtomicI64::new(0),
+            first_sights: Budget::per_second(demand.fetch_rate),
+            stranger_sights: Budget::per_second(demand.fetch_rate / STRANGER_SHARE),
+            refetches: Budget::per_second(demand.fetch_rate),
+            manage_reads: Budget::per_second(demand.fetch_rate),
             inserts: AtomicU64::new(0),
             etcd,
             runtime,
@@ -272,23 +285,19 @@ impl OnDemand {
     /// would tell anyone which ids are live.
     fn admit_first_sight(&self, id: &KeyId) -> Result<(), Lookup> {
         let now = now_nanos();
-        if self.known.contains_key(id) && self.refetches.admit(&self.refetch_tat, now).is_ok() {
+        if self.known.contains_key(id) && self.refetches.admit(now) {
             return Ok(());
         }
         match self.members.of(id) {
             Membership::Member => {
-                if self.first_sights.admit(&self.first_sight_tat, now).is_ok() {
+                if self.first_sights.admit(now) {
                     return Ok(());
                 }
                 self.metrics.first_sight("over_rate", None);
                 Err(Lookup::Unverifiable)
             }
             Membership::Stranger => {
-                if self
-                    .stranger_sights
-                    .admit(&self.stranger_sight_tat, now)
-                    .is_ok()
-                {
+                if self.stranger_sights.admit(now) {
                     return Ok(());
                 }
                 self.metrics.first_sight("over_rate_unlisted", None);
@@ -300,10 +309,7 @@ impl OnDemand {
     /// Whether key management may read etcd now (its own budget:
     /// `--replica-fetch-rate` a second).
     fn admit_manage_read(&self) -> Result<(), KeyError> {
-        let admitted = self
-            .manage_reads
-            .admit(&self.manage_read_tat, now_nanos())
-            .is_ok();
+        let admitted = self.manage_reads.admit(now_nanos());
         self.metrics
             .manage_read(if admitted { "read" } else { "over_rate" });
         admitted.then_some(()).ok_or(KeyError::Unavailable)

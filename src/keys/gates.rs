@@ -41,11 +41,16 @@ impl Gates {
     /// Waits for a turn for `domain` (an account; `None`: the admin).
     pub async fn enter(&self, domain: Option<&Arc<str>>) -> Turn<'_> {
         let domain = domain.cloned();
-        let semaphore = Arc::clone(
-            self.lock()
-                .entry(domain.clone())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_PER_ACCOUNT))),
-        );
+        let semaphore =
+            {
+                let mut gates = self.lock();
+                // A caller cancelled while it waited never made a `Turn`, so
+                // its account's entry is forgotten here instead.
+                gates.retain(|_, semaphore| !idle(semaphore));
+                Arc::clone(gates.entry(domain.clone()).or_insert_with(|| {
+                    Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_PER_ACCOUNT))
+                }))
+            };
         // The semaphore is never closed, so acquiring cannot fail.
         let permit = semaphore.acquire_owned().await.ok();
         Turn {
@@ -61,13 +66,15 @@ impl Drop for Turn<'_> {
         drop(self.permit.take());
         let mut gates = self.gates.lock();
         // Forget an account with nothing in flight (only the map holds it).
-        if let Some(semaphore) = gates.get(&self.domain)
-            && Arc::strong_count(semaphore) == 1
-            && semaphore.available_permits() == MAX_QUEUED_PER_ACCOUNT
-        {
+        if gates.get(&self.domain).is_some_and(idle) {
             gates.remove(&self.domain);
         }
     }
+}
+
+/// Nothing in flight for the account: only the map holds its semaphore.
+fn idle(semaphore: &Arc<tokio::sync::Semaphore>) -> bool {
+    Arc::strong_count(semaphore) == 1 && semaphore.available_permits() == MAX_QUEUED_PER_ACCOUNT
 }
 
 #[cfg(test)]

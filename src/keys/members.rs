@@ -121,8 +121,11 @@ impl Members {
                 building.bloom.insert(id);
             }
             let filter = &filters.0;
-            filter.bloom.insert(id);
-            filter.inserted.fetch_add(1, Ordering::Relaxed) + 1 > filter.capacity
+            // Only a new id counts toward the size: an update of a listed
+            // key (rotate, disable) must not make the filter look full.
+            let known = filter.bloom.insert(id);
+            !known
+                && filter.inserted.fetch_add(1, Ordering::Relaxed) + 1 > filter.capacity
                 && filters.1.is_none()
         };
         if over {

@@ -419,6 +419,7 @@ impl Manager {
         origin: Origin,
     ) -> Result<Chunks, BackupError> {
         self.permit(principal, Action::Backup)
+            .inspect_err(|error| audit::refused(principal, Action::Backup.label(), error))
             .map_err(BackupError::Refused)?;
         let chunks = self
             .keys

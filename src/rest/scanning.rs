@@ -110,7 +110,6 @@ fn too_large(scanning: &Scanning, message: String) -> Response {
     )
 }
 
-/// The handler: verify, then act, then answer with feedback.
 /// The report's raw body, within [`MAX_BODY_BYTES`] (refused from its
 /// declared length before any of it is read) and [`BODY_TIMEOUT`].
 async fn read_body(
@@ -137,6 +136,7 @@ async fn read_body(
     }
 }
 
+/// The handler: verify, then act, then answer with feedback.
 pub(super) async fn report(State(rest): State<Rest>, request: axum::extract::Request) -> Response {
     let Some(scanning) = rest.scanning.clone() else {
         return Problem::new(StatusCode::NOT_FOUND, None, "no such endpoint").into_response();

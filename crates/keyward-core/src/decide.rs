@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::clock::{self, NEVER};
+use crate::clock;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::path::canonical_path;
@@ -209,7 +209,7 @@ fn usable(found: Result<&Entry, Rejected>, id: KeyId, now: i64) -> Result<&Entry
     if entry.disabled {
         return Err(AuthFailure::new(DenyReason::KeyDisabled, Some(id)));
     }
-    if entry.expires_at != NEVER && entry.expires_at <= now {
+    if entry.expired_at(now) {
         return Err(AuthFailure::new(DenyReason::KeyExpired, Some(id)));
     }
     Ok(entry)

@@ -49,7 +49,14 @@ impl Entry {
     /// enabled, and not expired by then.
     #[must_use]
     pub fn could_decide_at(&self, at: i64) -> bool {
-        !self.disabled && (self.expires_at == crate::clock::NEVER || at < self.expires_at)
+        !self.disabled && !self.expired_at(at)
+    }
+
+    /// Whether the key has expired by `at` (Unix nanos).
+    #[inline]
+    #[must_use]
+    pub fn expired_at(&self, at: i64) -> bool {
+        self.expires_at != crate::clock::NEVER && self.expires_at <= at
     }
 
     /// What the key holds, as `id`.
