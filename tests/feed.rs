@@ -35,16 +35,21 @@ async fn watch(server: &TestServer) -> Streaming<pb::FeedEvent> {
         .into_inner()
 }
 
+/// The next event, heartbeats included.
+async fn next_any(stream: &mut Streaming<pb::FeedEvent>) -> Event {
+    tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("an event in time")
+        .expect("stream healthy")
+        .expect("stream open")
+        .event
+        .expect("event set")
+}
+
 /// The next event that is not a heartbeat.
 async fn next(stream: &mut Streaming<pb::FeedEvent>) -> Event {
     loop {
-        let event = tokio::time::timeout(WAIT, stream.message())
-            .await
-            .expect("an event in time")
-            .expect("stream healthy")
-            .expect("stream open")
-            .event
-            .expect("event set");
+        let event = next_any(stream).await;
         if !matches!(event, Event::Heartbeat(_)) {
             return event;
         }
@@ -295,10 +300,13 @@ async fn streams_at_once_are_bounded_and_idle_ones_never_lock_a_reader_out() {
     })
     .await
     .expect("sixteen readers in the metrics");
-    // Another sixteen newcomers: every one gets its stream.
+    // Another sixteen newcomers, all kept open: every one gets its stream
+    // (each displacing an older one, never by a place left free).
+    let mut newcomers = Vec::new();
     for _ in 0..keyward::grpc::feed::MAX_WATCHERS {
         let mut stream = watch(&server).await;
         assert!(matches!(next(&mut stream).await, Event::Tables(_)));
+        newcomers.push(stream);
     }
 }
 
@@ -321,7 +329,9 @@ async fn reported_uses_of_keys_that_could_not_decide_are_ignored() {
         ))
         .await
         .expect("disable");
-    let expires = keyward::clock::now_nanos() + 2_000_000_000;
+    // Far enough ahead that setting it on a loaded machine never finds it
+    // past; the use is then reported after it, within the allowed skew.
+    let expires = keyward::clock::now_nanos() + 20_000_000_000;
     manager
         .set_key_expiry(bearer(
             &server.admin,
@@ -337,7 +347,7 @@ async fn reported_uses_of_keys_that_could_not_decide_are_ignored() {
         .expect("expiry");
     let mut client = DecisionFeedClient::new(server.channel().await);
     // A use "reported" after the expiry (within the allowed clock skew).
-    let after_expiry = expires + 10_000_000_000;
+    let after_expiry = expires + 5_000_000_000;
     let applied = client
         .report_use(bearer(
             &server.admin,
@@ -463,13 +473,7 @@ async fn a_snapshot_during_writes_converges_to_the_key_set() {
             "stuck: synced {synced}, writes done {writes_done}, writer finished {}, marker {marker:?}, {puts} puts, {deletes} deletes, {heartbeats} heartbeats",
             writer.is_finished()
         );
-        let event = tokio::time::timeout(WAIT, stream.message())
-            .await
-            .expect("an event in time")
-            .expect("stream healthy")
-            .expect("stream open")
-            .event
-            .expect("event set");
+        let event = next_any(&mut stream).await;
         match &event {
             Event::Put(_) => puts += 1,
             Event::Delete(_) => deletes += 1,

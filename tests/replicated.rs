@@ -1023,6 +1023,27 @@ async fn reason(client: &mut Client, key: &str) -> pb::DenyReason {
     pb::DenyReason::try_from(reply.reason).expect("a reason")
 }
 
+/// An on-demand sidecar with `--replica-fetch-rate rate`, serving, once
+/// its membership filter lists at least `members` ids.
+async fn on_demand_with_members(cluster: &Cluster, rate: &str, members: u64) -> (Sidecar, Client) {
+    let sidecar = Sidecar::start(
+        BIN,
+        &cluster.endpoints(),
+        &[ON_DEMAND, &["--replica-fetch-rate", rate]].concat(),
+    );
+    let mut client = Client::of(&sidecar).await;
+    converge_status(&mut client, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    let started = Instant::now();
+    while metric(&scrape(&sidecar).await, "keyward_replica_member_ids ") < members {
+        assert!(
+            started.elapsed() < CONVERGE,
+            "the membership filter was never built"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (sidecar, client)
+}
+
 /// A well-formed key that was never issued.
 fn made_up_key() -> String {
     keyward::domain::key::generate().expect("rng").text
@@ -1319,21 +1340,8 @@ async fn a_flood_of_made_up_ids_never_starves_the_first_sights_of_real_keys() {
         real.push(ca.create("acme", &["mail.send"]).await.expect("create").1);
     }
     let (_, unseen) = ca.create("acme", &["mail.send"]).await.expect("create");
-    let b = Sidecar::start(
-        BIN,
-        &cluster.endpoints(),
-        &[ON_DEMAND, &["--replica-fetch-rate", "50"]].concat(),
-    );
-    let mut cb = Client::of(&b).await;
-    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    let (b, mut cb) = on_demand_with_members(&cluster, "50", 40).await;
     let started = Instant::now();
-    while metric(&scrape(&b).await, "keyward_replica_member_ids ") < 40 {
-        assert!(
-            started.elapsed() < CONVERGE,
-            "the membership filter was never built"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut floods = Vec::new();
@@ -1488,21 +1496,7 @@ async fn key_management_reads_of_etcd_are_bounded_on_demand() {
         .create("acme", &["api_keys.read", "mail.send"])
         .await
         .expect("create");
-    let b = Sidecar::start(
-        BIN,
-        &cluster.endpoints(),
-        &[ON_DEMAND, &["--replica-fetch-rate", "20"]].concat(),
-    );
-    let mut cb = Client::of(&b).await;
-    converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
-    let started = Instant::now();
-    while metric(&scrape(&b).await, "keyward_replica_member_ids ") < 1 {
-        assert!(
-            started.elapsed() < CONVERGE,
-            "the membership filter was never built"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (b, mut cb) = on_demand_with_members(&cluster, "20", 1).await;
     let outcome = |metrics: &str, outcome: &str| {
         metric(
             metrics,
@@ -1556,6 +1550,10 @@ async fn key_management_reads_of_etcd_are_bounded_on_demand() {
         "200 listings in {elapsed:.2} s: {reads} etcd reads (bound {bound:.0}), {unavailable} refused"
     );
     assert!(reads <= bound, "{reads} reads over {bound}");
-    assert!(unavailable > 0, "over the budget, refused");
+    // Refusals need the calls to outrun the budget; a machine too slow
+    // for that proves only the bound above.
+    if 200.0 > bound {
+        assert!(unavailable > 0, "over the budget, refused");
+    }
     assert_eq!(outcome(&metrics, "over_rate"), unavailable);
 }
