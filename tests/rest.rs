@@ -129,13 +129,10 @@ async fn sendgrids_clients_manage_keys_on_a_real_keyward_serve() {
             &limit,
         ],
     );
-    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
-    let rest = log
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|event| event["fields"]["message"] == "serving SendGrid's REST key API")
-        .and_then(|event| event["fields"]["local"].as_str().map(str::to_owned))
-        .expect("the REST listener is logged");
+    let rest = common::await_logged_address(
+        &dir.path().join("serve.log"),
+        "serving SendGrid's REST key API",
+    );
     let url = format!("http://{rest}");
     let admin = common::admin_token(&dir.path().join("keyward-data"));
     let grpc = common::connect(&format!("http://127.0.0.1:{port}")).await;

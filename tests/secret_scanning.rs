@@ -483,12 +483,10 @@ async fn the_binary_acts_on_a_report_and_logs_no_secret() {
     let url = format!("http://127.0.0.1:{port}");
     let admin = common::admin_token(&dir.path().join("data"));
     let log_path = dir.path().join("serve.log");
-    let rest: SocketAddr = common::logged_address(
-        &std::fs::read_to_string(&log_path).expect("log"),
-        "serving SendGrid's REST key API",
-    )
-    .parse()
-    .expect("address");
+    let rest: SocketAddr =
+        common::await_logged_address(&log_path, "serving SendGrid's REST key API")
+            .parse()
+            .expect("address");
     let mut manager =
         keyward::pb::v1::key_manager_client::KeyManagerClient::new(common::connect(&url).await);
     let created = manager

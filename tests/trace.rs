@@ -73,6 +73,10 @@ fn check_request(path: &str, headers: &[(&str, &str)]) -> CheckRequest {
 }
 
 #[tokio::test]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one request followed through three front doors"
+)]
 async fn a_traceparent_reaches_the_requests_log_and_audit_lines() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut child, port) = spawn_serve(
@@ -119,11 +123,12 @@ async fn a_traceparent_reaches_the_requests_log_and_audit_lines() {
         .expect("created");
 
     // REST: a traced create.
-    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
-    let rest: std::net::SocketAddr =
-        common::logged_address(&log, "serving SendGrid's REST key API")
-            .parse()
-            .expect("REST address");
+    let rest: std::net::SocketAddr = common::await_logged_address(
+        &dir.path().join("serve.log"),
+        "serving SendGrid's REST key API",
+    )
+    .parse()
+    .expect("REST address");
     let authorization = format!("Bearer {admin}");
     let (status, reply) = rest_call(
         rest,

@@ -406,6 +406,29 @@ pub fn logged_address(log: &str, message: &str) -> String {
         .unwrap_or_else(|| panic!("no {message:?} in the log"))
 }
 
+/// The address a spawned server logs with `message` in its JSON log file
+/// `path`, waiting for it: each listener logs as it starts serving, not
+/// necessarily before the port a spawn waited for.
+pub fn await_logged_address(path: &std::path::Path, message: &str) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let log = std::fs::read_to_string(path).expect("log");
+        let found = log.lines().find_map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).ok()?;
+            (event["fields"]["message"] == message)
+                .then(|| event["fields"]["local"].as_str().map(str::to_owned))?
+        });
+        if let Some(address) = found {
+            return address;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no {message:?} in the log"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The Prometheus metrics of a spawned server whose JSON log is `log`.
 pub async fn scrape_logged(log: &str) -> String {
     scrape(&logged_address(log, "serving metrics at /metrics")).await
