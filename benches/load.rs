@@ -74,6 +74,10 @@ enum Mode {
     /// Envoy without auth, with its own api_key_auth filter, and with
     /// ext_authz to keyward (the shipped k8s/base/envoy.yaml), side by side.
     Envoy(EnvoyArgs),
+    /// The usage store (Redis): a globally limited key's cost beside a
+    /// plain key's (h2load, k6), and a global limit's accuracy across
+    /// three replicated sidecars under 70/20/10 load.
+    Usage(usage::UsageArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -804,17 +808,17 @@ mod external {
     use std::process::Command;
 
     /// One gRPC method as h2load and k6 see it.
-    struct Target {
-        name: &'static str,
-        path: &'static str,
+    pub(super) struct Target {
+        pub(super) name: &'static str,
+        pub(super) path: &'static str,
         /// The request, gRPC-framed, for h2load.
-        body: Vec<u8>,
+        pub(super) body: Vec<u8>,
         /// The request as JSON for k6, when k6 can drive it through
         /// reflection (Check's Envoy types are not in keyward's reflection).
-        json: Option<String>,
+        pub(super) json: Option<String>,
     }
 
-    fn framed(message: &impl Message) -> Vec<u8> {
+    pub(super) fn framed(message: &impl Message) -> Vec<u8> {
         let body = message.encode_to_vec();
         let mut framed = vec![0u8];
         framed.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
@@ -963,14 +967,14 @@ mod external {
 
     /// One k6 run's latency quantiles (ms) and rate; thresholds must pass
     /// (a smoke run's only threshold: every call OK and allowed).
-    struct K6 {
-        p50: f64,
-        p99: f64,
-        p999: f64,
-        rps: f64,
+    pub(super) struct K6 {
+        pub(super) p50: f64,
+        pub(super) p99: f64,
+        pub(super) p999: f64,
+        pub(super) rps: f64,
     }
 
-    fn k6(
+    pub(super) fn k6(
         addr: &str,
         target: &Target,
         (rate, seconds, smoke): (u32, u32, bool),
@@ -1011,7 +1015,7 @@ mod external {
         })
     }
 
-    fn median(mut values: Vec<f64>) -> f64 {
+    pub(super) fn median(mut values: Vec<f64>) -> f64 {
         values.sort_by(f64::total_cmp);
         values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
     }
@@ -1637,6 +1641,9 @@ async fn fairness(args: FairnessArgs) -> anyhow::Result<()> {
 #[path = "load/replicated.rs"]
 mod replicated;
 
+#[path = "load/usage.rs"]
+mod usage;
+
 async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
     use keyward::domain::catalog::Catalog;
     use keyward::domain::catalog::KeyKind;
@@ -1757,6 +1764,7 @@ fn main() -> anyhow::Result<()> {
             Some(Mode::Fairness(args)) => fairness(args).await,
             Some(Mode::External(args)) => external::run(args).await,
             Some(Mode::Envoy(args)) => envoy_bench::run(args).await,
+            Some(Mode::Usage(args)) => usage::run(args).await,
             // `cargo bench` with no arguments: a short report.
             None if cli.bench => {
                 report(ReportArgs {

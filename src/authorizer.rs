@@ -44,6 +44,16 @@ impl Authorizer {
         self
     }
 
+    /// The same, its rate limits global while the usage store's switch
+    /// holds (see [`keyward_core::domain::lease`]).
+    #[must_use]
+    pub fn with_global_limits(mut self, on: Option<Arc<std::sync::atomic::AtomicBool>>) -> Self {
+        if let Some(on) = on {
+            self.decider = self.decider.with_global_limits(on);
+        }
+        self
+    }
+
     /// [`Self::decide`], fetching the key first if this is an on-demand
     /// replica that does not hold it. A held key (every key of a full
     /// replica) is decided with no await: the same path as `decide`.

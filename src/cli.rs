@@ -232,8 +232,21 @@ pub enum KeysCommand {
         #[arg(long)]
         any: bool,
     },
-    /// Set a key's rate limit per sidecar (`--rate 100/s --burst 20`), or
-    /// remove it (`--none`).
+    /// A key's usage: requests allowed and denied (denied by reason),
+    /// summed over every sidecar sharing the usage store, as totals and a
+    /// chart (text) or every bucket (`-o json`).
+    Usage {
+        /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
+        key_id: String,
+        /// `1h` (by minute), `24h`, `7d` or `30d` (by hour).
+        #[arg(long, default_value = "1h")]
+        range: String,
+    },
+    /// Set a key's rate limit (`--rate 100/s --burst 20`), or remove it
+    /// (`--none`): per sidecar, or across every sidecar sharing a usage
+    /// store (`--usage-store`).
     Limit {
         /// The key id.
         // Ids are base64url: one in 64 starts with "-".
@@ -341,6 +354,7 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
             cidrs,
             any: _,
         } => session.allow(key_id, cidrs).await?,
+        KeysCommand::Usage { key_id, range } => session.usage(key_id, range).await?,
         KeysCommand::Limit {
             key_id,
             rate,

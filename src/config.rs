@@ -105,6 +105,65 @@ impl EtcdArgs {
     }
 }
 
+/// Where rate limits and per-key usage are shared by every sidecar.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct UsageArgs {
+    /// The usage store: `redis://[user:password@]host:port[/db]`, or
+    /// `rediss://…` for TLS. Given: a key's rate limit holds across every
+    /// sidecar using this store, and per-key usage is summed there. Not
+    /// given: each sidecar enforces rate limits on its own. The URL is never
+    /// logged whole; prefer --usage-store-password-file to a password in it.
+    #[arg(long, env = "KEYWARD_USAGE_STORE")]
+    pub usage_store: Option<String>,
+
+    /// The usage store is a Redis Cluster; --usage-store names one node.
+    #[arg(long, env = "KEYWARD_USAGE_STORE_CLUSTER", requires = "usage_store")]
+    pub usage_store_cluster: bool,
+
+    /// File holding the usage store's password (trailing newline ignored);
+    /// the user, if any, is the URL's.
+    #[arg(
+        long,
+        env = "KEYWARD_USAGE_STORE_PASSWORD_FILE",
+        requires = "usage_store"
+    )]
+    pub usage_store_password_file: Option<PathBuf>,
+
+    /// PEM CA bundle for the usage store's certificate (`rediss://`).
+    #[arg(long, env = "KEYWARD_USAGE_STORE_CA_FILE", requires = "usage_store")]
+    pub usage_store_ca_file: Option<PathBuf>,
+}
+
+impl UsageArgs {
+    /// The connection these flags describe; `None` without a store. Reads
+    /// the password and CA files.
+    pub fn connection(
+        &self,
+    ) -> Result<Option<crate::usage::Connection>, (PathBuf, std::io::Error)> {
+        let Some(url) = &self.usage_store else {
+            return Ok(None);
+        };
+        let read = |path: &PathBuf| std::fs::read(path).map_err(|e| (path.clone(), e));
+        let password = self
+            .usage_store_password_file
+            .as_ref()
+            .map(|file| {
+                read(file).map(|bytes| {
+                    String::from_utf8_lossy(&bytes)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned()
+                })
+            })
+            .transpose()?;
+        Ok(Some(crate::usage::Connection {
+            url: url.clone(),
+            cluster: self.usage_store_cluster,
+            password,
+            ca: self.usage_store_ca_file.as_ref().map(read).transpose()?,
+        }))
+    }
+}
+
 /// `keyward serve` settings.
 #[derive(Debug, Clone, clap::Args)]
 #[allow(
@@ -291,6 +350,10 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub etcd: EtcdArgs,
 
+    /// The usage store shared by every sidecar.
+    #[command(flatten)]
+    pub usage: UsageArgs,
+
     /// Replicated mode: once the replica has not been confirmed current for
     /// this long (etcd unreachable), report `keyward.v1.Authorizer` and
     /// Envoy's `Authorization` NOT_SERVING, so readiness takes the pod out
@@ -369,6 +432,7 @@ impl ServeConfig {
             tls_client_ca: None,
             failed_auth_limit: 20,
             log_format: LogFormat::Human,
+            usage: UsageArgs::default(),
             etcd: EtcdArgs {
                 etcd_prefix: crate::store::etcd::DEFAULT_PREFIX.to_owned(),
                 ..EtcdArgs::default()

@@ -44,6 +44,7 @@ pub struct FrontDoor {
     metrics: Arc<Metrics>,
     guard: Arc<FailureGuard>,
     source: Source,
+    usage: Option<Arc<crate::usage::UsagePlane>>,
 }
 
 impl FrontDoor {
@@ -62,7 +63,15 @@ impl FrontDoor {
             metrics,
             guard,
             source,
+            usage: None,
         }
+    }
+
+    /// The same, each decision also counted in the usage plane.
+    #[must_use]
+    pub fn with_usage(mut self, usage: Option<Arc<crate::usage::UsagePlane>>) -> Self {
+        self.usage = usage;
+        self
     }
 
     /// Checks what both front doors take from a request (see
@@ -99,6 +108,9 @@ impl FrontDoor {
                 .await
         };
         self.metrics.decision(self.source, &decision);
+        if let Some(usage) = &self.usage {
+            usage.record(&decision);
+        }
         // Every well-formed key that did not verify counts, live id or not:
         // counting only live ids would make the guard's metric an oracle.
         if let (Some(DenyReason::UnknownKey), Some(id)) = (decision.deny, decision.key_id) {

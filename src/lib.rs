@@ -72,6 +72,12 @@
 //!   writer fixes their point in time and saves what they have yet to read
 //!   before changing it. No storage or etcd call runs on an async worker:
 //!   a failing disk or an unreachable etcd costs writes, never decisions.
+//! - [`usage`]: the usage plane, beside the write path: a key's rate limit
+//!   held across every sidecar through leases on a budget in the usage
+//!   store (Redis), and per-key decision counts summed there
+//!   (`usage::counts` here, `usage::sync` the background task that trades
+//!   and flushes, `usage::store` Redis itself, `usage::series` what
+//!   management shows). Decisions never wait on it.
 //! - [`store`]: sled (standalone truth, or etcd's local replica), versioned
 //!   records, and etcd's layout and client; `store::index` is the core's.
 //! - [`domain`], [`clock`], `store::index` and the decision itself
@@ -116,3 +122,4 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod trace;
+pub mod usage;

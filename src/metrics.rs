@@ -22,6 +22,9 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use tokio_stream::StreamExt;
 
+mod usage;
+pub use usage::UsageMetrics;
+
 use crate::domain::decision::{Decision, DenyReason};
 use crate::refusal::{DECISION_SLOTS, decision_slot, slot_reason};
 
@@ -104,6 +107,7 @@ pub struct Metrics {
     operations: Operations,
     scanning_reports: Family<ResultLabels, Counter>,
     leaked_keys: Family<ActionLabels, Counter>,
+    usage: UsageMetrics,
 }
 
 /// What an operator's alerts watch beyond decisions and the store: health
@@ -294,6 +298,7 @@ impl Metrics {
             "Live keys whose secret a verified secret scanning report found in public, by what was done (disabled, revoked, reported, overlap_ended: its previous secret was found and its rotation overlap ended)",
             Family::<ActionLabels, Counter>::default(),
         );
+        let usage = UsageMetrics::register(&mut registry);
         let replica = ReplicaMetrics::register(&mut registry);
         let listeners = ListenerFamilies::register(&mut registry);
         let operations = Operations::register(&mut registry);
@@ -313,7 +318,14 @@ impl Metrics {
             operations,
             scanning_reports,
             leaked_keys,
+            usage,
         }
+    }
+
+    /// The usage plane's metrics.
+    #[must_use]
+    pub fn usage(&self) -> UsageMetrics {
+        self.usage.clone()
     }
 
     /// Counts one secret scanning report by its result.

@@ -131,6 +131,18 @@ impl From<KeyError> for Refusal {
                 Self::storage_failing()
             }
             KeyError::Unavailable => Self::storage_failing(),
+            KeyError::NoUsageStore => Self::same(
+                Code::FailedPrecondition,
+                StatusCode::NOT_IMPLEMENTED,
+                None,
+                message,
+            ),
+            KeyError::UsageStoreAway => Self::same(
+                Code::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                message,
+            ),
             KeyError::Rng => Self {
                 code: Code::Internal,
                 message,

@@ -148,6 +148,8 @@ pub struct App {
     scanning: Option<Scanning>,
     /// `--xff-trusted-hops`, for ext_authz's client address.
     xff_trusted_hops: u32,
+    /// The usage plane, with `--usage-store`.
+    pub usage: Option<Arc<crate::usage::UsagePlane>>,
 }
 
 impl App {
@@ -194,6 +196,10 @@ impl App {
         let (admin, feed_reader) = tokens::load(config)?;
         let (tls, rest_tls) = servers::load(config)?;
         let scanning = scanning(config)?;
+        let usage_store = config
+            .usage
+            .connection()
+            .map_err(|(path, source)| ServerError::Io { path, source })?;
         let metrics = Arc::new(Metrics::new());
         describe(&metrics, config);
         // Decisions read the cached clock (expiry, rate limits, last use).
@@ -239,9 +245,12 @@ impl App {
             crate::guessing::DEFAULT_CAPACITY,
             metrics.guessing_detected(),
         );
+        let usage = usage_store.map(|store| crate::usage::UsagePlane::new(store, metrics.usage()));
         Ok(Self {
             authorizer: Authorizer::new(Arc::clone(&index), routes)
-                .with_on_demand(keys.on_demand()),
+                .with_on_demand(keys.on_demand())
+                .with_global_limits(usage.as_ref().map(|usage| usage.global_limits())),
+            usage,
             index,
             feed,
             tables,
@@ -355,6 +364,10 @@ pub async fn run(
         listeners.manage_enabled,
         Arc::clone(&app.metrics),
     ));
+    let usage = app
+        .usage
+        .as_ref()
+        .map(|usage| tokio::spawn(Arc::clone(usage).run(Arc::clone(&app.index))));
     let stop = shutdown::Stop::new();
     // Ends when the servers do, so a server that fails on its own is
     // reported at once instead of waiting for a shutdown signal.
@@ -380,6 +393,9 @@ pub async fn run(
     };
     let (served, ()) = tokio::join!(served, coordinator);
     store_health.abort();
+    if let Some(usage) = usage {
+        usage.abort();
+    }
     if let Some(path) = socket_file {
         let _ = std::fs::remove_file(path);
     }

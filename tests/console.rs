@@ -1011,6 +1011,7 @@ async fn the_openapi_document_describes_exactly_the_live_routes() {
         ("PUT", "/v3/api_keys/{api_key_id}/expiry"),
         ("PUT", "/v3/api_keys/{api_key_id}/allowlist"),
         ("PUT", "/v3/api_keys/{api_key_id}/rate_limit"),
+        ("GET", "/v3/api_keys/{api_key_id}/usage"),
         ("GET", "/v3/scopes"),
         ("GET", "/v3/scopes/catalog"),
     ];
@@ -1103,5 +1104,77 @@ async fn a_key_disabled_for_a_leak_says_where_it_was_found() {
             "//p[@role='alert' and contains(., 'found at {GITHUB_URL}')]"
         ))
         .await;
+    browser.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edit_screen_charts_a_keys_usage_from_the_usage_store() {
+    let Some(redis) = common::redis::Redis::start() else {
+        return;
+    };
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let flags = redis.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let sidecar = Sidecar::start(&flags);
+    let (status, created) = sidecar
+        .admin_rest(
+            "POST",
+            "/v3/api_keys",
+            r#"{"name": "charted", "scopes": ["mail.send"]}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let (id, secret) = (
+        created["api_key_id"].as_str().expect("id").to_owned(),
+        created["api_key"].as_str().expect("secret").to_owned(),
+    );
+    for _ in 0..12 {
+        assert!(sidecar.allows(&secret, "POST", "/v3/mail/send").await);
+    }
+    for _ in 0..5 {
+        assert!(!sidecar.allows(&secret, "GET", "/v3/alerts").await);
+    }
+    // The counts reach the store within a flush (a second).
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, usage) = sidecar
+            .admin_rest("GET", &format!("/v3/api_keys/{id}/usage"), "")
+            .await;
+        if usage["totals"]["allowed"] == 12 && usage["totals"]["denied"] == 5 {
+            assert_eq!(usage["totals"]["denied_by_reason"]["insufficient_scope"], 5);
+            assert_eq!(usage["series"].as_array().expect("series").len(), 60);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage never summed: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    browser.goto(&sidecar.url("/")).await;
+    browser.sign_in(&sidecar.admin, "acme").await;
+    browser
+        .goto(&sidecar.url(&format!("/#/keys/{id}/edit")))
+        .await;
+    browser
+        .wait_for(
+            "//p[contains(., '12 allowed, 5 denied (5 insufficient scope), over every sidecar.')]",
+        )
+        .await;
+    let chart = browser
+        .wait_for("//*[local-name()='svg' and @role='img' and contains(@aria-label, 'Requests by minute')]")
+        .await;
+    let bars = chart
+        .find_all(Locator::Css("rect.allowed"))
+        .await
+        .expect("bars");
+    assert_eq!(bars.len(), 60, "one bar per minute of the hour");
+    browser
+        .script("document.querySelector('.usage-chart').scrollIntoView({block: 'center'}); return null;")
+        .await;
+    browser.screenshot("usage").await;
     browser.stop().await;
 }

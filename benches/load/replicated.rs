@@ -24,9 +24,9 @@ pub const SAMPLE_FILE: &str = "sample-secrets.txt";
 const SIDECARS: usize = 3;
 
 /// One etcd member on loopback ports, killed on drop.
-struct Etcd {
+pub(super) struct Etcd {
     child: Child,
-    url: String,
+    pub(super) url: String,
     _dir: tempfile::TempDir,
 }
 
@@ -38,7 +38,7 @@ impl Drop for Etcd {
 }
 
 impl Etcd {
-    fn start() -> anyhow::Result<Self> {
+    pub(super) fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let (client, peer) = (free_port()?, free_port()?);
         let url = format!("http://127.0.0.1:{client}");
@@ -103,7 +103,7 @@ fn http_get(url: &str) -> anyhow::Result<String> {
 
 /// Waits until the sidecar's Authorizer is SERVING (its first full read
 /// applied).
-async fn ready(server: &Server) -> anyhow::Result<()> {
+pub(super) async fn ready(server: &Server) -> anyhow::Result<()> {
     let mut health = HealthClient::new(channel(&server.addr).await?);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

@@ -117,6 +117,14 @@ impl Session {
         Ok(show_key(&self.client.get_key(request).await?.into_inner()))
     }
 
+    /// `keys usage`.
+    pub(super) async fn usage(&mut self, key_id: String, range: String) -> anyhow::Result<Shown> {
+        let request = self.authed(pb::GetKeyUsageRequest { key_id, range });
+        Ok(super::show::show_usage(
+            &self.client.get_key_usage(request).await?.into_inner(),
+        ))
+    }
+
     /// `keys update`: a new name and a complete new scope list.
     pub(super) async fn update(
         &mut self,

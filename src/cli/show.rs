@@ -179,3 +179,86 @@ pub(super) fn level_name(level: i32) -> &'static str {
         _ => "unspecified",
     }
 }
+
+/// A key's usage: totals and a bar per bucket (people), or every bucket
+/// (scripts).
+pub(super) fn show_usage(usage: &pb::KeyUsage) -> Shown {
+    let counts_json = |counts: Option<&pb::UsageCounts>| {
+        let counts = counts.cloned().unwrap_or_default();
+        let by_reason: std::collections::BTreeMap<_, _> =
+            counts.denied_by_reason.into_iter().collect();
+        serde_json::json!({
+            "allowed": counts.allowed,
+            "denied": counts.denied,
+            "denied_by_reason": by_reason,
+        })
+    };
+    let json = serde_json::json!({
+        "range": usage.range,
+        "bucket": usage.bucket,
+        "totals": counts_json(usage.totals.as_ref()),
+        "series": usage.series.iter().map(|bucket| {
+            let mut counts = counts_json(bucket.counts.as_ref());
+            counts["start"] = bucket.start.as_ref().map(ToString::to_string).into();
+            counts
+        }).collect::<Vec<_>>(),
+    });
+    Shown {
+        text: usage_text(usage),
+        json,
+    }
+}
+
+/// Width of the longest bar in `keys usage`.
+const BAR_WIDTH: u64 = 40;
+
+fn usage_text(usage: &pb::KeyUsage) -> String {
+    let totals = usage.totals.clone().unwrap_or_default();
+    let mut text = format!(
+        "last {} by {}: {} allowed, {} denied\n",
+        usage.range, usage.bucket, totals.allowed, totals.denied
+    );
+    let mut reasons: Vec<_> = totals.denied_by_reason.iter().collect();
+    reasons.sort();
+    for (reason, count) in reasons {
+        let _ = writeln!(text, "  denied {reason}: {count}");
+    }
+    let most = usage
+        .series
+        .iter()
+        .filter_map(|bucket| bucket.counts.as_ref())
+        .map(|counts| counts.allowed + counts.denied)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    // Buckets with no requests are left out of the chart (the JSON has
+    // every one): an idle hour of minutes is one line, not sixty.
+    for bucket in &usage.series {
+        let counts = bucket.counts.clone().unwrap_or_default();
+        if counts.allowed + counts.denied == 0 {
+            continue;
+        }
+        let bar = |n: u64| usize::try_from((n * BAR_WIDTH).div_ceil(most)).unwrap_or(0);
+        let _ = writeln!(
+            text,
+            "{} {}{} {} allowed, {} denied",
+            bucket
+                .start
+                .as_ref()
+                .map_or_else(String::new, to_the_minute),
+            "#".repeat(bar(counts.allowed)),
+            "x".repeat(bar(counts.denied)),
+            counts.allowed,
+            counts.denied,
+        );
+    }
+    if usage.series.iter().all(|bucket| {
+        bucket
+            .counts
+            .as_ref()
+            .is_none_or(|counts| counts.allowed + counts.denied == 0)
+    }) {
+        text.push_str("no requests in this range\n");
+    }
+    text
+}

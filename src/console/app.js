@@ -876,6 +876,7 @@ async function editScreen(id, seq) {
       h('div', { class: 'panel' }, h('h2', {}, 'Expiry'), lifecycleForm('Expiry', key.api_key_id, key, null)),
       h('div', { class: 'panel' }, h('h2', {}, 'Allowlist'), lifecycleForm('Allowlist', key.api_key_id, key, null)),
       h('div', { class: 'panel' }, h('h2', {}, 'Rate limit'), lifecycleForm('Rate limit', key.api_key_id, key, null)),
+      usagePanel(key.api_key_id),
     ],
     submit: async ({ name, scopes }) => {
       await api('PUT', `/v3/api_keys/${encodeURIComponent(key.api_key_id)}`, { name, scopes: scopes === null ? generalScopes() : scopes });
@@ -883,6 +884,61 @@ async function editScreen(id, seq) {
       location.hash = '#/';
     },
   });
+}
+
+// --- usage -----------------------------------------------------------------
+
+const SVG = 'http://www.w3.org/2000/svg';
+
+function svg(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs)) el.setAttribute(name, String(value));
+  for (const child of children) el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return el;
+}
+
+// A key's usage: totals, and one stacked bar per bucket (allowed below,
+// denied above), every sidecar summed. The numbers are also in the
+// totals line, so the chart is not the only way to read them.
+function usagePanel(id) {
+  const chart = h('div', { class: 'usage-chart' });
+  const totals = h('p', { class: 'hint', 'aria-live': 'polite' }, 'Loading usage…');
+  const range = h('select', { id: nextId('range') },
+    ...[['1h', 'Last hour (by minute)'], ['24h', 'Last 24 hours'], ['7d', 'Last 7 days'], ['30d', 'Last 30 days']]
+      .map(([value, label]) => h('option', { value }, label)));
+  async function load() {
+    try {
+      const usage = await api('GET', `/v3/api_keys/${encodeURIComponent(id)}/usage?range=${range.value}`);
+      const reasons = Object.entries(usage.totals.denied_by_reason).map(([r, n]) => `${n} ${r.replace(/_/g, ' ')}`);
+      totals.textContent = `${usage.totals.allowed} allowed, ${usage.totals.denied} denied${reasons.length ? ` (${reasons.join(', ')})` : ''}, over every sidecar.`;
+      chart.replaceChildren(usageChart(usage));
+    } catch (err) {
+      totals.textContent = err.status === 501 ? 'Usage is kept in a usage store: this keyward was started without one (--usage-store).' : `Usage could not be read: ${err.message}`;
+      chart.replaceChildren();
+    }
+  }
+  range.addEventListener('change', load);
+  load();
+  return h('div', { class: 'panel' }, h('h2', {}, 'Usage'), field('Range', range).wrap, totals, chart);
+}
+
+function usageChart(usage) {
+  const width = 600;
+  const height = 120;
+  const series = usage.series;
+  const most = Math.max(1, ...series.map((b) => b.allowed + b.denied));
+  const step = width / Math.max(1, series.length);
+  const bars = [];
+  series.forEach((bucket, i) => {
+    const allowed = (bucket.allowed / most) * height;
+    const denied = (bucket.denied / most) * height;
+    const at = new Date(bucket.start * 1000).toISOString().slice(0, 16).replace('T', ' ');
+    const title = svg('title', {}, `${at} UTC: ${bucket.allowed} allowed, ${bucket.denied} denied`);
+    bars.push(svg('g', {}, title,
+      svg('rect', { class: 'allowed', x: i * step, y: height - allowed, width: Math.max(1, step - 1), height: allowed }),
+      svg('rect', { class: 'denied', x: i * step, y: height - allowed - denied, width: Math.max(1, step - 1), height: denied })));
+  });
+  return svg('svg', { viewBox: `0 0 ${width} ${height}`, role: 'img', 'aria-label': `Requests by ${usage.bucket}: allowed and denied (most in one ${usage.bucket}: ${most})` }, ...bars);
 }
 
 // --- routing ---------------------------------------------------------------

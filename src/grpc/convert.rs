@@ -122,3 +122,30 @@ fn timestamp(nanos: i64) -> prost_types::Timestamp {
         nanos: i32::try_from(nanos.rem_euclid(1_000_000_000)).unwrap_or_default(),
     }
 }
+
+/// A key's usage as KeyManager answers it.
+#[must_use]
+pub fn key_usage(usage: &crate::usage::KeyUsage) -> pb::KeyUsage {
+    let counts = |counts: &crate::usage::series::Counts| pb::UsageCounts {
+        allowed: counts.allowed,
+        denied: counts.denied,
+        denied_by_reason: counts
+            .denied_by_reason
+            .iter()
+            .map(|(reason, count)| (reason.clone(), *count))
+            .collect(),
+    };
+    pb::KeyUsage {
+        range: usage.range.to_owned(),
+        bucket: usage.bucket.to_owned(),
+        totals: Some(counts(&usage.totals)),
+        series: usage
+            .series
+            .iter()
+            .map(|bucket| pb::UsageBucket {
+                start: Some(timestamp(bucket.start.saturating_mul(1_000_000_000))),
+                counts: Some(counts(&bucket.counts)),
+            })
+            .collect(),
+    }
+}

@@ -116,6 +116,19 @@ impl pb::key_manager_server::KeyManager for ManageService {
         Ok(Response::new(self.show(&record)))
     }
 
+    async fn get_key_usage(
+        &self,
+        request: Request<pb::GetKeyUsageRequest>,
+    ) -> Result<Response<pb::KeyUsage>, Status> {
+        let principal = caller(&request)?;
+        let request = request.get_ref();
+        let usage = self
+            .manager
+            .usage(&principal, &request.key_id, Ok(""), Ok(&request.range))
+            .await?;
+        Ok(Response::new(convert::key_usage(&usage)))
+    }
+
     async fn list_keys(
         &self,
         request: Request<pb::ListKeysRequest>,

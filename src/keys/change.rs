@@ -233,6 +233,12 @@ pub enum KeyError {
     /// The system RNG failed.
     #[error("random number generator failed")]
     Rng,
+    /// Usage is kept in a usage store, and this sidecar has none.
+    #[error("key usage needs a usage store: start keyward with --usage-store")]
+    NoUsageStore,
+    /// The usage store did not answer.
+    #[error("the usage store is not answering; retry later")]
+    UsageStoreAway,
 }
 
 /// The management operation being attempted, for its scope requirement.

@@ -236,6 +236,14 @@ pub fn page_size(size: i64) -> Result<usize, KeyError> {
     }
 }
 
+/// A usage range (`1h`, `24h`, `7d`, `30d`; empty: `1h`).
+pub fn usage_range(text: &str) -> Result<crate::usage::Range, KeyError> {
+    crate::usage::Range::parse(text).ok_or_else(|| KeyError::Invalid {
+        field: "range",
+        problem: format!("must be {}", crate::usage::Range::ACCEPTED),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

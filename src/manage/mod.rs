@@ -146,6 +146,7 @@ pub enum BackupError {
 pub struct Manager {
     keys: Arc<Keys>,
     access: Authenticator,
+    usage: Option<Arc<crate::usage::UsagePlane>>,
 }
 
 impl Manager {
@@ -153,7 +154,18 @@ impl Manager {
     /// admin token pasted into a field.
     #[must_use]
     pub fn new(keys: Arc<Keys>, access: Authenticator) -> Self {
-        Self { keys, access }
+        Self {
+            keys,
+            access,
+            usage: None,
+        }
+    }
+
+    /// The same, reading key usage from `usage`.
+    #[must_use]
+    pub fn with_usage(mut self, usage: Option<Arc<crate::usage::UsagePlane>>) -> Self {
+        self.usage = usage;
+        self
     }
 
     /// The catalog in force.
@@ -210,6 +222,24 @@ impl Manager {
     ) -> Given<KeyRecord> {
         let id = self.on_key(principal, Operation::Read, id, account).await?;
         self.keys.get(principal, &id).await
+    }
+
+    /// A key's usage over `range` (see [`crate::usage::Range`]), summed
+    /// over every sidecar: whoever may read the key may read its usage.
+    pub async fn usage(
+        &self,
+        principal: &Principal,
+        id: &str,
+        account: Given<&str>,
+        range: Given<&str>,
+    ) -> Given<crate::usage::KeyUsage> {
+        let record = self.get(principal, id, account).await?;
+        let range = fields::usage_range(range?)?;
+        let usage = self.usage.as_ref().ok_or(KeyError::NoUsageStore)?;
+        usage.usage(&record.id, range).await.map_err(|error| {
+            tracing::warn!(%error, "usage store read failed");
+            KeyError::UsageStoreAway
+        })
     }
 
     /// One page of an account's keys, and the next page's token ("" on the

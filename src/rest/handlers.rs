@@ -41,6 +41,7 @@ fn operations() -> OpenApiRouter<Rest> {
         .routes(routes!(set_expiry))
         .routes(routes!(set_allowlist))
         .routes(routes!(set_rate_limit))
+        .routes(routes!(super::usage::usage))
         .routes(routes!(scopes))
         .routes(routes!(catalog))
 }
@@ -66,7 +67,11 @@ pub(super) fn required(method: &axum::http::Method, template: &str) -> Option<Re
     let change = |action| Some(Required::Change(action));
     match (template, method) {
         ("/v3/scopes" | "/v3/scopes/catalog", _) if read => Some(Required::Credential),
-        ("/v3/api_keys" | "/v3/api_keys/{api_key_id}", _) if read => Some(Required::Read),
+        ("/v3/api_keys" | "/v3/api_keys/{api_key_id}" | "/v3/api_keys/{api_key_id}/usage", _)
+            if read =>
+        {
+            Some(Required::Read)
+        }
         ("/v3/api_keys", &Method::POST) => change(Action::Create),
         ("/v3/api_keys/{api_key_id}", &Method::PUT) => change(Action::Update),
         ("/v3/api_keys/{api_key_id}", &Method::PATCH) => change(Action::Rename),
@@ -90,7 +95,7 @@ pub(super) fn required(method: &axum::http::Method, template: &str) -> Option<Re
     ),
     tags(
         (name = "api_keys", description = "SendGrid's API key endpoints"),
-        (name = "lifecycle", description = "keyward: disable, enable, rotate, expiry, allowlist, rate limit"),
+        (name = "lifecycle", description = "keyward: disable, enable, rotate, expiry, allowlist, rate limit, usage"),
         (name = "scopes", description = "What a credential holds and what a key can be granted"),
     )
 )]
@@ -233,7 +238,7 @@ fn grant(scopes: Option<Vec<String>>) -> GrantInput {
 
 /// The `{api_key_id}` of a path, refused in SendGrid's error format (axum's
 /// own refusal is plain text) when it is not UTF-8.
-struct KeyIdPath(String);
+pub(super) struct KeyIdPath(pub(super) String);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for KeyIdPath {
     type Rejection = Problem;
@@ -657,6 +662,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 14, "every route was looked at");
+        assert_eq!(seen, 15, "every route was looked at");
     }
 }

@@ -20,6 +20,7 @@
 mod handlers;
 pub mod scanning;
 pub mod shapes;
+mod usage;
 
 use std::sync::Arc;
 
@@ -87,6 +88,8 @@ pub struct Surface {
     pub tls: bool,
     /// GitHub's secret scanning reports at [`scanning::PATH`].
     pub scanning: Option<Arc<scanning::Scanning>>,
+    /// The usage plane, for key usage (`--usage-store`).
+    pub usage: Option<Arc<crate::usage::UsagePlane>>,
 }
 
 /// The REST routes over the shared key service, the OpenAPI document, and
@@ -106,9 +109,10 @@ pub fn router(
         console,
         tls,
         scanning,
+        usage,
     } = surface;
     let rest = Rest {
-        manager: Manager::new(Arc::clone(&keys), access.clone()),
+        manager: Manager::new(Arc::clone(&keys), access.clone()).with_usage(usage),
         keys,
         access,
         body,

@@ -182,6 +182,7 @@ fn decision_services(
             Arc::clone(&app.guard),
             source,
         )
+        .with_usage(app.usage.clone())
     };
     let max = app.limits.max_message_bytes;
     let authorize = AuthorizerServer::new(AuthorizeService::new(front(Source::Authorize)))
@@ -197,7 +198,8 @@ fn decision_services(
 /// KeyManager, behind the layer that authenticates its callers.
 fn manage_service(app: &App) -> Authenticated<KeyManagerServer<ManageService>> {
     let server = KeyManagerServer::new(ManageService::new(
-        crate::manage::Manager::new(Arc::clone(&app.keys), app.access()),
+        crate::manage::Manager::new(Arc::clone(&app.keys), app.access())
+            .with_usage(app.usage.clone()),
         crate::keys::snapshot::Origin::new(&app.tables.catalog_source, &app.tables.catalog),
     ))
     .max_decoding_message_size(app.limits.max_message_bytes);
@@ -254,6 +256,7 @@ fn rest_server(app: &App, listener: Incoming<TcpListener>, stop: &Stop) -> Servi
         crate::rest::Surface {
             console: app.console,
             tls: app.rest_tls.is_some(),
+            usage: app.usage.clone(),
             scanning: app.scanning.as_ref().map(|(file, action)| {
                 tokio::spawn(Arc::clone(file).follow(crate::scanning::RELOAD_EVERY));
                 tracing::info!(

@@ -5,6 +5,7 @@ pub mod etcd;
 pub mod github;
 pub mod pki;
 pub mod proxy;
+pub mod redis;
 
 use std::path::PathBuf;
 use std::sync::Arc;

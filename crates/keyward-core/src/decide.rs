@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::clock;
 use crate::domain::decision::{Decision, DenyReason};
@@ -17,13 +18,29 @@ use crate::index::{Entry, Index, Rejected, SecretUse, Verified};
 pub struct Decider {
     index: Arc<Index>,
     routes: Arc<RouteTable>,
+    /// Rate limits are global: spent from leases on a shared budget (see
+    /// [`crate::domain::lease`]); otherwise each process's own.
+    global_limits: Arc<AtomicBool>,
 }
 
 impl Decider {
     /// A decider over a live index and a compiled route table.
     #[must_use]
     pub fn new(index: Arc<Index>, routes: Arc<RouteTable>) -> Self {
-        Self { index, routes }
+        Self {
+            index,
+            routes,
+            global_limits: Arc::default(),
+        }
+    }
+
+    /// The same decider, its rate limits global while `on` holds (a usage
+    /// store reachable): leases are spent instead of this process's own
+    /// budget.
+    #[must_use]
+    pub fn with_global_limits(mut self, on: Arc<AtomicBool>) -> Self {
+        self.global_limits = on;
+        self
     }
 
     /// The index it reads.
@@ -107,7 +124,12 @@ impl Decider {
         }
         // Last: only a request that would otherwise pass spends quota.
         if let Some(limit) = &entry.limit {
-            match limit.admit(&entry.usage.tat, now) {
+            let admitted = if self.global_limits.load(Ordering::Relaxed) {
+                entry.usage.lease.admit(limit)
+            } else {
+                limit.admit(&entry.usage.tat, now)
+            };
+            match admitted {
                 Ok(quota) => decision.quota = Some(quota),
                 Err(quota) => {
                     decision.quota = Some(quota);

@@ -9,6 +9,7 @@ use rustc_hash::FxBuildHasher;
 use crate::clock;
 use crate::domain::allowlist::Allowlist;
 use crate::domain::key::{KeyId, PresentedKey, SecretHash};
+use crate::domain::lease::Lease;
 use crate::domain::rate::Gcra;
 use crate::domain::record::Access;
 use crate::domain::scope_set::ScopeSet;
@@ -100,8 +101,12 @@ impl Entry {
 /// A key's per-request state, written by decisions.
 #[derive(Debug, Default)]
 pub struct Usage {
-    /// The rate limiter's theoretical arrival time (Unix nanos).
+    /// The rate limiter's theoretical arrival time (Unix nanos), while the
+    /// limit is this process's alone.
     pub tat: AtomicI64,
+    /// This process's lease on the limit, while a usage store holds it for
+    /// every process.
+    pub lease: Lease,
     /// When the key last authorized a request, to the minute (Unix nanos;
     /// 0: never).
     last_used: AtomicI64,

@@ -5,6 +5,7 @@ pub mod allowlist;
 pub mod catalog;
 pub mod decision;
 pub mod key;
+pub mod lease;
 pub mod load_error;
 pub mod path;
 pub mod rate;

@@ -1,0 +1,61 @@
+//! The usage plane's metrics (`keyward_usage_*`).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::registered;
+
+/// What an operator watches of the usage store.
+#[derive(Debug, Clone, Default)]
+pub struct UsageMetrics {
+    /// 1 while the store answers (rate limits global), 0 while it is away.
+    pub up: Gauge,
+    /// Failed rounds with the store.
+    pub errors: Counter,
+    /// Leases traded.
+    pub trades: Counter,
+    /// Decisions whose counts were dropped (held an hour unwritten).
+    pub dropped: Counter,
+    /// Keys whose leases are traded.
+    pub leased_keys: Gauge,
+}
+
+impl UsageMetrics {
+    pub(super) fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            up: registered(
+                registry,
+                "usage_store_up",
+                "1 while the usage store (--usage-store) answers: rate limits hold across every sidecar; 0 while it is away: each sidecar enforces rate limits on its own, decisions go on; -1 without a usage store",
+                Gauge::default(),
+            ),
+            errors: registered(
+                registry,
+                "usage_store_errors",
+                "Rounds with the usage store that failed (a lease trade or a count flush refused, failed or not answered in time)",
+                Counter::default(),
+            ),
+            trades: registered(
+                registry,
+                "usage_lease_trades",
+                "Leases on keys' global rate limits traded with the usage store",
+                Counter::default(),
+            ),
+            dropped: registered(
+                registry,
+                "usage_counts_dropped",
+                "Decisions whose per-key counts were dropped: held an hour while the usage store was away",
+                Counter::default(),
+            ),
+            leased_keys: registered(
+                registry,
+                "usage_leased_keys",
+                "Keys whose global rate limit this sidecar holds a lease on",
+                Gauge::default(),
+            ),
+        };
+        metrics.up.set(-1);
+        metrics
+    }
+}

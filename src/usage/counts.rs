@@ -1,0 +1,146 @@
+//! Decisions per key and minute, counted here until the next flush sums
+//! them into the usage store.
+//!
+//! Only a verified key is counted (a decision that found the key's account):
+//! a flood of made-up ids creates nothing here or in Redis. Held at most
+//! for [`KEPT_MINUTES`] while the store is away, so what this holds is
+//! bounded by live keys used × minutes kept.
+
+use dashmap::DashMap;
+
+use keyward_core::domain::decision::{Decision, DenyReason};
+use keyward_core::domain::key::KeyId;
+
+/// Outcomes counted: allowed, then each deny reason at its index.
+pub const OUTCOMES: usize = 1 + DenyReason::COUNT;
+
+/// Minutes of counts held while the store is away; older ones are dropped
+/// (and counted as dropped).
+pub const KEPT_MINUTES: i64 = 60;
+
+/// One key's counts in one minute, by outcome.
+pub type Tally = [u64; OUTCOMES];
+
+/// The label an outcome is stored under.
+#[must_use]
+pub fn label(outcome: usize) -> &'static str {
+    match outcome.checked_sub(1) {
+        None => "allowed",
+        Some(reason) => DenyReason::ALL[reason].label(),
+    }
+}
+
+/// Counts not yet in the usage store.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pending: DashMap<(KeyId, i64), Tally, rustc_hash::FxBuildHasher>,
+}
+
+impl Counts {
+    /// Counts one decision at `now_secs`, if its key verified.
+    pub fn record(&self, decision: &Decision, now_secs: i64) {
+        let (Some(id), Some(_)) = (decision.key_id, &decision.account) else {
+            return;
+        };
+        let outcome = decision.deny.map_or(0, |reason| 1 + reason.index());
+        let minute = now_secs - now_secs.rem_euclid(60);
+        self.pending.entry((id, minute)).or_insert([0; OUTCOMES])[outcome] += 1;
+    }
+
+    /// Takes every count held, to flush.
+    #[must_use]
+    pub fn take(&self) -> Vec<((KeyId, i64), Tally)> {
+        let held: Vec<(KeyId, i64)> = self.pending.iter().map(|entry| *entry.key()).collect();
+        held.into_iter()
+            .filter_map(|at| self.pending.remove(&at))
+            .collect()
+    }
+
+    /// Puts back counts a flush could not write, unless older than
+    /// [`KEPT_MINUTES`] at `now_secs`. Returns how many decisions were
+    /// dropped as too old.
+    #[must_use]
+    pub fn put_back(&self, unwritten: Vec<((KeyId, i64), Tally)>, now_secs: i64) -> u64 {
+        let mut dropped = 0;
+        for (at, tally) in unwritten {
+            if at.1 < now_secs - KEPT_MINUTES * 60 {
+                dropped += tally.iter().sum::<u64>();
+                continue;
+            }
+            let mut held = self.pending.entry(at).or_insert([0; OUTCOMES]);
+            for (held, more) in held.iter_mut().zip(tally) {
+                *held += more;
+            }
+        }
+        dropped
+    }
+
+    /// (key, minute) pairs held.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether nothing is held.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use keyward_core::domain::scope_set::ScopeSet;
+
+    use super::*;
+
+    fn decided(id: u8, deny: Option<DenyReason>, verified: bool) -> Decision {
+        Decision {
+            deny,
+            key_id: Some(KeyId::from_bytes([id; 16])),
+            account: verified.then(|| Arc::from("acct")),
+            required: ScopeSet::EMPTY,
+            missing: ScopeSet::EMPTY,
+            wrong_secret: false,
+            quota: None,
+        }
+    }
+
+    #[test]
+    fn only_verified_keys_are_counted_by_minute_and_outcome() {
+        let counts = Counts::default();
+        counts.record(&decided(1, None, true), 120);
+        counts.record(&decided(1, None, true), 179);
+        counts.record(&decided(1, Some(DenyReason::RateLimited), true), 150);
+        counts.record(&decided(1, None, true), 180);
+        counts.record(&decided(2, Some(DenyReason::UnknownKey), false), 150);
+        let mut taken = counts.take();
+        taken.sort_by_key(|(at, _)| at.1);
+        assert_eq!(
+            taken.len(),
+            2,
+            "two minutes of one key; the unverified id left nothing"
+        );
+        assert_eq!(taken[0].0.1, 120);
+        assert_eq!(taken[0].1[0], 2);
+        assert_eq!(taken[0].1[1 + DenyReason::RateLimited.index()], 1);
+        assert_eq!(label(1 + DenyReason::RateLimited.index()), "rate_limited");
+        assert!(counts.is_empty());
+    }
+
+    #[test]
+    fn unwritten_counts_come_back_until_they_are_an_hour_old() {
+        let counts = Counts::default();
+        counts.record(&decided(1, None, true), 7200);
+        counts.record(&decided(1, None, true), 3600);
+        let taken = counts.take();
+        counts.record(&decided(1, None, true), 7200);
+        let dropped = counts.put_back(taken, 7200 + 1);
+        assert_eq!(dropped, 1, "the minute an hour and a second old");
+        let taken = counts.take();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].1[0], 2, "merged with what came after");
+    }
+}

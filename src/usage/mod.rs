@@ -1,0 +1,107 @@
+//! The usage plane: a key's rate limit held for every sidecar at once, and
+//! per-key decision counts summed over all of them, in a usage store
+//! (Redis) that no decision ever waits on.
+//!
+//! A decision spends from a lease this sidecar holds on the key's budget
+//! (`keyward_core::domain::lease`: one atomic subtraction) and is counted
+//! here ([`counts`]). A background task ([`sync`]) trades every active
+//! lease with the store each [`sync::TICK`] (unused tokens back, credit
+//! paid, the next share taken, one pipelined round trip for all keys) and
+//! sums the counts into the store each second. While the store is away,
+//! rate limits are each sidecar's own again (as without a usage store),
+//! counts wait (an hour at most), and the state change is logged once and
+//! exported as `keyward_usage_store_up`.
+
+pub mod counts;
+pub mod series;
+pub mod store;
+mod sync;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dashmap::DashMap;
+
+use keyward_core::domain::decision::Decision;
+use keyward_core::domain::key::KeyId;
+
+pub use series::{KeyUsage, Range};
+pub use store::{Connection, UsageStoreError};
+
+use crate::metrics::UsageMetrics;
+
+/// The usage plane of one sidecar.
+#[derive(Debug)]
+pub struct UsagePlane {
+    connection: Connection,
+    /// Leases are in force (the store answered the last trade round).
+    global_limits: Arc<AtomicBool>,
+    counts: counts::Counts,
+    /// Keys whose rate limit reached a decision while leases were in
+    /// force, with the trade rounds each has been idle.
+    leased: DashMap<KeyId, u32, rustc_hash::FxBuildHasher>,
+    /// The store, once connected (management reads it too).
+    store: std::sync::Mutex<Option<store::Store>>,
+    metrics: UsageMetrics,
+}
+
+impl std::fmt::Debug for store::Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "Store::Single",
+            Self::Cluster(_) => "Store::Cluster",
+        })
+    }
+}
+
+impl UsagePlane {
+    /// A plane for the store at `connection`; [`Self::run`] connects.
+    #[must_use]
+    pub fn new(connection: Connection, metrics: UsageMetrics) -> Arc<Self> {
+        metrics.up.set(0);
+        Arc::new(Self {
+            connection,
+            global_limits: Arc::default(),
+            counts: counts::Counts::default(),
+            leased: DashMap::default(),
+            store: std::sync::Mutex::default(),
+            metrics,
+        })
+    }
+
+    /// The switch decisions read: rate limits are global while it holds.
+    #[must_use]
+    pub fn global_limits(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.global_limits)
+    }
+
+    /// Records one decision: its count, and, for a key whose rate limit it
+    /// reached under a lease, that the lease must be traded.
+    pub fn record(&self, decision: &Decision) {
+        self.counts.record(
+            decision,
+            keyward_core::clock::recent_now_nanos() / 1_000_000_000,
+        );
+        if let (Some(id), Some(_)) = (decision.key_id, decision.quota)
+            && self.global_limits.load(Ordering::Relaxed)
+            && !self.leased.contains_key(&id)
+        {
+            self.leased.insert(id, 0);
+        }
+    }
+
+    /// One key's usage over `range`, summed over every sidecar.
+    pub async fn usage(&self, id: &KeyId, range: Range) -> Result<KeyUsage, UsageStoreError> {
+        let store = self.store.lock().map_or(None, |store| store.clone());
+        let mut store = store.ok_or(UsageStoreError::NotConnected)?;
+        let now = keyward_core::clock::now_nanos() / 1_000_000_000;
+        let from = range.start(now);
+        let buckets = tokio::time::timeout(
+            store::RESPONSE_TIMEOUT * 2,
+            store.counts(id, from, range.by_hour()),
+        )
+        .await
+        .map_err(|_| UsageStoreError::Timeout)??;
+        Ok(KeyUsage::from_buckets(range, from, now, &buckets))
+    }
+}
