@@ -245,7 +245,7 @@ impl App {
             crate::guessing::DEFAULT_CAPACITY,
             metrics.guessing_detected(),
         );
-        let usage = usage_store.map(|store| crate::usage::UsagePlane::new(store, metrics.usage()));
+        let usage = usage_plane(config, usage_store, &metrics);
         Ok(Self {
             authorizer: Authorizer::new(Arc::clone(&index), routes)
                 .with_on_demand(keys.on_demand())
@@ -291,6 +291,32 @@ impl Limits {
 /// GitHub's secret scanning keys, and what a verified leak does, when
 /// `--secret-scanning-keys` is set.
 type Scanning = (Arc<crate::scanning::KeyFile>, crate::keys::LeakAction);
+
+/// The usage plane: over the usage store when there is one; else, on a
+/// standalone sidecar (the only one deciding for its keys), its own counts
+/// in `<data-dir>/usage`; else (a replica without a store) none.
+fn usage_plane(
+    config: &ServeConfig,
+    store: Option<crate::usage::Connection>,
+    metrics: &Metrics,
+) -> Option<Arc<crate::usage::UsagePlane>> {
+    if let Some(store) = store {
+        return Some(crate::usage::UsagePlane::new(store, metrics.usage()));
+    }
+    if !config.etcd.etcd_endpoints.is_empty() {
+        return None;
+    }
+    // Decisions and keys do not depend on usage counts: a sidecar whose
+    // counts cannot be opened serves without them, and says so.
+    let dir = config.data.data_dir.join("usage");
+    match crate::usage::local::LocalStore::open(&dir) {
+        Ok(local) => Some(crate::usage::UsagePlane::local(local, metrics.usage())),
+        Err(error) => {
+            tracing::warn!(dir = %dir.display(), %error, "usage counts cannot be kept: serving without them");
+            None
+        }
+    }
+}
 
 /// Loads `--secret-scanning-keys`, if set.
 fn scanning(config: &ServeConfig) -> Result<Option<Scanning>, ServerError> {
@@ -393,8 +419,12 @@ pub async fn run(
     };
     let (served, ()) = tokio::join!(served, coordinator);
     store_health.abort();
-    if let Some(usage) = usage {
-        usage.abort();
+    if let Some(task) = usage {
+        task.abort();
+    }
+    // After the last decision: its counts are written, not lost.
+    if let Some(usage) = &app.usage {
+        usage.close().await;
     }
     if let Some(path) = socket_file {
         let _ = std::fs::remove_file(path);

@@ -468,20 +468,32 @@ async fn decisions_go_on_while_redis_is_stopped_killed_or_restarted_empty() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn usage_without_a_usage_store_is_refused_with_the_reason() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_sidecar_keeps_its_own_usage_across_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(&dir).await;
-    let (id, _) = server.create_key("acme", &["mail.send"]).await;
-    let refused = usage(&connect(&server.url()).await, &server.admin, &id)
-        .await
-        .expect_err("refused");
-    assert_eq!(refused.code(), Code::FailedPrecondition);
-    assert!(
-        refused.message().contains("--usage-store"),
-        "{}",
-        refused.message()
-    );
+    let (id, key) = server.create_key("acme", &["mail.send"]).await;
+    for _ in 0..7 {
+        assert!(
+            server
+                .authorize(&key, "POST", "/v3/mail/send")
+                .await
+                .allowed
+        );
+    }
+    for _ in 0..2 {
+        assert!(!server.authorize(&key, "GET", "/v3/alerts").await.allowed);
+    }
+    let counted = |totals: &pb::UsageCounts| {
+        totals.allowed == 7
+            && totals.denied == 2
+            && totals.denied_by_reason.get("insufficient_scope") == Some(&2)
+    };
+    await_totals(&server, &id, counted).await;
+    // A restart loses none of it: the counts are on disk.
+    let config = server.stop().await;
+    let server = TestServer::start_with(config).await;
+    await_totals(&server, &id, counted).await;
     let bad_range = KeyManagerClient::new(connect(&server.url()).await)
         .get_key_usage(bearer(
             &server.admin,
@@ -499,4 +511,36 @@ async fn usage_without_a_usage_store_is_refused_with_the_reason() {
         bad_range.message()
     );
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_a_usage_store_refuses_usage_with_the_reason() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let sidecar = Sidecar::start(BIN, &cluster.endpoints(), &[]);
+    let channel = connect(&sidecar.url()).await;
+    let created = KeyManagerClient::new(channel.clone())
+        .create_key(bearer(
+            &sidecar.admin,
+            pb::CreateKeyRequest {
+                name: "replicated".into(),
+                scopes: vec!["mail.send".into()],
+                account_id: "acme".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("created")
+        .into_inner();
+    let refused = usage(&channel, &sidecar.admin, &created.key.expect("key").key_id)
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("--usage-store"),
+        "{}",
+        refused.message()
+    );
 }

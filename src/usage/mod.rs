@@ -13,6 +13,7 @@
 //! exported as `keyward_usage_store_up`.
 
 pub mod counts;
+pub mod local;
 pub mod series;
 pub mod store;
 mod sync;
@@ -33,7 +34,7 @@ use crate::metrics::UsageMetrics;
 /// The usage plane of one sidecar.
 #[derive(Debug)]
 pub struct UsagePlane {
-    connection: Connection,
+    place: Place,
     /// Leases are in force (the store answered the last trade round).
     global_limits: Arc<AtomicBool>,
     counts: counts::Counts,
@@ -43,6 +44,15 @@ pub struct UsagePlane {
     /// The store, once connected (management reads it too).
     store: std::sync::Mutex<Option<store::Store>>,
     metrics: UsageMetrics,
+}
+
+/// Where the counts (and, shared, the budgets) are kept.
+#[derive(Debug)]
+enum Place {
+    /// A usage store every sidecar shares.
+    Shared(Connection),
+    /// This standalone sidecar's own database.
+    Local(local::LocalStore),
 }
 
 impl std::fmt::Debug for store::Store {
@@ -59,8 +69,19 @@ impl UsagePlane {
     #[must_use]
     pub fn new(connection: Connection, metrics: UsageMetrics) -> Arc<Self> {
         metrics.up.set(0);
+        Self::at(Place::Shared(connection), metrics)
+    }
+
+    /// A standalone sidecar's plane without a usage store: counts kept in
+    /// `store`, rate limits its own (it is the only sidecar).
+    #[must_use]
+    pub fn local(store: local::LocalStore, metrics: UsageMetrics) -> Arc<Self> {
+        Self::at(Place::Local(store), metrics)
+    }
+
+    fn at(place: Place, metrics: UsageMetrics) -> Arc<Self> {
         Arc::new(Self {
-            connection,
+            place,
             global_limits: Arc::default(),
             counts: counts::Counts::default(),
             leased: DashMap::default(),
@@ -92,16 +113,26 @@ impl UsagePlane {
 
     /// One key's usage over `range`, summed over every sidecar.
     pub async fn usage(&self, id: &KeyId, range: Range) -> Result<KeyUsage, UsageStoreError> {
-        let store = self.store.lock().map_or(None, |store| store.clone());
-        let mut store = store.ok_or(UsageStoreError::NotConnected)?;
         let now = keyward_core::clock::now_nanos() / 1_000_000_000;
         let from = range.start(now);
-        let buckets = tokio::time::timeout(
-            store::RESPONSE_TIMEOUT * 2,
-            store.counts(id, from, range.by_hour()),
-        )
-        .await
-        .map_err(|_| UsageStoreError::Timeout)??;
+        let buckets = match &self.place {
+            Place::Shared(_) => {
+                let store = self.store.lock().map_or(None, |store| store.clone());
+                let mut store = store.ok_or(UsageStoreError::NotConnected)?;
+                tokio::time::timeout(
+                    store::RESPONSE_TIMEOUT * 2,
+                    store.counts(id, from, range.by_hour()),
+                )
+                .await
+                .map_err(|_| UsageStoreError::Timeout)??
+            }
+            Place::Local(local) => {
+                let (local, id) = (local.clone(), *id);
+                tokio::task::spawn_blocking(move || local.counts(&id, from, range.by_hour()))
+                    .await
+                    .map_err(|_| UsageStoreError::Thread)??
+            }
+        };
         Ok(KeyUsage::from_buckets(range, from, now, &buckets))
     }
 }

@@ -122,6 +122,12 @@ pub enum UsageStoreError {
     /// Not connected to Redis yet.
     #[error("usage store: not connected yet")]
     NotConnected,
+    /// The standalone sidecar's own counts could not be read or written.
+    #[error("usage counts: {0}")]
+    Local(#[from] sled::Error),
+    /// The thread reading or writing the sidecar's own counts failed.
+    #[error("usage counts: the storage thread failed")]
+    Thread,
     /// Redis answered with something the scripts never return.
     #[error("usage store: unexpected reply: {0}")]
     Reply(&'static str),

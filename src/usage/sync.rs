@@ -10,8 +10,9 @@ use futures_util::StreamExt;
 use keyward_core::domain::key::KeyId;
 use keyward_core::index::Index;
 
-use super::UsagePlane;
+use super::local::LocalStore;
 use super::store::{RESPONSE_TIMEOUT, Store, UsageStoreError};
+use super::{Place, UsagePlane};
 
 /// How often leases are traded. A lease covers about two ticks of the
 /// key's demand, so this is also about how long an unused token stays out
@@ -32,6 +33,60 @@ impl UsagePlane {
     /// Keeps leases and counts in step with the store until the task is
     /// aborted. Decisions never wait on it.
     pub async fn run(self: Arc<Self>, index: Arc<Index>) {
+        match &self.place {
+            Place::Shared(connection) => self.run_shared(connection, &index).await,
+            Place::Local(local) => loop {
+                tokio::time::sleep(TICK * FLUSH_EVERY).await;
+                if let Err(error) = self.flush_local(local).await {
+                    self.metrics.errors.inc();
+                    tracing::warn!(%error, "usage counts could not be written");
+                }
+            },
+        }
+    }
+
+    /// Writes what is counted: at shutdown, after the last decision.
+    pub async fn close(&self) {
+        let flushed = match &self.place {
+            Place::Local(local) => self.flush_local(local).await,
+            Place::Shared(_) => {
+                let store = self.store.lock().map_or(None, |store| store.clone());
+                match store {
+                    Some(store) => self.flush(&store).await,
+                    None => Ok(()),
+                }
+            }
+        };
+        if let Err(error) = flushed {
+            tracing::warn!(%error, "the last usage counts could not be written");
+        }
+    }
+
+    /// Sums the counts held into this sidecar's own database, durably.
+    async fn flush_local(&self, local: &LocalStore) -> Result<(), UsageStoreError> {
+        let taken = self.counts.take();
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let local = local.clone();
+        let (result, unwritten) = tokio::task::spawn_blocking(move || {
+            for (n, ((id, minute), tally)) in taken.iter().enumerate() {
+                if let Err(error) = local.add(id, *minute, tally) {
+                    return (Err(error.into()), taken[n..].to_vec());
+                }
+            }
+            (local.flush().map_err(UsageStoreError::from), Vec::new())
+        })
+        .await
+        .map_err(|_| UsageStoreError::Thread)?;
+        let now = keyward_core::clock::now_nanos() / 1_000_000_000;
+        self.metrics
+            .dropped
+            .inc_by(self.counts.put_back(unwritten, now));
+        result
+    }
+
+    async fn run_shared(&self, connection: &super::Connection, index: &Index) {
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // None until the first round: its failure is logged too.
@@ -45,21 +100,25 @@ impl UsagePlane {
                 continue;
             }
             let result = self
-                .round(&index, tick.is_multiple_of(FLUSH_EVERY) || up != Some(true))
+                .round(
+                    connection,
+                    index,
+                    tick.is_multiple_of(FLUSH_EVERY) || up != Some(true),
+                )
                 .await;
             match (result, up) {
                 (Ok(()), None | Some(false)) => {
                     up = Some(true);
                     self.global_limits.store(true, Ordering::Relaxed);
                     self.metrics.up.set(1);
-                    tracing::info!(store = %self.connection.redacted(), "usage store reachable: rate limits are global");
+                    tracing::info!(store = %connection.redacted(), "usage store reachable: rate limits are global");
                 }
                 (Err(error), None | Some(true)) => {
                     up = Some(false);
                     self.global_limits.store(false, Ordering::Relaxed);
                     self.metrics.up.set(0);
                     self.metrics.errors.inc();
-                    tracing::warn!(store = %self.connection.redacted(), %error, "usage store away: rate limits are each sidecar's own until it answers");
+                    tracing::warn!(store = %connection.redacted(), %error, "usage store away: rate limits are each sidecar's own until it answers");
                 }
                 (Err(_), Some(false)) => {
                     self.metrics.errors.inc();
@@ -71,15 +130,19 @@ impl UsagePlane {
 
     /// One round: connect if need be, trade every lease, flush counts when
     /// `flush`.
-    async fn round(&self, index: &Index, flush: bool) -> Result<(), UsageStoreError> {
+    async fn round(
+        &self,
+        connection: &super::Connection,
+        index: &Index,
+        flush: bool,
+    ) -> Result<(), UsageStoreError> {
         let held = self.store.lock().map_or(None, |store| store.clone());
         let store = if let Some(store) = held {
             store
         } else {
-            let store =
-                tokio::time::timeout(RESPONSE_TIMEOUT * 2, Store::connect(&self.connection))
-                    .await
-                    .map_err(|_| UsageStoreError::Timeout)??;
+            let store = tokio::time::timeout(RESPONSE_TIMEOUT * 2, Store::connect(connection))
+                .await
+                .map_err(|_| UsageStoreError::Timeout)??;
             if let Ok(mut held) = self.store.lock() {
                 *held = Some(store.clone());
             }

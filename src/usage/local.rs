@@ -1,0 +1,151 @@
+//! Per-key usage kept by one standalone sidecar itself, when it has no
+//! usage store: the same minute and hour counts, in a sled database of
+//! their own (`<data-dir>/usage`), flushed to disk each second.
+//!
+//! A standalone sidecar is the only one deciding for its keys, so its own
+//! counts are the whole usage. A replicated sidecar without a usage store
+//! keeps none: its counts would be one sidecar's share, shown as a total.
+
+use std::path::Path;
+
+use keyward_core::domain::key::KeyId;
+
+use super::counts::{OUTCOMES, label};
+use super::store::{HOURS_TTL_SECONDS, MINUTES_TTL_SECONDS};
+
+/// Minute buckets (`b'm'`) and hour buckets (`b'h'`) of a key.
+const MINUTES: u8 = b'm';
+const HOURS: u8 = b'h';
+
+/// Counts in sled: `id | kind | bucket start (big-endian seconds) |
+/// outcome` → count (little-endian `u64`). One key's buckets are one
+/// contiguous range, oldest first.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    db: sled::Db,
+}
+
+fn bucket_key(id: &KeyId, kind: u8, start: i64, outcome: u8) -> [u8; 26] {
+    let mut key = [0u8; 26];
+    key[..16].copy_from_slice(id.as_bytes());
+    key[16] = kind;
+    key[17..25].copy_from_slice(&start.max(0).to_be_bytes());
+    key[25] = outcome;
+    key
+}
+
+fn count_of(value: &[u8]) -> u64 {
+    value.try_into().map_or(0, u64::from_le_bytes)
+}
+
+impl LocalStore {
+    /// Opens (creating) the counts under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, sled::Error> {
+        Ok(Self {
+            db: sled::Config::new()
+                .path(dir)
+                .cache_capacity(16 * 1024 * 1024)
+                .open()?,
+        })
+    }
+
+    /// Adds one key's counts for one minute (Unix seconds at its start) to
+    /// its minute and hour buckets, and drops its buckets past their
+    /// keeping time (as Redis's TTLs do).
+    pub fn add(&self, id: &KeyId, minute: i64, tally: &[u64; OUTCOMES]) -> Result<(), sled::Error> {
+        let hour = minute - minute.rem_euclid(3600);
+        for (outcome, count) in tally.iter().enumerate().filter(|(_, count)| **count > 0) {
+            let outcome = u8::try_from(outcome).unwrap_or(u8::MAX);
+            for key in [
+                bucket_key(id, MINUTES, minute, outcome),
+                bucket_key(id, HOURS, hour, outcome),
+            ] {
+                self.db.update_and_fetch(key, |old| {
+                    Some((old.map_or(0, count_of) + count).to_le_bytes().to_vec())
+                })?;
+            }
+        }
+        self.prune(id, MINUTES, minute - MINUTES_TTL_SECONDS)?;
+        self.prune(id, HOURS, minute - HOURS_TTL_SECONDS)
+    }
+
+    fn prune(&self, id: &KeyId, kind: u8, before: i64) -> Result<(), sled::Error> {
+        let range = bucket_key(id, kind, 0, 0)..bucket_key(id, kind, before, 0);
+        for entry in self.db.range(range) {
+            self.db.remove(entry?.0)?;
+        }
+        Ok(())
+    }
+
+    /// Makes what was added durable.
+    pub fn flush(&self) -> Result<(), sled::Error> {
+        self.db.flush().map(|_| ())
+    }
+
+    /// One key's buckets from `from` (Unix seconds) on: (start, label,
+    /// count), minutes or hours.
+    pub fn counts(
+        &self,
+        id: &KeyId,
+        from: i64,
+        by_hour: bool,
+    ) -> Result<Vec<(i64, String, u64)>, sled::Error> {
+        let kind = if by_hour { HOURS } else { MINUTES };
+        let range = bucket_key(id, kind, from, 0)..=bucket_key(id, kind, i64::MAX, u8::MAX);
+        let mut buckets = Vec::new();
+        for entry in self.db.range(range) {
+            let (key, value) = entry?;
+            let start = key
+                .get(17..25)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map_or(0, i64::from_be_bytes);
+            let outcome = usize::from(key.get(25).copied().unwrap_or(0));
+            if outcome < OUTCOMES {
+                buckets.push((start, label(outcome).to_owned(), count_of(&value)));
+            }
+        }
+        Ok(buckets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_sum_by_minute_and_hour_survive_a_reopen_and_age_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id = KeyId::from_bytes([7; 16]);
+        let other = KeyId::from_bytes([8; 16]);
+        let mut tally = [0; OUTCOMES];
+        tally[0] = 3;
+        tally[2] = 1;
+        {
+            let store = LocalStore::open(dir.path()).expect("opens");
+            store.add(&id, 7200, &tally).expect("adds");
+            store.add(&id, 7260, &tally).expect("adds");
+            store.add(&other, 7260, &tally).expect("adds");
+            store.flush().expect("flushes");
+        }
+        let store = LocalStore::open(dir.path()).expect("reopens");
+        let minutes = store.counts(&id, 7200, false).expect("reads");
+        assert_eq!(
+            minutes.len(),
+            4,
+            "two minutes, two outcomes each: {minutes:?}"
+        );
+        assert_eq!(minutes[0], (7200, "allowed".to_owned(), 3));
+        let hours = store.counts(&id, 7200, true).expect("reads");
+        assert_eq!(hours[0], (7200, "allowed".to_owned(), 6));
+        // Two hours on, the first minutes are gone; the hours are kept.
+        store
+            .add(&id, 7260 + MINUTES_TTL_SECONDS + 60, &tally)
+            .expect("adds");
+        let minutes = store.counts(&id, 0, false).expect("reads");
+        assert!(
+            minutes.iter().all(|(start, _, _)| *start > 7260),
+            "{minutes:?}"
+        );
+        assert_eq!(store.counts(&id, 0, true).expect("reads").len(), 4);
+    }
+}
