@@ -106,7 +106,7 @@ impl EtcdArgs {
 }
 
 /// Where rate limits and per-key usage are shared by every sidecar.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Clone, Default, clap::Args)]
 pub struct UsageArgs {
     /// The usage store: `redis://[user:password@]host:port[/db]`, or
     /// `rediss://…` for TLS. Given: a key's rate limit holds across every
@@ -132,6 +132,21 @@ pub struct UsageArgs {
     /// PEM CA bundle for the usage store's certificate (`rediss://`).
     #[arg(long, env = "KEYWARD_USAGE_STORE_CA_FILE", requires = "usage_store")]
     pub usage_store_ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for UsageArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: only where it points is shown.
+        f.debug_struct("UsageArgs")
+            .field(
+                "usage_store",
+                &self.usage_store.as_deref().map(crate::usage::store::redact),
+            )
+            .field("usage_store_cluster", &self.usage_store_cluster)
+            .field("usage_store_password_file", &self.usage_store_password_file)
+            .field("usage_store_ca_file", &self.usage_store_ca_file)
+            .finish()
+    }
 }
 
 impl UsageArgs {

@@ -131,9 +131,11 @@ impl From<KeyError> for Refusal {
                 Self::storage_failing()
             }
             KeyError::Unavailable => Self::storage_failing(),
+            // A state of this deployment, not a fault: gRPC's mapping of
+            // FAILED_PRECONDITION, 400.
             KeyError::NoUsageStore => Self::same(
                 Code::FailedPrecondition,
-                StatusCode::NOT_IMPLEMENTED,
+                StatusCode::BAD_REQUEST,
                 None,
                 message,
             ),

@@ -80,6 +80,9 @@ pub enum ServerError {
     /// The store could not be opened or loaded.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The usage store settings cannot work (the URL, a CA file without TLS).
+    #[error(transparent)]
+    UsageStore(#[from] crate::usage::UsageStoreError),
     /// Settings that contradict each other.
     #[error("{0}")]
     Settings(&'static str),
@@ -200,6 +203,9 @@ impl App {
             .usage
             .connection()
             .map_err(|(path, source)| ServerError::Io { path, source })?;
+        if let Some(store) = &usage_store {
+            crate::usage::store::check(store)?;
+        }
         let metrics = Arc::new(Metrics::new());
         describe(&metrics, config);
         // Decisions read the cached clock (expiry, rate limits, last use).
@@ -306,16 +312,10 @@ fn usage_plane(
     if !config.etcd.etcd_endpoints.is_empty() {
         return None;
     }
-    // Decisions and keys do not depend on usage counts: a sidecar whose
-    // counts cannot be opened serves without them, and says so.
-    let dir = config.data.data_dir.join("usage");
-    match crate::usage::local::LocalStore::open(&dir) {
-        Ok(local) => Some(crate::usage::UsagePlane::local(local, metrics.usage())),
-        Err(error) => {
-            tracing::warn!(dir = %dir.display(), %error, "usage counts cannot be kept: serving without them");
-            None
-        }
-    }
+    Some(crate::usage::UsagePlane::local(
+        config.data.data_dir.join("usage"),
+        metrics.usage(),
+    ))
 }
 
 /// Loads `--secret-scanning-keys`, if set.
@@ -390,10 +390,15 @@ pub async fn run(
         listeners.manage_enabled,
         Arc::clone(&app.metrics),
     ));
-    let usage = app
-        .usage
-        .as_ref()
-        .map(|usage| tokio::spawn(Arc::clone(usage).run(Arc::clone(&app.index))));
+    let usage = app.usage.as_ref().map(|usage| {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(Arc::clone(usage).run(
+            Arc::clone(&app.index),
+            app.keys.health(),
+            stop.clone(),
+        ));
+        (task, stop)
+    });
     let stop = shutdown::Stop::new();
     // Ends when the servers do, so a server that fails on its own is
     // reported at once instead of waiting for a shutdown signal.
@@ -419,12 +424,20 @@ pub async fn run(
     };
     let (served, ()) = tokio::join!(served, coordinator);
     store_health.abort();
-    if let Some(task) = usage {
-        task.abort();
+    // The task stops between rounds (a round under way ends within its
+    // commands' timeouts), so no lease or count it took is lost.
+    if let Some((task, stop)) = usage {
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
-    // After the last decision: its counts are written, not lost.
-    if let Some(usage) = &app.usage {
-        usage.close().await;
+    // After the last decision: its counts are written, not lost; within a
+    // bound, as a stuck disk or a hung usage store must not hold the exit.
+    if let Some(usage) = &app.usage
+        && tokio::time::timeout(USAGE_CLOSE_WITHIN, usage.close())
+            .await
+            .is_err()
+    {
+        tracing::warn!("the last usage counts were not written in time");
     }
     if let Some(path) = socket_file {
         let _ = std::fs::remove_file(path);
@@ -437,6 +450,9 @@ pub async fn run(
     tracing::info!("stopped; store flushed");
     Ok(())
 }
+
+/// How long shutdown waits for the last usage counts to be written.
+const USAGE_CLOSE_WITHIN: Duration = Duration::from_secs(2);
 
 /// Creates `dir` (and its parents) readable by its owner only.
 fn create_private_dir(dir: &Path) -> Result<(), ServerError> {

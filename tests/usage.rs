@@ -544,3 +544,49 @@ async fn a_replica_without_a_usage_store_refuses_usage_with_the_reason() {
         refused.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_smaller_than_a_trade_tick_still_reaches_its_rate() {
+    let _serial = SERIAL.lock().await;
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = standalone(&dir, &redis).await;
+    await_store_up(&server, "1").await;
+    // 200/s with a burst of 2: a sidecar trading every 50 ms could pass
+    // only the burst (and its credit) per trade, 60/s, if the shared
+    // budget were held to the burst.
+    let (_, key) = server
+        .create(pb::CreateKeyRequest {
+            name: "small burst".into(),
+            scopes: vec!["mail.send".into()],
+            account_id: "acme".into(),
+            rate_limit: Some(pb::RateLimit {
+                requests: 200,
+                period: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                burst: 2,
+            }),
+            ..Default::default()
+        })
+        .await;
+    let _ = burst_of_requests(&server, &key, Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (allowed, limited) = burst_of_requests(&server, &key, Duration::from_secs(2)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = 200.0 * elapsed;
+    eprintln!("admitted {allowed} ({limited} limited) over {elapsed:.2} s at 200/s burst 2");
+    assert!(limited > 0, "demand was above the rate");
+    assert!(
+        allowed as f64 >= 0.8 * rate,
+        "{allowed} admitted, the rate allows {rate:.0}"
+    );
+    assert!(
+        allowed as f64 <= 1.05 * (rate + 20.0) + 2.0,
+        "{allowed} admitted, the rate allows {rate:.0} and a widened burst of 20"
+    );
+    server.stop().await;
+}

@@ -913,7 +913,7 @@ function usagePanel(id) {
       totals.textContent = `${usage.totals.allowed} allowed, ${usage.totals.denied} denied${reasons.length ? ` (${reasons.join(', ')})` : ''}, over every sidecar.`;
       chart.replaceChildren(usageChart(usage));
     } catch (err) {
-      totals.textContent = err.status === 501 ? 'Usage is kept in a usage store: this keyward was started without one (--usage-store).' : `Usage could not be read: ${err.message}`;
+      totals.textContent = err.status === 400 ? `Usage is not kept here: ${err.message}` : `Usage could not be read: ${err.message}`;
       chart.replaceChildren();
     }
   }

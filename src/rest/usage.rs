@@ -26,10 +26,9 @@ pub(super) struct UsageQuery {
     params(("api_key_id" = String, Path, description = "The key's id"), UsageQuery),
     responses(
         (status = 200, description = "The key's usage over the range, summed over every sidecar", body = KeyUsage),
-        (status = 400, description = "The id or the range is malformed", body = ErrorReply),
+        (status = 400, description = "The id or the range is malformed; or a replica without a usage store (--usage-store), which keeps no usage", body = ErrorReply),
         (status = 403, description = "The caller lacks `api_keys.read`", body = ErrorReply),
         (status = 404, description = "No such key in the caller's account", body = ErrorReply),
-        (status = 501, description = "This sidecar has no usage store (--usage-store)", body = ErrorReply),
         (status = 503, description = "The usage store is not answering", body = ErrorReply),
     ))]
 pub(super) async fn usage(

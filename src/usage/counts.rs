@@ -6,6 +6,8 @@
 //! for [`KEPT_MINUTES`] while the store is away, so what this holds is
 //! bounded by live keys used × minutes kept.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use dashmap::DashMap;
 
 use keyward_core::domain::decision::{Decision, DenyReason};
@@ -21,6 +23,9 @@ pub const KEPT_MINUTES: i64 = 60;
 /// One key's counts in one minute, by outcome.
 pub type Tally = [u64; OUTCOMES];
 
+/// A [`Tally`] decisions add to under a shared lock.
+type Counting = [AtomicU64; OUTCOMES];
+
 /// The label an outcome is stored under.
 #[must_use]
 pub fn label(outcome: usize) -> &'static str {
@@ -33,18 +38,33 @@ pub fn label(outcome: usize) -> &'static str {
 /// Counts not yet in the usage store.
 #[derive(Debug, Default)]
 pub struct Counts {
-    pending: DashMap<(KeyId, i64), Tally, rustc_hash::FxBuildHasher>,
+    pending: DashMap<(KeyId, i64), Counting, rustc_hash::FxBuildHasher>,
 }
 
 impl Counts {
-    /// Counts one decision at `now_secs`, if its key verified.
+    /// Counts one decision at `now_secs`, if its key verified (allowed,
+    /// denied after its secret matched, or disabled or expired). A key's
+    /// decisions in a minute share a read lock and add atomically: only a
+    /// key's first decision of a minute takes the write lock.
     pub fn record(&self, decision: &Decision, now_secs: i64) {
-        let (Some(id), Some(_)) = (decision.key_id, &decision.account) else {
+        let Some(id) = decision.key_id else {
             return;
         };
+        let verified = decision.account.is_some()
+            || matches!(
+                decision.deny,
+                Some(DenyReason::KeyDisabled | DenyReason::KeyExpired)
+            );
+        if !verified {
+            return;
+        }
         let outcome = decision.deny.map_or(0, |reason| 1 + reason.index());
-        let minute = now_secs - now_secs.rem_euclid(60);
-        self.pending.entry((id, minute)).or_insert([0; OUTCOMES])[outcome] += 1;
+        let at = (id, now_secs - now_secs.rem_euclid(60));
+        if let Some(counting) = self.pending.get(&at) {
+            counting[outcome].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.pending.entry(at).or_default()[outcome].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes every count held, to flush.
@@ -53,6 +73,7 @@ impl Counts {
         let held: Vec<(KeyId, i64)> = self.pending.iter().map(|entry| *entry.key()).collect();
         held.into_iter()
             .filter_map(|at| self.pending.remove(&at))
+            .map(|(at, counting)| (at, counting.map(AtomicU64::into_inner)))
             .collect()
     }
 
@@ -67,9 +88,9 @@ impl Counts {
                 dropped += tally.iter().sum::<u64>();
                 continue;
             }
-            let mut held = self.pending.entry(at).or_insert([0; OUTCOMES]);
-            for (held, more) in held.iter_mut().zip(tally) {
-                *held += more;
+            let held = self.pending.entry(at).or_default();
+            for (held, more) in held.iter().zip(tally) {
+                held.fetch_add(more, Ordering::Relaxed);
             }
         }
         dropped
@@ -116,12 +137,14 @@ mod tests {
         counts.record(&decided(1, Some(DenyReason::RateLimited), true), 150);
         counts.record(&decided(1, None, true), 180);
         counts.record(&decided(2, Some(DenyReason::UnknownKey), false), 150);
+        counts.record(&decided(3, Some(DenyReason::KeyDisabled), false), 150);
+        counts.record(&decided(3, Some(DenyReason::KeyDisabled), false), 150);
         let mut taken = counts.take();
-        taken.sort_by_key(|(at, _)| at.1);
+        taken.sort_by_key(|(at, _)| (at.1, *at.0.as_bytes()));
         assert_eq!(
             taken.len(),
-            2,
-            "two minutes of one key; the unverified id left nothing"
+            3,
+            "two minutes of one key, a disabled key's refusal; the unverified id left nothing"
         );
         assert_eq!(taken[0].0.1, 120);
         assert_eq!(taken[0].1[0], 2);

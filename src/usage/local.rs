@@ -25,6 +25,61 @@ pub struct LocalStore {
     db: sled::Db,
 }
 
+/// The counts' database, open while the data volume works: closed when the
+/// key store reports it failing (or a write to it fails), so that no file
+/// on a failed volume stays open (the volume can then be unmounted,
+/// checked and mounted again), and opened again once the key store
+/// recovers.
+#[derive(Debug, Clone)]
+pub struct LocalPlace {
+    dir: std::path::PathBuf,
+    open: std::sync::Arc<std::sync::Mutex<Option<LocalStore>>>,
+}
+
+impl LocalPlace {
+    /// The counts under `dir`, opened now if they can be.
+    #[must_use]
+    pub fn new(dir: std::path::PathBuf) -> Self {
+        let open = LocalStore::open(&dir)
+            .inspect_err(|error| tracing::warn!(dir = %dir.display(), %error, "usage counts cannot be opened; retried once the store is healthy"))
+            .ok();
+        Self {
+            dir,
+            open: std::sync::Arc::new(std::sync::Mutex::new(open)),
+        }
+    }
+
+    /// The database, if open.
+    #[must_use]
+    pub fn store(&self) -> Option<LocalStore> {
+        self.open.lock().map_or(None, |open| open.clone())
+    }
+
+    /// Lets go of the database's files. The lock is never held across
+    /// disk work (dropping sled flushes, and a stuck disk never returns):
+    /// whoever asks for the store meanwhile finds it closed at once.
+    pub fn close(&self) {
+        let closing = self.open.lock().map_or(None, |mut open| open.take());
+        drop(closing);
+    }
+
+    /// Opens the database again if it is closed (outside the lock, as
+    /// [`Self::close`]).
+    pub fn reopen(&self) {
+        if self.open.lock().is_ok_and(|open| open.is_some()) {
+            return;
+        }
+        let Ok(opened) = LocalStore::open(&self.dir) else {
+            return;
+        };
+        if let Ok(mut open) = self.open.lock()
+            && open.is_none()
+        {
+            *open = Some(opened);
+        }
+    }
+}
+
 fn bucket_key(id: &KeyId, kind: u8, start: i64, outcome: u8) -> [u8; 26] {
     let mut key = [0u8; 26];
     key[..16].copy_from_slice(id.as_bytes());

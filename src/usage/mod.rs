@@ -52,7 +52,7 @@ enum Place {
     /// A usage store every sidecar shares.
     Shared(Connection),
     /// This standalone sidecar's own database.
-    Local(local::LocalStore),
+    Local(local::LocalPlace),
 }
 
 impl std::fmt::Debug for store::Store {
@@ -75,8 +75,8 @@ impl UsagePlane {
     /// A standalone sidecar's plane without a usage store: counts kept in
     /// `store`, rate limits its own (it is the only sidecar).
     #[must_use]
-    pub fn local(store: local::LocalStore, metrics: UsageMetrics) -> Arc<Self> {
-        Self::at(Place::Local(store), metrics)
+    pub fn local(dir: std::path::PathBuf, metrics: UsageMetrics) -> Arc<Self> {
+        Self::at(Place::Local(local::LocalPlace::new(dir)), metrics)
     }
 
     fn at(place: Place, metrics: UsageMetrics) -> Arc<Self> {
@@ -126,8 +126,9 @@ impl UsagePlane {
                 .await
                 .map_err(|_| UsageStoreError::Timeout)??
             }
-            Place::Local(local) => {
-                let (local, id) = (local.clone(), *id);
+            Place::Local(place) => {
+                let local = place.store().ok_or(UsageStoreError::NotConnected)?;
+                let id = *id;
                 tokio::task::spawn_blocking(move || local.counts(&id, from, range.by_hour()))
                     .await
                     .map_err(|_| UsageStoreError::Thread)??

@@ -58,11 +58,11 @@ tat = tat + granted * interval
 local wait = tat - now - tolerance
 if wait < 0 then wait = 0 end
 if tat > now then
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+  redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
 else
   redis.call('DEL', KEYS[1])
 end
-return {granted, room(), wait}
+return {granted, room(), math.ceil(wait)}
 ";
 
 /// How to reach the usage store: `--usage-store` and its companions.
@@ -92,10 +92,7 @@ impl Connection {
     /// The URL without its credentials, for logs.
     #[must_use]
     pub fn redacted(&self) -> String {
-        match (self.url.split_once("://"), self.url.rsplit_once('@')) {
-            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://{host}"),
-            _ => self.url.clone(),
-        }
+        redact(&self.url)
     }
 }
 
@@ -236,11 +233,21 @@ impl Store {
     ) -> Result<Trade, UsageStoreError> {
         static SCRIPT: std::sync::LazyLock<redis::Script> =
             std::sync::LazyLock::new(|| redis::Script::new(TRADE));
-        let micros = |nanos: i64| (nanos / 1_000).max(1);
+        // Microseconds with a fraction (Lua numbers are doubles): 400k/s is
+        // 2.5 µs, not 2. The budget holds at least two trade ticks, or a
+        // burst smaller than a tick's worth would cap every sidecar below
+        // the rate (the local limiter widens its own to a clock step
+        // likewise).
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "nanoseconds below 2^60, to a fraction of a µs"
+        )]
+        let micros = |nanos: i64| nanos as f64 / 1_000.0;
+        let tolerance = limit.tolerance.max(2 * super::sync::TICK_NANOS);
         let (granted, remaining, wait_us): (i64, i64, i64) = SCRIPT
             .key(redis_key(id, "rate"))
             .arg(micros(limit.interval))
-            .arg(limit.tolerance / 1_000)
+            .arg(micros(tolerance))
             .arg(give)
             .arg(owed)
             .arg(want)
@@ -312,6 +319,41 @@ impl Store {
         }
         Ok(buckets)
     }
+}
+
+/// A usage store URL without what may be a password: the scheme and
+/// what follows the last `@`; anything else unreadable is not shown.
+#[must_use]
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<not a URL>".into();
+    };
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{host}")
+}
+
+/// Checks a usage store URL and its companions before a sidecar starts:
+/// one redis-rs reads, and a CA file only where TLS is asked for (else
+/// the password would cross the network in the clear).
+pub fn check(connection: &Connection) -> Result<(), UsageStoreError> {
+    use redis::IntoConnectionInfo;
+    let scheme = connection.url.split_once("://").map(|(scheme, _)| scheme);
+    if !matches!(scheme, Some("redis" | "rediss")) {
+        return Err(UsageStoreError::Settings(
+            "must be a redis:// or rediss:// URL".into(),
+        ));
+    }
+    connection
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| UsageStoreError::Settings(redacted_error(&e)))?;
+    if connection.ca.is_some() && scheme != Some("rediss") {
+        return Err(UsageStoreError::Settings(
+            "--usage-store-ca-file needs a rediss:// URL (TLS)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A CA bundle as redis-rs takes it.

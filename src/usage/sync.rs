@@ -1,6 +1,7 @@
 //! The background task that keeps the usage plane and its store in step:
 //! leases traded every [`TICK`], counts flushed every [`FLUSH_EVERY`]
-//! ticks, the store probed once a second while it is away.
+//! ticks; while the store is away, a PING a second and nothing else
+//! (counts wait in memory, an hour at most).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,15 +10,22 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use keyward_core::domain::key::KeyId;
 use keyward_core::index::Index;
+use tokio_util::sync::CancellationToken;
 
-use super::local::LocalStore;
+use tokio::sync::watch;
+
+use super::local::LocalPlace;
 use super::store::{RESPONSE_TIMEOUT, Store, UsageStoreError};
 use super::{Place, UsagePlane};
+use crate::keys::StoreHealth;
 
 /// How often leases are traded. A lease covers about two ticks of the
 /// key's demand, so this is also about how long an unused token stays out
 /// of the shared budget.
 pub const TICK: Duration = Duration::from_millis(50);
+
+/// [`TICK`] in nanoseconds.
+pub const TICK_NANOS: i64 = 50_000_000;
 
 /// Counts are flushed every this many ticks (a second).
 const FLUSH_EVERY: u32 = 20;
@@ -30,25 +38,65 @@ const IDLE_TICKS: u32 = 20;
 const TRADES_IN_FLIGHT: usize = 256;
 
 impl UsagePlane {
-    /// Keeps leases and counts in step with the store until the task is
-    /// aborted. Decisions never wait on it.
-    pub async fn run(self: Arc<Self>, index: Arc<Index>) {
+    /// Keeps leases and counts in step with the store until `stop` (then
+    /// [`Self::close`] writes the rest). Decisions never wait on it.
+    /// `health` is the key store's: on a standalone sidecar, the counts'
+    /// database lives on the same volume and follows it.
+    pub async fn run(
+        self: Arc<Self>,
+        index: Arc<Index>,
+        health: watch::Receiver<StoreHealth>,
+        stop: CancellationToken,
+    ) {
         match &self.place {
-            Place::Shared(connection) => self.run_shared(connection, &index).await,
-            Place::Local(local) => loop {
-                tokio::time::sleep(TICK * FLUSH_EVERY).await;
-                if let Err(error) = self.flush_local(local).await {
-                    self.metrics.errors.inc();
-                    tracing::warn!(%error, "usage counts could not be written");
+            Place::Shared(connection) => self.run_shared(connection, &index, &stop).await,
+            Place::Local(place) => self.run_local(place, health, &stop).await,
+        }
+    }
+
+    async fn run_local(
+        &self,
+        place: &LocalPlace,
+        mut health: watch::Receiver<StoreHealth>,
+        stop: &CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(TICK * FLUSH_EVERY) => {}
+                changed = health.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Closing and opening sled touch the disk: off the
+                    // async workers.
+                    let healthy = *health.borrow_and_update() == StoreHealth::Healthy;
+                    let place = place.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if healthy { place.reopen() } else { place.close() }
+                    })
+                    .await;
+                    continue;
                 }
-            },
+                () = stop.cancelled() => return,
+            }
+            if *health.borrow() != StoreHealth::Healthy {
+                continue;
+            }
+            let reopening = place.clone();
+            let _ = tokio::task::spawn_blocking(move || reopening.reopen()).await;
+            if let Err(error) = self.flush_local(place).await {
+                self.metrics.errors.inc();
+                tracing::warn!(%error, "usage counts could not be written; closed until the store is healthy");
+                let closing = place.clone();
+                let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+            }
         }
     }
 
     /// Writes what is counted: at shutdown, after the last decision.
     pub async fn close(&self) {
         let flushed = match &self.place {
-            Place::Local(local) => self.flush_local(local).await,
+            Place::Local(place) => self.flush_local(place).await,
             Place::Shared(_) => {
                 let store = self.store.lock().map_or(None, |store| store.clone());
                 match store {
@@ -63,12 +111,14 @@ impl UsagePlane {
     }
 
     /// Sums the counts held into this sidecar's own database, durably.
-    async fn flush_local(&self, local: &LocalStore) -> Result<(), UsageStoreError> {
+    async fn flush_local(&self, place: &LocalPlace) -> Result<(), UsageStoreError> {
+        let Some(local) = place.store() else {
+            return Ok(());
+        };
         let taken = self.counts.take();
         if taken.is_empty() {
             return Ok(());
         }
-        let local = local.clone();
         let (result, unwritten) = tokio::task::spawn_blocking(move || {
             for (n, ((id, minute), tally)) in taken.iter().enumerate() {
                 if let Err(error) = local.add(id, *minute, tally) {
@@ -86,26 +136,37 @@ impl UsagePlane {
         result
     }
 
-    async fn run_shared(&self, connection: &super::Connection, index: &Index) {
+    async fn run_shared(
+        &self,
+        connection: &super::Connection,
+        index: &Index,
+        stop: &CancellationToken,
+    ) {
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // None until the first round: its failure is logged too.
         let mut up: Option<bool> = None;
         let mut tick: u32 = 0;
         loop {
-            ticks.tick().await;
-            tick = tick.wrapping_add(1);
-            // Away: a probe a second, nothing queued behind it.
-            if up != Some(true) && tick % FLUSH_EVERY != 1 {
-                continue;
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = stop.cancelled() => return,
             }
-            let result = self
-                .round(
-                    connection,
-                    index,
-                    tick.is_multiple_of(FLUSH_EVERY) || up != Some(true),
-                )
-                .await;
+            tick = tick.wrapping_add(1);
+            let result = if up == Some(true) {
+                self.round(connection, index, tick.is_multiple_of(FLUSH_EVERY))
+                    .await
+            } else if tick % FLUSH_EVERY == 1 {
+                // Away: a PING a second and nothing else; once it answers,
+                // a whole round (every lease traded again, the counts held
+                // meanwhile written) before limits are global again.
+                match self.probe(connection).await {
+                    Ok(()) => self.round(connection, index, true).await,
+                    Err(error) => Err(error),
+                }
+            } else {
+                continue;
+            };
             match (result, up) {
                 (Ok(()), None | Some(false)) => {
                     up = Some(true);
@@ -128,26 +189,34 @@ impl UsagePlane {
         }
     }
 
-    /// One round: connect if need be, trade every lease, flush counts when
-    /// `flush`.
+    /// The store's connection, connecting first if need be.
+    async fn connected(&self, connection: &super::Connection) -> Result<Store, UsageStoreError> {
+        let held = self.store.lock().map_or(None, |store| store.clone());
+        if let Some(store) = held {
+            return Ok(store);
+        }
+        let store = tokio::time::timeout(RESPONSE_TIMEOUT * 2, Store::connect(connection))
+            .await
+            .map_err(|_| UsageStoreError::Timeout)??;
+        if let Ok(mut held) = self.store.lock() {
+            *held = Some(store.clone());
+        }
+        Ok(store)
+    }
+
+    /// Whether the store answers a PING.
+    async fn probe(&self, connection: &super::Connection) -> Result<(), UsageStoreError> {
+        self.connected(connection).await?.ping().await
+    }
+
+    /// One round: trade every lease, flush counts when `flush`.
     async fn round(
         &self,
         connection: &super::Connection,
         index: &Index,
         flush: bool,
     ) -> Result<(), UsageStoreError> {
-        let held = self.store.lock().map_or(None, |store| store.clone());
-        let store = if let Some(store) = held {
-            store
-        } else {
-            let store = tokio::time::timeout(RESPONSE_TIMEOUT * 2, Store::connect(connection))
-                .await
-                .map_err(|_| UsageStoreError::Timeout)??;
-            if let Ok(mut held) = self.store.lock() {
-                *held = Some(store.clone());
-            }
-            store
-        };
+        let store = self.connected(connection).await?;
         // Not cut short from here: every command has its own response
         // timeout, so a hung store ends the round within it, and no lease
         // or count taken for a trade is lost to a cancelled future.
@@ -185,18 +254,18 @@ impl UsagePlane {
             return Ok(());
         };
         let Some(limit) = entry.limit else {
-            entry.usage.lease.take();
             self.leased.remove(&id);
             return Ok(());
         };
-        let lease = &entry.usage.lease;
-        let (tokens, demand) = lease.take();
+        let (lease, tat) = (&entry.usage.lease, &entry.usage.tat);
+        let (tokens, demand) = lease.take(keyward_core::clock::now_nanos());
         if demand == 0 {
             let idle = self.leased.get_mut(&id).map_or(IDLE_TICKS, |mut idle| {
                 *idle += 1;
                 *idle
             });
             if tokens == 0 {
+                lease.failed(0);
                 if idle >= IDLE_TICKS {
                     self.leased.remove(&id);
                 }
@@ -206,28 +275,32 @@ impl UsagePlane {
             *idle = 0;
         }
         let parts = limit.parts();
+        // Two ticks of the demand seen, up to the burst, or two ticks of
+        // the rate when the burst is smaller (a burst below a tick's worth
+        // would cap a sidecar below the rate: the store's budget is widened
+        // to two ticks too, see `Store::trade`).
+        let two_ticks = u32::try_from(2 * TICK_NANOS / parts.interval.max(1)).unwrap_or(u32::MAX);
         let want = if demand == 0 {
             0
         } else {
-            demand.saturating_mul(2).min(parts.burst)
+            demand.saturating_mul(2).min(parts.burst.max(two_ticks))
         };
         let give = u64::try_from(tokens.max(0)).unwrap_or(0);
         let owed = tokens.min(0).unsigned_abs();
         match store.trade(&id, parts, give, owed, want).await {
             Ok(trade) => {
-                lease.settle(trade);
+                lease.settle(trade, &limit, tat, keyward_core::clock::now_nanos());
                 self.metrics.trades.inc();
                 Ok(())
             }
             Err(error) => {
-                lease.restore(tokens);
+                lease.failed(tokens);
                 Err(error)
             }
         }
     }
 
-    /// Sums the counts held into the store; what could not be written is
-    /// held for the next flush (an hour at most).
+    /// Sums the counts held into the store.
     async fn flush(&self, store: &Store) -> Result<(), UsageStoreError> {
         let results: Vec<_> = futures_util::stream::iter(self.counts.take())
             .map(|((id, minute), tally)| {
@@ -248,17 +321,17 @@ impl UsagePlane {
             .buffer_unordered(TRADES_IN_FLIGHT)
             .collect()
             .await;
-        let mut unwritten = Vec::new();
+        // A write that failed may still have been applied (a timeout after
+        // the command was sent): sending it again could count it twice, so
+        // it is dropped and counted as dropped. One flush's worth at most:
+        // the store is then away, and nothing is flushed until it answers.
         let mut failure = None;
         for result in results {
-            if let Err((error, held)) = result {
+            if let Err((error, (_, tally))) = result {
                 failure.get_or_insert(error);
-                unwritten.push(held);
+                self.metrics.dropped.inc_by(tally.iter().sum());
             }
         }
-        let now = keyward_core::clock::now_nanos() / 1_000_000_000;
-        let dropped = self.counts.put_back(unwritten, now);
-        self.metrics.dropped.inc_by(dropped);
         failure.map_or(Ok(()), Err)
     }
 }

@@ -125,7 +125,7 @@ impl Decider {
         // Last: only a request that would otherwise pass spends quota.
         if let Some(limit) = &entry.limit {
             let admitted = if self.global_limits.load(Ordering::Relaxed) {
-                entry.usage.lease.admit(limit)
+                entry.usage.lease.admit(limit, &entry.usage.tat, now)
             } else {
                 limit.admit(&entry.usage.tat, now)
             };

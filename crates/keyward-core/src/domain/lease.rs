@@ -12,10 +12,23 @@
 //! [`Lease::credit_for`] tokens, paid at the next trade, so a quiet key's
 //! first requests are not refused for want of a lease); once the store
 //! reported the budget spent, an empty lease refuses.
+//!
+//! A trade that has not come back within [`STALLED_NANOS`] (the store
+//! stalled) hands the key to this process's own limiter, started from the
+//! budget the store last reported, until a trade settles again: a stalled
+//! store costs a key its global limit, never its traffic.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 
 use super::rate::{Gcra, Quota};
+
+/// How long a trade may be out before decisions stop waiting for it (three
+/// trade ticks).
+pub const STALLED_NANOS: i64 = 150_000_000;
+
+/// The shortest retry-after of a refusal while the store still had room:
+/// the next trade brings tokens (a trade tick).
+const RETRY_WITH_ROOM_MS: u32 = 50;
 
 /// A process's share of one key's global rate limit, and what the store
 /// last said of the whole budget.
@@ -33,6 +46,8 @@ pub struct Lease {
     retry_after_ms: AtomicU32,
     /// Tokens the store's budget held after the last trade.
     remaining: AtomicU32,
+    /// When the trade under way began (Unix nanos; 0: none).
+    trading_since: AtomicI64,
 }
 
 /// What one trade with the store brought back.
@@ -54,65 +69,83 @@ impl Lease {
         i64::from((limit.parts().burst / 64).max(1))
     }
 
-    /// Admits one request against the lease, or refuses it (changing
-    /// nothing). Every call counts toward the next share.
-    pub fn admit(&self, limit: &Gcra) -> Result<Quota, Quota> {
+    /// Admits one request at `now` against the lease, or refuses it
+    /// (changing nothing). Every call counts toward the next share. While a
+    /// trade is stalled, the key's own limiter (`tat`) decides instead.
+    pub fn admit(&self, limit: &Gcra, tat: &AtomicI64, now: i64) -> Result<Quota, Quota> {
+        let since = self.trading_since.load(Ordering::Relaxed);
+        if since != 0 && now - since > STALLED_NANOS {
+            return limit.admit(tat, now);
+        }
         self.demand.fetch_add(1, Ordering::Relaxed);
-        let floor = if self.spent.load(Ordering::Relaxed) {
-            0
-        } else {
-            -Self::credit_for(limit)
-        };
+        let spent = self.spent.load(Ordering::Relaxed);
+        let floor = if spent { 0 } else { -Self::credit_for(limit) };
         let before = self.tokens.fetch_sub(1, Ordering::Relaxed);
-        let requests = limit.parts().requests;
+        let parts = limit.parts();
         if before > floor {
             let in_hand = u32::try_from(before - 1).unwrap_or(0);
+            let remaining = self
+                .remaining
+                .load(Ordering::Relaxed)
+                .saturating_add(in_hand)
+                .min(parts.burst);
             return Ok(Quota {
-                limit: requests,
-                remaining: self
-                    .remaining
-                    .load(Ordering::Relaxed)
-                    .saturating_add(in_hand)
-                    .min(limit.parts().burst),
-                reset_ms: self.retry_after_ms.load(Ordering::Relaxed),
+                limit: parts.requests,
+                remaining,
+                reset_ms: limit.reset_ms(remaining),
                 retry_after_ms: 0,
             });
         }
         self.tokens.fetch_add(1, Ordering::Relaxed);
-        let retry_after_ms = self.retry_after_ms.load(Ordering::Relaxed).max(1);
+        let reported = self.retry_after_ms.load(Ordering::Relaxed);
+        let retry_after_ms = if spent {
+            reported.max(1)
+        } else {
+            reported.max(RETRY_WITH_ROOM_MS)
+        };
         Err(Quota {
-            limit: requests,
+            limit: parts.requests,
             remaining: 0,
-            reset_ms: retry_after_ms,
+            reset_ms: limit.reset_ms(0),
             retry_after_ms,
         })
     }
 
-    /// Takes the lease back for a trade: the tokens in hand (negative: owed)
-    /// and the demand since the last trade. The lease is empty until
-    /// [`Self::settle`].
-    pub fn take(&self) -> (i64, u32) {
+    /// Takes the lease back for a trade at `now`: the tokens in hand
+    /// (negative: owed) and the demand since the last trade. The lease is
+    /// empty until [`Self::settle`] or [`Self::failed`].
+    pub fn take(&self, now: i64) -> (i64, u32) {
+        self.trading_since.store(now.max(1), Ordering::Relaxed);
         (
             self.tokens.swap(0, Ordering::Relaxed),
             self.demand.swap(0, Ordering::Relaxed),
         )
     }
 
-    /// Hands back what a trade could not settle (the store unreachable):
-    /// tokens in hand, or a debt still owed.
-    pub fn restore(&self, tokens: i64) {
-        self.tokens.fetch_add(tokens, Ordering::Relaxed);
+    /// A trade that failed, or may or may not have been applied (a
+    /// timeout): tokens being given back count as given (at worst the
+    /// budget admits fewer), a debt stays owed.
+    pub fn failed(&self, taken: i64) {
+        self.tokens.fetch_add(taken.min(0), Ordering::Relaxed);
+        self.trading_since.store(0, Ordering::Relaxed);
     }
 
-    /// Applies a trade: the granted tokens join the lease (decisions may
-    /// have spent on credit since [`Self::take`]; that stays owed).
-    pub fn settle(&self, trade: Trade) {
+    /// Applies a trade at `now`: the granted tokens join the lease
+    /// (decisions may have spent on credit since [`Self::take`]; that stays
+    /// owed), and the key's own limiter is set to the budget reported, for
+    /// when it must decide alone.
+    pub fn settle(&self, trade: Trade, limit: &Gcra, tat: &AtomicI64, now: i64) {
         self.remaining.store(trade.remaining, Ordering::Relaxed);
         self.retry_after_ms
             .store(trade.retry_after_ms, Ordering::Relaxed);
         self.spent.store(trade.remaining == 0, Ordering::Relaxed);
         self.tokens
             .fetch_add(i64::from(trade.granted), Ordering::Relaxed);
+        tat.store(
+            limit.tat_for_remaining(trade.remaining, now),
+            Ordering::Relaxed,
+        );
+        self.trading_since.store(0, Ordering::Relaxed);
     }
 }
 
@@ -123,64 +156,110 @@ mod tests {
     use super::*;
     use crate::domain::rate::RateLimit;
 
+    const NOW: i64 = 1_000_000_000_000;
+
     fn limit(requests: u32, burst: u32) -> Gcra {
         RateLimit::new(requests, Duration::from_secs(1), burst)
             .expect("valid")
             .gcra(Duration::from_millis(10))
     }
 
+    fn trade(granted: u32, remaining: u32) -> Trade {
+        Trade {
+            granted,
+            remaining,
+            retry_after_ms: 10,
+        }
+    }
+
     #[test]
     fn a_fresh_lease_spends_on_credit_then_refuses() {
-        let limit = limit(640, 640);
+        let (limit, tat) = (limit(640, 640), AtomicI64::new(0));
         let lease = Lease::default();
-        let passed = (0..100).filter(|_| lease.admit(&limit).is_ok()).count();
+        let passed = (0..100)
+            .filter(|_| lease.admit(&limit, &tat, NOW).is_ok())
+            .count();
         assert_eq!(passed, 10, "a sixty-fourth of the burst on credit");
-        assert_eq!(lease.take(), (-10, 100), "owed, and the demand seen");
+        let refused = lease.admit(&limit, &tat, NOW).expect_err("refused");
+        assert_eq!(refused.retry_after_ms, 50, "the next trade, not 1 ms");
+        assert_eq!(lease.take(NOW), (-10, 101), "owed, and the demand seen");
     }
 
     #[test]
     fn granted_tokens_are_spent_then_a_spent_budget_refuses() {
-        let limit = limit(100, 100);
+        let (limit, tat) = (limit(100, 100), AtomicI64::new(0));
         let lease = Lease::default();
-        lease.settle(Trade {
-            granted: 5,
-            remaining: 0,
-            retry_after_ms: 10,
-        });
-        let passed = (0..20).filter(|_| lease.admit(&limit).is_ok()).count();
+        lease.settle(trade(5, 0), &limit, &tat, NOW);
+        let passed = (0..20)
+            .filter(|_| lease.admit(&limit, &tat, NOW).is_ok())
+            .count();
         assert_eq!(passed, 5, "no credit once the store says spent");
-        let refused = lease.admit(&limit).expect_err("refused");
+        let refused = lease.admit(&limit, &tat, NOW).expect_err("refused");
         assert_eq!((refused.remaining, refused.retry_after_ms), (0, 10));
-        assert_eq!(lease.take(), (0, 21), "refusals leave no debt");
+        assert_eq!(lease.take(NOW), (0, 21), "refusals leave no debt");
     }
 
     #[test]
     fn credit_spent_during_a_trade_stays_owed() {
-        let limit = limit(64, 64);
+        let (limit, tat) = (limit(64, 64), AtomicI64::new(0));
         let lease = Lease::default();
-        let (tokens, _) = lease.take();
-        assert_eq!(tokens, 0);
-        assert!(lease.admit(&limit).is_ok(), "one token on credit");
-        lease.settle(Trade {
-            granted: 3,
-            remaining: 10,
-            retry_after_ms: 0,
-        });
-        assert_eq!(lease.take().0, 2, "three granted, one owed");
+        assert_eq!(lease.take(NOW).0, 0);
+        assert!(
+            lease.admit(&limit, &tat, NOW).is_ok(),
+            "one token on credit"
+        );
+        lease.settle(trade(3, 10), &limit, &tat, NOW);
+        assert_eq!(lease.take(NOW).0, 2, "three granted, one owed");
+    }
+
+    #[test]
+    fn a_failed_trade_keeps_the_debt_and_forgets_the_tokens_given_back() {
+        let (limit, tat) = (limit(64, 64), AtomicI64::new(0));
+        let lease = Lease::default();
+        lease.settle(trade(5, 10), &limit, &tat, NOW);
+        let (taken, _) = lease.take(NOW);
+        lease.failed(taken);
+        assert_eq!(lease.take(NOW).0, 0, "five given back count as given");
+        lease.failed(-3);
+        assert_eq!(lease.take(NOW).0, -3, "a debt is still owed");
+    }
+
+    #[test]
+    fn a_stalled_trade_hands_the_key_to_its_own_limiter_at_the_budget_reported() {
+        let (limit, tat) = (limit(100, 100), AtomicI64::new(0));
+        let lease = Lease::default();
+        lease.settle(trade(0, 7), &limit, &tat, NOW);
+        let _ = lease.take(NOW);
+        let stalled = NOW + STALLED_NANOS + 1;
+        let passed = (0..50)
+            .filter(|_| lease.admit(&limit, &tat, stalled).is_ok())
+            .count();
+        assert_eq!(
+            passed,
+            7 + 15,
+            "the store's last word and 150 ms of refill, not a fresh burst of 100"
+        );
+        lease.settle(trade(2, 0), &limit, &tat, stalled);
+        let passed = (0..50)
+            .filter(|_| lease.admit(&limit, &tat, stalled).is_ok())
+            .count();
+        assert_eq!(passed, 2, "settled: the lease again");
     }
 
     #[test]
     fn concurrent_spending_never_exceeds_the_lease_and_credit() {
-        let limit = limit(64_000, 64_000);
+        let (limit, tat) = (limit(64_000, 64_000), AtomicI64::new(0));
         let lease = Lease::default();
-        lease.settle(Trade {
-            granted: 1000,
-            remaining: 5,
-            retry_after_ms: 0,
-        });
+        lease.settle(trade(1000, 5), &limit, &tat, NOW);
         let passed: usize = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..4)
-                .map(|_| scope.spawn(|| (0..1000).filter(|_| lease.admit(&limit).is_ok()).count()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..1000)
+                            .filter(|_| lease.admit(&limit, &tat, NOW).is_ok())
+                            .count()
+                    })
+                })
                 .collect();
             workers.into_iter().map(|w| w.join().expect("joins")).sum()
         });

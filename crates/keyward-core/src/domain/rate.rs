@@ -202,6 +202,23 @@ impl Gcra {
         }
     }
 
+    /// A theoretical arrival time at which `remaining` requests could pass
+    /// at `now`: to carry a shared budget's state into this limiter when
+    /// it takes over (see [`super::lease`]).
+    #[must_use]
+    pub fn tat_for_remaining(&self, remaining: u32, now: i64) -> i64 {
+        let remaining = i64::from(remaining.min(self.burst));
+        now.saturating_add(self.tolerance)
+            .saturating_sub((remaining - 1).saturating_mul(self.interval))
+    }
+
+    /// Milliseconds until the full burst is available again, with
+    /// `remaining` requests passable now.
+    #[must_use]
+    pub fn reset_ms(&self, remaining: u32) -> u32 {
+        millis(i64::from(self.burst.saturating_sub(remaining)).saturating_mul(self.interval))
+    }
+
     fn after(&self, next: i64, now: i64) -> Quota {
         // Another request passes while TAT - now <= tolerance.
         let slack = self.tolerance - (next - now);
