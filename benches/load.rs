@@ -277,7 +277,7 @@ impl Server {
             ])
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .env("RUST_LOG", "warn,keyward::server=info")
+            .env("RUST_LOG", "warn,keyward::server=info,keyward::usage=info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
