@@ -113,7 +113,7 @@ pub struct UsageArgs {
     /// sidecar using this store, and per-key usage is summed there. Not
     /// given: each sidecar enforces rate limits on its own. The URL is never
     /// logged whole; prefer --usage-store-password-file to a password in it.
-    #[arg(long, env = "KEYWARD_USAGE_STORE")]
+    #[arg(long, env = "KEYWARD_USAGE_STORE", hide_env_values = true)]
     pub usage_store: Option<String>,
 
     /// The usage store is a Redis Cluster; --usage-store names one node.

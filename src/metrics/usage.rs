@@ -45,7 +45,7 @@ impl UsageMetrics {
             dropped: registered(
                 registry,
                 "usage_counts_dropped",
-                "Decisions whose per-key counts were dropped: held an hour while the usage store was away",
+                "Decisions whose per-key counts were dropped: held an hour while the usage store (or a standalone's own database) was away, or in a write that failed and may or may not have been applied (never sent twice)",
                 Counter::default(),
             ),
             leased_keys: registered(

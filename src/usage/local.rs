@@ -105,23 +105,35 @@ impl LocalStore {
     }
 
     /// Adds one key's counts for one minute (Unix seconds at its start) to
-    /// its minute and hour buckets, and drops its buckets past their
-    /// keeping time (as Redis's TTLs do).
+    /// its minute and hour buckets, all or nothing (a failure part-way
+    /// must not leave some of them in, to be added again), then drops its
+    /// buckets past their keeping time (as Redis's TTLs do; best effort,
+    /// the next write tries again).
     pub fn add(&self, id: &KeyId, minute: i64, tally: &[u64; OUTCOMES]) -> Result<(), sled::Error> {
         let hour = minute - minute.rem_euclid(3600);
+        let mut keys = Vec::new();
         for (outcome, count) in tally.iter().enumerate().filter(|(_, count)| **count > 0) {
             let outcome = u8::try_from(outcome).unwrap_or(u8::MAX);
-            for key in [
-                bucket_key(id, MINUTES, minute, outcome),
-                bucket_key(id, HOURS, hour, outcome),
-            ] {
-                self.db.update_and_fetch(key, |old| {
-                    Some((old.map_or(0, count_of) + count).to_le_bytes().to_vec())
-                })?;
-            }
+            keys.push((bucket_key(id, MINUTES, minute, outcome), *count));
+            keys.push((bucket_key(id, HOURS, hour, outcome), *count));
         }
-        self.prune(id, MINUTES, minute - MINUTES_TTL_SECONDS)?;
-        self.prune(id, HOURS, minute - HOURS_TTL_SECONDS)
+        self.db
+            .transaction(|tx| {
+                for (key, count) in &keys {
+                    let old = tx.get(key)?.map_or(0, |value| count_of(&value));
+                    tx.insert(&key[..], &(old + count).to_le_bytes()[..])?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|error| match error {
+                sled::transaction::TransactionError::Storage(error) => error,
+                sled::transaction::TransactionError::Abort(()) => {
+                    sled::Error::Unsupported("aborted".into())
+                }
+            })?;
+        let _ = self.prune(id, MINUTES, minute - MINUTES_TTL_SECONDS);
+        let _ = self.prune(id, HOURS, minute - HOURS_TTL_SECONDS);
+        Ok(())
     }
 
     fn prune(&self, id: &KeyId, kind: u8, before: i64) -> Result<(), sled::Error> {

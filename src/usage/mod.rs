@@ -6,7 +6,8 @@
 //! (`keyward_core::domain::lease`: one atomic subtraction) and is counted
 //! here ([`counts`]). A background task ([`sync`]) trades every active
 //! lease with the store each [`sync::TICK`] (unused tokens back, credit
-//! paid, the next share taken, one pipelined round trip for all keys) and
+//! paid, the next share taken: one script call per key, many in flight on
+//! one connection) and
 //! sums the counts into the store each second. While the store is away,
 //! rate limits are each sidecar's own again (as without a usage store),
 //! counts wait (an hour at most), and the state change is logged once and

@@ -194,7 +194,10 @@ impl Store {
             let mut builder = redis::cluster::ClusterClientBuilder::new(vec![info])
                 .response_timeout(RESPONSE_TIMEOUT)
                 .connection_timeout(RESPONSE_TIMEOUT)
-                .retries(1);
+                // No retries: a resent trade or count write may apply twice
+                // (the first may have landed before the connection broke);
+                // a failed round is retried whole, from fresh leases.
+                .retries(0);
             if let Some(ca) = &connection.ca {
                 builder = builder.certs(certificates(ca));
             }

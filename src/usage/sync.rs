@@ -1,7 +1,8 @@
 //! The background task that keeps the usage plane and its store in step:
 //! leases traded every [`TICK`], counts flushed every [`FLUSH_EVERY`]
 //! ticks; while the store is away, a PING a second and nothing else
-//! (counts wait in memory, an hour at most).
+//! (counts wait in memory, an hour at most: older ones are dropped each
+//! second).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -33,6 +34,9 @@ const FLUSH_EVERY: u32 = 20;
 /// Ticks without demand after which a lease is given back and the key no
 /// longer traded (a second).
 const IDLE_TICKS: u32 = 20;
+
+/// How long a round may run before rate limits stop waiting on it.
+const ROUND_PATIENCE: Duration = Duration::from_millis(300);
 
 /// Trades in flight at once (one connection pipelines them).
 const TRADES_IN_FLIGHT: usize = 256;
@@ -80,13 +84,14 @@ impl UsagePlane {
                 () = stop.cancelled() => return,
             }
             if *health.borrow() != StoreHealth::Healthy {
+                self.age_counts();
                 continue;
             }
             let reopening = place.clone();
             let _ = tokio::task::spawn_blocking(move || reopening.reopen()).await;
             if let Err(error) = self.flush_local(place).await {
                 self.metrics.errors.inc();
-                tracing::warn!(%error, "usage counts could not be written; closed until the store is healthy");
+                tracing::warn!(%error, "usage counts could not be written; the database is closed and opened again in a second");
                 let closing = place.clone();
                 let _ = tokio::task::spawn_blocking(move || closing.close()).await;
             }
@@ -108,11 +113,17 @@ impl UsagePlane {
         if let Err(error) = flushed {
             tracing::warn!(%error, "the last usage counts could not be written");
         }
+        // Off the async workers: sled flushes and joins its thread on drop.
+        if let Place::Local(place) = &self.place {
+            let place = place.clone();
+            let _ = tokio::task::spawn_blocking(move || place.close()).await;
+        }
     }
 
     /// Sums the counts held into this sidecar's own database, durably.
     async fn flush_local(&self, place: &LocalPlace) -> Result<(), UsageStoreError> {
         let Some(local) = place.store() else {
+            self.age_counts();
             return Ok(());
         };
         let taken = self.counts.take();
@@ -154,7 +165,7 @@ impl UsagePlane {
             }
             tick = tick.wrapping_add(1);
             let result = if up == Some(true) {
-                self.round(connection, index, tick.is_multiple_of(FLUSH_EVERY))
+                self.watched_round(connection, index, tick.is_multiple_of(FLUSH_EVERY))
                     .await
             } else if tick % FLUSH_EVERY == 1 {
                 // Away: a PING a second and nothing else; once it answers,
@@ -167,6 +178,9 @@ impl UsagePlane {
             } else {
                 continue;
             };
+            if up != Some(true) && tick % FLUSH_EVERY == 1 {
+                self.age_counts();
+            }
             match (result, up) {
                 (Ok(()), None | Some(false)) => {
                     up = Some(true);
@@ -187,6 +201,40 @@ impl UsagePlane {
                 (Ok(()), Some(true)) => {}
             }
         }
+    }
+
+    /// A round while the store is up, watched: one that outlasts
+    /// [`ROUND_PATIENCE`] (the store stalled, with leases running dry
+    /// that it may never refill) makes rate limits each sidecar's own at
+    /// once, not when its commands time out; they are global again when it
+    /// ends well. It is never cut short (see [`Self::round`]).
+    async fn watched_round(
+        &self,
+        connection: &super::Connection,
+        index: &Index,
+        flush: bool,
+    ) -> Result<(), UsageStoreError> {
+        let round = self.round(connection, index, flush);
+        tokio::pin!(round);
+        tokio::select! {
+            result = &mut round => result,
+            () = tokio::time::sleep(ROUND_PATIENCE) => {
+                self.global_limits.store(false, Ordering::Relaxed);
+                let result = round.await;
+                if result.is_ok() {
+                    self.global_limits.store(true, Ordering::Relaxed);
+                }
+                result
+            }
+        }
+    }
+
+    /// Drops counts held past their hour (the store away, or the local
+    /// database closed), counting them as dropped.
+    fn age_counts(&self) {
+        let now = keyward_core::clock::now_nanos() / 1_000_000_000;
+        let dropped = self.counts.put_back(self.counts.take(), now);
+        self.metrics.dropped.inc_by(dropped);
     }
 
     /// The store's connection, connecting first if need be.
@@ -233,8 +281,20 @@ impl UsagePlane {
         self.metrics
             .leased_keys
             .set(i64::try_from(ids.len()).unwrap_or(i64::MAX));
+        // After a failure no further lease is taken: the round fails, and a
+        // lease not taken keeps deciding as it was.
+        let failed = &std::sync::atomic::AtomicBool::new(false);
         let results: Vec<Result<(), UsageStoreError>> = futures_util::stream::iter(ids)
-            .map(|id| self.trade(index, store.clone(), id))
+            .map(|id| async move {
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let result = self.trade(index, store.clone(), id).await;
+                if result.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                result
+            })
             .buffer_unordered(TRADES_IN_FLIGHT)
             .collect()
             .await;
@@ -254,6 +314,7 @@ impl UsagePlane {
             return Ok(());
         };
         let Some(limit) = entry.limit else {
+            entry.usage.lease.forget();
             self.leased.remove(&id);
             return Ok(());
         };
@@ -267,6 +328,9 @@ impl UsagePlane {
             if tokens == 0 {
                 lease.failed(0);
                 if idle >= IDLE_TICKS {
+                    // What the store said of the budget is stale by the
+                    // next request: a spent budget has refilled meanwhile.
+                    lease.forget();
                     self.leased.remove(&id);
                 }
                 return Ok(());
@@ -289,7 +353,10 @@ impl UsagePlane {
         let owed = tokens.min(0).unsigned_abs();
         match store.trade(&id, parts, give, owed, want).await {
             Ok(trade) => {
-                lease.settle(trade, &limit, tat, keyward_core::clock::now_nanos());
+                // The local limiter is set from the shared budget only while
+                // limits are global: otherwise it is the one deciding.
+                let local = self.global_limits.load(Ordering::Relaxed).then_some(tat);
+                lease.settle(trade, &limit, local, keyward_core::clock::now_nanos());
                 self.metrics.trades.inc();
                 Ok(())
             }

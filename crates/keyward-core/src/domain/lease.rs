@@ -75,7 +75,12 @@ impl Lease {
     pub fn admit(&self, limit: &Gcra, tat: &AtomicI64, now: i64) -> Result<Quota, Quota> {
         let since = self.trading_since.load(Ordering::Relaxed);
         if since != 0 && now - since > STALLED_NANOS {
-            return limit.admit(tat, now);
+            let admitted = limit.admit(tat, now);
+            if admitted.is_ok() {
+                // Owed to the shared budget: the next trade pays it.
+                self.tokens.fetch_sub(1, Ordering::Relaxed);
+            }
+            return admitted;
         }
         self.demand.fetch_add(1, Ordering::Relaxed);
         let spent = self.spent.load(Ordering::Relaxed);
@@ -132,20 +137,33 @@ impl Lease {
 
     /// Applies a trade at `now`: the granted tokens join the lease
     /// (decisions may have spent on credit since [`Self::take`]; that stays
-    /// owed), and the key's own limiter is set to the budget reported, for
-    /// when it must decide alone.
-    pub fn settle(&self, trade: Trade, limit: &Gcra, tat: &AtomicI64, now: i64) {
+    /// owed), and the key's own limiter (`tat`, when given: not while it is
+    /// the one deciding) is set to the budget reported, for when it must
+    /// decide alone.
+    pub fn settle(&self, trade: Trade, limit: &Gcra, tat: Option<&AtomicI64>, now: i64) {
         self.remaining.store(trade.remaining, Ordering::Relaxed);
         self.retry_after_ms
             .store(trade.retry_after_ms, Ordering::Relaxed);
         self.spent.store(trade.remaining == 0, Ordering::Relaxed);
         self.tokens
             .fetch_add(i64::from(trade.granted), Ordering::Relaxed);
-        tat.store(
-            limit.tat_for_remaining(trade.remaining, now),
-            Ordering::Relaxed,
-        );
+        if let Some(tat) = tat {
+            tat.store(
+                limit.tat_for_remaining(trade.remaining, now),
+                Ordering::Relaxed,
+            );
+        }
         self.trading_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Forgets what the store said of the budget (a key no longer traded:
+    /// by its next request that is stale, and a spent budget may have
+    /// refilled) and any tokens in hand.
+    pub fn forget(&self) {
+        self.spent.store(false, Ordering::Relaxed);
+        self.retry_after_ms.store(0, Ordering::Relaxed);
+        self.remaining.store(0, Ordering::Relaxed);
+        self.tokens.store(0, Ordering::Relaxed);
     }
 }
 
@@ -189,7 +207,7 @@ mod tests {
     fn granted_tokens_are_spent_then_a_spent_budget_refuses() {
         let (limit, tat) = (limit(100, 100), AtomicI64::new(0));
         let lease = Lease::default();
-        lease.settle(trade(5, 0), &limit, &tat, NOW);
+        lease.settle(trade(5, 0), &limit, Some(&tat), NOW);
         let passed = (0..20)
             .filter(|_| lease.admit(&limit, &tat, NOW).is_ok())
             .count();
@@ -197,6 +215,12 @@ mod tests {
         let refused = lease.admit(&limit, &tat, NOW).expect_err("refused");
         assert_eq!((refused.remaining, refused.retry_after_ms), (0, 10));
         assert_eq!(lease.take(NOW), (0, 21), "refusals leave no debt");
+        lease.failed(0);
+        lease.forget();
+        assert!(
+            lease.admit(&limit, &tat, NOW).is_ok(),
+            "forgotten: credit again, not a stale refusal"
+        );
     }
 
     #[test]
@@ -208,7 +232,7 @@ mod tests {
             lease.admit(&limit, &tat, NOW).is_ok(),
             "one token on credit"
         );
-        lease.settle(trade(3, 10), &limit, &tat, NOW);
+        lease.settle(trade(3, 10), &limit, Some(&tat), NOW);
         assert_eq!(lease.take(NOW).0, 2, "three granted, one owed");
     }
 
@@ -216,7 +240,7 @@ mod tests {
     fn a_failed_trade_keeps_the_debt_and_forgets_the_tokens_given_back() {
         let (limit, tat) = (limit(64, 64), AtomicI64::new(0));
         let lease = Lease::default();
-        lease.settle(trade(5, 10), &limit, &tat, NOW);
+        lease.settle(trade(5, 10), &limit, Some(&tat), NOW);
         let (taken, _) = lease.take(NOW);
         lease.failed(taken);
         assert_eq!(lease.take(NOW).0, 0, "five given back count as given");
@@ -228,7 +252,7 @@ mod tests {
     fn a_stalled_trade_hands_the_key_to_its_own_limiter_at_the_budget_reported() {
         let (limit, tat) = (limit(100, 100), AtomicI64::new(0));
         let lease = Lease::default();
-        lease.settle(trade(0, 7), &limit, &tat, NOW);
+        lease.settle(trade(0, 7), &limit, Some(&tat), NOW);
         let _ = lease.take(NOW);
         let stalled = NOW + STALLED_NANOS + 1;
         let passed = (0..50)
@@ -239,7 +263,12 @@ mod tests {
             7 + 15,
             "the store's last word and 150 ms of refill, not a fresh burst of 100"
         );
-        lease.settle(trade(2, 0), &limit, &tat, stalled);
+        assert_eq!(
+            lease.take(stalled).0,
+            -22,
+            "what the stall admitted is owed"
+        );
+        lease.settle(trade(2, 0), &limit, Some(&tat), stalled);
         let passed = (0..50)
             .filter(|_| lease.admit(&limit, &tat, stalled).is_ok())
             .count();
@@ -250,7 +279,7 @@ mod tests {
     fn concurrent_spending_never_exceeds_the_lease_and_credit() {
         let (limit, tat) = (limit(64_000, 64_000), AtomicI64::new(0));
         let lease = Lease::default();
-        lease.settle(trade(1000, 5), &limit, &tat, NOW);
+        lease.settle(trade(1000, 5), &limit, Some(&tat), NOW);
         let passed: usize = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..4)
                 .map(|_| {
