@@ -638,3 +638,70 @@ async fn a_key_name_cannot_forge_audit_fields_or_lines_in_the_human_log() {
         audit[0]
     );
 }
+
+/// `keyward keys usage`: a standalone sidecar's own counts, as totals and
+/// a bar per minute for people, every bucket for scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_usage_shows_a_keys_requests_as_totals_and_bars() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cwd = dir.path();
+    let server = Serve::start(cwd);
+    let created = ok(&server.keys(
+        cwd,
+        &[
+            "create",
+            "--name",
+            "used",
+            "--scope",
+            "mail.send",
+            "--account",
+            "acme",
+        ],
+    ));
+    let (key_id, secret) = (field(&created, "key_id:"), field(&created, "secret:"));
+    let mut authorizer = keyward::pb::v1::authorizer_client::AuthorizerClient::new(
+        common::connect(&format!("http://127.0.0.1:{}", server.port)).await,
+    );
+    for (path, method, times) in [("/v3/mail/send", "POST", 4), ("/v3/alerts", "GET", 3)] {
+        for _ in 0..times {
+            authorizer
+                .authorize(keyward::pb::v1::AuthorizeRequest {
+                    key: secret.to_owned(),
+                    method: method.into(),
+                    path: path.into(),
+                    client_ip: String::new(),
+                })
+                .await
+                .expect("answered");
+        }
+    }
+    // The counts reach the sidecar's own database within a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let json: serde_json::Value = loop {
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&server.keys(cwd, &["usage", key_id, "-o", "json"])))
+                .expect("JSON");
+        if json["totals"]["allowed"] == 4 || std::time::Instant::now() > deadline {
+            break json;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(json["totals"]["allowed"], 4, "{json}");
+    assert_eq!(json["totals"]["denied_by_reason"]["insufficient_scope"], 3);
+    assert_eq!(json["series"].as_array().expect("series").len(), 60);
+    let text = ok(&server.keys(cwd, &["usage", key_id, "--range", "24h"]));
+    assert!(
+        text.starts_with("last 24h by hour: 4 allowed, 3 denied"),
+        "{text}"
+    );
+    assert!(text.contains("denied insufficient_scope: 3"), "{text}");
+    assert!(text.contains("####"), "a bar: {text}");
+    let refused = server.keys(cwd, &["usage", key_id, "--range", "2h"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("range"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(server.terminate().success());
+}

@@ -44,6 +44,7 @@ pub(super) struct UsageArgs {
 struct Redis {
     child: Child,
     url: String,
+    port: u16,
 }
 
 impl Drop for Redis {
@@ -54,6 +55,33 @@ impl Drop for Redis {
 }
 
 impl Redis {
+    /// `redis-cli` against it; its output.
+    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .context("running redis-cli")?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The Redis keys of keyward key `id`, and the bytes Redis says they
+    /// take (`MEMORY USAGE`, overhead included).
+    fn footprint(&self, id: &str) -> anyhow::Result<(usize, u64)> {
+        let keys = self.cli(&["--scan", "--pattern", &format!("keyward:{{{id}}}:*")])?;
+        let mut bytes = 0;
+        let mut count = 0;
+        for key in keys.lines().filter(|line| !line.is_empty()) {
+            count += 1;
+            bytes += self
+                .cli(&["MEMORY", "USAGE", key])?
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+        Ok((count, bytes))
+    }
+
     fn start() -> anyhow::Result<Self> {
         let port = free_port()?;
         let child =
@@ -67,6 +95,7 @@ impl Redis {
         let redis = Self {
             child,
             url: format!("redis://127.0.0.1:{port}"),
+            port,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -340,7 +369,7 @@ async fn accuracy(args: &UsageArgs, redis: &Redis) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let usage = KeyManagerClient::new(channel(&servers[2].addr).await?)
         .get_key_usage(servers[2].as_admin(pb::GetKeyUsageRequest {
-            key_id: id,
+            key_id: id.clone(),
             range: String::new(),
         })?)
         .await?
@@ -352,6 +381,10 @@ async fn accuracy(args: &UsageArgs, redis: &Redis) -> anyhow::Result<()> {
         usage.allowed,
         usage.denied,
         allowed + 3
+    );
+    let (keys, bytes) = redis.footprint(&id)?;
+    println!(
+        "Redis for this key: {keys} keys, {bytes} bytes (MEMORY USAGE: its budget, and this minute's and hour's counts of 2 outcomes)"
     );
     Ok(())
 }
