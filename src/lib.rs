@@ -75,7 +75,8 @@
 //! - [`usage`]: the usage plane, beside the write path: a key's rate limit
 //!   held across every sidecar through leases on a budget in the usage
 //!   store (Redis), and per-key decision counts summed there
-//!   (`usage::counts` here, `usage::sync` the background task that trades
+//!   (`usage::counts`, the core's, shared with the Envoy module;
+//!   `usage::local` a standalone's own counts; `usage::sync` the background task that trades
 //!   and flushes, `usage::store` Redis itself, `usage::series` what
 //!   management shows). Decisions never wait on it.
 //! - [`store`]: sled (standalone truth, or etcd's local replica), versioned

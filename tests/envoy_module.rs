@@ -720,6 +720,12 @@ async fn fail_closed_until_synced_then_the_last_copy_decides_while_the_sidecar_i
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Its decisions are counted too: the key's usage, read from the
+    // sidecar, holds requests only the module decided.
+    common::await_usage(sidecar.manager().await, &admin, &key_id, |usage| {
+        usage.allowed > 0
+    })
+    .await;
 
     // The sidecar dies: the copy keeps deciding (both ways); the strict
     // one refuses once its copy is older than its max staleness.

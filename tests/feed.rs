@@ -210,6 +210,7 @@ async fn reported_uses_become_last_used() {
                         at_unix_nanos: at,
                     },
                 ],
+                ..Default::default()
             },
         ))
         .await
@@ -247,7 +248,13 @@ async fn reported_uses_become_last_used() {
         ),
     ] {
         let refused = client
-            .report_use(bearer(&server.admin, pb::ReportUseRequest { uses }))
+            .report_use(bearer(
+                &server.admin,
+                pb::ReportUseRequest {
+                    uses,
+                    ..Default::default()
+                },
+            ))
             .await;
         assert_status(refused.map(|_| ()), Code::InvalidArgument, field);
     }
@@ -362,6 +369,7 @@ async fn reported_uses_of_keys_that_could_not_decide_are_ignored() {
                         at_unix_nanos: after_expiry,
                     },
                 ],
+                ..Default::default()
             },
         ))
         .await
@@ -510,4 +518,53 @@ async fn a_snapshot_during_writes_converges_to_the_key_set() {
     }
     assert_eq!(live.len(), 400);
     assert_eq!(copy, live, "the copy is the key set");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_counts_join_the_keys_usage_and_bad_ones_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (id, _) = server.create_key("acct", &["mail.send"]).await;
+    let mut client = DecisionFeedClient::new(server.channel().await);
+    let now = keyward::clock::now_nanos() / 1_000_000_000;
+    let minute = now - now.rem_euclid(60);
+    let counts = |id: Vec<u8>, minute: i64, label: &str| pb::KeyCounts {
+        id,
+        minute_unix: minute,
+        outcomes: [("allowed".to_owned(), 5), (label.to_owned(), 2)].into(),
+    };
+    let report = |counts: Vec<pb::KeyCounts>| {
+        bearer(
+            &server.admin,
+            pb::ReportUseRequest {
+                counts,
+                ..Default::default()
+            },
+        )
+    };
+    // Malformed: an unknown outcome, a minute out of range, a short id.
+    for bad in [
+        counts(id_bytes(&id), minute, "made_up"),
+        counts(id_bytes(&id), minute - 7200, "rate_limited"),
+        counts(id_bytes(&id), minute + 7, "rate_limited"),
+        counts(vec![1; 15], minute, "rate_limited"),
+    ] {
+        let refused = client.report_use(report(vec![bad])).await;
+        assert_status(refused.map(|_| ()), Code::InvalidArgument, "counts.");
+    }
+    // A live key's counts are kept; a key that is not live is dropped.
+    let applied = client
+        .report_use(report(vec![
+            counts(id_bytes(&id), minute, "rate_limited"),
+            counts(vec![7; 16], minute, "rate_limited"),
+        ]))
+        .await
+        .expect("reported")
+        .into_inner();
+    assert_eq!(applied.counts_applied, 1);
+    let usage = common::await_usage(server.manager().await, &server.admin, &id, |usage| {
+        usage.allowed == 5
+    })
+    .await;
+    assert_eq!(usage.denied_by_reason.get("rate_limited"), Some(&2));
 }

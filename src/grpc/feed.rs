@@ -39,6 +39,7 @@ use crate::pb::v1 as pb;
 use crate::pb::v1::feed_event::Event;
 use crate::refusal::invalid;
 use crate::store::index::{Entry, Index};
+use keyward_core::counts::{KeyMinute, OUTCOMES, Tally, outcome};
 
 /// Feed streams open at once (each is a whole snapshot's read).
 pub const MAX_WATCHERS: usize = 16;
@@ -84,6 +85,8 @@ pub struct FeedService {
     watchers: Arc<Watchers>,
     stop: tokio::sync::watch::Receiver<bool>,
     counters: FeedCounters,
+    /// Where reported decision counts go (none: they are dropped).
+    usage: Option<Arc<crate::usage::UsagePlane>>,
 }
 
 /// The streams open now, oldest first, each with the token that displaces
@@ -145,7 +148,15 @@ impl FeedService {
             watchers: Arc::default(),
             stop,
             counters,
+            usage: None,
         }
+    }
+
+    /// The same, reported decision counts summed into `usage`.
+    #[must_use]
+    pub fn with_usage(mut self, usage: Option<Arc<crate::usage::UsagePlane>>) -> Self {
+        self.usage = usage;
+        self
     }
 
     /// Admits the feed reader token (compared as hashes, in constant
@@ -228,7 +239,9 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
         request: Request<pb::ReportUseRequest>,
     ) -> Result<Response<pb::ReportUseResponse>, Status> {
         self.admin(&request).await?;
-        let uses = request.into_inner().uses;
+        let request = request.into_inner();
+        let counts = parse_counts(&request.counts)?;
+        let uses = request.uses;
         if uses.len() > MAX_USES_PER_REPORT {
             return Err(invalid(
                 "uses",
@@ -255,10 +268,60 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
             .iter()
             .filter(|(id, at)| self.index.note_use(id, *at, now))
             .count();
+        // Counts of live keys only: a key deleted since is not charged.
+        let counted = self.usage.as_ref().map_or(0, |usage| {
+            let live: Vec<_> = counts
+                .into_iter()
+                .filter(|((id, _), _)| self.index.contains(id))
+                .collect();
+            let applied = live.len();
+            usage.add_reported(live);
+            applied
+        });
         Ok(Response::new(pb::ReportUseResponse {
             applied: u32::try_from(applied).unwrap_or(u32::MAX),
+            counts_applied: u32::try_from(counted).unwrap_or(u32::MAX),
         }))
     }
+}
+
+/// A report's decision counts, checked: 16-byte ids, minutes within the
+/// last hour (and not ahead), known outcomes, at most
+/// [`MAX_USES_PER_REPORT`] entries.
+fn parse_counts(counts: &[pb::KeyCounts]) -> Result<Vec<KeyMinute>, Status> {
+    if counts.len() > MAX_USES_PER_REPORT {
+        return Err(invalid(
+            "counts",
+            format!("at most {MAX_USES_PER_REPORT} per report"),
+        ));
+    }
+    let now = crate::clock::now_nanos() / 1_000_000_000;
+    counts
+        .iter()
+        .enumerate()
+        .map(|(at, counted)| {
+            let id = <[u8; 16]>::try_from(counted.id.as_slice())
+                .map_err(|_| invalid("counts.id", format!("entry {at}: must be 16 bytes")))?;
+            let minute = counted.minute_unix;
+            if minute.rem_euclid(60) != 0 || !(now - 3600..=now + 60).contains(&minute) {
+                return Err(invalid(
+                    "counts.minute_unix",
+                    format!("entry {at}: must be a minute's start within the last hour"),
+                ));
+            }
+            let mut tally: Tally = [0; OUTCOMES];
+            for (label, count) in &counted.outcomes {
+                let outcome = outcome(label).ok_or_else(|| {
+                    invalid(
+                        "counts.outcomes",
+                        format!("entry {at}: unknown outcome {label:?}"),
+                    )
+                })?;
+                tally[outcome] = tally[outcome].saturating_add(*count);
+            }
+            Ok(((KeyId::from_bytes(id), minute), tally))
+        })
+        .collect()
 }
 
 pin_project_lite::pin_project! {

@@ -221,16 +221,19 @@ fn feed_service(
     app: &App,
     stop: &Stop,
 ) -> pb::v1::decision_feed_server::DecisionFeedServer<FeedService> {
-    pb::v1::decision_feed_server::DecisionFeedServer::new(FeedService::new(
-        Arc::clone(&app.index),
-        app.feed.clone(),
-        Arc::clone(&app.tables),
-        app.access(),
-        app.feed_reader,
-        app.keys.replication(),
-        stop.subscribe(),
-        app.metrics.feed(),
-    ))
+    pb::v1::decision_feed_server::DecisionFeedServer::new(
+        FeedService::new(
+            Arc::clone(&app.index),
+            app.feed.clone(),
+            Arc::clone(&app.tables),
+            app.access(),
+            app.feed_reader,
+            app.keys.replication(),
+            stop.subscribe(),
+            app.metrics.feed(),
+        )
+        .with_usage(app.usage.clone()),
+    )
     .max_decoding_message_size(app.limits.max_message_bytes)
 }
 

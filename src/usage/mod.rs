@@ -13,7 +13,7 @@
 //! counts wait (an hour at most), and the state change is logged once and
 //! exported as `keyward_usage_store_up`.
 
-pub mod counts;
+pub use keyward_core::counts;
 pub mod local;
 pub mod series;
 pub mod store;
@@ -110,6 +110,14 @@ impl UsagePlane {
         {
             self.leased.insert(id, 0);
         }
+    }
+
+    /// Decision counts another decider reported (an Envoy module, through
+    /// the decision feed), for live keys: summed with this sidecar's own.
+    pub fn add_reported(&self, counts: Vec<counts::KeyMinute>) {
+        let now = keyward_core::clock::now_nanos() / 1_000_000_000;
+        let dropped = self.counts.put_back(counts, now);
+        self.metrics.dropped.inc_by(dropped);
     }
 
     /// One key's usage over `range`, summed over every sidecar.

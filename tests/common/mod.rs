@@ -519,3 +519,37 @@ pub async fn rest_call(
         .unwrap_or(serde_json::Value::Null);
     (status, json)
 }
+
+/// Waits until `id`'s usage over the last hour, read through `manager` as
+/// `credential`, satisfies `done`; the totals then.
+pub async fn await_usage(
+    mut manager: KeyManagerClient<Channel>,
+    credential: &str,
+    id: &str,
+    done: impl Fn(&pb::UsageCounts) -> bool,
+) -> pb::UsageCounts {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let totals = manager
+            .get_key_usage(bearer(
+                credential,
+                pb::GetKeyUsageRequest {
+                    key_id: id.to_owned(),
+                    range: String::new(),
+                },
+            ))
+            .await
+            .expect("usage")
+            .into_inner()
+            .totals
+            .expect("totals");
+        if done(&totals) {
+            return totals;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage never reached what was expected: {totals:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -15,6 +15,7 @@
 //! [`Decision`]: domain::decision::Decision
 
 pub mod clock;
+pub mod counts;
 pub mod decide;
 pub mod domain;
 pub mod index;

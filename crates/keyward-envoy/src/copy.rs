@@ -41,6 +41,9 @@ pub struct Shared {
     pub uses: SyncSender<(KeyId, i64)>,
     /// Uses dropped because the buffer was full.
     pub uses_dropped: AtomicU64,
+    /// Decisions per key and minute, reported to the sidecar for the
+    /// key's usage (verified keys only: a flood of made-up ids adds none).
+    pub counts: keyward_core::counts::Counts,
     /// Settings from Envoy's config.
     pub settings: Settings,
     /// Set when Envoy destroys the filter config: the sync thread ends.
@@ -95,6 +98,8 @@ impl Shared {
         let (decision, new_minute) =
             copy.decider
                 .decide_noting_use(authorization, client, method, path);
+        self.counts
+            .record(&decision, clock::recent_now_nanos() / 1_000_000_000);
         if !decision.allowed() {
             return Verdict::Deny(reply::denied(&decision, &copy.catalog));
         }

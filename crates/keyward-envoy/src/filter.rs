@@ -24,6 +24,7 @@ pub fn new_config(config: &[u8]) -> Result<Arc<Shared>, String> {
         live: AtomicBool::new(false),
         uses,
         uses_dropped: AtomicU64::new(0),
+        counts: keyward_core::counts::Counts::default(),
         settings,
         stop: AtomicBool::new(false),
     });

@@ -28,7 +28,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::copy::{Copy, Shared};
 use crate::pb::decision_feed_client::DecisionFeedClient;
 use crate::pb::feed_event::Event;
-use crate::pb::{FeedEvent, KeyState, KeyUse, ReportUseRequest, WatchRequest};
+use crate::pb::{FeedEvent, KeyCounts, KeyState, KeyUse, ReportUseRequest, WatchRequest};
+use keyward_core::counts::label;
 
 /// Longest wait between attempts to reach the sidecar.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -313,8 +314,9 @@ fn entry_of(key: &KeyState, account: Arc<str>) -> Result<(KeyId, Entry), String>
     Ok((id, entry))
 }
 
-/// Every `report_use_every_ms`, sends the uses waiting (a failed report
-/// is dropped: the next minute's use reports again).
+/// Every `report_use_every_ms`, sends the uses waiting and the decisions
+/// counted (a failed report is dropped: the next minute's use reports
+/// again; its counts are lost, rather than risk counting them twice).
 async fn report_uses(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) {
     let every = Duration::from_millis(shared.settings.report_use_every_ms);
     let mut client: Option<DecisionFeedClient<Channel>> = None;
@@ -328,7 +330,23 @@ async fn report_uses(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) {
                 at_unix_nanos: at,
             })
             .collect();
-        if batch.is_empty() {
+        let counts: Vec<KeyCounts> = shared
+            .counts
+            .take()
+            .into_iter()
+            .take(MAX_USES_PER_REPORT)
+            .map(|((id, minute), tally)| KeyCounts {
+                id: id.as_bytes().to_vec(),
+                minute_unix: minute,
+                outcomes: tally
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, count)| **count > 0)
+                    .map(|(outcome, count)| (label(outcome).to_owned(), *count))
+                    .collect(),
+            })
+            .collect();
+        if batch.is_empty() && counts.is_empty() {
             continue;
         }
         if client.is_none() {
@@ -336,7 +354,13 @@ async fn report_uses(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) {
         }
         let (Some(feed), Ok(request)) = (
             client.as_mut(),
-            bearer(&shared, ReportUseRequest { uses: batch }),
+            bearer(
+                &shared,
+                ReportUseRequest {
+                    uses: batch,
+                    counts,
+                },
+            ),
         ) else {
             continue;
         };

@@ -1,5 +1,6 @@
-//! Decisions per key and minute, counted here until the next flush sums
-//! them into the usage store.
+//! Decisions per key and minute, counted where they are made (a sidecar,
+//! an Envoy module) until the next flush sums them into the usage store
+//! (a module's, through its sidecar).
 //!
 //! Only a verified key is counted (a decision that found the key's account):
 //! a flood of made-up ids creates nothing here or in Redis. Held at most
@@ -10,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
-use keyward_core::domain::decision::{Decision, DenyReason};
-use keyward_core::domain::key::KeyId;
+use crate::domain::decision::{Decision, DenyReason};
+use crate::domain::key::KeyId;
 
 /// Outcomes counted: allowed, then each deny reason at its index.
 pub const OUTCOMES: usize = 1 + DenyReason::COUNT;
@@ -23,6 +24,9 @@ pub const KEPT_MINUTES: i64 = 60;
 /// One key's counts in one minute, by outcome.
 pub type Tally = [u64; OUTCOMES];
 
+/// One key's counts in one minute (Unix seconds at its start).
+pub type KeyMinute = ((KeyId, i64), Tally);
+
 /// A [`Tally`] decisions add to under a shared lock.
 type Counting = [AtomicU64; OUTCOMES];
 
@@ -33,6 +37,18 @@ pub fn label(outcome: usize) -> &'static str {
         None => "allowed",
         Some(reason) => DenyReason::ALL[reason].label(),
     }
+}
+
+/// The outcome a label names (what [`label`] gives), if any.
+#[must_use]
+pub fn outcome(label: &str) -> Option<usize> {
+    if label == "allowed" {
+        return Some(0);
+    }
+    DenyReason::ALL
+        .iter()
+        .position(|reason| reason.label() == label)
+        .map(|reason| reason + 1)
 }
 
 /// Counts not yet in the usage store.
@@ -113,7 +129,7 @@ impl Counts {
 mod tests {
     use std::sync::Arc;
 
-    use keyward_core::domain::scope_set::ScopeSet;
+    use crate::domain::scope_set::ScopeSet;
 
     use super::*;
 
