@@ -191,6 +191,12 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_costs_every_index_entry_32_bytes() {
+        // docs/usage.md states it: every key's entry carries one.
+        assert_eq!(std::mem::size_of::<Lease>(), 32);
+    }
+
+    #[test]
     fn a_fresh_lease_spends_on_credit_then_refuses() {
         let (limit, tat) = (limit(640, 640), AtomicI64::new(0));
         let lease = Lease::default();
