@@ -332,12 +332,17 @@ async fn list(
     Ok(axum::Json(reply).into_response())
 }
 
-/// The page a listing's query asks for.
-fn page(query: &str) -> Result<PageRequest, KeyError> {
-    let query: ListQuery = serde_urlencoded::from_str(query).map_err(|e| KeyError::Invalid {
+/// A route's query string, read as `T`; refused as the field `query`.
+pub(super) fn query<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, KeyError> {
+    serde_urlencoded::from_str(query).map_err(|e| KeyError::Invalid {
         field: "query",
         problem: e.to_string(),
-    })?;
+    })
+}
+
+/// The page a listing's query asks for.
+fn page(query: &str) -> Result<PageRequest, KeyError> {
+    let query: ListQuery = self::query(query)?;
     let size = match query.limit {
         None => 0,
         Some(text) => {

@@ -38,9 +38,8 @@ pub(super) async fn usage(
     KeyIdPath(id): KeyIdPath,
     RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
-    // An unreadable query is a malformed range, refused like one.
-    let range = serde_urlencoded::from_str::<UsageQuery>(query.as_deref().unwrap_or(""))
-        .map_or_else(|_| "?".to_owned(), |query| query.range.unwrap_or_default());
+    let range = super::handlers::query::<UsageQuery>(query.as_deref().unwrap_or(""))
+        .map(|query| query.range.unwrap_or_default())?;
     let usage = rest
         .manager
         .usage(&principal, &id, Rest::named_account(&headers), Ok(&range))
