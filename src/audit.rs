@@ -49,6 +49,15 @@ pub fn changed(
             limit.period().as_millis(),
             limit.burst()
         )),
+        credits = access.credits.map(|credits| match credits.refill {
+            Some(refill) => format!(
+                "{} (set to {} every {}s)",
+                credits.remaining,
+                refill.amount(),
+                refill.period().as_secs()
+            ),
+            None => credits.remaining.to_string(),
+        }),
         rotated = before.is_some_and(|b| b.access.secret != access.secret),
         trace_id = trace.as_ref().map(crate::trace::TraceParent::trace_id),
         leaked_at_url = after.leak.as_ref().map(|leak| leak.url.as_str()),

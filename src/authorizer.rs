@@ -10,12 +10,18 @@ pub use keyward_core::decide::{AuthFailure, Decider, bearer_credential};
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::key::KeyId;
 use crate::domain::route::{Method, RouteTable};
+use crate::keys::KeyError;
 use crate::keys::demand::{Lookup, OnDemand};
 use crate::store::index::{Index, Verified};
+use crate::usage::credits::{CreditKeeper, RESERVE_PATIENCE};
 
 /// Fetches of one first sight a decision makes (see
 /// [`Authorizer::decide_fetching`]).
 const FIRST_SIGHT_ATTEMPTS: usize = 2;
+
+/// Reservations one decision waits for (see
+/// [`Authorizer::decide_fetching`]).
+const RESERVATION_ATTEMPTS: usize = 2;
 
 /// Decides requests. Synchronous, allocation-free, never touches disk.
 /// On an on-demand replica, a key the index does not hold is fetched
@@ -24,6 +30,7 @@ const FIRST_SIGHT_ATTEMPTS: usize = 2;
 pub struct Authorizer {
     decider: Decider,
     demand: Option<Arc<OnDemand>>,
+    credits: Option<Arc<CreditKeeper>>,
 }
 
 impl Authorizer {
@@ -33,6 +40,7 @@ impl Authorizer {
         Self {
             decider: Decider::new(index, routes),
             demand: None,
+            credits: None,
         }
     }
 
@@ -54,10 +62,56 @@ impl Authorizer {
         self
     }
 
+    /// The same, reserving credits through `keeper` when a decision finds
+    /// a key's lease empty (see [`Self::decide_fetching`]).
+    #[must_use]
+    pub fn with_credits(mut self, keeper: Arc<CreditKeeper>) -> Self {
+        self.credits = Some(keeper);
+        self
+    }
+
     /// [`Self::decide`], fetching the key first if this is an on-demand
-    /// replica that does not hold it. A held key (every key of a full
-    /// replica) is decided with no await: the same path as `decide`.
+    /// replica that does not hold it, and waiting for a reservation when
+    /// the key's credits lease is empty while its record has some. Every
+    /// other decision (every decision in the steady state) is made with no
+    /// await: the same path as `decide`.
     pub async fn decide_fetching(
+        &self,
+        credential: &str,
+        client: Option<IpAddr>,
+        method: Option<Method>,
+        path: &str,
+    ) -> Decision {
+        let mut decision = self.fetching(credential, client, method, path).await;
+        let Some(keeper) = &self.credits else {
+            return decision;
+        };
+        // Twice at most: the credits one reservation brings can be spent by
+        // requests deciding alongside before this one decides again.
+        for _ in 0..RESERVATION_ATTEMPTS {
+            let (true, Some(id)) = (decision.credits_reservable, decision.key_id) else {
+                return decision;
+            };
+            match tokio::time::timeout(RESERVE_PATIENCE, keeper.top_up(id)).await {
+                Ok(Ok(())) => decision = self.decide(credential, client, method, path),
+                // None left after all (another sidecar took the last): the
+                // refusal stands, with no wait left to offer.
+                Ok(Err(KeyError::NoCreditsLeft)) => break,
+                // The store of truth cannot take a reservation now: refused
+                // as unverifiable (503, retry later), never allowed on
+                // credit.
+                Ok(Err(_)) | Err(_) => {
+                    return AuthFailure::new(DenyReason::KeyUnverifiable, Some(id)).decision();
+                }
+            }
+        }
+        decision.credits_reservable = false;
+        decision
+    }
+
+    /// [`Self::decide`], fetching the key first if this is an on-demand
+    /// replica that does not hold it.
+    async fn fetching(
         &self,
         credential: &str,
         client: Option<IpAddr>,

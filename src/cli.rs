@@ -262,6 +262,26 @@ pub enum KeysCommand {
         #[arg(long)]
         none: bool,
     },
+    /// Set a key's usage credits (`--remaining 10000 [--refill
+    /// 10000/1d]`: each allowed request spends one; a refill sets the
+    /// remaining credits to its amount every period), or remove them
+    /// (`--none`).
+    Credits {
+        /// The key id.
+        // Ids are base64url: one in 64 starts with "-".
+        #[arg(allow_hyphen_values = true)]
+        key_id: String,
+        /// Credits to start with.
+        #[arg(long, required_unless_present = "none", conflicts_with = "none")]
+        remaining: Option<u64>,
+        /// Set the remaining credits to `amount` every period, e.g.
+        /// `10000/1d`, `500/h`.
+        #[arg(long, value_parser = parse_refill, requires = "remaining")]
+        refill: Option<Refill>,
+        /// No credits (unlimited use).
+        #[arg(long)]
+        none: bool,
+    },
     /// Disable a key: every decision denies it until `enable`.
     Disable {
         /// The key id.
@@ -326,6 +346,14 @@ pub struct CreateArgs {
     /// requests).
     #[arg(long, requires = "rate")]
     pub burst: Option<u32>,
+    /// Usage credits: how many requests the key may make in all.
+    /// Default: what the creating key has left, if it has credits.
+    #[arg(long)]
+    pub credits: Option<u64>,
+    /// Set the remaining credits to `amount` every period, e.g.
+    /// `10000/1d`.
+    #[arg(long, value_parser = parse_refill, requires = "credits")]
+    pub refill: Option<Refill>,
 }
 
 /// Runs one `keyward keys` command, printing its result to stdout.
@@ -361,6 +389,12 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
             burst,
             none: _,
         } => session.limit(key_id, rate, burst).await?,
+        KeysCommand::Credits {
+            key_id,
+            remaining,
+            refill,
+            none: _,
+        } => session.credits(key_id, credits(remaining, refill)).await?,
         KeysCommand::Disable { key_id } => session.disable(key_id).await?,
         KeysCommand::Enable { key_id } => session.enable(key_id).await?,
         KeysCommand::Expire {
@@ -452,16 +486,50 @@ impl Rate {
     }
 }
 
+/// A refill as given on the command line: `amount/period`.
+#[derive(Debug, Clone, Copy)]
+pub struct Refill {
+    amount: u64,
+    period: std::time::Duration,
+}
+
+/// Credits as given on the command line (`None`: none).
+fn credits(remaining: Option<u64>, refill: Option<Refill>) -> Option<pb::Credits> {
+    remaining.map(|remaining| pb::Credits {
+        remaining,
+        refill: refill.map(|refill| pb::CreditRefill {
+            amount: refill.amount,
+            period: prost_types::Duration::try_from(refill.period).ok(),
+        }),
+        next_refill_at: None,
+    })
+}
+
+/// `10000/1d`, `500/h`: an amount per a unit or a duration, as
+/// [`parse_rate`] reads a rate.
+fn parse_refill(text: &str) -> Result<Refill, String> {
+    let (amount, period) = per(text, "amount")?;
+    Ok(Refill { amount, period })
+}
+
 /// `100/s`, `5000/h`, `10/30s`: requests per a unit (`s`, `m`, `h`, `d`)
 /// or a duration. The server checks the range.
 fn parse_rate(text: &str) -> Result<Rate, String> {
-    let (requests, period) = text
+    let (requests, period) = per(text, "requests")?;
+    let requests = u32::try_from(requests).map_err(|_| format!("{requests}: too many requests"))?;
+    Ok(Rate { requests, period })
+}
+
+/// `N/period`: a count of `what` per a unit (`s`, `m`, `h`, `d`) or a
+/// duration.
+fn per(text: &str, what: &str) -> Result<(u64, std::time::Duration), String> {
+    let (count, period) = text
         .split_once('/')
-        .ok_or_else(|| format!("{text:?}: expected requests/period, e.g. 100/s"))?;
-    let requests = requests
+        .ok_or_else(|| format!("{text:?}: expected {what}/period, e.g. 100/s"))?;
+    let count = count
         .trim()
         .parse()
-        .map_err(|_| format!("{requests:?}: not a number of requests"))?;
+        .map_err(|_| format!("{count:?}: not a number of {what}"))?;
     let period = match period.trim() {
         "s" | "sec" | "second" => std::time::Duration::from_secs(1),
         "m" | "min" | "minute" => std::time::Duration::from_secs(60),
@@ -469,5 +537,5 @@ fn parse_rate(text: &str) -> Result<Rate, String> {
         "d" | "day" => std::time::Duration::from_secs(86_400),
         other => humantime::parse_duration(other).map_err(|e| format!("{other:?}: {e}"))?,
     };
-    Ok(Rate { requests, period })
+    Ok((count, period))
 }

@@ -73,6 +73,7 @@ pub fn rest_field(field: &'static str) -> &'static str {
         "page_size" => "limit",
         "overlap" => "overlap_seconds",
         "rate_limit.period" => "rate_limit.period_ms",
+        "credits.refill.period" => "credits.refill.period_seconds",
         other => other,
     }
 }
@@ -133,7 +134,7 @@ impl From<KeyError> for Refusal {
             KeyError::Unavailable => Self::storage_failing(),
             // A state of this deployment, not a fault: gRPC's mapping of
             // FAILED_PRECONDITION, 400.
-            KeyError::NoUsageStore => Self::same(
+            KeyError::NoUsageStore | KeyError::NoCreditsLeft => Self::same(
                 Code::FailedPrecondition,
                 StatusCode::BAD_REQUEST,
                 None,
@@ -224,7 +225,7 @@ pub fn ext_authz_code(reason: DenyReason) -> Code {
         | DenyReason::UnknownKey
         | DenyReason::KeyExpired
         | DenyReason::KeyDisabled => Code::Unauthenticated,
-        DenyReason::RateLimited => Code::ResourceExhausted,
+        DenyReason::RateLimited | DenyReason::CreditsExhausted => Code::ResourceExhausted,
         DenyReason::KeyUnverifiable => Code::Unavailable,
         DenyReason::InsufficientScope
         | DenyReason::UnknownRoute
@@ -251,6 +252,7 @@ pub fn wire(reason: Option<DenyReason>) -> pb::DenyReason {
         DenyReason::IpNotAllowed => pb::DenyReason::IpNotAllowed,
         DenyReason::RateLimited => pb::DenyReason::RateLimited,
         DenyReason::KeyUnverifiable => pb::DenyReason::KeyUnverifiable,
+        DenyReason::CreditsExhausted => pb::DenyReason::CreditsExhausted,
     }
 }
 

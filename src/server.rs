@@ -39,6 +39,7 @@ use crate::listen::{Bounds, Incoming};
 use crate::metrics::Metrics;
 use crate::store::db::StoreError;
 use crate::store::index::Index;
+use crate::usage::credits::CreditKeeper;
 
 pub use listeners::{GrpcListener, Listeners};
 
@@ -153,6 +154,8 @@ pub struct App {
     xff_trusted_hops: u32,
     /// The usage plane, with `--usage-store`.
     pub usage: Option<Arc<crate::usage::UsagePlane>>,
+    /// This sidecar's credit leases.
+    credits: Arc<CreditKeeper>,
 }
 
 impl App {
@@ -214,21 +217,7 @@ impl App {
         let (keys, index) = Keys::open(
             data_dir.join("db"),
             Arc::clone(&catalog),
-            &Settings {
-                max_per_account: config.max_keys_per_account as usize,
-                write_timeout: Duration::from_millis(config.store_timeout_ms),
-                last_used_every: Duration::from_millis(config.last_used_flush_ms),
-                replication: config
-                    .etcd
-                    .connection()
-                    .map_err(|(path, source)| ServerError::Io { path, source })?,
-                on_demand: (config.replica_mode == crate::config::ReplicaMode::OnDemand).then_some(
-                    crate::keys::demand::Demand {
-                        cache_keys: config.replica_cache_keys,
-                        fetch_rate: config.replica_fetch_rate,
-                    },
-                ),
-            },
+            &key_settings(config)?,
             Arc::clone(&metrics),
         )?;
         tracing::info!(
@@ -252,16 +241,20 @@ impl App {
             metrics.guessing_detected(),
         );
         let usage = usage_plane(config, usage_store, &metrics);
+        let keys = Arc::new(keys);
+        let credits = CreditKeeper::new(Arc::clone(&keys), Arc::clone(&index));
         Ok(Self {
             authorizer: Authorizer::new(Arc::clone(&index), routes)
                 .with_on_demand(keys.on_demand())
-                .with_global_limits(usage.as_ref().map(|usage| usage.global_limits())),
+                .with_global_limits(usage.as_ref().map(|usage| usage.global_limits()))
+                .with_credits(Arc::clone(&credits)),
+            credits,
             usage,
             index,
             feed,
             tables,
             feed_reader,
-            keys: Arc::new(keys),
+            keys,
             catalog,
             metrics,
             guard: Arc::new(guard),
@@ -297,6 +290,25 @@ impl Limits {
 /// GitHub's secret scanning keys, and what a verified leak does, when
 /// `--secret-scanning-keys` is set.
 type Scanning = (Arc<crate::scanning::KeyFile>, crate::keys::LeakAction);
+
+/// How the key store runs, as `config` says.
+fn key_settings(config: &ServeConfig) -> Result<Settings, ServerError> {
+    Ok(Settings {
+        max_per_account: config.max_keys_per_account as usize,
+        write_timeout: Duration::from_millis(config.store_timeout_ms),
+        last_used_every: Duration::from_millis(config.last_used_flush_ms),
+        replication: config
+            .etcd
+            .connection()
+            .map_err(|(path, source)| ServerError::Io { path, source })?,
+        on_demand: (config.replica_mode == crate::config::ReplicaMode::OnDemand).then_some(
+            crate::keys::demand::Demand {
+                cache_keys: config.replica_cache_keys,
+                fetch_rate: config.replica_fetch_rate,
+            },
+        ),
+    })
+}
 
 /// The usage plane: over the usage store when there is one; else, on a
 /// standalone sidecar (the only one deciding for its keys), its own counts
@@ -399,6 +411,8 @@ pub async fn run(
         ));
         (task, stop)
     });
+    let credits_stop = tokio_util::sync::CancellationToken::new();
+    let credits = tokio::spawn(Arc::clone(&app.credits).run(credits_stop.clone()));
     let stop = shutdown::Stop::new();
     // Ends when the servers do, so a server that fails on its own is
     // reported at once instead of waiting for a shutdown signal.
@@ -439,6 +453,10 @@ pub async fn run(
     {
         tracing::warn!("the last usage counts were not written in time");
     }
+    // After the last decision: unspent credits go back to the records
+    // (bounded: see `CreditKeeper::run`), before the store closes.
+    credits_stop.cancel();
+    let _ = credits.await;
     if let Some(path) = socket_file {
         let _ = std::fs::remove_file(path);
     }

@@ -208,6 +208,7 @@ async fn hostile_input_changes_nothing_and_the_server_keeps_serving() {
         expires_at: None,
         allowed_cidrs: Vec::new(),
         rate_limit: None,
+        credits: None,
     };
     let cases = vec![
         (create("", vec!["mail.send".into()]), "name:"),

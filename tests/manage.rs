@@ -22,6 +22,7 @@ fn create(name: &str, scopes: &[&str], account: &str) -> pb::CreateKeyRequest {
         expires_at: None,
         allowed_cidrs: Vec::new(),
         rate_limit: None,
+        credits: None,
     }
 }
 

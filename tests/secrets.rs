@@ -59,6 +59,7 @@ async fn no_secret_or_admin_token_escapes() {
                     expires_at: None,
                     allowed_cidrs: Vec::new(),
                     rate_limit: None,
+                    credits: None,
                 },
             ))
             .await

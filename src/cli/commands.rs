@@ -40,6 +40,8 @@ impl Session {
             allowed_cidrs,
             rate,
             burst,
+            credits,
+            refill,
         } = args;
         let request = self.authed(pb::CreateKeyRequest {
             name,
@@ -49,6 +51,7 @@ impl Session {
             expires_at: expires_in.map(from_now),
             allowed_cidrs,
             rate_limit: rate.map(|rate| rate.with_burst(burst)),
+            credits: super::credits(credits, refill),
         });
         let response = self.client.create_key(request).await?.into_inner();
         Ok(show_new_secret(response.key.as_ref(), &response.secret))
@@ -206,6 +209,17 @@ impl Session {
             rate_limit: rate.map(|rate| rate.with_burst(burst)),
         });
         let key = self.client.set_key_rate_limit(request).await?.into_inner();
+        Ok(show_key(&key))
+    }
+
+    /// `keys credits`.
+    pub(super) async fn credits(
+        &mut self,
+        key_id: String,
+        credits: Option<pb::Credits>,
+    ) -> anyhow::Result<Shown> {
+        let request = self.authed(pb::SetKeyCreditsRequest { key_id, credits });
+        let key = self.client.set_key_credits(request).await?.into_inner();
         Ok(show_key(&key))
     }
 

@@ -38,6 +38,17 @@ pub(super) fn key_json(key: &pb::ApiKey) -> serde_json::Value {
                 .map(|p| p.as_secs_f64()),
             "burst": limit.burst,
         })),
+        "credits": key.credits.as_ref().map(|credits| serde_json::json!({
+            "remaining": credits.remaining,
+            "refill": credits.refill.as_ref().map(|refill| serde_json::json!({
+                "amount": refill.amount,
+                "period_seconds": refill
+                    .period
+                    .and_then(|p| std::time::Duration::try_from(p).ok())
+                    .map(|p| p.as_secs()),
+            })),
+            "next_refill_at": time(credits.next_refill_at.as_ref()),
+        })),
         "leak": key.leak.as_ref().map(|leak| serde_json::json!({
             "reported_at": time(leak.reported_at.as_ref()),
             "url": leak.url,
@@ -90,6 +101,25 @@ pub(super) fn key_text(key: &pb::ApiKey) -> String {
             );
         }
         None => out.push_str("rate_limit: none\n"),
+    }
+    match &key.credits {
+        Some(credits) => {
+            let _ = write!(out, "credits:    {} remaining", credits.remaining);
+            if let (Some(refill), Some(next)) = (&credits.refill, &credits.next_refill_at) {
+                let period = refill
+                    .period
+                    .and_then(|p| std::time::Duration::try_from(p).ok())
+                    .unwrap_or_default();
+                let _ = write!(
+                    out,
+                    ", set to {} every {} (next {next})",
+                    refill.amount,
+                    humantime::format_duration(period)
+                );
+            }
+            out.push('\n');
+        }
+        None => out.push_str("credits:    unlimited\n"),
     }
     match &key.last_used_at {
         Some(at) => {

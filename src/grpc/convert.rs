@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::domain::catalog::{AccessLevel, KeyKind};
 use crate::domain::record::KeyRecord;
-use crate::manage::fields::{GivenDuration, GrantInput, RateLimitInput, UnixTime};
+use crate::manage::fields::{CreditsInput, GivenDuration, GrantInput, RateLimitInput, UnixTime};
 use crate::pb::v1 as pb;
 
 /// A grant as asked: `scopes` (none: not given) or `access` levels.
@@ -61,6 +61,32 @@ pub fn rate_limit(limit: Option<&pb::RateLimit>) -> Option<RateLimitInput> {
     })
 }
 
+/// A credits field.
+#[must_use]
+pub fn credits(credits: Option<&pb::Credits>) -> Option<CreditsInput> {
+    credits.map(|credits| CreditsInput {
+        remaining: credits.remaining,
+        refill: credits
+            .refill
+            .as_ref()
+            .map(|refill| (refill.amount, duration(refill.period.as_ref()))),
+    })
+}
+
+/// A key's credits as the API shows them.
+#[must_use]
+pub fn credits_pb(credits: &crate::domain::credits::Credits, now: i64) -> pb::Credits {
+    let credits = credits.due(now);
+    pb::Credits {
+        remaining: credits.remaining,
+        refill: credits.refill.map(|refill| pb::CreditRefill {
+            amount: refill.amount(),
+            period: prost_types::Duration::try_from(refill.period()).ok(),
+        }),
+        next_refill_at: credits.refill.map(|_| timestamp(credits.next_refill())),
+    }
+}
+
 /// The protobuf level of a domain level.
 #[must_use]
 pub fn access_level_pb(level: AccessLevel) -> pb::AccessLevel {
@@ -96,6 +122,7 @@ pub fn api_key(record: &KeyRecord, last_used: i64) -> pb::ApiKey {
             period: prost_types::Duration::try_from(limit.period()).ok(),
             burst: limit.burst(),
         }),
+        credits: access.credits.map(|credits| credits_pb(&credits, now)),
         last_used_at: (last_used != 0).then(|| timestamp(last_used)),
         leak: record.leak.as_ref().map(|leak| pb::KeyLeak {
             reported_at: Some(timestamp(leak.reported_at)),

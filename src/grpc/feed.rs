@@ -542,5 +542,6 @@ fn put(id: &KeyId, entry: &Entry) -> Event {
                 burst: parts.burst,
             }
         }),
+        credits: entry.credits.is_some(),
     })
 }

@@ -95,6 +95,7 @@ impl pb::key_manager_server::KeyManager for ManageService {
             expires_at: convert::time(request.expires_at.as_ref()),
             allowed_cidrs: request.allowed_cidrs,
             rate_limit: convert::rate_limit(request.rate_limit.as_ref()),
+            credits: convert::credits(request.credits.as_ref()),
         };
         let (record, secret) = self
             .manager
@@ -304,6 +305,20 @@ impl pb::key_manager_server::KeyManager for ManageService {
         let record = self
             .manager
             .set_rate_limit(&principal, (&request.key_id, Ok("")), Ok(limit))
+            .await?;
+        Ok(Response::new(self.show_to(&principal, &record)))
+    }
+
+    async fn set_key_credits(
+        &self,
+        request: Request<pb::SetKeyCreditsRequest>,
+    ) -> Result<Response<pb::ApiKey>, Status> {
+        let principal = caller(&request)?;
+        let request = request.into_inner();
+        let credits = convert::credits(request.credits.as_ref());
+        let record = self
+            .manager
+            .set_credits(&principal, (&request.key_id, Ok("")), Ok(credits))
             .await?;
         Ok(Response::new(self.show_to(&principal, &record)))
     }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::domain::credits::Credits;
 use crate::domain::key::{KeyId, NewKey, SecretHash};
 use crate::domain::rate::RateLimit;
 use crate::domain::record::{KeyRecord, Leak};
@@ -56,6 +57,14 @@ pub enum Change {
         /// What to change.
         state: StateChange,
     },
+    /// Credits moved between a key's record and this sidecar's lease on
+    /// them (the credit keeper's, never a caller's request).
+    Credits {
+        /// The key.
+        id: KeyId,
+        /// Which way.
+        movement: CreditMovement,
+    },
     /// A secret found in public (a verified secret scanning report): acted
     /// on only if it is the key's current secret, or its previous one in
     /// an open rotation overlap, as the truth says at the commit point.
@@ -68,6 +77,24 @@ pub enum Change {
         leak: Leak,
         /// What to do about it.
         action: LeakAction,
+    },
+}
+
+/// Credits moved between a key's record and a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreditMovement {
+    /// Reserve up to `want` credits (see `Credits::reserve`).
+    Reserve {
+        /// How many the lease wants.
+        want: u64,
+    },
+    /// Give back `amount` unspent credits of `period` (they lapse if the
+    /// key's credits were set anew or refilled since).
+    GiveBack {
+        /// How many.
+        amount: u64,
+        /// The credits' period they were reserved in.
+        period: i64,
     },
 }
 
@@ -128,7 +155,10 @@ impl Change {
                 action: LeakAction::Revoke,
                 ..
             } => Operation::Delete,
-            Self::Update { .. } | Self::SetState { .. } | Self::Leaked { .. } => Operation::Update,
+            Self::Update { .. }
+            | Self::SetState { .. }
+            | Self::Leaked { .. }
+            | Self::Credits { .. } => Operation::Update,
         }
     }
 }
@@ -239,6 +269,9 @@ pub enum KeyError {
     /// The usage store did not answer.
     #[error("the usage store is not answering; retry later")]
     UsageStoreAway,
+    /// A reservation found no credits left (or the key has none).
+    #[error("the key has no credits left to reserve")]
+    NoCreditsLeft,
 }
 
 /// The management operation being attempted, for its scope requirement.
@@ -293,6 +326,8 @@ pub struct StateChange {
     pub allowed_cidrs: Option<Vec<String>>,
     /// The new rate limit (`Some(None)`: remove it).
     pub rate_limit: Option<Option<RateLimit>>,
+    /// New usage credits (`Some(None)`: remove them).
+    pub credits: Option<Option<Credits>>,
 }
 
 /// A new key's lifecycle settings.
@@ -304,6 +339,8 @@ pub struct Lifecycle {
     pub allowed_cidrs: Vec<String>,
     /// Its rate limit, if any.
     pub rate_limit: Option<RateLimit>,
+    /// Its usage credits, if any.
+    pub credits: Option<Credits>,
 }
 
 /// Live keys per account, keyed by the one shared copy of each account id.

@@ -34,7 +34,8 @@ pub struct Mirror {
 /// A change to the index, made once its batch stands.
 #[derive(Debug)]
 enum IndexChange {
-    Put(KeyId, Entry),
+    /// Boxed: an entry is ten times the size of a removal.
+    Put(KeyId, Box<Entry>),
     Remove(KeyId),
 }
 
@@ -92,7 +93,7 @@ impl Mirror {
         let account = intern(&self.accounts, &record.account);
         self.pending.push(IndexChange::Put(
             record.id,
-            Entry::new(&record.access, scopes, Arc::clone(&account)),
+            Box::new(Entry::new(&record.access, scopes, Arc::clone(&account))),
         ));
         if put == Put::Created {
             *self.accounts.entry(account).or_default() += 1;
@@ -128,7 +129,7 @@ impl Mirror {
         for change in self.pending.drain(..) {
             match change {
                 IndexChange::Put(id, entry) => {
-                    self.index.replace(id, entry);
+                    self.index.replace(id, *entry);
                     // A held key's update is not a use; a key this sidecar
                     // created is held from now on.
                     if let Some(demand) = demand

@@ -426,6 +426,35 @@ impl Keys {
         }
     }
 
+    /// Moves credits between a key's record and this sidecar's lease on
+    /// them (see `usage::credits`): how many a reservation moved into the
+    /// lease, as the commit point counted them (0 for a give-back), and
+    /// the period of the key's credits after it.
+    pub async fn move_credits(
+        &self,
+        id: KeyId,
+        movement: change::CreditMovement,
+    ) -> Result<(u64, i64), KeyError> {
+        let committed = self
+            .submit(&Principal::Admin, Change::Credits { id, movement })
+            .await?;
+        let moved = match (movement, &committed.before) {
+            (change::CreditMovement::Reserve { .. }, Some(before)) => committed
+                .after
+                .access
+                .credits
+                .zip(before.access.credits)
+                .map_or(0, |(after, before)| after.reserved_from(&before)),
+            _ => 0,
+        };
+        let period = committed
+            .after
+            .access
+            .credits
+            .map_or(0, |credits| credits.refilled_at);
+        Ok((moved, period))
+    }
+
     /// Revokes a key: removed from disk, then from the index.
     pub async fn delete(&self, principal: &Principal, id: &KeyId) -> Result<KeyRecord, KeyError> {
         Ok(self

@@ -12,7 +12,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use super::change::{Change, Committed, Expiry, LeakAction, Operation, Rotation};
+use super::change::{Change, Committed, CreditMovement, Expiry, LeakAction, Operation, Rotation};
 use super::change::{KeyError, Lifecycle, Principal, StateChange};
 use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
@@ -110,8 +110,8 @@ impl Rules<'_> {
                 if let Some(caller) = caller
                     && let Some(limit) = before
                         .access
-                        .limits()
-                        .loosens(&caller.limits(), &Limit::ALL)
+                        .limits(now_nanos())
+                        .loosens(&caller.limits(now_nanos()), &Limit::ALL)
                 {
                     // Its new secret would let the caller escape its own limits.
                     return Err(KeyError::PermissionDenied(format!(
@@ -120,6 +120,13 @@ impl Rules<'_> {
                     )));
                 }
                 Ok(self.rotate(before, rotation))
+            }
+            Change::Credits { id, movement } => {
+                let before = view
+                    .get(&id)?
+                    .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
+                let scopes = self.catalog.resolve_stored(&before.scopes).0;
+                move_credits(before, scopes, movement)
             }
             Change::Leaked {
                 id,
@@ -218,6 +225,7 @@ impl Rules<'_> {
                 expires_at: lifecycle.expires_at,
                 allowed_cidrs: lifecycle.allowed_cidrs,
                 rate_limit: lifecycle.rate_limit,
+                credits: lifecycle.credits,
                 ..Access::new(key.hash)
             },
             leak: None,
@@ -298,6 +306,7 @@ impl Rules<'_> {
             state.expires_at.is_some(),
             state.allowed_cidrs.is_some(),
             state.rate_limit.is_some(),
+            state.credits.is_some(),
         ];
         if let Some(allowed_cidrs) = state.allowed_cidrs {
             access.allowed_cidrs = allowed_cidrs;
@@ -305,16 +314,20 @@ impl Rules<'_> {
         if let Some(limit) = state.rate_limit {
             access.rate_limit = limit;
         }
+        if let Some(credits) = state.credits {
+            access.credits = credits;
+        }
         if let Some(caller) = caller {
             let changed: Vec<Limit> = Limit::ALL
                 .into_iter()
                 .zip(set)
                 .filter_map(|(limit, set)| set.then_some(limit))
                 .collect();
-            let after = record.access.limits();
+            let now = now_nanos();
+            let after = record.access.limits(now);
             for (bound, than) in [
-                (before.access.limits(), "it was"),
-                (caller.limits(), "the calling key"),
+                (before.access.limits(now), "it was"),
+                (caller.limits(now), "the calling key"),
             ] {
                 if let Some(limit) = after.loosens(&bound, &changed) {
                     return Err(KeyError::Beyond {
@@ -426,12 +439,19 @@ fn inherit(mut lifecycle: Lifecycle, caller: Option<&Access>) -> Result<Lifecycl
         lifecycle.allowed_cidrs.clone_from(&caller.allowed_cidrs);
     }
     lifecycle.rate_limit = lifecycle.rate_limit.or(caller.rate_limit);
+    let now = now_nanos();
+    // A child of a key with credits gets at most what its creator has
+    // left: by default exactly that (a copy; the two are spent apart).
+    lifecycle.credits = lifecycle
+        .credits
+        .or_else(|| caller.credits.map(|credits| credits.due(now)));
     let child = Limits {
         expires_at: lifecycle.expires_at,
         allowed_cidrs: &lifecycle.allowed_cidrs,
         rate_limit: lifecycle.rate_limit,
+        credits: lifecycle.credits,
     };
-    match child.loosens(&caller.limits(), &Limit::ALL) {
+    match child.loosens(&caller.limits(now), &Limit::ALL) {
         None => Ok(lifecycle),
         Some(limit) => Err(KeyError::Beyond {
             field: limit.field(),
@@ -457,6 +477,40 @@ fn replaced(
         write: Write::Replace,
         scopes,
     }
+}
+
+/// Moves credits between `before`'s record and a lease. The record's
+/// update time stays: nobody changed the key's settings.
+fn move_credits(
+    before: KeyRecord,
+    scopes: ScopeSet,
+    movement: CreditMovement,
+) -> Result<Staged, KeyError> {
+    let now = now_nanos();
+    let mut record = before.clone();
+    let credits = record
+        .access
+        .credits
+        .as_mut()
+        .ok_or(KeyError::NoCreditsLeft)?;
+    match movement {
+        CreditMovement::Reserve { want } => {
+            let was = credits.due(now);
+            if credits.reserve(want, now) == 0 && *credits == was {
+                return Err(KeyError::NoCreditsLeft);
+            }
+        }
+        CreditMovement::GiveBack { amount, period } => credits.give_back(amount, period, now),
+    }
+    Ok(Staged {
+        committed: Committed {
+            before: Some(before),
+            after: record,
+            secret: None,
+        },
+        write: Write::Replace,
+        scopes,
+    })
 }
 
 /// A key needs the `api_keys.*` scopes of the operation.

@@ -47,6 +47,15 @@ pub struct RateLimitInput {
     pub burst: u32,
 }
 
+/// Usage credits as a request gave them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditsInput {
+    /// Credits to start with.
+    pub remaining: u64,
+    /// The refill, if any: the amount and the period (`None`: not given).
+    pub refill: Option<(u64, Option<GivenDuration>)>,
+}
+
 /// The scopes a request asks for, by name (`scopes`) or by category level
 /// (`access`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -180,6 +189,39 @@ pub fn rate_limit(limit: Option<RateLimitInput>) -> Result<Option<RateLimit>, Ke
                 e.problem,
             )
         })
+}
+
+/// Usage credits set at `now`: unset is none.
+pub fn credits(
+    credits: Option<CreditsInput>,
+    now: i64,
+) -> Result<Option<crate::domain::credits::Credits>, KeyError> {
+    use crate::domain::credits::{Credits, Refill};
+    let Some(credits) = credits else {
+        return Ok(None);
+    };
+    let named = |e: crate::domain::credits::InvalidCredits| {
+        invalid(
+            match e.field {
+                "refill.amount" => "credits.refill.amount",
+                "refill.period" => "credits.refill.period",
+                _ => "credits.remaining",
+            },
+            e.problem,
+        )
+    };
+    let refill = match credits.refill {
+        None => None,
+        Some((amount, period)) => {
+            let period = period
+                .ok_or_else(|| invalid("credits.refill.period", "required"))?
+                .ok_or_else(|| invalid("credits.refill.period", "must be 1s to 366d"))?;
+            Some(Refill::new(amount, period).map_err(named)?)
+        }
+    };
+    Credits::new(credits.remaining, refill, now)
+        .map(Some)
+        .map_err(named)
 }
 
 /// A filter on how long keys have gone unused: unset is none.

@@ -23,7 +23,7 @@ use crate::domain::record::KeyRecord;
 use crate::domain::scope_set::ScopeSet;
 use crate::keys::snapshot::{Chunks, Origin, SnapshotError};
 use crate::keys::{Expiry, KeyError, Keys, Lifecycle, Operation, Principal, StateChange};
-use fields::{GivenDuration, GrantInput, RateLimitInput, UnixTime};
+use fields::{CreditsInput, GivenDuration, GrantInput, RateLimitInput, UnixTime};
 
 /// A value a front door read from its request, or why it could not.
 pub type Given<T> = Result<T, KeyError>;
@@ -51,6 +51,8 @@ pub enum Action {
     SetAllowlist,
     /// A key's rate limit set or removed.
     SetRateLimit,
+    /// A key's usage credits set or removed.
+    SetCredits,
     /// Every key read out to a backup.
     Backup,
 }
@@ -70,6 +72,7 @@ impl Action {
             Self::SetExpiry => "set_expiry",
             Self::SetAllowlist => "set_allowlist",
             Self::SetRateLimit => "set_rate_limit",
+            Self::SetCredits => "set_credits",
             Self::Backup => "backup",
         }
     }
@@ -89,6 +92,7 @@ impl Action {
             | Self::SetExpiry
             | Self::SetAllowlist
             | Self::SetRateLimit
+            | Self::SetCredits
             | Self::Backup => Operation::Update,
         }
     }
@@ -107,6 +111,8 @@ pub struct NewKey {
     pub allowed_cidrs: Vec<String>,
     /// Its rate limit, if any.
     pub rate_limit: Option<RateLimitInput>,
+    /// Its usage credits, if any.
+    pub credits: Option<CreditsInput>,
 }
 
 /// A key's name and scopes, replaced, as a request gave them.
@@ -279,6 +285,7 @@ impl Manager {
                 expires_at: fields::expires_at(key.expires_at)?,
                 allowed_cidrs: self.allowed_cidrs(&key.allowed_cidrs)?,
                 rate_limit: fields::rate_limit(key.rate_limit)?,
+                credits: fields::credits(key.credits, crate::clock::now_nanos())?,
             };
             let (record, secret) = self
                 .keys
@@ -436,6 +443,22 @@ impl Manager {
         self.change_state(principal, Action::SetRateLimit, key, || {
             Ok(StateChange {
                 rate_limit: Some(fields::rate_limit(limit?)?),
+                ..StateChange::default()
+            })
+        })
+        .await
+    }
+
+    /// Sets (or with `None` removes) a key's usage credits.
+    pub async fn set_credits(
+        &self,
+        principal: &Principal,
+        key: (&str, Given<&str>),
+        credits: Given<Option<CreditsInput>>,
+    ) -> Given<KeyRecord> {
+        self.change_state(principal, Action::SetCredits, key, || {
+            Ok(StateChange {
+                credits: Some(fields::credits(credits?, crate::clock::now_nanos())?),
                 ..StateChange::default()
             })
         })

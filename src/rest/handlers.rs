@@ -14,14 +14,14 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::shapes::{
-    AllowlistBody, CatalogReply, CreateBody, CreatedKey, ErrorReply, ExpiryBody, KeyDetail,
-    KeyListed, KeySummary, ListReply, RateLimitBody, RateLimitChange, ReadReply, RenameBody,
-    ReplaceBody, RotateBody, RotatedKey, ScopesReply,
+    AllowlistBody, CatalogReply, CreateBody, CreatedKey, CreditsBody, CreditsChange, ErrorReply,
+    ExpiryBody, KeyDetail, KeyListed, KeySummary, ListReply, RateLimitBody, RateLimitChange,
+    ReadReply, RenameBody, ReplaceBody, RotateBody, RotatedKey, ScopesReply,
 };
 use super::{ON_BEHALF_OF, Problem, Rest, body, body_or_default};
 use crate::domain::record::KeyRecord;
 use crate::keys::{KeyError, Principal};
-use crate::manage::fields::{GrantInput, RateLimitInput, UnixTime};
+use crate::manage::fields::{CreditsInput, GrantInput, RateLimitInput, UnixTime};
 use crate::manage::{Action, NewKey, PageRequest, Replacement};
 
 /// Every route, and the document describing them.
@@ -41,6 +41,7 @@ fn operations() -> OpenApiRouter<Rest> {
         .routes(routes!(set_expiry))
         .routes(routes!(set_allowlist))
         .routes(routes!(set_rate_limit))
+        .routes(routes!(set_credits))
         .routes(routes!(super::usage::usage))
         .routes(routes!(scopes))
         .routes(routes!(catalog))
@@ -82,6 +83,7 @@ pub(super) fn required(method: &axum::http::Method, template: &str) -> Option<Re
         ("/v3/api_keys/{api_key_id}/expiry", &Method::PUT) => change(Action::SetExpiry),
         ("/v3/api_keys/{api_key_id}/allowlist", &Method::PUT) => change(Action::SetAllowlist),
         ("/v3/api_keys/{api_key_id}/rate_limit", &Method::PUT) => change(Action::SetRateLimit),
+        ("/v3/api_keys/{api_key_id}/credits", &Method::PUT) => change(Action::SetCredits),
         _ => None,
     }
 }
@@ -95,7 +97,7 @@ pub(super) fn required(method: &axum::http::Method, template: &str) -> Option<Re
     ),
     tags(
         (name = "api_keys", description = "SendGrid's API key endpoints"),
-        (name = "lifecycle", description = "keyward: disable, enable, rotate, expiry, allowlist, rate limit, usage"),
+        (name = "lifecycle", description = "keyward: disable, enable, rotate, expiry, allowlist, rate limit, credits, usage"),
         (name = "scopes", description = "What a credential holds and what a key can be granted"),
     )
 )]
@@ -228,6 +230,19 @@ fn rate_limit(limit: Option<RateLimitBody>) -> Option<RateLimitInput> {
     })
 }
 
+/// Usage credits as the body gives them.
+fn credits(credits: Option<CreditsBody>) -> Option<CreditsInput> {
+    credits.map(|credits| CreditsInput {
+        remaining: credits.remaining,
+        refill: credits.refill.map(|refill| {
+            (
+                refill.amount,
+                Some(Some(Duration::from_secs(refill.period_seconds))),
+            )
+        }),
+    })
+}
+
 /// Scopes by name, as the body gives them (SendGrid has no levels).
 fn grant(scopes: Option<Vec<String>>) -> GrantInput {
     GrantInput {
@@ -284,6 +299,7 @@ async fn create(
         expires_at: time(request.expires_at),
         allowed_cidrs: request.allowed_cidrs.unwrap_or_default(),
         rate_limit: rate_limit(request.rate_limit),
+        credits: credits(request.credits),
     });
     let (record, secret) = rest
         .manager
@@ -606,6 +622,33 @@ async fn set_rate_limit(
     Ok(rest.shown_to(&principal, &record))
 }
 
+/// Set or remove a key's usage credits.
+#[utoipa::path(put, path = "/v3/api_keys/{api_key_id}/credits", tag = "lifecycle", request_body = CreditsChange,
+    params(("api_key_id" = String, Path, description = "The key's id")),
+    responses(
+        (status = 200, description = "The key as changed", body = KeyDetail),
+        (status = 400, description = "A credits field is out of range", body = ErrorReply),
+        (status = 403, description = "The caller lacks `api_keys.update`, or would give more credits than the key had or the calling key has left", body = ErrorReply),
+        (status = 404, description = "No such key in the caller's account", body = ErrorReply),
+    ))]
+async fn set_credits(
+    State(rest): State<Rest>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    KeyIdPath(id): KeyIdPath,
+    bytes: Bytes,
+) -> Result<Response, Problem> {
+    let given = body(&bytes).and_then(|request: CreditsChange| {
+        let given = request
+            .credits
+            .required("credits", "credits, or null for none")?;
+        Ok(credits(given))
+    });
+    let key = (id.as_str(), Rest::named_account(&headers));
+    let record = rest.manager.set_credits(&principal, key, given).await?;
+    Ok(rest.shown_to(&principal, &record))
+}
+
 // --- scopes -------------------------------------------------------------------------
 
 /// The calling credential's own scopes (SendGrid's), and who it is.
@@ -667,6 +710,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 15, "every route was looked at");
+        assert_eq!(seen, 16, "every route was looked at");
     }
 }

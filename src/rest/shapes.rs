@@ -66,6 +66,10 @@ pub struct CreateBody {
     pub allowed_cidrs: Option<Vec<String>>,
     /// keyward: requests per period the key may make.
     pub rate_limit: Option<RateLimitBody>,
+    /// keyward: how many requests the key may make in all (optionally
+    /// refilled). Omitted: what the creating key has left of its own, if
+    /// it has credits; otherwise none.
+    pub credits: Option<CreditsBody>,
 }
 
 /// `PUT /v3/api_keys/{api_key_id}`: replaces the name and every scope.
@@ -125,6 +129,64 @@ pub struct RateLimitChange {
     #[serde(default)]
     #[schema(value_type = Option<RateLimitBody>, required = true)]
     pub rate_limit: Nullable<RateLimitBody>,
+}
+
+/// `PUT /v3/api_keys/{api_key_id}/credits`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsChange {
+    /// The new credits; `null` removes them (unlimited use). Required, like
+    /// `expires_at`.
+    #[serde(default)]
+    #[schema(value_type = Option<CreditsBody>, required = true)]
+    pub credits: Nullable<CreditsBody>,
+}
+
+/// A key's usage credits: each allowed request spends one.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsBody {
+    /// Credits to start with, 0 to 1,000,000,000,000.
+    pub remaining: u64,
+    /// Omitted or `null`: never refilled.
+    pub refill: Option<RefillBody>,
+}
+
+/// Every `period_seconds`, the remaining credits are set to `amount`
+/// (unused credits do not carry over).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefillBody {
+    /// 1 to 1,000,000,000,000.
+    pub amount: u64,
+    /// 1 to 31,622,400 (366 days).
+    pub period_seconds: u64,
+}
+
+/// A key's usage credits as a reply shows them.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct CreditsShape {
+    /// Credits no sidecar has reserved yet (each reserves about a second
+    /// of its demand ahead).
+    pub remaining: u64,
+    /// The refill, if any.
+    pub refill: Option<RefillBody>,
+    /// Unix seconds of the next refill; `null` without one.
+    pub next_refill_at: Option<i64>,
+}
+
+impl CreditsShape {
+    fn of(credits: &crate::domain::credits::Credits, now: i64) -> Self {
+        let credits = credits.due(now);
+        Self {
+            remaining: credits.remaining,
+            refill: credits.refill.map(|refill| RefillBody {
+                amount: refill.amount(),
+                period_seconds: refill.period().as_secs(),
+            }),
+            next_refill_at: credits.refill.map(|_| seconds(credits.next_refill())),
+        }
+    }
 }
 
 /// A key's rate limit: `requests` per `period_ms`, at most `burst` at once.
@@ -303,6 +365,8 @@ pub struct KeyDetail {
     pub allowed_cidrs: Vec<String>,
     /// keyward: its rate limit, if any.
     pub rate_limit: Option<RateLimitBody>,
+    /// keyward: its usage credits, if any.
+    pub credits: Option<CreditsShape>,
     /// keyward: Unix seconds.
     pub created_at: i64,
     /// keyward: Unix seconds.
@@ -333,6 +397,9 @@ impl KeyDetail {
                 period_ms: u64::try_from(limit.period().as_millis()).unwrap_or(u64::MAX),
                 burst: limit.burst(),
             }),
+            credits: access
+                .credits
+                .map(|credits| CreditsShape::of(&credits, now)),
             created_at: seconds(record.created_at),
             updated_at: seconds(record.updated_at),
             last_used_at: (last_used != 0).then(|| seconds(last_used)),

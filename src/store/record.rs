@@ -7,11 +7,13 @@
 use prost::Message;
 
 use crate::domain::catalog::KeyKind;
+use crate::domain::credits::{Credits, Refill};
 use crate::domain::key::{KeyId, SecretHash};
 use crate::domain::rate::RateLimit;
 pub use crate::domain::record::{Access, KeyRecord, Leak, PreviousSecret};
 use crate::pb::store::{
-    KeyRecord as Stored, KeyRecordIndexView as StoredIndexView, LeakMark as StoredLeak,
+    CreditBalance as StoredCredits, KeyRecord as Stored, KeyRecordIndexView as StoredIndexView,
+    LeakMark as StoredLeak,
 };
 
 const FORMAT_V1: u8 = 1;
@@ -80,6 +82,14 @@ pub fn encode(record: &KeyRecord) -> Vec<u8> {
         rate_period_nanos,
         rate_burst,
         disabled_by_admin: access.disabled_by_admin,
+        credits: access.credits.map(|credits| StoredCredits {
+            remaining: credits.remaining,
+            refill_amount: credits.refill.map_or(0, |refill| refill.amount()),
+            refill_period_nanos: credits.refill.map_or(0, |refill| {
+                i64::try_from(refill.period().as_nanos()).unwrap_or(i64::MAX)
+            }),
+            refilled_at_unix_nanos: credits.refilled_at,
+        }),
         leak: record.leak.as_ref().map(|leak| StoredLeak {
             reported_at_unix_nanos: leak.reported_at,
             url: leak.url.clone(),
@@ -183,6 +193,7 @@ trait StoredAccess {
     fn expires_at(&self) -> i64;
     fn allowed_cidrs(&self) -> &[String];
     fn rate(&self) -> (u32, i64, u32);
+    fn credits(&self) -> Option<&StoredCredits>;
 }
 
 macro_rules! stored_access {
@@ -212,6 +223,9 @@ macro_rules! stored_access {
             fn rate(&self) -> (u32, i64, u32) {
                 (self.rate_requests, self.rate_period_nanos, self.rate_burst)
             }
+            fn credits(&self) -> Option<&StoredCredits> {
+                self.credits.as_ref()
+            }
         }
     };
 }
@@ -240,7 +254,26 @@ fn access(stored: &impl StoredAccess) -> Result<Access, RecordError> {
         },
         allowed_cidrs: stored.allowed_cidrs().to_vec(),
         rate_limit: rate_limit(requests, period, burst)?,
+        credits: stored.credits().map(credits).transpose()?,
     })
+}
+
+/// A stored credit balance, checked as `Credits::new` checks a new one.
+fn credits(stored: &StoredCredits) -> Result<Credits, RecordError> {
+    let refill = match (stored.refill_amount, stored.refill_period_nanos) {
+        (0, 0) => None,
+        (amount, period) => Some(
+            Refill::new(
+                amount,
+                std::time::Duration::from_nanos(
+                    u64::try_from(period).map_err(|_| RecordError::FieldRange("credits.refill"))?,
+                ),
+            )
+            .map_err(|_| RecordError::FieldRange("credits.refill"))?,
+        ),
+    };
+    Credits::new(stored.remaining, refill, stored.refilled_at_unix_nanos)
+        .map_err(|_| RecordError::FieldRange("credits.remaining"))
 }
 
 /// A stored rate limit (`requests` 0: none).
@@ -286,6 +319,14 @@ mod tests {
                 expires_at: Some(3),
                 allowed_cidrs: vec!["10.0.0.0/8".into()],
                 rate_limit: Some(RateLimit::new(100, Duration::from_secs(1), 10).expect("valid")),
+                credits: Some(
+                    Credits::new(
+                        500,
+                        Some(Refill::new(1000, Duration::from_secs(86_400)).expect("valid")),
+                        6,
+                    )
+                    .expect("valid"),
+                ),
             },
             leak: Some(Leak {
                 reported_at: 5,
@@ -347,12 +388,33 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::too_many_lines, reason = "a table of cases")]
     fn unknown_formats_and_bad_fields_are_refused() {
         assert!(matches!(decode(&[]), Err(RecordError::Format(None))));
         let mut bytes = encode(&sample());
         bytes[0] = 2;
         assert!(matches!(decode(&bytes), Err(RecordError::Format(Some(2)))));
-        let cases: [(Stored, &str); 7] = [
+        let cases: [(Stored, &str); 9] = [
+            (
+                Stored {
+                    credits: Some(StoredCredits {
+                        remaining: crate::domain::credits::MAX_CREDITS + 1,
+                        ..StoredCredits::default()
+                    }),
+                    ..stored_sample()
+                },
+                "credits.remaining",
+            ),
+            (
+                Stored {
+                    credits: Some(StoredCredits {
+                        refill_amount: 5,
+                        ..StoredCredits::default()
+                    }),
+                    ..stored_sample()
+                },
+                "credits.refill",
+            ),
             (
                 Stored {
                     leak: Some(StoredLeak::default()),

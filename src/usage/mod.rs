@@ -14,6 +14,7 @@
 //! exported as `keyward_usage_store_up`.
 
 pub use keyward_core::counts;
+pub mod credits;
 pub mod local;
 pub mod series;
 pub mod store;

@@ -142,6 +142,7 @@ mod tests {
             missing: ScopeSet::EMPTY,
             wrong_secret: false,
             quota: None,
+            credits_reservable: false,
         }
     }
 

@@ -11,7 +11,7 @@ use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::path::canonical_path;
 use crate::domain::route::{Method, RouteMiss, RouteTable};
-use crate::index::{Entry, Index, Rejected, SecretUse, Verified};
+use crate::index::{CreditsHeld, Entry, Index, Rejected, SecretUse, Verified};
 
 /// Decides requests. Synchronous, allocation-free, never touches disk.
 #[derive(Debug, Clone)]
@@ -80,7 +80,7 @@ impl Decider {
     /// for a valid HTTP method no route can name. The key is checked first,
     /// so an unauthenticated caller learns nothing about which routes exist.
     /// Order: key format, id, secret, disabled, expired, address, path,
-    /// route and scopes, rate limit; then an allowed request counts as the
+    /// route and scopes, credits, rate limit; then an allowed request counts as the
     /// key's last use.
     #[must_use]
     pub fn decide(
@@ -122,7 +122,17 @@ impl Decider {
             decision.deny = Some(reason);
             return (decision, false);
         }
-        // Last: only a request that would otherwise pass spends quota.
+        // Last: only a request that would otherwise pass spends credits or
+        // quota. Credits are looked at before the rate limit (an empty
+        // lease spends no rate token) and spent after it (a refused
+        // request spends no credit): a credit is never given back, so no
+        // race can mint one.
+        let credits = entry.credits.as_ref();
+        if let Some(held) = credits
+            && !entry.usage.credits.has(held.period)
+        {
+            return (Self::no_credits(decision, held, now), false);
+        }
         if let Some(limit) = &entry.limit {
             let admitted = if self.global_limits.load(Ordering::Relaxed) {
                 entry.usage.lease.admit(limit, &entry.usage.tat, now)
@@ -138,8 +148,23 @@ impl Decider {
                 }
             }
         }
+        if let Some(held) = credits
+            && !entry.usage.credits.spend(held.period)
+        {
+            // Spent by another request since it was looked at: the rate
+            // token taken is lost (at a lease's last credit only).
+            return (Self::no_credits(decision, held, now), false);
+        }
         let new_minute = entry.usage.touch(now);
         (decision, new_minute)
+    }
+
+    /// A refusal for want of credits in hand; `reservable` when the store
+    /// of truth may still have some (a front door that can wait asks).
+    fn no_credits(mut decision: Decision, held: &CreditsHeld, now: i64) -> Decision {
+        decision.deny = Some(DenyReason::CreditsExhausted);
+        decision.credits_reservable = held.reservable_at(now);
+        decision
     }
 
     /// The checks after the key: address, path, route and scopes. Fills in

@@ -8,6 +8,7 @@ use rustc_hash::FxBuildHasher;
 
 use crate::clock;
 use crate::domain::allowlist::Allowlist;
+use crate::domain::credits::CreditLease;
 use crate::domain::key::{KeyId, PresentedKey, SecretHash};
 use crate::domain::lease::Lease;
 use crate::domain::rate::Gcra;
@@ -40,6 +41,10 @@ pub struct Entry {
     pub allowlist: Allowlist,
     /// The key's rate limit, ready to enforce.
     pub limit: Option<Gcra>,
+    /// The key's credits, if it has any: spent from `usage.credits`.
+    /// Boxed: most keys have none, and every entry would otherwise carry
+    /// its 32 bytes.
+    pub credits: Option<Box<CreditsHeld>>,
     /// What changes per request. Shared by every version of the entry (an
     /// update replaces the entry, not the budget or the last-used time).
     pub usage: Arc<Usage>,
@@ -93,8 +98,36 @@ impl Entry {
             limit: access
                 .rate_limit
                 .map(|limit| limit.gcra(clock::CLOCK_REFRESH)),
+            credits: access.credits.map(|credits| {
+                Box::new(CreditsHeld {
+                    unreserved: credits.remaining,
+                    next_refill: credits.next_refill(),
+                    period: credits.refilled_at,
+                })
+            }),
             usage: Arc::default(),
         }
+    }
+}
+
+/// What the store of truth last said of a key's credits: whether a
+/// process with an empty lease may still get some (so a decision waits
+/// for a reservation rather than refusing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreditsHeld {
+    /// Credits no process has reserved.
+    pub unreserved: u64,
+    /// When the next refill is due (Unix nanos; `i64::MAX`: never).
+    pub next_refill: i64,
+    /// The credits' current period (see `CreditLease`).
+    pub period: i64,
+}
+
+impl CreditsHeld {
+    /// Whether a reservation at `now` could bring credits.
+    #[must_use]
+    pub fn reservable_at(&self, now: i64) -> bool {
+        self.unreserved > 0 || now >= self.next_refill
     }
 }
 
@@ -107,6 +140,8 @@ pub struct Usage {
     /// This process's lease on the limit, while a usage store holds it for
     /// every process.
     pub lease: Lease,
+    /// The credits this process reserved for the key and has not spent.
+    pub credits: CreditLease,
     /// When the key last authorized a request, to the minute (Unix nanos;
     /// 0: never).
     last_used: AtomicI64,

@@ -67,6 +67,7 @@ pub fn denied(decision: &Decision, catalog: &Catalog) -> Reply {
         }
         DenyReason::RateLimited => headers.extend(rate_limit_headers(decision)),
         DenyReason::KeyUnverifiable
+        | DenyReason::CreditsExhausted
         | DenyReason::UnknownRoute
         | DenyReason::AmbiguousPath
         | DenyReason::IpNotAllowed => {}

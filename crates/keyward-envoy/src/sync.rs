@@ -21,7 +21,7 @@ use keyward_core::domain::key::{KeyId, SecretHash};
 use keyward_core::domain::rate::{Gcra, GcraParts};
 use keyward_core::domain::route::RouteTable;
 use keyward_core::domain::scope_set::ScopeSet;
-use keyward_core::index::{Entry, Index, Usage};
+use keyward_core::index::{CreditsHeld, Entry, Index, Usage};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
@@ -309,6 +309,15 @@ fn entry_of(key: &KeyState, account: Arc<str>) -> Result<(KeyId, Entry), String>
         previous_until,
         allowlist: Allowlist::from_ranges(&key.allowed_cidrs, key.allowlist_restricted),
         limit,
+        // No lease is ever reserved here: an empty lease with nothing
+        // reservable refuses every request of the key (see KeyState).
+        credits: key.credits.then(|| {
+            Box::new(CreditsHeld {
+                unreserved: 0,
+                next_refill: i64::MAX,
+                period: 0,
+            })
+        }),
         usage: Arc::new(Usage::default()),
     };
     Ok((id, entry))

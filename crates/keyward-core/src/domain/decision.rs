@@ -33,11 +33,14 @@ pub enum DenyReason {
     /// now (etcd away, or first sights over their rate): refused, never
     /// allowed, and distinct from a key known not to exist.
     KeyUnverifiable,
+    /// The key's usage credits are used up (until its next refill, if it
+    /// has one).
+    CreditsExhausted,
 }
 
 impl DenyReason {
     /// How many reasons there are.
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
 
     /// Every reason, in [`Self::index`] order (metrics keep one counter
     /// per reason).
@@ -53,6 +56,7 @@ impl DenyReason {
         Self::IpNotAllowed,
         Self::RateLimited,
         Self::KeyUnverifiable,
+        Self::CreditsExhausted,
     ];
 
     /// The reason's place in [`Self::ALL`], below [`Self::COUNT`]. An
@@ -72,6 +76,7 @@ impl DenyReason {
             Self::IpNotAllowed => 8,
             Self::RateLimited => 9,
             Self::KeyUnverifiable => 10,
+            Self::CreditsExhausted => 11,
         }
     }
 
@@ -88,7 +93,7 @@ impl DenyReason {
             | Self::UnknownRoute
             | Self::AmbiguousPath
             | Self::IpNotAllowed => 403,
-            Self::RateLimited => 429,
+            Self::RateLimited | Self::CreditsExhausted => 429,
             Self::KeyUnverifiable => 503,
         }
     }
@@ -108,6 +113,7 @@ impl DenyReason {
             Self::IpNotAllowed => "access forbidden: the API key may not be used from this address",
             Self::RateLimited => "too many requests: the API key's rate limit is exhausted",
             Self::KeyUnverifiable => "the API key cannot be verified right now; retry later",
+            Self::CreditsExhausted => "too many requests: the API key's usage credits are used up",
         }
     }
 
@@ -126,6 +132,7 @@ impl DenyReason {
             Self::IpNotAllowed => "ip_not_allowed",
             Self::RateLimited => "rate_limited",
             Self::KeyUnverifiable => "key_unverifiable",
+            Self::CreditsExhausted => "credits_exhausted",
         }
     }
 }
@@ -159,6 +166,11 @@ pub struct Decision {
     /// For a key with a rate limit, once the request reached the limiter
     /// (allowed, or denied as rate limited): its budget.
     pub quota: Option<Quota>,
+    /// Denied for credits while the store of truth still has some to
+    /// reserve: this process's lease was empty (a key's first request here,
+    /// or demand outran the lease). A front door that can wait asks for a
+    /// reservation and decides again.
+    pub credits_reservable: bool,
 }
 
 impl Decision {
@@ -185,6 +197,7 @@ impl Decision {
             missing: ScopeSet::EMPTY,
             wrong_secret: false,
             quota: None,
+            credits_reservable: false,
         }
     }
 
@@ -197,6 +210,7 @@ impl Decision {
             missing: ScopeSet::EMPTY,
             wrong_secret: false,
             quota: None,
+            credits_reservable: false,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod allowlist;
 pub mod catalog;
+pub mod credits;
 pub mod decision;
 pub mod key;
 pub mod lease;

@@ -4,6 +4,7 @@
 //! vectors of unchecked length.
 
 use crate::domain::catalog::KeyKind;
+use crate::domain::credits::Credits;
 use crate::domain::key::{KeyId, SecretHash};
 use crate::domain::rate::RateLimit;
 
@@ -72,6 +73,8 @@ pub struct Access {
     pub allowed_cidrs: Vec<String>,
     /// Requests per period, if limited.
     pub rate_limit: Option<RateLimit>,
+    /// Usage credits, if limited.
+    pub credits: Option<Credits>,
 }
 
 /// A rotated-out secret and until when it still works.
@@ -95,16 +98,18 @@ impl Access {
             expires_at: None,
             allowed_cidrs: Vec::new(),
             rate_limit: None,
+            credits: None,
         }
     }
 
-    /// Its lifecycle limits, for least privilege.
+    /// Its lifecycle limits at `now` (Unix nanos), for least privilege.
     #[must_use]
-    pub fn limits(&self) -> super::rules::Limits<'_> {
+    pub fn limits(&self, now: i64) -> super::rules::Limits<'_> {
         super::rules::Limits {
             expires_at: self.expires_at,
             allowed_cidrs: &self.allowed_cidrs,
             rate_limit: self.rate_limit,
+            credits: self.credits.map(|credits| credits.due(now)),
         }
     }
 

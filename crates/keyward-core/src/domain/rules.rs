@@ -2,6 +2,7 @@
 //! privilege escalation, and least privilege over lifecycle limits.
 
 use super::catalog::{AccessLevel, Catalog, ScopeError};
+use super::credits::Credits;
 use super::rate::RateLimit;
 use super::scope_set::ScopeSet;
 
@@ -125,6 +126,9 @@ pub struct Limits<'a> {
     pub allowed_cidrs: &'a [String],
     /// Requests per period, if limited.
     pub rate_limit: Option<RateLimit>,
+    /// Usage credits, if limited (as of the comparison: refills due
+    /// applied).
+    pub credits: Option<Credits>,
 }
 
 /// One of the lifecycle limits.
@@ -136,11 +140,18 @@ pub enum Limit {
     Allowlist,
     /// The rate limit.
     RateLimit,
+    /// The usage credits.
+    Credits,
 }
 
 impl Limit {
     /// Every limit.
-    pub const ALL: [Self; 3] = [Self::Expiry, Self::Allowlist, Self::RateLimit];
+    pub const ALL: [Self; 4] = [
+        Self::Expiry,
+        Self::Allowlist,
+        Self::RateLimit,
+        Self::Credits,
+    ];
 
     /// The request field that sets it.
     #[must_use]
@@ -149,6 +160,7 @@ impl Limit {
             Self::Expiry => "expires_at",
             Self::Allowlist => "allowed_cidrs",
             Self::RateLimit => "rate_limit",
+            Self::Credits => "credits",
         }
     }
 }
@@ -188,6 +200,11 @@ impl Limits<'_> {
                         <= u128::from(cap.requests()) * rate.period().as_nanos()
                         && rate.burst() <= cap.burst()
                 }
+            },
+            Limit::Credits => match (self.credits, bound.credits) {
+                (_, None) => true,
+                (None, Some(_)) => false,
+                (Some(credits), Some(cap)) => credits.within(&cap),
             },
         }
     }
@@ -300,15 +317,18 @@ mod tests {
             cidrs(&["192.168.0.0/16"]),
         );
         let rate = |n, secs| RateLimit::new(n, std::time::Duration::from_secs(secs), 0).ok();
+        let credits = |n| Credits::new(n, None, 0).ok();
         let bound = Limits {
             expires_at: Some(100),
             allowed_cidrs: &office,
             rate_limit: rate(10, 1),
+            credits: credits(100),
         };
         let tighter = Limits {
             expires_at: Some(50),
             allowed_cidrs: &desk,
             rate_limit: rate(5, 1),
+            credits: credits(50),
         };
         assert_eq!(tighter.loosens(&bound, &Limit::ALL), None);
         let unlimited = Limits::default();
@@ -320,6 +340,7 @@ mod tests {
             expires_at: Some(101),
             allowed_cidrs: &elsewhere,
             rate_limit: rate(11, 1),
+            credits: credits(101),
         };
         for limit in Limit::ALL {
             assert!(!looser.within(&bound, limit), "{limit:?}");
