@@ -242,7 +242,7 @@ impl App {
         );
         let usage = usage_plane(config, usage_store, &metrics);
         let keys = Arc::new(keys);
-        let credits = CreditKeeper::new(Arc::clone(&keys), Arc::clone(&index));
+        let credits = CreditKeeper::new(Arc::clone(&keys), Arc::clone(&index), metrics.usage());
         Ok(Self {
             authorizer: Authorizer::new(Arc::clone(&index), routes)
                 .with_on_demand(keys.on_demand())

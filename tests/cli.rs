@@ -269,6 +269,40 @@ fn rate_limits_and_last_use_from_the_cli() {
     assert!(!refused.status.success());
     let none = ok(&serve.keys(dir.path(), &["limit", &id, "--none"]));
     assert_eq!(field(&none, "rate_limit:"), "none");
+    assert_eq!(field(&none, "credits:"), "unlimited");
+    let metered = ok(&serve.keys(
+        dir.path(),
+        &[
+            "credits",
+            &id,
+            "--remaining",
+            "10000",
+            "--refill",
+            "10000/1d",
+        ],
+    ));
+    let credits = field(&metered, "credits:");
+    assert!(
+        credits.starts_with("10000 remaining, set to 10000 every 1day (next "),
+        "{credits}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&serve.keys(
+        dir.path(),
+        &["credits", &id, "--remaining", "7", "-o", "json"],
+    )))
+    .expect("json");
+    assert_eq!(json["credits"]["remaining"], 7, "{json}");
+    assert!(json["credits"]["refill"].is_null(), "{json}");
+    let refused = serve.keys(
+        dir.path(),
+        &["credits", &id, "--remaining", "1", "--refill", "0/1d"],
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("credits.refill.amount"),
+        "{refused:?}"
+    );
+    let unlimited = ok(&serve.keys(dir.path(), &["credits", &id, "--none"]));
+    assert_eq!(field(&unlimited, "credits:"), "unlimited");
     let limited = ok(&serve.keys(
         dir.path(),
         &[

@@ -663,6 +663,32 @@ async fn its_lifecycle(browser: &Browser, sidecar: &Sidecar, secret: &str) -> St
     browser.wait_gone("//dialog").await;
     assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
 
+    // Credits: two uses, refilled daily; the third is refused; unlimited
+    // again once "Unlimited" is ticked.
+    browser.action("mail sender", "Credits").await;
+    browser.fill("Remaining", "2").await;
+    browser.fill("Refill to", "5").await;
+    browser.screenshot("credits").await;
+    browser.click("Save credits").await;
+    browser.wait_gone("//dialog").await;
+    let credits = &detail(sidecar, "mail sender").await["credits"];
+    assert_eq!(credits["refill"]["amount"], 5, "{credits}");
+    assert_eq!(credits["refill"]["period_seconds"], 86_400, "{credits}");
+    assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
+    assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
+    assert!(!sidecar.allows(&rotated, "GET", "/v3/alerts").await);
+    browser.action("mail sender", "Credits").await;
+    browser
+        .labelled(None, "Unlimited (no credits)")
+        .await
+        .click()
+        .await
+        .expect("ticked");
+    browser.click("Save credits").await;
+    browser.wait_gone("//dialog").await;
+    assert!(detail(sidecar, "mail sender").await["credits"].is_null());
+    assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
+
     rotated
 }
 
@@ -1011,6 +1037,7 @@ async fn the_openapi_document_describes_exactly_the_live_routes() {
         ("PUT", "/v3/api_keys/{api_key_id}/expiry"),
         ("PUT", "/v3/api_keys/{api_key_id}/allowlist"),
         ("PUT", "/v3/api_keys/{api_key_id}/rate_limit"),
+        ("PUT", "/v3/api_keys/{api_key_id}/credits"),
         ("GET", "/v3/api_keys/{api_key_id}/usage"),
         ("GET", "/v3/scopes"),
         ("GET", "/v3/scopes/catalog"),

@@ -468,8 +468,23 @@ async fn three_sidecars_hammering_one_key_never_spend_one_credit_more() {
         "every credit used once and only once ({} refusals on the way)",
         seen.exhausted.load(Ordering::Relaxed)
     );
+    let (mut reservations, mut waits) = (0.0, 0.0);
     for (channel, sidecar) in channels.iter().zip(&sidecars) {
         let shown = get(channel, &sidecar.admin, &id).await;
         assert_eq!(shown.credits.expect("credits").remaining, 0);
+        let metrics = common::scrape_logged(&sidecar.log()).await;
+        reservations += metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("keyward_credit_reservations_total "))
+            .and_then(|value| value.parse::<f64>().ok())
+            .expect("the reservations counter");
+        waits += metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("keyward_credit_waits_total "))
+            .and_then(|value| value.parse::<f64>().ok())
+            .expect("the waits counter");
     }
+    eprintln!(
+        "3 sidecars: {reservations} reservations (store writes) for {GRANTED} credits; {waits} decisions waited for one"
+    );
 }

@@ -207,6 +207,19 @@ async fn the_module_answers_as_ext_authz_does() {
     let (rotated_id, old) = server
         .create(create(&["mail.send"], pb::CreateKeyRequest::default()))
         .await;
+    let (_, metered) = server
+        .create(create(
+            &["mail.send"],
+            pb::CreateKeyRequest {
+                credits: Some(pb::Credits {
+                    remaining: 100,
+                    refill: None,
+                    next_refill_at: None,
+                }),
+                ..Default::default()
+            },
+        ))
+        .await;
     let mut manager = server.manager().await;
     let new = manager
         .rotate_key(bearer(
@@ -377,6 +390,24 @@ async fn the_module_answers_as_ext_authz_does() {
             }
         }
     }
+
+    // A key with credits: the sidecar spends them; the module holds no
+    // lease on them and refuses rather than spend credits it does not hold.
+    let metered = [("authorization", format!("Bearer {metered}"))];
+    let metered: Vec<(&str, &str)> = metered.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let a = http(ext_authz.port, "POST", "/v3/mail/send", &metered)
+        .await
+        .expect("ext_authz answers");
+    assert_eq!(a.0, 200, "the sidecar spends a credit");
+    let (status, headers, body) = http(module.port, "POST", "/v3/mail/send", &metered)
+        .await
+        .expect("module answers");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(
+        header(&headers, "x-keyward-deny-reason"),
+        Some("credits_exhausted")
+    );
+    assert!(body.contains("credits"), "{body}");
     drop((ext_authz, module));
 }
 

@@ -428,6 +428,7 @@ function actionsMenu(key) {
     ['Expiry', update, () => lifecycleDialog(key, 'Expiry')],
     ['Allowlist', update, () => lifecycleDialog(key, 'Allowlist')],
     ['Rate limit', update, () => lifecycleDialog(key, 'Rate limit')],
+    ['Credits', update, () => lifecycleDialog(key, 'Credits')],
   ];
   const menuId = nextId('menu');
   const button = h('button', { type: 'button', 'aria-haspopup': 'menu', 'aria-expanded': 'false', 'aria-controls': menuId }, 'Actions');
@@ -573,7 +574,7 @@ function rotateDialog(key) {
   overlap.input.focus();
 }
 
-// The lifecycle settings as small forms: Expiry, Allowlist, Rate limit.
+// The lifecycle settings as small forms: Expiry, Allowlist, Rate limit, Credits.
 // `detail` is the key as read (for current values); `done` runs after a save.
 function lifecycleForm(kind, id, detail, done) {
   const general = formError();
@@ -600,6 +601,30 @@ function lifecycleForm(kind, id, detail, done) {
     slots = { allowed_cidrs: cidrs };
     path = 'allowlist';
     payload = () => ({ allowed_cidrs: cidrs.input.value.split(/\s+/).filter(Boolean) });
+  } else if (kind === 'Credits') {
+    const remaining = field('Remaining', h('input', { type: 'number', min: '0' }), 'Allowed requests left; each allowed request spends one.');
+    const amount = field('Refill to', h('input', { type: 'number', min: '1' }), 'Optional: every period, the remaining credits are set to this (unused ones do not carry over).');
+    const every = field('Refill every (seconds)', h('input', { type: 'number', min: '1', value: '86400' }));
+    const none = h('input', { type: 'checkbox', id: nextId('nocredits') });
+    const credits = detail && detail.credits;
+    if (credits) {
+      remaining.input.value = credits.remaining;
+      if (credits.refill) {
+        amount.input.value = credits.refill.amount;
+        every.input.value = credits.refill.period_seconds;
+      }
+    } else none.checked = !!detail;
+    for (const f of [remaining, amount, every]) f.input.addEventListener('input', () => { none.checked = false; });
+    const next = credits && credits.next_refill_at ? h('p', { class: 'hint' }, `Next refill ${when(credits.next_refill_at)}.`) : null;
+    fields = [h('label', { class: 'radio', for: none.id }, none, h('span', {}, 'Unlimited (no credits)')), remaining.wrap, amount.wrap, every.wrap, next];
+    slots = { 'credits.remaining': remaining, 'credits.refill.amount': amount, 'credits.refill.period_seconds': every, credits: remaining };
+    path = 'credits';
+    payload = () => ({
+      credits: none.checked ? null : {
+        remaining: Number(remaining.input.value),
+        refill: amount.input.value ? { amount: Number(amount.input.value), period_seconds: Number(every.input.value) } : null,
+      },
+    });
   } else {
     const requests = field('Requests', h('input', { type: 'number', min: '1' }));
     const period = field('Period (ms)', h('input', { type: 'number', min: '1', value: '1000' }));
@@ -876,6 +901,7 @@ async function editScreen(id, seq) {
       h('div', { class: 'panel' }, h('h2', {}, 'Expiry'), lifecycleForm('Expiry', key.api_key_id, key, null)),
       h('div', { class: 'panel' }, h('h2', {}, 'Allowlist'), lifecycleForm('Allowlist', key.api_key_id, key, null)),
       h('div', { class: 'panel' }, h('h2', {}, 'Rate limit'), lifecycleForm('Rate limit', key.api_key_id, key, null)),
+      h('div', { class: 'panel' }, h('h2', {}, 'Credits'), lifecycleForm('Credits', key.api_key_id, key, null)),
       usagePanel(key.api_key_id),
     ],
     submit: async ({ name, scopes }) => {

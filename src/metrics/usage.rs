@@ -19,6 +19,12 @@ pub struct UsageMetrics {
     pub dropped: Counter,
     /// Keys whose leases are traded.
     pub leased_keys: Gauge,
+    /// Credit reservations this sidecar made (one store write each).
+    pub credit_reservations: Counter,
+    /// Decisions that waited for a credit reservation.
+    pub credit_waits: Counter,
+    /// Keys this sidecar holds a credit lease on.
+    pub credit_keys: Gauge,
 }
 
 impl UsageMetrics {
@@ -52,6 +58,24 @@ impl UsageMetrics {
                 registry,
                 "usage_leased_keys",
                 "Keys whose global rate limit this sidecar holds a lease on",
+                Gauge::default(),
+            ),
+            credit_reservations: registered(
+                registry,
+                "credit_reservations",
+                "Usage credits reserved from keys' records into this sidecar's leases (one store write each)",
+                Counter::default(),
+            ),
+            credit_waits: registered(
+                registry,
+                "credit_waits",
+                "Decisions that found a key's credit lease empty while its record still had credits, and waited for a reservation",
+                Counter::default(),
+            ),
+            credit_keys: registered(
+                registry,
+                "credit_keys",
+                "Keys with usage credits this sidecar holds a lease on",
                 Gauge::default(),
             ),
         };

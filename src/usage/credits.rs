@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::keys::change::CreditMovement;
 use crate::keys::{KeyError, Keys};
+use crate::metrics::UsageMetrics;
 
 /// How often leases are looked at.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -55,6 +56,7 @@ pub struct CreditKeeper {
     /// verified key's decision adds one).
     kept: DashMap<KeyId, Arc<Kept>, rustc_hash::FxBuildHasher>,
     in_flight: Arc<Semaphore>,
+    metrics: UsageMetrics,
 }
 
 /// One key's lease, as the keeper follows it.
@@ -93,12 +95,13 @@ impl Window {
 impl CreditKeeper {
     /// A keeper over the key store and the index decisions read.
     #[must_use]
-    pub fn new(keys: Arc<Keys>, index: Arc<Index>) -> Arc<Self> {
+    pub fn new(keys: Arc<Keys>, index: Arc<Index>, metrics: UsageMetrics) -> Arc<Self> {
         Arc::new(Self {
             keys,
             index,
             kept: DashMap::default(),
             in_flight: Arc::new(Semaphore::new(RESERVATIONS_IN_FLIGHT)),
+            metrics,
         })
     }
 
@@ -106,6 +109,7 @@ impl CreditKeeper {
     /// empty: at least what every decision waiting asks for. `Ok` when the
     /// lease holds some (perhaps from another waiter's reservation).
     pub async fn top_up(&self, id: KeyId) -> Result<(), KeyError> {
+        self.metrics.credit_waits.inc();
         let kept = Arc::clone(self.kept.entry(id).or_default().value());
         kept.waiting.fetch_add(1, Ordering::Relaxed);
         let window = kept.window.lock().await;
@@ -128,6 +132,7 @@ impl CreditKeeper {
             .keys
             .move_credits(id, CreditMovement::Reserve { want })
             .await?;
+        self.metrics.credit_reservations.inc();
         if let Some(entry) = self.index.entry(&id) {
             entry.usage.credits.add(granted, period);
         }
@@ -181,6 +186,9 @@ impl CreditKeeper {
 
     /// One look at every lease.
     fn tick(self: &Arc<Self>) {
+        self.metrics
+            .credit_keys
+            .set(i64::try_from(self.kept.len()).unwrap_or(i64::MAX));
         let now = keyward_core::clock::now_nanos();
         let kept: Vec<(KeyId, Arc<Kept>)> = self
             .kept

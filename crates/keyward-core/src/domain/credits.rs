@@ -360,6 +360,12 @@ mod tests {
     }
 
     #[test]
+    fn a_credit_lease_costs_every_key_24_bytes() {
+        // docs/credits.md states it: every key's usage state carries one.
+        assert_eq!(std::mem::size_of::<CreditLease>(), 24);
+    }
+
+    #[test]
     fn a_lease_never_spends_what_it_does_not_hold() {
         let lease = CreditLease::default();
         assert!(!lease.spend(7));
