@@ -663,8 +663,14 @@ async fn its_lifecycle(browser: &Browser, sidecar: &Sidecar, secret: &str) -> St
     browser.wait_gone("//dialog").await;
     assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
 
-    // Credits: two uses, refilled daily; the third is refused; unlimited
-    // again once "Unlimited" is ticked.
+    its_credits(browser, sidecar, &rotated).await;
+
+    rotated
+}
+
+/// Credits: two uses, refilled daily; the third is refused; unlimited
+/// again once "Unlimited" is ticked.
+async fn its_credits(browser: &Browser, sidecar: &Sidecar, secret: &str) {
     browser.action("mail sender", "Credits").await;
     browser.fill("Remaining", "2").await;
     browser.fill("Refill to", "5").await;
@@ -674,9 +680,9 @@ async fn its_lifecycle(browser: &Browser, sidecar: &Sidecar, secret: &str) -> St
     let credits = &detail(sidecar, "mail sender").await["credits"];
     assert_eq!(credits["refill"]["amount"], 5, "{credits}");
     assert_eq!(credits["refill"]["period_seconds"], 86_400, "{credits}");
-    assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
-    assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
-    assert!(!sidecar.allows(&rotated, "GET", "/v3/alerts").await);
+    assert!(sidecar.allows(secret, "GET", "/v3/alerts").await);
+    assert!(sidecar.allows(secret, "GET", "/v3/alerts").await);
+    assert!(!sidecar.allows(secret, "GET", "/v3/alerts").await);
     browser.action("mail sender", "Credits").await;
     browser
         .labelled(None, "Unlimited (no credits)")
@@ -687,9 +693,7 @@ async fn its_lifecycle(browser: &Browser, sidecar: &Sidecar, secret: &str) -> St
     browser.click("Save credits").await;
     browser.wait_gone("//dialog").await;
     assert!(detail(sidecar, "mail sender").await["credits"].is_null());
-    assert!(sidecar.allows(&rotated, "GET", "/v3/alerts").await);
-
-    rotated
+    assert!(sidecar.allows(secret, "GET", "/v3/alerts").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
