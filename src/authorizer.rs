@@ -94,9 +94,13 @@ impl Authorizer {
             };
             match tokio::time::timeout(RESERVE_PATIENCE, keeper.top_up(id)).await {
                 Ok(Ok(())) => decision = self.decide(credential, client, method, path),
-                // None left after all (another sidecar took the last): the
-                // refusal stands, with no wait left to offer.
-                Ok(Err(KeyError::NoCreditsLeft)) => break,
+                // None left after all (another sidecar took the last), or
+                // the credits were removed meanwhile: decided again once,
+                // with no wait left to offer.
+                Ok(Err(KeyError::NoCreditsLeft)) => {
+                    decision = self.decide(credential, client, method, path);
+                    break;
+                }
                 // The store of truth cannot take a reservation now: refused
                 // as unverifiable (503, retry later), never allowed on
                 // credit.

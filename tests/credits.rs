@@ -164,7 +164,7 @@ async fn a_refill_sets_the_credits_each_period() {
             name: "refilled".into(),
             scopes: vec!["mail.send".into()],
             account_id: "acme".into(),
-            credits: Some(credits(2, Some((3, 1)))),
+            credits: Some(credits(2, Some((3, 3)))),
             ..Default::default()
         })
         .await;
@@ -175,9 +175,23 @@ async fn a_refill_sets_the_credits_each_period() {
     assert!(shown.next_refill_at.is_some());
     assert_eq!(shown.refill.expect("refill").amount, 3);
     assert_eq!(spend(&channel, &key, 3).await, (2, 1));
-    // After the period: set to 3 (not 3 + what was left).
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // After the period (3 s; each step here takes milliseconds): set to 3
+    // (not 3 + what was left).
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(spend(&channel, &key, 5).await, (3, 2));
+    // Credits still in this sidecar's lease at a refill are not spent in
+    // the new period: a refill sets, whatever a lease held.
+    set_credits(
+        &channel,
+        &server.admin,
+        &id,
+        Some(credits(50, Some((3, 3)))),
+    )
+    .await
+    .expect("set");
+    assert_eq!(spend(&channel, &key, 5).await, (5, 0));
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(spend(&channel, &key, 6).await, (3, 3));
     server.stop().await;
 }
 
@@ -211,29 +225,47 @@ async fn credits_follow_least_privilege_and_bad_input_names_its_field() {
         credits,
         ..Default::default()
     };
-    // More than the creator has, or a larger refill: refused, naming it.
+    // More than the creator has, any refill, or none named: refused,
+    // naming credits, and nothing taken from the creator.
     for refused in [
-        credits(101, None),
-        credits(10, Some((1000, 86_400))),
-        credits(10, Some((10, 60))),
+        Some(credits(101, None)),
+        Some(credits(10, Some((10, 86_400)))),
+        None,
     ] {
         let status = client
-            .create_key(bearer(&manager, child(Some(refused))))
+            .create_key(bearer(&manager, child(refused)))
             .await
             .expect_err("beyond the creator");
         assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
         assert!(status.message().contains("credits"), "{}", status.message());
     }
-    // Unset: what the creator has left (a copy, spent apart).
-    let inherited = client
-        .create_key(bearer(&manager, child(None)))
+    let left = |key: pb::ApiKey| key.credits.expect("credits").remaining;
+    assert_eq!(left(get(&channel, &server.admin, &manager_id).await), 100);
+    // Given: taken from the creator's balance, so children never multiply
+    // its credits.
+    let given = client
+        .create_key(bearer(&manager, child(Some(credits(30, None)))))
         .await
         .expect("created")
         .into_inner()
         .key
         .expect("key");
-    let inherited_credits = inherited.credits.expect("inherited");
-    assert_eq!(inherited_credits.remaining, 100);
+    assert_eq!(given.credits.expect("given").remaining, 30);
+    assert_eq!(left(get(&channel, &server.admin, &manager_id).await), 70);
+    // Refused by the rules after the credits were taken (a scope the
+    // creator lacks): they go back.
+    let status = client
+        .create_key(bearer(
+            &manager,
+            pb::CreateKeyRequest {
+                scopes: vec!["alerts.read".into()],
+                ..child(Some(credits(30, None)))
+            },
+        ))
+        .await
+        .expect_err("a scope the creator lacks");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(left(get(&channel, &server.admin, &manager_id).await), 70);
     // A key may lower its own credits, never raise them.
     let raised = set_credits(
         &channel,

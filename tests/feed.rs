@@ -568,3 +568,38 @@ async fn reported_counts_join_the_keys_usage_and_bad_ones_change_nothing() {
     .await;
     assert_eq!(usage.denied_by_reason.get("rate_limited"), Some(&2));
 }
+
+/// A key with credits reaches a module only in a form a module built
+/// before credits refuses (no hash it can match): the module holds no
+/// lease on credits, and an older one would not know to refuse the key.
+#[tokio::test]
+async fn a_key_with_credits_reaches_modules_in_a_form_older_ones_refuse() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (id, _) = server
+        .create(pb::CreateKeyRequest {
+            name: "metered".into(),
+            scopes: vec!["mail.send".into()],
+            account_id: "acme".into(),
+            credits: Some(pb::Credits {
+                remaining: 10,
+                refill: None,
+                next_refill_at: None,
+            }),
+            ..Default::default()
+        })
+        .await;
+    let mut stream = watch(&server).await;
+    let key = loop {
+        match next(&mut stream).await {
+            Event::Put(key) if key.id == id_bytes(&id) => break key,
+            Event::Synced(_) => panic!("the key was not in the snapshot"),
+            _ => {}
+        }
+    };
+    assert!(key.credits);
+    assert_eq!(key.secret_hash, vec![0; 32], "nothing an old module can match");
+    assert!(key.previous_hash.is_empty());
+    assert_eq!(key.credits_secret_hash.len(), 32);
+    assert_ne!(key.credits_secret_hash, vec![0; 32]);
+}

@@ -513,10 +513,20 @@ fn event_of(change: &Change) -> Event {
 /// A key's decision fields. Never a secret: hashes only.
 fn put(id: &KeyId, entry: &Entry) -> Event {
     let (allowed_cidrs, allowlist_restricted) = entry.allowlist.ranges();
-    let open = entry.previous_until > 0;
+    // A key with credits: hashes where only a module that knows credits
+    // looks (see `KeyState.credits`).
+    let credits = entry.credits.is_some();
+    let open = entry.previous_until > 0 && !credits;
+    let hash = entry.hash.as_bytes().to_vec();
+    let (secret_hash, credits_secret_hash) = if credits {
+        (vec![0; 32], hash)
+    } else {
+        (hash, Vec::new())
+    };
     Event::Put(pb::KeyState {
         id: id.as_bytes().to_vec(),
-        secret_hash: entry.hash.as_bytes().to_vec(),
+        secret_hash,
+        credits_secret_hash,
         scopes: entry.scopes.to_le_bytes().to_vec(),
         account: entry.account.to_string(),
         disabled: entry.disabled,
@@ -542,6 +552,6 @@ fn put(id: &KeyId, entry: &Entry) -> Event {
                 burst: parts.burst,
             }
         }),
-        credits: entry.credits.is_some(),
+        credits,
     })
 }

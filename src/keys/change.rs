@@ -88,6 +88,12 @@ pub enum CreditMovement {
         /// How many the lease wants.
         want: u64,
     },
+    /// Take exactly `amount` out, to give them to a key this one creates
+    /// (refused if fewer are left).
+    Withdraw {
+        /// How many.
+        amount: u64,
+    },
     /// Give back `amount` unspent credits of `period` (they lapse if the
     /// key's credits were set anew or refilled since).
     GiveBack {

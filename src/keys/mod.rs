@@ -426,17 +426,21 @@ impl Keys {
         }
     }
 
-    /// Moves credits between a key's record and this sidecar's lease on
-    /// them (see `usage::credits`): how many a reservation moved into the
-    /// lease, as the commit point counted them (0 for a give-back), and
-    /// the period of the key's credits after it.
+    /// Moves credits between a key's record in `account` (when known) and
+    /// this sidecar's lease on them (see `usage::credits`), in the
+    /// account's turn at the writer (one tenant's credit traffic queues behind its
+    /// own changes, not the admin's or another tenant's): how many a
+    /// reservation moved into the lease, as the commit point counted them
+    /// (0 for another movement), and the period of the key's credits after
+    /// it.
     pub async fn move_credits(
         &self,
         id: KeyId,
+        account: Option<&Arc<str>>,
         movement: change::CreditMovement,
     ) -> Result<(u64, i64), KeyError> {
         let committed = self
-            .submit(&Principal::Admin, Change::Credits { id, movement })
+            .submit_in(account, &Principal::Admin, Change::Credits { id, movement })
             .await?;
         let moved = match (movement, &committed.before) {
             (change::CreditMovement::Reserve { .. }, Some(before)) => committed
@@ -540,11 +544,22 @@ impl Keys {
     /// write timeout. A caller that gives up is told nothing was
     /// acknowledged; the writer then drops the change if it has not started.
     async fn submit(&self, actor: &Principal, change: Change) -> Result<Committed, KeyError> {
-        let deadline = Instant::now() + self.write_timeout;
         let domain = match actor {
             Principal::Admin => None,
             Principal::Key { account, .. } => Some(account),
         };
+        self.submit_in(domain, actor, change).await
+    }
+
+    /// [`Self::submit`], waiting its turn among `domain`'s changes (an
+    /// account; `None`: the admin's).
+    async fn submit_in(
+        &self,
+        domain: Option<&Arc<str>>,
+        actor: &Principal,
+        change: Change,
+    ) -> Result<Committed, KeyError> {
+        let deadline = Instant::now() + self.write_timeout;
         let _turn = tokio::time::timeout_at(deadline.into(), self.gates.enter(domain))
             .await
             .map_err(|_| KeyError::Unavailable)?;

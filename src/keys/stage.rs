@@ -439,19 +439,38 @@ fn inherit(mut lifecycle: Lifecycle, caller: Option<&Access>) -> Result<Lifecycl
         lifecycle.allowed_cidrs.clone_from(&caller.allowed_cidrs);
     }
     lifecycle.rate_limit = lifecycle.rate_limit.or(caller.rate_limit);
+    // A key with credits gives the keys it creates credits out of its own
+    // balance (the management service took them from it before this
+    // change: `Withdraw`), never a copy: a copy would let it multiply its
+    // credits through children. Nor a refill, which would mint credits
+    // every period beyond its own.
+    let checked: &[Limit] = if caller.credits.is_some() {
+        match &lifecycle.credits {
+            None => {
+                return Err(KeyError::Beyond {
+                    field: "credits",
+                    problem: "credits: a key with credits gives each key it creates credits taken from its own balance; set credits.remaining".into(),
+                });
+            }
+            Some(credits) if credits.refill.is_some() => {
+                return Err(KeyError::Beyond {
+                    field: "credits",
+                    problem: "credits.refill: a key with credits may give the keys it creates credits from its balance, never a refill".into(),
+                });
+            }
+            Some(_) => &[Limit::Expiry, Limit::Allowlist, Limit::RateLimit],
+        }
+    } else {
+        &Limit::ALL
+    };
     let now = now_nanos();
-    // A child of a key with credits gets at most what its creator has
-    // left: by default exactly that (a copy; the two are spent apart).
-    lifecycle.credits = lifecycle
-        .credits
-        .or_else(|| caller.credits.map(|credits| credits.due(now)));
     let child = Limits {
         expires_at: lifecycle.expires_at,
         allowed_cidrs: &lifecycle.allowed_cidrs,
         rate_limit: lifecycle.rate_limit,
         credits: lifecycle.credits,
     };
-    match child.loosens(&caller.limits(now), &Limit::ALL) {
+    match child.loosens(&caller.limits(now), checked) {
         None => Ok(lifecycle),
         Some(limit) => Err(KeyError::Beyond {
             field: limit.field(),
@@ -500,8 +519,25 @@ fn move_credits(
                 return Err(KeyError::NoCreditsLeft);
             }
         }
+        CreditMovement::Withdraw { amount } => {
+            if !credits.withdraw(amount, now) {
+                return Err(KeyError::Beyond {
+                    field: "credits",
+                    problem: format!(
+                        "credits.remaining: the calling key has {} credits it can give, fewer than {amount}",
+                        credits.due(now).remaining
+                    ),
+                });
+            }
+        }
         CreditMovement::GiveBack { amount, period } => credits.give_back(amount, period, now),
     }
+    // Unique bytes for this write: an etcd commit whose reply was lost is
+    // then recognised as this one, never as another sidecar's move that
+    // left the same balance.
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|_| KeyError::Rng)?;
+    credits.last_move = u64::from_le_bytes(id);
     Ok(Staged {
         committed: Committed {
             before: Some(before),

@@ -287,14 +287,60 @@ impl Manager {
                 rate_limit: fields::rate_limit(key.rate_limit)?,
                 credits: fields::credits(key.credits, crate::clock::now_nanos())?,
             };
-            let (record, secret) = self
+            let transfer = self.take_credits(principal, lifecycle.credits).await?;
+            let created = self
                 .keys
                 .create(principal, account, name, grant, lifecycle)
-                .await?;
+                .await;
+            let (record, secret) = match (created, transfer) {
+                (Ok(created), _) => created,
+                (
+                    Err(
+                        error @ (KeyError::Invalid { .. }
+                        | KeyError::PermissionDenied(_)
+                        | KeyError::Beyond { .. }
+                        | KeyError::LimitReached { .. }
+                        | KeyError::NotFound(_)),
+                    ),
+                    Some((id, account, amount, period)),
+                ) => {
+                    // Refused by the rules, so surely not created: the
+                    // credits go back to their giver. (After a timeout or a
+                    // storage failure the key may have been created: they
+                    // are lost then, never granted twice.)
+                    let back = crate::keys::change::CreditMovement::GiveBack { amount, period };
+                    if let Err(lost) = self.keys.move_credits(id, Some(&account), back).await {
+                        tracing::warn!(key_id = %id, error = %lost, "credits taken for a key that was not created could not be given back");
+                    }
+                    return Err(error);
+                }
+                (Err(error), _) => return Err(error),
+            };
             audit::changed(principal, Action::Create.label(), None, &record);
             Ok((record, secret))
         };
         self.audited(principal, Action::Create, steps).await
+    }
+
+    /// Takes the credits a calling key gives a key it creates out of its
+    /// own balance (see `keys::stage::inherit`): `(giver, account, amount,
+    /// period)`, or `None` when the caller is the admin, gives no credits,
+    /// or has none of its own.
+    async fn take_credits(
+        &self,
+        principal: &Principal,
+        credits: Option<crate::domain::credits::Credits>,
+    ) -> Result<Option<(KeyId, Arc<str>, u64, i64)>, KeyError> {
+        let (Principal::Key { id, account, .. }, Some(credits)) = (principal, credits) else {
+            return Ok(None);
+        };
+        let amount = credits.remaining;
+        let withdraw = crate::keys::change::CreditMovement::Withdraw { amount };
+        match self.keys.move_credits(*id, Some(account), withdraw).await {
+            Ok((_, period)) => Ok(Some((*id, Arc::clone(account), amount, period))),
+            Err(KeyError::NoCreditsLeft) => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     /// Replaces a key's name and scopes; the key as changed.

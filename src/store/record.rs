@@ -89,6 +89,7 @@ pub fn encode(record: &KeyRecord) -> Vec<u8> {
                 i64::try_from(refill.period().as_nanos()).unwrap_or(i64::MAX)
             }),
             refilled_at_unix_nanos: credits.refilled_at,
+            last_move: credits.last_move,
         }),
         leak: record.leak.as_ref().map(|leak| StoredLeak {
             reported_at_unix_nanos: leak.reported_at,
@@ -272,8 +273,10 @@ fn credits(stored: &StoredCredits) -> Result<Credits, RecordError> {
             .map_err(|_| RecordError::FieldRange("credits.refill"))?,
         ),
     };
-    Credits::new(stored.remaining, refill, stored.refilled_at_unix_nanos)
-        .map_err(|_| RecordError::FieldRange("credits.remaining"))
+    let mut credits = Credits::new(stored.remaining, refill, stored.refilled_at_unix_nanos)
+        .map_err(|_| RecordError::FieldRange("credits.remaining"))?;
+    credits.last_move = stored.last_move;
+    Ok(credits)
 }
 
 /// A stored rate limit (`requests` 0: none).
@@ -325,6 +328,10 @@ mod tests {
                         Some(Refill::new(1000, Duration::from_secs(86_400)).expect("valid")),
                         6,
                     )
+                    .map(|credits| Credits {
+                        last_move: 42,
+                        ..credits
+                    })
                     .expect("valid"),
                 ),
             },

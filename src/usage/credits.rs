@@ -5,11 +5,20 @@
 //! Every [`TICK`] it looks at each key it keeps: a lease below half of the
 //! key's last second of demand is topped up to a second's worth (one store
 //! write: a group-committed sled write standalone, an etcd transaction
-//! replicated); a lease idle for [`IDLE_TICKS`] (or for a tick when the
-//! record has none left to reserve, so other sidecars may use them) is
-//! given back. A decision that finds the lease empty while the record
-//! still has credits waits for one reservation ([`CreditKeeper::top_up`]):
-//! a key's first request on a sidecar, or demand that outran the lease.
+//! replicated); a lease idle for [`IDLE_TICKS`] is given back, and once
+//! the record has none left to reserve, whatever a lease holds beyond two
+//! seconds of its demand goes back at once (other sidecars may need it). A
+//! decision that finds the lease empty while the record still has credits
+//! waits for one reservation ([`CreditKeeper::top_up`]): a key's first
+//! request on a sidecar, or demand that outran the lease.
+//!
+//! One move at a time per key: every move holds the key's turn (its
+//! [`Window`]) until it has landed in the lease, in a task of its own, so
+//! a decision that stops waiting never loses a reservation. The lease the
+//! keeper moves credits into is the one it adopted (`Window::usage`): when
+//! the index drops or replaces the key (an on-demand replica evicting it,
+//! a deletion), the old lease is given back, never lost with its entry.
+//!
 //! Stopping gives every lease back; a sidecar killed outright loses what
 //! its leases held (never more than about a second of its demand per key),
 //! rather than risk a credit granted twice.
@@ -19,9 +28,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures_util::StreamExt;
 use keyward_core::domain::key::KeyId;
-use keyward_core::index::Index;
-use tokio::sync::{Mutex, Semaphore};
+use keyward_core::index::{Index, Usage};
+use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::change::CreditMovement;
@@ -34,17 +44,22 @@ pub const TICK: Duration = Duration::from_millis(50);
 /// Ticks in the demand window (a second).
 const WINDOW: usize = 20;
 
-/// Ticks without demand after which a lease is given back (30 s), unless
-/// the record has none left to reserve (then after one).
-const IDLE_TICKS: u32 = 600;
+/// Ticks without demand after which a lease is given back once its record
+/// has none left to reserve (a second: another sidecar may need them).
+const IDLE_TICKS_EMPTY: u32 = 20;
+
+/// Ticks without demand after which a lease is given back (five minutes:
+/// a quiet key's next request should not wait).
+const IDLE_TICKS: u32 = 6000;
 
 /// Fewest credits a reservation asks for.
 const MIN_RESERVATION: u64 = 2;
 
-/// Reservations the ticks may have under way at once.
-const RESERVATIONS_IN_FLIGHT: usize = 64;
+/// Moves the ticks may have under way at once.
+const MOVES_IN_FLIGHT: u32 = 64;
 
-/// How long a decision waits for a reservation before it is refused.
+/// How long a decision waits for a reservation before it is refused, and
+/// how long stopping waits to give leases back.
 pub const RESERVE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Keeps this sidecar's credit leases.
@@ -64,16 +79,23 @@ pub struct CreditKeeper {
 struct Kept {
     /// Decisions waiting for a reservation.
     waiting: AtomicU32,
-    /// One reservation at a time; decisions wait here.
+    /// The key's turn: one move at a time; decisions wait here.
     window: Arc<Mutex<Window>>,
 }
 
-/// A key's demand over the last second, a tick a slot.
+/// A key's demand over the last second, a tick a slot, and the lease the
+/// keeper moves its credits into.
 #[derive(Debug, Default)]
 struct Window {
     demand: [u32; WINDOW],
     at: usize,
     idle: u32,
+    /// The per-request state whose lease this keeper fills (the index
+    /// entry's, as adopted).
+    usage: Option<Arc<Usage>>,
+    /// Leases the index no longer uses (the key evicted, replaced or
+    /// deleted) still holding credits: given back before anything else.
+    orphans: Vec<Arc<Usage>>,
 }
 
 impl Window {
@@ -92,6 +114,30 @@ impl Window {
     }
 }
 
+/// Counts a waiting decision for as long as it waits, however it stops.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicU32) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What one key's look at a tick decided.
+enum Move {
+    Reserve(u64),
+    GiveBack(u64),
+    /// Give back what the leases the index no longer uses hold.
+    Orphans,
+}
+
 impl CreditKeeper {
     /// A keeper over the key store and the index decisions read.
     #[must_use]
@@ -100,7 +146,7 @@ impl CreditKeeper {
             keys,
             index,
             kept: DashMap::default(),
-            in_flight: Arc::new(Semaphore::new(RESERVATIONS_IN_FLIGHT)),
+            in_flight: Arc::new(Semaphore::new(MOVES_IN_FLIGHT as usize)),
             metrics,
         })
     }
@@ -108,59 +154,107 @@ impl CreditKeeper {
     /// Reserves credits for `id` now, for a decision that found its lease
     /// empty: at least what every decision waiting asks for. `Ok` when the
     /// lease holds some (perhaps from another waiter's reservation).
-    pub async fn top_up(&self, id: KeyId) -> Result<(), KeyError> {
+    pub async fn top_up(self: &Arc<Self>, id: KeyId) -> Result<(), KeyError> {
         self.metrics.credit_waits.inc();
         let kept = Arc::clone(self.kept.entry(id).or_default().value());
-        kept.waiting.fetch_add(1, Ordering::Relaxed);
-        let window = kept.window.lock().await;
-        let waiting = u64::from(kept.waiting.fetch_sub(1, Ordering::Relaxed));
-        let Some(entry) = self.index.entry(&id) else {
-            return Err(KeyError::NotFound(id.to_string()));
-        };
-        let held = entry.credits.ok_or(KeyError::NoCreditsLeft)?;
-        if entry.usage.credits.in_hand(held.period) > 0 {
+        let waiting = Waiting::new(&kept.waiting);
+        let mut window = Arc::clone(&kept.window).lock_owned().await;
+        let want = window
+            .second()
+            .max(u64::from(kept.waiting.load(Ordering::Relaxed)))
+            .max(MIN_RESERVATION);
+        drop(waiting);
+        let entry = self
+            .index
+            .entry(&id)
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))?;
+        let held = entry
+            .credits
+            .as_deref()
+            .copied()
+            .ok_or(KeyError::NoCreditsLeft)?;
+        adopt(&mut window, &entry.usage);
+        // Rare (an eviction between two decisions): given back first,
+        // still in this key's turn.
+        self.give_back_orphans(&mut window, id, Some(&entry.account))
+            .await?;
+        let now = keyward_core::clock::now_nanos();
+        if now < held.next_refill && entry.usage.credits.in_hand(held.period) > 0 {
             return Ok(());
         }
-        let want = window.second().max(waiting).max(MIN_RESERVATION);
-        self.reserve(id, want).await
+        // In a task of its own: the reservation lands in the lease even if
+        // the decision waiting for it is cancelled (a client gone, a proxy
+        // timeout), and holds the key's turn until it has.
+        let keeper = Arc::clone(self);
+        let account = Arc::clone(&entry.account);
+        tokio::spawn(async move { keeper.reserve(&window, id, Some(&account), want).await })
+            .await
+            .map_err(|_| KeyError::Unavailable)?
     }
 
-    /// One reservation of `want` credits into `id`'s lease (the caller
-    /// holds the key's turn).
-    async fn reserve(&self, id: KeyId, want: u64) -> Result<(), KeyError> {
+    /// One reservation of `want` credits into the lease `window` holds (its
+    /// owner holds the key's turn).
+    async fn reserve(
+        &self,
+        window: &Window,
+        id: KeyId,
+        account: Option<&Arc<str>>,
+        want: u64,
+    ) -> Result<(), KeyError> {
         let (granted, period) = self
             .keys
-            .move_credits(id, CreditMovement::Reserve { want })
+            .move_credits(id, account, CreditMovement::Reserve { want })
             .await?;
         self.metrics.credit_reservations.inc();
-        if let Some(entry) = self.index.entry(&id) {
-            entry.usage.credits.add(granted, period);
+        if let Some(usage) = &window.usage {
+            usage.credits.add(granted, period);
         }
         Ok(())
     }
 
-    /// Gives `id`'s unspent credits back to its record.
-    async fn give_back(&self, id: KeyId) -> Result<(), KeyError> {
-        let Some(entry) = self.index.entry(&id) else {
-            return Ok(());
-        };
-        let (amount, period) = entry.usage.credits.take_all();
-        if amount == 0 || entry.credits.is_none_or(|held| held.period != period) {
+    /// Gives up to `most` of `usage`'s unspent credits back to `id`'s
+    /// record (its owner holds the key's turn). Credits of a period the
+    /// record has left lapse there.
+    async fn give_back(
+        &self,
+        usage: &Usage,
+        id: KeyId,
+        account: Option<&Arc<str>>,
+        most: u64,
+    ) -> Result<(), KeyError> {
+        let (amount, period) = usage.credits.take(most);
+        if amount == 0 {
             return Ok(());
         }
         self.keys
-            .move_credits(id, CreditMovement::GiveBack { amount, period })
+            .move_credits(id, account, CreditMovement::GiveBack { amount, period })
             .await
             .map(drop)
             .or_else(|error| match error {
+                // The key is gone, or has no credits now: nothing to give
+                // them back to.
                 KeyError::NotFound(_) | KeyError::NoCreditsLeft => Ok(()),
                 error => Err(error),
             })
     }
 
-    /// Keeps every lease until `stop`, then gives them all back (within
-    /// `RESERVE_PATIENCE`: a store that does not answer must not hold the
-    /// exit; what it could not take back is lost, never granted twice).
+    /// Gives back what every orphaned lease of the key holds; stops at the
+    /// first failure (the rest wait for the next tick).
+    async fn give_back_orphans(
+        &self,
+        window: &mut Window,
+        id: KeyId,
+        account: Option<&Arc<str>>,
+    ) -> Result<(), KeyError> {
+        while let Some(orphan) = window.orphans.last() {
+            self.give_back(orphan, id, account, u64::MAX).await?;
+            window.orphans.pop();
+        }
+        Ok(())
+    }
+
+    /// Keeps every lease until `stop`, then gives them all back (see
+    /// [`Self::give_all_back`]).
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -170,18 +264,38 @@ impl CreditKeeper {
                 () = stop.cancelled() => break,
             }
         }
-        let ids: Vec<KeyId> = self.kept.iter().map(|kept| *kept.key()).collect();
-        let returned = tokio::time::timeout(RESERVE_PATIENCE, async {
-            for id in ids {
-                if let Err(error) = self.give_back(id).await {
-                    tracing::warn!(key_id = %id, %error, "unspent credits could not be given back; they are lost");
-                }
-            }
-        })
-        .await;
-        if returned.is_err() {
-            tracing::warn!("unspent credits were not all given back in time; the rest are lost");
+        if tokio::time::timeout(RESERVE_PATIENCE, self.give_all_back())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "unspent credits were not all given back in time; the rest are lost, never granted twice"
+            );
         }
+    }
+
+    /// Gives every lease back, after the last decision: the moves under way
+    /// finish first (every permit taken), then each key's lease goes back
+    /// in its turn, many at once (the writer commits them together).
+    async fn give_all_back(&self) {
+        let _all = self.in_flight.acquire_many(MOVES_IN_FLIGHT).await;
+        let kept: Vec<(KeyId, Arc<Kept>)> = self
+            .kept
+            .iter()
+            .map(|kept| (*kept.key(), Arc::clone(kept.value())))
+            .collect();
+        futures_util::stream::iter(kept)
+            .for_each_concurrent(MOVES_IN_FLIGHT as usize, |(id, kept)| async move {
+                let mut window = kept.window.lock().await;
+                let account = self.index.entry(&id).map(|entry| Arc::clone(&entry.account));
+                if let Some(usage) = window.usage.take() {
+                    window.orphans.push(usage);
+                }
+                if let Err(error) = self.give_back_orphans(&mut window, id, account.as_ref()).await {
+                    tracing::warn!(key_id = %id, %error, "unspent credits could not be given back; they are lost, never granted twice");
+                }
+            })
+            .await;
     }
 
     /// One look at every lease.
@@ -196,54 +310,119 @@ impl CreditKeeper {
             .map(|kept| (*kept.key(), Arc::clone(kept.value())))
             .collect();
         for (id, kept) in kept {
-            let Some(entry) = self.index.entry(&id) else {
-                self.kept.remove(&id);
-                continue;
-            };
-            let Some(held) = entry.credits else {
-                entry.usage.credits.take_all();
-                self.kept.remove(&id);
-                continue;
-            };
-            // A reservation or a waiting decision has the key: next tick.
+            // A move or a waiting decision has the key: next tick.
             let Ok(mut window) = Arc::clone(&kept.window).try_lock_owned() else {
                 continue;
             };
+            let Some(entry) = self.index.entry(&id) else {
+                // Deleted, or evicted from an on-demand replica: whatever
+                // its lease holds goes back (a deleted key's lapses).
+                if let Some(usage) = window.usage.take() {
+                    window.orphans.push(usage);
+                }
+                window
+                    .orphans
+                    .retain(|usage| usage.credits.in_hand_any() > 0);
+                if window.orphans.is_empty() {
+                    self.forget(id, kept, window);
+                } else {
+                    self.spawn_move(window, id, None, Move::Orphans);
+                }
+                continue;
+            };
+            let Some(held) = entry.credits.as_deref().copied() else {
+                // Credits removed: the lease is void (nothing to give back
+                // to); the key is no longer kept.
+                if let Some(usage) = &window.usage {
+                    usage.credits.take(u64::MAX);
+                }
+                self.forget(id, kept, window);
+                continue;
+            };
+            adopt(&mut window, &entry.usage);
+            if !window.orphans.is_empty() {
+                self.spawn_move(window, id, Some(Arc::clone(&entry.account)), Move::Orphans);
+                continue;
+            }
             window.push(entry.usage.credits.take_demand());
             let in_hand = entry.usage.credits.in_hand(held.period);
             let second = window.second();
-            let idle_for = if held.unreserved == 0 { 1 } else { IDLE_TICKS };
-            let movement = if second == 0 && window.idle >= idle_for {
+            let empty = held.unreserved == 0;
+            let keep = 2 * second.max(1);
+            let idle_after = if empty { IDLE_TICKS_EMPTY } else { IDLE_TICKS };
+            let movement = if second == 0 && window.idle >= idle_after {
                 if in_hand == 0 && kept.waiting.load(Ordering::Relaxed) == 0 {
-                    self.kept.remove(&id);
+                    self.forget(id, kept, window);
                     continue;
                 }
-                Some(None)
+                Move::GiveBack(u64::MAX)
+            } else if empty && in_hand > keep {
+                Move::GiveBack(in_hand - keep)
             } else if second > 0
                 && in_hand * 2 < second.max(MIN_RESERVATION)
                 && held.reservable_at(now)
             {
-                Some(Some(second.max(MIN_RESERVATION).saturating_sub(in_hand)))
+                Move::Reserve(second.max(MIN_RESERVATION).saturating_sub(in_hand))
             } else {
-                None
-            };
-            let Some(movement) = movement else { continue };
-            let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
                 continue;
             };
-            let keeper = Arc::clone(self);
-            tokio::spawn(async move {
-                let result = match movement {
-                    Some(want) => keeper.reserve(id, want).await,
-                    None => keeper.give_back(id).await,
-                };
-                if let Err(error) = result
-                    && !matches!(error, KeyError::NoCreditsLeft | KeyError::NotFound(_))
-                {
-                    tracing::debug!(key_id = %id, %error, "credits not moved; tried again next tick");
-                }
-                drop((window, permit));
-            });
+            self.spawn_move(window, id, Some(Arc::clone(&entry.account)), movement);
         }
+    }
+
+    /// Stops keeping `id` unless a decision is about to wait on it.
+    fn forget(&self, id: KeyId, kept: Arc<Kept>, window: OwnedMutexGuard<Window>) {
+        drop(window);
+        drop(kept);
+        // The map's reference is the only one left: nobody is between
+        // finding the entry and counting itself as waiting.
+        self.kept.remove_if(&id, |_, kept| {
+            Arc::strong_count(kept) == 1 && kept.waiting.load(Ordering::Relaxed) == 0
+        });
+    }
+
+    /// Runs one move in its own task, in the key's turn (`window`), if a
+    /// move slot is free (else the next tick tries again).
+    fn spawn_move(
+        self: &Arc<Self>,
+        window: OwnedMutexGuard<Window>,
+        id: KeyId,
+        account: Option<Arc<str>>,
+        movement: Move,
+    ) {
+        let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+            return;
+        };
+        let keeper = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut window = window;
+            let account = account.as_ref();
+            let result = match movement {
+                Move::Reserve(want) => keeper.reserve(&window, id, account, want).await,
+                Move::GiveBack(most) => match window.usage.clone() {
+                    Some(usage) => keeper.give_back(&usage, id, account, most).await,
+                    None => Ok(()),
+                },
+                Move::Orphans => keeper.give_back_orphans(&mut window, id, account).await,
+            };
+            if let Err(error) = result
+                && !matches!(error, KeyError::NoCreditsLeft | KeyError::NotFound(_))
+            {
+                tracing::debug!(key_id = %id, %error, "credits not moved; tried again next tick");
+            }
+            drop((window, permit));
+        });
+    }
+}
+
+/// Makes `usage` (the index entry's) the lease `window` fills; the lease
+/// it filled before, if another one still holding credits, is an orphan to
+/// give back.
+fn adopt(window: &mut Window, usage: &Arc<Usage>) {
+    if let Some(old) = window.usage.replace(Arc::clone(usage))
+        && !Arc::ptr_eq(&old, usage)
+        && old.credits.in_hand_any() > 0
+    {
+        window.orphans.push(old);
     }
 }

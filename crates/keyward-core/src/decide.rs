@@ -128,8 +128,11 @@ impl Decider {
         // request spends no credit): a credit is never given back, so no
         // race can mint one.
         let credits = entry.credits.as_ref();
+        // Past the next refill the lease is void: a refill sets the
+        // credits, and what the last period left must not be spent in
+        // this one (the reservation that follows records the refill).
         if let Some(held) = credits
-            && !entry.usage.credits.has(held.period)
+            && (now >= held.next_refill || !entry.usage.credits.has(held.period))
         {
             return (Self::no_credits(decision, held, now), false);
         }

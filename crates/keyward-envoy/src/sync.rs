@@ -295,8 +295,13 @@ fn entry_of(key: &KeyState, account: Arc<str>) -> Result<(KeyId, Entry), String>
             .ok_or("a rate limit out of range")?,
         ),
     };
+    let secret_hash = if key.credits {
+        &key.credits_secret_hash
+    } else {
+        &key.secret_hash
+    };
     let entry = Entry {
-        hash: hash(&key.secret_hash, "a secret hash")?,
+        hash: hash(secret_hash, "a secret hash")?,
         scopes: ScopeSet::from_le_bytes(&key.scopes).ok_or("a scope set of the wrong width")?,
         account,
         disabled: key.disabled,

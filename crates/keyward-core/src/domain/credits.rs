@@ -33,6 +33,10 @@ pub struct Credits {
     /// Unix nanos the current refill period began (when the credits were
     /// set, or the last refill boundary).
     pub refilled_at: i64,
+    /// A random id of the last move between the record and a lease, so a
+    /// write whose reply was lost is told apart from another process's
+    /// move that left the same balance (0: none yet).
+    pub last_move: u64,
 }
 
 /// Every `period`, the key's credits are *set* to `amount` (not added to:
@@ -101,6 +105,7 @@ impl Credits {
             remaining,
             refill,
             refilled_at: now,
+            last_move: 0,
         })
     }
 
@@ -138,6 +143,17 @@ impl Credits {
         let granted = want.min(self.remaining.div_ceil(2));
         self.remaining -= granted;
         granted
+    }
+
+    /// Takes exactly `amount` credits out (to give them to another key),
+    /// or none if fewer are left at `now`.
+    pub fn withdraw(&mut self, amount: u64, now: i64) -> bool {
+        *self = self.due(now);
+        if self.remaining < amount {
+            return false;
+        }
+        self.remaining -= amount;
+        true
     }
 
     /// Takes back `amount` credits a process reserved in `period` and did
@@ -205,7 +221,7 @@ impl CreditLease {
             return false;
         }
         // A compare-and-swap, not a subtraction undone on failure: the
-        // count never dips below zero, so a concurrent `take_all` cannot
+        // count never dips below zero, so a concurrent `take` cannot
         // take a credit a failed spend is about to put back.
         self.tokens
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| {
@@ -235,6 +251,12 @@ impl CreditLease {
         u64::try_from(self.tokens.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
+    /// Credits in hand, whatever their period.
+    #[must_use]
+    pub fn in_hand_any(&self) -> u64 {
+        u64::try_from(self.tokens.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
     /// Adds credits reserved in `period`; credits of an earlier period
     /// still in hand are void. One caller at a time (the key's keeper).
     pub fn add(&self, credits: u64, period: i64) {
@@ -247,10 +269,19 @@ impl CreditLease {
         }
     }
 
-    /// Takes every credit in hand (to give them back), with their period.
-    pub fn take_all(&self) -> (u64, i64) {
-        let tokens = u64::try_from(self.tokens.swap(0, Ordering::Relaxed)).unwrap_or(0);
-        (tokens, self.period.load(Ordering::Relaxed))
+    /// Takes up to `most` credits in hand (to give them back), with their
+    /// period. One caller at a time, as for [`Self::add`], so the period
+    /// cannot change under it.
+    pub fn take(&self, most: u64) -> (u64, i64) {
+        let most = i64::try_from(most).unwrap_or(i64::MAX);
+        let before = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tokens| {
+                Some(tokens - tokens.clamp(0, most))
+            })
+            .unwrap_or(0);
+        let taken = u64::try_from(before.clamp(0, most)).unwrap_or(0);
+        (taken, self.period.load(Ordering::Relaxed))
     }
 
     /// The demand since the last call.
@@ -377,7 +408,9 @@ mod tests {
         assert!(lease.has(7));
         assert_eq!(lease.in_hand(7), 1);
         assert_eq!(lease.take_demand(), 4);
-        assert_eq!(lease.take_all(), (1, 7));
+        lease.add(4, 7);
+        assert_eq!(lease.take(3), (3, 7));
+        assert_eq!(lease.take(u64::MAX), (2, 7));
         assert_eq!(lease.in_hand(7), 0);
     }
 
