@@ -598,7 +598,11 @@ async fn a_key_with_credits_reaches_modules_in_a_form_older_ones_refuse() {
         }
     };
     assert!(key.credits);
-    assert_eq!(key.secret_hash, vec![0; 32], "nothing an old module can match");
+    assert_eq!(
+        key.secret_hash,
+        vec![0; 32],
+        "nothing an old module can match"
+    );
     assert!(key.previous_hash.is_empty());
     assert_eq!(key.credits_secret_hash.len(), 32);
     assert_ne!(key.credits_secret_hash, vec![0; 32]);
