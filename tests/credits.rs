@@ -214,7 +214,7 @@ async fn credits_follow_least_privilege_and_bad_input_names_its_field() {
             .map(String::from)
             .to_vec(),
             account_id: "acme".into(),
-            credits: Some(credits(100, Some((100, 86_400)))),
+            credits: Some(credits(100, None)),
             ..Default::default()
         })
         .await;
@@ -266,26 +266,39 @@ async fn credits_follow_least_privilege_and_bad_input_names_its_field() {
         .expect_err("a scope the creator lacks");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(left(get(&channel, &server.admin, &manager_id).await), 70);
-    // A key may lower its own credits, never raise them.
-    let raised = set_credits(
-        &channel,
-        &manager,
-        &manager_id,
-        Some(credits(500, Some((100, 86_400)))),
-    )
-    .await;
-    assert_status(raised, Code::PermissionDenied, "credits");
-    let lowered = set_credits(
-        &channel,
-        &manager,
-        &manager_id,
-        Some(credits(50, Some((100, 86_400)))),
-    )
-    .await
-    .expect("lowered");
+    // Never credits to a key without any: a copy of its own balance on a
+    // key it could then rotate and use.
+    let (sibling_id, _) = server.create_key("acme", &["mail.send"]).await;
+    let copied = set_credits(&channel, &manager, &sibling_id, Some(credits(10, None))).await;
+    assert_status(copied, Code::PermissionDenied, "credits");
+    // A key may lower its own credits, never raise them, add a refill or
+    // remove them.
+    for raised in [credits(500, None), credits(50, Some((10, 86_400)))] {
+        let raised = set_credits(&channel, &manager, &manager_id, Some(raised)).await;
+        assert_status(raised, Code::PermissionDenied, "credits");
+    }
+    let lowered = set_credits(&channel, &manager, &manager_id, Some(credits(50, None)))
+        .await
+        .expect("lowered");
     assert_eq!(lowered.credits.expect("credits").remaining, 50);
     let removed = set_credits(&channel, &manager, &manager_id, None).await;
     assert_status(removed, Code::PermissionDenied, "credits");
+    // A key whose credits refill cannot create keys: what it gave them
+    // would outlive its refill.
+    set_credits(
+        &channel,
+        &server.admin,
+        &manager_id,
+        Some(credits(50, Some((50, 86_400)))),
+    )
+    .await
+    .expect("the admin adds a refill");
+    let status = client
+        .create_key(bearer(&manager, child(Some(credits(5, None)))))
+        .await
+        .expect_err("a refilling creator");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("refill"), "{}", status.message());
 
     // Bad input changes nothing and names the field.
     for (bad, field) in [

@@ -347,6 +347,9 @@ pub struct Lifecycle {
     pub rate_limit: Option<RateLimit>,
     /// Its usage credits, if any.
     pub credits: Option<Credits>,
+    /// `credits` were taken from the creating key's own balance (a
+    /// `Withdraw` before this change).
+    pub credits_taken: bool,
 }
 
 /// Live keys per account, keyed by the one shared copy of each account id.

@@ -238,7 +238,14 @@ impl EtcdView<'_> {
             Ok(revision) => Ok(revision),
             Err(Attempt::Transient) => {
                 Remote::pause(deadline)?;
-                remote.landed(staged, deadline)
+                match remote.landed(staged, deadline)? {
+                    Some(revision) => Ok(Some(revision)),
+                    // Not ours in etcd now: never written, or written and
+                    // since changed by another sidecar. A change that must
+                    // not run twice fails rather than be run again.
+                    None if staged.once => Err(KeyError::Unavailable),
+                    None => Ok(None),
+                }
             }
             Err(Attempt::Failed) => Err(KeyError::Unavailable),
         }

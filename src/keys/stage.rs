@@ -50,6 +50,11 @@ pub struct Staged {
     pub write: Write,
     /// The written record's scopes (empty for a removal).
     pub scopes: ScopeSet,
+    /// Must not run twice: after a commit whose outcome is unknown (etcd's
+    /// reply lost, the record since changed by someone else) it fails
+    /// rather than run its rules again. A credit move: run again, a
+    /// give-back would return its credits twice.
+    pub once: bool,
 }
 
 /// The rules, with the settings they depend on.
@@ -103,6 +108,7 @@ impl Rules<'_> {
                     },
                     write: Write::Remove,
                     scopes: ScopeSet::default(),
+                    once: false,
                 })
             }
             Change::Rotate { id, rotation } => {
@@ -190,6 +196,7 @@ impl Rules<'_> {
                     },
                     write: Write::Remove,
                     scopes: ScopeSet::default(),
+                    once: false,
                 });
             }
         }
@@ -238,6 +245,7 @@ impl Rules<'_> {
             },
             write: Write::Create,
             scopes: grant,
+            once: false,
         })
     }
 
@@ -313,6 +321,16 @@ impl Rules<'_> {
         }
         if let Some(limit) = state.rate_limit {
             access.rate_limit = limit;
+        }
+        if let (Some(caller), Some(Some(_)), None) = (caller, &state.credits, &access.credits)
+            && caller.credits.is_some()
+        {
+            // Tighter than none, but it would copy the caller's own
+            // balance to a key it may then rotate and use.
+            return Err(KeyError::Beyond {
+                field: "credits",
+                problem: "credits: a key with credits may lower the credits a key has, never give credits to a key without any (only the admin can)".into(),
+            });
         }
         if let Some(credits) = state.credits {
             access.credits = credits;
@@ -444,7 +462,13 @@ fn inherit(mut lifecycle: Lifecycle, caller: Option<&Access>) -> Result<Lifecycl
     // change: `Withdraw`), never a copy: a copy would let it multiply its
     // credits through children. Nor a refill, which would mint credits
     // every period beyond its own.
-    let checked: &[Limit] = if caller.credits.is_some() {
+    let checked: &[Limit] = if let Some(own) = caller.credits {
+        if own.refill.is_some() {
+            return Err(KeyError::Beyond {
+                field: "credits",
+                problem: "credits: a key whose credits refill cannot create keys: what it gave them would outlive its refill (only the admin can)".into(),
+            });
+        }
         match &lifecycle.credits {
             None => {
                 return Err(KeyError::Beyond {
@@ -456,6 +480,14 @@ fn inherit(mut lifecycle: Lifecycle, caller: Option<&Access>) -> Result<Lifecycl
                 return Err(KeyError::Beyond {
                     field: "credits",
                     problem: "credits.refill: a key with credits may give the keys it creates credits from its balance, never a refill".into(),
+                });
+            }
+            Some(_) if !lifecycle.credits_taken => {
+                // The caller had no credits when the request began, and has
+                // some now: nothing was taken from it.
+                return Err(KeyError::Beyond {
+                    field: "credits",
+                    problem: "credits: the calling key's credits changed while the key was being created; try again".into(),
                 });
             }
             Some(_) => &[Limit::Expiry, Limit::Allowlist, Limit::RateLimit],
@@ -495,6 +527,7 @@ fn replaced(
         },
         write: Write::Replace,
         scopes,
+        once: false,
     }
 }
 
@@ -546,6 +579,7 @@ fn move_credits(
         },
         write: Write::Replace,
         scopes,
+        once: true,
     })
 }
 

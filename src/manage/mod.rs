@@ -286,8 +286,13 @@ impl Manager {
                 allowed_cidrs: self.allowed_cidrs(&key.allowed_cidrs)?,
                 rate_limit: fields::rate_limit(key.rate_limit)?,
                 credits: fields::credits(key.credits, crate::clock::now_nanos())?,
+                credits_taken: false,
             };
             let transfer = self.take_credits(principal, lifecycle.credits).await?;
+            let lifecycle = Lifecycle {
+                credits_taken: transfer.is_some(),
+                ..lifecycle
+            };
             let created = self
                 .keys
                 .create(principal, account, name, grant, lifecycle)

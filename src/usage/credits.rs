@@ -96,6 +96,8 @@ struct Window {
     /// Leases the index no longer uses (the key evicted, replaced or
     /// deleted) still holding credits: given back before anything else.
     orphans: Vec<Arc<Usage>>,
+    /// The key's account (its turn at the writer), once adopted.
+    account: Option<Arc<str>>,
 }
 
 impl Window {
@@ -158,12 +160,29 @@ impl CreditKeeper {
         self.metrics.credit_waits.inc();
         let kept = Arc::clone(self.kept.entry(id).or_default().value());
         let waiting = Waiting::new(&kept.waiting);
-        let mut window = Arc::clone(&kept.window).lock_owned().await;
+        let window = Arc::clone(&kept.window).lock_owned().await;
         let want = window
             .second()
             .max(u64::from(kept.waiting.load(Ordering::Relaxed)))
             .max(MIN_RESERVATION);
         drop(waiting);
+        // Everything from here in a task of its own, holding the key's
+        // turn: a move under way lands (in the lease, or back in the
+        // record) even if the decision waiting for it is cancelled (a
+        // client gone, a proxy's timeout).
+        let keeper = Arc::clone(self);
+        tokio::spawn(async move { keeper.top_up_in_turn(window, id, want).await })
+            .await
+            .map_err(|_| KeyError::Unavailable)?
+    }
+
+    /// [`Self::top_up`]'s work, in the key's turn.
+    async fn top_up_in_turn(
+        &self,
+        mut window: OwnedMutexGuard<Window>,
+        id: KeyId,
+        want: u64,
+    ) -> Result<(), KeyError> {
         let entry = self
             .index
             .entry(&id)
@@ -173,23 +192,16 @@ impl CreditKeeper {
             .as_deref()
             .copied()
             .ok_or(KeyError::NoCreditsLeft)?;
-        adopt(&mut window, &entry.usage);
-        // Rare (an eviction between two decisions): given back first,
-        // still in this key's turn.
-        self.give_back_orphans(&mut window, id, Some(&entry.account))
+        adopt(&mut window, &entry);
+        // Rare (an eviction between two decisions): given back first.
+        let account = window.account.clone();
+        self.give_back_orphans(&mut window, id, account.as_ref())
             .await?;
         let now = keyward_core::clock::now_nanos();
         if now < held.next_refill && entry.usage.credits.in_hand(held.period) > 0 {
             return Ok(());
         }
-        // In a task of its own: the reservation lands in the lease even if
-        // the decision waiting for it is cancelled (a client gone, a proxy
-        // timeout), and holds the key's turn until it has.
-        let keeper = Arc::clone(self);
-        let account = Arc::clone(&entry.account);
-        tokio::spawn(async move { keeper.reserve(&window, id, Some(&account), want).await })
-            .await
-            .map_err(|_| KeyError::Unavailable)?
+        self.reserve(&window, id, account.as_ref(), want).await
     }
 
     /// One reservation of `want` credits into the lease `window` holds (its
@@ -287,7 +299,7 @@ impl CreditKeeper {
         futures_util::stream::iter(kept)
             .for_each_concurrent(MOVES_IN_FLIGHT as usize, |(id, kept)| async move {
                 let mut window = kept.window.lock().await;
-                let account = self.index.entry(&id).map(|entry| Arc::clone(&entry.account));
+                let account = window.account.clone();
                 if let Some(usage) = window.usage.take() {
                     window.orphans.push(usage);
                 }
@@ -326,7 +338,7 @@ impl CreditKeeper {
                 if window.orphans.is_empty() {
                     self.forget(id, kept, window);
                 } else {
-                    self.spawn_move(window, id, None, Move::Orphans);
+                    self.spawn_move(window, id, Move::Orphans);
                 }
                 continue;
             };
@@ -339,9 +351,9 @@ impl CreditKeeper {
                 self.forget(id, kept, window);
                 continue;
             };
-            adopt(&mut window, &entry.usage);
+            adopt(&mut window, &entry);
             if !window.orphans.is_empty() {
-                self.spawn_move(window, id, Some(Arc::clone(&entry.account)), Move::Orphans);
+                self.spawn_move(window, id, Move::Orphans);
                 continue;
             }
             window.push(entry.usage.credits.take_demand());
@@ -366,7 +378,7 @@ impl CreditKeeper {
             } else {
                 continue;
             };
-            self.spawn_move(window, id, Some(Arc::clone(&entry.account)), movement);
+            self.spawn_move(window, id, movement);
         }
     }
 
@@ -383,19 +395,14 @@ impl CreditKeeper {
 
     /// Runs one move in its own task, in the key's turn (`window`), if a
     /// move slot is free (else the next tick tries again).
-    fn spawn_move(
-        self: &Arc<Self>,
-        window: OwnedMutexGuard<Window>,
-        id: KeyId,
-        account: Option<Arc<str>>,
-        movement: Move,
-    ) {
+    fn spawn_move(self: &Arc<Self>, window: OwnedMutexGuard<Window>, id: KeyId, movement: Move) {
         let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
             return;
         };
         let keeper = Arc::clone(self);
         tokio::spawn(async move {
             let mut window = window;
+            let account = window.account.clone();
             let account = account.as_ref();
             let result = match movement {
                 Move::Reserve(want) => keeper.reserve(&window, id, account, want).await,
@@ -415,10 +422,14 @@ impl CreditKeeper {
     }
 }
 
-/// Makes `usage` (the index entry's) the lease `window` fills; the lease
-/// it filled before, if another one still holding credits, is an orphan to
-/// give back.
-fn adopt(window: &mut Window, usage: &Arc<Usage>) {
+/// Makes `entry`'s lease the one `window` fills; the lease it filled
+/// before, if another one still holding credits, is an orphan to give
+/// back.
+fn adopt(window: &mut Window, entry: &keyward_core::index::Entry) {
+    let usage = &entry.usage;
+    if window.account.is_none() {
+        window.account = Some(Arc::clone(&entry.account));
+    }
     if let Some(old) = window.usage.replace(Arc::clone(usage))
         && !Arc::ptr_eq(&old, usage)
         && old.credits.in_hand_any() > 0

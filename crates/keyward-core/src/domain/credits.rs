@@ -217,7 +217,7 @@ impl CreditLease {
     #[inline]
     pub fn spend(&self, period: i64) -> bool {
         self.demand.fetch_add(1, Ordering::Relaxed);
-        if self.period.load(Ordering::Relaxed) != period {
+        if self.period.load(Ordering::Acquire) != period {
             return false;
         }
         // A compare-and-swap, not a subtraction undone on failure: the
@@ -234,7 +234,7 @@ impl CreditLease {
     /// demand when none is (a later [`Self::spend`] counts it otherwise).
     #[inline]
     pub fn has(&self, period: i64) -> bool {
-        let has = self.period.load(Ordering::Relaxed) == period
+        let has = self.period.load(Ordering::Acquire) == period
             && self.tokens.load(Ordering::Relaxed) > 0;
         if !has {
             self.demand.fetch_add(1, Ordering::Relaxed);
@@ -261,12 +261,14 @@ impl CreditLease {
     /// still in hand are void. One caller at a time (the key's keeper).
     pub fn add(&self, credits: u64, period: i64) {
         let credits = i64::try_from(credits).unwrap_or(i64::MAX);
-        if self.period.load(Ordering::Relaxed) == period {
-            self.tokens.fetch_add(credits, Ordering::Relaxed);
-        } else {
-            self.tokens.store(credits, Ordering::Relaxed);
-            self.period.store(period, Ordering::Relaxed);
+        if self.period.load(Ordering::Relaxed) != period {
+            // Old tokens void first, then the period (released), then the
+            // new tokens: a decision that sees the new period (acquired)
+            // never spends an old token.
+            self.tokens.store(0, Ordering::Relaxed);
+            self.period.store(period, Ordering::Release);
         }
+        self.tokens.fetch_add(credits, Ordering::Relaxed);
     }
 
     /// Takes up to `most` credits in hand (to give them back), with their
