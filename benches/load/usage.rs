@@ -136,6 +136,15 @@ async fn sidecar(flags: &[&str]) -> anyhow::Result<Server> {
 /// Creates a `mail.send` key on `server`, limited to `limit` a second
 /// (burst the same) when given: (key id, secret).
 async fn create(server: &Server, limit: Option<u32>) -> anyhow::Result<(String, String)> {
+    create_with(server, limit, None).await
+}
+
+/// [`create`], with `credits` usage credits when given.
+async fn create_with(
+    server: &Server,
+    limit: Option<u32>,
+    credits: Option<u64>,
+) -> anyhow::Result<(String, String)> {
     let manage = server.manage_addr.as_deref().unwrap_or(&server.addr);
     let reply = KeyManagerClient::new(channel(manage).await?)
         .create_key(server.as_admin(pb::CreateKeyRequest {
@@ -149,6 +158,11 @@ async fn create(server: &Server, limit: Option<u32>) -> anyhow::Result<(String, 
                     nanos: 0,
                 }),
                 burst: 0,
+            }),
+            credits: credits.map(|remaining| pb::Credits {
+                remaining,
+                refill: None,
+                next_refill_at: None,
             }),
             ..Default::default()
         })?)
@@ -196,6 +210,16 @@ async fn overhead(args: &UsageArgs, redis: &Redis) -> anyhow::Result<()> {
             target("global", &create(&shared, Some(1_000_000)).await?.1),
             &shared,
         ),
+        // Both: a global limit and credits (far more than any run spends).
+        (
+            target(
+                "g+credit",
+                &create_with(&shared, Some(1_000_000), Some(1_000_000_000_000))
+                    .await?
+                    .1,
+            ),
+            &shared,
+        ),
     ];
     let bodies = tempfile::tempdir()?;
     for (target, _) in &targets {
@@ -226,6 +250,7 @@ async fn overhead(args: &UsageArgs, redis: &Redis) -> anyhow::Result<()> {
     );
     println!("plain, local: a sidecar without a usage store (no limit; a per-sidecar limit)");
     println!("plain+r, global: a sidecar with Redis (no limit; a global limit, spent from leases)");
+    println!("g+credit: a global limit and usage credits (spent from a credit lease)");
     println!(
         "{:<8} {:>12} {:>8} {:>10} {:>12} {:>8} {:>10}",
         "key", "1x50 req/s", "vs plain", "cpu us", "8x8 req/s", "vs plain", "cpu us"
@@ -248,6 +273,11 @@ async fn overhead(args: &UsageArgs, redis: &Redis) -> anyhow::Result<()> {
         "global vs local: {:.3}x (1x50), {:.3}x (8x8): what the usage store adds to a rate limit",
         ratio(0, 3, 1),
         ratio(1, 3, 1)
+    );
+    println!(
+        "global + credits vs plain+r: {:.3}x (1x50), {:.3}x (8x8): what a global limit and credits cost together",
+        ratio(0, 4, 2),
+        ratio(1, 4, 2)
     );
     println!(
         "\nk6 gRPC, constant arrival {} req/s for {} s, alternating",
