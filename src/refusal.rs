@@ -131,7 +131,7 @@ impl From<KeyError> for Refusal {
                 tracing::error!(%error, "store failure");
                 Self::storage_failing()
             }
-            KeyError::Unavailable => Self::storage_failing(),
+            KeyError::Unavailable | KeyError::Busy => Self::storage_failing(),
             // A state of this deployment, not a fault: gRPC's mapping of
             // FAILED_PRECONDITION, 400.
             KeyError::NoUsageStore | KeyError::NoCreditsLeft => Self::same(

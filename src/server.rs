@@ -402,6 +402,10 @@ pub async fn run(
         listeners.manage_enabled,
         Arc::clone(&app.metrics),
     ));
+    let usage_health = app
+        .usage
+        .as_ref()
+        .map(|usage| tokio::spawn(health::follow_usage_store(usage.up(), reporter.clone())));
     let usage = app.usage.as_ref().map(|usage| {
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(Arc::clone(usage).run(
@@ -438,6 +442,9 @@ pub async fn run(
     };
     let (served, ()) = tokio::join!(served, coordinator);
     store_health.abort();
+    if let Some(usage_health) = usage_health {
+        usage_health.abort();
+    }
     // The task stops between rounds (a round under way ends within its
     // commands' timeouts), so no lease or count it took is lost.
     if let Some((task, stop)) = usage {

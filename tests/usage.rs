@@ -393,6 +393,37 @@ async fn await_store_up(server: &TestServer, value: &str) {
     }
 }
 
+/// What health says of `service` on `server`.
+async fn health(server: &TestServer, service: &str) -> i32 {
+    tonic_health::pb::health_client::HealthClient::new(connect(&server.url()).await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+/// Waits until health says `status` of the usage store; the server as a
+/// whole stays SERVING throughout.
+async fn await_store_health(server: &TestServer, status: tonic_health::ServingStatus) {
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    let wanted = match status {
+        tonic_health::ServingStatus::Serving => Wire::Serving,
+        _ => Wire::NotServing,
+    } as i32;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while health(server, keyward::usage::HEALTH_SERVICE).await != wanted {
+        assert!(
+            Instant::now() < deadline,
+            "usage store health never became {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health(server, "").await, Wire::Serving as i32);
+}
+
 /// Requests for `key` on `server` during `window`: (allowed, rate limited).
 async fn burst_of_requests(server: &TestServer, key: &str, window: Duration) -> (u64, u64) {
     let seen = Arc::new(Seen::default());
@@ -425,10 +456,12 @@ async fn decisions_go_on_while_redis_is_stopped_killed_or_restarted_empty() {
 
     // Stopped: every request is still answered, the limit is this
     // sidecar's own, and the state change is exported and logged.
+    await_store_health(&server, tonic_health::ServingStatus::Serving).await;
     redis.signal("STOP");
     let (allowed, _) = burst_of_requests(&server, &key, Duration::from_secs(2)).await;
     assert!(allowed > 0, "requests pass while Redis is stopped");
     await_store_up(&server, "0").await;
+    await_store_health(&server, tonic_health::ServingStatus::NotServing).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let started = Instant::now();
     let (allowed, limited) = burst_of_requests(&server, &key, Duration::from_secs(1)).await;
@@ -449,6 +482,7 @@ async fn decisions_go_on_while_redis_is_stopped_killed_or_restarted_empty() {
     // Continued: back to global, no operator.
     redis.signal("CONT");
     await_store_up(&server, "1").await;
+    await_store_health(&server, tonic_health::ServingStatus::Serving).await;
 
     // Killed and restarted empty: decisions go on, then it is used again.
     redis.kill();

@@ -263,9 +263,15 @@ pub enum KeyError {
     /// server log.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Storage is failing, stuck or busy: the change was not acknowledged.
+    /// Storage is failing, stuck or busy: the change was not acknowledged
+    /// (it may still be applied, if the writer had it).
     #[error("storage is unavailable; the change was not acknowledged")]
     Unavailable,
+    /// The writer's queue is full, or the account's turn did not come in
+    /// time: the change never reached the writer, so it is surely not
+    /// applied (what a caller may safely undo on).
+    #[error("storage is busy; the change was not made")]
+    Busy,
     /// The system RNG failed.
     #[error("random number generator failed")]
     Rng,

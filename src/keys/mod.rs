@@ -562,7 +562,7 @@ impl Keys {
         let deadline = Instant::now() + self.write_timeout;
         let _turn = tokio::time::timeout_at(deadline.into(), self.gates.enter(domain))
             .await
-            .map_err(|_| KeyError::Unavailable)?;
+            .map_err(|_| KeyError::Busy)?;
         let (reply, outcome) = oneshot::channel();
         let job = Job {
             actor: actor.clone(),
@@ -573,7 +573,7 @@ impl Keys {
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
             self.commands.try_send(Command::Commit(Box::new(job)))
         {
-            return Err(KeyError::Unavailable);
+            return Err(KeyError::Busy);
         }
         match tokio::time::timeout_at(deadline.into(), outcome).await {
             Ok(Ok(outcome)) => outcome,

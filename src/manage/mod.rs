@@ -305,12 +305,13 @@ impl Manager {
                         | KeyError::PermissionDenied(_)
                         | KeyError::Beyond { .. }
                         | KeyError::LimitReached { .. }
-                        | KeyError::NotFound(_)),
+                        | KeyError::NotFound(_)
+                        | KeyError::Busy),
                     ),
                     Some((id, account, amount, period)),
                 ) => {
-                    // Refused by the rules, so surely not created: the
-                    // credits go back to their giver. (After a timeout or a
+                    // Refused by the rules, or never reached the writer, so
+                    // surely not created: the credits go back to their giver. (After a timeout or a
                     // storage failure the key may have been created: they
                     // are lost then, never granted twice.)
                     let back = crate::keys::change::CreditMovement::GiveBack { amount, period };

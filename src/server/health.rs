@@ -137,3 +137,26 @@ async fn replica_changed(
     }
     std::future::pending::<()>().await;
 }
+
+/// Keeps [`crate::usage::HEALTH_SERVICE`] current from the usage store's
+/// state (see there); runs until the plane's task ends.
+pub(super) async fn follow_usage_store(
+    mut up: tokio::sync::watch::Receiver<Option<bool>>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let status = match *up.borrow_and_update() {
+            Some(true) => Some(ServingStatus::Serving),
+            Some(false) => Some(ServingStatus::NotServing),
+            None => None,
+        };
+        if let Some(status) = status {
+            reporter
+                .set_service_status(crate::usage::HEALTH_SERVICE, status)
+                .await;
+        }
+        if up.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -246,6 +246,12 @@ impl CreditKeeper {
                 // The key is gone, or has no credits now: nothing to give
                 // them back to.
                 KeyError::NotFound(_) | KeyError::NoCreditsLeft => Ok(()),
+                // Never reached the writer: still this lease's (the key's
+                // turn is held, so nothing else filled it meanwhile).
+                KeyError::Busy => {
+                    usage.credits.add(amount, period);
+                    Err(KeyError::Busy)
+                }
                 error => Err(error),
             })
     }

@@ -46,7 +46,16 @@ pub struct UsagePlane {
     /// The store, once connected (management reads it too).
     store: std::sync::Mutex<Option<store::Store>>,
     metrics: UsageMetrics,
+    /// Whether the usage store answers (`None`: not yet asked, or no
+    /// store): what health reports under [`HEALTH_SERVICE`].
+    up: tokio::sync::watch::Sender<Option<bool>>,
 }
+
+/// The health (`grpc.health.v1`) name that follows the usage store:
+/// SERVING while it answers, NOT_SERVING while it is away. Only a detail:
+/// the server as a whole (`""`) and the decision services stay SERVING,
+/// since decisions go on without it.
+pub const HEALTH_SERVICE: &str = "keyward.v1.UsageStore";
 
 /// Where the counts (and, shared, the budgets) are kept.
 #[derive(Debug)]
@@ -89,7 +98,15 @@ impl UsagePlane {
             leased: DashMap::default(),
             store: std::sync::Mutex::default(),
             metrics,
+            up: tokio::sync::watch::channel(None).0,
         })
+    }
+
+    /// Whether the usage store answers, as it changes (`None` until the
+    /// first round, and always without a shared store).
+    #[must_use]
+    pub fn up(&self) -> tokio::sync::watch::Receiver<Option<bool>> {
+        self.up.subscribe()
     }
 
     /// The switch decisions read: rate limits are global while it holds.

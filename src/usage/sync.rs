@@ -184,12 +184,14 @@ impl UsagePlane {
             match (result, up) {
                 (Ok(()), None | Some(false)) => {
                     up = Some(true);
+                    self.up.send_replace(up);
                     self.global_limits.store(true, Ordering::Relaxed);
                     self.metrics.up.set(1);
                     tracing::info!(store = %connection.redacted(), "usage store reachable: rate limits are global");
                 }
                 (Err(error), None | Some(true)) => {
                     up = Some(false);
+                    self.up.send_replace(up);
                     self.global_limits.store(false, Ordering::Relaxed);
                     self.metrics.up.set(0);
                     self.metrics.errors.inc();
