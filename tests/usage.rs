@@ -393,6 +393,26 @@ async fn await_store_up(server: &TestServer, value: &str) {
     }
 }
 
+/// `n` requests for `key` one after another; how many were allowed (the
+/// rest refused for credits, and nothing else).
+async fn credits_spent(server: &TestServer, key: &str, n: usize) -> u64 {
+    let mut client = AuthorizerClient::new(connect(&server.url()).await);
+    let mut allowed = 0;
+    for _ in 0..n {
+        let reply = tokio::time::timeout(ANSWER_WITHIN, client.authorize(send(key)))
+            .await
+            .expect("answered within its deadline")
+            .expect("authorize replies")
+            .into_inner();
+        if reply.allowed {
+            allowed += 1;
+        } else {
+            assert_eq!(reply.reason(), pb::DenyReason::CreditsExhausted);
+        }
+    }
+    allowed
+}
+
 /// What health says of `service` on `server`.
 async fn health(server: &TestServer, service: &str) -> i32 {
     tonic_health::pb::health_client::HealthClient::new(connect(&server.url()).await)
@@ -448,6 +468,21 @@ async fn decisions_go_on_while_redis_is_stopped_killed_or_restarted_empty() {
     let server = standalone(&dir, &redis).await;
     await_store_up(&server, "1").await;
     let (id, key) = limited_key(&server).await;
+    // A key with credits: they live in the key store, not in Redis.
+    let (_, metered) = server
+        .create(pb::CreateKeyRequest {
+            name: "metered".into(),
+            scopes: vec!["mail.send".into()],
+            account_id: "acme".into(),
+            credits: Some(pb::Credits {
+                remaining: 30,
+                refill: None,
+                next_refill_at: None,
+            }),
+            ..Default::default()
+        })
+        .await;
+    let mut spent = credits_spent(&server, &metered, 10).await;
     let (allowed, limited) = burst_of_requests(&server, &key, Duration::from_millis(500)).await;
     assert!(
         allowed > 0 && limited > 0,
@@ -460,6 +495,7 @@ async fn decisions_go_on_while_redis_is_stopped_killed_or_restarted_empty() {
     redis.signal("STOP");
     let (allowed, _) = burst_of_requests(&server, &key, Duration::from_secs(2)).await;
     assert!(allowed > 0, "requests pass while Redis is stopped");
+    spent += credits_spent(&server, &metered, 10).await;
     await_store_up(&server, "0").await;
     await_store_health(&server, tonic_health::ServingStatus::NotServing).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -499,6 +535,10 @@ async fn decisions_go_on_while_redis_is_stopped_killed_or_restarted_empty() {
     );
     // The counts reach the new, empty Redis.
     await_totals(&server, &id, |totals| totals.allowed > 0).await;
+    // Credits survived Redis stopped, killed and restarted empty: exactly
+    // what was granted, over the whole story.
+    spent += credits_spent(&server, &metered, 20).await;
+    assert_eq!(spent, 30, "every credit used once, Redis or not");
     server.stop().await;
 }
 
