@@ -318,6 +318,12 @@ impl OnDemand {
     /// Reads `id` from etcd and has the writer apply it (again if the watch
     /// changed the key meanwhile).
     async fn fetch(&self, id: KeyId) -> Lookup {
+        // A caller that found the key missing, then was overtaken by a
+        // shared fetch that ended before it asked to share it: the key is
+        // held now, and reading etcd again would spend a first sight.
+        if self.index.contains(&id) {
+            return Lookup::Held;
+        }
         let started = Instant::now();
         if let Err(answer) = self.admit_first_sight(&id) {
             return answer;
