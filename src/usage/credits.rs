@@ -52,6 +52,10 @@ const IDLE_TICKS_EMPTY: u32 = 20;
 /// a quiet key's next request should not wait).
 const IDLE_TICKS: u32 = 6000;
 
+/// Ticks a key reserves nothing after a reservation whose outcome was
+/// unknown (a second).
+const QUIET_TICKS: u32 = 20;
+
 /// Fewest credits a reservation asks for.
 const MIN_RESERVATION: u64 = 2;
 
@@ -98,10 +102,13 @@ struct Window {
     orphans: Vec<Arc<Usage>>,
     /// The key's account (its turn at the writer), once adopted.
     account: Option<Arc<str>>,
+    /// Ticks left without reservations after one whose outcome was unknown.
+    quiet: u32,
 }
 
 impl Window {
     fn push(&mut self, demand: u32) {
+        self.quiet = self.quiet.saturating_sub(1);
         self.at = (self.at + 1) % WINDOW;
         self.demand[self.at] = demand;
         if demand == 0 {
@@ -201,22 +208,38 @@ impl CreditKeeper {
         if now < held.next_refill && entry.usage.credits.in_hand(held.period) > 0 {
             return Ok(());
         }
-        self.reserve(&window, id, account.as_ref(), want).await
+        self.reserve(&mut window, id, account.as_ref(), want).await
     }
 
     /// One reservation of `want` credits into the lease `window` holds (its
     /// owner holds the key's turn).
     async fn reserve(
         &self,
-        window: &Window,
+        window: &mut Window,
         id: KeyId,
         account: Option<&Arc<str>>,
         want: u64,
     ) -> Result<(), KeyError> {
-        let (granted, period) = self
+        if window.quiet > 0 {
+            return Err(KeyError::Unavailable);
+        }
+        let moved = self
             .keys
             .move_credits(id, account, CreditMovement::Reserve { want })
-            .await?;
+            .await;
+        let (granted, period) = match moved {
+            Ok(moved) => moved,
+            Err(KeyError::Unavailable) => {
+                // Its outcome is unknown (it may have committed after its
+                // caller gave up: those credits are lost, never granted
+                // twice). The key reserves nothing for a second, so a store
+                // slower than its timeout cannot drain a balance at a
+                // reservation a tick.
+                window.quiet = QUIET_TICKS;
+                return Err(KeyError::Unavailable);
+            }
+            Err(error) => return Err(error),
+        };
         self.metrics.credit_reservations.inc();
         if let Some(usage) = &window.usage {
             usage.credits.add(granted, period);
@@ -377,6 +400,7 @@ impl CreditKeeper {
             } else if empty && in_hand > keep {
                 Move::GiveBack(in_hand - keep)
             } else if second > 0
+                && window.quiet == 0
                 && in_hand * 2 < second.max(MIN_RESERVATION)
                 && held.reservable_at(now)
             {
@@ -411,7 +435,7 @@ impl CreditKeeper {
             let account = window.account.clone();
             let account = account.as_ref();
             let result = match movement {
-                Move::Reserve(want) => keeper.reserve(&window, id, account, want).await,
+                Move::Reserve(want) => keeper.reserve(&mut window, id, account, want).await,
                 Move::GiveBack(most) => match window.usage.clone() {
                     Some(usage) => keeper.give_back(&usage, id, account, most).await,
                     None => Ok(()),
