@@ -424,7 +424,13 @@ pub async fn run(
     let coordinator = shutdown::coordinate(
         shutdown,
         ended_rx,
-        (reporter, store_health.abort_handle()),
+        (
+            reporter,
+            store_health.abort_handle(),
+            usage_health
+                .as_ref()
+                .map(tokio::task::JoinHandle::abort_handle),
+        ),
         &app.metrics,
         app.limits.shutdown_grace,
         &stop,

@@ -288,65 +288,18 @@ impl Manager {
                 credits: fields::credits(key.credits, crate::clock::now_nanos())?,
                 credits_taken: false,
             };
-            let transfer = self.take_credits(principal, lifecycle.credits).await?;
-            let lifecycle = Lifecycle {
-                credits_taken: transfer.is_some(),
-                ..lifecycle
-            };
-            let created = self
-                .keys
-                .create(principal, account, name, grant, lifecycle)
-                .await;
-            let (record, secret) = match (created, transfer) {
-                (Ok(created), _) => created,
-                (
-                    Err(
-                        error @ (KeyError::Invalid { .. }
-                        | KeyError::PermissionDenied(_)
-                        | KeyError::Beyond { .. }
-                        | KeyError::LimitReached { .. }
-                        | KeyError::NotFound(_)
-                        | KeyError::Busy),
-                    ),
-                    Some((id, account, amount, period)),
-                ) => {
-                    // Refused by the rules, or never reached the writer, so
-                    // surely not created: the credits go back to their giver. (After a timeout or a
-                    // storage failure the key may have been created: they
-                    // are lost then, never granted twice.)
-                    let back = crate::keys::change::CreditMovement::GiveBack { amount, period };
-                    if let Err(lost) = self.keys.move_credits(id, Some(&account), back).await {
-                        tracing::warn!(key_id = %id, error = %lost, "credits taken for a key that was not created could not be given back");
-                    }
-                    return Err(error);
-                }
-                (Err(error), _) => return Err(error),
-            };
+            // In a task of its own: credits taken from the caller reach the
+            // new key or go back even if the request is cancelled meanwhile.
+            let (keys, caller) = (Arc::clone(&self.keys), principal.clone());
+            let (record, secret) = tokio::spawn(async move {
+                create_giving(&keys, &caller, (account, name, grant), lifecycle).await
+            })
+            .await
+            .map_err(|_| KeyError::Unavailable)??;
             audit::changed(principal, Action::Create.label(), None, &record);
             Ok((record, secret))
         };
         self.audited(principal, Action::Create, steps).await
-    }
-
-    /// Takes the credits a calling key gives a key it creates out of its
-    /// own balance (see `keys::stage::inherit`): `(giver, account, amount,
-    /// period)`, or `None` when the caller is the admin, gives no credits,
-    /// or has none of its own.
-    async fn take_credits(
-        &self,
-        principal: &Principal,
-        credits: Option<crate::domain::credits::Credits>,
-    ) -> Result<Option<(KeyId, Arc<str>, u64, i64)>, KeyError> {
-        let (Principal::Key { id, account, .. }, Some(credits)) = (principal, credits) else {
-            return Ok(None);
-        };
-        let amount = credits.remaining;
-        let withdraw = crate::keys::change::CreditMovement::Withdraw { amount };
-        match self.keys.move_credits(*id, Some(account), withdraw).await {
-            Ok((_, period)) => Ok(Some((*id, Arc::clone(account), amount, period))),
-            Err(KeyError::NoCreditsLeft) => Ok(None),
-            Err(error) => Err(error),
-        }
     }
 
     /// Replaces a key's name and scopes; the key as changed.
@@ -660,5 +613,81 @@ fn admin_only(principal: &Principal) -> Given<()> {
         Principal::Key { .. } => Err(KeyError::PermissionDenied(
             "backups are for the admin token only".into(),
         )),
+    }
+}
+
+/// Creates a key, giving it credits out of the calling key's own balance
+/// when the caller is a key with credits (see `keys::stage::inherit`):
+/// taken first; given back if the key is surely not created.
+async fn create_giving(
+    keys: &Keys,
+    principal: &Principal,
+    (account, name, grant): (Arc<str>, String, ScopeSet),
+    lifecycle: Lifecycle,
+) -> Result<(KeyRecord, String), KeyError> {
+    let transfer = take_credits(keys, principal, lifecycle.credits).await?;
+    let lifecycle = Lifecycle {
+        credits_taken: transfer.is_some(),
+        ..lifecycle
+    };
+    let created = keys
+        .create(principal, account, name, grant, lifecycle)
+        .await;
+    match (created, transfer) {
+        (Ok(created), _) => Ok(created),
+        (
+            Err(
+                error @ (KeyError::Invalid { .. }
+                | KeyError::PermissionDenied(_)
+                | KeyError::Beyond { .. }
+                | KeyError::LimitReached { .. }
+                | KeyError::NotFound(_)
+                | KeyError::Busy),
+            ),
+            Some((id, account, amount, period)),
+        ) => {
+            // Refused by the rules, or never reached the writer, so surely
+            // not created: the credits go back to their giver, retried
+            // while the writer is too busy to take them (which proves they
+            // are not back yet). After a timeout or a storage failure the
+            // key may have been created: they are lost then, never granted
+            // twice.
+            let back = crate::keys::change::CreditMovement::GiveBack { amount, period };
+            for attempt in 1..=GIVE_BACK_ATTEMPTS {
+                match keys.move_credits(id, Some(&account), back).await {
+                    Err(KeyError::Busy) if attempt < GIVE_BACK_ATTEMPTS => {}
+                    Ok(_) => break,
+                    Err(lost) => {
+                        tracing::warn!(key_id = %id, error = %lost, "credits taken for a key that was not created could not be given back");
+                        break;
+                    }
+                }
+            }
+            Err(error)
+        }
+        (Err(error), _) => Err(error),
+    }
+}
+
+/// Tries at giving back credits taken for a key that was not created.
+const GIVE_BACK_ATTEMPTS: usize = 3;
+
+/// Takes the credits a calling key gives a key it creates out of its own
+/// balance: `(giver, account, amount, period)`, or `None` when the caller
+/// is the admin, gives no credits, or has none of its own.
+async fn take_credits(
+    keys: &Keys,
+    principal: &Principal,
+    credits: Option<crate::domain::credits::Credits>,
+) -> Result<Option<(KeyId, Arc<str>, u64, i64)>, KeyError> {
+    let (Principal::Key { id, account, .. }, Some(credits)) = (principal, credits) else {
+        return Ok(None);
+    };
+    let amount = credits.remaining;
+    let withdraw = crate::keys::change::CreditMovement::Withdraw { amount };
+    match keys.move_credits(*id, Some(account), withdraw).await {
+        Ok((_, period)) => Ok(Some((*id, Arc::clone(account), amount, period))),
+        Err(KeyError::NoCreditsLeft) => Ok(None),
+        Err(error) => Err(error),
     }
 }

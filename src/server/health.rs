@@ -139,7 +139,8 @@ async fn replica_changed(
 }
 
 /// Keeps [`crate::usage::HEALTH_SERVICE`] current from the usage store's
-/// state (see there); runs until the plane's task ends.
+/// state (see there; NOT_SERVING too once the plane's task has ended);
+/// stopped by shutdown, which reports it NOT_SERVING.
 pub(super) async fn follow_usage_store(
     mut up: tokio::sync::watch::Receiver<Option<bool>>,
     reporter: tonic_health::server::HealthReporter,

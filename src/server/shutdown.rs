@@ -38,15 +38,16 @@ impl Stop {
 }
 
 /// On `shutdown`: every service NOT_SERVING at once (and the store-health
-/// follower stopped, so it cannot undo that), requests still served for
+/// and usage-store followers stopped, so they cannot undo that), requests still served for
 /// `grace` (Kubernetes and Envoy stop sending), then the stop signal.
 /// Returns early if the servers end on their own.
 pub(super) async fn coordinate(
     shutdown: impl Future<Output = ()> + Send,
     mut ended: tokio::sync::watch::Receiver<bool>,
-    (reporter, store_health): (
+    (reporter, store_health, usage_health): (
         tonic_health::server::HealthReporter,
         tokio::task::AbortHandle,
+        Option<tokio::task::AbortHandle>,
     ),
     metrics: &Metrics,
     grace: Duration,
@@ -57,6 +58,12 @@ pub(super) async fn coordinate(
         _ = ended.wait_for(|ended| *ended) => return,
     }
     store_health.abort();
+    if let Some(usage_health) = usage_health {
+        usage_health.abort();
+        reporter
+            .set_service_status(crate::usage::HEALTH_SERVICE, ServingStatus::NotServing)
+            .await;
+    }
     tracing::info!(
         grace_ms = grace.as_millis(),
         "shutdown: reporting NOT_SERVING, then draining"

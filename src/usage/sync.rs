@@ -41,6 +41,22 @@ const ROUND_PATIENCE: Duration = Duration::from_millis(300);
 /// Trades in flight at once (one connection pipelines them).
 const TRADES_IN_FLIGHT: usize = 256;
 
+/// Reports the store unanswered (if it was followed at all) when the
+/// task that follows it ends.
+struct Ended<'a>(&'a watch::Sender<Option<bool>>);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.send_if_modified(|up| {
+            let followed = up.is_some();
+            if followed {
+                *up = Some(false);
+            }
+            followed
+        });
+    }
+}
+
 impl UsagePlane {
     /// Keeps leases and counts in step with the store until `stop` (then
     /// [`Self::close`] writes the rest). Decisions never wait on it.
@@ -52,6 +68,9 @@ impl UsagePlane {
         health: watch::Receiver<StoreHealth>,
         stop: CancellationToken,
     ) {
+        // However the task ends (stopped, or a panic), the store is no
+        // longer followed: health must not go on saying it answers.
+        let _ended = Ended(&self.up);
         match &self.place {
             Place::Shared(connection) => self.run_shared(connection, &index, &stop).await,
             Place::Local(place) => self.run_local(place, health, &stop).await,
@@ -222,9 +241,11 @@ impl UsagePlane {
             result = &mut round => result,
             () = tokio::time::sleep(ROUND_PATIENCE) => {
                 self.global_limits.store(false, Ordering::Relaxed);
+                self.up.send_replace(Some(false));
                 let result = round.await;
                 if result.is_ok() {
                     self.global_limits.store(true, Ordering::Relaxed);
+                    self.up.send_replace(Some(true));
                 }
                 result
             }
