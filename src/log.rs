@@ -27,7 +27,15 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::Writer;
 
-use crate::config::LogFormat;
+/// How logs are written (`--log-format`). Here rather than in `config`,
+/// so logging depends on nothing above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Lines held for the writer thread before new ones are dropped.
 const QUEUED_LINES: usize = 16_384;

@@ -22,11 +22,12 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use tokio_stream::StreamExt;
 
+mod slots;
 mod usage;
 pub use usage::UsageMetrics;
 
 use crate::domain::decision::{Decision, DenyReason};
-use crate::refusal::{DECISION_SLOTS, decision_slot, slot_reason};
+use slots::{DECISION_SLOTS, decision_slot, slot_reason};
 
 /// Which front door a decision came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
