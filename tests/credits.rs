@@ -346,12 +346,24 @@ async fn credits_follow_least_privilege_and_bad_input_names_its_field() {
     server.stop().await;
 }
 
+/// A spawned sidecar, killed when dropped (a failed assertion must not
+/// leave it running).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A sidecar killed outright loses at most what its lease held: never a
 /// credit granted twice.
 #[tokio::test]
 async fn a_crash_never_grants_a_credit_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut child, port) = common::spawn_serve(BIN, dir.path(), &["--data-dir", "data"]);
+    let (child, port) = common::spawn_serve(BIN, dir.path(), &["--data-dir", "data"]);
+    let mut child = Killed(child);
     let url = format!("http://127.0.0.1:{port}");
     let channel = connect(&url).await;
     let admin = common::admin_token(&dir.path().join("data"));
@@ -372,10 +384,11 @@ async fn a_crash_never_grants_a_credit_twice() {
     let (id, key) = (created.key.expect("key").key_id, created.secret);
     let (before, _) = spend(&channel, &key, 10).await;
     assert_eq!(before, 10);
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
+    child.0.kill().expect("SIGKILL");
+    child.0.wait().expect("reaped");
 
-    let (mut child, port) = common::spawn_serve(BIN, dir.path(), &["--data-dir", "data"]);
+    let (child, port) = common::spawn_serve(BIN, dir.path(), &["--data-dir", "data"]);
+    let mut child = Killed(child);
     let channel = connect(&format!("http://127.0.0.1:{port}")).await;
     let left = get(&channel, &admin, &id)
         .await
@@ -389,8 +402,8 @@ async fn a_crash_never_grants_a_credit_twice() {
         "crash: {before} used, {} lost with the lease, {after} used after",
         100 - before - after
     );
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
+    child.0.kill().expect("SIGKILL");
+    child.0.wait().expect("reaped");
 }
 
 /// What the clients saw.
