@@ -236,7 +236,10 @@ async fn a_rate_limit_holds_across_three_sidecars_and_usage_sums_them() {
             .expect("usage")
             .totals
             .expect("totals");
-        if totals.allowed >= expected_allowed || Instant::now() > deadline {
+        // Each sidecar flushes on its own second: wait for every count.
+        if (totals.allowed >= expected_allowed && totals.denied >= limited)
+            || Instant::now() > deadline
+        {
             break totals;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
