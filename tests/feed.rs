@@ -157,6 +157,68 @@ async fn only_the_admin_reads_the_feed() {
         Code::PermissionDenied,
         "admin tokens only",
     );
+    let trade = client
+        .trade_leases(bearer(&secret, pb::TradeLeasesRequest::default()))
+        .await;
+    assert_status(
+        trade.map(|_| ()),
+        Code::PermissionDenied,
+        "admin tokens only",
+    );
+}
+
+/// `TradeLeases` checks every trade before it trades any, and says when
+/// this sidecar's limits are not global (a standalone sidecar without a
+/// usage store): the caller's limits are then its own.
+#[tokio::test]
+async fn lease_trades_are_checked_and_answered_local_without_a_usage_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (id, _) = server.create_key("acct", &["mail.send"]).await;
+    let id = id_bytes(&id);
+    let mut client = DecisionFeedClient::new(server.channel().await);
+    let trade = |id: Vec<u8>| pb::LeaseTrade {
+        id,
+        give: 0,
+        owed: 0,
+        want: 10,
+    };
+    let short = client
+        .trade_leases(bearer(
+            &server.admin,
+            pb::TradeLeasesRequest {
+                trades: vec![trade(id.clone()), trade(vec![1; 15])],
+            },
+        ))
+        .await;
+    assert_status(short.map(|_| ()), Code::InvalidArgument, "trades.id");
+    let many = client
+        .trade_leases(bearer(
+            &server.admin,
+            pb::TradeLeasesRequest {
+                trades: vec![trade(id.clone()); 10_001],
+            },
+        ))
+        .await;
+    assert_status(many.map(|_| ()), Code::InvalidArgument, "trades");
+    let answer = client
+        .trade_leases(bearer(
+            &server.admin,
+            pb::TradeLeasesRequest {
+                trades: vec![trade(id.clone())],
+            },
+        ))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(
+        answer,
+        pb::TradeLeasesResponse {
+            global: false,
+            grants: Vec::new()
+        },
+        "no usage store: limits are each decider's own"
+    );
 }
 
 #[tokio::test]

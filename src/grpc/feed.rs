@@ -1,6 +1,7 @@
 //! `keyward.v1.DecisionFeed`: the key set as decisions see it, then every
 //! change, for a decision point outside this process (the Envoy module,
-//! `keyward-envoy`), and the uses it reports back. For the feed reader
+//! `keyward-envoy`), the uses it reports back, and its leases on global
+//! rate limits, traded with this sidecar's usage store. For the feed reader
 //! token (`--feed-token-file`, nothing else) and the admin token.
 //!
 //! Bounds: at most [`MAX_WATCHERS`] streams at once; each holds the ids of
@@ -283,6 +284,68 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
             counts_applied: u32::try_from(counted).unwrap_or(u32::MAX),
         }))
     }
+
+    async fn trade_leases(
+        &self,
+        request: Request<pb::TradeLeasesRequest>,
+    ) -> Result<Response<pb::TradeLeasesResponse>, Status> {
+        self.admin(&request).await?;
+        let asks = parse_trades(&request.into_inner().trades)?;
+        let local = || {
+            self.counters.lease_trade_call(false);
+            Ok(Response::new(pb::TradeLeasesResponse::default()))
+        };
+        let Some(usage) = &self.usage else {
+            return local();
+        };
+        let Some(trades) = usage.trade_for(&self.index, asks).await.map_err(|error| {
+            Status::unavailable(format!("the usage store did not answer: {error}"))
+        })?
+        else {
+            return local();
+        };
+        self.counters.lease_trade_call(true);
+        let grants = trades
+            .into_iter()
+            .map(|trade| {
+                trade.map_or_else(pb::LeaseGrant::default, |trade| pb::LeaseGrant {
+                    traded: true,
+                    granted: trade.granted,
+                    remaining: trade.remaining,
+                    retry_after_ms: trade.retry_after_ms,
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::TradeLeasesResponse {
+            global: true,
+            grants,
+        }))
+    }
+}
+
+/// A call's lease trades, checked: 16-byte ids, at most
+/// [`MAX_USES_PER_REPORT`] of them.
+fn parse_trades(trades: &[pb::LeaseTrade]) -> Result<Vec<crate::usage::Ask>, Status> {
+    if trades.len() > MAX_USES_PER_REPORT {
+        return Err(invalid(
+            "trades",
+            format!("at most {MAX_USES_PER_REPORT} per call"),
+        ));
+    }
+    trades
+        .iter()
+        .enumerate()
+        .map(|(at, trade)| {
+            let id = <[u8; 16]>::try_from(trade.id.as_slice())
+                .map_err(|_| invalid("trades.id", format!("entry {at}: must be 16 bytes")))?;
+            Ok(crate::usage::Ask {
+                id: KeyId::from_bytes(id),
+                give: trade.give,
+                owed: trade.owed,
+                want: trade.want,
+            })
+        })
+        .collect()
 }
 
 /// A report's decision counts, checked: 16-byte ids, minutes within the

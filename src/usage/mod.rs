@@ -30,6 +30,7 @@ use keyward_core::domain::key::KeyId;
 
 pub use series::{KeyUsage, Range};
 pub use store::{Connection, UsageStoreError};
+pub use sync::Ask;
 
 use crate::metrics::UsageMetrics;
 

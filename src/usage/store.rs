@@ -246,7 +246,9 @@ impl Store {
             reason = "nanoseconds below 2^60, to a fraction of a µs"
         )]
         let micros = |nanos: i64| nanos as f64 / 1_000.0;
-        let tolerance = limit.tolerance.max(2 * super::sync::TICK_NANOS);
+        let tolerance = limit
+            .tolerance
+            .max(2 * keyward_core::domain::lease::TRADE_TICK_NANOS);
         let (granted, remaining, wait_us): (i64, i64, i64) = SCRIPT
             .key(redis_key(id, "rate"))
             .arg(micros(limit.interval))

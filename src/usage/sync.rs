@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use keyward_core::domain::key::KeyId;
+use keyward_core::domain::lease::{IDLE_TRADES, Lease, TRADE_TICK_NANOS, Trade, Turn};
 use keyward_core::index::Index;
 use tokio_util::sync::CancellationToken;
 
@@ -20,26 +21,30 @@ use super::store::{RESPONSE_TIMEOUT, Store, UsageStoreError};
 use super::{Place, UsagePlane};
 use crate::keys::StoreHealth;
 
-/// How often leases are traded. A lease covers about two ticks of the
-/// key's demand, so this is also about how long an unused token stays out
-/// of the shared budget.
-pub const TICK: Duration = Duration::from_millis(50);
-
-/// [`TICK`] in nanoseconds.
-pub const TICK_NANOS: i64 = 50_000_000;
+/// How often leases are traded ([`TRADE_TICK_NANOS`]).
+pub const TICK: Duration = Duration::from_nanos(TRADE_TICK_NANOS.unsigned_abs());
 
 /// Counts are flushed every this many ticks (a second).
 const FLUSH_EVERY: u32 = 20;
-
-/// Ticks without demand after which a lease is given back and the key no
-/// longer traded (a second).
-const IDLE_TICKS: u32 = 20;
 
 /// How long a round may run before rate limits stop waiting on it.
 const ROUND_PATIENCE: Duration = Duration::from_millis(300);
 
 /// Trades in flight at once (one connection pipelines them).
 const TRADES_IN_FLIGHT: usize = 256;
+
+/// A trade another lease holder asks for (see [`UsagePlane::trade_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ask {
+    /// The key.
+    pub id: KeyId,
+    /// Unused tokens given back.
+    pub give: u64,
+    /// Tokens spent on credit, paid.
+    pub owed: u64,
+    /// Tokens wanted.
+    pub want: u32,
+}
 
 /// Reports the store unanswered (if it was followed at all) when the
 /// task that follows it ends.
@@ -332,62 +337,95 @@ impl UsagePlane {
         mut store: Store,
         id: KeyId,
     ) -> Result<(), UsageStoreError> {
-        let Some(entry) = index.entry(&id) else {
+        let Some((limit, usage)) = index.limit_and_usage(&id) else {
             self.leased.remove(&id);
             return Ok(());
         };
-        let Some(limit) = entry.limit else {
-            entry.usage.lease.forget();
+        let Some(limit) = limit else {
+            usage.lease.forget();
             self.leased.remove(&id);
             return Ok(());
         };
-        let (lease, tat) = (&entry.usage.lease, &entry.usage.tat);
-        let (tokens, demand) = lease.take(keyward_core::clock::now_nanos());
-        if demand == 0 {
-            let idle = self.leased.get_mut(&id).map_or(IDLE_TICKS, |mut idle| {
-                *idle += 1;
-                *idle
-            });
-            if tokens == 0 {
-                lease.failed(0);
-                if idle >= IDLE_TICKS {
-                    // What the store said of the budget is stale by the
-                    // next request: a spent budget has refilled meanwhile.
-                    lease.forget();
-                    self.leased.remove(&id);
-                }
-                return Ok(());
-            }
-        } else if let Some(mut idle) = self.leased.get_mut(&id) {
-            *idle = 0;
+        let lease = &usage.lease;
+        let mut idle = self.leased.get(&id).map_or(IDLE_TRADES, |idle| *idle);
+        let turn = lease.turn(&limit, &mut idle, keyward_core::clock::now_nanos());
+        if let Some(mut held) = self.leased.get_mut(&id) {
+            *held = idle;
         }
-        let parts = limit.parts();
-        // Two ticks of the demand seen, up to the burst, or two ticks of
-        // the rate when the burst is smaller (a burst below a tick's worth
-        // would cap a sidecar below the rate: the store's budget is widened
-        // to two ticks too, see `Store::trade`).
-        let two_ticks = u32::try_from(2 * TICK_NANOS / parts.interval.max(1)).unwrap_or(u32::MAX);
-        let want = if demand == 0 {
-            0
-        } else {
-            demand.saturating_mul(2).min(parts.burst.max(two_ticks))
+        let Turn::Trade {
+            give,
+            owed,
+            want,
+            taken,
+        } = turn
+        else {
+            if turn == Turn::Retire {
+                self.leased.remove(&id);
+            }
+            return Ok(());
         };
-        let give = u64::try_from(tokens.max(0)).unwrap_or(0);
-        let owed = tokens.min(0).unsigned_abs();
-        match store.trade(&id, parts, give, owed, want).await {
+        match store.trade(&id, limit.parts(), give, owed, want).await {
             Ok(trade) => {
                 // The local limiter is set from the shared budget only while
                 // limits are global: otherwise it is the one deciding.
-                let local = self.global_limits.load(Ordering::Relaxed).then_some(tat);
+                let local = self
+                    .global_limits
+                    .load(Ordering::Relaxed)
+                    .then_some(&usage.tat);
                 lease.settle(trade, &limit, local, keyward_core::clock::now_nanos());
                 self.metrics.trades.inc();
                 Ok(())
             }
             Err(error) => {
-                lease.failed(tokens);
+                lease.failed(taken);
                 Err(error)
             }
         }
+    }
+
+    /// Trades leases another holder (an Envoy module, through the decision
+    /// feed) took on its own, with this sidecar's store: `None` while rate
+    /// limits are not global here (no shared store, or it is away: the
+    /// holder's limits are its own too). A key not live, or without a
+    /// rate limit, gets no trade (the holder forgets its lease). What the
+    /// holder asks is bounded by the key's limit as this sidecar knows it.
+    pub async fn trade_for(
+        &self,
+        index: &Index,
+        asks: Vec<Ask>,
+    ) -> Result<Option<Vec<Option<Trade>>>, UsageStoreError> {
+        if !self.global_limits.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let Some(store) = self.store.lock().map_or(None, |store| store.clone()) else {
+            return Ok(None);
+        };
+        let trades: Vec<Result<Option<Trade>, UsageStoreError>> = futures_util::stream::iter(asks)
+            .map(|ask| {
+                let mut store = store.clone();
+                let limit = index.limit_and_usage(&ask.id).and_then(|(limit, _)| limit);
+                async move {
+                    let Some(limit) = limit else {
+                        return Ok(None);
+                    };
+                    let most = Lease::most_wanted(&limit);
+                    let give = ask.give.min(u64::from(most));
+                    store
+                        .trade(&ask.id, limit.parts(), give, ask.owed, ask.want.min(most))
+                        .await
+                        .map(Some)
+                }
+            })
+            .buffered(TRADES_IN_FLIGHT)
+            .collect()
+            .await;
+        self.metrics.trades.inc_by(
+            trades
+                .iter()
+                .filter(|trade| matches!(trade, Ok(Some(_))))
+                .count() as u64,
+        );
+        trades.into_iter().collect::<Result<_, _>>().map(Some)
     }
 
     /// Sums the counts held into the store.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::clock;
 use crate::domain::decision::{Decision, DenyReason};
 use crate::domain::key::{KeyId, PresentedKey};
+use crate::domain::lease::Roster;
 use crate::domain::path::canonical_path;
 use crate::domain::route::{Method, RouteMiss, RouteTable};
 use crate::index::{CreditsHeld, Entry, Index, Rejected, SecretUse, Verified};
@@ -21,6 +22,9 @@ pub struct Decider {
     /// Rate limits are global: spent from leases on a shared budget (see
     /// [`crate::domain::lease`]); otherwise each process's own.
     global_limits: Arc<AtomicBool>,
+    /// Where keys spending a lease are sent to be traded, for a holder
+    /// whose trader learns of them from decisions (the Envoy module).
+    roster: Option<Roster>,
 }
 
 impl Decider {
@@ -31,6 +35,7 @@ impl Decider {
             index,
             routes,
             global_limits: Arc::default(),
+            roster: None,
         }
     }
 
@@ -40,6 +45,14 @@ impl Decider {
     #[must_use]
     pub fn with_global_limits(mut self, on: Arc<AtomicBool>) -> Self {
         self.global_limits = on;
+        self
+    }
+
+    /// The same decider, sending every key that spends a lease to
+    /// `roster` (once, until its trader retires it).
+    #[must_use]
+    pub fn with_roster(mut self, roster: Roster) -> Self {
+        self.roster = Some(roster);
         self
     }
 
@@ -138,6 +151,9 @@ impl Decider {
         }
         if let Some(limit) = &entry.limit {
             let admitted = if self.global_limits.load(Ordering::Relaxed) {
+                if let Some(roster) = &self.roster {
+                    entry.usage.lease.enlist(presented.id, roster);
+                }
                 entry.usage.lease.admit(limit, &entry.usage.tat, now)
             } else {
                 limit.admit(&entry.usage.tat, now)

@@ -443,6 +443,16 @@ impl Index {
         self.keys.pin().get(id).cloned()
     }
 
+    /// A live key's rate limit and usage (what a lease trader needs),
+    /// without copying the rest of its entry.
+    #[must_use]
+    pub fn limit_and_usage(&self, id: &KeyId) -> Option<(Option<Gcra>, Arc<Usage>)> {
+        self.keys
+            .pin()
+            .get(id)
+            .map(|entry| (entry.limit, Arc::clone(&entry.usage)))
+    }
+
     /// Whether a key is live.
     #[must_use]
     pub fn contains(&self, id: &KeyId) -> bool {

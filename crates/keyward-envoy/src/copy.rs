@@ -13,6 +13,7 @@ use keyward_core::clock;
 use keyward_core::decide::{Decider, validate};
 use keyward_core::domain::catalog::Catalog;
 use keyward_core::domain::key::KeyId;
+use keyward_core::domain::lease::Roster;
 use keyward_core::reply::{self, Reply};
 
 use crate::settings::Settings;
@@ -44,6 +45,11 @@ pub struct Shared {
     /// Decisions per key and minute, reported to the sidecar for the
     /// key's usage (verified keys only: a flood of made-up ids adds none).
     pub counts: keyward_core::counts::Counts,
+    /// Rate limits are global: decisions spend leases the sidecar trades
+    /// with its usage store ([`crate::trade`]).
+    pub global: Arc<AtomicBool>,
+    /// Where decisions enlist keys whose leases to trade.
+    pub roster: Roster,
     /// Settings from Envoy's config.
     pub settings: Settings,
     /// Set when Envoy destroys the filter config: the sync thread ends.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 
 use arc_swap::ArcSwapOption;
 use keyward_core::domain::allowlist;
+use keyward_core::domain::lease::Roster;
 use keyward_core::reply::{DENY_REASON_HEADER, Reply};
 
 use crate::copy::{Shared, USES_BUFFER};
@@ -18,6 +19,7 @@ use crate::settings::Settings;
 pub fn new_config(config: &[u8]) -> Result<Arc<Shared>, String> {
     let settings = Settings::parse(config)?;
     let (uses, reports) = std::sync::mpsc::sync_channel(USES_BUFFER);
+    let (roster, enlisted) = Roster::new(crate::trade::ROSTER_BOUND);
     let shared = Arc::new(Shared {
         copy: ArcSwapOption::empty(),
         heard: AtomicI64::new(0),
@@ -25,10 +27,12 @@ pub fn new_config(config: &[u8]) -> Result<Arc<Shared>, String> {
         uses,
         uses_dropped: AtomicU64::new(0),
         counts: keyward_core::counts::Counts::default(),
+        global: Arc::default(),
+        roster,
         settings,
         stop: AtomicBool::new(false),
     });
-    crate::sync::start(Arc::clone(&shared), reports)
+    crate::sync::start(Arc::clone(&shared), reports, enlisted)
         .map_err(|e| format!("cannot start the sync thread: {e}"))?;
     Ok(shared)
 }

@@ -11,6 +11,8 @@
 //!   (the core's, plus "not synced" and "too stale").
 //! - [`sync`]: the module's own thread: follows the feed, swaps in fresh
 //!   copies, applies changes, reports uses.
+//! - [`trade`]: the module's leases on global rate limits, traded
+//!   through the sidecar.
 //! - [`settings`]: the `filter_config` JSON.
 //! - [`pb`]: the feed's generated client.
 #![deny(unsafe_code)]
@@ -21,3 +23,4 @@ pub mod filter;
 pub mod pb;
 pub mod settings;
 pub mod sync;
+pub mod trade;

@@ -1,7 +1,8 @@
 //! The thread that keeps the copy: reads the sidecar's decision feed
 //! (tables, snapshot, `synced`, then changes), builds a fresh copy on every
 //! (re)connect and swaps it in whole at `synced` (the old copy decides
-//! until then), applies changes to the live copy, and reports uses back.
+//! until then), applies changes to the live copy, reports uses back, and
+//! trades leases on global rate limits ([`crate::trade`]).
 //! It owns a small single-threaded tokio runtime; Envoy's workers never
 //! wait for it.
 #![forbid(unsafe_code)]
@@ -50,8 +51,12 @@ pub fn log(message: &str) {
 }
 
 /// Starts the sync thread for `shared`; `uses` is the receiving end of its
-/// use reports.
-pub fn start(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) -> std::io::Result<()> {
+/// use reports, `enlisted` of its roster (keys whose leases to trade).
+pub fn start(
+    shared: Arc<Shared>,
+    uses: Receiver<(KeyId, i64)>,
+    enlisted: Receiver<KeyId>,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("keyward-sync".into())
         .spawn(move || {
@@ -62,13 +67,14 @@ pub fn start(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) -> std::io::Resu
                 Ok(runtime) => runtime,
                 Err(error) => return log(&format!("cannot start: {error}")),
             };
-            runtime.block_on(run(shared, uses));
+            runtime.block_on(run(shared, uses, enlisted));
         })
         .map(drop)
 }
 
-async fn run(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) {
+async fn run(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>, enlisted: Receiver<KeyId>) {
     let reporter = tokio::spawn(report_uses(Arc::clone(&shared), uses));
+    let trader = tokio::spawn(crate::trade::trade_leases(Arc::clone(&shared), enlisted));
     let mut backoff = Duration::from_millis(50);
     let mut last_stale_log: Option<Instant> = None;
     while !shared.stop.load(Ordering::Relaxed) {
@@ -89,6 +95,7 @@ async fn run(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) {
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
     reporter.abort();
+    trader.abort();
 }
 
 /// Says what decisions are made from while the sidecar is away.
@@ -110,7 +117,7 @@ fn log_staleness(shared: &Shared, problem: &str) {
     }
 }
 
-async fn connect(shared: &Shared) -> Result<Channel, String> {
+pub(crate) async fn connect(shared: &Shared) -> Result<Channel, String> {
     Endpoint::from_str(&shared.settings.sidecar)
         .map_err(|e| format!("sidecar address: {e}"))?
         .connect_timeout(Duration::from_secs(1))
@@ -124,7 +131,7 @@ async fn connect(shared: &Shared) -> Result<Channel, String> {
         .map_err(|e| format!("connect: {e}"))
 }
 
-fn bearer<T>(shared: &Shared, message: T) -> Result<tonic::Request<T>, String> {
+pub(crate) fn bearer<T>(shared: &Shared, message: T) -> Result<tonic::Request<T>, String> {
     let path = &shared.settings.token_file;
     let token =
         std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
@@ -195,7 +202,9 @@ async fn follow(shared: &Shared, synced_at: &mut Option<Instant>) -> Result<(), 
                 };
                 let keys = built.index.len();
                 shared.copy.store(Some(Arc::new(Copy {
-                    decider: Decider::new(built.index, built.routes),
+                    decider: Decider::new(built.index, built.routes)
+                        .with_global_limits(Arc::clone(&shared.global))
+                        .with_roster(shared.roster.clone()),
                     catalog: built.catalog,
                 })));
                 shared.live.store(true, Ordering::Relaxed);

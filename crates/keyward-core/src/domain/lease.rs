@@ -20,11 +20,21 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 
+use super::key::KeyId;
 use super::rate::{Gcra, Quota};
 
 /// How long a trade may be out before decisions stop waiting for it (three
 /// trade ticks).
 pub const STALLED_NANOS: i64 = 150_000_000;
+
+/// How often every holder of leases (a sidecar, an Envoy module) trades
+/// them. A lease covers about two ticks of the key's demand, so this is
+/// also about how long an unused token stays out of the shared budget.
+pub const TRADE_TICK_NANOS: i64 = 50_000_000;
+
+/// Trades without demand after which a lease is given back and the key no
+/// longer traded (a second).
+pub const IDLE_TRADES: u32 = 20;
 
 /// The shortest retry-after of a refusal while the store still had room:
 /// the next trade brings tokens (a trade tick).
@@ -48,6 +58,46 @@ pub struct Lease {
     remaining: AtomicU32,
     /// When the trade under way began (Unix nanos; 0: none).
     trading_since: AtomicI64,
+    /// A trader holds the key in its set (see [`Roster`]).
+    enlisted: AtomicBool,
+}
+
+/// Where decisions send the keys whose leases a trader must start
+/// trading: each key once (its lease remembers it is enlisted) until the
+/// trader retires it. Bounded: a full roster drops the id, and the key's
+/// next decision sends it again.
+#[derive(Debug, Clone)]
+pub struct Roster(std::sync::mpsc::SyncSender<KeyId>);
+
+impl Roster {
+    /// A roster holding up to `bound` ids not yet taken, and the trader's
+    /// end of it.
+    #[must_use]
+    pub fn new(bound: usize) -> (Self, std::sync::mpsc::Receiver<KeyId>) {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(bound);
+        (Self(sender), receiver)
+    }
+}
+
+/// What a trader does with one lease this tick (see [`Lease::turn`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// Trade with the store: `give` tokens back, `owed` paid, up to `want`
+    /// taken; `taken` is what [`Lease::failed`] needs if the trade fails.
+    Trade {
+        /// Unused tokens given back.
+        give: u64,
+        /// Tokens spent on credit, paid.
+        owed: u64,
+        /// Tokens wanted for the next ticks.
+        want: u32,
+        /// What the lease held when taken (negative: owed).
+        taken: i64,
+    },
+    /// Nothing to trade this tick.
+    Rest,
+    /// Idle long enough: the lease is forgotten; stop trading the key.
+    Retire,
 }
 
 /// What one trade with the store brought back.
@@ -62,6 +112,59 @@ pub struct Trade {
 }
 
 impl Lease {
+    /// Sends `id` to `roster` unless this lease is already enlisted there:
+    /// one atomic load on every decision but the first.
+    #[inline]
+    pub fn enlist(&self, id: KeyId, roster: &Roster) {
+        if !self.enlisted.load(Ordering::Relaxed)
+            && !self.enlisted.swap(true, Ordering::Relaxed)
+            && roster.0.try_send(id).is_err()
+        {
+            self.enlisted.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// The most tokens one trade takes for `limit`: two ticks of the rate
+    /// when the burst is smaller (a burst below a tick's worth would cap a
+    /// holder below the rate: the store's budget is widened to two ticks
+    /// too), else the burst.
+    #[must_use]
+    pub fn most_wanted(limit: &Gcra) -> u32 {
+        let parts = limit.parts();
+        let two_ticks =
+            u32::try_from(2 * TRADE_TICK_NANOS / parts.interval.max(1)).unwrap_or(u32::MAX);
+        parts.burst.max(two_ticks)
+    }
+
+    /// Takes the lease for this tick's trade at `now`, `idle` being the
+    /// trades the key has gone without demand (updated here): what to ask
+    /// of the store (two ticks of the demand seen, up to
+    /// [`Self::most_wanted`]), or nothing.
+    pub fn turn(&self, limit: &Gcra, idle: &mut u32, now: i64) -> Turn {
+        let (tokens, demand) = self.take(now);
+        if demand == 0 {
+            *idle = idle.saturating_add(1);
+            if tokens == 0 {
+                self.failed(0);
+                if *idle >= IDLE_TRADES {
+                    // What the store said of the budget is stale by the
+                    // next request: a spent budget has refilled meanwhile.
+                    self.forget();
+                    return Turn::Retire;
+                }
+                return Turn::Rest;
+            }
+        } else {
+            *idle = 0;
+        }
+        Turn::Trade {
+            give: u64::try_from(tokens.max(0)).unwrap_or(0),
+            owed: tokens.min(0).unsigned_abs(),
+            want: demand.saturating_mul(2).min(Self::most_wanted(limit)),
+            taken: tokens,
+        }
+    }
+
     /// Tokens a process may spend on credit for a key with `limit`: a
     /// sixty-fourth of its burst, at least one.
     #[must_use]
@@ -158,8 +261,9 @@ impl Lease {
 
     /// Forgets what the store said of the budget (a key no longer traded:
     /// by its next request that is stale, and a spent budget may have
-    /// refilled) and any tokens in hand.
+    /// refilled), any tokens in hand, and that it is enlisted.
     pub fn forget(&self) {
+        self.enlisted.store(false, Ordering::Relaxed);
         self.spent.store(false, Ordering::Relaxed);
         self.retry_after_ms.store(0, Ordering::Relaxed);
         self.remaining.store(0, Ordering::Relaxed);
@@ -302,6 +406,71 @@ mod tests {
             passed,
             1000 + 1000,
             "the lease and a sixty-fourth of the burst"
+        );
+    }
+
+    #[test]
+    fn a_turn_asks_two_ticks_of_demand_and_retires_an_idle_lease() {
+        let (limit, tat) = (limit(100, 100), AtomicI64::new(0));
+        let lease = Lease::default();
+        let mut idle = 0;
+        lease.settle(trade(4, 50), &limit, Some(&tat), NOW);
+        for _ in 0..3 {
+            assert!(lease.admit(&limit, &tat, NOW).is_ok());
+        }
+        assert_eq!(
+            lease.turn(&limit, &mut idle, NOW),
+            Turn::Trade {
+                give: 1,
+                owed: 0,
+                want: 6,
+                taken: 1
+            }
+        );
+        lease.settle(trade(0, 50), &limit, Some(&tat), NOW);
+        for round in 1..IDLE_TRADES {
+            assert_eq!(lease.turn(&limit, &mut idle, NOW), Turn::Rest, "{round}");
+        }
+        assert_eq!(lease.turn(&limit, &mut idle, NOW), Turn::Retire);
+        assert!(
+            lease.admit(&limit, &tat, NOW).is_ok(),
+            "a retired lease begins again on credit"
+        );
+        let many = Lease::default();
+        for _ in 0..500 {
+            let _ = many.admit(&limit, &tat, NOW);
+        }
+        let Turn::Trade { want, .. } = many.turn(&limit, &mut 0, NOW) else {
+            panic!("demand is traded");
+        };
+        assert_eq!(want, 100, "never more than the burst");
+    }
+
+    #[test]
+    fn a_lease_is_enlisted_once_until_retired_and_a_full_roster_drops_nothing_for_good() {
+        let (roster, enlisted) = Roster::new(1);
+        let (one, two) = (Lease::default(), Lease::default());
+        let (a, b) = (KeyId::from_bytes([1; 16]), KeyId::from_bytes([2; 16]));
+        one.enlist(a, &roster);
+        one.enlist(a, &roster);
+        two.enlist(b, &roster);
+        assert_eq!(
+            enlisted.try_iter().collect::<Vec<_>>(),
+            vec![a],
+            "once; b found it full"
+        );
+        two.enlist(b, &roster);
+        assert_eq!(
+            enlisted.try_iter().collect::<Vec<_>>(),
+            vec![b],
+            "b sent again"
+        );
+        one.forget();
+        one.enlist(a, &roster);
+        assert_eq!(
+            enlisted.try_iter().collect::<Vec<_>>(),
+            vec![a],
+            "retired, then again"
         );
     }
 }
