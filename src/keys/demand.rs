@@ -536,3 +536,20 @@ impl OnDemand {
         }
     }
 }
+
+impl super::mirror::HoldPolicy for OnDemand {
+    fn written(&self, id: KeyId) {
+        if !self.holds(&id) {
+            self.hold(id);
+        }
+    }
+
+    fn revoked(&self, id: KeyId) {
+        self.release(&id);
+        self.remember_absent(id);
+    }
+
+    fn take_evicted(&self) -> Vec<KeyId> {
+        OnDemand::take_evicted(self)
+    }
+}

@@ -2,14 +2,14 @@
 //! account. Every backend changes it through a [`Mirror`], which queues
 //! index changes while a batch is written and makes them at once when the
 //! batch stands ([`Mirror::publish`]): a change is visible the moment it
-//! is acknowledged, never before it is durable. On an on-demand replica it
-//! also tells the eviction policy which keys the index holds.
+//! is acknowledged, never before it is durable. Where a policy decides
+//! which keys the index may hold (an on-demand replica), it also tells the
+//! policy what was written and removed ([`HoldPolicy`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::change::{AccountCounts, intern};
-use super::demand::OnDemand;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::KeyId;
 use crate::domain::record::{Access, KeyRecord};
@@ -27,8 +27,21 @@ pub struct Mirror {
     metrics: Arc<Metrics>,
     /// Index changes waiting for their batch to stand.
     pending: Vec<IndexChange>,
-    /// On-demand replica: the held keys' policy.
-    demand: Option<Arc<OnDemand>>,
+    /// The policy of which keys the index holds, if any (on demand).
+    policy: Option<Arc<dyn HoldPolicy>>,
+}
+
+/// Decides which keys the index holds (an on-demand replica's eviction
+/// policy), and hears what the writer put there and took away.
+pub trait HoldPolicy: Send + Sync + std::fmt::Debug {
+    /// A key was written here: the index holds it from now on (an update
+    /// of a held key is not a use).
+    fn written(&self, id: KeyId);
+    /// A key was revoked: ids are never reused, so its next presentations
+    /// may be answered without asking the truth.
+    fn revoked(&self, id: KeyId);
+    /// Keys evicted since the last call, to drop from the index.
+    fn take_evicted(&self) -> Vec<KeyId>;
 }
 
 /// A change to the index, made once its batch stands.
@@ -54,19 +67,13 @@ impl Mirror {
             accounts,
             metrics,
             pending: Vec::new(),
-            demand: None,
+            policy: None,
         }
     }
 
-    /// On-demand replica: the index holds what `demand`'s policy holds.
-    pub fn hold_on_demand(&mut self, demand: Arc<OnDemand>) {
-        self.demand = Some(demand);
-    }
-
-    /// The on-demand policy, if this is an on-demand replica.
-    #[must_use]
-    pub fn demand(&self) -> Option<&Arc<OnDemand>> {
-        self.demand.as_ref()
+    /// The index holds what `policy` decides (an on-demand replica).
+    pub fn hold_by(&mut self, policy: Arc<dyn HoldPolicy>) {
+        self.policy = Some(policy);
     }
 
     /// The live index.
@@ -125,26 +132,19 @@ impl Mirror {
 
     /// The batch stands: makes its index changes.
     pub fn publish(&mut self) {
-        let demand = self.demand.as_ref();
+        let policy = self.policy.as_ref();
         for change in self.pending.drain(..) {
             match change {
                 IndexChange::Put(id, entry) => {
                     self.index.replace(id, *entry);
-                    // A held key's update is not a use; a key this sidecar
-                    // created is held from now on.
-                    if let Some(demand) = demand
-                        && !demand.holds(&id)
-                    {
-                        demand.hold(id);
+                    if let Some(policy) = policy {
+                        policy.written(id);
                     }
                 }
                 IndexChange::Remove(id) => {
                     self.index.remove(&id);
-                    if let Some(demand) = demand {
-                        // Revoked: ids are never reused, so its next
-                        // presentations are answered without asking etcd.
-                        demand.release(&id);
-                        demand.remember_absent(id);
+                    if let Some(policy) = policy {
+                        policy.revoked(id);
                     }
                 }
             }
@@ -157,10 +157,10 @@ impl Mirror {
         self.pending.clear();
     }
 
-    /// On demand: drops from the index what the policy evicted.
+    /// Drops from the index what the policy evicted.
     pub fn drop_evicted(&self) {
-        if let Some(demand) = &self.demand {
-            for id in demand.take_evicted() {
+        if let Some(policy) = &self.policy {
+            for id in policy.take_evicted() {
                 self.index.remove(&id);
             }
         }

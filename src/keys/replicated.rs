@@ -132,7 +132,9 @@ impl Replicated {
     /// writer runs).
     pub fn hold_on_demand(&mut self, demand: Arc<OnDemand>) {
         let index = Arc::clone(self.reflector.mirror().index());
-        self.reflector.mirror().hold_on_demand(Arc::clone(&demand));
+        self.reflector
+            .mirror()
+            .hold_by(Arc::clone(&demand) as Arc<dyn super::mirror::HoldPolicy>);
         self.cache = Some(Cache::new(demand, index));
     }
 

@@ -229,18 +229,10 @@ impl Etcd {
     /// counts the range, no value is sent).
     pub async fn count_keys(&self) -> Result<u64, EtcdError> {
         let start = self.keys_prefix();
-        let reply = self
-            .kv
-            .clone()
-            .range(RangeRequest {
-                range_end: prefix_end(&start),
-                key: start,
-                count_only: true,
-                ..RangeRequest::default()
-            })
-            .await?
-            .into_inner();
-        Ok(u64::try_from(reply.count).unwrap_or_default())
+        let end = prefix_end(&start);
+        count_range(&mut self.kv.clone(), start, end)
+            .await
+            .map(|(count, _)| count)
     }
 
     /// Up to `limit` key ids after `after` (from the start when `None`),
@@ -348,6 +340,28 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// How many keys etcd holds in `[start, end)`, and the revision it counted
+/// at (one linearizable `count_only` range: no value is sent).
+async fn count_range(
+    kv: &mut KvClient<Authed>,
+    start: Vec<u8>,
+    end: Vec<u8>,
+) -> Result<(u64, i64), EtcdError> {
+    let reply = kv
+        .range(RangeRequest {
+            key: start,
+            range_end: end,
+            count_only: true,
+            ..RangeRequest::default()
+        })
+        .await?
+        .into_inner();
+    Ok((
+        u64::try_from(reply.count).unwrap_or_default(),
+        reply.header.map_or(0, |h| h.revision),
+    ))
 }
 
 #[cfg(test)]

@@ -154,18 +154,8 @@ impl Listing {
     /// Counts the keys (a linearizable read, whose revision every page is
     /// then read at) and splits the prefix into windows for that many.
     async fn count(&mut self) -> Result<(), EtcdError> {
-        let reply = self
-            .kv
-            .range(RangeRequest {
-                key: self.start.clone(),
-                range_end: self.end.clone(),
-                count_only: true,
-                ..RangeRequest::default()
-            })
-            .await?
-            .into_inner();
-        self.revision = reply.header.map_or(0, |h| h.revision);
-        self.total = u64::try_from(reply.count).unwrap_or_default();
+        (self.total, self.revision) =
+            super::count_range(&mut self.kv, self.start.clone(), self.end.clone()).await?;
         let mut depth = 0;
         while self.total / 64_u64.pow(depth) > self.window_keys && depth < 3 {
             depth += 1;
