@@ -192,6 +192,15 @@ async fn lease_trades_are_checked_and_answered_local_without_a_usage_store() {
         ))
         .await;
     assert_status(short.map(|_| ()), Code::InvalidArgument, "trades.id");
+    let twice = client
+        .trade_leases(bearer(
+            &server.admin,
+            pb::TradeLeasesRequest {
+                trades: vec![trade(id.clone()), trade(id.clone())],
+            },
+        ))
+        .await;
+    assert_status(twice.map(|_| ()), Code::InvalidArgument, "traded twice");
     let many = client
         .trade_leases(bearer(
             &server.admin,

@@ -41,13 +41,15 @@ const RATE: u32 = 50;
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 fn rate_limit(requests: u32) -> pb::RateLimit {
+    limit_of(requests, 1, 0)
+}
+
+/// `requests` every `seconds`, with `burst` (0: as many as `requests`).
+fn limit_of(requests: u32, seconds: i64, burst: u32) -> pb::RateLimit {
     pb::RateLimit {
         requests,
-        period: Some(prost_types::Duration {
-            seconds: 1,
-            nanos: 0,
-        }),
-        burst: 0,
+        period: Some(prost_types::Duration { seconds, nanos: 0 }),
+        burst,
     }
 }
 
@@ -289,12 +291,17 @@ async fn standalone_with(dir: &tempfile::TempDir, redis: &Redis, cluster: bool) 
 
 /// A `mail.send` key limited to [`RATE`] on `server`: (id, secret).
 async fn limited_key(server: &TestServer) -> (String, String) {
+    key_limited_to(server, rate_limit(RATE)).await
+}
+
+/// A `mail.send` key limited to `limit` on `server`: (id, secret).
+async fn key_limited_to(server: &TestServer, limit: pb::RateLimit) -> (String, String) {
     server
         .create(pb::CreateKeyRequest {
             name: "limited".into(),
             scopes: vec!["mail.send".into()],
             account_id: "acme".into(),
-            rate_limit: Some(rate_limit(RATE)),
+            rate_limit: Some(limit),
             ..Default::default()
         })
         .await
@@ -634,22 +641,7 @@ async fn a_burst_smaller_than_a_trade_tick_still_reaches_its_rate() {
     // 200/s with a burst of 2: a sidecar trading every 50 ms could pass
     // only the burst (and its credit) per trade, 60/s, if the shared
     // budget were held to the burst.
-    let (_, key) = server
-        .create(pb::CreateKeyRequest {
-            name: "small burst".into(),
-            scopes: vec!["mail.send".into()],
-            account_id: "acme".into(),
-            rate_limit: Some(pb::RateLimit {
-                requests: 200,
-                period: Some(prost_types::Duration {
-                    seconds: 1,
-                    nanos: 0,
-                }),
-                burst: 2,
-            }),
-            ..Default::default()
-        })
-        .await;
+    let (_, key) = key_limited_to(&server, limit_of(200, 1, 2)).await;
     let _ = burst_of_requests(&server, &key, Duration::from_millis(300)).await;
     let started = Instant::now();
     let (allowed, limited) = burst_of_requests(&server, &key, Duration::from_secs(2)).await;
@@ -666,4 +658,90 @@ async fn a_burst_smaller_than_a_trade_tick_still_reaches_its_rate() {
         "{allowed} admitted, the rate allows {rate:.0} and a widened burst of 20"
     );
     server.stop().await;
+}
+
+/// `TradeLeases` with the admin token, as a hostile feed-token holder
+/// would call it: nothing it asks can refill a budget with tokens it never
+/// took, or lock a key out for longer than an honest holder's debt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_caller_cannot_refill_or_lock_out_a_budget() {
+    use keyward::pb::v1::decision_feed_client::DecisionFeedClient;
+    use std::str::FromStr;
+    let _serial = SERIAL.lock().await;
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = standalone(&dir, &redis).await;
+    await_store_up(&server, "1").await;
+    // Five a minute: a token every 12 s, so nothing refills meanwhile.
+    let (id, key) = key_limited_to(&server, limit_of(5, 60, 0)).await;
+    let channel = connect(&server.url()).await;
+    let mut authorizer = AuthorizerClient::new(channel.clone());
+    // Asks every 20 ms for a second (across many trades): what passed.
+    let mut spend = async || {
+        let mut allowed = 0;
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until {
+            let reply = authorizer
+                .authorize(send(&key))
+                .await
+                .expect("replies")
+                .into_inner();
+            allowed += usize::from(reply.allowed);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        allowed
+    };
+    let first = spend().await;
+    assert!(
+        (5..=6).contains(&first),
+        "the burst (and a credit), then refused: {first}"
+    );
+    let bytes = keyward::domain::key::KeyId::from_str(&id)
+        .expect("an id")
+        .as_bytes()
+        .to_vec();
+    let mut feed = DecisionFeedClient::new(channel.clone());
+    let mut trade = async |give: u64, owed: u64| {
+        feed.trade_leases(bearer(
+            &server.admin,
+            pb::TradeLeasesRequest {
+                trades: vec![pb::LeaseTrade {
+                    id: bytes.clone(),
+                    give,
+                    owed,
+                    want: 0,
+                }],
+            },
+        ))
+        .await
+        .expect("answered")
+        .into_inner()
+    };
+    for _ in 0..20 {
+        let answer = trade(1_000_000, 0).await;
+        assert!(answer.global && answer.grants[0].traded, "{answer:?}");
+    }
+    // The sidecar's own lease may hold what it took before the refusals:
+    // at most its credit (a sixty-fourth of the burst, so 1) passes.
+    let after = spend().await;
+    assert!(
+        after <= 1,
+        "tokens never taken refilled the budget: {after} passed"
+    );
+    let answer = trade(0, 1_000_000_000).await;
+    assert!(answer.grants[0].traded);
+    let ttl_ms: u64 = redis
+        .cli(&["PTTL", &format!("keyward:{{{id}}}:rate")])
+        .trim()
+        .parse()
+        .expect("a TTL");
+    // An honest holder owes at most its share (5), its credit (1) and two
+    // seconds of stalled admissions (0 here): about 12 tokens of 12 s
+    // with what was spent, not 10^9 of them (380 years).
+    assert!(
+        ttl_ms < 15 * 12_000,
+        "a forged debt locked the key out for {ttl_ms} ms"
+    );
 }

@@ -48,6 +48,10 @@ pub const MAX_WATCHERS: usize = 16;
 pub const STREAM_BUFFER: usize = 256;
 /// Uses one report may carry.
 pub const MAX_USES_PER_REPORT: usize = 10_000;
+/// `TradeLeases` calls served at once (each up to
+/// [`MAX_USES_PER_REPORT`] trades with the usage store; a module makes one
+/// at a time).
+pub const MAX_LEASE_TRADE_CALLS: usize = 4;
 /// How often an idle stream says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Longest a stream waits for its reader to take an event while its
@@ -88,6 +92,8 @@ pub struct FeedService {
     counters: FeedCounters,
     /// Where reported decision counts go (none: they are dropped).
     usage: Option<Arc<crate::usage::UsagePlane>>,
+    /// `TradeLeases` calls under way.
+    lease_trades: Arc<tokio::sync::Semaphore>,
 }
 
 /// The streams open now, oldest first, each with the token that displaces
@@ -150,6 +156,7 @@ impl FeedService {
             stop,
             counters,
             usage: None,
+            lease_trades: Arc::new(tokio::sync::Semaphore::new(MAX_LEASE_TRADE_CALLS)),
         }
     }
 
@@ -291,6 +298,11 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
     ) -> Result<Response<pb::TradeLeasesResponse>, Status> {
         self.admin(&request).await?;
         let asks = parse_trades(&request.into_inner().trades)?;
+        let Ok(_turn) = self.lease_trades.try_acquire() else {
+            return Err(Status::resource_exhausted(format!(
+                "at most {MAX_LEASE_TRADE_CALLS} lease trade calls at once: call again next tick"
+            )));
+        };
         let local = || {
             self.counters.lease_trade_call(false);
             Ok(Response::new(pb::TradeLeasesResponse::default()))
@@ -323,7 +335,7 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
     }
 }
 
-/// A call's lease trades, checked: 16-byte ids, at most
+/// A call's lease trades, checked: 16-byte ids, each once, at most
 /// [`MAX_USES_PER_REPORT`] of them.
 fn parse_trades(trades: &[pb::LeaseTrade]) -> Result<Vec<crate::usage::Ask>, Status> {
     if trades.len() > MAX_USES_PER_REPORT {
@@ -332,12 +344,19 @@ fn parse_trades(trades: &[pb::LeaseTrade]) -> Result<Vec<crate::usage::Ask>, Sta
             format!("at most {MAX_USES_PER_REPORT} per call"),
         ));
     }
+    let mut seen = std::collections::HashSet::with_capacity(trades.len());
     trades
         .iter()
         .enumerate()
         .map(|(at, trade)| {
             let id = <[u8; 16]>::try_from(trade.id.as_slice())
                 .map_err(|_| invalid("trades.id", format!("entry {at}: must be 16 bytes")))?;
+            if !seen.insert(id) {
+                return Err(invalid(
+                    "trades.id",
+                    format!("entry {at}: a key traded twice in one call"),
+                ));
+            }
             Ok(crate::usage::Ask {
                 id: KeyId::from_bytes(id),
                 give: trade.give,

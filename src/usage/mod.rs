@@ -44,6 +44,9 @@ pub struct UsagePlane {
     /// Keys whose rate limit reached a decision while leases were in
     /// force, with the trade rounds each has been idle.
     leased: DashMap<KeyId, u32, rustc_hash::FxBuildHasher>,
+    /// Tokens granted to other holders through the decision feed and not
+    /// yet given back, per key (what a caller may give back at most).
+    lent: DashMap<KeyId, u64, rustc_hash::FxBuildHasher>,
     /// The store, once connected (management reads it too).
     store: std::sync::Mutex<Option<store::Store>>,
     metrics: UsageMetrics,
@@ -97,6 +100,7 @@ impl UsagePlane {
             global_limits: Arc::default(),
             counts: counts::Counts::default(),
             leased: DashMap::default(),
+            lent: DashMap::default(),
             store: std::sync::Mutex::default(),
             metrics,
             up: tokio::sync::watch::channel(None).0,

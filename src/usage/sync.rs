@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use keyward_core::domain::key::KeyId;
 use keyward_core::domain::lease::{IDLE_TRADES, Lease, TRADE_TICK_NANOS, Trade, Turn};
+use keyward_core::domain::rate::Gcra;
 use keyward_core::index::Index;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +33,10 @@ const ROUND_PATIENCE: Duration = Duration::from_millis(300);
 
 /// Trades in flight at once (one connection pipelines them).
 const TRADES_IN_FLIGHT: usize = 256;
+
+/// Tokens remembered as lent per key through the feed, in trades' worth
+/// (every holder's together).
+const LENT_TRADES: u64 = 4;
 
 /// A trade another lease holder asks for (see [`UsagePlane::trade_for`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -387,8 +392,13 @@ impl UsagePlane {
     /// feed) took on its own, with this sidecar's store: `None` while rate
     /// limits are not global here (no shared store, or it is away: the
     /// holder's limits are its own too). A key not live, or without a
-    /// rate limit, gets no trade (the holder forgets its lease). What the
-    /// holder asks is bounded by the key's limit as this sidecar knows it.
+    /// rate limit, gets no trade (the holder keeps its debt and asks
+    /// again). What a holder asks is bounded by the key's limit as this
+    /// sidecar knows it: `want` by one trade's share, `owed` by what an
+    /// honest holder can owe (credit, and two seconds of admissions while
+    /// its trade stalled), `give` by what this sidecar lent out for the
+    /// key and was not given back (so tokens never taken cannot refill
+    /// the budget).
     pub async fn trade_for(
         &self,
         index: &Index,
@@ -402,19 +412,8 @@ impl UsagePlane {
         };
         let trades: Vec<Result<Option<Trade>, UsageStoreError>> = futures_util::stream::iter(asks)
             .map(|ask| {
-                let mut store = store.clone();
                 let limit = index.limit_and_usage(&ask.id).and_then(|(limit, _)| limit);
-                async move {
-                    let Some(limit) = limit else {
-                        return Ok(None);
-                    };
-                    let most = Lease::most_wanted(&limit);
-                    let give = ask.give.min(u64::from(most));
-                    store
-                        .trade(&ask.id, limit.parts(), give, ask.owed, ask.want.min(most))
-                        .await
-                        .map(Some)
-                }
+                self.trade_lent(store.clone(), ask, limit)
             })
             .buffered(TRADES_IN_FLIGHT)
             .collect()
@@ -426,6 +425,43 @@ impl UsagePlane {
                 .count() as u64,
         );
         trades.into_iter().collect::<Result<_, _>>().map(Some)
+    }
+
+    /// One of [`Self::trade_for`]'s trades, its ask bounded.
+    async fn trade_lent(
+        &self,
+        mut store: Store,
+        ask: Ask,
+        limit: Option<Gcra>,
+    ) -> Result<Option<Trade>, UsageStoreError> {
+        let Some(limit) = limit else {
+            return Ok(None);
+        };
+        let most = Lease::most_wanted(&limit);
+        let stalled = u64::try_from(2_000_000_000 / limit.parts().interval.max(1)).unwrap_or(0);
+        let owed = ask
+            .owed
+            .min(u64::from(most) + u64::try_from(Lease::credit_for(&limit)).unwrap_or(0) + stalled);
+        // Taken from what was lent before the trade: a give that fails may
+        // still have been applied, and counts as given.
+        let give = {
+            let mut lent = self.lent.entry(ask.id).or_insert(0);
+            let give = ask.give.min(u64::from(most)).min(*lent);
+            *lent -= give;
+            give
+        };
+        let trade = store
+            .trade(&ask.id, limit.parts(), give, owed, ask.want.min(most))
+            .await?;
+        // Bounded: tokens lent to holders that went away are not
+        // remembered past a few trades' worth.
+        let mut lent = self.lent.entry(ask.id).or_insert(0);
+        *lent = (*lent + u64::from(trade.granted)).min(LENT_TRADES * u64::from(most));
+        if *lent == 0 {
+            drop(lent);
+            self.lent.remove_if(&ask.id, |_, lent| *lent == 0);
+        }
+        Ok(Some(trade))
     }
 
     /// Sums the counts held into the store.

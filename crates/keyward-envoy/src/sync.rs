@@ -239,9 +239,18 @@ fn apply(
         }
         return Ok(());
     };
+    let mut entry = entry;
     if let Ok(live) = live {
-        match &entry {
-            Some(entry) => live.replace(id, entry.clone()),
+        match &mut entry {
+            Some(entry) => {
+                live.replace(id, entry.clone());
+                // The new copy takes over the key's per-request state (its
+                // leases, its limiter): a resync neither forgets a debt to
+                // the shared budget nor starts a budget afresh.
+                if let Some((_, usage)) = live.limit_and_usage(&id) {
+                    entry.usage = usage;
+                }
+            }
             None => live.remove(&id),
         }
     }

@@ -30,7 +30,7 @@ use crate::sync::{bearer, connect, log};
 /// for their next decision).
 pub const ROSTER_BOUND: usize = 65_536;
 
-/// Trades one call may carry (the sidecar's limit); more wait a tick.
+/// Trades one call may carry (the sidecar's limit); more go in more calls.
 const MAX_TRADES: usize = 10_000;
 
 /// While limits are not global, or the sidecar did not answer: ask again
@@ -43,7 +43,6 @@ const CALL_DEADLINE: Duration = Duration::from_secs(1);
 
 /// A lease taken for this tick's call.
 struct InTrade {
-    id: KeyId,
     usage: Arc<Usage>,
     limit: Gcra,
     /// What the lease held (negative: owed), for [`keyward_core::domain::lease::Lease::failed`].
@@ -90,8 +89,26 @@ pub async fn trade_leases(shared: Arc<Shared>, enlisted: Receiver<KeyId>) {
             continue;
         };
         let (asks, taken) = trader.turns(&index);
-        let result = call(&shared, &mut trader.client, asks).await;
-        trader.conclude(&shared, result, taken);
+        // Calls of at most MAX_TRADES each, so every key is traded every
+        // tick (and at least one call: an empty one asks whether limits
+        // are global); after a failed call the rest fail too.
+        let (mut asks, mut taken) = (asks.into_iter(), taken.into_iter());
+        let mut failed: Option<CallFailed> = None;
+        loop {
+            let some_asks: Vec<LeaseTrade> = asks.by_ref().take(MAX_TRADES).collect();
+            let some_taken: Vec<InTrade> = taken.by_ref().take(MAX_TRADES).collect();
+            let result = match &failed {
+                Some(failure) => Err(failure.clone()),
+                None => call(&shared, &mut trader.client, some_asks).await,
+            };
+            if let Err(failure) = &result {
+                failed = Some(failure.clone());
+            }
+            trader.conclude(&shared, result, some_taken);
+            if asks.len() == 0 {
+                break;
+            }
+        }
     }
 }
 
@@ -103,9 +120,6 @@ impl Trader {
         let mut taken = Vec::new();
         let mut trades = Vec::new();
         self.leased.retain(|id, idle| {
-            if trades.len() >= MAX_TRADES {
-                return true;
-            }
             let Some((limit, usage)) = index.limit_and_usage(id) else {
                 return false;
             };
@@ -128,12 +142,7 @@ impl Trader {
                         owed,
                         want,
                     });
-                    taken.push(InTrade {
-                        id: *id,
-                        usage,
-                        limit,
-                        held,
-                    });
+                    taken.push(InTrade { usage, limit, held });
                     true
                 }
             }
@@ -146,7 +155,7 @@ impl Trader {
     fn conclude(
         &mut self,
         shared: &Shared,
-        result: Result<TradeLeasesResponse, String>,
+        result: Result<TradeLeasesResponse, CallFailed>,
         taken: Vec<InTrade>,
     ) {
         match result {
@@ -164,9 +173,11 @@ impl Trader {
                             .lease
                             .settle(trade, &lease.limit, Some(&usage.tat), now);
                     } else {
+                        // The sidecar does not know the key's limit (yet,
+                        // or any more): its debt stays owed, and the key is
+                        // asked for again (or dropped once the copy says
+                        // it has no limit).
                         usage.lease.failed(lease.held);
-                        usage.lease.forget();
-                        self.leased.remove(&lease.id);
                     }
                 }
                 self.answered = true;
@@ -187,7 +198,9 @@ impl Trader {
             }
             Err(problem) => {
                 fail(taken);
-                self.client = None;
+                if problem.reconnect {
+                    self.client = None;
+                }
                 self.answered = false;
                 if shared.global.swap(false, Ordering::Relaxed) {
                     log(&format!(
@@ -207,20 +220,71 @@ fn fail(taken: Vec<InTrade>) {
     }
 }
 
-/// One `TradeLeases` call, connecting first if need be.
+/// Why a call failed, and whether the connection is to be dropped.
+#[derive(Clone, Debug)]
+struct CallFailed {
+    problem: String,
+    reconnect: bool,
+}
+
+impl std::fmt::Display for CallFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.problem)
+    }
+}
+
+impl CallFailed {
+    fn reconnect(problem: String) -> Self {
+        Self {
+            problem,
+            reconnect: true,
+        }
+    }
+}
+
+/// One `TradeLeases` call, connecting first if need be, within
+/// [`CALL_DEADLINE`] in all.
 async fn call(
     shared: &Shared,
     client: &mut Option<DecisionFeedClient<Channel>>,
     trades: Vec<LeaseTrade>,
-) -> Result<TradeLeasesResponse, String> {
-    if client.is_none() {
-        *client = Some(DecisionFeedClient::new(connect(shared).await?));
-    }
-    let feed = client.as_mut().ok_or("no connection")?;
-    let request = bearer(shared, TradeLeasesRequest { trades })?;
-    tokio::time::timeout(CALL_DEADLINE, feed.trade_leases(request))
-        .await
-        .map_err(|_| format!("no answer within {CALL_DEADLINE:?}"))?
-        .map(tonic::Response::into_inner)
-        .map_err(|status| format!("trade leases: {}", status.message()))
+) -> Result<TradeLeasesResponse, CallFailed> {
+    tokio::time::timeout(CALL_DEADLINE, async {
+        if client.is_none() {
+            *client = Some(DecisionFeedClient::new(
+                connect(shared).await.map_err(CallFailed::reconnect)?,
+            ));
+        }
+        let feed = client
+            .as_mut()
+            .ok_or_else(|| CallFailed::reconnect("no connection".into()))?;
+        let request =
+            bearer(shared, TradeLeasesRequest { trades }).map_err(|problem| CallFailed {
+                problem,
+                reconnect: false,
+            })?;
+        feed.trade_leases(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| CallFailed {
+                problem: match status.code() {
+                    tonic::Code::Unimplemented => {
+                        "the sidecar does not trade leases (a version older than this module)"
+                            .into()
+                    }
+                    _ => format!("trade leases: {}", status.message()),
+                },
+                // The connection is kept for answers the sidecar gave.
+                reconnect: matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ),
+            })
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(CallFailed::reconnect(format!(
+            "no answer within {CALL_DEADLINE:?}"
+        )))
+    })
 }
