@@ -200,7 +200,7 @@ async fn lease_trades_are_checked_and_answered_local_without_a_usage_store() {
             },
         ))
         .await;
-    assert_status(twice.map(|_| ()), Code::InvalidArgument, "traded twice");
+    assert_status(twice.map(|_| ()), Code::InvalidArgument, "once a call");
     let many = client
         .trade_leases(bearer(
             &server.admin,
@@ -641,25 +641,13 @@ async fn reported_counts_join_the_keys_usage_and_bad_ones_change_nothing() {
 }
 
 /// A key with credits reaches a module only in a form a module built
-/// before credits refuses (no hash it can match): the module holds no
-/// lease on credits, and an older one would not know to refuse the key.
+/// before credits refuses (no hash it can match): an older module would
+/// not know to spend credits, and would allow the key without limit.
 #[tokio::test]
 async fn a_key_with_credits_reaches_modules_in_a_form_older_ones_refuse() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(&dir).await;
-    let (id, _) = server
-        .create(pb::CreateKeyRequest {
-            name: "metered".into(),
-            scopes: vec!["mail.send".into()],
-            account_id: "acme".into(),
-            credits: Some(pb::Credits {
-                remaining: 10,
-                refill: None,
-                next_refill_at: None,
-            }),
-            ..Default::default()
-        })
-        .await;
+    let (id, _) = metered_key(&server).await;
     let mut stream = watch(&server).await;
     let key = loop {
         match next(&mut stream).await {
@@ -677,4 +665,88 @@ async fn a_key_with_credits_reaches_modules_in_a_form_older_ones_refuse() {
     assert!(key.previous_hash.is_empty());
     assert_eq!(key.credits_secret_hash.len(), 32);
     assert_ne!(key.credits_secret_hash, vec![0; 32]);
+}
+
+/// `LendCredits` lends from the sidecar's own lease and takes back at most
+/// what it lent: a caller giving back credits it never borrowed adds none,
+/// so the key still allows exactly what it was given.
+#[tokio::test]
+async fn lent_credits_come_back_and_never_more_than_were_lent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(&dir).await;
+    let (id, secret) = metered_key(&server).await;
+    let id = id_bytes(&id);
+    let mut client = DecisionFeedClient::new(server.channel().await);
+    let loan = |want: u64, give: u64, period: i64| pb::CreditLoan {
+        id: id.clone(),
+        want,
+        give,
+        period,
+    };
+    let twice = client
+        .lend_credits(bearer(
+            &server.admin,
+            pb::LendCreditsRequest {
+                loans: vec![loan(1, 0, 0), loan(1, 0, 0)],
+            },
+        ))
+        .await;
+    assert_status(twice.map(|_| ()), Code::InvalidArgument, "once a call");
+    let lent = client
+        .lend_credits(bearer(
+            &server.admin,
+            pb::LendCreditsRequest {
+                loans: vec![loan(3, 0, 0)],
+            },
+        ))
+        .await
+        .expect("lent")
+        .into_inner()
+        .grants
+        .remove(0);
+    assert!((1..=3).contains(&lent.granted), "{lent:?}");
+    // A thousand back, of which only what was lent counts.
+    client
+        .lend_credits(bearer(
+            &server.admin,
+            pb::LendCreditsRequest {
+                loans: vec![loan(0, 1000, lent.period)],
+            },
+        ))
+        .await
+        .expect("given back");
+    let mut authorizer =
+        keyward::pb::v1::authorizer_client::AuthorizerClient::new(server.channel().await);
+    let mut allowed = 0;
+    for _ in 0..30 {
+        let reply = authorizer
+            .authorize(pb::AuthorizeRequest {
+                key: secret.clone(),
+                method: "POST".into(),
+                path: "/v3/mail/send".into(),
+                client_ip: String::new(),
+            })
+            .await
+            .expect("replies")
+            .into_inner();
+        allowed += u32::from(reply.allowed);
+    }
+    assert_eq!(allowed, 10, "the credits given, not one more");
+}
+
+/// A `mail.send` key with 10 credits on `server`: (id, secret).
+async fn metered_key(server: &TestServer) -> (String, String) {
+    server
+        .create(pb::CreateKeyRequest {
+            name: "metered".into(),
+            scopes: vec!["mail.send".into()],
+            account_id: "acme".into(),
+            credits: Some(pb::Credits {
+                remaining: 10,
+                refill: None,
+                next_refill_at: None,
+            }),
+            ..Default::default()
+        })
+        .await
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 
+use futures_util::StreamExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +53,8 @@ pub const MAX_USES_PER_REPORT: usize = 10_000;
 /// [`MAX_USES_PER_REPORT`] trades with the usage store; a module makes one
 /// at a time).
 pub const MAX_LEASE_TRADE_CALLS: usize = 4;
+/// Loans of one `LendCredits` call under way at once.
+const LOANS_IN_FLIGHT: usize = 64;
 /// How often an idle stream says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Longest a stream waits for its reader to take an event while its
@@ -92,8 +95,10 @@ pub struct FeedService {
     counters: FeedCounters,
     /// Where reported decision counts go (none: they are dropped).
     usage: Option<Arc<crate::usage::UsagePlane>>,
-    /// `TradeLeases` calls under way.
+    /// `TradeLeases` and `LendCredits` calls under way.
     lease_trades: Arc<tokio::sync::Semaphore>,
+    /// Lends credits to modules (none: this sidecar keeps no credits).
+    credits: Option<Arc<crate::usage::credits::CreditKeeper>>,
 }
 
 /// The streams open now, oldest first, each with the token that displaces
@@ -157,7 +162,15 @@ impl FeedService {
             counters,
             usage: None,
             lease_trades: Arc::new(tokio::sync::Semaphore::new(MAX_LEASE_TRADE_CALLS)),
+            credits: None,
         }
+    }
+
+    /// The same, lending credits out of `credits`' leases.
+    #[must_use]
+    pub fn with_credits(mut self, credits: Arc<crate::usage::credits::CreditKeeper>) -> Self {
+        self.credits = Some(credits);
+        self
     }
 
     /// The same, reported decision counts summed into `usage`.
@@ -333,36 +346,99 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
             grants,
         }))
     }
+
+    async fn lend_credits(
+        &self,
+        request: Request<pb::LendCreditsRequest>,
+    ) -> Result<Response<pb::LendCreditsResponse>, Status> {
+        self.admin(&request).await?;
+        let loans = parse_loans(&request.into_inner().loans)?;
+        let Some(keeper) = &self.credits else {
+            return Err(Status::failed_precondition(
+                "this sidecar keeps no usage credits",
+            ));
+        };
+        let Ok(_turn) = self.lease_trades.try_acquire() else {
+            return Err(Status::resource_exhausted(format!(
+                "at most {MAX_LEASE_TRADE_CALLS} lease trade or loan calls at once: call again next tick"
+            )));
+        };
+        let grants = futures_util::stream::iter(loans)
+            .map(|(id, loan)| async move {
+                match keeper.lend(id, loan.want, (loan.give, loan.period)).await {
+                    Ok((granted, period)) => pb::CreditGrant {
+                        granted,
+                        period,
+                        unavailable: false,
+                    },
+                    Err(
+                        crate::keys::KeyError::NotFound(_) | crate::keys::KeyError::NoCreditsLeft,
+                    ) => pb::CreditGrant::default(),
+                    Err(_) => pb::CreditGrant {
+                        unavailable: true,
+                        ..pb::CreditGrant::default()
+                    },
+                }
+            })
+            .buffered(LOANS_IN_FLIGHT)
+            .collect()
+            .await;
+        Ok(Response::new(pb::LendCreditsResponse { grants }))
+    }
 }
 
 /// A call's lease trades, checked: 16-byte ids, each once, at most
 /// [`MAX_USES_PER_REPORT`] of them.
 fn parse_trades(trades: &[pb::LeaseTrade]) -> Result<Vec<crate::usage::Ask>, Status> {
-    if trades.len() > MAX_USES_PER_REPORT {
+    let ids = unique_ids(
+        trades.iter().map(|trade| trade.id.as_slice()),
+        ("trades", "trades.id"),
+    )?;
+    Ok(ids
+        .into_iter()
+        .zip(trades)
+        .map(|(id, trade)| crate::usage::Ask {
+            id,
+            give: trade.give,
+            owed: trade.owed,
+            want: trade.want,
+        })
+        .collect())
+}
+
+/// A call's credit loans, checked as [`parse_trades`] checks trades.
+fn parse_loans(loans: &[pb::CreditLoan]) -> Result<Vec<(KeyId, pb::CreditLoan)>, Status> {
+    let ids = unique_ids(
+        loans.iter().map(|loan| loan.id.as_slice()),
+        ("loans", "loans.id"),
+    )?;
+    Ok(ids.into_iter().zip(loans.iter().cloned()).collect())
+}
+
+/// The key ids of a call's entries (`field`): 16 bytes each, each once, at
+/// most [`MAX_USES_PER_REPORT`].
+fn unique_ids<'a>(
+    ids: impl ExactSizeIterator<Item = &'a [u8]>,
+    (field, id_field): (&'static str, &'static str),
+) -> Result<Vec<KeyId>, Status> {
+    if ids.len() > MAX_USES_PER_REPORT {
         return Err(invalid(
-            "trades",
+            field,
             format!("at most {MAX_USES_PER_REPORT} per call"),
         ));
     }
-    let mut seen = std::collections::HashSet::with_capacity(trades.len());
-    trades
-        .iter()
-        .enumerate()
-        .map(|(at, trade)| {
-            let id = <[u8; 16]>::try_from(trade.id.as_slice())
-                .map_err(|_| invalid("trades.id", format!("entry {at}: must be 16 bytes")))?;
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    ids.enumerate()
+        .map(|(at, id)| {
+            let id = <[u8; 16]>::try_from(id)
+                .map_err(|_| invalid(id_field, format!("entry {at}: must be 16 bytes")))?;
             if !seen.insert(id) {
                 return Err(invalid(
-                    "trades.id",
-                    format!("entry {at}: a key traded twice in one call"),
+                    id_field,
+                    format!("entry {at}: a key may appear once a call"),
                 ));
             }
-            Ok(crate::usage::Ask {
-                id: KeyId::from_bytes(id),
-                give: trade.give,
-                owed: trade.owed,
-                want: trade.want,
-            })
+            Ok(KeyId::from_bytes(id))
         })
         .collect()
 }
@@ -635,5 +711,14 @@ fn put(id: &KeyId, entry: &Entry) -> Event {
             }
         }),
         credits,
+        credits_unreserved: entry.credits.as_ref().map_or(0, |held| held.unreserved),
+        credits_next_refill_unix_nanos: entry.credits.as_ref().map_or(0, |held| {
+            if held.next_refill == i64::MAX {
+                0
+            } else {
+                held.next_refill
+            }
+        }),
+        credits_period: entry.credits.as_ref().map_or(0, |held| held.period),
     })
 }

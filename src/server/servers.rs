@@ -232,7 +232,8 @@ fn feed_service(
             stop.subscribe(),
             app.metrics.feed(),
         )
-        .with_usage(app.usage.clone()),
+        .with_usage(app.usage.clone())
+        .with_credits(Arc::clone(&app.credits)),
     )
     .max_decoding_message_size(app.limits.max_message_bytes)
 }

@@ -74,6 +74,10 @@ pub struct CreditKeeper {
     /// Keys with a lease here (at most every key with credits: only a
     /// verified key's decision adds one).
     kept: DashMap<KeyId, Arc<Kept>, rustc_hash::FxBuildHasher>,
+    /// Credits lent to other deciders (Envoy modules, through the decision
+    /// feed) and not given back, per key, with their period: what a
+    /// caller may give back at most.
+    lent: DashMap<KeyId, (i64, u64), rustc_hash::FxBuildHasher>,
     in_flight: Arc<Semaphore>,
     metrics: UsageMetrics,
 }
@@ -155,6 +159,7 @@ impl CreditKeeper {
             keys,
             index,
             kept: DashMap::default(),
+            lent: DashMap::default(),
             in_flight: Arc::new(Semaphore::new(MOVES_IN_FLIGHT as usize)),
             metrics,
         })
@@ -208,7 +213,114 @@ impl CreditKeeper {
         if now < held.next_refill && entry.usage.credits.in_hand(held.period) > 0 {
             return Ok(());
         }
-        self.reserve(&mut window, id, account.as_ref(), want).await
+        self.reserve(&mut window, id, account.as_ref(), want)
+            .await
+            .map(drop)
+    }
+
+    /// Lends up to `want` of `id`'s credits to another decider (an Envoy
+    /// module, through the decision feed) out of this sidecar's lease,
+    /// reserving from the record first when the lease holds fewer (that
+    /// write awaited); first takes back `give` credits of `period` it lent
+    /// before (at most what it lent for the key and was not given back; a
+    /// past period's lapse). The borrower's demand counts toward the
+    /// lease's, so the keeper tops it up ahead of the next loan. In the
+    /// key's turn, in a task of its own (a cancelled call loses nothing).
+    pub async fn lend(
+        self: &Arc<Self>,
+        id: KeyId,
+        want: u64,
+        give: (u64, i64),
+    ) -> Result<(u64, i64), KeyError> {
+        let kept = Arc::clone(self.kept.entry(id).or_default().value());
+        let window = Arc::clone(&kept.window).lock_owned().await;
+        let keeper = Arc::clone(self);
+        tokio::spawn(async move { keeper.lend_in_turn(window, id, want, give).await })
+            .await
+            .map_err(|_| KeyError::Unavailable)?
+    }
+
+    /// [`Self::lend`]'s work, in the key's turn.
+    async fn lend_in_turn(
+        &self,
+        mut window: OwnedMutexGuard<Window>,
+        id: KeyId,
+        want: u64,
+        (give, given_period): (u64, i64),
+    ) -> Result<(u64, i64), KeyError> {
+        let Some(entry) = self.index.entry(&id) else {
+            self.lent.remove(&id);
+            return Err(KeyError::NotFound(id.to_string()));
+        };
+        let Some(held) = entry.credits.as_deref().copied() else {
+            self.lent.remove(&id);
+            return Ok((0, 0));
+        };
+        adopt(&mut window, &entry);
+        let account = window.account.clone();
+        self.give_back_orphans(&mut window, id, account.as_ref())
+            .await?;
+        let usage = Arc::clone(&entry.usage);
+        let now = keyward_core::clock::now_nanos();
+        let back = self.returned(id, give, given_period);
+        if back > 0 && now < held.next_refill {
+            usage.credits.add(back, given_period);
+        }
+        if want == 0 {
+            return Ok((0, held.period));
+        }
+        let at = window.at;
+        let slot = &mut window.demand[at];
+        *slot = slot.saturating_add(u32::try_from(want).unwrap_or(u32::MAX));
+        let mut period = held.period;
+        let in_hand = usage.credits.in_hand(period);
+        if (in_hand < want || now >= held.next_refill) && held.reservable_at(now) {
+            let ask = (want - in_hand.min(want))
+                .max(window.second())
+                .max(MIN_RESERVATION);
+            match self.reserve(&mut window, id, account.as_ref(), ask).await {
+                Ok(reserved) => period = reserved,
+                Err(error) if usage.credits.in_hand(period) == 0 => {
+                    return match error {
+                        KeyError::NoCreditsLeft => Ok((0, period)),
+                        error => Err(error),
+                    };
+                }
+                Err(_) => {}
+            }
+        }
+        if now >= held.next_refill && period == held.period {
+            // A refill was due and not recorded: what is in hand is void.
+            return Ok((0, period));
+        }
+        if usage.credits.in_hand(period) == 0 {
+            return Ok((0, period));
+        }
+        let (granted, period) = usage.credits.take(want);
+        let mut lent = self.lent.entry(id).or_insert((period, 0));
+        if lent.0 != period {
+            *lent = (period, 0);
+        }
+        lent.1 = lent.1.saturating_add(granted);
+        Ok((granted, period))
+    }
+
+    /// How many of `give` credits of `period` a borrower may give back for
+    /// `id`: at most what it was lent for that period and has not given
+    /// back (a past period's lapse).
+    fn returned(&self, id: KeyId, give: u64, period: i64) -> u64 {
+        if give == 0 {
+            return 0;
+        }
+        let Some(mut lent) = self.lent.get_mut(&id) else {
+            return 0;
+        };
+        if lent.0 != period {
+            return 0;
+        }
+        let back = give.min(lent.1);
+        lent.1 -= back;
+        back
     }
 
     /// One reservation of `want` credits into the lease `window` holds (its
@@ -219,7 +331,7 @@ impl CreditKeeper {
         id: KeyId,
         account: Option<&Arc<str>>,
         want: u64,
-    ) -> Result<(), KeyError> {
+    ) -> Result<i64, KeyError> {
         if window.quiet > 0 {
             return Err(KeyError::Unavailable);
         }
@@ -244,7 +356,7 @@ impl CreditKeeper {
         if let Some(usage) = &window.usage {
             usage.credits.add(granted, period);
         }
-        Ok(())
+        Ok(period)
     }
 
     /// Gives up to `most` of `usage`'s unspent credits back to `id`'s
@@ -435,7 +547,10 @@ impl CreditKeeper {
             let account = window.account.clone();
             let account = account.as_ref();
             let result = match movement {
-                Move::Reserve(want) => keeper.reserve(&mut window, id, account, want).await,
+                Move::Reserve(want) => keeper
+                    .reserve(&mut window, id, account, want)
+                    .await
+                    .map(drop),
                 Move::GiveBack(most) => match window.usage.clone() {
                     Some(usage) => keeper.give_back(&usage, id, account, most).await,
                     None => Ok(()),

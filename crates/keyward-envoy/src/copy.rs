@@ -10,8 +10,9 @@ use std::sync::mpsc::SyncSender;
 
 use arc_swap::ArcSwapOption;
 use keyward_core::clock;
-use keyward_core::decide::{Decider, validate};
+use keyward_core::decide::{AuthFailure, Decider, validate};
 use keyward_core::domain::catalog::Catalog;
+use keyward_core::domain::decision::DenyReason;
 use keyward_core::domain::key::KeyId;
 use keyward_core::domain::lease::Roster;
 use keyward_core::reply::{self, Reply};
@@ -50,6 +51,12 @@ pub struct Shared {
     pub global: Arc<AtomicBool>,
     /// Where decisions enlist keys whose leases to trade.
     pub roster: Roster,
+    /// Requests paused until their key's credit lease is topped up
+    /// ([`crate::credits`]).
+    pub waiters: SyncSender<crate::credits::Waiter>,
+    /// Keys the sidecar had no credits to lend for, until when (Unix
+    /// nanos): their requests are refused as exhausted meanwhile.
+    pub dry: dashmap::DashMap<KeyId, i64>,
     /// Settings from Envoy's config.
     pub settings: Settings,
     /// Set when Envoy destroys the filter config: the sync thread ends.
@@ -68,18 +75,33 @@ pub enum Verdict {
     },
     /// Answer it here.
     Deny(Reply),
+    /// The key's credit lease is empty: pause the request until a loan
+    /// comes back, then decide it again.
+    Await(KeyId),
 }
 
 impl Shared {
+    /// The index decisions read now (`None` before the first sync).
+    #[must_use]
+    pub fn live_index(&self) -> Option<Arc<keyward_core::index::Index>> {
+        self.copy
+            .load()
+            .as_ref()
+            .map(|copy| Arc::clone(copy.decider.index()))
+    }
+
     /// Decides a request as the sidecar would (the same core code): from
     /// its method, path (query included), `authorization` value and
-    /// downstream address.
+    /// downstream address. A key whose credit lease is empty makes it
+    /// wait for a loan when `may_wait` (else, unless the sidecar had none
+    /// to lend, it is refused as unverifiable: 503, retry).
     pub fn verdict(
         &self,
         method: &str,
         path: &str,
         authorization: &str,
         client: Option<IpAddr>,
+        may_wait: bool,
     ) -> Verdict {
         let copy = self.copy.load();
         let Some(copy) = copy.as_ref() else {
@@ -101,9 +123,20 @@ impl Shared {
             Ok(valid) => valid,
             Err(invalid) => return Verdict::Deny(reply::invalid(&invalid.to_string())),
         };
-        let (decision, new_minute) =
+        let (mut decision, new_minute) =
             copy.decider
                 .decide_noting_use(authorization, client, method, path);
+        if let (Some(DenyReason::CreditsExhausted), Some(id)) = (decision.deny, decision.key_id)
+            && self
+                .dry
+                .get(&id)
+                .is_none_or(|until| *until <= clock::recent_now_nanos())
+        {
+            if may_wait {
+                return Verdict::Await(id);
+            }
+            decision = AuthFailure::new(DenyReason::KeyUnverifiable, Some(id)).decision();
+        }
         self.counts
             .record(&decision, clock::recent_now_nanos() / 1_000_000_000);
         if !decision.allowed() {

@@ -82,6 +82,15 @@ const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
 const CONTINUE: u32 = 0;
 /// Request headers status: StopIteration (after a local reply).
 const STOP_ITERATION: u32 = 1;
+/// Request headers status: StopAllIterationAndBuffer (a request paused for
+/// credits: neither its headers nor its body go on until it is decided).
+const STOP_ALL_ITERATION_AND_BUFFER: u32 = 3;
+/// The one event a paused request's scheduler carries.
+const RESUME_EVENT: u64 = 1;
+/// Times a request is paused for credits at most (the credits one loan
+/// brings can be spent by requests deciding alongside before it decides
+/// again).
+const MAX_PAUSES: u32 = 2;
 
 /// The ABI this module was written against; Envoy 1.40 reports v0.2.0.
 static ABI_VERSION: &[u8] = b"v0.2.0\0";
@@ -117,6 +126,19 @@ unsafe extern "C" {
         attribute_id: u32,
         result: *mut EnvoyBuffer,
     ) -> bool;
+
+    fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+        filter_envoy_ptr: *mut c_void,
+    ) -> *mut c_void;
+
+    fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
+
+    fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        scheduler: *mut c_void,
+        event_id: u64,
+    );
+
+    fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter_envoy_ptr: *mut c_void);
 }
 
 // ---- Safe wrappers around the callbacks -------------------------------
@@ -239,12 +261,63 @@ unsafe fn envoy_bytes<'a>(buffer: EnvoyBuffer) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(buffer.ptr.cast(), buffer.length) }
 }
 
+/// A paused request's way back to its worker: Envoy's scheduler for its
+/// filter. Committed from the credit keeper's thread (Envoy posts the
+/// event to the worker's dispatcher, and drops it if the stream is gone
+/// by then); deleted when the last holder (the filter, or the keeper)
+/// lets go.
+struct Resume(*mut c_void);
+
+// SAFETY: Envoy's filter scheduler is built to be committed from any
+// thread (it posts to the worker's dispatcher and holds the filter only
+// weakly), and deleting it touches nothing of the worker's; `Resume` is
+// its only owner and deletes it once.
+unsafe impl Send for Resume {}
+// SAFETY: as above; `commit` takes no lock of the module's.
+unsafe impl Sync for Resume {}
+
+impl Resume {
+    /// A scheduler for the stream a hook was called for.
+    fn of(stream: &Stream) -> Option<Self> {
+        // SAFETY: `stream.0` is the filter pointer of the running hook.
+        let scheduler =
+            unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(stream.0) };
+        (!scheduler.is_null()).then_some(Self(scheduler))
+    }
+}
+
+impl crate::credits::Wake for Resume {
+    fn wake(&self) {
+        // SAFETY: the scheduler is live until `drop` (this holder keeps it).
+        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(self.0, RESUME_EVENT) };
+    }
+}
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: made by `scheduler_new`, deleted here once.
+        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_delete(self.0) };
+    }
+}
+
 // ---- Module objects ---------------------------------------------------
 
-/// One stream's state: the response headers an allow owes the client.
+/// One stream's state: the response headers an allow owes the client, and
+/// a request paused for credits.
 struct Filter {
     shared: Arc<Shared>,
     response_headers: Vec<(&'static str, String)>,
+    paused: Option<Paused>,
+}
+
+/// A request paused until its key's credit lease is topped up: what it is
+/// decided from again.
+struct Paused {
+    method: String,
+    path: String,
+    authorization: String,
+    pauses: u32,
+    resume: Arc<Resume>,
 }
 
 /// Runs a hook body; a panic is caught (Envoy would abort) and `fallback`
@@ -316,6 +389,7 @@ extern "C" fn envoy_dynamic_module_on_http_filter_new(
         let filter = Box::new(Filter {
             shared,
             response_headers: Vec::new(),
+            paused: None,
         });
         Box::into_raw(filter).cast_const().cast()
     })
@@ -353,13 +427,30 @@ fn internal_error() -> Reply {
 }
 
 fn request_headers(stream: &Stream, filter: &mut Filter) -> u32 {
-    // The header borrows end with this statement: headers are set after.
-    let verdict = filter.shared.verdict(
-        &stream.request_header(":method").unwrap_or_default(),
-        &stream.request_header(":path").unwrap_or_default(),
-        &stream.request_header("authorization").unwrap_or_default(),
-        stream.client(),
+    let method = stream.request_header(":method").unwrap_or_default();
+    let path = stream.request_header(":path").unwrap_or_default();
+    let authorization = stream.request_header("authorization").unwrap_or_default();
+    let verdict = filter
+        .shared
+        .verdict(&method, &path, &authorization, stream.client(), true);
+    // The header borrows end here: headers are set after.
+    let request = (
+        method.into_owned(),
+        path.into_owned(),
+        authorization.into_owned(),
     );
+    act(stream, filter, verdict, request, 0)
+}
+
+/// Carries a verdict out: headers set and the request passed on (after a
+/// pause, resumed), a local reply, or the request paused for credits.
+fn act(
+    stream: &Stream,
+    filter: &mut Filter,
+    verdict: Verdict,
+    (method, path, authorization): (String, String, String),
+    pauses: u32,
+) -> u32 {
     match verdict {
         Verdict::Allow { request, response } => {
             for (name, value) in &request {
@@ -374,6 +465,80 @@ fn request_headers(stream: &Stream, filter: &mut Filter) -> u32 {
             stream.send(&reply, &details);
             STOP_ITERATION
         }
+        Verdict::Await(key) => {
+            let resume = match filter.paused.take() {
+                Some(before) => Some(before.resume),
+                None => Resume::of(stream).map(Arc::new),
+            };
+            let waiting = resume.and_then(|resume| {
+                let waiter = crate::credits::Waiter {
+                    key,
+                    wake: Arc::clone(&resume) as Arc<dyn crate::credits::Wake>,
+                };
+                filter.shared.waiters.try_send(waiter).ok().map(|()| resume)
+            });
+            let Some(resume) = waiting else {
+                let reply = keyward_core::reply::unavailable(
+                    "too many requests are waiting for credits; retry later",
+                    "credits_waiting",
+                );
+                stream.send(&reply, &filter::details(&reply));
+                return STOP_ITERATION;
+            };
+            filter.paused = Some(Paused {
+                method,
+                path,
+                authorization,
+                pauses: pauses + 1,
+                resume,
+            });
+            STOP_ALL_ITERATION_AND_BUFFER
+        }
+    }
+}
+
+/// A paused request's loan came back (or its wait ended): decided again,
+/// then passed on, answered, or paused once more.
+#[unsafe(no_mangle)]
+extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    filter_envoy_ptr: *mut c_void,
+    filter_module_ptr: *const c_void,
+    _event_id: u64,
+) {
+    let stream = Stream(filter_envoy_ptr);
+    let decided = catch_unwind(AssertUnwindSafe(|| {
+        if filter_module_ptr.is_null() {
+            return;
+        }
+        // SAFETY: as in `request_headers`.
+        let filter = unsafe { &mut *filter_module_ptr.cast::<Filter>().cast_mut() };
+        let Some(paused) = filter.paused.as_ref() else {
+            return;
+        };
+        let verdict = filter.shared.verdict(
+            &paused.method,
+            &paused.path,
+            &paused.authorization,
+            stream.client(),
+            paused.pauses < MAX_PAUSES,
+        );
+        let times = paused.pauses;
+        let request = (
+            paused.method.clone(),
+            paused.path.clone(),
+            paused.authorization.clone(),
+        );
+        if !matches!(verdict, Verdict::Await(_)) {
+            filter.paused = None;
+        }
+        if act(&stream, filter, verdict, request, times) == CONTINUE {
+            // SAFETY: the filter pointer of the running hook.
+            unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(stream.0) };
+        }
+    }));
+    if decided.is_err() {
+        crate::sync::log("a hook panicked; the request is refused");
+        stream.send(&internal_error(), "keyward_internal");
     }
 }
 
@@ -511,14 +676,6 @@ extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
     _: *const c_void,
     _: u64,
     _: u32,
-) {
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
 ) {
 }
 

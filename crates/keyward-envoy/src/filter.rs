@@ -20,6 +20,7 @@ pub fn new_config(config: &[u8]) -> Result<Arc<Shared>, String> {
     let settings = Settings::parse(config)?;
     let (uses, reports) = std::sync::mpsc::sync_channel(USES_BUFFER);
     let (roster, enlisted) = Roster::new(crate::trade::ROSTER_BOUND);
+    let (waiters, waiting) = std::sync::mpsc::sync_channel(crate::credits::MAX_WAITING);
     let shared = Arc::new(Shared {
         copy: ArcSwapOption::empty(),
         heard: AtomicI64::new(0),
@@ -29,10 +30,12 @@ pub fn new_config(config: &[u8]) -> Result<Arc<Shared>, String> {
         counts: keyward_core::counts::Counts::default(),
         global: Arc::default(),
         roster,
+        waiters,
+        dry: dashmap::DashMap::new(),
         settings,
         stop: AtomicBool::new(false),
     });
-    crate::sync::start(Arc::clone(&shared), reports, enlisted)
+    crate::sync::start(Arc::clone(&shared), reports, enlisted, waiting)
         .map_err(|e| format!("cannot start the sync thread: {e}"))?;
     Ok(shared)
 }

@@ -13,11 +13,14 @@
 //!   copies, applies changes, reports uses.
 //! - [`trade`]: the module's leases on global rate limits, traded
 //!   through the sidecar.
+//! - [`credits`]: the module's leases on usage credits, lent by the
+//!   sidecar; requests paused while a loan is asked for.
 //! - [`settings`]: the `filter_config` JSON.
 //! - [`pb`]: the feed's generated client.
 #![deny(unsafe_code)]
 
 pub mod copy;
+pub mod credits;
 pub mod ffi;
 pub mod filter;
 pub mod pb;

@@ -56,6 +56,7 @@ pub fn start(
     shared: Arc<Shared>,
     uses: Receiver<(KeyId, i64)>,
     enlisted: Receiver<KeyId>,
+    waiting: Receiver<crate::credits::Waiter>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("keyward-sync".into())
@@ -67,14 +68,20 @@ pub fn start(
                 Ok(runtime) => runtime,
                 Err(error) => return log(&format!("cannot start: {error}")),
             };
-            runtime.block_on(run(shared, uses, enlisted));
+            runtime.block_on(run(shared, uses, enlisted, waiting));
         })
         .map(drop)
 }
 
-async fn run(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>, enlisted: Receiver<KeyId>) {
+async fn run(
+    shared: Arc<Shared>,
+    uses: Receiver<(KeyId, i64)>,
+    enlisted: Receiver<KeyId>,
+    waiting: Receiver<crate::credits::Waiter>,
+) {
     let reporter = tokio::spawn(report_uses(Arc::clone(&shared), uses));
     let trader = tokio::spawn(crate::trade::trade_leases(Arc::clone(&shared), enlisted));
+    let keeper = tokio::spawn(crate::credits::keep_credits(Arc::clone(&shared), waiting));
     let mut backoff = Duration::from_millis(50);
     let mut last_stale_log: Option<Instant> = None;
     while !shared.stop.load(Ordering::Relaxed) {
@@ -96,6 +103,8 @@ async fn run(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>, enlisted: Receiv
     }
     reporter.abort();
     trader.abort();
+    // The keeper gives every credit lease back once it sees the stop.
+    let _ = tokio::time::timeout(Duration::from_secs(3), keeper).await;
 }
 
 /// Says what decisions are made from while the sidecar is away.
@@ -270,10 +279,7 @@ struct Building {
 
 fn live_index(shared: &Shared) -> Result<Arc<Index>, String> {
     shared
-        .copy
-        .load()
-        .as_ref()
-        .map(|copy| Arc::clone(copy.decider.index()))
+        .live_index()
         .ok_or_else(|| "a change before the first sync".to_owned())
 }
 
@@ -332,13 +338,15 @@ fn entry_of(key: &KeyState, account: Arc<str>) -> Result<(KeyId, Entry), String>
         previous_until,
         allowlist: Allowlist::from_ranges(&key.allowed_cidrs, key.allowlist_restricted),
         limit,
-        // No lease is ever reserved here: an empty lease with nothing
-        // reservable refuses every request of the key (see KeyState).
         credits: key.credits.then(|| {
             Box::new(CreditsHeld {
-                unreserved: 0,
-                next_refill: i64::MAX,
-                period: 0,
+                unreserved: key.credits_unreserved,
+                next_refill: if key.credits_next_refill_unix_nanos == 0 {
+                    i64::MAX
+                } else {
+                    key.credits_next_refill_unix_nanos
+                },
+                period: key.credits_period,
             })
         }),
         usage: Arc::new(Usage::default()),

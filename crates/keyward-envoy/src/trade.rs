@@ -80,12 +80,7 @@ pub async fn trade_leases(shared: Arc<Shared>, enlisted: Receiver<KeyId>) {
         if !busy && !tick.is_multiple_of(ASK_EVERY) {
             continue;
         }
-        let Some(index) = shared
-            .copy
-            .load()
-            .as_ref()
-            .map(|copy| Arc::clone(copy.decider.index()))
-        else {
+        let Some(index) = shared.live_index() else {
             continue;
         };
         let (asks, taken) = trader.turns(&index);
