@@ -164,7 +164,7 @@ async fn a_refill_sets_the_credits_each_period() {
             name: "refilled".into(),
             scopes: vec!["mail.send".into()],
             account_id: "acme".into(),
-            credits: Some(credits(2, Some((3, 3)))),
+            credits: Some(credits(2, Some((3, PERIOD)))),
             ..Default::default()
         })
         .await;
@@ -175,9 +175,9 @@ async fn a_refill_sets_the_credits_each_period() {
     assert!(shown.next_refill_at.is_some());
     assert_eq!(shown.refill.expect("refill").amount, 3);
     assert_eq!(spend(&channel, &key, 3).await, (2, 1));
-    // After the period (3 s; each step here takes milliseconds): set to 3
-    // (not 3 + what was left).
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    // Past the refill the key's own reply names: set to 3 (not 3 + what
+    // was left).
+    sleep_past_refill(&channel, &server.admin, &id).await;
     assert_eq!(spend(&channel, &key, 5).await, (3, 2));
     // Credits still in this sidecar's lease at a refill are not spent in
     // the new period: a refill sets, whatever a lease held.
@@ -185,14 +185,37 @@ async fn a_refill_sets_the_credits_each_period() {
         &channel,
         &server.admin,
         &id,
-        Some(credits(50, Some((3, 3)))),
+        Some(credits(50, Some((3, PERIOD)))),
     )
     .await
     .expect("set");
     assert_eq!(spend(&channel, &key, 5).await, (5, 0));
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    sleep_past_refill(&channel, &server.admin, &id).await;
     assert_eq!(spend(&channel, &key, 6).await, (3, 3));
     server.stop().await;
+}
+
+/// The refill period of [`a_refill_sets_the_credits_each_period`]: long
+/// beside the milliseconds each of its steps takes.
+const PERIOD: i64 = 5;
+
+/// Sleeps until just past the next refill `id`'s credits show.
+async fn sleep_past_refill(channel: &Channel, admin: &str, id: &str) {
+    let at = get(channel, admin, id)
+        .await
+        .credits
+        .expect("credits")
+        .next_refill_at
+        .expect("a refill");
+    let at = std::time::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(at.seconds).expect("after 1970"),
+            u32::try_from(at.nanos).expect("nanos"),
+        );
+    let wait = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(100)).await;
 }
 
 #[tokio::test]
@@ -446,32 +469,16 @@ async fn three_sidecars_hammering_one_key_never_spend_one_credit_more() {
     // Every sidecar holds the key before the hammering starts (these
     // first decisions spend credits too, and are counted).
     let seen = Arc::new(Seen::default());
-    for channel in &channels {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut client = AuthorizerClient::new(channel.clone());
-        loop {
-            let reply = client
-                .authorize(send(&key))
-                .await
-                .expect("replies")
-                .into_inner();
-            if reply.allowed {
-                seen.allowed.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            assert_eq!(
-                reply.reason(),
-                pb::DenyReason::UnknownKey,
-                "not yet replicated"
-            );
-            assert!(Instant::now() < deadline, "the key never reached a sidecar");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    seen.allowed.fetch_add(
+        common::until_every_sidecar_allows(&channels, &key).await,
+        Ordering::Relaxed,
+    );
 
-    // 70/20/10 until every sidecar has refused for credits for a while
-    // after the last allow anywhere (every lease spent or given back).
+    // 70/20/10 until every credit is spent (a deadline bounds a hang:
+    // credits a sidecar holds come back to the others when it goes quiet),
+    // then not one more on any sidecar.
     let started = Instant::now();
+    let until_at = started + Duration::from_secs(90);
     let last_allow = Arc::new(std::sync::Mutex::new(Instant::now()));
     let mut workers = Vec::new();
     for (channel, share) in channels.iter().zip([7, 2, 1]) {
@@ -479,7 +486,7 @@ async fn three_sidecars_hammering_one_key_never_spend_one_credit_more() {
             let mut client = AuthorizerClient::new(channel.clone());
             let (key, seen, last_allow) = (key.clone(), Arc::clone(&seen), Arc::clone(&last_allow));
             workers.push(tokio::spawn(async move {
-                loop {
+                while seen.allowed.load(Ordering::Relaxed) < GRANTED && Instant::now() < until_at {
                     let reply = client
                         .authorize(send(&key))
                         .await
@@ -496,9 +503,6 @@ async fn three_sidecars_hammering_one_key_never_spend_one_credit_more() {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
                         (false, reason) => panic!("unexpected {reason:?}: {}", reply.message),
-                    }
-                    if last_allow.lock().expect("lock").elapsed() > Duration::from_secs(3) {
-                        return;
                     }
                 }
             }));
@@ -526,6 +530,21 @@ async fn three_sidecars_hammering_one_key_never_spend_one_credit_more() {
         "every credit used once and only once ({} refusals on the way)",
         seen.exhausted.load(Ordering::Relaxed)
     );
+    for channel in &channels {
+        let mut client = AuthorizerClient::new(channel.clone());
+        for _ in 0..40 {
+            let reply = client
+                .authorize(send(&key))
+                .await
+                .expect("replies")
+                .into_inner();
+            assert_eq!(
+                (reply.allowed, reply.reason()),
+                (false, pb::DenyReason::CreditsExhausted),
+                "not one credit more than granted"
+            );
+        }
+    }
     let (mut reservations, mut waits) = (0.0, 0.0);
     for (channel, sidecar) in channels.iter().zip(&sidecars) {
         let shown = get(channel, &sidecar.admin, &id).await;

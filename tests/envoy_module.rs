@@ -1153,18 +1153,7 @@ async fn a_global_rate_limit_holds_with_a_module_envoy_among_the_sidecars() {
     let warmup = Tally::default();
     until(envoy.port, &auth, |status| status == 200).await;
     warmup.add(true, false);
-    for channel in &channels {
-        let deadline = Instant::now() + WAIT;
-        while !pb::authorizer_client::AuthorizerClient::new(channel.clone())
-            .authorize(authorize.clone())
-            .await
-            .expect("replies")
-            .into_inner()
-            .allowed
-        {
-            assert!(Instant::now() < deadline, "the key never reached a sidecar");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    for _ in 0..common::until_every_sidecar_allows(&channels, &key).await {
         warmup.add(true, false);
     }
     let deadline = Instant::now() + WAIT;
@@ -1335,21 +1324,10 @@ async fn credits_hold_with_a_module_envoy_among_the_sidecars() {
     until(envoy.port, &auth, |status| status == 200).await;
     allowed.fetch_add(1, Relaxed);
     module_allowed.fetch_add(1, Relaxed);
-    let deadline = Instant::now() + WAIT;
-    while !pb::authorizer_client::AuthorizerClient::new(channels[1].clone())
-        .authorize(authorize.clone())
-        .await
-        .expect("replies")
-        .into_inner()
-        .allowed
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the key never reached the other sidecar"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    allowed.fetch_add(1, Relaxed);
+    allowed.fetch_add(
+        common::until_every_sidecar_allows(&channels[1..], &key).await,
+        Relaxed,
+    );
 
     // Everyone asks until every credit is spent (a deadline bounds a hang;
     // credits a decider holds come back to the others when it goes quiet).

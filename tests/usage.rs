@@ -167,28 +167,7 @@ async fn a_rate_limit_holds_across_three_sidecars_and_usage_sums_them() {
     let (id, key) = (created.key.expect("key").key_id, created.secret);
     // Every sidecar holds the key before the clock starts (these first
     // decisions are counted in the usage below, as any would be).
-    let warmup = Arc::new(Seen::default());
-    for channel in &channels {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let reply = AuthorizerClient::new(channel.clone())
-                .authorize(send(&key))
-                .await
-                .expect("replies")
-                .into_inner();
-            if reply.allowed {
-                warmup.allowed.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            assert_eq!(
-                reply.reason(),
-                pb::DenyReason::UnknownKey,
-                "not yet replicated"
-            );
-            assert!(Instant::now() < deadline, "the key never reached a sidecar");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let warmup = common::until_every_sidecar_allows(&channels, &key).await;
     // The budget refills (a burst's worth at 50/s) before the measure.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -230,7 +209,7 @@ async fn a_rate_limit_holds_across_three_sidecars_and_usage_sums_them() {
 
     // Usage: every sidecar's counts, summed, equal what clients saw once
     // the last flush is in (a second apart).
-    let expected_allowed = allowed + warmup.allowed.load(Ordering::Relaxed);
+    let expected_allowed = allowed + warmup;
     let deadline = Instant::now() + Duration::from_secs(30);
     let totals = loop {
         let totals = usage(&channels[1], &sidecars[1].admin, &id)

@@ -553,3 +553,40 @@ pub async fn await_usage(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Asks the sidecar on each of `channels` to authorize `POST /v3/mail/send`
+/// with `key` until it allows (the key has reached it: until then it is
+/// unknown there); how many were allowed (one a sidecar).
+pub async fn until_every_sidecar_allows(channels: &[Channel], key: &str) -> u64 {
+    let request = pb::AuthorizeRequest {
+        key: key.to_owned(),
+        method: "POST".into(),
+        path: "/v3/mail/send".into(),
+        client_ip: String::new(),
+    };
+    for channel in channels {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut client = pb::authorizer_client::AuthorizerClient::new(channel.clone());
+        loop {
+            let reply = client
+                .authorize(request.clone())
+                .await
+                .expect("replies")
+                .into_inner();
+            if reply.allowed {
+                break;
+            }
+            assert_eq!(
+                reply.reason(),
+                pb::DenyReason::UnknownKey,
+                "not yet replicated"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the key never reached a sidecar"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    channels.len() as u64
+}
