@@ -403,6 +403,14 @@ async fn the_module_answers_as_ext_authz_does() {
         .await
         .expect("module answers");
     assert_eq!(status, 200, "the module spends a lent credit: {body}");
+    // Quiet past the module's idle give-back (5 s): the lease goes back,
+    // and the key's next request borrows again rather than being refused
+    // as if none were left.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (status, _, body) = http(module.port, "POST", "/v3/mail/send", &metered)
+        .await
+        .expect("module answers");
+    assert_eq!(status, 200, "credits are left after a give-back: {body}");
     drop((ext_authz, module));
 }
 

@@ -49,10 +49,15 @@ pub const MAX_WATCHERS: usize = 16;
 pub const STREAM_BUFFER: usize = 256;
 /// Uses one report may carry.
 pub const MAX_USES_PER_REPORT: usize = 10_000;
-/// `TradeLeases` calls served at once (each up to
-/// [`MAX_USES_PER_REPORT`] trades with the usage store; a module makes one
-/// at a time).
+/// `TradeLeases` calls served at once, and `LendCredits` calls (each up
+/// to [`MAX_USES_PER_REPORT`] entries; a module makes one of each at a
+/// time).
 pub const MAX_LEASE_TRADE_CALLS: usize = 4;
+/// How long a `LendCredits` call lends for: loans not made by then (the
+/// key's turn or its reservation not in time) are answered unavailable,
+/// well before a module stops waiting (2.5 s), so no loan is made to a
+/// caller gone.
+const LEND_PATIENCE: Duration = Duration::from_millis(1500);
 /// Loans of one `LendCredits` call under way at once.
 const LOANS_IN_FLIGHT: usize = 64;
 /// How often an idle stream says it is alive.
@@ -95,8 +100,10 @@ pub struct FeedService {
     counters: FeedCounters,
     /// Where reported decision counts go (none: they are dropped).
     usage: Option<Arc<crate::usage::UsagePlane>>,
-    /// `TradeLeases` and `LendCredits` calls under way.
+    /// `TradeLeases` calls under way.
     lease_trades: Arc<tokio::sync::Semaphore>,
+    /// `LendCredits` calls under way.
+    loans: Arc<tokio::sync::Semaphore>,
     /// Lends credits to modules (none: this sidecar keeps no credits).
     credits: Option<Arc<crate::usage::credits::CreditKeeper>>,
 }
@@ -162,6 +169,7 @@ impl FeedService {
             counters,
             usage: None,
             lease_trades: Arc::new(tokio::sync::Semaphore::new(MAX_LEASE_TRADE_CALLS)),
+            loans: Arc::new(tokio::sync::Semaphore::new(MAX_LEASE_TRADE_CALLS)),
             credits: None,
         }
     }
@@ -358,14 +366,18 @@ impl pb::decision_feed_server::DecisionFeed for FeedService {
                 "this sidecar keeps no usage credits",
             ));
         };
-        let Ok(_turn) = self.lease_trades.try_acquire() else {
+        let Ok(_turn) = self.loans.try_acquire() else {
             return Err(Status::resource_exhausted(format!(
-                "at most {MAX_LEASE_TRADE_CALLS} lease trade or loan calls at once: call again next tick"
+                "at most {MAX_LEASE_TRADE_CALLS} loan calls at once: call again next tick"
             )));
         };
+        let deadline = tokio::time::Instant::now() + LEND_PATIENCE;
         let grants = futures_util::stream::iter(loans)
             .map(|(id, loan)| async move {
-                match keeper.lend(id, loan.want, (loan.give, loan.period)).await {
+                match keeper
+                    .lend(id, loan.want, (loan.give, loan.period), deadline)
+                    .await
+                {
                     Ok((granted, period)) => pb::CreditGrant {
                         granted,
                         period,

@@ -226,16 +226,24 @@ impl CreditKeeper {
     /// past period's lapse). The borrower's demand counts toward the
     /// lease's, so the keeper tops it up ahead of the next loan. In the
     /// key's turn, in a task of its own (a cancelled call loses nothing).
+    ///
+    /// Nothing is lent after `deadline` (the key's turn not reached, or the
+    /// reservation not back, by then: `Unavailable`), so a borrower that
+    /// stops waiting soon after never loses a loan: what was reserved
+    /// stays in this sidecar's lease.
     pub async fn lend(
         self: &Arc<Self>,
         id: KeyId,
         want: u64,
         give: (u64, i64),
+        deadline: tokio::time::Instant,
     ) -> Result<(u64, i64), KeyError> {
         let kept = Arc::clone(self.kept.entry(id).or_default().value());
-        let window = Arc::clone(&kept.window).lock_owned().await;
+        let window = tokio::time::timeout_at(deadline, Arc::clone(&kept.window).lock_owned())
+            .await
+            .map_err(|_| KeyError::Unavailable)?;
         let keeper = Arc::clone(self);
-        tokio::spawn(async move { keeper.lend_in_turn(window, id, want, give).await })
+        tokio::spawn(async move { keeper.lend_in_turn(window, id, want, give, deadline).await })
             .await
             .map_err(|_| KeyError::Unavailable)?
     }
@@ -247,6 +255,7 @@ impl CreditKeeper {
         id: KeyId,
         want: u64,
         (give, given_period): (u64, i64),
+        deadline: tokio::time::Instant,
     ) -> Result<(u64, i64), KeyError> {
         let Some(entry) = self.index.entry(&id) else {
             self.lent.remove(&id);
@@ -262,8 +271,10 @@ impl CreditKeeper {
             .await?;
         let usage = Arc::clone(&entry.usage);
         let now = keyward_core::clock::now_nanos();
+        // Credits of a past period lapse; adding them would void the
+        // current period's in hand.
         let back = self.returned(id, give, given_period);
-        if back > 0 && now < held.next_refill {
+        if back > 0 && given_period == held.period && now < held.next_refill {
             usage.credits.add(back, given_period);
         }
         if want == 0 {
@@ -290,11 +301,16 @@ impl CreditKeeper {
             }
         }
         if now >= held.next_refill && period == held.period {
-            // A refill was due and not recorded: what is in hand is void.
-            return Ok((0, period));
+            // A refill was due and could not be recorded: what is in hand
+            // is void, and the refill's credits are still to come.
+            return Err(KeyError::Unavailable);
         }
         if usage.credits.in_hand(period) == 0 {
             return Ok((0, period));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // The borrower may have stopped waiting: kept here.
+            return Err(KeyError::Unavailable);
         }
         let (granted, period) = usage.credits.take(want);
         let mut lent = self.lent.entry(id).or_insert((period, 0));
@@ -469,7 +485,9 @@ impl CreditKeeper {
             };
             let Some(entry) = self.index.entry(&id) else {
                 // Deleted, or evicted from an on-demand replica: whatever
-                // its lease holds goes back (a deleted key's lapses).
+                // its lease holds goes back (a deleted key's lapses), and
+                // what borrowers hold is no longer this sidecar's to take.
+                self.lent.remove(&id);
                 if let Some(usage) = window.usage.take() {
                     window.orphans.push(usage);
                 }

@@ -97,6 +97,10 @@ impl Window {
 struct Asked {
     key: KeyId,
     usage: Arc<Usage>,
+    /// Credits wanted (0: only giving back).
+    want: u64,
+    /// Credits given back, and their period.
+    give: (u64, i64),
     waiters: Vec<Arc<dyn Wake>>,
 }
 
@@ -145,15 +149,23 @@ fn look(
         let Some((usage, held)) = credits_of(index, key) else {
             return false;
         };
+        // A paused request's demand is in the window already (counted when
+        // it found the lease empty).
         window.push(usage.credits.take_demand());
         let in_hand = usage.credits.in_hand(held.period);
         let waiting = waiters.remove(key).unwrap_or_default();
-        let second = window.second() + waiting.len() as u64;
+        let second = window.second();
         let idle = window.idle >= IDLE_TICKS && waiting.is_empty();
+        let keep = 2 * second.max(1);
         let (want, give) = if stopping || idle {
             (0, usage.credits.take(u64::MAX))
         } else if !waiting.is_empty() || (second > 0 && in_hand * 2 < second.max(MIN_LOAN)) {
-            (second.max(MIN_LOAN).saturating_sub(in_hand).max(1), (0, 0))
+            let wanted = second.max(waiting.len() as u64).max(MIN_LOAN);
+            (wanted.saturating_sub(in_hand).max(1), (0, 0))
+        } else if held.unreserved == 0 && in_hand > keep {
+            // None left to reserve: what this module holds beyond two
+            // seconds of its demand goes back for the other deciders.
+            (0, usage.credits.take(in_hand - keep))
         } else {
             return in_hand > 0 || second > 0;
         };
@@ -169,6 +181,8 @@ fn look(
         asked.push(Asked {
             key: *key,
             usage,
+            want,
+            give,
             waiters: waiting,
         });
         !(stopping || idle)
@@ -203,7 +217,7 @@ async fn lend(
                     if grant.granted > 0 {
                         asked.usage.credits.add(grant.granted, grant.period);
                         shared.dry.remove(&asked.key);
-                    } else if !grant.unavailable {
+                    } else if asked.want > 0 && !grant.unavailable {
                         shared.dry.insert(asked.key, now + DRY_NANOS);
                     }
                     wake_all(asked.waiters);
@@ -213,11 +227,19 @@ async fn lend(
                 log("credits: the sidecar answered loans it was not asked for (a protocol error)");
                 wake_all(some_asked.into_iter().flat_map(|asked| asked.waiters));
             }
-            Err(problem) => {
-                // Credits being given back are lost (the call may have
-                // been applied): never granted twice.
-                *client = None;
-                log(&format!("credits: a loan call failed: {problem}"));
+            Err(failed) => {
+                if failed.maybe_applied {
+                    // Credits being given back are lost (the call may have
+                    // been applied): never granted twice.
+                    *client = None;
+                } else {
+                    for asked in &some_asked {
+                        if asked.give.0 > 0 {
+                            asked.usage.credits.add(asked.give.0, asked.give.1);
+                        }
+                    }
+                }
+                log(&format!("credits: a loan call failed: {}", failed.problem));
                 wake_all(some_asked.into_iter().flat_map(|asked| asked.waiters));
             }
         }
@@ -230,24 +252,66 @@ fn wake_all(waiters: impl IntoIterator<Item = Arc<dyn Wake>>) {
     }
 }
 
+/// Why a loan call failed, and whether the sidecar may have applied it.
+struct CallFailed {
+    problem: String,
+    maybe_applied: bool,
+}
+
+impl CallFailed {
+    fn maybe_applied(problem: String) -> Self {
+        Self {
+            problem,
+            maybe_applied: true,
+        }
+    }
+}
+
 /// One `LendCredits` call, connecting first if need be, within
 /// [`CALL_DEADLINE`] in all.
 async fn call(
     shared: &Shared,
     client: &mut Option<DecisionFeedClient<Channel>>,
     loans: Vec<CreditLoan>,
-) -> Result<Vec<crate::pb::CreditGrant>, String> {
+) -> Result<Vec<crate::pb::CreditGrant>, CallFailed> {
     tokio::time::timeout(CALL_DEADLINE, async {
         if client.is_none() {
-            *client = Some(DecisionFeedClient::new(connect(shared).await?));
+            // Not connected: nothing was sent.
+            let channel = connect(shared).await.map_err(|problem| CallFailed {
+                problem,
+                maybe_applied: false,
+            })?;
+            *client = Some(DecisionFeedClient::new(channel));
         }
-        let feed = client.as_mut().ok_or("no connection")?;
-        let request = bearer(shared, LendCreditsRequest { loans })?;
+        let feed = client
+            .as_mut()
+            .ok_or_else(|| CallFailed::maybe_applied("no connection".into()))?;
+        let request =
+            bearer(shared, LendCreditsRequest { loans }).map_err(|problem| CallFailed {
+                problem,
+                maybe_applied: false,
+            })?;
         feed.lend_credits(request)
             .await
             .map(|response| response.into_inner().grants)
-            .map_err(|status| format!("lend credits: {}", status.message()))
+            .map_err(|status| CallFailed {
+                problem: format!("lend credits: {}", status.message()),
+                // Refusals the sidecar made before moving anything.
+                maybe_applied: !matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::ResourceExhausted
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::Unimplemented
+                ),
+            })
     })
     .await
-    .unwrap_or_else(|_| Err(format!("no answer within {CALL_DEADLINE:?}")))
+    .unwrap_or_else(|_| {
+        Err(CallFailed::maybe_applied(format!(
+            "no answer within {CALL_DEADLINE:?}"
+        )))
+    })
 }

@@ -266,14 +266,22 @@ unsafe fn envoy_bytes<'a>(buffer: EnvoyBuffer) -> &'a [u8] {
 /// event to the worker's dispatcher, and drops it if the stream is gone
 /// by then); deleted when the last holder (the filter, or the keeper)
 /// lets go.
-struct Resume(*mut c_void);
+struct Resume {
+    scheduler: *mut c_void,
+    /// The filter is alive: committing is allowed. Cleared (under the
+    /// lock) when the filter is destroyed on its worker, so no commit
+    /// reaches a worker's dispatcher after its streams are gone (at
+    /// Envoy's shutdown, the dispatcher with them).
+    alive: std::sync::Mutex<bool>,
+}
 
-// SAFETY: Envoy's filter scheduler is built to be committed from any
-// thread (it posts to the worker's dispatcher and holds the filter only
-// weakly), and deleting it touches nothing of the worker's; `Resume` is
-// its only owner and deletes it once.
+// SAFETY: Envoy's filter scheduler may be committed from any thread while
+// its worker's dispatcher lives (it posts there and holds the filter only
+// weakly): `alive` ensures commits stop when the filter is destroyed, which
+// is before its dispatcher goes. Deleting the scheduler touches nothing of
+// the worker's; `Resume` is its only owner and deletes it once.
 unsafe impl Send for Resume {}
-// SAFETY: as above; `commit` takes no lock of the module's.
+// SAFETY: as above; commits are serialised with the filter's end by `alive`.
 unsafe impl Sync for Resume {}
 
 impl Resume {
@@ -282,21 +290,45 @@ impl Resume {
         // SAFETY: `stream.0` is the filter pointer of the running hook.
         let scheduler =
             unsafe { envoy_dynamic_module_callback_http_filter_scheduler_new(stream.0) };
-        (!scheduler.is_null()).then_some(Self(scheduler))
+        (!scheduler.is_null()).then(|| Self {
+            scheduler,
+            alive: std::sync::Mutex::new(true),
+        })
+    }
+
+    /// The filter is being destroyed: no commit from now on.
+    fn end(&self) {
+        *self
+            .alive
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
     }
 }
 
 impl crate::credits::Wake for Resume {
     fn wake(&self) {
-        // SAFETY: the scheduler is live until `drop` (this holder keeps it).
-        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_commit(self.0, RESUME_EVENT) };
+        let alive = self
+            .alive
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *alive {
+            // SAFETY: the scheduler is live until `drop` (this holder keeps
+            // it), and its filter (so its dispatcher) is alive while the
+            // lock is held.
+            unsafe {
+                envoy_dynamic_module_callback_http_filter_scheduler_commit(
+                    self.scheduler,
+                    RESUME_EVENT,
+                );
+            }
+        }
     }
 }
 
 impl Drop for Resume {
     fn drop(&mut self) {
         // SAFETY: made by `scheduler_new`, deleted here once.
-        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_delete(self.0) };
+        unsafe { envoy_dynamic_module_callback_http_filter_scheduler_delete(self.scheduler) };
     }
 }
 
@@ -308,6 +340,14 @@ struct Filter {
     shared: Arc<Shared>,
     response_headers: Vec<(&'static str, String)>,
     paused: Option<Paused>,
+}
+
+impl Drop for Filter {
+    fn drop(&mut self) {
+        if let Some(paused) = &self.paused {
+            paused.resume.end();
+        }
+    }
 }
 
 /// A request paused until its key's credit lease is topped up: what it is

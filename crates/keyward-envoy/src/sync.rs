@@ -103,8 +103,9 @@ async fn run(
     }
     reporter.abort();
     trader.abort();
-    // The keeper gives every credit lease back once it sees the stop.
-    let _ = tokio::time::timeout(Duration::from_secs(3), keeper).await;
+    // The keeper gives every credit lease back once it sees the stop (a
+    // loan call under way first: 2.5 s at most each).
+    let _ = tokio::time::timeout(Duration::from_secs(6), keeper).await;
 }
 
 /// Says what decisions are made from while the sidecar is away.
