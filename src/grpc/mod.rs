@@ -6,5 +6,6 @@ pub mod codec;
 pub mod convert;
 pub mod echo;
 pub mod feed;
+mod feed_input;
 pub mod manage;
 pub mod rpc_counts;

@@ -13,15 +13,15 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::input::{KeyIdPath, credits, grant, rate_limit, time};
 use super::shapes::{
-    AllowlistBody, CatalogReply, CreateBody, CreatedKey, CreditsBody, CreditsChange, ErrorReply,
-    ExpiryBody, KeyDetail, KeyListed, KeySummary, ListReply, RateLimitBody, RateLimitChange,
-    ReadReply, RenameBody, ReplaceBody, RotateBody, RotatedKey, ScopesReply,
+    AllowlistBody, CatalogReply, CreateBody, CreatedKey, CreditsChange, ErrorReply, ExpiryBody,
+    KeyDetail, KeyListed, KeySummary, ListReply, RateLimitChange, ReadReply, RenameBody,
+    ReplaceBody, RotateBody, RotatedKey, ScopesReply,
 };
 use super::{ON_BEHALF_OF, Problem, Rest, body, body_or_default};
 use crate::domain::record::KeyRecord;
 use crate::keys::{KeyError, Principal};
-use crate::manage::fields::{CreditsInput, GrantInput, RateLimitInput, UnixTime};
 use crate::manage::{Action, NewKey, PageRequest, Replacement};
 
 /// Every route, and the document describing them.
@@ -214,63 +214,6 @@ impl Rest {
     }
 }
 
-// --- request values ---------------------------------------------------------------
-
-/// An expiry in Unix seconds.
-fn time(seconds: Option<i64>) -> Option<UnixTime> {
-    seconds.map(|seconds| UnixTime { seconds, nanos: 0 })
-}
-
-/// A rate limit as the body gives it.
-fn rate_limit(limit: Option<RateLimitBody>) -> Option<RateLimitInput> {
-    limit.map(|limit| RateLimitInput {
-        requests: limit.requests,
-        period: Some(Some(Duration::from_millis(limit.period_ms))),
-        burst: limit.burst,
-    })
-}
-
-/// Usage credits as the body gives them.
-fn credits(credits: Option<CreditsBody>) -> Option<CreditsInput> {
-    credits.map(|credits| CreditsInput {
-        remaining: credits.remaining,
-        refill: credits.refill.map(|refill| {
-            (
-                refill.amount,
-                Some(Some(Duration::from_secs(refill.period_seconds))),
-            )
-        }),
-    })
-}
-
-/// Scopes by name, as the body gives them (SendGrid has no levels).
-fn grant(scopes: Option<Vec<String>>) -> GrantInput {
-    GrantInput {
-        scopes,
-        access: Vec::new(),
-    }
-}
-
-/// The `{api_key_id}` of a path, refused in SendGrid's error format (axum's
-/// own refusal is plain text) when it is not UTF-8.
-pub(super) struct KeyIdPath(pub(super) String);
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for KeyIdPath {
-    type Rejection = Problem;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Problem> {
-        axum::extract::Path::<String>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Path(id)| Self(id))
-            .map_err(|_| {
-                Problem::bad_request("api_key_id", "api_key_id: must be a 22-character key id")
-            })
-    }
-}
-
 #[derive(Debug, Default, Deserialize)]
 struct ListQuery {
     limit: Option<String>,
@@ -348,17 +291,9 @@ async fn list(
     Ok(axum::Json(reply).into_response())
 }
 
-/// A route's query string, read as `T`; refused as the field `query`.
-pub(super) fn query<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, KeyError> {
-    serde_urlencoded::from_str(query).map_err(|e| KeyError::Invalid {
-        field: "query",
-        problem: e.to_string(),
-    })
-}
-
 /// The page a listing's query asks for.
 fn page(query: &str) -> Result<PageRequest, KeyError> {
-    let query: ListQuery = self::query(query)?;
+    let query: ListQuery = super::input::query(query)?;
     let size = match query.limit {
         None => 0,
         Some(text) => {

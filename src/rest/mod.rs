@@ -18,6 +18,7 @@
 //!   key data is never cached, sniffed, framed or sent as a referrer.
 
 mod handlers;
+mod input;
 pub mod scanning;
 pub mod shapes;
 mod usage;

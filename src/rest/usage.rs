@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::handlers::KeyIdPath;
+use super::input::KeyIdPath;
 use super::shapes::ErrorReply;
 use super::{Problem, Rest};
 use crate::keys::Principal;
@@ -38,7 +38,7 @@ pub(super) async fn usage(
     KeyIdPath(id): KeyIdPath,
     RawQuery(query): RawQuery,
 ) -> Result<Response, Problem> {
-    let range = super::handlers::query::<UsageQuery>(query.as_deref().unwrap_or(""))
+    let range = super::input::query::<UsageQuery>(query.as_deref().unwrap_or(""))
         .map(|query| query.range.unwrap_or_default())?;
     let usage = rest
         .manager

@@ -24,6 +24,8 @@ use keyward_core::reply::Reply;
 use crate::copy::{Shared, Verdict};
 use crate::filter;
 
+mod unused_hooks;
+
 // ---- ABI types --------------------------------------------------------
 
 /// A buffer Envoy owns (`envoy_dynamic_module_type_envoy_buffer`).
@@ -612,123 +614,4 @@ extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module_ptr: *co
         // checked above); Envoy destroys each filter once.
         drop(unsafe { Box::from_raw(filter_module_ptr.cast::<Filter>().cast_mut()) });
     });
-}
-
-// Hooks Envoy requires that this filter has no use for.
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _: *mut c_void,
-    _: *const c_void,
-    _: bool,
-) -> u32 {
-    CONTINUE
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _: *mut c_void,
-    _: *const c_void,
-) -> u32 {
-    CONTINUE
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
-    _: *mut c_void,
-    _: *const c_void,
-    _: bool,
-) -> u32 {
-    CONTINUE
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
-    _: *mut c_void,
-    _: *const c_void,
-) -> u32 {
-    CONTINUE
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
-    _: *mut c_void,
-    _: *const c_void,
-) {
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: u32,
-    _: *mut c_void,
-    _: usize,
-    _: *mut c_void,
-    _: usize,
-) {
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: *mut c_void,
-    _: usize,
-    _: bool,
-) {
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: *const c_void,
-    _: usize,
-    _: bool,
-) {
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: *mut c_void,
-    _: usize,
-) {
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-) {
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
-    _: *mut c_void,
-    _: *const c_void,
-    _: u64,
-    _: u32,
-) {
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
-    _: *mut c_void,
-    _: *const c_void,
-) {
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
-    _: *mut c_void,
-    _: *const c_void,
-) {
 }
