@@ -201,21 +201,21 @@ fn bench(c: &mut Criterion) {
     // The most a key may have (a million a second, a burst of a million),
     // so admissions are measured; the budget is refilled between rounds.
     let limit = RateLimit::new(1_000_000, Duration::from_secs(1), 1_000_000).expect("valid");
-    let with_limit = |access: &mut Access| access.rate_limit = Some(limit);
+    let with_limit = |access: &mut Access| access.limits.rate_limit = Some(limit);
     let plain = key::generate().expect("rng");
     lifecycle.insert(plain.id, entry(&plain, have, Arc::clone(&account), |_| {}));
     let expiring = key::generate().expect("rng");
     lifecycle.insert(
         expiring.id,
         entry(&expiring, have, Arc::clone(&account), |r| {
-            r.expires_at = Some(in_an_hour);
+            r.limits.expires_at = Some(in_an_hour);
         }),
     );
     let listed = key::generate().expect("rng");
     lifecycle.insert(
         listed.id,
         entry(&listed, have, Arc::clone(&account), |r| {
-            r.allowed_cidrs.clone_from(&ranges);
+            r.limits.allowed_cidrs.clone_from(&ranges);
         }),
     );
     let limited = key::generate().expect("rng");
@@ -227,8 +227,8 @@ fn bench(c: &mut Criterion) {
     let everything = key::generate().expect("rng");
     let previous = key::generate().expect("rng");
     let everything_entry = entry(&everything, have, Arc::clone(&account), |r| {
-        r.expires_at = Some(in_an_hour);
-        r.allowed_cidrs.clone_from(&ranges);
+        r.limits.expires_at = Some(in_an_hour);
+        r.limits.allowed_cidrs.clone_from(&ranges);
         r.previous = Some(PreviousSecret {
             hash: previous.hash,
             valid_until: in_an_hour,

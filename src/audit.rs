@@ -41,15 +41,15 @@ pub fn changed(
         scopes_added = ?added,
         scopes_removed = ?removed,
         enabled = !access.disabled,
-        expires_at_unix = access.expires_at.map(|at| at.div_euclid(1_000_000_000)),
-        allowed_cidrs = ?access.allowed_cidrs,
-        rate_limit = access.rate_limit.map(|limit| format!(
+        expires_at_unix = access.limits.expires_at.map(|at| at.div_euclid(1_000_000_000)),
+        allowed_cidrs = ?access.limits.allowed_cidrs,
+        rate_limit = access.limits.rate_limit.map(|limit| format!(
             "{}/{}ms burst {}",
             limit.requests(),
             limit.period().as_millis(),
             limit.burst()
         )),
-        credits = access.credits.map(|credits| match credits.refill {
+        credits = access.limits.credits.map(|credits| match credits.refill {
             Some(refill) => format!(
                 "{} (set to {} every {}s)",
                 credits.remaining,

@@ -112,17 +112,20 @@ pub fn api_key(record: &KeyRecord, last_used: i64) -> pb::ApiKey {
         account_id: record.account.clone(),
         created_at: Some(timestamp(record.created_at)),
         updated_at: Some(timestamp(record.updated_at)),
-        expires_at: access.expires_at.map(timestamp),
+        expires_at: access.limits.expires_at.map(timestamp),
         enabled: !access.disabled,
         expired: access.expired_at(now),
         previous_secret_valid_until: access.previous_open_at(now).map(timestamp),
-        allowed_cidrs: access.allowed_cidrs.clone(),
-        rate_limit: access.rate_limit.map(|limit| pb::RateLimit {
+        allowed_cidrs: access.limits.allowed_cidrs.clone(),
+        rate_limit: access.limits.rate_limit.map(|limit| pb::RateLimit {
             requests: limit.requests(),
             period: prost_types::Duration::try_from(limit.period()).ok(),
             burst: limit.burst(),
         }),
-        credits: access.credits.map(|credits| credits_pb(&credits, now)),
+        credits: access
+            .limits
+            .credits
+            .map(|credits| credits_pb(&credits, now)),
         last_used_at: (last_used != 0).then(|| timestamp(last_used)),
         leak: record.leak.as_ref().map(|leak| pb::KeyLeak {
             reported_at: Some(timestamp(leak.reported_at)),

@@ -9,6 +9,7 @@ use crate::domain::credits::Credits;
 use crate::domain::key::{KeyId, NewKey, SecretHash};
 use crate::domain::rate::RateLimit;
 use crate::domain::record::{KeyRecord, Leak};
+use crate::domain::rules::Limits;
 use crate::domain::scope_set::ScopeSet;
 use crate::store::db::StoreError;
 
@@ -345,15 +346,9 @@ pub struct StateChange {
 /// A new key's lifecycle settings.
 #[derive(Debug, Default, Clone)]
 pub struct Lifecycle {
-    /// When it expires (Unix nanos), if ever.
-    pub expires_at: Option<i64>,
-    /// Canonical address ranges (empty: any).
-    pub allowed_cidrs: Vec<String>,
-    /// Its rate limit, if any.
-    pub rate_limit: Option<RateLimit>,
-    /// Its usage credits, if any.
-    pub credits: Option<Credits>,
-    /// `credits` were taken from the creating key's own balance (a
+    /// Its expiry, address allowlist, rate limit and credits.
+    pub limits: Limits,
+    /// `limits.credits` were taken from the creating key's own balance (a
     /// `Withdraw` before this change).
     pub credits_taken: bool,
 }

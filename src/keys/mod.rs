@@ -446,14 +446,16 @@ impl Keys {
             (change::CreditMovement::Reserve { .. }, Some(before)) => committed
                 .after
                 .access
+                .limits
                 .credits
-                .zip(before.access.credits)
+                .zip(before.access.limits.credits)
                 .map_or(0, |(after, before)| after.reserved_from(&before)),
             _ => 0,
         };
         let period = committed
             .after
             .access
+            .limits
             .credits
             .map_or(0, |credits| credits.refilled_at);
         Ok((moved, period))

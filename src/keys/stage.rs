@@ -18,7 +18,7 @@ use crate::clock::now_nanos;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{KeyId, NewKey, SecretHash};
 use crate::domain::record::{Access, KeyRecord, Leak, PreviousSecret};
-use crate::domain::rules::{self, Limit, Limits};
+use crate::domain::rules::{self, Limit};
 use crate::domain::scope_set::ScopeSet;
 
 /// What a change reads from the truth, as of the backend's atomic step.
@@ -116,8 +116,9 @@ impl Rules<'_> {
                 if let Some(caller) = caller
                     && let Some(limit) = before
                         .access
-                        .limits(now_nanos())
-                        .loosens(&caller.limits(now_nanos()), &Limit::ALL)
+                        .limits
+                        .at(now_nanos())
+                        .loosens(&caller.limits.at(now_nanos()), &Limit::ALL)
                 {
                     // Its new secret would let the caller escape its own limits.
                     return Err(KeyError::PermissionDenied(format!(
@@ -229,10 +230,7 @@ impl Rules<'_> {
             created_at: now,
             updated_at: now,
             access: Access {
-                expires_at: lifecycle.expires_at,
-                allowed_cidrs: lifecycle.allowed_cidrs,
-                rate_limit: lifecycle.rate_limit,
-                credits: lifecycle.credits,
+                limits: lifecycle.limits,
                 ..Access::new(key.hash)
             },
             leak: None,
@@ -306,8 +304,8 @@ impl Rules<'_> {
             access.disabled = disabled;
         }
         match state.expires_at {
-            Some(Expiry::Never) => access.expires_at = None,
-            Some(Expiry::At(nanos)) => access.expires_at = Some(nanos),
+            Some(Expiry::Never) => access.limits.expires_at = None,
+            Some(Expiry::At(nanos)) => access.limits.expires_at = Some(nanos),
             None => {}
         }
         let set = [
@@ -317,13 +315,14 @@ impl Rules<'_> {
             state.credits.is_some(),
         ];
         if let Some(allowed_cidrs) = state.allowed_cidrs {
-            access.allowed_cidrs = allowed_cidrs;
+            access.limits.allowed_cidrs = allowed_cidrs;
         }
         if let Some(limit) = state.rate_limit {
-            access.rate_limit = limit;
+            access.limits.rate_limit = limit;
         }
-        if let (Some(caller), Some(Some(_)), None) = (caller, &state.credits, &access.credits)
-            && caller.credits.is_some()
+        if let (Some(caller), Some(Some(_)), None) =
+            (caller, &state.credits, &access.limits.credits)
+            && caller.limits.credits.is_some()
         {
             // Tighter than none, but it would copy the caller's own
             // balance to a key it may then rotate and use.
@@ -333,7 +332,7 @@ impl Rules<'_> {
             });
         }
         if let Some(credits) = state.credits {
-            access.credits = credits;
+            access.limits.credits = credits;
         }
         if let Some(caller) = caller {
             let changed: Vec<Limit> = Limit::ALL
@@ -342,10 +341,10 @@ impl Rules<'_> {
                 .filter_map(|(limit, set)| set.then_some(limit))
                 .collect();
             let now = now_nanos();
-            let after = record.access.limits(now);
+            let after = record.access.limits.at(now);
             for (bound, than) in [
-                (before.access.limits(now), "it was"),
-                (caller.limits(now), "the calling key"),
+                (before.access.limits.at(now), "it was"),
+                (caller.limits.at(now), "the calling key"),
             ] {
                 if let Some(limit) = after.loosens(&bound, &changed) {
                     return Err(KeyError::Beyond {
@@ -452,24 +451,27 @@ fn inherit(mut lifecycle: Lifecycle, caller: Option<&Access>) -> Result<Lifecycl
     let Some(caller) = caller else {
         return Ok(lifecycle);
     };
-    lifecycle.expires_at = lifecycle.expires_at.or(caller.expires_at);
-    if lifecycle.allowed_cidrs.is_empty() {
-        lifecycle.allowed_cidrs.clone_from(&caller.allowed_cidrs);
+    lifecycle.limits.expires_at = lifecycle.limits.expires_at.or(caller.limits.expires_at);
+    if lifecycle.limits.allowed_cidrs.is_empty() {
+        lifecycle
+            .limits
+            .allowed_cidrs
+            .clone_from(&caller.limits.allowed_cidrs);
     }
-    lifecycle.rate_limit = lifecycle.rate_limit.or(caller.rate_limit);
+    lifecycle.limits.rate_limit = lifecycle.limits.rate_limit.or(caller.limits.rate_limit);
     // A key with credits gives the keys it creates credits out of its own
     // balance (the management service took them from it before this
     // change: `Withdraw`), never a copy: a copy would let it multiply its
     // credits through children. Nor a refill, which would mint credits
     // every period beyond its own.
-    let checked: &[Limit] = if let Some(own) = caller.credits {
+    let checked: &[Limit] = if let Some(own) = caller.limits.credits {
         if own.refill.is_some() {
             return Err(KeyError::Beyond {
                 field: "credits",
                 problem: "credits: a key whose credits refill cannot create keys: what it gave them would outlive its refill (only the admin can)".into(),
             });
         }
-        match &lifecycle.credits {
+        match &lifecycle.limits.credits {
             None => {
                 return Err(KeyError::Beyond {
                     field: "credits",
@@ -495,14 +497,10 @@ fn inherit(mut lifecycle: Lifecycle, caller: Option<&Access>) -> Result<Lifecycl
     } else {
         &Limit::ALL
     };
-    let now = now_nanos();
-    let child = Limits {
-        expires_at: lifecycle.expires_at,
-        allowed_cidrs: &lifecycle.allowed_cidrs,
-        rate_limit: lifecycle.rate_limit,
-        credits: lifecycle.credits,
-    };
-    match child.loosens(&caller.limits(now), checked) {
+    match lifecycle
+        .limits
+        .loosens(&caller.limits.at(now_nanos()), checked)
+    {
         None => Ok(lifecycle),
         Some(limit) => Err(KeyError::Beyond {
             field: limit.field(),
@@ -542,6 +540,7 @@ fn move_credits(
     let mut record = before.clone();
     let credits = record
         .access
+        .limits
         .credits
         .as_mut()
         .ok_or(KeyError::NoCreditsLeft)?;

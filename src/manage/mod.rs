@@ -20,6 +20,7 @@ use crate::audit;
 use crate::domain::catalog::Catalog;
 use crate::domain::key::{CREDENTIAL_REFUSED, KeyId};
 use crate::domain::record::KeyRecord;
+use crate::domain::rules::Limits;
 use crate::domain::scope_set::ScopeSet;
 use crate::keys::snapshot::{Chunks, Origin, SnapshotError};
 use crate::keys::{Expiry, KeyError, Keys, Lifecycle, Operation, Principal, StateChange};
@@ -282,10 +283,12 @@ impl Manager {
             let grant = fields::grant(self.catalog(), &key.grant)?
                 .unwrap_or_else(|| self.catalog().full_access());
             let lifecycle = Lifecycle {
-                expires_at: fields::expires_at(key.expires_at)?,
-                allowed_cidrs: self.allowed_cidrs(&key.allowed_cidrs)?,
-                rate_limit: fields::rate_limit(key.rate_limit)?,
-                credits: fields::credits(key.credits, crate::clock::now_nanos())?,
+                limits: Limits {
+                    expires_at: fields::expires_at(key.expires_at)?,
+                    allowed_cidrs: self.allowed_cidrs(&key.allowed_cidrs)?,
+                    rate_limit: fields::rate_limit(key.rate_limit)?,
+                    credits: fields::credits(key.credits, crate::clock::now_nanos())?,
+                },
                 credits_taken: false,
             };
             // In a task of its own: credits taken from the caller reach the
@@ -625,7 +628,7 @@ async fn create_giving(
     (account, name, grant): (Arc<str>, String, ScopeSet),
     lifecycle: Lifecycle,
 ) -> Result<(KeyRecord, String), KeyError> {
-    let transfer = take_credits(keys, principal, lifecycle.credits).await?;
+    let transfer = take_credits(keys, principal, lifecycle.limits.credits).await?;
     let lifecycle = Lifecycle {
         credits_taken: transfer.is_some(),
         ..lifecycle

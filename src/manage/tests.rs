@@ -242,7 +242,7 @@ async fn changes_to_one_key() {
         .set_rate_limit(&admin, key(), Ok(Some(limit)))
         .await
         .expect("limited");
-    assert!(limited.access.rate_limit.is_some());
+    assert!(limited.access.limits.rate_limit.is_some());
     let (_, rotated) = manager
         .rotate(&admin, key(), Ok(Some(Some(Duration::from_secs(60)))))
         .await

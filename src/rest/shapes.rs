@@ -323,7 +323,7 @@ impl KeyListed {
             kind: record.kind.into(),
             enabled: !record.access.disabled,
             expired: record.access.expired_at(now),
-            expires_at: record.access.expires_at.map(seconds),
+            expires_at: record.access.limits.expires_at.map(seconds),
             last_used_at: (last_used != 0).then(|| seconds(last_used)),
             leak: LeakShape::of(record),
         }
@@ -389,15 +389,16 @@ impl KeyDetail {
             kind: record.kind.into(),
             enabled: !access.disabled,
             expired: access.expired_at(now),
-            expires_at: access.expires_at.map(seconds),
+            expires_at: access.limits.expires_at.map(seconds),
             previous_secret_valid_until: access.previous_open_at(now).map(seconds),
-            allowed_cidrs: access.allowed_cidrs.clone(),
-            rate_limit: access.rate_limit.map(|limit| RateLimitBody {
+            allowed_cidrs: access.limits.allowed_cidrs.clone(),
+            rate_limit: access.limits.rate_limit.map(|limit| RateLimitBody {
                 requests: limit.requests(),
                 period_ms: u64::try_from(limit.period().as_millis()).unwrap_or(u64::MAX),
                 burst: limit.burst(),
             }),
             credits: access
+                .limits
                 .credits
                 .map(|credits| CreditsShape::of(&credits, now)),
             created_at: seconds(record.created_at),

@@ -11,6 +11,7 @@ use crate::domain::credits::{Credits, Refill};
 use crate::domain::key::{KeyId, SecretHash};
 use crate::domain::rate::RateLimit;
 pub use crate::domain::record::{Access, KeyRecord, Leak, PreviousSecret};
+use crate::domain::rules::Limits;
 use crate::pb::store::{
     CreditBalance as StoredCredits, KeyRecord as Stored, KeyRecordIndexView as StoredIndexView,
     LeakMark as StoredLeak,
@@ -54,7 +55,7 @@ pub struct Indexed {
 pub fn encode(record: &KeyRecord) -> Vec<u8> {
     let access = &record.access;
     let (rate_requests, rate_period_nanos, rate_burst) =
-        access.rate_limit.map_or((0, 0, 0), |limit| {
+        access.limits.rate_limit.map_or((0, 0, 0), |limit| {
             (
                 limit.requests(),
                 i64::try_from(limit.period().as_nanos()).unwrap_or(i64::MAX),
@@ -71,18 +72,18 @@ pub fn encode(record: &KeyRecord) -> Vec<u8> {
         created_at_unix_nanos: record.created_at,
         updated_at_unix_nanos: record.updated_at,
         disabled: access.disabled,
-        expires_at_unix_nanos: access.expires_at.unwrap_or(0),
+        expires_at_unix_nanos: access.limits.expires_at.unwrap_or(0),
         previous_secret_sha256: access
             .previous
             .map(|previous| previous.hash.as_bytes().to_vec())
             .unwrap_or_default(),
         previous_valid_until_unix_nanos: access.previous.map_or(0, |previous| previous.valid_until),
-        allowed_cidrs: access.allowed_cidrs.clone(),
+        allowed_cidrs: access.limits.allowed_cidrs.clone(),
         rate_requests,
         rate_period_nanos,
         rate_burst,
         disabled_by_admin: access.disabled_by_admin,
-        credits: access.credits.map(|credits| StoredCredits {
+        credits: access.limits.credits.map(|credits| StoredCredits {
             remaining: credits.remaining,
             refill_amount: credits.refill.map_or(0, |refill| refill.amount()),
             refill_period_nanos: credits.refill.map_or(0, |refill| {
@@ -249,13 +250,15 @@ fn access(stored: &impl StoredAccess) -> Result<Access, RecordError> {
         previous,
         disabled: stored.disabled(),
         disabled_by_admin: stored.disabled_by_admin(),
-        expires_at: match stored.expires_at() {
-            0 => None,
-            at => Some(at),
+        limits: Limits {
+            expires_at: match stored.expires_at() {
+                0 => None,
+                at => Some(at),
+            },
+            allowed_cidrs: stored.allowed_cidrs().to_vec(),
+            rate_limit: rate_limit(requests, period, burst)?,
+            credits: stored.credits().map(credits).transpose()?,
         },
-        allowed_cidrs: stored.allowed_cidrs().to_vec(),
-        rate_limit: rate_limit(requests, period, burst)?,
-        credits: stored.credits().map(credits).transpose()?,
     })
 }
 
@@ -319,21 +322,25 @@ mod tests {
                 }),
                 disabled: true,
                 disabled_by_admin: true,
-                expires_at: Some(3),
-                allowed_cidrs: vec!["10.0.0.0/8".into()],
-                rate_limit: Some(RateLimit::new(100, Duration::from_secs(1), 10).expect("valid")),
-                credits: Some(
-                    Credits::new(
-                        500,
-                        Some(Refill::new(1000, Duration::from_secs(86_400)).expect("valid")),
-                        6,
-                    )
-                    .map(|credits| Credits {
-                        last_move: 42,
-                        ..credits
-                    })
-                    .expect("valid"),
-                ),
+                limits: Limits {
+                    expires_at: Some(3),
+                    allowed_cidrs: vec!["10.0.0.0/8".into()],
+                    rate_limit: Some(
+                        RateLimit::new(100, Duration::from_secs(1), 10).expect("valid"),
+                    ),
+                    credits: Some(
+                        Credits::new(
+                            500,
+                            Some(Refill::new(1000, Duration::from_secs(86_400)).expect("valid")),
+                            6,
+                        )
+                        .map(|credits| Credits {
+                            last_move: 42,
+                            ..credits
+                        })
+                        .expect("valid"),
+                    ),
+                },
             },
             leak: Some(Leak {
                 reported_at: 5,

@@ -91,14 +91,15 @@ impl Entry {
             scopes,
             account,
             disabled: access.disabled,
-            expires_at: access.expires_at.unwrap_or(clock::NEVER),
+            expires_at: access.limits.expires_at.unwrap_or(clock::NEVER),
             previous_hash,
             previous_until,
-            allowlist: Allowlist::from_stored(&access.allowed_cidrs),
+            allowlist: Allowlist::from_stored(&access.limits.allowed_cidrs),
             limit: access
+                .limits
                 .rate_limit
                 .map(|limit| limit.gcra(clock::CLOCK_REFRESH)),
-            credits: access.credits.map(|credits| {
+            credits: access.limits.credits.map(|credits| {
                 Box::new(CreditsHeld {
                     unreserved: credits.remaining,
                     next_refill: credits.next_refill(),

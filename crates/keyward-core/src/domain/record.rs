@@ -4,9 +4,8 @@
 //! vectors of unchecked length.
 
 use crate::domain::catalog::KeyKind;
-use crate::domain::credits::Credits;
 use crate::domain::key::{KeyId, SecretHash};
-use crate::domain::rate::RateLimit;
+use crate::domain::rules::Limits;
 
 /// One API key, everything but its secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,14 +66,8 @@ pub struct Access {
     pub disabled: bool,
     /// Disabled by the admin: only the admin may enable it again.
     pub disabled_by_admin: bool,
-    /// Unix nanos from which the key is denied; `None`: never.
-    pub expires_at: Option<i64>,
-    /// Canonical address ranges the key may be used from (empty: any).
-    pub allowed_cidrs: Vec<String>,
-    /// Requests per period, if limited.
-    pub rate_limit: Option<RateLimit>,
-    /// Usage credits, if limited.
-    pub credits: Option<Credits>,
+    /// Its expiry, address allowlist, rate limit and credits.
+    pub limits: Limits,
 }
 
 /// A rotated-out secret and until when it still works.
@@ -95,28 +88,14 @@ impl Access {
             previous: None,
             disabled: false,
             disabled_by_admin: false,
-            expires_at: None,
-            allowed_cidrs: Vec::new(),
-            rate_limit: None,
-            credits: None,
-        }
-    }
-
-    /// Its lifecycle limits at `now` (Unix nanos), for least privilege.
-    #[must_use]
-    pub fn limits(&self, now: i64) -> super::rules::Limits<'_> {
-        super::rules::Limits {
-            expires_at: self.expires_at,
-            allowed_cidrs: &self.allowed_cidrs,
-            rate_limit: self.rate_limit,
-            credits: self.credits.map(|credits| credits.due(now)),
+            limits: Limits::default(),
         }
     }
 
     /// Whether the key has expired at `now` (Unix nanos).
     #[must_use]
     pub fn expired_at(&self, now: i64) -> bool {
-        self.expires_at.is_some_and(|at| at <= now)
+        self.limits.expires_at.is_some_and(|at| at <= now)
     }
 
     /// Until when the previous secret still works, if it does at `now`.

@@ -116,18 +116,19 @@ pub fn escalation(holder: &ScopeSet, grant: &ScopeSet) -> Option<ScopeSet> {
 
 // --- least privilege over lifecycle limits -----------------------------------------
 
-/// A key's lifecycle limits, as least privilege compares them: an expiry,
-/// an address allowlist (empty: any address), a rate limit.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Limits<'a> {
+/// A key's lifecycle limits: an expiry, an address allowlist (empty: any
+/// address), a rate limit, usage credits. The one shape of these values:
+/// a key's record holds them (`Access::limits`), a new key is created with
+/// them, and least privilege compares them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
     /// Unix nanos from which the key is denied; `None`: never.
     pub expires_at: Option<i64>,
     /// Canonical address ranges (empty: any).
-    pub allowed_cidrs: &'a [String],
+    pub allowed_cidrs: Vec<String>,
     /// Requests per period, if limited.
     pub rate_limit: Option<RateLimit>,
-    /// Usage credits, if limited (as of the comparison: refills due
-    /// applied).
+    /// Usage credits, if limited.
     pub credits: Option<Credits>,
 }
 
@@ -165,13 +166,23 @@ impl Limit {
     }
 }
 
-impl Limits<'_> {
+impl Limits {
+    /// These limits as of `now` (Unix nanos): credits with any refill due
+    /// applied, as least privilege compares them.
+    #[must_use]
+    pub fn at(&self, now: i64) -> Self {
+        Self {
+            credits: self.credits.map(|credits| credits.due(now)),
+            ..self.clone()
+        }
+    }
+
     /// Whether this limit is at least as strict as `bound`'s: expires no
     /// later, allows only addresses `bound` allows, admits no more
     /// requests per unit of time and no larger burst. No limit is
     /// looser than any.
     #[must_use]
-    pub fn within(&self, bound: &Limits<'_>, limit: Limit) -> bool {
+    pub fn within(&self, bound: &Limits, limit: Limit) -> bool {
         match limit {
             Limit::Expiry => match (self.expires_at, bound.expires_at) {
                 (_, None) => true,
@@ -211,7 +222,7 @@ impl Limits<'_> {
 
     /// The first of `limits` in which this is less strict than `bound`.
     #[must_use]
-    pub fn loosens(&self, bound: &Limits<'_>, limits: &[Limit]) -> Option<Limit> {
+    pub fn loosens(&self, bound: &Limits, limits: &[Limit]) -> Option<Limit> {
         limits
             .iter()
             .copied()
@@ -320,13 +331,13 @@ mod tests {
         let credits = |n| Credits::new(n, None, 0).ok();
         let bound = Limits {
             expires_at: Some(100),
-            allowed_cidrs: &office,
+            allowed_cidrs: office,
             rate_limit: rate(10, 1),
             credits: credits(100),
         };
         let tighter = Limits {
             expires_at: Some(50),
-            allowed_cidrs: &desk,
+            allowed_cidrs: desk,
             rate_limit: rate(5, 1),
             credits: credits(50),
         };
@@ -338,7 +349,7 @@ mod tests {
         }
         let looser = Limits {
             expires_at: Some(101),
-            allowed_cidrs: &elsewhere,
+            allowed_cidrs: elsewhere,
             rate_limit: rate(11, 1),
             credits: credits(101),
         };
@@ -348,7 +359,7 @@ mod tests {
         // The same rate over a longer period, and a larger burst, are looser.
         let burst = Limits {
             rate_limit: RateLimit::new(10, std::time::Duration::from_secs(1), 20).ok(),
-            ..bound
+            ..bound.clone()
         };
         assert_eq!(burst.loosens(&bound, &Limit::ALL), Some(Limit::RateLimit));
     }
