@@ -39,13 +39,15 @@
 //! - [`config`]: settings, each a flag and an environment variable.
 //! - [`authorizer`]: the read path: the core's decision function, and on
 //!   an on-demand replica the fetch of a key seen for the first time.
-//! - [`usage`]: the usage plane, beside the write path: a key's rate limit
+//! - [`usage`]: the usage plane, over the write path: a key's rate limit
 //!   held across every sidecar through leases on a budget in the usage
-//!   store (Redis), and per-key decision counts summed there
+//!   store (Redis), per-key decision counts summed there
 //!   (`usage::counts`, the core's, shared with the Envoy module;
-//!   `usage::local` a standalone's own counts; `usage::sync` the background task that trades
-//!   and flushes, `usage::store` Redis itself, `usage::series` what
-//!   management shows). Decisions never wait on it.
+//!   `usage::local` a standalone's own counts; `usage::sync` the background
+//!   task that trades and flushes, `usage::store` Redis itself,
+//!   `usage::series` what management shows), and usage credits, whose
+//!   leases `usage::credits` keeps by moving credits through `keys::Keys`
+//!   (the balance lives in the key's record). Decisions never wait on it.
 //! - [`keys`]: the write path. One writer thread (`keys::writer`: queue,
 //!   batching, group commit, replies, recovery) commits through a storage
 //!   seam (`keys::backend`): sled as the standalone truth

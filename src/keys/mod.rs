@@ -1,6 +1,5 @@
-//! The write path and key management: rules, then a durable write, then
-//! the index update. Every acknowledged change is durable and visible to
-//! the very next decision.
+//! The write path: rules, then a durable write, then the index update;
+//! every acknowledged change is durable and visible to the next decision.
 //!
 //! Layers, each importing only those below it:
 //! - [`Keys`] (this module): the async face; opens the backend the
@@ -11,8 +10,9 @@
 //!   backends; [`remote`] is etcd's transactions, [`reflector`] applies
 //!   what the replica's [`watcher`] delivers (driven by [`follow`]), and
 //!   [`cache`] the on-demand cache's fetches and evictions ([`demand`]).
-//! - [`mirror`] (the index and account counts), [`stage`] (the rules),
-//!   [`shared`] (what crosses threads), [`change`] (the vocabulary).
+//! - [`shared`] (what crosses threads, the watcher's events and the
+//!   [`snapshot`] tracker among them); below it [`mirror`] (the index and
+//!   account counts), [`stage`] (the rules), [`change`] (the vocabulary).
 
 pub mod backend;
 pub mod cache;
