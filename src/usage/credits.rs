@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures_util::StreamExt;
+use keyward_core::domain::credits::DemandWindow;
 use keyward_core::domain::key::KeyId;
 use keyward_core::index::{Index, Usage};
 use tokio::sync::{Mutex, OwnedMutexGuard, Semaphore};
@@ -40,9 +41,6 @@ use crate::metrics::UsageMetrics;
 
 /// How often leases are looked at.
 pub const TICK: Duration = Duration::from_millis(50);
-
-/// Ticks in the demand window (a second).
-const WINDOW: usize = 20;
 
 /// Ticks without demand after which a lease is given back once its record
 /// has none left to reserve (a second: another sidecar may need them).
@@ -95,9 +93,7 @@ struct Kept {
 /// keeper moves its credits into.
 #[derive(Debug, Default)]
 struct Window {
-    demand: [u32; WINDOW],
-    at: usize,
-    idle: u32,
+    demand: DemandWindow,
     /// The per-request state whose lease this keeper fills (the index
     /// entry's, as adopted).
     usage: Option<Arc<Usage>>,
@@ -113,17 +109,11 @@ struct Window {
 impl Window {
     fn push(&mut self, demand: u32) {
         self.quiet = self.quiet.saturating_sub(1);
-        self.at = (self.at + 1) % WINDOW;
-        self.demand[self.at] = demand;
-        if demand == 0 {
-            self.idle = self.idle.saturating_add(1);
-        } else {
-            self.idle = 0;
-        }
+        self.demand.push(demand);
     }
 
     fn second(&self) -> u64 {
-        self.demand.iter().map(|d| u64::from(*d)).sum()
+        self.demand.second()
     }
 }
 
@@ -280,9 +270,7 @@ impl CreditKeeper {
         if want == 0 {
             return Ok((0, held.period));
         }
-        let at = window.at;
-        let slot = &mut window.demand[at];
-        *slot = slot.saturating_add(u32::try_from(want).unwrap_or(u32::MAX));
+        window.demand.add(want);
         let mut period = held.period;
         let in_hand = usage.credits.in_hand(period);
         if (in_hand < want || now >= held.next_refill) && held.reservable_at(now) {
@@ -521,7 +509,7 @@ impl CreditKeeper {
             let empty = held.unreserved == 0;
             let keep = 2 * second.max(1);
             let idle_after = if empty { IDLE_TICKS_EMPTY } else { IDLE_TICKS };
-            let movement = if second == 0 && window.idle >= idle_after {
+            let movement = if second == 0 && window.demand.idle() >= idle_after {
                 if in_hand == 0 && kept.waiting.load(Ordering::Relaxed) == 0 {
                     self.forget(id, kept, window);
                     continue;

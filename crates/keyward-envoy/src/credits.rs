@@ -17,6 +17,7 @@ use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use keyward_core::clock;
+use keyward_core::domain::credits::DemandWindow;
 use keyward_core::domain::key::KeyId;
 use keyward_core::index::{CreditsHeld, Index, Usage};
 use tonic::transport::Channel;
@@ -24,7 +25,7 @@ use tonic::transport::Channel;
 use crate::copy::Shared;
 use crate::pb::decision_feed_client::DecisionFeedClient;
 use crate::pb::{CreditLoan, LendCreditsRequest};
-use crate::sync::{bearer, connect, log};
+use crate::sync::{call_sidecar, log};
 
 /// Requests that may wait for a tick's loans; more are refused (503) at
 /// once rather than held. With those of the call under way, at most twice
@@ -33,9 +34,6 @@ pub const MAX_WAITING: usize = 4096;
 
 /// How often leases are looked at.
 const TICK: Duration = Duration::from_millis(50);
-
-/// Ticks in the demand window (a second).
-const WINDOW: usize = 20;
 
 /// Ticks without demand after which a lease is given back (five seconds:
 /// credits a quiet module holds are out of every other decider's reach).
@@ -69,30 +67,6 @@ pub struct Waiter {
     pub wake: Arc<dyn Wake>,
 }
 
-/// One key's demand over the last second, a tick a slot.
-#[derive(Default)]
-struct Window {
-    demand: [u32; WINDOW],
-    at: usize,
-    idle: u32,
-}
-
-impl Window {
-    fn push(&mut self, demand: u32) {
-        self.at = (self.at + 1) % WINDOW;
-        self.demand[self.at] = demand;
-        self.idle = if demand == 0 {
-            self.idle.saturating_add(1)
-        } else {
-            0
-        };
-    }
-
-    fn second(&self) -> u64 {
-        self.demand.iter().map(|d| u64::from(*d)).sum()
-    }
-}
-
 /// A loan asked for this tick, and where its answer goes.
 struct Asked {
     key: KeyId,
@@ -107,7 +81,7 @@ struct Asked {
 /// Keeps the credit leases of keys whose requests reached them, until the
 /// filter config is destroyed (then gives every lease back).
 pub async fn keep_credits(shared: Arc<Shared>, waiting: Receiver<Waiter>) {
-    let mut kept: HashMap<KeyId, Window> = HashMap::new();
+    let mut kept: HashMap<KeyId, DemandWindow> = HashMap::new();
     let mut client: Option<DecisionFeedClient<Channel>> = None;
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -139,7 +113,7 @@ pub async fn keep_credits(shared: Arc<Shared>, waiting: Receiver<Waiter>) {
 /// and no demand are no longer kept.
 fn look(
     index: &Index,
-    kept: &mut HashMap<KeyId, Window>,
+    kept: &mut HashMap<KeyId, DemandWindow>,
     waiters: &mut HashMap<KeyId, Vec<Arc<dyn Wake>>>,
     stopping: bool,
 ) -> (Vec<CreditLoan>, Vec<Asked>) {
@@ -155,7 +129,7 @@ fn look(
         let in_hand = usage.credits.in_hand(held.period);
         let waiting = waiters.remove(key).unwrap_or_default();
         let second = window.second();
-        let idle = window.idle >= IDLE_TICKS && waiting.is_empty();
+        let idle = window.idle() >= IDLE_TICKS && waiting.is_empty();
         let keep = 2 * second.max(1);
         let (want, give) = if stopping || idle {
             (0, usage.credits.take(u64::MAX))
@@ -210,7 +184,15 @@ async fn lend(
     while loans.len() > 0 {
         let some_loans: Vec<CreditLoan> = loans.by_ref().take(MAX_LOANS).collect();
         let some_asked: Vec<Asked> = asked.by_ref().take(MAX_LOANS).collect();
-        match call(shared, client, some_loans).await {
+        let called = call_sidecar(
+            shared,
+            client,
+            CALL_DEADLINE,
+            LendCreditsRequest { loans: some_loans },
+            |mut feed, request| async move { feed.lend_credits(request).await },
+        )
+        .await;
+        match called.map(|response| response.grants) {
             Ok(grants) if grants.len() == some_asked.len() => {
                 let now = clock::now_nanos();
                 for (asked, grant) in some_asked.into_iter().zip(grants) {
@@ -228,11 +210,9 @@ async fn lend(
                 wake_all(some_asked.into_iter().flat_map(|asked| asked.waiters));
             }
             Err(failed) => {
-                if failed.maybe_applied {
-                    // Credits being given back are lost (the call may have
-                    // been applied): never granted twice.
-                    *client = None;
-                } else {
+                // Credits being given back are lost when the call may have
+                // been applied: never granted twice.
+                if !failed.maybe_applied {
                     for asked in &some_asked {
                         if asked.give.0 > 0 {
                             asked.usage.credits.add(asked.give.0, asked.give.1);
@@ -250,68 +230,4 @@ fn wake_all(waiters: impl IntoIterator<Item = Arc<dyn Wake>>) {
     for waiter in waiters {
         waiter.wake();
     }
-}
-
-/// Why a loan call failed, and whether the sidecar may have applied it.
-struct CallFailed {
-    problem: String,
-    maybe_applied: bool,
-}
-
-impl CallFailed {
-    fn maybe_applied(problem: String) -> Self {
-        Self {
-            problem,
-            maybe_applied: true,
-        }
-    }
-}
-
-/// One `LendCredits` call, connecting first if need be, within
-/// [`CALL_DEADLINE`] in all.
-async fn call(
-    shared: &Shared,
-    client: &mut Option<DecisionFeedClient<Channel>>,
-    loans: Vec<CreditLoan>,
-) -> Result<Vec<crate::pb::CreditGrant>, CallFailed> {
-    tokio::time::timeout(CALL_DEADLINE, async {
-        if client.is_none() {
-            // Not connected: nothing was sent.
-            let channel = connect(shared).await.map_err(|problem| CallFailed {
-                problem,
-                maybe_applied: false,
-            })?;
-            *client = Some(DecisionFeedClient::new(channel));
-        }
-        let feed = client
-            .as_mut()
-            .ok_or_else(|| CallFailed::maybe_applied("no connection".into()))?;
-        let request =
-            bearer(shared, LendCreditsRequest { loans }).map_err(|problem| CallFailed {
-                problem,
-                maybe_applied: false,
-            })?;
-        feed.lend_credits(request)
-            .await
-            .map(|response| response.into_inner().grants)
-            .map_err(|status| CallFailed {
-                problem: format!("lend credits: {}", status.message()),
-                // Refusals the sidecar made before moving anything.
-                maybe_applied: !matches!(
-                    status.code(),
-                    tonic::Code::InvalidArgument
-                        | tonic::Code::ResourceExhausted
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::Unauthenticated
-                        | tonic::Code::PermissionDenied
-                        | tonic::Code::Unimplemented
-                ),
-            })
-    })
-    .await
-    .unwrap_or_else(|_| {
-        Err(CallFailed::maybe_applied(format!(
-            "no answer within {CALL_DEADLINE:?}"
-        )))
-    })
 }

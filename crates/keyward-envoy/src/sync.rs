@@ -41,6 +41,8 @@ const STEADY: Duration = Duration::from_secs(30);
 const SILENCE: Duration = Duration::from_secs(5);
 /// While the sidecar is away, how often the log says how stale the copy is.
 const STALE_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Longest a report may take, connecting included.
+const REPORT_DEADLINE: Duration = Duration::from_secs(5);
 /// Uses sent per report at most (the sidecar's limit).
 const MAX_USES_PER_REPORT: usize = 10_000;
 
@@ -150,6 +152,84 @@ pub(crate) fn bearer<T>(shared: &Shared, message: T) -> Result<tonic::Request<T>
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert("authorization", value);
     Ok(request)
+}
+
+/// Why a call to the sidecar failed: whether the sidecar may have applied
+/// it (anything but a refusal made before anything moved), and whether the
+/// connection is to be dropped (the transport failed, or no answer came).
+#[derive(Clone, Debug)]
+pub(crate) struct CallFailed {
+    pub problem: String,
+    pub maybe_applied: bool,
+    pub reconnect: bool,
+}
+
+impl std::fmt::Display for CallFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.problem)
+    }
+}
+
+/// One unary call to the sidecar (`rpc`, on a client for `client`'s
+/// connection, made first if need be), with the token, within `deadline`
+/// in all.
+pub(crate) async fn call_sidecar<T, R, Fut>(
+    shared: &Shared,
+    client: &mut Option<DecisionFeedClient<Channel>>,
+    deadline: Duration,
+    message: T,
+    rpc: impl FnOnce(DecisionFeedClient<Channel>, tonic::Request<T>) -> Fut,
+) -> Result<R, CallFailed>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    let failed = |problem: String, maybe_applied: bool, reconnect: bool| CallFailed {
+        problem,
+        maybe_applied,
+        reconnect,
+    };
+    let called = tokio::time::timeout(deadline, async {
+        if client.is_none() {
+            // Not connected: nothing was sent.
+            let channel = connect(shared)
+                .await
+                .map_err(|problem| failed(problem, false, true))?;
+            *client = Some(DecisionFeedClient::new(channel));
+        }
+        let feed = client
+            .clone()
+            .ok_or_else(|| failed("no connection".into(), false, true))?;
+        let request = bearer(shared, message).map_err(|problem| failed(problem, false, false))?;
+        rpc(feed, request).await.map_err(|status| {
+            let code = status.code();
+            failed(
+                if code == tonic::Code::Unimplemented {
+                    "the sidecar does not know this call (a version older than this module)".into()
+                } else {
+                    status.message().to_owned()
+                },
+                !matches!(
+                    code,
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::ResourceExhausted
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::Unimplemented
+                ),
+                matches!(
+                    code,
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ),
+            )
+        })
+    })
+    .await
+    .unwrap_or_else(|_| Err(failed(format!("no answer within {deadline:?}"), true, true)));
+    if called.as_ref().is_err_and(|failure| failure.reconnect) {
+        *client = None;
+    }
+    called.map(tonic::Response::into_inner)
 }
 
 /// One stream, from connect to its end (always an error: the feed never
@@ -390,23 +470,18 @@ async fn report_uses(shared: Arc<Shared>, uses: Receiver<(KeyId, i64)>) {
         if batch.is_empty() && counts.is_empty() {
             continue;
         }
-        if client.is_none() {
-            client = connect(&shared).await.ok().map(DecisionFeedClient::new);
-        }
-        let (Some(feed), Ok(request)) = (
-            client.as_mut(),
-            bearer(
-                &shared,
-                ReportUseRequest {
-                    uses: batch,
-                    counts,
-                },
-            ),
-        ) else {
-            continue;
-        };
-        if feed.report_use(request).await.is_err() {
-            client = None;
-        }
+        // A report that fails is dropped, never sent again: it may have
+        // been applied.
+        let _ = call_sidecar(
+            &shared,
+            &mut client,
+            REPORT_DEADLINE,
+            ReportUseRequest {
+                uses: batch,
+                counts,
+            },
+            |mut feed, request| async move { feed.report_use(request).await },
+        )
+        .await;
     }
 }

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use crate::copy::Shared;
 use crate::pb::decision_feed_client::DecisionFeedClient;
 use crate::pb::{LeaseTrade, TradeLeasesRequest, TradeLeasesResponse};
-use crate::sync::{bearer, connect, log};
+use crate::sync::{CallFailed, call_sidecar, log};
 
 /// Keys waiting to be traded that decisions may enlist at once (more wait
 /// for their next decision).
@@ -94,7 +94,16 @@ pub async fn trade_leases(shared: Arc<Shared>, enlisted: Receiver<KeyId>) {
             let some_taken: Vec<InTrade> = taken.by_ref().take(MAX_TRADES).collect();
             let result = match &failed {
                 Some(failure) => Err(failure.clone()),
-                None => call(&shared, &mut trader.client, some_asks).await,
+                None => {
+                    call_sidecar(
+                        &shared,
+                        &mut trader.client,
+                        CALL_DEADLINE,
+                        TradeLeasesRequest { trades: some_asks },
+                        |mut feed, request| async move { feed.trade_leases(request).await },
+                    )
+                    .await
+                }
             };
             if let Err(failure) = &result {
                 failed = Some(failure.clone());
@@ -193,9 +202,6 @@ impl Trader {
             }
             Err(problem) => {
                 fail(taken);
-                if problem.reconnect {
-                    self.client = None;
-                }
                 self.answered = false;
                 if shared.global.swap(false, Ordering::Relaxed) {
                     log(&format!(
@@ -213,73 +219,4 @@ fn fail(taken: Vec<InTrade>) {
     for lease in taken {
         lease.usage.lease.failed(lease.held);
     }
-}
-
-/// Why a call failed, and whether the connection is to be dropped.
-#[derive(Clone, Debug)]
-struct CallFailed {
-    problem: String,
-    reconnect: bool,
-}
-
-impl std::fmt::Display for CallFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.problem)
-    }
-}
-
-impl CallFailed {
-    fn reconnect(problem: String) -> Self {
-        Self {
-            problem,
-            reconnect: true,
-        }
-    }
-}
-
-/// One `TradeLeases` call, connecting first if need be, within
-/// [`CALL_DEADLINE`] in all.
-async fn call(
-    shared: &Shared,
-    client: &mut Option<DecisionFeedClient<Channel>>,
-    trades: Vec<LeaseTrade>,
-) -> Result<TradeLeasesResponse, CallFailed> {
-    tokio::time::timeout(CALL_DEADLINE, async {
-        if client.is_none() {
-            *client = Some(DecisionFeedClient::new(
-                connect(shared).await.map_err(CallFailed::reconnect)?,
-            ));
-        }
-        let feed = client
-            .as_mut()
-            .ok_or_else(|| CallFailed::reconnect("no connection".into()))?;
-        let request =
-            bearer(shared, TradeLeasesRequest { trades }).map_err(|problem| CallFailed {
-                problem,
-                reconnect: false,
-            })?;
-        feed.trade_leases(request)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|status| CallFailed {
-                problem: match status.code() {
-                    tonic::Code::Unimplemented => {
-                        "the sidecar does not trade leases (a version older than this module)"
-                            .into()
-                    }
-                    _ => format!("trade leases: {}", status.message()),
-                },
-                // The connection is kept for answers the sidecar gave.
-                reconnect: matches!(
-                    status.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                ),
-            })
-    })
-    .await
-    .unwrap_or_else(|_| {
-        Err(CallFailed::reconnect(format!(
-            "no answer within {CALL_DEADLINE:?}"
-        )))
-    })
 }

@@ -292,6 +292,51 @@ impl CreditLease {
     }
 }
 
+/// Ticks in a [`DemandWindow`]: a second of a keeper's 50 ms ticks.
+pub const DEMAND_TICKS: usize = 20;
+
+/// A key's credit demand over the last second, one keeper tick a slot, and
+/// how many ticks it has gone without any: what a keeper (a sidecar's, or
+/// an Envoy module's) sizes reservations and give-backs from.
+#[derive(Debug, Default)]
+pub struct DemandWindow {
+    demand: [u32; DEMAND_TICKS],
+    at: usize,
+    idle: u32,
+}
+
+impl DemandWindow {
+    /// A new tick with `demand` requests.
+    pub fn push(&mut self, demand: u32) {
+        self.at = (self.at + 1) % DEMAND_TICKS;
+        self.demand[self.at] = demand;
+        self.idle = if demand == 0 {
+            self.idle.saturating_add(1)
+        } else {
+            0
+        };
+    }
+
+    /// Adds `demand` to the current tick (a borrower's, counted with the
+    /// keeper's own).
+    pub fn add(&mut self, demand: u64) {
+        let slot = &mut self.demand[self.at];
+        *slot = slot.saturating_add(u32::try_from(demand).unwrap_or(u32::MAX));
+    }
+
+    /// The demand over the last second.
+    #[must_use]
+    pub fn second(&self) -> u64 {
+        self.demand.iter().map(|d| u64::from(*d)).sum()
+    }
+
+    /// Ticks in a row without demand.
+    #[must_use]
+    pub fn idle(&self) -> u32 {
+        self.idle
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,5 +470,22 @@ mod tests {
         lease.add(1, 8);
         assert!(lease.spend(8));
         assert!(!lease.spend(8), "the old period's four are gone");
+    }
+
+    #[test]
+    fn a_demand_window_holds_the_last_second_and_counts_idle_ticks() {
+        let mut window = DemandWindow::default();
+        for _ in 0..DEMAND_TICKS {
+            window.push(3);
+        }
+        window.add(5);
+        assert_eq!(window.second(), 3 * DEMAND_TICKS as u64 + 5);
+        for tick in 1..=DEMAND_TICKS {
+            window.push(0);
+            assert_eq!(window.idle(), u32::try_from(tick).expect("small"));
+        }
+        assert_eq!(window.second(), 0, "a second later, nothing is left");
+        window.push(1);
+        assert_eq!((window.second(), window.idle()), (1, 0));
     }
 }
