@@ -52,12 +52,16 @@ impl Authorizer {
         self
     }
 
-    /// The same, its rate limits global while the usage store's switch
-    /// holds (see [`keyward_core::domain::lease`]).
+    /// The same, its rate limits global while the usage plane's switch
+    /// holds, the keys whose leases decisions spend sent to its roster
+    /// (see [`keyward_core::domain::lease`]).
     #[must_use]
-    pub fn with_global_limits(mut self, on: Option<Arc<std::sync::atomic::AtomicBool>>) -> Self {
-        if let Some(on) = on {
-            self.decider = self.decider.with_global_limits(on);
+    pub fn with_usage(mut self, usage: Option<&crate::usage::UsagePlane>) -> Self {
+        if let Some(usage) = usage {
+            self.decider = self
+                .decider
+                .with_global_limits(usage.global_limits())
+                .with_roster(usage.roster());
         }
         self
     }

@@ -246,7 +246,7 @@ impl App {
         Ok(Self {
             authorizer: Authorizer::new(Arc::clone(&index), routes)
                 .with_on_demand(keys.on_demand())
-                .with_global_limits(usage.as_ref().map(|usage| usage.global_limits()))
+                .with_usage(usage.as_deref())
                 .with_credits(Arc::clone(&credits)),
             credits,
             usage,

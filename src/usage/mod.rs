@@ -21,12 +21,13 @@ pub mod store;
 mod sync;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use dashmap::DashMap;
 
 use keyward_core::domain::decision::Decision;
 use keyward_core::domain::key::KeyId;
+use keyward_core::domain::lease::Roster;
 
 pub use series::{KeyUsage, Range};
 pub use store::{Connection, UsageStoreError};
@@ -44,6 +45,10 @@ pub struct UsagePlane {
     /// Keys whose rate limit reached a decision while leases were in
     /// force, with the trade rounds each has been idle.
     leased: DashMap<KeyId, u32, rustc_hash::FxBuildHasher>,
+    /// Where decisions enlist keys whose leases to trade (each once, until
+    /// its trade retires it), and the trading task's end of it.
+    roster: Roster,
+    enlisted: std::sync::Mutex<std::sync::mpsc::Receiver<KeyId>>,
     /// Tokens granted to other holders through the decision feed and not
     /// yet given back, per key (what a caller may give back at most).
     lent: DashMap<KeyId, u64, rustc_hash::FxBuildHasher>,
@@ -54,6 +59,10 @@ pub struct UsagePlane {
     /// store): what health reports under [`HEALTH_SERVICE`].
     up: tokio::sync::watch::Sender<Option<bool>>,
 }
+
+/// Keys enlisted and not yet taken by the trading task; more wait for
+/// their next decision.
+const ROSTER_BOUND: usize = 65_536;
 
 /// The health (`grpc.health.v1`) name that follows the usage store:
 /// SERVING while it answers, NOT_SERVING while it is away. Only a detail:
@@ -95,11 +104,14 @@ impl UsagePlane {
     }
 
     fn at(place: Place, metrics: UsageMetrics) -> Arc<Self> {
+        let (roster, enlisted) = Roster::new(ROSTER_BOUND);
         Arc::new(Self {
             place,
             global_limits: Arc::default(),
             counts: counts::Counts::default(),
             leased: DashMap::default(),
+            roster,
+            enlisted: std::sync::Mutex::new(enlisted),
             lent: DashMap::default(),
             store: std::sync::Mutex::default(),
             metrics,
@@ -120,19 +132,19 @@ impl UsagePlane {
         Arc::clone(&self.global_limits)
     }
 
-    /// Records one decision: its count, and, for a key whose rate limit it
-    /// reached under a lease, that the lease must be traded.
+    /// Where decisions enlist the keys whose leases they spend (the
+    /// decider sends each key once: one atomic load per decision after).
+    #[must_use]
+    pub fn roster(&self) -> Roster {
+        self.roster.clone()
+    }
+
+    /// Records one decision's count.
     pub fn record(&self, decision: &Decision) {
         self.counts.record(
             decision,
             keyward_core::clock::recent_now_nanos() / 1_000_000_000,
         );
-        if let (Some(id), Some(_)) = (decision.key_id, decision.quota)
-            && self.global_limits.load(Ordering::Relaxed)
-            && !self.leased.contains_key(&id)
-        {
-            self.leased.insert(id, 0);
-        }
     }
 
     /// Decision counts another decider reported (an Envoy module, through

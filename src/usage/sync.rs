@@ -310,6 +310,11 @@ impl UsagePlane {
 
     /// Trades every active lease; the first failure is the round's.
     async fn trade_all(&self, index: &Index, store: &Store) -> Result<(), UsageStoreError> {
+        if let Ok(enlisted) = self.enlisted.lock() {
+            for id in enlisted.try_iter() {
+                self.leased.entry(id).or_insert(0);
+            }
+        }
         let ids: Vec<KeyId> = self.leased.iter().map(|entry| *entry.key()).collect();
         self.metrics
             .leased_keys
