@@ -401,8 +401,8 @@ async fn a_real_prometheus_scrapes_keyward_and_answers_every_dashboard_query() {
     let _keyward = Killed(child);
     let url = format!("http://127.0.0.1:{port}");
     let admin = common::admin_token(&dir.path().join("data"));
-    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
-    let metrics = common::logged_address(&log, "serving metrics at /metrics");
+    let metrics =
+        common::await_logged_address(&dir.path().join("serve.log"), "serving metrics at /metrics");
 
     let (_prometheus, api) = start_prometheus(&prometheus, dir.path(), &metrics);
     let prometheus_log =
