@@ -296,7 +296,9 @@ impl Server {
                 return Ok(Self {
                     child,
                     addr,
-                    manage_addr: logged("serving KeyManager on its own listener"),
+                    manage_addr: logged(
+                        "serving key management and the decision feed on their own listener",
+                    ),
                     dir: dir.to_owned(),
                     started_in: started.elapsed(),
                     _temp: temp,

@@ -715,7 +715,8 @@ async fn keys_usage_shows_a_keys_requests_as_totals_and_bars() {
         let json: serde_json::Value =
             serde_json::from_str(&ok(&server.keys(cwd, &["usage", key_id, "-o", "json"])))
                 .expect("JSON");
-        if json["totals"]["allowed"] == 4 || std::time::Instant::now() > deadline {
+        let counted = json["totals"]["allowed"] == 4 && json["totals"]["denied"] == 3;
+        if counted || std::time::Instant::now() > deadline {
             break json;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

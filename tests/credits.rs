@@ -549,7 +549,7 @@ async fn three_sidecars_hammering_one_key_never_spend_one_credit_more() {
     for (channel, sidecar) in channels.iter().zip(&sidecars) {
         let shown = get(channel, &sidecar.admin, &id).await;
         assert_eq!(shown.credits.expect("credits").remaining, 0);
-        let metrics = common::scrape_logged(&sidecar.log()).await;
+        let metrics = common::scrape_logged(&sidecar.log_path()).await;
         reservations += metrics
             .lines()
             .find_map(|line| line.strip_prefix("keyward_credit_reservations_total "))

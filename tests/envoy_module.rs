@@ -1093,7 +1093,7 @@ impl Tally {
 /// `TradeLeases` calls `replica` answered with `limits` ("global" or
 /// "local"), from its metrics.
 async fn lease_trade_calls(replica: &common::etcd::Sidecar, limits: &str) -> u64 {
-    let metrics = common::scrape_logged(&replica.log()).await;
+    let metrics = common::scrape_logged(&replica.log_path()).await;
     let sample = format!("keyward_feed_lease_trade_calls_total{{limits=\"{limits}\"}} ");
     metrics
         .lines()

@@ -504,7 +504,8 @@ async fn a_sidecar_restarted_while_etcd_is_down_serves_its_replica_then_catches_
         ca.create("acme", &[]).await.expect_err("etcd down").code(),
         Code::Unavailable
     );
-    assert!(a.log().contains("etcd unreachable"), "the outage is logged");
+    // Logged just after the sidecar turns to its replica: waited for.
+    await_log(&a, "etcd unreachable").await;
 
     // etcd back: a change made elsewhere reaches it.
     cluster.restart(0);
@@ -560,8 +561,8 @@ async fn a_sidecar_restarted_during_an_outage_resumes_its_watch_or_reads_everyth
     converge(&mut cb, &fresh, SEND, true).await;
     assert!(cb.allowed(&own, SEND.0, SEND.1).await);
     assert_eq!(cb.name_of(&own_id).await, "renamed by A");
+    await_log(&b, "the watch will resume").await;
     let log = b.log();
-    assert!(log.contains("the watch will resume"), "{log}");
     assert!(
         !log.contains("replica synced with etcd"),
         "no full read: {log}"
@@ -646,7 +647,8 @@ async fn a_new_sidecar_is_ready_after_its_first_full_read_and_modes_do_not_mix()
     let mut cl = Client::of(&late).await;
     converge_status(&mut cl, "keyward.v1.Authorizer", ServingStatus::Serving).await;
     assert!(cl.allowed(&key, SEND.0, SEND.1).await, "ready means synced");
-    assert!(late.log().contains("replica synced with etcd"));
+    // Logged just after readiness is set, by the log's own thread.
+    await_log(&late, "replica synced with etcd").await;
 
     // A standalone store is never silently replaced by etcd's key set...
     let standalone = tempfile::tempdir().expect("tempdir");
@@ -738,6 +740,7 @@ async fn a_first_read_of_many_pages_is_complete_and_restarts_when_compacted_unde
         .await
         .expect("revoke during the read");
     converge_status(&mut client, "keyward.v1.Authorizer", ServingStatus::Serving).await;
+    await_log(&sidecar, "replica synced with etcd").await;
     let log = sidecar.log();
     assert!(
         log.contains("compacted the revision of the full read in progress"),
@@ -855,7 +858,7 @@ async fn converge_metric(sidecar: &Sidecar, line: &str) -> String {
 
 /// The sidecar's Prometheus metrics.
 async fn scrape(sidecar: &Sidecar) -> String {
-    common::scrape_logged(&sidecar.log()).await
+    common::scrape_logged(&sidecar.log_path()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1453,9 +1456,8 @@ async fn a_leak_reported_on_one_sidecar_is_denied_on_every_other() {
     let (_, bystander) = f.create("acme", &["mail.send"]).await.expect("create");
     assert!(f.allowed(&key, SEND.0, SEND.1).await);
 
-    await_log(&reporting, "serving SendGrid's REST key API").await;
     let rest: std::net::SocketAddr =
-        common::logged_address(&reporting.log(), "serving SendGrid's REST key API")
+        common::await_logged_address(&reporting.log_path(), "serving SendGrid's REST key API")
             .parse()
             .expect("address");
     let (status, feedback) = post_signed(rest, &github, &report(&[&key, &bystander[..60]])).await;

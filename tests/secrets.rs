@@ -188,8 +188,7 @@ async fn no_secret_or_admin_token_escapes() {
     assert!(!reply.allowed);
     errors.push(reply.message);
 
-    let log = std::fs::read_to_string(dir.path().join("serve.log")).expect("log");
-    let metrics = common::scrape_logged(&log).await;
+    let metrics = common::scrape_logged(&dir.path().join("serve.log")).await;
     assert!(metrics.contains("keyward_decisions_total"));
 
     drop((manager, authorizer));

@@ -253,6 +253,20 @@ impl Sidecar {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once it holds every one of `texts` (the log's own thread
+    /// writes a line a little after the event).
+    async fn await_log(&self, texts: &[&str]) -> String {
+        let deadline = Instant::now() + ANSWERED_WITHIN;
+        loop {
+            let log = self.log();
+            if texts.iter().all(|text| log.contains(text)) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "never logged {texts:?}:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM; waits until keyward decides to exit (its last log line),
     /// then returns the exit status once the process is gone, and the log.
     fn terminate(mut self, until_gone: impl FnOnce()) -> (std::process::ExitStatus, String) {
@@ -317,12 +331,8 @@ async fn assert_contained(sidecar: &Sidecar, secrets: &[String], reason: &str) {
     // Still refused, still fast, while the fault lasts.
     let result = sidecar.create(10_000).await;
     assert_eq!(result.expect_err("refused").code(), Code::Unavailable);
-    let log = sidecar.log();
-    assert!(log.contains("storage failing"), "{log}");
-    assert!(
-        log.contains(reason),
-        "the log names the reason {reason:?}:\n{log}"
-    );
+    // The log names the failure and its reason.
+    sidecar.await_log(&["storage failing", reason]).await;
 }
 
 /// After the fault is gone: writes succeed again without a restart, and
@@ -483,13 +493,25 @@ async fn a_failing_log_destination_drops_lines_never_requests() {
             secrets.push(created.expect("every write answered").1);
         }
         sidecar.authorize_all(&secrets).await;
-        let metrics = common::scrape(&format!("127.0.0.1:{metrics_port}")).await;
-        let dropped: f64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("keyward_log_lines_dropped_total "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("dropped lines counted:\n{metrics}"));
-        assert!(dropped >= 30.0, "{}: {dropped}", destination.display());
+        // Counted by the log's own thread as it works through its queue.
+        let deadline = Instant::now() + ANSWERED_WITHIN;
+        loop {
+            let metrics = common::scrape(&format!("127.0.0.1:{metrics_port}")).await;
+            let dropped: f64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("keyward_log_lines_dropped_total "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("dropped lines counted:\n{metrics}"));
+            if dropped >= 30.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {dropped}",
+                destination.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         child = sidecar.child;
         assert!(sh("kill", &["-TERM", &child.id().to_string()]));
         let status = child.wait().expect("exits");

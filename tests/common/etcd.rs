@@ -321,7 +321,13 @@ impl Sidecar {
     /// Its log so far.
     #[must_use]
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Its JSON log file.
+    #[must_use]
+    pub fn log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("serve.log")
     }
 }
 

@@ -430,9 +430,15 @@ pub fn await_logged_address(path: &std::path::Path, message: &str) -> String {
     }
 }
 
-/// The Prometheus metrics of a spawned server whose JSON log is `log`.
-pub async fn scrape_logged(log: &str) -> String {
-    scrape(&logged_address(log, "serving metrics at /metrics")).await
+/// The Prometheus metrics of a spawned server whose JSON log file is
+/// `log_path` (waiting for its metrics listener's line: the log is written
+/// by its own thread, a little after the event).
+pub async fn scrape_logged(log_path: &std::path::Path) -> String {
+    scrape(&await_logged_address(
+        log_path,
+        "serving metrics at /metrics",
+    ))
+    .await
 }
 
 /// GET /metrics from `addr`, as Prometheus scrapes it.
