@@ -29,7 +29,7 @@ const RUNBOOKS: &str = "https://github.com/keyward/keyward/blob/main/docs/operat
 
 /// Dashboard queries that may return nothing under this test's traffic,
 /// and why. Every other query must return data.
-const MAY_BE_EMPTY: [(&str, &str); 5] = [
+const MAY_BE_EMPTY: [(&str, &str); 6] = [
     (
         "Replica staleness",
         "replicated mode only; the test's sidecar is standalone",
@@ -45,6 +45,10 @@ const MAY_BE_EMPTY: [(&str, &str); 5] = [
     (
         "First sights by outcome",
         "on-demand replicas only; the test's sidecar is standalone",
+    ),
+    (
+        "Module lease trade calls by limits",
+        "an Envoy module's TradeLeases calls only; the test runs no module",
     ),
     (
         "TLS certificate expires in",
