@@ -809,13 +809,7 @@ async fn with_max_staleness_a_cut_off_sidecar_leaves_rotation_and_says_how_stale
 
     cluster.kill(0);
     converge_status(&mut ca, "keyward.v1.KeyManager", ServingStatus::NotServing).await;
-    let lost = Instant::now();
     converge_status(&mut ca, "keyward.v1.Authorizer", ServingStatus::NotServing).await;
-    assert!(
-        lost.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        lost.elapsed()
-    );
     assert_eq!(
         ca.status("envoy.service.auth.v3.Authorization").await,
         ServingStatus::NotServing

@@ -318,7 +318,7 @@ async fn write_until_refused(sidecar: &Sidecar, from: usize) -> Vec<String> {
 async fn assert_contained(sidecar: &Sidecar, secrets: &[String], reason: &str) {
     sidecar.authorize_all(secrets).await;
     sidecar
-        .wait_for_manager(ServingStatus::NotServing, Duration::from_secs(3))
+        .wait_for_manager(ServingStatus::NotServing, ANSWERED_WITHIN)
         .await;
     assert_eq!(
         sidecar.health("keyward.v1.Authorizer").await,
@@ -339,7 +339,7 @@ async fn assert_contained(sidecar: &Sidecar, secrets: &[String], reason: &str) {
 /// everything acknowledged still authorizes.
 async fn assert_recovered(sidecar: &Sidecar, secrets: &mut Vec<String>) {
     sidecar
-        .wait_for_manager(ServingStatus::Serving, Duration::from_secs(10))
+        .wait_for_manager(ServingStatus::Serving, ANSWERED_WITHIN)
         .await;
     let result = sidecar.create(20_000).await;
     secrets.push(result.expect("writes work again").1);
@@ -398,7 +398,7 @@ async fn a_volume_turned_read_only_costs_writes_never_decisions() {
 
     // The kernel allows no way back but unmount, fsck and mount: possible
     // only because keyward let go of every file on the failed volume.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + ANSWERED_WITHIN;
     while !sh("umount", &[volume.target()]) {
         assert!(Instant::now() < deadline, "keyward still holds the volume");
         std::thread::sleep(Duration::from_millis(100));
