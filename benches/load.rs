@@ -1394,6 +1394,58 @@ mod envoy_bench {
         Ok(())
     }
 
+    /// An Envoy (1 worker, direct_response upstream) running the shipped
+    /// module config, fed by a sidecar: other benches drive it with h2load.
+    pub(super) struct ModuleEnvoy {
+        variant: Variant,
+        _dir: tempfile::TempDir,
+    }
+
+    impl ModuleEnvoy {
+        /// Starts it, fed by `server` (its admin token as the feed token).
+        pub(super) fn start(server: &Server) -> anyhow::Result<Self> {
+            let keyward_port: u16 = server.addr.rsplit(':').next().unwrap_or_default().parse()?;
+            let dir = tempfile::tempdir()?;
+            let module = module_filter(keyward_port, &server.dir.join("data/admin.token"))?;
+            let (port, admin) = (free_port()?, free_port()?);
+            let config = config(port, admin, keyward_port, Some(&module))?;
+            let variant = start(
+                "keyward module",
+                &config,
+                dir.path(),
+                port,
+                (server.child.id(), ""),
+            )?;
+            Ok(Self { variant, _dir: dir })
+        }
+
+        /// Envoy's pid (for its CPU time).
+        pub(super) fn pid(&self) -> u32 {
+            self.variant.child.id()
+        }
+
+        /// h2load's req/s for `total` POST /v3/mail/send with `key` (every
+        /// one allowed), once the module's copy allows it.
+        pub(super) fn rate(
+            &self,
+            key: &str,
+            body: &std::path::Path,
+            total: u64,
+            (connections, streams): (u32, u32),
+        ) -> anyhow::Result<f64> {
+            wait_allowed(self.variant.port, key)?;
+            let url = format!("http://127.0.0.1:{}/v3/mail/send", self.variant.port);
+            let args = EnvoyArgs {
+                total,
+                rounds: 1,
+                connections,
+                streams,
+                module_keys: 0,
+            };
+            h2load_http(&url, body, key, &args)
+        }
+    }
+
     /// Adds `keys` keys through the sidecar, waits until the module's copy
     /// holds the last, and reports what they cost in Envoy's memory.
     async fn module_memory(server: &Server, module: &Variant, keys: usize) -> anyhow::Result<()> {

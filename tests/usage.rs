@@ -312,13 +312,28 @@ async fn await_totals(server: &TestServer, id: &str, done: impl Fn(&pb::UsageCou
 async fn limit_and_usage_work(server: &TestServer) -> String {
     await_store_up(server, "1").await;
     let (id, key) = limited_key(server).await;
+    // The first request, before any trade: the budget is full, and the
+    // client is told so (not 0 remaining).
+    let first = AuthorizerClient::new(connect(&server.url()).await)
+        .authorize(send(&key))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(first.allowed);
+    assert_eq!(
+        first
+            .rate_limit
+            .expect("a rate-limited key's quota")
+            .remaining,
+        RATE - 1
+    );
     let (allowed, limited) = burst_of_requests(server, &key, Duration::from_millis(500)).await;
     assert!(
         allowed > 0 && limited > 0,
         "{allowed} allowed, {limited} limited"
     );
     await_totals(server, &id, |totals| {
-        totals.allowed == allowed && totals.denied == limited
+        totals.allowed == allowed + 1 && totals.denied == limited
     })
     .await;
     id

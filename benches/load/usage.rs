@@ -4,7 +4,9 @@
 //! (clients this project did not write), alternating rounds. Accuracy:
 //! three replicated sidecars (a real etcd) sharing the store, a key at
 //! 50/s (burst 50), demand far above it spread 70/20/10, counted by the
-//! clients and read back from the usage API.
+//! clients and read back from the usage API. The same keys through an
+//! Envoy running the module price what the module's leases and borrowed
+//! credits cost inside Envoy.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -15,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use super::envoy_bench::free_port;
-use super::external::{K6, Target, framed, h2load, k6, median};
+use super::envoy_bench::{ModuleEnvoy, free_port};
+use super::external::{K6, Target, cpu_seconds, framed, h2load, k6, median};
 use super::replicated::{Etcd, ready};
 use super::{BIN, KeyManagerClient, Server, authorize_request, channel, pb};
 
@@ -199,28 +201,33 @@ async fn overhead(args: &UsageArgs, redis: &Redis) -> anyhow::Result<()> {
     let alone = Server::start_listening(Path::new(BIN), &dir, Some(temp), "127.0.0.1:0", &[])?;
     // Limits far above any rate reached here: every request spends a lease
     // (or the local budget), none is refused.
-    let targets = [
+    let shared_keys = [
+        ("plain+r", create(&shared, None).await?.1),
+        ("global", create(&shared, Some(1_000_000)).await?.1),
+        (
+            "credit",
+            create_with(&shared, None, Some(1_000_000_000_000)).await?.1,
+        ),
+        // Both: a global limit and credits (far more than any run spends).
+        (
+            "g+credit",
+            create_with(&shared, Some(1_000_000), Some(1_000_000_000_000))
+                .await?
+                .1,
+        ),
+    ];
+    let mut targets = vec![
         (target("plain", &create(&alone, None).await?.1), &alone),
         (
             target("local", &create(&alone, Some(1_000_000)).await?.1),
             &alone,
         ),
-        (target("plain+r", &create(&shared, None).await?.1), &shared),
-        (
-            target("global", &create(&shared, Some(1_000_000)).await?.1),
-            &shared,
-        ),
-        // Both: a global limit and credits (far more than any run spends).
-        (
-            target(
-                "g+credit",
-                &create_with(&shared, Some(1_000_000), Some(1_000_000_000_000))
-                    .await?
-                    .1,
-            ),
-            &shared,
-        ),
     ];
+    targets.extend(
+        shared_keys
+            .iter()
+            .map(|(name, key)| (target(name, key), &shared)),
+    );
     let bodies = tempfile::tempdir()?;
     for (target, _) in &targets {
         std::fs::write(bodies.path().join(target.name), &target.body)?;
@@ -250,7 +257,8 @@ async fn overhead(args: &UsageArgs, redis: &Redis) -> anyhow::Result<()> {
     );
     println!("plain, local: a sidecar without a usage store (no limit; a per-sidecar limit)");
     println!("plain+r, global: a sidecar with Redis (no limit; a global limit, spent from leases)");
-    println!("g+credit: a global limit and usage credits (spent from a credit lease)");
+    println!("credit: usage credits alone (spent from a credit lease)");
+    println!("g+credit: a global limit and usage credits");
     println!(
         "{:<8} {:>12} {:>8} {:>10} {:>12} {:>8} {:>10}",
         "key", "1x50 req/s", "vs plain", "cpu us", "8x8 req/s", "vs plain", "cpu us"
@@ -276,9 +284,15 @@ async fn overhead(args: &UsageArgs, redis: &Redis) -> anyhow::Result<()> {
     );
     println!(
         "global + credits vs plain+r: {:.3}x (1x50), {:.3}x (8x8): what a global limit and credits cost together",
+        ratio(0, 5, 2),
+        ratio(1, 5, 2)
+    );
+    println!(
+        "credits vs plain+r: {:.3}x (1x50), {:.3}x (8x8): what credits alone cost",
         ratio(0, 4, 2),
         ratio(1, 4, 2)
     );
+    module_overhead(args, &shared, &shared_keys)?;
     println!(
         "\nk6 gRPC, constant arrival {} req/s for {} s, alternating",
         args.k6_rate, args.k6_seconds
@@ -316,6 +330,55 @@ async fn overhead(args: &UsageArgs, redis: &Redis) -> anyhow::Result<()> {
                     .unwrap_or("did not run")
             ),
         }
+    }
+    Ok(())
+}
+
+/// The sidecar-with-Redis keys through an Envoy running the module, fed
+/// by that sidecar: the module decides from its copy, its leases on the
+/// global limit and its borrowed credits, as the sidecar does.
+fn module_overhead(
+    args: &UsageArgs,
+    shared: &Server,
+    keys: &[(&'static str, String)],
+) -> anyhow::Result<()> {
+    let envoy = ModuleEnvoy::start(shared)?;
+    let dir = tempfile::tempdir()?;
+    let body = dir.path().join("body.json");
+    std::fs::write(
+        &body,
+        br#"{"personalizations":[{"to":[{"email":"a@example.com"}]}]}"#,
+    )?;
+    let shapes = [(1u32, 50u32), (8, 8)];
+    let mut rates = vec![vec![Vec::new(); keys.len()]; shapes.len()];
+    let mut cpu = vec![vec![Vec::new(); keys.len()]; shapes.len()];
+    for _ in 0..args.rounds.max(1) {
+        for (s, shape) in shapes.iter().enumerate() {
+            for (k, (_, key)) in keys.iter().enumerate() {
+                let before = cpu_seconds(envoy.pid());
+                rates[s][k].push(envoy.rate(key, &body, args.total, *shape)?);
+                #[allow(clippy::cast_precision_loss, reason = "request counts far below 2^52")]
+                cpu[s][k].push((cpu_seconds(envoy.pid()) - before) * 1e6 / args.total as f64);
+            }
+        }
+    }
+    println!(
+        "\nthe Envoy module (1 worker, direct_response upstream, fed by the sidecar with Redis), HTTP/2 POST /v3/mail/send, h2load {} requests per run, {} alternating rounds (median)",
+        args.total, args.rounds
+    );
+    println!(
+        "{:<8} {:>12} {:>8} {:>10} {:>12} {:>8} {:>10}",
+        "key", "1x50 req/s", "vs plain", "envoy us", "8x8 req/s", "vs plain", "envoy us"
+    );
+    for (k, (name, _)) in keys.iter().enumerate() {
+        let mut line = format!("{name:<8}");
+        for (runs, cpus) in rates.iter().zip(&cpu) {
+            let rps = median(runs[k].clone());
+            let base = median(runs[0].clone());
+            let us = median(cpus[k].clone());
+            let _ = write!(line, " {rps:>12.0} {:>7.3}x {us:>10.1}", rps / base);
+        }
+        println!("{line}");
     }
     Ok(())
 }

@@ -56,6 +56,9 @@ pub struct Lease {
     retry_after_ms: AtomicU32,
     /// Tokens the store's budget held after the last trade.
     remaining: AtomicU32,
+    /// `remaining` is the store's report (false until a trade settles, and
+    /// again once the key is forgotten).
+    reported: AtomicBool,
     /// When the trade under way began (Unix nanos; 0: none).
     trading_since: AtomicI64,
     /// A trader holds the key in its set (see [`Roster`]).
@@ -191,12 +194,21 @@ impl Lease {
         let before = self.tokens.fetch_sub(1, Ordering::Relaxed);
         let parts = limit.parts();
         if before > floor {
-            let in_hand = u32::try_from(before - 1).unwrap_or(0);
-            let remaining = self
-                .remaining
-                .load(Ordering::Relaxed)
-                .saturating_add(in_hand)
-                .min(parts.burst);
+            let remaining = if self.reported.load(Ordering::Relaxed) {
+                let in_hand = u32::try_from(before - 1).unwrap_or(0);
+                self.remaining
+                    .load(Ordering::Relaxed)
+                    .saturating_add(in_hand)
+                    .min(parts.burst)
+            } else {
+                // No word from the store yet (a key's first requests here,
+                // or its first after going quiet): the key's own limiter's
+                // view, last set from a report and refilled since, less
+                // this request. Never a 0 that would make a client back
+                // off from a full budget.
+                let after = tat.load(Ordering::Relaxed).max(now) + parts.interval;
+                limit.remaining_at(after, now)
+            };
             return Ok(Quota {
                 limit: parts.requests,
                 remaining,
@@ -245,6 +257,7 @@ impl Lease {
     /// decide alone.
     pub fn settle(&self, trade: Trade, limit: &Gcra, tat: Option<&AtomicI64>, now: i64) {
         self.remaining.store(trade.remaining, Ordering::Relaxed);
+        self.reported.store(true, Ordering::Relaxed);
         self.retry_after_ms
             .store(trade.retry_after_ms, Ordering::Relaxed);
         self.spent.store(trade.remaining == 0, Ordering::Relaxed);
@@ -267,6 +280,7 @@ impl Lease {
         self.spent.store(false, Ordering::Relaxed);
         self.retry_after_ms.store(0, Ordering::Relaxed);
         self.remaining.store(0, Ordering::Relaxed);
+        self.reported.store(false, Ordering::Relaxed);
         self.tokens.store(0, Ordering::Relaxed);
     }
 }
@@ -308,6 +322,12 @@ mod tests {
             .filter(|_| lease.admit(&limit, &tat, NOW).is_ok())
             .count();
         assert_eq!(passed, 10, "a sixty-fourth of the burst on credit");
+        let fresh = Lease::default();
+        let first = fresh.admit(&limit, &tat, NOW).expect("on credit");
+        assert_eq!(
+            first.remaining, 639,
+            "before any report, the key's own limiter's view (a full burst less this one), not 0"
+        );
         let refused = lease.admit(&limit, &tat, NOW).expect_err("refused");
         assert_eq!(refused.retry_after_ms, 50, "the next trade, not 1 ms");
         assert_eq!(lease.take(NOW), (-10, 101), "owed, and the demand seen");
@@ -327,9 +347,12 @@ mod tests {
         assert_eq!(lease.take(NOW), (0, 21), "refusals leave no debt");
         lease.failed(0);
         lease.forget();
-        assert!(
-            lease.admit(&limit, &tat, NOW).is_ok(),
-            "forgotten: credit again, not a stale refusal"
+        let later = NOW + 1_000_000_000;
+        let quota = lease.admit(&limit, &tat, later);
+        assert_eq!(
+            quota.map(|quota| quota.remaining),
+            Ok(99),
+            "forgotten: credit again, not a stale refusal, and the spent budget's report refilled for a second"
         );
     }
 

@@ -219,17 +219,25 @@ impl Gcra {
         millis(i64::from(self.burst.saturating_sub(remaining)).saturating_mul(self.interval))
     }
 
-    fn after(&self, next: i64, now: i64) -> Quota {
+    /// Requests that could pass at `now` with the TAT at `tat` (changing
+    /// nothing).
+    #[must_use]
+    pub fn remaining_at(&self, tat: i64, now: i64) -> u32 {
         // Another request passes while TAT - now <= tolerance.
-        let slack = self.tolerance - (next - now);
-        let remaining = if slack < 0 {
+        let slack = self.tolerance - (tat.max(now) - now);
+        if slack < 0 {
             0
         } else {
-            u32::try_from(slack / self.interval + 1).unwrap_or(u32::MAX)
-        };
+            u32::try_from(slack / self.interval + 1)
+                .unwrap_or(u32::MAX)
+                .min(self.burst)
+        }
+    }
+
+    fn after(&self, next: i64, now: i64) -> Quota {
         Quota {
             limit: self.requests,
-            remaining: remaining.min(self.burst),
+            remaining: self.remaining_at(next, now),
             reset_ms: millis(next - now),
             retry_after_ms: 0,
         }
