@@ -103,7 +103,8 @@ impl Authorizer {
                 // with no wait left to offer.
                 Ok(Err(KeyError::NoCreditsLeft)) => {
                     decision = self.decide(credential, client, method, path);
-                    break;
+                    decision.credits_reservable = false;
+                    return decision;
                 }
                 // The store of truth cannot take a reservation now: refused
                 // as unverifiable (503, retry later), never allowed on
@@ -113,8 +114,15 @@ impl Authorizer {
                 }
             }
         }
-        decision.credits_reservable = false;
-        decision
+        match decision.key_id {
+            // Both reservations were spent by requests deciding alongside
+            // while the record still has credits: refused as unverifiable
+            // (503, retry), as the module refuses it, not as used up.
+            Some(id) if decision.credits_reservable => {
+                AuthFailure::new(DenyReason::KeyUnverifiable, Some(id)).decision()
+            }
+            _ => decision,
+        }
     }
 
     /// [`Self::decide`], fetching the key first if this is an on-demand

@@ -130,6 +130,20 @@ impl CreditsHeld {
     pub fn reservable_at(&self, now: i64) -> bool {
         self.unreserved > 0 || now >= self.next_refill
     }
+
+    /// Until when a decider that was given no credits at `now` refuses the
+    /// key without asking again: `pause`, or until the next refill if that
+    /// comes sooner (the store of truth grants it at once). A refill this
+    /// copy sees as due already, yet none given, is one the store has not
+    /// recorded: a whole pause.
+    #[must_use]
+    pub fn dry_until(&self, now: i64, pause: i64) -> i64 {
+        if self.next_refill > now {
+            now.saturating_add(pause).min(self.next_refill)
+        } else {
+            now.saturating_add(pause)
+        }
+    }
 }
 
 /// A key's per-request state, written by decisions.
@@ -514,5 +528,40 @@ impl Index {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CreditsHeld;
+
+    const NOW: i64 = 1_000_000_000_000;
+    const PAUSE: i64 = 1_000_000_000;
+
+    fn refilled_at(next_refill: i64) -> CreditsHeld {
+        CreditsHeld {
+            unreserved: 0,
+            next_refill,
+            period: 0,
+        }
+    }
+
+    #[test]
+    fn a_dry_key_is_asked_again_at_its_refill_if_that_comes_first() {
+        assert_eq!(refilled_at(i64::MAX).dry_until(NOW, PAUSE), NOW + PAUSE);
+        assert_eq!(
+            refilled_at(NOW + PAUSE / 4).dry_until(NOW, PAUSE),
+            NOW + PAUSE / 4,
+            "the refill comes first"
+        );
+        assert_eq!(
+            refilled_at(NOW + 5 * PAUSE).dry_until(NOW, PAUSE),
+            NOW + PAUSE
+        );
+        assert_eq!(
+            refilled_at(NOW - 1).dry_until(NOW, PAUSE),
+            NOW + PAUSE,
+            "a refill seen as due already, yet none given: a whole pause"
+        );
     }
 }

@@ -75,6 +75,8 @@ struct Asked {
     want: u64,
     /// Credits given back, and their period.
     give: (u64, i64),
+    /// The key's credits as this copy holds them.
+    held: CreditsHeld,
     waiters: Vec<Arc<dyn Wake>>,
 }
 
@@ -157,6 +159,7 @@ fn look(
             usage,
             want,
             give,
+            held,
             waiters: waiting,
         });
         !(stopping || idle)
@@ -200,7 +203,9 @@ async fn lend(
                         asked.usage.credits.add(grant.granted, grant.period);
                         shared.dry.remove(&asked.key);
                     } else if asked.want > 0 && !grant.unavailable {
-                        shared.dry.insert(asked.key, now + DRY_NANOS);
+                        shared
+                            .dry
+                            .insert(asked.key, asked.held.dry_until(now, DRY_NANOS));
                     }
                     wake_all(asked.waiters);
                 }

@@ -194,21 +194,8 @@ impl Lease {
         let before = self.tokens.fetch_sub(1, Ordering::Relaxed);
         let parts = limit.parts();
         if before > floor {
-            let remaining = if self.reported.load(Ordering::Relaxed) {
-                let in_hand = u32::try_from(before - 1).unwrap_or(0);
-                self.remaining
-                    .load(Ordering::Relaxed)
-                    .saturating_add(in_hand)
-                    .min(parts.burst)
-            } else {
-                // No word from the store yet (a key's first requests here,
-                // or its first after going quiet): the key's own limiter's
-                // view, last set from a report and refilled since, less
-                // this request. Never a 0 that would make a client back
-                // off from a full budget.
-                let after = tat.load(Ordering::Relaxed).max(now) + parts.interval;
-                limit.remaining_at(after, now)
-            };
+            let in_hand = u32::try_from(before - 1).unwrap_or(0);
+            let remaining = self.budget(limit, tat, now, in_hand, 1);
             return Ok(Quota {
                 limit: parts.requests,
                 remaining,
@@ -223,12 +210,39 @@ impl Lease {
         } else {
             reported.max(RETRY_WITH_ROOM_MS)
         };
+        // Refused for want of a lease while the budget has room: it is
+        // full again when the budget as known here is, not a whole burst
+        // from now.
+        let left = if spent {
+            0
+        } else {
+            self.budget(limit, tat, now, 0, 0)
+        };
         Err(Quota {
             limit: parts.requests,
             remaining: 0,
-            reset_ms: limit.reset_ms(0),
+            reset_ms: limit.reset_ms(left),
             retry_after_ms,
         })
+    }
+
+    /// The shared budget as this process knows it at `now`: the store's
+    /// last report plus `in_hand`; before any report (a key's first
+    /// requests here, or its first after going quiet), the key's own
+    /// limiter's view, last set from a report and refilled since, less
+    /// `spending`. Never a 0 that would make a client back off from a full
+    /// budget.
+    fn budget(&self, limit: &Gcra, tat: &AtomicI64, now: i64, in_hand: u32, spending: i64) -> u32 {
+        let parts = limit.parts();
+        if self.reported.load(Ordering::Relaxed) {
+            self.remaining
+                .load(Ordering::Relaxed)
+                .saturating_add(in_hand)
+                .min(parts.burst)
+        } else {
+            let after = tat.load(Ordering::Relaxed).max(now) + spending * parts.interval;
+            limit.remaining_at(after, now)
+        }
     }
 
     /// Takes the lease back for a trade at `now`: the tokens in hand
@@ -330,6 +344,11 @@ mod tests {
         );
         let refused = lease.admit(&limit, &tat, NOW).expect_err("refused");
         assert_eq!(refused.retry_after_ms, 50, "the next trade, not 1 ms");
+        assert_eq!(
+            (refused.remaining, refused.reset_ms),
+            (0, 0),
+            "none here now, but the budget is full: no wait for a whole burst"
+        );
         assert_eq!(lease.take(NOW), (-10, 101), "owed, and the demand seen");
     }
 
