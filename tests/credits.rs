@@ -68,6 +68,17 @@ async fn spend(channel: &Channel, key: &str, n: usize) -> (u64, u64) {
     (allowed, exhausted)
 }
 
+/// One request, refused for credits: the reply.
+async fn refused(channel: &Channel, key: &str) -> pb::AuthorizeResponse {
+    let reply = AuthorizerClient::new(channel.clone())
+        .authorize(send(key))
+        .await
+        .expect("replies")
+        .into_inner();
+    assert_eq!(reply.reason(), pb::DenyReason::CreditsExhausted);
+    reply
+}
+
 async fn set_credits(
     channel: &Channel,
     credential: &str,
@@ -118,6 +129,11 @@ async fn credits_are_spent_exactly_set_anew_and_kept_across_a_restart() {
     let channel = server.channel().await;
     let (id, key) = credited_key(&server, 30).await;
     assert_eq!(spend(&channel, &key, 40).await, (30, 10));
+    assert_eq!(
+        refused(&channel, &key).await.retry_after,
+        None,
+        "no refill coming: no time to retry after"
+    );
     let shown = get(&channel, &server.admin, &id).await;
     assert_eq!(shown.credits.expect("credits").remaining, 0);
 
@@ -175,6 +191,14 @@ async fn a_refill_sets_the_credits_each_period() {
     assert!(shown.next_refill_at.is_some());
     assert_eq!(shown.refill.expect("refill").amount, 3);
     assert_eq!(spend(&channel, &key, 3).await, (2, 1));
+    let wait = refused(&channel, &key)
+        .await
+        .retry_after
+        .expect("when the refill comes");
+    assert!(
+        (0..=PERIOD).contains(&wait.seconds) && (wait.seconds > 0 || wait.nanos > 0),
+        "{wait:?}"
+    );
     // Past the refill the key's own reply names: set to 3 (not 3 + what
     // was left).
     sleep_past_refill(&channel, &server.admin, &id).await;

@@ -58,10 +58,7 @@ pub fn response(decision: &Decision, catalog: &Catalog) -> pb::AuthorizeResponse
         missing_scopes: missing,
         http_status: u32::from(decision.http_status()),
         message,
-        retry_after: decision
-            .quota
-            .filter(|quota| quota.retry_after_ms > 0)
-            .map(|quota| duration(quota.retry_after_ms)),
+        retry_after: decision.retry_after_ms().map(duration),
         rate_limit: decision.quota.map(|quota| pb::RateLimitStatus {
             limit: quota.limit,
             remaining: quota.remaining,

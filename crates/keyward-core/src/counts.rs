@@ -143,6 +143,7 @@ mod tests {
             wrong_secret: false,
             quota: None,
             credits_reservable: false,
+            refill_in_ms: 0,
         }
     }
 

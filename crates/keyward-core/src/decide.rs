@@ -183,6 +183,9 @@ impl Decider {
     fn no_credits(mut decision: Decision, held: &CreditsHeld, now: i64) -> Decision {
         decision.deny = Some(DenyReason::CreditsExhausted);
         decision.credits_reservable = held.reservable_at(now);
+        if held.next_refill != i64::MAX {
+            decision.refill_in_ms = crate::domain::rate::millis(held.next_refill - now);
+        }
         decision
     }
 

@@ -66,8 +66,13 @@ pub fn denied(decision: &Decision, catalog: &Catalog) -> Reply {
             text = message(decision, &missing);
         }
         DenyReason::RateLimited => headers.extend(rate_limit_headers(decision)),
+        // When the key's credits come back, if a refill is coming.
+        DenyReason::CreditsExhausted => {
+            if let Some(wait) = decision.retry_after_ms() {
+                headers.push(("retry-after", wait.div_ceil(1000).to_string()));
+            }
+        }
         DenyReason::KeyUnverifiable
-        | DenyReason::CreditsExhausted
         | DenyReason::UnknownRoute
         | DenyReason::AmbiguousPath
         | DenyReason::IpNotAllowed => {}
@@ -150,4 +155,28 @@ pub fn rate_limit_headers(decision: &Decision) -> Vec<(&'static str, String)> {
         ));
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry_after(decision: &Decision) -> Option<String> {
+        denied(decision, &Catalog::sendgrid())
+            .headers
+            .into_iter()
+            .find_map(|(name, value)| (name == "retry-after").then_some(value))
+    }
+
+    #[test]
+    fn credits_exhausted_says_when_the_refill_comes_and_nothing_without_one() {
+        let mut decision = Decision::denied(DenyReason::CreditsExhausted);
+        assert_eq!(retry_after(&decision), None, "no refill coming");
+        decision.refill_in_ms = 1_500;
+        assert_eq!(decision.retry_after_ms(), Some(1_500));
+        assert_eq!(retry_after(&decision).as_deref(), Some("2"), "rounded up");
+        let reply = denied(&decision, &Catalog::sendgrid());
+        assert_eq!(reply.status, 429);
+        assert!(reply.body.contains("credits"), "{}", reply.body);
+    }
 }

@@ -171,6 +171,9 @@ pub struct Decision {
     /// or demand outran the lease). A front door that can wait asks for a
     /// reservation and decides again.
     pub credits_reservable: bool,
+    /// Denied for credits: milliseconds until the key's next refill (0:
+    /// none coming), its `retry-after`.
+    pub refill_in_ms: u32,
 }
 
 impl Decision {
@@ -178,6 +181,19 @@ impl Decision {
     #[must_use]
     pub fn allowed(&self) -> bool {
         self.deny.is_none()
+    }
+
+    /// How long a client should wait before asking again, when that is
+    /// known: a rate-limited request's wait for the budget's next token, a
+    /// request denied for credits' wait for the key's next refill.
+    #[must_use]
+    pub fn retry_after_ms(&self) -> Option<u32> {
+        let wait = match self.deny? {
+            DenyReason::RateLimited => self.quota?.retry_after_ms,
+            DenyReason::CreditsExhausted => self.refill_in_ms,
+            _ => 0,
+        };
+        (wait > 0).then_some(wait)
     }
 
     /// The HTTP status to answer with.
@@ -198,6 +214,7 @@ impl Decision {
             wrong_secret: false,
             quota: None,
             credits_reservable: false,
+            refill_in_ms: 0,
         }
     }
 
@@ -211,6 +228,7 @@ impl Decision {
             wrong_secret: false,
             quota: None,
             credits_reservable: false,
+            refill_in_ms: 0,
         }
     }
 }

@@ -133,7 +133,7 @@ pub struct Quota {
 }
 
 /// Nanoseconds as milliseconds, rounded up, saturating.
-fn millis(nanos: i64) -> u32 {
+pub(crate) fn millis(nanos: i64) -> u32 {
     u32::try_from((nanos.max(0) + 999_999) / 1_000_000).unwrap_or(u32::MAX)
 }
 
