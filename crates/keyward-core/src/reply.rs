@@ -3,7 +3,7 @@
 //! status, SendGrid's error body, and the headers that go with it.
 
 use crate::domain::catalog::Catalog;
-use crate::domain::decision::{Decision, DenyReason};
+use crate::domain::decision::{Decision, DenyReason, UNAVAILABLE_RETRY_MS};
 
 /// Header carrying the verified key id to the upstream.
 pub const KEY_ID_HEADER: &str = "x-keyward-key-id";
@@ -66,16 +66,14 @@ pub fn denied(decision: &Decision, catalog: &Catalog) -> Reply {
             text = message(decision, &missing);
         }
         DenyReason::RateLimited => headers.extend(rate_limit_headers(decision)),
-        // When the key's credits come back, if a refill is coming.
-        DenyReason::CreditsExhausted => {
+        // When the key's credits come back (if a refill is coming), or a
+        // second for a store that could not verify the key.
+        DenyReason::CreditsExhausted | DenyReason::KeyUnverifiable => {
             if let Some(wait) = decision.retry_after_ms() {
-                headers.push(("retry-after", wait.div_ceil(1000).to_string()));
+                headers.push(("retry-after", seconds(wait)));
             }
         }
-        DenyReason::KeyUnverifiable
-        | DenyReason::UnknownRoute
-        | DenyReason::AmbiguousPath
-        | DenyReason::IpNotAllowed => {}
+        DenyReason::UnknownRoute | DenyReason::AmbiguousPath | DenyReason::IpNotAllowed => {}
     }
     Reply {
         status: reason.http_status(),
@@ -100,9 +98,17 @@ pub fn invalid(problem: &str) -> Reply {
 pub fn unavailable(problem: &str, reason: &str) -> Reply {
     Reply {
         status: 503,
-        headers: vec![(DENY_REASON_HEADER, reason.to_owned())],
+        headers: vec![
+            (DENY_REASON_HEADER, reason.to_owned()),
+            ("retry-after", seconds(UNAVAILABLE_RETRY_MS)),
+        ],
         body: error_body(problem, Some(reason)),
     }
+}
+
+/// A wait in whole seconds, rounded up, as `retry-after` says it.
+fn seconds(millis: u32) -> String {
+    millis.div_ceil(1000).to_string()
 }
 
 /// SendGrid's error body (plus keyward's `reason`, when the request was
@@ -178,5 +184,14 @@ mod tests {
         let reply = denied(&decision, &Catalog::sendgrid());
         assert_eq!(reply.status, 429);
         assert!(reply.body.contains("credits"), "{}", reply.body);
+    }
+
+    #[test]
+    fn every_503_says_to_retry_after_a_second() {
+        let decision = Decision::denied(DenyReason::KeyUnverifiable);
+        assert_eq!(retry_after(&decision).as_deref(), Some("1"));
+        let reply = unavailable("keyward is not ready; retry later", "not_synced");
+        assert_eq!(reply.status, 503);
+        assert!(reply.headers.contains(&("retry-after", "1".to_owned())));
     }
 }

@@ -146,6 +146,10 @@ const _: () = {
     }
 };
 
+/// How long a 503 asks a client to wait: what failed is transient (a store
+/// slow or away, a copy not yet synced).
+pub const UNAVAILABLE_RETRY_MS: u32 = 1_000;
+
 /// What the authorizer decided, with everything a caller needs to explain it.
 /// Holds no heap data of its own (the account is a shared `Arc`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,12 +189,14 @@ impl Decision {
 
     /// How long a client should wait before asking again, when that is
     /// known: a rate-limited request's wait for the budget's next token, a
-    /// request denied for credits' wait for the key's next refill.
+    /// request denied for credits' wait for the key's next refill, a
+    /// second for an unverifiable key (RFC 9110 §10.2.3).
     #[must_use]
     pub fn retry_after_ms(&self) -> Option<u32> {
         let wait = match self.deny? {
             DenyReason::RateLimited => self.quota?.retry_after_ms,
             DenyReason::CreditsExhausted => self.refill_in_ms,
+            DenyReason::KeyUnverifiable => UNAVAILABLE_RETRY_MS,
             _ => 0,
         };
         (wait > 0).then_some(wait)
