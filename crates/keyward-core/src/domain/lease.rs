@@ -195,7 +195,9 @@ impl Lease {
         let parts = limit.parts();
         if before > floor {
             let in_hand = u32::try_from(before - 1).unwrap_or(0);
-            let remaining = self.budget(limit, tat, now, in_hand, 1);
+            // Before any report, this request and every one since on credit.
+            let spending = (1 - before).max(1);
+            let remaining = self.budget(limit, tat, now, in_hand, spending);
             return Ok(Quota {
                 limit: parts.requests,
                 remaining,
@@ -342,6 +344,8 @@ mod tests {
             first.remaining, 639,
             "before any report, the key's own limiter's view (a full burst less this one), not 0"
         );
+        let second = fresh.admit(&limit, &tat, NOW).expect("on credit");
+        assert_eq!(second.remaining, 638, "and it counts down");
         let refused = lease.admit(&limit, &tat, NOW).expect_err("refused");
         assert_eq!(refused.retry_after_ms, 50, "the next trade, not 1 ms");
         assert_eq!(
