@@ -183,9 +183,13 @@ impl Decider {
     fn no_credits(mut decision: Decision, held: &CreditsHeld, now: i64) -> Decision {
         decision.deny = Some(DenyReason::CreditsExhausted);
         decision.credits_reservable = held.reservable_at(now);
-        if held.next_refill != i64::MAX {
-            decision.refill_in_ms = crate::domain::rate::millis(held.next_refill - now);
-        }
+        decision.refill_in_ms = match held.next_refill {
+            i64::MAX => 0,
+            // Due already by this copy, not yet granted where it was asked:
+            // soon, not never.
+            due if due <= now => crate::domain::decision::UNAVAILABLE_RETRY_MS,
+            due => crate::domain::rate::millis(due - now),
+        };
         decision
     }
 

@@ -54,11 +54,10 @@ pub struct Lease {
     /// Milliseconds until the store's budget refills one token, as last
     /// reported (the retry-after of a refusal).
     retry_after_ms: AtomicU32,
-    /// Tokens the store's budget held after the last trade.
-    remaining: AtomicU32,
-    /// `remaining` is the store's report (false until a trade settles, and
-    /// again once the key is forgotten).
-    reported: AtomicBool,
+    /// Tokens the store's budget held after the last trade, plus one; 0
+    /// until a trade settles, and again once the key is forgotten (one
+    /// atomic: a report and whether there is one are never read apart).
+    reported_remaining: AtomicU32,
     /// When the trade under way began (Unix nanos; 0: none).
     trading_since: AtomicI64,
     /// A trader holds the key in its set (see [`Roster`]).
@@ -218,7 +217,8 @@ impl Lease {
         let left = if spent {
             0
         } else {
-            self.budget(limit, tat, now, 0, 0)
+            // Less what this process spent on credit and still owes.
+            self.budget(limit, tat, now, 0, (-before).max(0))
         };
         Err(Quota {
             limit: parts.requests,
@@ -236,14 +236,12 @@ impl Lease {
     /// budget.
     fn budget(&self, limit: &Gcra, tat: &AtomicI64, now: i64, in_hand: u32, spending: i64) -> u32 {
         let parts = limit.parts();
-        if self.reported.load(Ordering::Relaxed) {
-            self.remaining
-                .load(Ordering::Relaxed)
-                .saturating_add(in_hand)
-                .min(parts.burst)
-        } else {
-            let after = tat.load(Ordering::Relaxed).max(now) + spending * parts.interval;
-            limit.remaining_at(after, now)
+        match self.reported_remaining.load(Ordering::Relaxed) {
+            0 => {
+                let after = tat.load(Ordering::Relaxed).max(now) + spending * parts.interval;
+                limit.remaining_at(after, now)
+            }
+            plus_one => (plus_one - 1).saturating_add(in_hand).min(parts.burst),
         }
     }
 
@@ -272,8 +270,8 @@ impl Lease {
     /// the one deciding) is set to the budget reported, for when it must
     /// decide alone.
     pub fn settle(&self, trade: Trade, limit: &Gcra, tat: Option<&AtomicI64>, now: i64) {
-        self.remaining.store(trade.remaining, Ordering::Relaxed);
-        self.reported.store(true, Ordering::Relaxed);
+        self.reported_remaining
+            .store(trade.remaining.saturating_add(1), Ordering::Relaxed);
         self.retry_after_ms
             .store(trade.retry_after_ms, Ordering::Relaxed);
         self.spent.store(trade.remaining == 0, Ordering::Relaxed);
@@ -295,8 +293,7 @@ impl Lease {
         self.enlisted.store(false, Ordering::Relaxed);
         self.spent.store(false, Ordering::Relaxed);
         self.retry_after_ms.store(0, Ordering::Relaxed);
-        self.remaining.store(0, Ordering::Relaxed);
-        self.reported.store(false, Ordering::Relaxed);
+        self.reported_remaining.store(0, Ordering::Relaxed);
         self.tokens.store(0, Ordering::Relaxed);
     }
 }
@@ -350,9 +347,10 @@ mod tests {
         assert_eq!(refused.retry_after_ms, 50, "the next trade, not 1 ms");
         assert_eq!(
             (refused.remaining, refused.reset_ms),
-            (0, 0),
-            "none here now, but the budget is full: no wait for a whole burst"
+            (0, limit.reset_ms(630)),
+            "none here now, and the budget is full again once the ten spent on credit refill: no wait for a whole burst"
         );
+        assert!(limit.reset_ms(630) < limit.reset_ms(0));
         assert_eq!(lease.take(NOW), (-10, 101), "owed, and the demand seen");
     }
 
