@@ -458,6 +458,9 @@ async fn a_crash_never_grants_a_credit_twice() {
 struct Seen {
     allowed: AtomicU64,
     exhausted: AtomicU64,
+    /// 503s: both reservations a request waited for were spent alongside
+    /// while the record still had credits (retry).
+    retried: AtomicU64,
     refused_at: std::sync::Mutex<Vec<Instant>>,
 }
 
@@ -526,6 +529,11 @@ async fn three_sidecars_hammering_one_key_never_spend_one_credit_more() {
                             seen.refused_at.lock().expect("lock").push(Instant::now());
                             tokio::time::sleep(Duration::from_millis(5)).await;
                         }
+                        (false, pb::DenyReason::KeyUnverifiable) => {
+                            assert_eq!(reply.http_status, 503);
+                            seen.retried.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
                         (false, reason) => panic!("unexpected {reason:?}: {}", reply.message),
                     }
                 }
@@ -545,8 +553,9 @@ async fn three_sidecars_hammering_one_key_never_spend_one_credit_more() {
         .filter(|at| **at < last)
         .count();
     eprintln!(
-        "3 sidecars: {allowed} allowed of {GRANTED} in {:?}; {early} refused for credits before the last allow (a lease elsewhere still held some)",
-        last - started
+        "3 sidecars: {allowed} allowed of {GRANTED} in {:?}; {early} refused for credits before the last allow (a lease elsewhere still held some); {} told to retry (503)",
+        last - started,
+        seen.retried.load(Ordering::Relaxed)
     );
     assert_eq!(
         allowed,

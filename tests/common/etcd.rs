@@ -10,7 +10,7 @@ use keyward::pb::etcd::kv_client::KvClient;
 use keyward::pb::etcd::{CompactionRequest, PutRequest, RangeRequest};
 use keyward::store::etcd::{DEFAULT_PREFIX, Etcd};
 
-use super::{free_port, spawn_serve, tool};
+use super::{free_port, spawn_serve_env, tool};
 
 /// One member's addresses and process.
 struct Member {
@@ -346,5 +346,12 @@ fn launch(bin: &str, dir: &std::path::Path, endpoints: &str, extra: &[String]) -
     ];
     args.extend(extra.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    spawn_serve(bin, dir, &args)
+    // Writes on a loaded machine may wait out a leader election or a
+    // conflict retried under contention: 5 s for the store, 8 s a request
+    // (flags in `extra` still win). Only liveness bounds; none is asserted.
+    let timeouts = [
+        ("KEYWARD_STORE_TIMEOUT_MS".to_owned(), "5000".to_owned()),
+        ("KEYWARD_REQUEST_TIMEOUT_MS".to_owned(), "8000".to_owned()),
+    ];
+    spawn_serve_env(bin, dir, &args, &timeouts)
 }
