@@ -164,15 +164,6 @@ impl Client {
 const SEND: (&str, &str) = ("POST", "/v3/mail/send");
 const ALERTS: (&str, &str) = ("GET", "/v3/alerts");
 
-/// Waits until `sidecar` has logged `text`.
-async fn await_log(sidecar: &Sidecar, text: &str) {
-    let deadline = Instant::now() + CONVERGE;
-    while !sidecar.log().contains(text) {
-        assert!(Instant::now() < deadline, "never logged {text:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Polls `client` until `key`'s answer for `request` is `allowed`.
 async fn converge(client: &mut Client, key: &str, request: (&str, &str), allowed: bool) {
     let deadline = Instant::now() + CONVERGE;
@@ -505,7 +496,7 @@ async fn a_sidecar_restarted_while_etcd_is_down_serves_its_replica_then_catches_
         Code::Unavailable
     );
     // Logged just after the sidecar turns to its replica: waited for.
-    await_log(&a, "etcd unreachable").await;
+    common::await_log(|| a.log(), &["etcd unreachable"]).await;
 
     // etcd back: a change made elsewhere reaches it.
     cluster.restart(0);
@@ -561,7 +552,7 @@ async fn a_sidecar_restarted_during_an_outage_resumes_its_watch_or_reads_everyth
     converge(&mut cb, &fresh, SEND, true).await;
     assert!(cb.allowed(&own, SEND.0, SEND.1).await);
     assert_eq!(cb.name_of(&own_id).await, "renamed by A");
-    await_log(&b, "the watch will resume").await;
+    common::await_log(|| b.log(), &["the watch will resume"]).await;
     let log = b.log();
     assert!(
         !log.contains("replica synced with etcd"),
@@ -581,7 +572,7 @@ async fn a_sidecar_restarted_during_an_outage_resumes_its_watch_or_reads_everyth
     cluster.restart(0);
     converge(&mut cb, &later, SEND, true).await;
     converge(&mut cb, &own, SEND, false).await;
-    await_log(&b, "replica synced with etcd").await;
+    common::await_log(|| b.log(), &["replica synced with etcd"]).await;
     assert!(b.log().contains("compacted"));
     assert!(!cb.allowed(&doomed, SEND.0, SEND.1).await);
 }
@@ -631,7 +622,7 @@ async fn compaction_past_a_disconnected_sidecar(mode: &[&str]) {
     converge(&mut cc, &doomed, SEND, false).await;
     converge(&mut cc, &newer, SEND, true).await;
     assert!(cc.allowed(&kept, SEND.0, SEND.1).await);
-    await_log(&c_sidecar, "compacted").await;
+    common::await_log(|| c_sidecar.log(), &["compacted"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -648,7 +639,7 @@ async fn a_new_sidecar_is_ready_after_its_first_full_read_and_modes_do_not_mix()
     converge_status(&mut cl, "keyward.v1.Authorizer", ServingStatus::Serving).await;
     assert!(cl.allowed(&key, SEND.0, SEND.1).await, "ready means synced");
     // Logged just after readiness is set, by the log's own thread.
-    await_log(&late, "replica synced with etcd").await;
+    common::await_log(|| late.log(), &["replica synced with etcd"]).await;
 
     // A standalone store is never silently replaced by etcd's key set...
     let standalone = tempfile::tempdir().expect("tempdir");
@@ -718,7 +709,11 @@ async fn a_first_read_of_many_pages_is_complete_and_restarts_when_compacted_unde
     let sidecar = Sidecar::start(BIN, &cluster.endpoints(), &["--etcd-page-keys", "5"]);
     let mut client = Client::of(&sidecar).await;
     // While it reads, etcd compacts the revision it reads at.
-    await_log(&sidecar, "reading the key set from etcd, page by page").await;
+    common::await_log(
+        || sidecar.log(),
+        &["reading the key set from etcd, page by page"],
+    )
+    .await;
     cluster.etcdctl(&["put", "/elsewhere", "bump"]);
     cluster.compact(0).await;
     // During the second read, this sidecar changes keys itself: a create
@@ -740,7 +735,7 @@ async fn a_first_read_of_many_pages_is_complete_and_restarts_when_compacted_unde
         .await
         .expect("revoke during the read");
     converge_status(&mut client, "keyward.v1.Authorizer", ServingStatus::Serving).await;
-    await_log(&sidecar, "replica synced with etcd").await;
+    common::await_log(|| sidecar.log(), &["replica synced with etcd"]).await;
     let log = sidecar.log();
     assert!(
         log.contains("compacted the revision of the full read in progress"),
@@ -1062,7 +1057,7 @@ async fn an_on_demand_replica_fetches_at_first_sight_and_holds_only_its_working_
     let (mut ca, mut cb) = (Client::of(&a).await, Client::of(&b).await);
     // Ready without reading the key set.
     converge_status(&mut cb, "keyward.v1.Authorizer", ServingStatus::Serving).await;
-    await_log(&b, "on-demand replica following etcd").await;
+    common::await_log(|| b.log(), &["on-demand replica following etcd"]).await;
     assert!(!b.log().contains("reading the key set"), "no full read");
     assert_eq!(metric(&scrape(&b).await, "keyward_keys "), 0);
 

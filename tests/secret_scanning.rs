@@ -544,19 +544,13 @@ async fn the_binary_acts_on_a_report_and_logs_no_secret() {
     assert_eq!(json["leak"]["url"], GITHUB_URL);
     assert_eq!(json["enabled"], false);
 
-    // The log's own thread writes the audit event a little after the reply.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let log = loop {
-        let log = std::fs::read_to_string(&log_path).expect("log");
-        if log.contains("\"operation\":\"leaked\"") {
-            break log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no audit event:\n{log}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    // Waited for before the SIGKILL, which drops what the log's thread has
+    // not written yet.
+    let log = common::await_log(
+        || std::fs::read_to_string(&log_path).unwrap_or_default(),
+        &["\"operation\":\"leaked\""],
+    )
+    .await;
     let _ = child.kill();
     let _ = child.wait();
     assert!(!log.contains(&secret[26..]), "no secret in the log");

@@ -253,20 +253,6 @@ impl Sidecar {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The log once it holds every one of `texts` (the log's own thread
-    /// writes a line a little after the event).
-    async fn await_log(&self, texts: &[&str]) -> String {
-        let deadline = Instant::now() + ANSWERED_WITHIN;
-        loop {
-            let log = self.log();
-            if texts.iter().all(|text| log.contains(text)) {
-                return log;
-            }
-            assert!(Instant::now() < deadline, "never logged {texts:?}:\n{log}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// SIGTERM; waits until keyward decides to exit (its last log line),
     /// then returns the exit status once the process is gone, and the log.
     fn terminate(mut self, until_gone: impl FnOnce()) -> (std::process::ExitStatus, String) {
@@ -332,7 +318,7 @@ async fn assert_contained(sidecar: &Sidecar, secrets: &[String], reason: &str) {
     let result = sidecar.create(10_000).await;
     assert_eq!(result.expect_err("refused").code(), Code::Unavailable);
     // The log names the failure and its reason.
-    sidecar.await_log(&["storage failing", reason]).await;
+    common::await_log(|| sidecar.log(), &["storage failing", reason]).await;
 }
 
 /// After the fault is gone: writes succeed again without a restart, and

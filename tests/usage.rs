@@ -62,19 +62,6 @@ fn send(key: &str) -> pb::AuthorizeRequest {
     }
 }
 
-/// Waits until `log_of()` holds `message` (a sidecar's JSON log).
-async fn await_log(log_of: impl Fn() -> String, message: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !log_of().contains(message) {
-        assert!(
-            Instant::now() < deadline,
-            "no {message:?} in:\n{}",
-            log_of()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// What clients saw.
 #[derive(Default)]
 struct Seen {
@@ -143,7 +130,7 @@ async fn a_rate_limit_holds_across_three_sidecars_and_usage_sums_them() {
         .map(|_| Sidecar::start(BIN, &cluster.endpoints(), &flags))
         .collect();
     for sidecar in &sidecars {
-        await_log(|| sidecar.log(), "usage store reachable").await;
+        common::await_log(|| sidecar.log(), &["usage store reachable"]).await;
     }
     let mut channels = Vec::new();
     for sidecar in &sidecars {

@@ -430,6 +430,24 @@ pub fn await_logged_address(path: &std::path::Path, message: &str) -> String {
     }
 }
 
+/// Waits until `log_of()` (a spawned server's log) holds every one of
+/// `texts`, and returns it: the log is written by the server's own thread,
+/// a little after the event. A liveness bound of 30 s; nothing is timed.
+pub async fn await_log(log_of: impl Fn() -> String, texts: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = log_of();
+        if texts.iter().all(|text| log.contains(text)) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never logged {texts:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The Prometheus metrics of a spawned server whose JSON log file is
 /// `log_path` (waiting for its metrics listener's line: the log is written
 /// by its own thread, a little after the event).

@@ -106,7 +106,8 @@ pub fn unavailable(problem: &str, reason: &str) -> Reply {
     }
 }
 
-/// A wait in whole seconds, rounded up, as `retry-after` says it.
+/// A wait in whole seconds, rounded up, as `retry-after` and
+/// `x-ratelimit-reset` say it.
 fn seconds(millis: u32) -> String {
     millis.div_ceil(1000).to_string()
 }
@@ -148,17 +149,13 @@ pub fn rate_limit_headers(decision: &Decision) -> Vec<(&'static str, String)> {
     let Some(quota) = decision.quota else {
         return Vec::new();
     };
-    let seconds = |millis: u32| millis.div_ceil(1000);
     let mut headers = vec![
         ("x-ratelimit-limit", quota.limit.to_string()),
         ("x-ratelimit-remaining", quota.remaining.to_string()),
-        ("x-ratelimit-reset", seconds(quota.reset_ms).to_string()),
+        ("x-ratelimit-reset", seconds(quota.reset_ms)),
     ];
     if decision.deny == Some(DenyReason::RateLimited) {
-        headers.push((
-            "retry-after",
-            seconds(quota.retry_after_ms).max(1).to_string(),
-        ));
+        headers.push(("retry-after", seconds(quota.retry_after_ms.max(1))));
     }
     headers
 }
